@@ -1,0 +1,42 @@
+"""Built-in model ids and how each is made: the tiny random FLUX (built in code) and the trained digits model."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from diffusers import DiffusionPipeline
+
+MODELS_DIR = Path(__file__).resolve().parent
+DIGITS_DIR = MODELS_DIR / "digits" / "pipeline"
+
+
+def _tiny_random() -> DiffusionPipeline:
+    from diffuserve.models.tiny_flux import build_tiny_flux
+
+    return build_tiny_flux(seed=0)
+
+
+def _digits() -> DiffusionPipeline:
+    from diffusers import FluxPipeline
+
+    if not (DIGITS_DIR / "model_index.json").exists():
+        raise FileNotFoundError(
+            f"the digits model's weights are missing from {DIGITS_DIR}; run `make train-digits` to build them"
+        )
+    return FluxPipeline.from_pretrained(str(DIGITS_DIR))
+
+
+BUILTIN_MODELS: dict[str, Callable[[], DiffusionPipeline]] = {
+    "tiny-random": _tiny_random,
+    "digits": _digits,
+}
+
+BUILTIN_DESCRIPTIONS: dict[str, str] = {
+    "tiny-random": "tiny FLUX architecture with seeded random weights (noise images; for wiring tests)",
+    "digits": "tiny FLUX trained on scikit-learn's handwritten digits, 32×32 (prompt: 'the digit 7')",
+}
+
+
+def is_builtin(repo: str) -> bool:
+    return repo in BUILTIN_MODELS

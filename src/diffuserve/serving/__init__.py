@@ -1,0 +1,1 @@
+"""Serving layer: scheduler, worker processes and the typed messages between them (no HTTP here)."""

@@ -1,0 +1,140 @@
+"""Typed messages that cross the API → scheduler → worker boundaries (no bare tuples or dicts)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class BatchKey:
+    """Requests with equal keys can share one pipeline call."""
+
+    model: str
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    has_negative: bool
+
+
+@dataclass
+class GenerationRequest:
+    """One validated client request, in the units the engine uses."""
+
+    request_id: str
+    model: str
+    prompt: str
+    n: int
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    seed: int
+    output_format: str = "webp"
+    output_compression: int | None = None
+    negative_prompt: str | None = None
+
+    @property
+    def seeds(self) -> list[int]:
+        """`n > 1` uses consecutive seeds so image i is reproducible alone with seed + i."""
+        return [(self.seed + i) % (2**63) for i in range(self.n)]
+
+    @property
+    def batch_key(self) -> BatchKey:
+        return BatchKey(
+            model=self.model,
+            width=self.width,
+            height=self.height,
+            steps=self.steps,
+            guidance=self.guidance,
+            has_negative=bool(self.negative_prompt),
+        )
+
+
+@dataclass
+class BatchItem:
+    """One request's share of a batch, as sent to a worker."""
+
+    request_id: str
+    prompt: str
+    negative_prompt: str | None
+    seeds: list[int]
+    output_format: str
+    output_compression: int | None
+
+
+@dataclass
+class BatchJob:
+    """A batch of compatible requests for one pipeline call."""
+
+    batch_id: int
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    items: list[BatchItem]
+
+    @property
+    def num_images(self) -> int:
+        return sum(len(item.seeds) for item in self.items)
+
+
+@dataclass
+class EncodedImage:
+    data: bytes
+    seed: int
+    media_type: str
+
+
+@dataclass
+class BatchResult:
+    """What a worker returns for a BatchJob: images per request id, or an error for the whole batch."""
+
+    batch_id: int
+    images: dict[str, list[EncodedImage]] = field(default_factory=dict)
+    inference_ms: float = 0.0
+    error: str | None = None
+
+
+@dataclass
+class ModelInfo:
+    """What a loaded engine tells the server about its model (limits and defaults for validation)."""
+
+    name: str
+    family: str
+    repo: str
+    tier: str
+    default_steps: int
+    default_guidance: float
+    native_width: int
+    native_height: int
+    size_multiple: int
+    min_size: int
+    max_size: int
+    max_steps: int
+    supports_negative_prompt: bool
+    max_batch: int
+
+
+@dataclass
+class WorkerReady:
+    worker_id: int
+    pid: int
+    device: str
+    model: ModelInfo
+    load_seconds: float
+    warmup_seconds: float
+
+
+@dataclass
+class WorkerFailed:
+    """A worker could not start (bad model path, out of memory …); the message is shown to the operator."""
+
+    worker_id: int
+    error: str
+    fatal: bool = True
+
+
+@dataclass
+class Shutdown:
+    """Sent to a worker to make it exit cleanly."""
