@@ -1,0 +1,42 @@
+"""Command-line entry point: `diffuserve serve | generate | models | …`; each command lives in its own module."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from diffuserve import __version__
+
+# Each module defines `register(subparsers)`, which adds its sub-command and sets `func` on its parser.
+COMMAND_MODULES = [
+    "diffuserve.commands.serve",
+    "diffuserve.commands.generate",
+    "diffuserve.commands.models",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="diffuserve", description="OpenAI-compatible server for text-to-image diffusion models."
+    )
+    parser.add_argument("--version", action="version", version=f"diffuserve {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    result = args.func(args)
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Sub-commands of the `diffuserve` CLI, one module each."""
