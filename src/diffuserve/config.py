@@ -66,7 +66,10 @@ class Settings:
     )
     dtype: str = field(
         default="auto",
-        metadata={"env": ("MODEL_DTYPE",), "help": "auto (bf16 on GPU, fp32 on CPU), bfloat16, float16, float32"},
+        metadata={
+            "env": ("MODEL_DTYPE",),
+            "help": "auto (bf16 on GPU, fp32 on CPU), bfloat16, float16, float32",
+        },
     )
     max_queue: int = field(
         default=256,
@@ -180,7 +183,9 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
         help_text = f"{f.metadata['help']} [env {env_names}]"
         kind = str(f.type)
         if kind == "bool":
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            parser.add_argument(
+                flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text
+            )
         elif kind.startswith("list"):
             parser.add_argument("--api-key", dest=f.name, action="append", default=None, help=help_text)
         else:

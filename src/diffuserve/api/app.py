@@ -1,0 +1,55 @@
+"""`build_app(settings)`: the FastAPI application, its lifespan (workers start and stop with it) and routes."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from diffuserve import __version__
+from diffuserve.api.auth import BearerAuth
+from diffuserve.api.errors import install_error_handlers
+from diffuserve.api.metrics import Metrics
+from diffuserve.api.middleware import RequestContextMiddleware
+from diffuserve.api.routes import health, images, metrics, models
+from diffuserve.config import Settings
+from diffuserve.serving.service import GenerationService
+
+
+def build_app(settings: Settings, *, on_fatal: Callable[[str], None] | None = None) -> FastAPI:
+    registry = Metrics()
+    service = GenerationService(
+        settings,
+        observer=registry,
+        on_fatal=on_fatal,
+        on_alive_changed=registry.workers_alive.set,
+        on_restart=registry.worker_restarts.inc,
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await service.start()
+        try:
+            yield
+        finally:
+            await service.stop()
+
+    # No docs routes: with API keys set, every route but health must be authenticated.
+    app = FastAPI(
+        title="diffuserve",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+    app.state.settings = settings
+    app.state.service = service
+    app.state.metrics = registry
+    app.state.auth = BearerAuth(settings.api_keys)
+    install_error_handlers(app)
+    for module in (health, images, models, metrics):
+        app.include_router(module.router)
+    app.add_middleware(RequestContextMiddleware)
+    return app

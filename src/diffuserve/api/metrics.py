@@ -1,0 +1,63 @@
+"""Prometheus metrics of one server, in its own registry (so several apps can live in one test process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320)
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "diffuserve_requests",
+            "Image generation requests by final status",
+            ["model", "status"],
+            registry=r,
+        )
+        self.queue_seconds = Histogram(
+            "diffuserve_queue_seconds",
+            "Time a request waited before its batch started",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inference_seconds = Histogram(
+            "diffuserve_inference_seconds",
+            "Pipeline time of the batch a request ran in",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.request_seconds = Histogram(
+            "diffuserve_request_seconds",
+            "Total time from request received to response",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "diffuserve_batch_size", "Images per batch sent to a worker", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.queue_depth_gauge = Gauge("diffuserve_queue_depth", "Requests waiting for a worker", registry=r)
+        self.images = Counter(
+            "diffuserve_images_generated", "Images generated and returned", ["model"], registry=r
+        )
+        self.workers_alive = Gauge(
+            "diffuserve_workers_alive", "Worker processes loaded and serving", registry=r
+        )
+        self.worker_restarts = Counter(
+            "diffuserve_worker_restarts", "Workers replaced after dying", registry=r
+        )
+
+    # SchedulerObserver
+    def queue_depth(self, depth: int) -> None:
+        self.queue_depth_gauge.set(depth)
+
+    def batch_started(self, images: int, waits_s: list[float]) -> None:
+        self.batch_size.observe(images)
+        for wait in waits_s:
+            self.queue_seconds.observe(wait)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

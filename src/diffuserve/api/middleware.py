@@ -1,0 +1,57 @@
+"""Pure-ASGI middleware: request id in and out, one structured access line per request."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+
+from starlette.datastructures import MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+log = logging.getLogger("diffuserve.access")
+REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+QUIET_PATHS = ("/health", "/v2/health", "/metrics")
+
+
+class RequestContextMiddleware:
+    """Kept as raw ASGI (not BaseHTTPMiddleware) so it never buffers bodies or hides client disconnects."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        incoming = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        request_id = incoming if REQUEST_ID_PATTERN.match(incoming) else uuid.uuid4().hex
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        started = time.perf_counter()
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                MutableHeaders(scope=message).append("x-request-id", request_id)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            path = scope.get("path", "")
+            fields = {
+                "request_id": request_id,
+                "method": scope.get("method"),
+                "path": path,
+                "status": state.get("final_status", status),
+                "total_ms": round((time.perf_counter() - started) * 1000, 1),
+            }
+            for key in ("model", "n", "batch_size", "queue_ms", "inference_ms"):
+                if key in state:
+                    fields[key] = state[key]
+            level = logging.DEBUG if path.startswith(QUIET_PATHS) else logging.INFO
+            log.log(level, "%s %s %s", fields["method"], path, fields["status"], extra=fields)

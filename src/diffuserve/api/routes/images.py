@@ -1,0 +1,91 @@
+"""`POST /v1/images/generations`: validate, queue, await the batch, answer JSON or raw image bytes."""
+
+from __future__ import annotations
+
+import base64
+import time
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import JSONResponse
+
+from diffuserve.api.deps import (
+    read_json_body,
+    request_timeout,
+    require_auth,
+    service_of,
+    settings_of,
+    wait_for_disconnect,
+    wants_json,
+)
+from diffuserve.errors import DiffuserveError, InvalidRequest
+from diffuserve.protocol import ImageData, ImageGenerationRequest, ImagesResponse
+from diffuserve.serving.service import ClientGone
+
+router = APIRouter(dependencies=[Depends(require_auth)])
+CLIENT_CLOSED = 499  # nginx's convention for "client closed request"
+
+
+@router.post("/v1/images/generations")
+@router.post("/images/generations", include_in_schema=False)
+async def create_image(request: Request) -> Response:
+    settings, service, metrics = settings_of(request), service_of(request), request.app.state.metrics
+    state = request.state
+    started = time.perf_counter()
+    model_label = "-"
+
+    def count(status: int) -> None:
+        metrics.requests.labels(model_label, str(status)).inc()
+        metrics.request_seconds.observe(time.perf_counter() - started)
+
+    try:
+        body = ImageGenerationRequest.parse(await read_json_body(request, settings.max_body_bytes))
+        model = service.model_for(body.model or request.headers.get("x-model-name") or None)
+        model_label = model.name
+        generation = body.to_generation(
+            request_id=state.request_id, model=model, max_images=settings.max_images_per_request
+        )
+        as_json = wants_json(body.response_format, request.headers)
+        if not as_json and generation.n > 1:
+            raise InvalidRequest(
+                "n > 1 returns several images: ask for JSON with response_format 'b64_json'", param="n"
+            )
+        state.model, state.n = model.name, generation.n
+        done = await service.generate(
+            generation, timeout=request_timeout(request, settings), disconnected=wait_for_disconnect(request)
+        )
+    except DiffuserveError as exc:
+        count(exc.status)
+        raise
+    except ClientGone:
+        count(CLIENT_CLOSED)
+        state.final_status = CLIENT_CLOSED
+        return Response(status_code=CLIENT_CLOSED)
+    except Exception:
+        count(500)
+        raise
+    count(200)
+    metrics.images.labels(model_label).inc(len(done.images))
+    metrics.inference_seconds.observe(done.inference_ms / 1000)
+    state.batch_size, state.queue_ms, state.inference_ms = (
+        done.batch_size,
+        round(done.queue_ms, 1),
+        round(done.inference_ms, 1),
+    )
+    headers = {
+        "x-model": model.name,
+        "x-queue-ms": f"{done.queue_ms:.1f}",
+        "x-inference-ms": f"{done.inference_ms:.1f}",
+        "x-batch-size": str(done.batch_size),
+        "server-timing": f"queue;dur={done.queue_ms:.1f}, inference;dur={done.inference_ms:.1f}",
+    }
+    if not as_json:
+        image = done.images[0]
+        headers["x-seed"] = str(image.seed)
+        return Response(content=image.data, media_type=image.media_type, headers=headers)
+    payload = ImagesResponse(
+        data=[ImageData(b64_json=base64.b64encode(i.data).decode("ascii"), seed=i.seed) for i in done.images],
+        model=model.name,
+        output_format=generation.output_format,
+        size=f"{generation.width}x{generation.height}",
+    )
+    return JSONResponse(payload.model_dump(), headers=headers)

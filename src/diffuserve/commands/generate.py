@@ -1,0 +1,94 @@
+"""`diffuserve generate PROMPT -o FILE`: one image to a file, in this process, no server."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from diffuserve.config import DEFAULT_MODEL, Settings
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser("generate", help="generate one image to a file without a server")
+    parser.add_argument("prompt")
+    parser.add_argument(
+        "-o", "--output", default="out.webp", help="file to write; its suffix picks the format"
+    )
+    parser.add_argument("--model-repo", default=None, help=f"model (default: MODEL_REPO or {DEFAULT_MODEL})")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--width", type=int, default=None)
+    parser.add_argument("--height", type=int, default=None)
+    parser.add_argument("--aspect-ratio", default=None)
+    parser.add_argument("--steps", type=int, default=None, help="num_inference_steps (default: the model's)")
+    parser.add_argument("--guidance", type=float, default=None, help="guidance_scale (default: the model's)")
+    parser.add_argument("--negative-prompt", default=None)
+    parser.add_argument("--tier", default=None, help="S, M, L or XL")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda:N")
+    parser.add_argument("--weights", default=None, help="pretrained or random")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from diffuserve.engine.engine import Engine
+    from diffuserve.engine.loader import ModelLoadError
+    from diffuserve.errors import InvalidRequest
+    from diffuserve.protocol import ImageGenerationRequest
+    from diffuserve.serving.messages import BatchItem, BatchJob
+    from diffuserve.serving.workers import resolve_devices
+
+    output = Path(args.output)
+    fmt = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}.get(output.suffix.lower())
+    if fmt is None:
+        print(
+            f"diffuserve generate: {output.suffix or 'no suffix'} is not .png, .jpg or .webp", file=sys.stderr
+        )
+        return 2
+    try:
+        settings = Settings.from_env(
+            model_repo=args.model_repo, model_size=args.tier, weights=args.weights, model_batch=1
+        )
+        engine = Engine(settings, resolve_devices(args.device)[0])
+        model = engine.load()
+        body = ImageGenerationRequest.parse(
+            {
+                k: v
+                for k, v in {
+                    "prompt": args.prompt,
+                    "seed": args.seed,
+                    "width": args.width,
+                    "height": args.height,
+                    "aspect_ratio": args.aspect_ratio,
+                    "num_inference_steps": args.steps,
+                    "guidance_scale": args.guidance,
+                    "negative_prompt": args.negative_prompt,
+                    "output_format": fmt,
+                }.items()
+                if v is not None
+            }
+        )
+        request = body.to_generation(request_id="cli", model=model, max_images=1)
+    except (ValueError, ModelLoadError, InvalidRequest) as exc:
+        print(f"diffuserve generate: {getattr(exc, 'message', exc)}", file=sys.stderr)
+        return 2
+    job = BatchJob(
+        batch_id=0,
+        width=request.width,
+        height=request.height,
+        steps=request.steps,
+        guidance=request.guidance,
+        items=[BatchItem("cli", request.prompt, request.negative_prompt, request.seeds, fmt, None)],
+    )
+    started = time.perf_counter()
+    result = engine.run(job)
+    if result.error:
+        print(f"diffuserve generate: {result.error}", file=sys.stderr)
+        return 1
+    output.write_bytes(result.images["cli"][0].data)
+    print(
+        f"wrote {output} ({request.width}x{request.height}, {request.steps} steps, seed {request.seed}, "
+        f"{(time.perf_counter() - started) * 1000:.0f} ms)"
+    )
+    return 0

@@ -1,0 +1,72 @@
+"""`diffuserve serve`: start the HTTP server and its workers; exits non-zero when the model cannot load."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any
+
+from diffuserve.config import add_settings_arguments, settings_from_args
+
+log = logging.getLogger("diffuserve.serve")
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "serve",
+        help="start the OpenAI-compatible server",
+        description="Start the server. Every flag also reads an environment variable (shown in brackets).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_settings_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        settings = settings_from_args(args)
+    except ValueError as exc:
+        print(f"diffuserve serve: {exc}", file=sys.stderr)
+        return 2
+
+    import uvicorn
+
+    from diffuserve.api.app import build_app
+    from diffuserve.engine.loader import ModelLoadError, check_model_source
+    from diffuserve.logs import configure_logging
+
+    configure_logging(settings.log_format, settings.log_level)
+    try:
+        check_model_source(settings.model_repo, settings.weights)
+    except ModelLoadError as exc:
+        print(f"diffuserve serve: {exc}", file=sys.stderr)
+        return 2
+
+    server: uvicorn.Server | None = None
+
+    def stop_on_fatal(message: str) -> None:
+        if server is not None:
+            server.should_exit = True
+
+    try:
+        app = build_app(settings, on_fatal=stop_on_fatal)
+    except ValueError as exc:
+        print(f"diffuserve serve: {exc}", file=sys.stderr)
+        return 2
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,  # our own logging: one structured line per request
+        access_log=False,
+        timeout_keep_alive=75,
+    )
+    server = uvicorn.Server(config)
+    log.info("serving %s on http://%s:%d", app.state.service.name, settings.host, settings.port)
+    server.run()
+    fatal = app.state.service.fatal_error
+    if fatal:
+        print(f"diffuserve serve: {fatal}", file=sys.stderr)
+        return 1
+    return 0 if server.started else 1

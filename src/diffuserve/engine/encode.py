@@ -1,0 +1,26 @@
+"""Image encoding (webp/png/jpeg) done in the worker, so only compressed bytes cross the process boundary."""
+
+from __future__ import annotations
+
+import io
+
+from PIL import Image
+
+MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+DEFAULT_QUALITY = 90
+
+
+def encode_image(image: Image.Image, output_format: str, compression: int | None = None) -> bytes:
+    """Encode one image. `compression` follows OpenAI: 0–100 %, higher = smaller file (jpeg/webp quality = 100 - c)."""
+    buffer = io.BytesIO()
+    rgb = image.convert("RGB")
+    if output_format == "png":
+        # PNG is lossless: compression maps to zlib's 0–9 effort, not to quality.
+        level = 6 if compression is None else round(compression / 100 * 9)
+        rgb.save(buffer, format="PNG", compress_level=level)
+    elif output_format in ("jpeg", "webp"):
+        quality = DEFAULT_QUALITY if compression is None else max(1, 100 - compression)
+        rgb.save(buffer, format=output_format.upper(), quality=quality)
+    else:
+        raise ValueError(f"unsupported output_format {output_format!r}")
+    return buffer.getvalue()

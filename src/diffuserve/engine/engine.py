@@ -1,0 +1,158 @@
+"""The engine a worker owns: load once, warm up, then turn BatchJobs into encoded images."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import re
+import time
+from typing import Any
+
+from diffuserve.config import Settings
+from diffuserve.engine.encode import MEDIA_TYPES, encode_image
+from diffuserve.engine.families import Family
+from diffuserve.engine.loader import LoadedPipeline, load_pipeline
+from diffuserve.serving.messages import BatchItem, BatchJob, BatchResult, EncodedImage, ModelInfo
+
+log = logging.getLogger(__name__)
+
+
+def model_slug(repo: str) -> str:
+    """`black-forest-labs/FLUX.1-dev` → `flux-1-dev`; a local folder → its name."""
+    base = repo.rstrip("/").split("/")[-1]
+    return re.sub(r"[^a-z0-9]+", "-", base.lower()).strip("-") or "model"
+
+
+def served_model_name(settings: Settings) -> str:
+    """The name clients use: explicit, or `<slug>-<tier>-bs<batch>` like the seed's `flux-1-dev-s-bs4`."""
+    if settings.model_name:
+        return settings.model_name
+    return f"{model_slug(settings.model_repo)}-{settings.model_size.lower()}-bs{settings.model_batch}"
+
+
+def model_info(settings: Settings, family: Family) -> ModelInfo:
+    return ModelInfo(
+        name=served_model_name(settings),
+        family=family.name,
+        repo=settings.model_repo,
+        tier=settings.model_size,
+        default_steps=family.default_steps,
+        default_guidance=family.default_guidance,
+        native_width=family.native_size,
+        native_height=family.native_size,
+        size_multiple=family.size_multiple,
+        min_size=family.min_size,
+        max_size=family.max_size,
+        max_steps=family.max_steps,
+        supports_negative_prompt=family.supports_negative_prompt,
+        max_batch=settings.model_batch,
+    )
+
+
+class Engine:
+    """A loaded pipeline plus the knowledge of how to call it for a batch. Not thread-safe: one per process."""
+
+    def __init__(self, settings: Settings, device: str) -> None:
+        self.settings = settings
+        self.device = device
+        self.loaded: LoadedPipeline | None = None
+        self.info: ModelInfo | None = None
+        self._accepted: set[str] = set()
+
+    def load(self) -> ModelInfo:
+        from diffuserve.engine.tiers import Tier, apply_tier
+
+        s = self.settings
+        self.loaded = load_pipeline(
+            s.model_repo, device=self.device, dtype_name=s.dtype, weights=s.weights, hf_token=s.hf_token
+        )
+        self._accepted = set(inspect.signature(self.loaded.pipeline.__call__).parameters)
+        apply_tier(
+            self.loaded.pipeline, Tier(s.model_size), device=self.device, cache_dir=s.resolved_cache_dir
+        )
+        self.info = model_info(s, self.loaded.family)
+        return self.info
+
+    def warmup(self) -> float:
+        """One full batch at the native size, so the first user never pays for lazy init or compilation."""
+        assert self.info is not None
+        started = time.perf_counter()
+        info = self.info
+        job = BatchJob(
+            batch_id=-1,
+            width=info.native_width,
+            height=info.native_height,
+            steps=info.default_steps,
+            guidance=info.default_guidance,
+            items=[BatchItem("warmup", "warm-up", None, list(range(info.max_batch)), "png", None)],
+        )
+        result = self.run(job)
+        if result.error:
+            raise RuntimeError(f"warm-up failed: {result.error}")
+        return time.perf_counter() - started
+
+    def _pipeline_kwargs(self, job: BatchJob) -> dict[str, Any]:
+        import torch
+
+        assert self.loaded is not None
+        prompts = [item.prompt for item in job.items for _ in item.seeds]
+        # One CPU generator per image: a seed gives the same noise whatever batch or device it lands in.
+        generators = [torch.Generator("cpu").manual_seed(seed) for item in job.items for seed in item.seeds]
+        kwargs: dict[str, Any] = {
+            "prompt": prompts,
+            "height": job.height,
+            "width": job.width,
+            "num_inference_steps": job.steps,
+            "guidance_scale": job.guidance,
+            "generator": generators,
+            "output_type": "pil",
+        }
+        family = self.loaded.family
+        if family.max_sequence_length and "max_sequence_length" in self._accepted:
+            kwargs["max_sequence_length"] = family.max_sequence_length
+        if any(item.negative_prompt for item in job.items):
+            kwargs["negative_prompt"] = [item.negative_prompt or "" for item in job.items for _ in item.seeds]
+        return kwargs
+
+    def run(self, job: BatchJob) -> BatchResult:
+        assert self.loaded is not None
+        started = time.perf_counter()
+        try:
+            output = self.loaded.pipeline(**self._pipeline_kwargs(job))
+            images = list(output.images)
+            if len(images) != job.num_images:
+                raise RuntimeError(f"pipeline returned {len(images)} images for {job.num_images} requested")
+            inference_ms = (time.perf_counter() - started) * 1000
+            result = BatchResult(batch_id=job.batch_id, inference_ms=inference_ms)
+            cursor = 0
+            for item in job.items:
+                encoded = []
+                for seed in item.seeds:
+                    data = encode_image(images[cursor], item.output_format, item.output_compression)
+                    encoded.append(
+                        EncodedImage(data=data, seed=seed, media_type=MEDIA_TYPES[item.output_format])
+                    )
+                    cursor += 1
+                result.images[item.request_id] = encoded
+            return result
+        except Exception as exc:  # a failed batch must not take the worker down
+            log.exception("batch %s failed", job.batch_id)
+            _release_cuda_memory()
+            return BatchResult(batch_id=job.batch_id, error=_describe(exc))
+
+
+def _describe(exc: Exception) -> str:
+    name = type(exc).__name__
+    if "OutOfMemory" in name:
+        return "the GPU ran out of memory for this batch; try fewer images or a smaller size"
+    return f"{name}: {exc}"
+
+
+def _release_cuda_memory() -> None:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:  # best effort after a failure; never mask the original error
+        pass

@@ -1,0 +1,89 @@
+"""Pipeline loading: built-in ids, local diffusers folders and hub repo ids, on the right device and dtype."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from diffuserve.engine.families import TINY_FLUX, Family, detect_family
+from diffuserve.models.registry import BUILTIN_MODELS, is_builtin
+
+log = logging.getLogger(__name__)
+
+
+class ModelLoadError(RuntimeError):
+    """The model could not be loaded; the message is meant for the operator, not a traceback."""
+
+
+@dataclass
+class LoadedPipeline:
+    pipeline: Any
+    family: Family
+    device: str
+    dtype: Any
+
+
+def looks_like_local_path(repo: str) -> bool:
+    return repo.startswith(("/", "./", "../", "~")) or (os.path.sep in repo and Path(repo).exists())
+
+
+def check_model_source(repo: str, weights: str = "pretrained") -> None:
+    """Fail fast, before any worker starts, on a model that cannot exist (a missing local folder)."""
+    if is_builtin(repo) or weights == "random":
+        return
+    path = Path(repo).expanduser()
+    if looks_like_local_path(repo) and not path.exists():
+        raise ModelLoadError(f"model path {repo!r} does not exist")
+    if path.exists() and not (path / "model_index.json").exists():
+        raise ModelLoadError(f"{repo!r} is not a diffusers pipeline folder (no model_index.json)")
+
+
+def resolve_dtype(name: str, device: str) -> Any:
+    import torch
+
+    if name == "auto":
+        # Highest precision CPUs run fast; bf16 is the native precision of the served GPU models.
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return getattr(torch, name)
+
+
+def load_pipeline(
+    repo: str, *, device: str, dtype_name: str, weights: str, hf_token: str | None
+) -> LoadedPipeline:
+    import torch
+
+    dtype = resolve_dtype(dtype_name, device)
+    check_model_source(repo, weights)
+    if weights == "random" and not is_builtin(repo):
+        from diffuserve.engine.random_weights import build_random_pipeline
+
+        pipeline = build_random_pipeline(repo, device=device, dtype=dtype)
+    elif is_builtin(repo):
+        pipeline = BUILTIN_MODELS[repo]()
+    else:
+        from diffusers import DiffusionPipeline
+
+        try:
+            pipeline = DiffusionPipeline.from_pretrained(
+                os.path.expanduser(repo), torch_dtype=dtype, token=hf_token
+            )
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"could not load model {repo!r}: {exc}") from exc
+    if getattr(pipeline, "dtype", dtype) != dtype:
+        pipeline.to(dtype=dtype)
+    pipeline.to(device)
+    pipeline.set_progress_bar_config(disable=True)
+    family = _family_of(pipeline, repo)
+    torch.set_grad_enabled(False)
+    return LoadedPipeline(pipeline=pipeline, family=family, device=device, dtype=dtype)
+
+
+def _family_of(pipeline: Any, repo: str) -> Family:
+    if is_builtin(repo):
+        return TINY_FLUX
+    transformer = getattr(pipeline, "transformer", None)
+    guidance = getattr(getattr(transformer, "config", None), "guidance_embeds", None)
+    return detect_family(type(pipeline).__name__, repo, guidance)

@@ -1,0 +1,219 @@
+"""The OpenAI Images wire format (plus diffuserve's extensions) and its conversion to a GenerationRequest."""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import secrets
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from diffuserve.errors import InvalidRequest
+from diffuserve.serving.messages import GenerationRequest, ModelInfo
+
+log = logging.getLogger(__name__)
+
+MAX_PROMPT_CHARS = 10_000
+MAX_SEED = 2**63 - 1
+MAX_GUIDANCE = 30.0
+OUTPUT_FORMATS = ("png", "jpeg", "webp")
+DEFAULT_OUTPUT_FORMAT = "webp"
+ASPECT_RATIOS: dict[str, tuple[int, int]] = {
+    "1:1": (1, 1), "16:9": (16, 9), "9:16": (9, 16), "4:3": (4, 3), "3:4": (3, 4),
+    "3:2": (3, 2), "2:3": (2, 3), "21:9": (21, 9), "9:21": (9, 21),
+}  # fmt: skip
+SIZE_PATTERN = re.compile(r"^(\d{1,6})x(\d{1,6})$")
+
+
+class ImageGenerationRequest(BaseModel):
+    """`POST /v1/images/generations` body. Strict types: "4" is not a number. Unknown fields are logged."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    model: str | None = None
+    n: int = Field(default=1, ge=1)
+    size: str | None = None
+    response_format: Literal["b64_json", "url"] | None = None
+    output_format: Literal["png", "jpeg", "webp"] | None = None
+    output_compression: int | None = Field(default=None, ge=0, le=100)
+    user: str | None = None
+    # OpenAI fields with no meaning for these models; accepted so standard clients work.
+    quality: str | None = None
+    style: str | None = None
+    background: str | None = None
+    moderation: str | None = None
+    stream: bool | None = None
+    # diffuserve extensions
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+    aspect_ratio: str | None = None
+    width: int | None = Field(default=None, ge=1)
+    height: int | None = Field(default=None, ge=1)
+    guidance_scale: float | None = Field(default=None, ge=0.0, le=MAX_GUIDANCE, allow_inf_nan=False)
+    num_inference_steps: int | None = Field(default=None, ge=1)
+    negative_prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
+
+    @classmethod
+    def parse(cls, payload: Any) -> ImageGenerationRequest:
+        """Validate a decoded JSON body; the first problem becomes a 400 naming the field."""
+        if not isinstance(payload, dict):
+            raise InvalidRequest("the request body must be a JSON object")
+        try:
+            parsed = cls.model_validate(payload)
+        except ValidationError as exc:
+            raise _to_invalid_request(exc) from None
+        if parsed.model_extra:
+            log.info("ignoring unknown request fields: %s", ", ".join(sorted(parsed.model_extra)))
+        return parsed
+
+    def to_generation(self, *, request_id: str, model: ModelInfo, max_images: int) -> GenerationRequest:
+        """Resolve defaults and model limits into the engine's units; every rejection names its field."""
+        if self.stream:
+            raise InvalidRequest("streaming is not supported; omit `stream`", param="stream")
+        if self.response_format == "url":
+            raise InvalidRequest(
+                "response_format 'url' is not supported by this server; use 'b64_json' or omit it for image bytes",
+                param="response_format",
+            )
+        if self.n > max_images:
+            raise InvalidRequest(f"n must be between 1 and {max_images}, got {self.n}", param="n")
+        width, height = self.resolve_size(model)
+        steps = self.num_inference_steps if self.num_inference_steps is not None else model.default_steps
+        if steps > model.max_steps:
+            raise InvalidRequest(
+                f"num_inference_steps must be between 1 and {model.max_steps}, got {steps}",
+                param="num_inference_steps",
+            )
+        negative = self.negative_prompt or None
+        if negative and not model.supports_negative_prompt:
+            raise InvalidRequest(
+                f"model {model.name} ({model.family}) does not support negative_prompt",
+                param="negative_prompt",
+            )
+        return GenerationRequest(
+            request_id=request_id,
+            model=model.name,
+            prompt=self.prompt,
+            n=self.n,
+            width=width,
+            height=height,
+            steps=steps,
+            guidance=float(
+                self.guidance_scale if self.guidance_scale is not None else model.default_guidance
+            ),
+            seed=self.seed if self.seed is not None else secrets.randbelow(2**32),
+            output_format=self.output_format or DEFAULT_OUTPUT_FORMAT,
+            output_compression=self.output_compression,
+            negative_prompt=negative,
+        )
+
+    def resolve_size(self, model: ModelInfo) -> tuple[int, int]:
+        """One of: width+height, size "WxH", aspect_ratio, or the model's native size; never two at once."""
+        size = None if self.size in (None, "auto") else self.size
+        given = [name for name, value in (("size", size), ("aspect_ratio", self.aspect_ratio)) if value]
+        if self.width is not None or self.height is not None:
+            given.append("width/height")
+        if len(given) > 1:
+            raise InvalidRequest(
+                f"give only one of size, aspect_ratio or width/height (got {', '.join(given)})",
+                param=given[1],
+            )
+        if self.width is not None or self.height is not None:
+            if self.width is None or self.height is None:
+                missing = "height" if self.height is None else "width"
+                raise InvalidRequest("width and height must be given together", param=missing)
+            return _check_dimensions(self.width, self.height, model, "width")
+        if size is not None:
+            match = SIZE_PATTERN.match(size)
+            if not match:
+                raise InvalidRequest(
+                    f"size must be 'auto' or 'WIDTHxHEIGHT' like '1024x1024', got {size!r}", param="size"
+                )
+            return _check_dimensions(int(match.group(1)), int(match.group(2)), model, "size")
+        if self.aspect_ratio is not None:
+            if self.aspect_ratio not in ASPECT_RATIOS:
+                raise InvalidRequest(
+                    f"aspect_ratio must be one of {', '.join(ASPECT_RATIOS)}, got {self.aspect_ratio!r}",
+                    param="aspect_ratio",
+                )
+            return dimensions_for_aspect(self.aspect_ratio, model)
+        return model.native_width, model.native_height
+
+
+def dimensions_for_aspect(aspect_ratio: str, model: ModelInfo) -> tuple[int, int]:
+    """Dimensions with the ratio, near the model's native area, multiples of its size step, within limits."""
+    ratio_w, ratio_h = ASPECT_RATIOS[aspect_ratio]
+    area = model.native_width * model.native_height
+    step = model.size_multiple
+
+    def snap(value: float) -> int:
+        return int(min(model.max_size, max(model.min_size, round(value / step) * step)))
+
+    width = snap(math.sqrt(area * ratio_w / ratio_h))
+    height = snap(math.sqrt(area * ratio_h / ratio_w))
+    return width, height
+
+
+def _check_dimensions(width: int, height: int, model: ModelInfo, param: str) -> tuple[int, int]:
+    step, low, high = model.size_multiple, model.min_size, model.max_size
+    if not (low <= width <= high and low <= height <= high) or width % step or height % step:
+        raise InvalidRequest(
+            f"{width}x{height} is not a valid size for {model.name}: width and height must be multiples of "
+            f"{step} between {low} and {high} (native {model.native_width}x{model.native_height})",
+            param=param,
+        )
+    return width, height
+
+
+def _to_invalid_request(exc: ValidationError) -> InvalidRequest:
+    error = exc.errors(include_url=False)[0]
+    field = ".".join(str(part) for part in error["loc"]) or None
+    message = error["msg"]
+    if error["type"] == "missing":
+        message = f"`{field}` is required"
+    elif error["type"] == "literal_error":
+        message = f"invalid value for `{field}`: {message}"
+    else:
+        message = f"invalid `{field}`: {message}"
+    return InvalidRequest(message, param=field)
+
+
+class ImageData(BaseModel):
+    b64_json: str
+    seed: int
+    revised_prompt: str | None = None
+
+
+class ImagesResponse(BaseModel):
+    created: int = Field(default_factory=lambda: int(time.time()))
+    data: list[ImageData]
+    model: str
+    output_format: str
+    size: str
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "diffuserve"
+    root: str | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody

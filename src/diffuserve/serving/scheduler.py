@@ -1,0 +1,232 @@
+"""Dynamic batcher: groups compatible requests, dispatches to idle workers at once, backpressure and deadlines."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from diffuserve.errors import GenerationFailed, QueueFull, WorkerCrashed
+from diffuserve.serving.messages import BatchItem, BatchJob, BatchResult, EncodedImage, GenerationRequest
+
+log = logging.getLogger(__name__)
+
+
+class WorkerSlot(Protocol):
+    """What the scheduler needs of a worker: an id and a way to hand it a batch."""
+
+    worker_id: int
+
+    def send(self, job: BatchJob) -> None: ...
+
+
+class SchedulerObserver(Protocol):
+    """Metrics hooks; the scheduler itself knows nothing of Prometheus."""
+
+    def queue_depth(self, depth: int) -> None: ...
+
+    def batch_started(self, images: int, waits_s: list[float]) -> None: ...
+
+
+@dataclass
+class Completed:
+    images: list[EncodedImage]
+    queue_ms: float
+    inference_ms: float
+    batch_size: int
+    worker_id: int
+
+
+@dataclass(eq=False)
+class Pending:
+    request: GenerationRequest
+    future: asyncio.Future[Completed]
+    enqueued_at: float
+    arrived_while_busy: bool
+    cancelled: bool = False
+    dispatched_at: float | None = None
+
+
+@dataclass
+class InFlight:
+    worker_id: int
+    pendings: list[Pending]
+    job: BatchJob
+    started_at: float
+
+
+@dataclass
+class Scheduler:
+    max_batch: int
+    max_queue: int
+    batch_wait_s: float = 0.005
+    observer: SchedulerObserver | None = None
+    clock: Callable[[], float] = time.monotonic
+    queue: list[Pending] = field(default_factory=list)
+    idle: dict[int, WorkerSlot] = field(default_factory=dict)
+    in_flight: dict[int, InFlight] = field(default_factory=dict)
+    _batch_ids: itertools.count = field(default_factory=lambda: itertools.count(1))
+    _timer: asyncio.TimerHandle | None = None
+    _batch_seconds_ema: float | None = None
+
+    # ---- requests -------------------------------------------------------------------------------------
+    def submit(self, request: GenerationRequest) -> Pending:
+        """Queue a request; raises QueueFull when the queue is at its bound."""
+        if len(self.queue) >= self.max_queue:
+            raise QueueFull(
+                f"the server is at capacity ({len(self.queue)} requests queued); retry later",
+                retry_after=self.retry_after_seconds(),
+            )
+        loop = asyncio.get_running_loop()
+        pending = Pending(
+            request=request,
+            future=loop.create_future(),
+            enqueued_at=self.clock(),
+            arrived_while_busy=not self.idle,
+        )
+        self.queue.append(pending)
+        self._report_depth()
+        self._dispatch()
+        return pending
+
+    def cancel(self, pending: Pending) -> None:
+        """The client left or its deadline passed: drop it if it has not started; a running batch finishes."""
+        pending.cancelled = True
+        if pending in self.queue:
+            self.queue.remove(pending)
+            self._report_depth()
+        if not pending.future.done():
+            pending.future.cancel()
+
+    def retry_after_seconds(self) -> int:
+        """A client-facing estimate of when a slot frees: queued batches × recent batch time."""
+        per_batch = self._batch_seconds_ema or 1.0
+        workers = max(1, len(self.idle) + len(self.in_flight))
+        batches_ahead = math.ceil(len(self.queue) / (self.max_batch * workers))
+        return max(1, math.ceil(per_batch * batches_ahead))
+
+    # ---- workers --------------------------------------------------------------------------------------
+    def worker_idle(self, worker: WorkerSlot) -> None:
+        self.idle[worker.worker_id] = worker
+        self._dispatch()
+
+    def worker_gone(self, worker_id: int, reason: str) -> None:
+        """A worker died: fail only the requests of the batch it held, at once."""
+        self.idle.pop(worker_id, None)
+        for batch_id, flight in list(self.in_flight.items()):
+            if flight.worker_id == worker_id:
+                del self.in_flight[batch_id]
+                for pending in flight.pendings:
+                    _fail(pending, WorkerCrashed(f"the worker running this request stopped: {reason}"))
+
+    def batch_finished(self, worker: WorkerSlot, result: BatchResult) -> None:
+        flight = self.in_flight.pop(result.batch_id, None)
+        if flight is not None:
+            elapsed = self.clock() - flight.started_at
+            ema = self._batch_seconds_ema
+            self._batch_seconds_ema = elapsed if ema is None else 0.8 * ema + 0.2 * elapsed
+            self._deliver(flight, result)
+        self.worker_idle(worker)
+
+    # ---- internals ------------------------------------------------------------------------------------
+    def _deliver(self, flight: InFlight, result: BatchResult) -> None:
+        for pending in flight.pendings:
+            if result.error is not None:
+                _fail(pending, GenerationFailed(f"generation failed: {result.error}"))
+                continue
+            images = result.images.get(pending.request.request_id, [])
+            if len(images) != pending.request.n:
+                _fail(
+                    pending,
+                    GenerationFailed(f"worker returned {len(images)} images, expected {pending.request.n}"),
+                )
+                continue
+            if not pending.future.done():
+                assert pending.dispatched_at is not None
+                pending.future.set_result(
+                    Completed(
+                        images=images,
+                        queue_ms=(pending.dispatched_at - pending.enqueued_at) * 1000,
+                        inference_ms=result.inference_ms,
+                        batch_size=flight.job.num_images,
+                        worker_id=flight.worker_id,
+                    )
+                )
+
+    def _dispatch(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        while self.idle and self.queue:
+            head = self.queue[0]
+            group = self._compatible_group(head)
+            images = sum(p.request.n for p in group)
+            # The window only holds back requests that queued while every worker was busy: a lone request
+            # on an idle worker starts at once, and the wait is measured from the first request of the group.
+            wait_left = head.enqueued_at + self.batch_wait_s - self.clock()
+            if head.arrived_while_busy and images < self.max_batch and wait_left > 0:
+                self._timer = asyncio.get_running_loop().call_later(wait_left, self._dispatch)
+                return
+            self._start(group)
+
+    def _compatible_group(self, head: Pending) -> list[Pending]:
+        key = head.request.batch_key
+        group = [head]
+        images = head.request.n
+        for pending in self.queue[1:]:
+            if images >= self.max_batch:
+                break
+            if pending.request.batch_key == key and images + pending.request.n <= self.max_batch:
+                group.append(pending)
+                images += pending.request.n
+        return group
+
+    def _start(self, group: list[Pending]) -> None:
+        worker_id, worker = next(iter(self.idle.items()))
+        del self.idle[worker_id]
+        now = self.clock()
+        for pending in group:
+            self.queue.remove(pending)
+            pending.dispatched_at = now
+        first = group[0].request
+        job = BatchJob(
+            batch_id=next(self._batch_ids),
+            width=first.width,
+            height=first.height,
+            steps=first.steps,
+            guidance=first.guidance,
+            items=[
+                BatchItem(
+                    request_id=p.request.request_id,
+                    prompt=p.request.prompt,
+                    negative_prompt=p.request.negative_prompt,
+                    seeds=p.request.seeds,
+                    output_format=p.request.output_format,
+                    output_compression=p.request.output_compression,
+                )
+                for p in group
+            ],
+        )
+        self.in_flight[job.batch_id] = InFlight(worker_id=worker_id, pendings=group, job=job, started_at=now)
+        self._report_depth()
+        if self.observer is not None:
+            self.observer.batch_started(job.num_images, [now - p.enqueued_at for p in group])
+        try:
+            worker.send(job)
+        except (OSError, ValueError) as exc:  # the worker's pipe broke: it is dying, its reaper will follow
+            log.warning("could not send batch %d to worker %d: %s", job.batch_id, worker_id, exc)
+            self.worker_gone(worker_id, f"its connection broke ({exc})")
+
+    def _report_depth(self) -> None:
+        if self.observer is not None:
+            self.observer.queue_depth(len(self.queue))
+
+
+def _fail(pending: Pending, error: Exception) -> None:
+    if not pending.future.done():
+        pending.future.set_exception(error)

@@ -1,0 +1,105 @@
+"""The serving facade the API calls: owns the scheduler and the worker pool; knows nothing of HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from diffuserve.config import Settings
+from diffuserve.engine.engine import model_slug, served_model_name
+from diffuserve.errors import DeadlineExceeded, ModelNotFound, NotReady
+from diffuserve.serving.messages import GenerationRequest, ModelInfo
+from diffuserve.serving.scheduler import Completed, Scheduler, SchedulerObserver
+from diffuserve.serving.workers import WorkerPool, resolve_devices
+
+log = logging.getLogger(__name__)
+
+
+class ClientGone(Exception):
+    """The client disconnected before its image was ready; nothing is sent back."""
+
+
+class GenerationService:
+    def __init__(
+        self,
+        settings: Settings,
+        observer: SchedulerObserver | None = None,
+        *,
+        on_fatal: Callable[[str], None] | None = None,
+        on_alive_changed: Callable[[int], None] | None = None,
+        on_restart: Callable[[], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.name = served_model_name(settings)
+        self.aliases = {self.name, settings.model_repo, model_slug(settings.model_repo)}
+        self.scheduler = Scheduler(
+            max_batch=settings.model_batch,
+            max_queue=settings.max_queue,
+            batch_wait_s=settings.batch_wait_ms / 1000,
+            observer=observer,
+        )
+        self.fatal_error: str | None = None
+        self._on_fatal = on_fatal
+        self.pool = WorkerPool(
+            settings,
+            resolve_devices(settings.devices),
+            self.scheduler,
+            on_fatal=self._fatal,
+            on_alive_changed=on_alive_changed,
+            on_restart=on_restart,
+        )
+        self.started_at = time.time()
+
+    async def start(self) -> None:
+        self.pool.start()
+
+    async def stop(self) -> None:
+        await self.pool.stop()
+
+    def _fatal(self, message: str) -> None:
+        self.fatal_error = message
+        log.error("%s", message)
+        if self._on_fatal is not None:
+            self._on_fatal(message)
+
+    @property
+    def ready(self) -> bool:
+        return self.pool.model is not None and self.pool.alive > 0
+
+    def model_for(self, requested: str | None) -> ModelInfo:
+        """The served model a request names (by name or alias), or the only one when it names none."""
+        if requested is not None and requested not in self.aliases:
+            raise ModelNotFound(
+                f"model {requested!r} is not served here; available: {self.name}", param="model"
+            )
+        model = self.pool.model
+        if model is None or not self.ready:
+            raise NotReady("the model is still loading; retry shortly (see /health/ready)")
+        return model
+
+    async def generate(
+        self, request: GenerationRequest, *, timeout: float, disconnected: Awaitable[object] | None = None
+    ) -> Completed:
+        """Queue, wait for the batch, and give up at the deadline or when the client leaves."""
+        pending = self.scheduler.submit(request)
+        watchers: set[asyncio.Future[Any]] = {pending.future}
+        disconnect_task = asyncio.ensure_future(disconnected) if disconnected is not None else None
+        if disconnect_task is not None:
+            watchers.add(disconnect_task)
+        try:
+            done, _ = await asyncio.wait(watchers, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            if pending.future in done:
+                return pending.future.result()
+            self.scheduler.cancel(pending)
+            if disconnect_task is not None and disconnect_task in done:
+                raise ClientGone()
+            raise DeadlineExceeded(f"the request did not finish within its {timeout:g} s deadline")
+        except asyncio.CancelledError:
+            self.scheduler.cancel(pending)
+            raise
+        finally:
+            if disconnect_task is not None:
+                disconnect_task.cancel()

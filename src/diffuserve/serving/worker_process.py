@@ -1,0 +1,60 @@
+"""The body of one worker process: load the engine, report ready, then run batches until told to stop."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from multiprocessing.connection import Connection
+
+from diffuserve.config import Settings
+from diffuserve.logs import configure_logging
+from diffuserve.serving.messages import BatchJob, Shutdown, WorkerFailed, WorkerReady
+
+
+def worker_main(worker_id: int, device: str, settings: Settings, conn: Connection) -> None:
+    """Entry point of the child process (spawned, so no CUDA or thread state is inherited)."""
+    configure_logging(settings.log_format, settings.log_level, role=f"worker-{worker_id}")
+    log = logging.getLogger("diffuserve.worker")
+    # Ctrl-C in a terminal reaches the whole process group; the parent decides when workers stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.set_device(device)
+    from diffuserve.engine.engine import Engine
+
+    engine = Engine(settings, device)
+    try:
+        started = time.perf_counter()
+        info = engine.load()
+        load_seconds = time.perf_counter() - started
+        warmup_seconds = engine.warmup() if settings.warmup else 0.0
+        _save_compile_cache(settings)
+    except Exception as exc:
+        log.exception("worker %d could not start", worker_id)
+        conn.send(WorkerFailed(worker_id=worker_id, error=f"{type(exc).__name__}: {exc}"))
+        return
+    log.info(
+        "worker %d ready on %s (load %.1fs, warm-up %.1fs)", worker_id, device, load_seconds, warmup_seconds
+    )
+    conn.send(WorkerReady(worker_id, os.getpid(), device, info, load_seconds, warmup_seconds))
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            return  # the server went away: nothing left to serve
+        if isinstance(message, Shutdown):
+            return
+        if isinstance(message, BatchJob):
+            conn.send(engine.run(message))
+
+
+def _save_compile_cache(settings: Settings) -> None:
+    from diffuserve.engine import tiers
+
+    # The tiers module persists compile artefacts where it supports it; absent, nothing was compiled.
+    save = getattr(tiers, "save_compile_cache", None)
+    if save is not None:
+        save(settings.resolved_cache_dir)

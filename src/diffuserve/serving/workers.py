@@ -1,0 +1,250 @@
+"""Worker processes: one per GPU (or one CPU worker); started, watched, and replaced when one dies."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing as mp
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+from multiprocessing.connection import Connection
+from typing import Any
+
+from diffuserve.config import Settings
+from diffuserve.serving.messages import BatchJob, BatchResult, ModelInfo, Shutdown, WorkerFailed, WorkerReady
+from diffuserve.serving.scheduler import Scheduler
+from diffuserve.serving.worker_process import worker_main
+
+log = logging.getLogger(__name__)
+
+RESTART_BACKOFF_MAX_S = 30.0
+# A worker that ran this long before dying is considered healthy: its replacement starts without delay.
+STABLE_AFTER_S = 60.0
+
+
+def resolve_devices(spec: str) -> list[str]:
+    """`auto` → every visible GPU or one CPU; `cpu`; `0,1`; `cuda:0,cuda:1`; `cpu,cpu` (two CPU workers)."""
+    spec = spec.strip().lower()
+    if spec == "auto":
+        try:
+            import torch
+
+            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        except Exception:  # a broken CUDA install must not stop a CPU server
+            count = 0
+        return [f"cuda:{i}" for i in range(count)] or ["cpu"]
+    devices = []
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        if part == "cpu" or part.startswith("cuda:"):
+            devices.append(part)
+        elif part.isdigit():
+            devices.append(f"cuda:{part}")
+        else:
+            raise ValueError(f"--devices: {part!r} is not cpu, a GPU index or cuda:N")
+    if not devices:
+        raise ValueError("--devices is empty")
+    return devices
+
+
+class WorkerState(str, Enum):
+    STARTING = "starting"
+    IDLE = "idle"
+    BUSY = "busy"
+    DEAD = "dead"
+
+
+@dataclass(eq=False)
+class WorkerProcess:
+    """Parent-side handle of one worker process; implements the scheduler's WorkerSlot."""
+
+    worker_id: int
+    device: str
+    process: Any
+    conn: Connection
+    started_at: float
+    state: WorkerState = WorkerState.STARTING
+    pid: int | None = None
+    ready: WorkerReady | None = None
+    failure: str | None = None
+    restarts: int = 0
+    _send_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def send(self, job: BatchJob) -> None:
+        with self._send_lock:
+            self.conn.send(job)
+        self.state = WorkerState.BUSY
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "id": self.worker_id,
+            "device": self.device,
+            "pid": self.pid,
+            "state": self.state.value,
+            "restarts": self.restarts,
+        }
+
+
+class WorkerPool:
+    """Starts the workers, relays their messages onto the event loop, and replaces the ones that die."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        devices: list[str],
+        scheduler: Scheduler,
+        *,
+        on_fatal: Callable[[str], None],
+        on_alive_changed: Callable[[int], None] | None = None,
+        on_restart: Callable[[], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.devices = devices
+        self.scheduler = scheduler
+        self.on_fatal = on_fatal
+        self.on_alive_changed = on_alive_changed
+        self.on_restart = on_restart
+        self.workers: dict[int, WorkerProcess] = {}
+        self.model: ModelInfo | None = None
+        self._ctx = mp.get_context("spawn")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping = False
+        self._ever_ready = False
+
+    # ---- lifecycle ------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        for worker_id, device in enumerate(self.devices):
+            self._spawn(worker_id, device, restarts=0)
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        self._stopping = True
+        for worker in self.workers.values():
+            with contextlib.suppress(OSError, ValueError):
+                worker.conn.send(Shutdown())
+        deadline = time.monotonic() + timeout
+        for worker in self.workers.values():
+            await asyncio.to_thread(worker.process.join, max(0.1, deadline - time.monotonic()))
+            if worker.process.is_alive():
+                worker.process.kill()
+                await asyncio.to_thread(worker.process.join, 2.0)
+
+    @property
+    def alive(self) -> int:
+        return sum(1 for w in self.workers.values() if w.state in (WorkerState.IDLE, WorkerState.BUSY))
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [w.describe() for w in self.workers.values()]
+
+    # ---- internals ------------------------------------------------------------------------------------
+    def _spawn(self, worker_id: int, device: str, restarts: int) -> None:
+        parent_conn, child_conn = self._ctx.Pipe(duplex=True)
+        env_threads = self._cpu_threads(device)
+        process = self._ctx.Process(
+            target=_child_entry,
+            args=(worker_id, device, self.settings, child_conn, env_threads),
+            name=f"diffuserve-worker-{worker_id}",
+            daemon=True,
+        )
+        process.start()
+        child_conn.close()  # so the parent sees EOF as soon as the child dies
+        worker = WorkerProcess(
+            worker_id=worker_id,
+            device=device,
+            process=process,
+            conn=parent_conn,
+            started_at=time.monotonic(),
+            pid=process.pid,
+            restarts=restarts,
+        )
+        self.workers[worker_id] = worker
+        threading.Thread(
+            target=self._reader, args=(worker,), name=f"worker-{worker_id}-reader", daemon=True
+        ).start()
+
+    def _cpu_threads(self, device: str) -> int | None:
+        if device != "cpu":
+            return None
+        cpu_workers = sum(1 for d in self.devices if d == "cpu")
+        return max(1, (os.cpu_count() or 1) // cpu_workers)
+
+    def _reader(self, worker: WorkerProcess) -> None:
+        """Runs in a thread: blocking reads from the pipe, each message handed to the event loop."""
+        assert self._loop is not None
+        while True:
+            try:
+                message = worker.conn.recv()
+            except (EOFError, OSError):
+                break
+            except Exception as exc:  # an unpicklable message: treat the worker as broken
+                log.error("worker %d sent an unreadable message: %s", worker.worker_id, exc)
+                break
+            self._call_soon(self._on_message, worker, message)
+        self._call_soon(self._on_exit, worker)
+
+    def _call_soon(self, callback: Callable[..., None], *args: Any) -> None:
+        assert self._loop is not None
+        # RuntimeError: the loop already closed during shutdown; nothing is waiting any more.
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(callback, *args)
+
+    def _on_message(self, worker: WorkerProcess, message: Any) -> None:
+        if isinstance(message, WorkerReady):
+            worker.ready = message
+            worker.pid = message.pid
+            worker.state = WorkerState.IDLE
+            self.model = self.model or message.model
+            self._ever_ready = True
+            self._alive_changed()
+            self.scheduler.worker_idle(worker)
+        elif isinstance(message, WorkerFailed):
+            worker.failure = message.error
+        elif isinstance(message, BatchResult):
+            worker.state = WorkerState.IDLE
+            self.scheduler.batch_finished(worker, message)
+
+    def _on_exit(self, worker: WorkerProcess) -> None:
+        if self.workers.get(worker.worker_id) is not worker or worker.state == WorkerState.DEAD:
+            return
+        worker.process.join(timeout=1.0)
+        code = worker.process.exitcode
+        worker.state = WorkerState.DEAD
+        self._alive_changed()
+        reason = worker.failure or f"worker process exited with code {code}"
+        self.scheduler.worker_gone(worker.worker_id, reason)
+        if self._stopping:
+            return
+        if not self._ever_ready and worker.failure:
+            # The model cannot load at all (bad path, gated repo …): restarting would loop forever.
+            self.on_fatal(f"worker {worker.worker_id} could not load the model: {worker.failure}")
+            return
+        log.error("worker %d (pid %s) died: %s; starting a replacement", worker.worker_id, worker.pid, reason)
+        ran_for = time.monotonic() - worker.started_at
+        delay = 0.0 if ran_for > STABLE_AFTER_S else min(RESTART_BACKOFF_MAX_S, 0.5 * 2**worker.restarts)
+        if self.on_restart is not None:
+            self.on_restart()
+        assert self._loop is not None
+        restarts = 0 if ran_for > STABLE_AFTER_S else worker.restarts + 1
+        self._loop.call_later(delay, self._respawn, worker.worker_id, worker.device, restarts)
+
+    def _respawn(self, worker_id: int, device: str, restarts: int) -> None:
+        if not self._stopping:
+            self._spawn(worker_id, device, restarts)
+
+    def _alive_changed(self) -> None:
+        if self.on_alive_changed is not None:
+            self.on_alive_changed(self.alive)
+
+
+def _child_entry(
+    worker_id: int, device: str, settings: Settings, conn: Connection, cpu_threads: int | None
+) -> None:
+    if cpu_threads is not None:
+        import torch
+
+        torch.set_num_threads(cpu_threads)
+    worker_main(worker_id, device, settings, conn)
