@@ -1,0 +1,162 @@
+"""The front's renderer, readiness gate and stray-process reaper, without starting nginx or supervisord."""
+
+from __future__ import annotations
+
+import http.server
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from diffuserve.deploy.reap import reap_previous_group
+from diffuserve.deploy.render import PLACEHOLDER, FrontConfig, FrontConfigError, fill, render
+
+NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+FRONT_VARS = ("PORT", "SERVER_PORT", "FRONT_HOST", "API_KEYS", "AUTH_TOKEN", "FRONT_AUTH", "MAX_BODY_BYTES")
+
+
+@pytest.fixture
+def env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> pytest.MonkeyPatch:
+    for name in FRONT_VARS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("DIFFUSERVE_RUN_DIR", str(tmp_path / "run"))
+    return monkeypatch
+
+
+def test_render_fills_every_placeholder(env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    env.setenv("PORT", "18080")
+    env.setenv("SERVER_PORT", "18081")
+    env.setenv("MAX_BODY_BYTES", "65536")
+    env.setenv("REQUEST_TIMEOUT", "120")
+    out = render(FrontConfig.from_env())
+    nginx = out.nginx_conf.read_text()
+    supervisord = out.supervisord_conf.read_text()
+    assert PLACEHOLDER.search(nginx) is None and PLACEHOLDER.search(supervisord) is None
+    assert "listen 0.0.0.0:18080 default_server" in nginx
+    assert "server 127.0.0.1:18081" in nginx
+    assert "client_max_body_size 65536;" in nginx
+    assert "proxy_read_timeout 150s;" in nginx  # the server's deadline + 30 s
+    assert "map $http_authorization" not in nginx  # no keys, no check
+    # nginx waits for readiness; the server listens on loopback only.
+    assert "diffuserve.deploy.gate --url http://127.0.0.1:18081/v2/health/ready" in supervisord
+    assert "serve --host 127.0.0.1 --port 18081" in supervisord
+    assert oct(out.nginx_conf.stat().st_mode & 0o777) == "0o600"
+
+
+@pytest.mark.skipif(NGINX is None, reason="nginx is not installed (CI installs it: apt-get install nginx)")
+@pytest.mark.parametrize("keys", ["", "sk-test-key-0001,sk-test-key-0002"])
+def test_rendered_nginx_config_is_valid(env: pytest.MonkeyPatch, keys: str) -> None:
+    env.setenv("API_KEYS", keys)
+    out = render(FrontConfig.from_env(port=18080, server_port=18081))
+    if keys:
+        text = out.nginx_conf.read_text()
+        assert '"Bearer sk-test-key-0001" 1;' in text and '"Bearer sk-test-key-0002" 1;' in text
+        assert "if ($diffuserve_key_ok = 0)" in text
+    result = subprocess.run(
+        [str(NGINX), "-t", "-q", "-e", "stderr", "-c", str(out.nginx_conf)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_front_auth_can_be_left_to_the_server(env: pytest.MonkeyPatch) -> None:
+    env.setenv("API_KEYS", "key with spaces")
+    with pytest.raises(FrontConfigError, match="FRONT_AUTH=0"):
+        FrontConfig.from_env()
+    env.setenv("FRONT_AUTH", "0")
+    text = render(FrontConfig.from_env()).nginx_conf.read_text()
+    assert "key with spaces" not in text
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"port": 8001, "server_port": 8001}, "PORT and SERVER_PORT must differ"),
+        ({"port": 70000}, "PORT must be 1..65535"),
+        ({"run_dir": Path("relative/run")}, "must be an absolute path"),
+        ({"run_dir": Path("/tmp/with space")}, "DIFFUSERVE_RUN_DIR"),
+        ({"nginx_workers": 0}, "NGINX_WORKERS must be >= 1"),
+    ],
+)
+def test_bad_front_settings_name_the_variable(
+    env: pytest.MonkeyPatch, overrides: dict[str, object], message: str
+) -> None:
+    with pytest.raises(FrontConfigError, match=message):
+        FrontConfig.from_env(**overrides)
+
+
+def test_fill_rejects_unknown_placeholders() -> None:
+    assert fill("a @@X@@ b", {"X": "1"}) == "a 1 b"
+    with pytest.raises(KeyError, match="@@Y@@"):
+        fill("@@Y@@", {})
+
+
+class _Health(http.server.BaseHTTPRequestHandler):
+    ready_after = 0.0
+
+    def do_GET(self) -> None:
+        self.send_response(200 if time.monotonic() >= type(self).ready_after else 503)
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def health_server() -> Iterator[tuple[str, type[_Health]]]:
+    handler = type("Health", (_Health,), {"ready_after": time.monotonic() + 1.0})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}/v2/health/ready", handler
+    finally:
+        server.shutdown()
+
+
+def test_gate_execs_only_after_ready(health_server: tuple[str, type[_Health]]) -> None:
+    url, handler = health_server
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "diffuserve.deploy.gate", "--url", url, "--interval", "0.05", "--",
+         sys.executable, "-c", "import time; print('exec at', time.monotonic())"],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    exec_line = next(line for line in result.stdout.splitlines() if line.startswith("exec at"))
+    assert float(exec_line.split()[-1]) >= handler.ready_after
+    assert time.monotonic() - started < 20
+
+
+def test_gate_gives_up_after_timeout() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "diffuserve.deploy.gate", "--url", "http://127.0.0.1:9/never", "--interval", "0.05",
+         "--timeout", "0.5", "--", "true"],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "not ready after" in result.stdout
+
+
+def test_reap_stops_the_previous_group(tmp_path: Path) -> None:
+    # A stand-in for a crashed server's orphaned worker: a process group that outlived its leader's record.
+    orphan = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    try:
+        pgid_file = tmp_path / "model.pgid"
+        pgid_file.write_text(f"{os.getpgid(orphan.pid)}\n")
+        assert reap_previous_group(pgid_file, grace=5.0) is True
+        assert orphan.wait(timeout=10) == -signal.SIGTERM
+        assert reap_previous_group(pgid_file) is False  # nothing left to stop
+    finally:
+        if orphan.poll() is None:
+            orphan.kill()
+            orphan.wait()
