@@ -14,6 +14,7 @@ COMMAND_MODULES = [
     "diffuserve.commands.serve",
     "diffuserve.commands.generate",
     "diffuserve.commands.models",
+    "diffuserve.deploy.cli",
 ]
 
 
