@@ -15,6 +15,7 @@ COMMAND_MODULES = [
     "diffuserve.commands.generate",
     "diffuserve.commands.models",
     "diffuserve.deploy.cli",
+    "diffuserve.bench.command",
 ]
 
 

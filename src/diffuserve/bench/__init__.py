@@ -1,0 +1,1 @@
+"""`diffuserve bench`: locust users, the user-count sweep, its report and plots."""

@@ -1,0 +1,317 @@
+"""`diffuserve bench`: a locust latency sweep over concurrent users, with CSV/HTML/JSON/Markdown reports and plots."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import os
+import platform
+import random
+import shlex
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from diffuserve.bench.options import LoadOptions
+    from diffuserve.bench.summary import StepSummary
+    from diffuserve.bench.sweep import SweepPlan
+
+# Heavier modules (httpx, numpy, matplotlib, tqdm) are imported inside `run`: `diffuserve --help` and the
+# other commands load this module too. locust itself never loads in this process (see bench/step.py).
+
+DEFAULT_USERS = "1,2,4,8,16"
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "bench",
+        help="latency benchmark over concurrent users (locust), with report and plots",
+        description=(
+            "Sweep concurrent users against the Images API with locust and write per-step CSV and HTML reports, "
+            "summary.json, summary.md and PNG plots. Payload options fall back to the BENCH_* env vars that "
+            "the locust file (src/diffuserve/bench/locustfile.py) reads."
+        ),
+    )
+    target = parser.add_argument_group("target")
+    target.add_argument("url", nargs="?", help="server base URL, e.g. http://127.0.0.1:8000 [env BENCH_URL]")
+    target.add_argument(
+        "--spawn-server",
+        action="store_true",
+        help="start `diffuserve serve` on a free local port for the run (its settings from the environment)",
+    )
+    target.add_argument(
+        "--server-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="environment variable for the spawned server, e.g. MODEL_BATCH=4 (repeatable)",
+    )
+    target.add_argument("--api-key", help="bearer token [env API_KEY]")
+    target.add_argument(
+        "--ready-timeout", type=float, default=300.0, help="seconds to wait for /health/ready (default 300)"
+    )
+
+    load = parser.add_argument_group("load")
+    load.add_argument(
+        "--users", default=DEFAULT_USERS, help=f"user counts to sweep (default {DEFAULT_USERS})"
+    )
+    amount = load.add_mutually_exclusive_group()
+    amount.add_argument(
+        "--iterations", type=int, help="requests per step, across its users (default 8 × users)"
+    )
+    amount.add_argument("--duration", type=float, help="seconds per step instead of a request count")
+    load.add_argument(
+        "--warmup",
+        type=int,
+        default=1,
+        help="requests sent one by one before the sweep and left out of it (default 1)",
+    )
+    load.add_argument(
+        "--timeout", type=float, help="seconds one request may take (default 600) [env BENCH_TIMEOUT]"
+    )
+    load.add_argument(
+        "--output", type=Path, default=Path("bench-out"), help="report folder (default bench-out)"
+    )
+    load.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    payload = parser.add_argument_group("payload")
+    payload.add_argument(
+        "--model", help="model id, sent as `model` and X-Model-Name (default: the server's first)"
+    )
+    prompts = payload.add_mutually_exclusive_group()
+    prompts.add_argument("--prompt", help="prompt of every request [env BENCH_PROMPT]")
+    prompts.add_argument(
+        "--prompt-file", help="file with one prompt per line, picked at random [env BENCH_PROMPT_FILE]"
+    )
+    shape = payload.add_mutually_exclusive_group()
+    shape.add_argument("--size", help="WIDTHxHEIGHT, e.g. 1024x1024 [env BENCH_SIZE]")
+    shape.add_argument("--aspect-ratio", help="W:H, e.g. 16:9 [env BENCH_ASPECT_RATIO]")
+    payload.add_argument("--steps", type=int, help="num_inference_steps [env BENCH_STEPS]")
+    payload.add_argument("--guidance", type=float, help="guidance_scale [env BENCH_GUIDANCE]")
+    payload.add_argument("--seed", type=int, help="one seed for every request (default: random per request)")
+    payload.add_argument("--n", type=int, help="images per request (default 1) [env BENCH_N]")
+    payload.add_argument(
+        "--response-format",
+        choices=["bytes", "b64_json"],
+        help="bytes: image as the body (default); b64_json: OpenAI JSON [env BENCH_RESPONSE_FORMAT]",
+    )
+    parser.set_defaults(func=run)
+
+
+class UsageError(ValueError):
+    """Flags that cannot work together; exit code 2 like argparse's own errors."""
+
+
+def _server_env(pairs: list[str]) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--server-env wants KEY=VALUE, got {pair!r}")
+        env[key] = value
+    return env
+
+
+def _load_options(args: argparse.Namespace) -> LoadOptions:
+    from diffuserve.bench.options import LoadOptions
+
+    base = LoadOptions.from_env()
+    flags = {
+        "url": args.url,
+        "api_key": args.api_key,
+        "model": args.model,
+        "prompt": args.prompt,
+        "prompt_file": args.prompt_file,
+        "size": args.size,
+        "aspect_ratio": args.aspect_ratio,
+        "steps": args.steps,
+        "guidance": args.guidance,
+        "seed": args.seed,
+        "n": args.n,
+        "response_format": args.response_format,
+        "timeout": args.timeout,
+    }
+    values = {**vars(base), **{k: v for k, v in flags.items() if v is not None}}
+    # A prompt flag replaces a prompt file from the env and the other way round.
+    if args.prompt is not None:
+        values["prompt_file"] = None
+    if args.size is not None:
+        values["aspect_ratio"] = None
+    if args.aspect_ratio is not None:
+        values["size"] = None
+    values.pop("prompts", None)
+    values["iterations"] = None
+    return LoadOptions(**values)
+
+
+def command_line(argv: list[str]) -> str:
+    """The command as a reader would retype it, with the API key masked."""
+    words = ["diffuserve", *argv[argv.index("bench") :]] if "bench" in argv else list(argv)
+    out: list[str] = []
+    for i, word in enumerate(words):
+        if i > 0 and words[i - 1] == "--api-key":
+            word = "***"
+        elif word.startswith("--api-key="):
+            word = "--api-key=***"
+        out.append(word)
+    return shlex.join(out)
+
+
+def _versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for dist in ("diffuserve", "locust", "torch", "diffusers"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            out[dist] = metadata.version(dist)
+    return out
+
+
+def _machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return f"{platform.system()} {platform.release()}, {cpu}, {os.cpu_count()} logical CPUs"
+
+
+@contextlib.contextmanager
+def _target(args: argparse.Namespace, opts: LoadOptions, server_env: dict[str, str]) -> Iterator[str]:
+    """The base URL to benchmark: the given one once ready, or a spawned server's for the block's length."""
+    from diffuserve.bench.server import SpawnedServer, wait_ready
+
+    if args.spawn_server:
+        env = dict(server_env)
+        if opts.api_key:
+            env.setdefault("API_KEYS", opts.api_key)
+        print("starting `diffuserve serve` for the run …", file=sys.stderr)
+        with SpawnedServer(args.output / "server.log", env=env, ready_timeout=args.ready_timeout) as server:
+            print(f"server ready at {server.base_url} (log: {server.log_path})", file=sys.stderr)
+            yield server.base_url
+    else:
+        wait_ready(opts.url, args.ready_timeout, opts.api_key)
+        yield opts.url
+
+
+def run(args: argparse.Namespace) -> int:
+    from diffuserve.bench.options import OptionError
+
+    try:
+        return _run(args)
+    except (OptionError, UsageError) as exc:
+        print(f"diffuserve bench: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("diffuserve bench: interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from diffuserve.bench.options import GENERATIONS_PATH, normalize_base_url, parse_users
+    from diffuserve.bench.server import ServerError, list_models, warm_up
+    from diffuserve.bench.sweep import StepError, SweepPlan, run_sweep, steps_table
+
+    users = parse_users(args.users)
+    if args.iterations is not None and args.iterations < max(users):
+        raise UsageError(
+            f"--iterations {args.iterations} leaves users idle at {max(users)} users; use >= {max(users)}"
+        )
+    if args.iterations is not None and args.iterations < 1:
+        raise UsageError("--iterations must be >= 1")
+    if args.duration is not None and args.duration <= 0:
+        raise UsageError("--duration must be > 0")
+    if args.warmup < 0:
+        raise UsageError("--warmup must be >= 0")
+    if args.ready_timeout <= 0:
+        raise UsageError("--ready-timeout must be > 0")
+    server_env = _server_env(args.server_env)
+    if args.server_env and not args.spawn_server:
+        raise UsageError("--server-env only applies with --spawn-server")
+    opts = _load_options(args)
+    if args.spawn_server and args.url:
+        raise UsageError("give a URL or --spawn-server, not both")
+    if not args.spawn_server and not opts.url:
+        raise UsageError("give the server URL (or BENCH_URL), or --spawn-server")
+    if args.output.exists() and not args.output.is_dir():
+        raise UsageError(f"--output {args.output} is a file")
+    args.output.mkdir(parents=True, exist_ok=True)
+
+    try:
+        with _target(args, opts, server_env) as base_url:
+            opts = replace(opts, url=normalize_base_url(base_url))
+            if not opts.model:
+                models = list_models(opts.url, opts.api_key)
+                if not models:
+                    raise ServerError("the server lists no model at /v1/models; pass --model")
+                opts = replace(opts, model=models[0])
+                if len(models) > 1:
+                    print(
+                        f"benchmarking {models[0]} (of {', '.join(models)}); --model picks another",
+                        file=sys.stderr,
+                    )
+            if args.warmup:
+                # The first requests after start-up pay one-off costs (allocator, caches) a sweep should not show.
+                rng = random.Random(0)
+                for _ in range(args.warmup):
+                    warm_up(opts.url, GENERATIONS_PATH, opts.payload(rng), opts.headers(), opts.timeout)
+            plan = SweepPlan(
+                users=users,
+                options=opts,
+                output=args.output,
+                iterations=args.iterations,
+                duration=args.duration,
+            )
+            started = dt.datetime.now(dt.timezone.utc)
+            steps = run_sweep(plan, progress=not args.no_progress)
+    except (ServerError, StepError) as exc:
+        print(f"diffuserve bench: {exc}", file=sys.stderr)
+        return 1
+
+    _write_reports(args, plan, steps, started)
+    print(steps_table(steps))
+    print(f"\nreports in {args.output}/: summary.md, summary.json, latency.png, throughput.png, users-*/")
+    if all(s.failures == s.requests for s in steps):
+        print("diffuserve bench: every request failed; see summary.md", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _write_reports(
+    args: argparse.Namespace, plan: SweepPlan, steps: list[StepSummary], started: dt.datetime
+) -> None:
+    from diffuserve.bench.plots import LATENCY_PNG, THROUGHPUT_PNG, plot_latency, plot_throughput
+    from diffuserve.bench.summary import markdown_report, write_summary_json
+
+    opts = plan.options
+    if plan.duration is not None:
+        load = f"{plan.duration:g} s per step"
+    elif plan.iterations is not None:
+        load = f"{plan.iterations} requests per step"
+    else:
+        load = "8 × users requests per step"
+    meta = {
+        "created": started.isoformat(timespec="seconds"),
+        "url": "spawned: " + opts.url if args.spawn_server else opts.url,
+        "model": opts.model,
+        "command": command_line(sys.argv),
+        "load": load,
+        "warmup_requests": args.warmup,
+        "users": plan.users,
+        "options": opts.describe(),
+        "versions": _versions(),
+        "machine": _machine(),
+    }
+    if args.spawn_server and args.server_env:
+        meta["server_env"] = dict(_server_env(args.server_env))
+    write_summary_json(args.output / "summary.json", meta, steps)
+    (args.output / "summary.md").write_text(markdown_report(meta, steps), encoding="utf-8")
+    title = f"{opts.model} · {load}"
+    plot_latency(steps, args.output / LATENCY_PNG, title)
+    plot_throughput(steps, args.output / THROUGHPUT_PNG, title)
