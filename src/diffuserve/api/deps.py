@@ -51,6 +51,8 @@ async def read_json_body(request: Request, limit: int) -> Any:
         return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidRequest("the request body is nested too deeply to be a valid request") from None
 
 
 def request_timeout(request: Request, settings: Settings) -> float:

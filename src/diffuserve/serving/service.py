@@ -76,7 +76,9 @@ class GenerationService:
                 f"model {requested!r} is not served here; available: {self.name}", param="model"
             )
         model = self.pool.model
-        if model is None or not self.ready:
+        # Once a worker has loaded the model, requests queue even while a dead worker is being replaced:
+        # they start as soon as the replacement is ready (or hit their deadline).
+        if model is None:
             raise NotReady("the model is still loading; retry shortly (see /health/ready)")
         return model
 

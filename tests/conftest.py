@@ -1,0 +1,26 @@
+"""Shared fixtures: one real server on the default built-in model for the integration tests."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from tests.helpers import ServerHandle, start_server
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (run on the GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def server() -> Iterator[ServerHandle]:
+    """The default model, batches up to 8, a short batch window so concurrent requests share batches."""
+    with start_server(MODEL_BATCH="8", BATCH_WAIT_MS="20", LOG_FORMAT="json") as handle:
+        yield handle

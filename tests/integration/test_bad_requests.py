@@ -1,0 +1,92 @@
+"""Acceptance 4: malformed or hostile requests each get the right 4xx envelope; the server keeps serving."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from tests.helpers import ServerHandle
+
+URL = "/v1/images/generations"
+GOOD = {"prompt": "the digit 1"}
+
+# (case id, request kwargs for httpx, expected status, expected `param` or None)
+CASES: list[tuple[str, dict, int, str | None]] = [
+    ("missing prompt", {"json": {}}, 400, "prompt"),
+    ("empty prompt", {"json": {"prompt": ""}}, 400, "prompt"),
+    ("prompt not a string", {"json": {"prompt": 42}}, 400, "prompt"),
+    ("prompt is a list", {"json": {"prompt": ["a", "b"]}}, 400, "prompt"),
+    ("body is a list", {"json": [GOOD]}, 400, None),
+    ("body is a string", {"json": "draw"}, 400, None),
+    ("n as string", {"json": {**GOOD, "n": "2"}}, 400, "n"),
+    ("n zero", {"json": {**GOOD, "n": 0}}, 400, "n"),
+    ("n thousand", {"json": {**GOOD, "n": 1000}}, 400, "n"),
+    ("n float", {"json": {**GOOD, "n": 1.5}}, 400, "n"),
+    ("size 7x7", {"json": {**GOOD, "size": "7x7"}}, 400, "size"),
+    ("size huge", {"json": {**GOOD, "size": "100000x100000"}}, 400, "size"),
+    ("size garbage", {"json": {**GOOD, "size": "big"}}, 400, "size"),
+    ("size negative", {"json": {**GOOD, "size": "-32x32"}}, 400, "size"),
+    ("width without height", {"json": {**GOOD, "width": 32}}, 400, "height"),
+    ("width not multiple", {"json": {**GOOD, "width": 33, "height": 32}}, 400, "width"),
+    ("size and aspect", {"json": {**GOOD, "size": "32x32", "aspect_ratio": "1:1"}}, 400, "aspect_ratio"),
+    ("bad aspect ratio", {"json": {**GOOD, "aspect_ratio": "5:1"}}, 400, "aspect_ratio"),
+    ("steps negative", {"json": {**GOOD, "num_inference_steps": -1}}, 400, "num_inference_steps"),
+    ("steps million", {"json": {**GOOD, "num_inference_steps": 10**6}}, 400, "num_inference_steps"),
+    ("guidance NaN-like string", {"json": {**GOOD, "guidance_scale": "NaN"}}, 400, "guidance_scale"),
+    ("guidance huge", {"json": {**GOOD, "guidance_scale": 1e9}}, 400, "guidance_scale"),
+    ("seed negative", {"json": {**GOOD, "seed": -5}}, 400, "seed"),
+    ("seed too big", {"json": {**GOOD, "seed": 2**70}}, 400, "seed"),
+    ("seed string", {"json": {**GOOD, "seed": "111"}}, 400, "seed"),
+    ("bad output format", {"json": {**GOOD, "output_format": "gif"}}, 400, "output_format"),
+    ("compression 101", {"json": {**GOOD, "output_compression": 101}}, 400, "output_compression"),
+    ("response_format url", {"json": {**GOOD, "response_format": "url"}}, 400, "response_format"),
+    ("response_format bogus", {"json": {**GOOD, "response_format": "xml"}}, 400, "response_format"),
+    ("stream", {"json": {**GOOD, "stream": True}}, 400, "stream"),
+    ("negative prompt on FLUX", {"json": {**GOOD, "negative_prompt": "blurry"}}, 400, "negative_prompt"),
+    ("n>1 as raw bytes", {"json": {**GOOD, "n": 2}, "headers": {"Accept": "*/*"}}, 400, "n"),
+    ("unknown model field", {"json": {**GOOD, "model": "dall-e-3"}}, 404, "model"),
+    ("unknown model header", {"json": GOOD, "headers": {"X-Model-Name": "nope"}}, 404, "model"),
+    ("invalid JSON", {"content": b'{"prompt": "x",', "headers": {"Content-Type": "application/json"}}, 400, None),
+    ("not utf-8", {"content": b'{"prompt": "\xff\xfe"}', "headers": {"Content-Type": "application/json"}}, 400, None),
+    ("empty body", {"content": b"", "headers": {"Content-Type": "application/json"}}, 400, None),
+    ("form content type", {"data": {"prompt": "x"}}, 415, "Content-Type"),
+    ("text content type", {"content": b'{"prompt":"x"}', "headers": {"Content-Type": "text/plain"}}, 415, "Content-Type"),
+    ("10 MB prompt", {"json": {"prompt": "x" * 10_000_000}}, 413, None),
+    ("prompt over limit", {"json": {"prompt": "y" * 20_000}}, 400, "prompt"),
+    ("deeply nested", {"content": b'{"prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}", "headers": {"Content-Type": "application/json"}}, 400, None),
+    ("bad timeout header", {"json": GOOD, "headers": {"X-Request-Timeout": "soon"}}, 400, "X-Request-Timeout"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("case", "kwargs", "status", "param"), CASES, ids=[c[0] for c in CASES])
+def test_bad_request_gets_openai_envelope(
+    server: ServerHandle, case: str, kwargs: dict, status: int, param: str | None
+) -> None:
+    headers = {"Accept": "application/json", **kwargs.pop("headers", {})}
+    response = httpx.post(f"{server.base_url}{URL}", headers=headers, timeout=30, **kwargs)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["message"] and "Traceback" not in error["message"]
+    assert error["type"] in {"invalid_request_error"}
+    if param is not None:
+        assert error["param"] == param, error
+
+
+def test_case_count_meets_acceptance() -> None:
+    assert len(CASES) >= 25
+
+
+def test_unknown_route_and_method_are_json(server: ServerHandle) -> None:
+    missing = httpx.get(f"{server.base_url}/v1/nope", timeout=10)
+    assert missing.status_code == 404
+    assert missing.json()["error"]["code"] == "not_found"
+    wrong_method = httpx.get(f"{server.base_url}{URL}", timeout=10)
+    assert wrong_method.status_code == 405
+    assert wrong_method.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_server_still_serves_after_abuse(server: ServerHandle) -> None:
+    response = httpx.post(f"{server.base_url}{URL}", json=GOOD, timeout=60)
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "image/webp"

@@ -1,0 +1,93 @@
+"""Acceptance 6 and auth: readiness while loading, clear start-up failures, bearer tokens."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import httpx
+
+from tests.helpers import ROOT, spawn_server, stop_server, wait_ready
+
+URL = "/v1/images/generations"
+
+
+def test_ready_is_503_while_loading_then_200_and_auth_applies() -> None:
+    handle = spawn_server(API_KEYS="key-one,key-two")
+    try:
+        first_status = None
+        deadline = time.monotonic() + 30
+        while first_status is None and time.monotonic() < deadline:
+            try:
+                first_status = httpx.get(f"{handle.base_url}/health/ready", timeout=2).status_code
+                early = httpx.post(
+                    f"{handle.base_url}{URL}",
+                    json={"prompt": "x"},
+                    headers={"Authorization": "Bearer key-one"},
+                    timeout=5,
+                )
+            except httpx.TransportError:
+                time.sleep(0.05)
+        assert first_status == 503, "readiness must be 503 before the worker has loaded"
+        assert early.status_code == 503
+        assert early.json()["error"]["code"] == "model_not_ready"
+        wait_ready(handle)
+        assert httpx.get(f"{handle.base_url}/v2/health/ready", timeout=5).status_code == 200
+
+        # Health needs no key; everything else does.
+        assert httpx.get(f"{handle.base_url}/health/live", timeout=5).status_code == 200
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic key-one"}):
+            response = httpx.get(f"{handle.base_url}/v1/models", headers=headers, timeout=5)
+            assert response.status_code == 401
+            assert response.json()["error"]["type"] == "authentication_error"
+        assert httpx.get(f"{handle.base_url}/metrics", timeout=5).status_code == 401
+        assert httpx.post(f"{handle.base_url}{URL}", json={"prompt": "x"}, timeout=5).status_code == 401
+        for key in ("key-one", "key-two"):
+            ok = httpx.post(
+                f"{handle.base_url}{URL}",
+                json={"prompt": "x"},
+                headers={"Authorization": f"Bearer {key}"},
+                timeout=60,
+            )
+            assert ok.status_code == 200
+    finally:
+        stop_server(handle)
+
+
+def test_missing_local_model_exits_nonzero_with_message(tmp_path) -> None:
+    missing = tmp_path / "no-such-model"
+    result = subprocess.run(
+        [sys.executable, "-m", "diffuserve", "serve", "--model-repo", str(missing)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert result.returncode != 0
+    assert "does not exist" in result.stderr
+    assert str(missing) in result.stderr
+
+
+def test_folder_that_is_not_a_pipeline_exits_nonzero(tmp_path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "diffuserve", "serve", "--model-repo", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert result.returncode != 0
+    assert "model_index.json" in result.stderr
+
+
+def test_bad_setting_exits_nonzero() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "diffuserve", "serve", "--model-size", "XXL"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert result.returncode == 2
+    assert "MODEL_SIZE" in result.stderr
