@@ -54,17 +54,18 @@ class ServerHandle:
 def spawn_server(extra_args: list[str] | None = None, **env: str) -> ServerHandle:
     """Start `diffuserve serve` without waiting; env overrides (e.g. MODEL_BATCH="8") go to the process."""
     port = free_port()
-    log_file = tempfile.NamedTemporaryFile(prefix="diffuserve-", suffix=".log", delete=False)
+    log_fd, log_name = tempfile.mkstemp(prefix="diffuserve-", suffix=".log")
     full_env = {**os.environ, "PORT": str(port), "HOST": "127.0.0.1", "PYTHONUNBUFFERED": "1", **env}
     process = subprocess.Popen(
         [sys.executable, "-m", "diffuserve", "serve", *(extra_args or [])],
         env=full_env,
-        stdout=log_file,
+        stdout=log_fd,
         stderr=subprocess.STDOUT,
         cwd=ROOT,
         start_new_session=True,  # so stopping it also stops its worker processes
     )
-    return ServerHandle(process=process, port=port, log_path=Path(log_file.name))
+    os.close(log_fd)  # the child holds its own copy
+    return ServerHandle(process=process, port=port, log_path=Path(log_name))
 
 
 def wait_ready(handle: ServerHandle, timeout: float = 120.0) -> None:

@@ -37,7 +37,7 @@ def test_seed_curl_call_writes_webp(server: ServerHandle, tmp_path: Path) -> Non
             str(out),
             "-D",
             "-",
-        ],  # fmt: skip
+        ],
         capture_output=True,
         text=True,
         timeout=60,

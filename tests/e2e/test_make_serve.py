@@ -1,0 +1,66 @@
+"""Acceptance 7: on a fresh clone, `make serve` answers a request within 3 minutes (installing included)
+and within 15 seconds once installed."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.helpers import ROOT, free_port
+
+INSTALL_BUDGET_S = 180
+WARM_BUDGET_S = 15
+
+
+def _serve_until_answered(clone: Path, budget: float) -> float:
+    """Run `make serve` in the clone; seconds until the first generation answers 200."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "PYTEST"))}
+    env.update(PORT=str(port), PATH=os.defpath + ":" + env.get("PATH", ""))
+    started = time.monotonic()
+    log = (clone / f"serve-{port}.log").open("wb")
+    process = subprocess.Popen(
+        ["make", "serve"], cwd=clone, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    try:
+        while time.monotonic() - started < budget:
+            assert process.poll() is None, (clone / f"serve-{port}.log").read_text(errors="replace")
+            with contextlib.suppress(httpx.TransportError):
+                response = httpx.post(
+                    f"http://127.0.0.1:{port}/v1/images/generations", json={"prompt": "the digit 5"}, timeout=10
+                )
+                if response.status_code == 200:
+                    return time.monotonic() - started
+            time.sleep(0.25)
+        raise AssertionError(
+            f"make serve did not answer within {budget}s:\n" + (clone / f"serve-{port}.log").read_text(errors="replace")
+        )
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+        log.close()
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(600)
+@pytest.mark.skipif(shutil.which("make") is None or shutil.which("git") is None, reason="needs make and git")
+def test_make_serve_on_a_fresh_clone(tmp_path: Path) -> None:
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True, timeout=120)
+    cold = _serve_until_answered(clone, INSTALL_BUDGET_S)
+    warm = _serve_until_answered(clone, WARM_BUDGET_S)
+    print(f"make serve: first request answered {cold:.1f}s after the command (install included), {warm:.1f}s once installed")
+    assert cold < INSTALL_BUDGET_S
+    assert warm < WARM_BUDGET_S

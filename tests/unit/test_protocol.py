@@ -1,0 +1,83 @@
+"""Request validation and size resolution against a model's limits."""
+
+from __future__ import annotations
+
+import pytest
+
+from diffuserve.errors import InvalidRequest
+from diffuserve.protocol import ASPECT_RATIOS, ImageGenerationRequest, dimensions_for_aspect
+from diffuserve.serving.messages import ModelInfo
+
+FLUX = ModelInfo(
+    name="flux-1-dev-xl-bs4", family="flux-dev", repo="black-forest-labs/FLUX.1-dev", tier="XL",
+    default_steps=28, default_guidance=3.5, native_width=1024, native_height=1024, size_multiple=16,
+    min_size=256, max_size=2048, max_steps=200, supports_negative_prompt=False, max_batch=4,
+)  # fmt: skip
+
+
+def convert(**body: object):
+    return ImageGenerationRequest.parse({"prompt": "p", **body}).to_generation(
+        request_id="r", model=FLUX, max_images=10
+    )
+
+
+def test_defaults_come_from_the_model() -> None:
+    request = convert(seed=3)
+    assert (request.width, request.height, request.steps, request.guidance) == (1024, 1024, 28, 3.5)
+    assert request.output_format == "webp"
+    assert request.seeds == [3]
+
+
+def test_n_uses_consecutive_seeds() -> None:
+    assert convert(seed=10, n=3).seeds == [10, 11, 12]
+
+
+@pytest.mark.parametrize("ratio", list(ASPECT_RATIOS))
+def test_aspect_ratios_are_near_native_area_and_multiples_of_16(ratio: str) -> None:
+    width, height = dimensions_for_aspect(ratio, FLUX)
+    w, h = ASPECT_RATIOS[ratio]
+    assert width % 16 == 0 and height % 16 == 0
+    assert abs(width / height - w / h) / (w / h) < 0.06
+    assert 0.85 < width * height / (1024 * 1024) < 1.15
+
+
+def test_size_string_and_explicit_dimensions() -> None:
+    assert (convert(size="1024x768").width, convert(size="1024x768").height) == (1024, 768)
+    assert (convert(width=512, height=1024).width, convert(width=512, height=1024).height) == (512, 1024)
+    assert convert(size="auto").width == 1024
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"size": "1000x1000"}, "size"),
+        ({"size": "4096x4096"}, "size"),
+        ({"width": 1024}, "height"),
+        ({"size": "1024x1024", "width": 1024, "height": 1024}, "width/height"),
+        ({"num_inference_steps": 201}, "num_inference_steps"),
+        ({"negative_prompt": "ugly"}, "negative_prompt"),
+        ({"n": 11}, "n"),
+        ({"response_format": "url"}, "response_format"),
+        ({"guidance_scale": float("inf")}, "guidance_scale"),
+    ],
+)
+def test_rejections_name_the_field(body: dict, param: str) -> None:
+    with pytest.raises(InvalidRequest) as excinfo:
+        convert(**body)
+    assert excinfo.value.param == param
+    assert excinfo.value.status == 400
+
+
+def test_size_error_lists_the_allowed_range() -> None:
+    with pytest.raises(InvalidRequest, match="multiples of 16 between 256 and 2048"):
+        convert(size="7x7")
+
+
+def test_unknown_fields_are_tolerated() -> None:
+    assert convert(some_future_field=1).prompt == "p"
+
+
+def test_strict_types() -> None:
+    with pytest.raises(InvalidRequest) as excinfo:
+        convert(n="2")
+    assert excinfo.value.param == "n"

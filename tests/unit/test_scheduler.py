@@ -1,0 +1,186 @@
+"""The batcher in pure asyncio with fake workers: immediacy, compatibility, bounds, cancellation, deaths."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+import pytest
+
+from diffuserve.errors import GenerationFailed, QueueFull, WorkerCrashed
+from diffuserve.serving.messages import BatchJob, BatchResult, EncodedImage, GenerationRequest
+from diffuserve.serving.scheduler import Scheduler
+
+
+@dataclass
+class FakeWorker:
+    worker_id: int
+    jobs: list[BatchJob] = field(default_factory=list)
+
+    def send(self, job: BatchJob) -> None:
+        self.jobs.append(job)
+
+
+def request(rid: str, *, n: int = 1, width: int = 32, steps: int = 8, seed: int = 0) -> GenerationRequest:
+    return GenerationRequest(
+        request_id=rid, model="m", prompt=rid, n=n, width=width, height=32, steps=steps, guidance=0.0, seed=seed
+    )
+
+
+def result_for(job: BatchJob, *, drop: str | None = None) -> BatchResult:
+    images = {
+        item.request_id: [EncodedImage(b"x", seed, "image/webp") for seed in item.seeds]
+        for item in job.items
+        if item.request_id != drop
+    }
+    return BatchResult(batch_id=job.batch_id, images=images, inference_ms=5.0)
+
+
+async def test_lone_request_starts_at_once_on_idle_worker() -> None:
+    scheduler = Scheduler(max_batch=4, max_queue=10, batch_wait_s=10.0)
+    worker = FakeWorker(0)
+    scheduler.worker_idle(worker)
+    pending = scheduler.submit(request("a"))
+    assert len(worker.jobs) == 1, "a lone request must not wait for the batch window"
+    scheduler.batch_finished(worker, result_for(worker.jobs[0]))
+    done = await pending.future
+    assert done.batch_size == 1
+    assert [i.seed for i in done.images] == [0]
+
+
+async def test_requests_queued_while_busy_are_batched_by_compatibility() -> None:
+    scheduler = Scheduler(max_batch=4, max_queue=10, batch_wait_s=0.0)
+    worker = FakeWorker(0)
+    scheduler.worker_idle(worker)
+    first = scheduler.submit(request("first"))
+    same = [scheduler.submit(request(f"s{i}")) for i in range(3)]
+    other_size = scheduler.submit(request("wide", width=64))
+    other_steps = scheduler.submit(request("long", steps=20))
+    scheduler.batch_finished(worker, result_for(worker.jobs[0]))
+    second_job = worker.jobs[1]
+    assert [item.request_id for item in second_job.items] == ["s0", "s1", "s2"]
+    scheduler.batch_finished(worker, result_for(second_job))
+    assert [item.request_id for item in worker.jobs[2].items] == ["wide"]
+    scheduler.batch_finished(worker, result_for(worker.jobs[2]))
+    assert [item.request_id for item in worker.jobs[3].items] == ["long"]
+    scheduler.batch_finished(worker, result_for(worker.jobs[3]))
+    for pending in [first, *same, other_size, other_steps]:
+        assert (await pending.future).images
+    assert (await same[0].future).batch_size == 3
+
+
+async def test_batch_never_exceeds_max_images_and_n_counts() -> None:
+    scheduler = Scheduler(max_batch=4, max_queue=10, batch_wait_s=0.0)
+    worker = FakeWorker(0)
+    scheduler.worker_idle(worker)
+    scheduler.submit(request("busy"))
+    scheduler.submit(request("three", n=3))
+    scheduler.submit(request("two", n=2))
+    scheduler.submit(request("one"))
+    scheduler.batch_finished(worker, result_for(worker.jobs[0]))
+    job = worker.jobs[1]
+    assert job.num_images == 4
+    assert [item.request_id for item in job.items] == ["three", "one"]
+    assert job.items[0].seeds == [0, 1, 2]
+
+
+async def test_window_waits_only_for_requests_that_queued_while_busy() -> None:
+    scheduler = Scheduler(max_batch=4, max_queue=10, batch_wait_s=0.05)
+    worker = FakeWorker(0)
+    scheduler.worker_idle(worker)
+    scheduler.submit(request("a"))
+    queued = scheduler.submit(request("b"))
+    assert queued.arrived_while_busy
+    scheduler.batch_finished(worker, result_for(worker.jobs[0]))
+    assert len(worker.jobs) == 1, "b arrived while busy and may wait for company"
+    scheduler.submit(request("c"))
+    await asyncio.sleep(0.1)
+    assert [item.request_id for item in worker.jobs[1].items] == ["b", "c"]
+
+
+async def test_queue_bound_raises_queue_full_with_retry_after() -> None:
+    scheduler = Scheduler(max_batch=1, max_queue=2, batch_wait_s=0.0)
+    worker = FakeWorker(0)
+    scheduler.worker_idle(worker)
+    scheduler.submit(request("running"))
+    scheduler.submit(request("q1"))
+    scheduler.submit(request("q2"))
+    with pytest.raises(QueueFull) as excinfo:
+        scheduler.submit(request("q3"))
+    assert excinfo.value.retry_after >= 1
+
+
+async def test_cancelled_request_is_dropped_before_running() -> None:
+    scheduler = Scheduler(max_batch=4, max_queue=10, batch_wait_s=0.0)
+    worker = FakeWorker(0)
+    scheduler.worker_idle(worker)
+    scheduler.submit(request("running"))
+    gone = scheduler.submit(request("gone"))
+    stays = scheduler.submit(request("stays"))
+    scheduler.cancel(gone)
+    scheduler.batch_finished(worker, result_for(worker.jobs[0]))
+    assert [item.request_id for item in worker.jobs[1].items] == ["stays"]
+    assert gone.future.cancelled()
+    scheduler.batch_finished(worker, result_for(worker.jobs[1]))
+    assert (await stays.future).images
+
+
+async def test_worker_death_fails_only_its_batch() -> None:
+    scheduler = Scheduler(max_batch=1, max_queue=10, batch_wait_s=0.0)
+    dying, healthy = FakeWorker(0), FakeWorker(1)
+    scheduler.worker_idle(dying)
+    lost = scheduler.submit(request("lost"))
+    waiting = scheduler.submit(request("waiting"))
+    scheduler.worker_gone(0, "killed")
+    with pytest.raises(WorkerCrashed):
+        await lost.future
+    assert not waiting.future.done()
+    scheduler.worker_idle(healthy)
+    scheduler.batch_finished(healthy, result_for(healthy.jobs[0]))
+    assert (await waiting.future).worker_id == 1
+
+
+async def test_missing_outputs_fail_the_request_not_the_batch() -> None:
+    scheduler = Scheduler(max_batch=4, max_queue=10, batch_wait_s=0.0)
+    worker = FakeWorker(0)
+    scheduler.worker_idle(worker)
+    scheduler.submit(request("busy"))
+    ok = scheduler.submit(request("ok"))
+    short = scheduler.submit(request("short"))
+    scheduler.batch_finished(worker, result_for(worker.jobs[0]))
+    scheduler.batch_finished(worker, result_for(worker.jobs[1], drop="short"))
+    assert (await ok.future).images
+    with pytest.raises(GenerationFailed):
+        await short.future
+
+
+async def test_engine_error_fails_every_request_of_the_batch() -> None:
+    scheduler = Scheduler(max_batch=4, max_queue=10, batch_wait_s=0.0)
+    worker = FakeWorker(0)
+    scheduler.worker_idle(worker)
+    pending = scheduler.submit(request("a"))
+    scheduler.batch_finished(worker, BatchResult(batch_id=worker.jobs[0].batch_id, error="boom"))
+    with pytest.raises(GenerationFailed, match="boom"):
+        await pending.future
+    assert 0 in scheduler.idle, "the worker is idle again after a failed batch"
+
+
+async def test_observer_sees_batch_sizes_and_depth() -> None:
+    seen: dict[str, list] = {"sizes": [], "depths": []}
+
+    class Observer:
+        def queue_depth(self, depth: int) -> None:
+            seen["depths"].append(depth)
+
+        def batch_started(self, images: int, waits_s: list[float]) -> None:
+            seen["sizes"].append(images)
+
+    scheduler = Scheduler(max_batch=4, max_queue=10, batch_wait_s=0.0, observer=Observer())
+    worker = FakeWorker(0)
+    scheduler.worker_idle(worker)
+    scheduler.submit(request("a"))
+    scheduler.submit(request("b"))
+    scheduler.submit(request("c"))
+    scheduler.batch_finished(worker, result_for(worker.jobs[0]))
+    assert seen["sizes"] == [1, 2]
+    assert max(seen["depths"]) == 2 and seen["depths"][-1] == 0
