@@ -35,13 +35,16 @@ def _serve_until_answered(clone: Path, budget: float) -> float:
             assert process.poll() is None, (clone / f"serve-{port}.log").read_text(errors="replace")
             with contextlib.suppress(httpx.TransportError):
                 response = httpx.post(
-                    f"http://127.0.0.1:{port}/v1/images/generations", json={"prompt": "the digit 5"}, timeout=10
+                    f"http://127.0.0.1:{port}/v1/images/generations",
+                    json={"prompt": "the digit 5"},
+                    timeout=10,
                 )
                 if response.status_code == 200:
                     return time.monotonic() - started
             time.sleep(0.25)
         raise AssertionError(
-            f"make serve did not answer within {budget}s:\n" + (clone / f"serve-{port}.log").read_text(errors="replace")
+            f"make serve did not answer within {budget}s:\n"
+            + (clone / f"serve-{port}.log").read_text(errors="replace")
         )
     finally:
         with contextlib.suppress(ProcessLookupError):
@@ -61,6 +64,8 @@ def test_make_serve_on_a_fresh_clone(tmp_path: Path) -> None:
     subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True, timeout=120)
     cold = _serve_until_answered(clone, INSTALL_BUDGET_S)
     warm = _serve_until_answered(clone, WARM_BUDGET_S)
-    print(f"make serve: first request answered {cold:.1f}s after the command (install included), {warm:.1f}s once installed")
+    print(
+        f"make serve: first request answered {cold:.1f}s after the command (install included), {warm:.1f}s once installed"
+    )
     assert cold < INSTALL_BUDGET_S
     assert warm < WARM_BUDGET_S

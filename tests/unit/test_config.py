@@ -28,7 +28,9 @@ def test_flags_win_over_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PORT", "9000")
     parser = argparse.ArgumentParser()
     add_settings_arguments(parser)
-    args = parser.parse_args(["--port", "9100", "--api-key", "k1", "--api-key", "k2", "--tier", "L", "--no-warmup"])
+    args = parser.parse_args(
+        ["--port", "9100", "--api-key", "k1", "--api-key", "k2", "--tier", "L", "--no-warmup"]
+    )
     settings = settings_from_args(args)
     assert settings.port == 9100
     assert settings.api_keys == ["k1", "k2"]

@@ -23,7 +23,15 @@ class FakeWorker:
 
 def request(rid: str, *, n: int = 1, width: int = 32, steps: int = 8, seed: int = 0) -> GenerationRequest:
     return GenerationRequest(
-        request_id=rid, model="m", prompt=rid, n=n, width=width, height=32, steps=steps, guidance=0.0, seed=seed
+        request_id=rid,
+        model="m",
+        prompt=rid,
+        n=n,
+        width=width,
+        height=32,
+        steps=steps,
+        guidance=0.0,
+        seed=seed,
     )
 
 
