@@ -9,6 +9,7 @@ import os
 import platform
 import random
 import shlex
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -167,6 +168,17 @@ def _versions() -> dict[str, str]:
     for dist in ("diffuserve", "locust", "torch", "diffusers"):
         with contextlib.suppress(metadata.PackageNotFoundError):
             out[dist] = metadata.version(dist)
+    # The commit the (spawned) server ran from, when this is a checkout; "-dirty" marks local changes.
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        described = subprocess.run(
+            ["git", "describe", "--always", "--dirty"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+        if described.returncode == 0 and described.stdout.strip():
+            out["git"] = described.stdout.strip()
     return out
 
 
@@ -177,7 +189,11 @@ def _machine() -> str:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    return f"{platform.system()} {platform.release()}, {cpu}, {os.cpu_count()} logical CPUs"
+    machine = f"{platform.system()} {platform.release()}, {cpu}, {os.cpu_count()} logical CPUs"
+    with contextlib.suppress(OSError, AttributeError):
+        # Client and a spawned server share this machine: its load says how much the numbers can be trusted.
+        machine += ", load average {:.2f} {:.2f} {:.2f} at the end".format(*os.getloadavg())
+    return machine
 
 
 @contextlib.contextmanager
