@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
 
 import httpx
 
-from tests.helpers import ROOT, spawn_server, stop_server, wait_ready
+from tests.helpers import ROOT, free_port, spawn_server, stop_server, wait_ready
 
 URL = "/v1/images/generations"
 
@@ -91,3 +92,19 @@ def test_bad_setting_exits_nonzero() -> None:
     )
     assert result.returncode == 2
     assert "MODEL_SIZE" in result.stderr
+
+
+def test_model_that_fails_to_load_in_the_worker_stops_the_server(tmp_path) -> None:
+    """A hub id that cannot be fetched fails inside the worker; the server exits 1 instead of looping."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path), "PORT": str(free_port())}
+    result = subprocess.run(
+        [sys.executable, "-m", "diffuserve", "serve", "--model-repo", "acme/not-a-model"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=ROOT,
+        env=env,
+    )
+    assert result.returncode == 1
+    assert "could not load the model" in result.stderr
+    assert "acme/not-a-model" in result.stderr
