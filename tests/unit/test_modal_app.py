@@ -186,12 +186,16 @@ def test_written_app_carries_the_plan_without_env(clean_env: pytest.MonkeyPatch,
     assert code == 0
     written = tmp_path / "modal_app.py"
     text = written.read_text()
-    assert "PLAN = ModalPlan(\n" in text and "gpu='B200'" in text
+    assert (
+        "PLAN = ModalPlan(\n" in text and '    gpu="B200",\n' in text and "from_env(os.environ)" not in text
+    )
     recorder = Recorder(clean_env)
     app = load_app(written)
     assert app.serve.info().gpus == [("B200", 1)]
     kwargs = recorder.kwargs_for("serve")
     assert (kwargs["min_containers"], kwargs["max_containers"]) == (3, 3)
+    # Its plan no longer comes from flags, so the CLI refuses it rather than ignore them silently.
+    assert cli_main(["deploy", "modal", "--app", str(written), "--dry-run"]) == 2
 
 
 def test_image_installs_front_and_package_before_entrypoint(clean_env: pytest.MonkeyPatch) -> None:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
 import shlex
 import subprocess
 import sys
 from collections.abc import Sequence
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -234,23 +235,20 @@ def write_app(plan: ModalPlan, dest: Path) -> Path:
     source = APP_FILE.read_text()
     if PLAN_LINE not in source:
         raise PlanError(f"{APP_FILE} no longer has the line {PLAN_LINE.strip()!r} to replace")
-    defaults = ModalPlan()
-    changed = [
-        (f.name, getattr(plan, f.name))
-        for f in fields(plan)
-        if getattr(plan, f.name) != getattr(defaults, f.name)
-    ]
-    body = "".join(f"    {name}={value!r},\n" for name, value in changed)
+    plan = replace(plan, scaledown_window=plan.effective_scaledown_window)
+    body = "".join(f"    {f.name}={_literal(getattr(plan, f.name))},\n" for f in fields(plan))
     literal = (
-        "# Written by `diffuserve deploy modal --write-app`; every other field keeps ModalPlan's default.\n"
-        f"PLAN = ModalPlan(\n{body})\n"
-        if body
-        else "PLAN = ModalPlan()  # written by `diffuserve deploy modal --write-app`: all defaults\n"
+        f"# Written by `diffuserve deploy modal --write-app`; edit freely.\nPLAN = ModalPlan(\n{body})\n"
     )
     if dest.is_dir():
         dest = dest / "modal_app.py"
     dest.write_text(source.replace(PLAN_LINE, literal))
     return dest
+
+
+def _literal(value: object) -> str:
+    # Double-quoted like the rest of the code base (json quoting is valid Python for these plain strings).
+    return json.dumps(value) if isinstance(value, str) else repr(value)
 
 
 def _check_modal_ready() -> None:
@@ -273,6 +271,11 @@ def run_modal(args: argparse.Namespace) -> int:
         app_file = args.app.expanduser().resolve()
         if not app_file.is_file():
             raise PlanError(f"--app {app_file} does not exist")
+        if PLAN_LINE not in app_file.read_text():
+            # A --write-app copy has its plan spelled out: flags passed here would be silently ignored.
+            raise PlanError(
+                f"--app {app_file} does not read its plan from the flags; run `modal deploy {app_file}`"
+            )
         if args.write_app:
             written = write_app(plan, args.write_app)
             print(f"wrote {written}; deploy it with: modal deploy {shlex.quote(str(written))}")
