@@ -149,7 +149,10 @@ def test_gate_gives_up_after_timeout() -> None:
 
 def test_reap_stops_the_previous_group(tmp_path: Path) -> None:
     # A stand-in for a crashed server's orphaned worker: a process group that outlived its leader's record.
-    orphan = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    orphan = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)  # multiprocessing worker stand-in"],
+        start_new_session=True,
+    )
     try:
         pgid_file = tmp_path / "model.pgid"
         pgid_file.write_text(f"{os.getpgid(orphan.pid)}\n")
@@ -160,3 +163,16 @@ def test_reap_stops_the_previous_group(tmp_path: Path) -> None:
         if orphan.poll() is None:
             orphan.kill()
             orphan.wait()
+
+
+def test_reap_leaves_unrelated_groups_alone(tmp_path: Path) -> None:
+    # A recorded id now naming someone else's group (pid reuse) must not be killed.
+    other = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        pgid_file = tmp_path / "model.pgid"
+        pgid_file.write_text(f"{os.getpgid(other.pid)}\n")
+        assert reap_previous_group(pgid_file, grace=1.0) is False
+        assert other.poll() is None
+    finally:
+        other.kill()
+        other.wait()

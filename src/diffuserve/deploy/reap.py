@@ -28,6 +28,10 @@ def reap_previous_group(pgid_file: Path, *, grace: float = 5.0) -> bool:
         return False
     if not _group_alive(pgid):
         return False
+    if not _looks_like_model_server(pgid):
+        # The id was reused by an unrelated group (e.g. nginx's): leave it alone.
+        print(f"reap: group {pgid} is not a diffuserve server's; leaving it", flush=True)
+        return False
     print(f"reap: stopping processes left by the previous model server (group {pgid})", flush=True)
     _signal_group(pgid, signal.SIGTERM)
     deadline = time.monotonic() + grace
@@ -36,6 +40,25 @@ def reap_previous_group(pgid_file: Path, *, grace: float = 5.0) -> bool:
     if _group_alive(pgid):
         _signal_group(pgid, signal.SIGKILL)
     return True
+
+
+def _looks_like_model_server(pgid: int) -> bool:
+    """A member runs diffuserve or a multiprocessing worker; without /proc (not Linux) trust the record."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return True
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if os.getpgid(int(entry.name)) != pgid:
+                continue
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue
+        if b"diffuserve" in cmdline or b"multiprocessing" in cmdline:
+            return True
+    return False
 
 
 def _group_alive(pgid: int) -> bool:

@@ -268,6 +268,9 @@ def render(cfg: FrontConfig) -> Rendered:
     # nginx workers (maybe another user) need to traverse the run dir to reach their temp folders.
     os.chmod(cfg.run_dir, 0o755)
     (cfg.run_dir / "nginx-tmp").mkdir(exist_ok=True)
+    # A fresh front has no previous model server: a group id left from an earlier container run could
+    # now name an unrelated process group.
+    (cfg.run_dir / "model.pgid").unlink(missing_ok=True)
     if cfg.log_dir:
         cfg.log_dir.mkdir(parents=True, exist_ok=True)
     nginx = fill((DEPLOY_DIR / "nginx.conf").read_text(), nginx_values(cfg))
