@@ -7,7 +7,7 @@ import argparse
 import pytest
 
 from diffuserve.config import Settings, add_settings_arguments, settings_from_args
-from diffuserve.engine.engine import served_model_name
+from diffuserve.engine.naming import served_model_name
 
 
 def test_env_vars_of_the_seed(monkeypatch: pytest.MonkeyPatch) -> None:

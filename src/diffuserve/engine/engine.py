@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import re
 import time
 from typing import Any
 
@@ -12,22 +11,10 @@ from diffuserve.config import Settings
 from diffuserve.engine.encode import MEDIA_TYPES, encode_image
 from diffuserve.engine.families import Family
 from diffuserve.engine.loader import LoadedPipeline, load_pipeline
+from diffuserve.engine.naming import served_model_name
 from diffuserve.serving.messages import BatchItem, BatchJob, BatchResult, EncodedImage, ModelInfo
 
 log = logging.getLogger(__name__)
-
-
-def model_slug(repo: str) -> str:
-    """`black-forest-labs/FLUX.1-dev` → `flux-1-dev`; a local folder → its name."""
-    base = repo.rstrip("/").split("/")[-1]
-    return re.sub(r"[^a-z0-9]+", "-", base.lower()).strip("-") or "model"
-
-
-def served_model_name(settings: Settings) -> str:
-    """The name clients use: explicit, or `<slug>-<tier>-bs<batch>` like the seed's `flux-1-dev-s-bs4`."""
-    if settings.model_name:
-        return settings.model_name
-    return f"{model_slug(settings.model_repo)}-{settings.model_size.lower()}-bs{settings.model_batch}"
 
 
 def model_info(settings: Settings, family: Family) -> ModelInfo:

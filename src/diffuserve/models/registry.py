@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from diffusers import DiffusionPipeline
+if TYPE_CHECKING:  # diffusers takes seconds to import; the API process never needs it
+    from diffusers import DiffusionPipeline
 
 MODELS_DIR = Path(__file__).resolve().parent
 DIGITS_DIR = MODELS_DIR / "digits" / "pipeline"

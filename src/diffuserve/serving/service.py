@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from diffuserve.config import Settings
-from diffuserve.engine.engine import model_slug, served_model_name
+from diffuserve.engine.naming import model_slug, served_model_name
 from diffuserve.errors import DeadlineExceeded, ModelNotFound, NotReady
 from diffuserve.serving.messages import GenerationRequest, ModelInfo
 from diffuserve.serving.scheduler import Completed, Scheduler, SchedulerObserver

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import glob
 import logging
 import multiprocessing as mp
 import os
@@ -31,6 +32,8 @@ def resolve_devices(spec: str) -> list[str]:
     """`auto` → every visible GPU or one CPU; `cpu`; `0,1`; `cuda:0,cuda:1`; `cpu,cpu` (two CPU workers)."""
     spec = spec.strip().lower()
     if spec == "auto":
+        if not glob.glob("/dev/nvidia[0-9]*") and not os.environ.get("CUDA_VISIBLE_DEVICES"):
+            return ["cpu"]  # no NVIDIA device: skip importing torch in the API process
         try:
             import torch
 
