@@ -16,6 +16,7 @@ COMMAND_MODULES = [
     "diffuserve.commands.models",
     "diffuserve.deploy.cli",
     "diffuserve.bench.command",
+    "diffuserve.commands.digits",
 ]
 
 

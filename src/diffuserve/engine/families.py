@@ -24,7 +24,7 @@ FLUX_DEV = Family("flux-dev", 28, 3.5, 512, False, 1024, 16, 256, 2048)
 SDXL = Family("sdxl", 30, 5.0, None, True, 1024, 8, 256, 2048)
 GENERIC = Family("generic", 30, 7.5, None, True, 512, 8, 64, 2048)
 # The built-in models: 32×32 digits, small enough for a laptop CPU.
-TINY_FLUX = Family("tiny-flux", 8, 0.0, 32, False, 32, 16, 16, 256)
+TINY_FLUX = Family("tiny-flux", 4, 0.0, 16, False, 32, 16, 16, 256)
 
 FAMILIES = {f.name: f for f in (FLUX_SCHNELL, FLUX_DEV, SDXL, GENERIC, TINY_FLUX)}
 

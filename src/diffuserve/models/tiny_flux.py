@@ -39,7 +39,9 @@ class TinyFluxConfig:
         return asdict(self)
 
 
-def build_tiny_flux(config: TinyFluxConfig | None = None, seed: int = 0, words: list[str] | None = None) -> FluxPipeline:
+def build_tiny_flux(
+    config: TinyFluxConfig | None = None, seed: int = 0, words: list[str] | None = None
+) -> FluxPipeline:
     """A FluxPipeline with seeded random weights; the same seed always gives the same pipeline."""
     config = config or TinyFluxConfig()
     vocab = build_vocab(words)

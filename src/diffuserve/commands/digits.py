@@ -1,0 +1,117 @@
+"""The digits model's commands: `train-digits`, `eval digits` and `digits-grid`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def register(subparsers: Any) -> None:
+    train = subparsers.add_parser(
+        "train-digits",
+        help="train the built-in digits model (fixed seed, CPU) and save it into the package",
+        description="Train the classifier, the VAE and the flow-matching transformer on scikit-learn's digits.",
+    )
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1)")
+    train.add_argument("--vae-steps", type=int, default=None)
+    train.add_argument("--flow-steps", type=int, default=None)
+    train.add_argument(
+        "--out", type=Path, default=None, help="pipeline folder (default: the package's digits/pipeline)"
+    )
+    train.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
+    train.set_defaults(func=_train)
+
+    evaluate = subparsers.add_parser(
+        "eval",
+        help="measure a built-in model's quality (digits: prompt-following accuracy)",
+        description="Generate every digit over many seeds and report how often the classifier agrees.",
+    )
+    evaluate.add_argument("model", choices=["digits"])
+    evaluate.add_argument(
+        "--per-digit", type=int, default=None, help="images per digit (seeds 0..N-1; default 20)"
+    )
+    evaluate.add_argument("--seeds", default=None, help="explicit seeds, e.g. 0-19 or 3,7,11")
+    evaluate.add_argument(
+        "--steps", type=int, default=None, help="inference steps (default: the serving default)"
+    )
+    evaluate.add_argument(
+        "--path", type=Path, default=None, help="pipeline folder (default: the built-in one)"
+    )
+    evaluate.add_argument("--json", type=Path, default=None, help="also write the full result as JSON here")
+    evaluate.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    evaluate.set_defaults(func=_eval)
+
+    grid = subparsers.add_parser(
+        "digits-grid",
+        help="write a PNG grid of the ten digits, through a running server's Images API or the pipeline",
+    )
+    grid.add_argument("--base-url", default=None, help="server to call, e.g. http://127.0.0.1:8000")
+    grid.add_argument("--local", action="store_true", help="no server: run the built-in pipeline directly")
+    grid.add_argument("--api-key", default="none")
+    grid.add_argument("--seeds", default="0-3", help="one row per seed")
+    grid.add_argument("--out", type=Path, default=Path("docs/digits.png"))
+    grid.set_defaults(func=_grid)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from diffuserve.models.digits.train import PIPELINE_DIR, TrainConfig, train_and_evaluate
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    overrides = {"threads": args.threads, "vae_steps": args.vae_steps, "flow_steps": args.flow_steps}
+    cfg = replace(TrainConfig(seed=args.seed), **{k: v for k, v in overrides.items() if v is not None})
+    record, result = train_and_evaluate(cfg, args.out or PIPELINE_DIR, eval_seeds=0 if args.no_eval else 20)
+    print(f"trained in {record['train_seconds']:.0f} s ({cfg.threads} thread(s))")
+    if result is not None:
+        print(result.report())
+    return 0
+
+
+def _run_eval(path: Path | None, seeds: list[int], steps: int | None) -> Any:
+    from diffusers import FluxPipeline
+
+    from diffuserve.models.digits.classifier import load_classifier
+    from diffuserve.models.digits.evaluate import evaluate
+    from diffuserve.models.registry import BUILTIN_MODELS
+
+    pipe = FluxPipeline.from_pretrained(str(path)) if path else BUILTIN_MODELS["digits"]()
+    return evaluate(pipe, load_classifier(), seeds=seeds, steps=steps)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from diffuserve.models.digits.evaluate import parse_seeds
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.seeds:
+        seeds = parse_seeds(args.seeds)
+        if args.per_digit is not None and args.per_digit != len(seeds):
+            print(f"--per-digit {args.per_digit} disagrees with {len(seeds)} --seeds", file=sys.stderr)
+            return 2
+    else:
+        seeds = list(range(args.per_digit if args.per_digit is not None else 20))
+    result = _run_eval(args.path, seeds, args.steps)
+    print(result.report())
+    if args.json:
+        args.json.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    return 0
+
+
+def _grid(args: argparse.Namespace) -> int:
+    from diffuserve.models.digits.evaluate import parse_seeds
+    from diffuserve.models.digits.grid import write_grid
+
+    if not args.base_url and not args.local:
+        print("give --base-url of a running server, or --local to use the pipeline directly", file=sys.stderr)
+        return 2
+    out = write_grid(args.out, parse_seeds(args.seeds), None if args.local else args.base_url, args.api_key)
+    print(f"wrote {out}")
+    return 0
