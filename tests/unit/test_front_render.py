@@ -154,6 +154,7 @@ def test_reap_stops_the_previous_group(tmp_path: Path) -> None:
         start_new_session=True,
     )
     try:
+        _wait_for_exec(orphan.pid, b"multiprocessing")
         pgid_file = tmp_path / "model.pgid"
         pgid_file.write_text(f"{os.getpgid(orphan.pid)}\n")
         assert reap_previous_group(pgid_file, grace=5.0) is True
@@ -169,6 +170,7 @@ def test_reap_leaves_unrelated_groups_alone(tmp_path: Path) -> None:
     # A recorded id now naming someone else's group (pid reuse) must not be killed.
     other = subprocess.Popen(["sleep", "60"], start_new_session=True)
     try:
+        _wait_for_exec(other.pid, b"sleep")
         pgid_file = tmp_path / "model.pgid"
         pgid_file.write_text(f"{os.getpgid(other.pid)}\n")
         assert reap_previous_group(pgid_file, grace=1.0) is False
@@ -176,3 +178,13 @@ def test_reap_leaves_unrelated_groups_alone(tmp_path: Path) -> None:
     finally:
         other.kill()
         other.wait()
+
+
+def _wait_for_exec(pid: int, marker: bytes) -> None:
+    """Until exec, a fresh child still shows the parent's command line (the reaper looks at it)."""
+    if not Path("/proc").is_dir():
+        return
+    deadline = time.monotonic() + 10
+    while marker not in Path(f"/proc/{pid}/cmdline").read_bytes():
+        assert time.monotonic() < deadline, "child never exec'd"
+        time.sleep(0.01)

@@ -247,6 +247,8 @@ def supervisord_values(cfg: FrontConfig) -> dict[str, str]:
 
     return {
         "RUN_DIR": str(cfg.run_dir),
+        # Containers run as root; saying so explicitly silences supervisord's "running as root" CRIT line.
+        "SUPERVISORD_USER": "user=root" if os.geteuid() == 0 else "",
         "SUPERVISORD_LOG": log("supervisord"),
         "MODEL_COMMAND": _supervisor_quote(cfg.model_command()),
         "MODEL_LOG": log("model"),
