@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-DEFAULT_MODEL = "tiny-random"
+DEFAULT_MODEL = "digits"
 
 
 def _env(*names: str) -> str | None:
