@@ -43,7 +43,8 @@ def register(subparsers: Any) -> None:
         "--path", type=Path, default=None, help="pipeline folder (default: the built-in one)"
     )
     evaluate.add_argument("--json", type=Path, default=None, help="also write the full result as JSON here")
-    evaluate.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    # One thread by default: on a shared 2-core machine it is several times faster than two (docs/benchmarks.md).
+    evaluate.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     evaluate.set_defaults(func=_eval)
 
     grid = subparsers.add_parser(
