@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from diffuserve.bench.server import free_port
+from diffuserve.config import DEFAULT_MODEL
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -56,7 +57,8 @@ def test_two_step_sweep_against_spawned_server(tmp_path: Path) -> None:
     assert result.returncode == 0, f"{result.stdout}\n{result.stderr}\n{server_log.read_text()[-3000:]}"
 
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["model"].startswith("tiny-random")
+    # The spawned server runs the default built-in model; its served name starts with the model id.
+    assert summary["model"].startswith(f"{DEFAULT_MODEL}-")
     assert (summary["options"]["size"], summary["options"]["steps"]) == ("64x64", 2)
     assert summary["versions"]["locust"]
     steps = summary["steps"]
