@@ -71,6 +71,13 @@ class Settings:
             "help": "auto (bf16 on GPU, fp32 on CPU), bfloat16, float16, float32",
         },
     )
+    cpu_threads: int = field(
+        default=0,
+        metadata={
+            "env": ("CPU_THREADS",),
+            "help": "torch threads per CPU worker; 0 = the machine's cores shared among CPU workers",
+        },
+    )
     max_queue: int = field(
         default=256,
         metadata={"env": ("MAX_QUEUE",), "help": "most requests waiting; beyond it the server answers 429"},
@@ -130,6 +137,8 @@ class Settings:
             raise ValueError(f"--weights must be pretrained or random, got {self.weights!r}")
         if not 0 < self.port < 65536:
             raise ValueError(f"PORT must be 1..65535, got {self.port}")
+        if self.cpu_threads < 0:
+            raise ValueError(f"CPU_THREADS must be >= 0, got {self.cpu_threads}")
         if self.max_queue < 1:
             raise ValueError(f"MAX_QUEUE must be >= 1, got {self.max_queue}")
         if self.batch_wait_ms < 0:

@@ -172,6 +172,8 @@ class WorkerPool:
     def _cpu_threads(self, device: str) -> int | None:
         if device != "cpu":
             return None
+        if self.settings.cpu_threads:
+            return self.settings.cpu_threads
         cpu_workers = sum(1 for d in self.devices if d == "cpu")
         return max(1, (os.cpu_count() or 1) // cpu_workers)
 
