@@ -1,0 +1,117 @@
+"""Regional torch.compile of the repeated blocks, and the compile cache persisted under the cache dir."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+# The key of the compile artefacts this process compiled, set by `configure_compile_cache`.
+_ARTIFACT_KEY: str | None = None
+RECOMPILE_LIMIT = 64
+
+
+def compile_available(device: str) -> tuple[bool, str]:
+    """Inductor's GPU kernels need CUDA and Triton; on CPU the served models don't gain enough to pay the
+    minutes of compilation on a laptop, so the CPU path stays eager."""
+    if not device.startswith("cuda"):
+        return False, f"no torch.compile on {device} (compiled only for CUDA)"
+    if not torch.cuda.is_available():
+        return False, "no CUDA device visible"
+    from torch.utils._triton import has_triton
+
+    if not has_triton():
+        return False, "Triton is not installed"
+    return True, ""
+
+
+def compile_dir(cache_dir: str) -> Path:
+    return Path(cache_dir).expanduser() / "compile"
+
+
+def artifact_key(pipeline: Any, tier: str) -> str:
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    raw = f"torch{torch.__version__}-{name}-{type(pipeline).__name__}-{tier}"
+    return re.sub(r"[^A-Za-z0-9.+-]+", "_", raw)
+
+
+def configure_compile_cache(cache_dir: str, key: str, notes: list[str]) -> None:
+    """Point inductor's and Triton's on-disk caches into the cache dir and hot-load saved artefacts, so a second
+    start re-traces but does not re-generate or re-build kernels."""
+    global _ARTIFACT_KEY
+    root = compile_dir(cache_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    # An operator's own setting wins; both are read when the first kernel is compiled, so this is early enough.
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(root / "inductor"))
+    os.environ.setdefault("TRITON_CACHE_DIR", str(root / "triton"))
+    # Static shapes: each batch size gets its own specialised kernels (warm up every served batch size), and
+    # many block variants (UNet widths, batch sizes) must not hit the default recompile limit of 8.
+    dynamo_config: Any = torch._dynamo.config
+    dynamo_config.automatic_dynamic_shapes = False
+    for name, value in (
+        ("recompile_limit", RECOMPILE_LIMIT),
+        ("accumulated_recompile_limit", RECOMPILE_LIMIT * 4),
+    ):
+        if hasattr(dynamo_config, name):
+            setattr(dynamo_config, name, max(getattr(dynamo_config, name), value))
+    _ARTIFACT_KEY = key
+    path = root / f"{key}.bin"
+    if path.exists():
+        try:
+            info = torch.compiler.load_cache_artifacts(path.read_bytes())
+        except Exception as exc:  # a stale or foreign file must not stop the server; it is rebuilt on save
+            notes.append(f"compile cache {path.name}: not loaded ({type(exc).__name__}: {exc})")
+        else:
+            if info is None:
+                # torch logs and returns None for a file it cannot read (corrupt, or from another version).
+                notes.append(f"compile cache {path.name}: not loaded (unreadable); rebuilt on save")
+            else:
+                kinds = ", ".join(f"{len(keys)} {kind}" for kind, keys in sorted(info.artifacts.items()))
+                notes.append(f"compile cache: loaded {kinds or 'no'} artefacts from {path}")
+    else:
+        notes.append(f"compile cache: none yet at {path} (first start compiles; saved after warm-up)")
+
+
+def save_compile_cache(cache_dir: str) -> str | None:
+    """Write this process's compile artefacts under the cache dir (call after warm-up); returns the path."""
+    if _ARTIFACT_KEY is None:
+        return None
+    saved = torch.compiler.save_cache_artifacts()
+    if saved is None:
+        return None
+    data, _info = saved
+    root = compile_dir(cache_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / f"{_ARTIFACT_KEY}.bin"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)  # atomic: a crash mid-write never leaves a truncated cache for the next start
+    log.info("compile cache: saved %.1f MB to %s", len(data) / 1e6, path)
+    return str(path)
+
+
+def repeated_block_names(model: nn.Module) -> list[str]:
+    return list(getattr(model, "_repeated_blocks", None) or [])
+
+
+def compile_repeated_blocks(model: nn.Module, notes: list[str]) -> bool:
+    """Compile each repeated block class once (regional compilation): the 57 FLUX blocks share two graphs, so
+    warm-up costs seconds per graph instead of minutes for the whole model, for nearly the same speed."""
+    names = repeated_block_names(model)
+    if not names:
+        notes.append(f"torch.compile: skipped, {type(model).__name__} declares no repeated blocks")
+        return False
+    count = 0
+    for module in model.modules():
+        if type(module).__name__ in names:
+            module.compile(dynamic=False)
+            count += 1
+    notes.append(f"torch.compile (regional): {count} blocks of {', '.join(names)}")
+    return count > 0

@@ -1,0 +1,111 @@
+"""Each tier as a named recipe: which techniques it turns on, what it does and what it costs in quality."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from enum import Enum
+
+from diffuserve.engine.tiers.cache import StepCacheOptions
+
+
+class Tier(str, Enum):
+    """XL: exact (compiled). L: near-lossless. M: between. S: fastest."""
+
+    XL = "XL"
+    L = "L"
+    M = "M"
+    S = "S"
+
+    @classmethod
+    def parse(cls, value: str | Tier) -> Tier:
+        if isinstance(value, Tier):
+            return value
+        try:
+            return cls(str(value).strip().upper())
+        except ValueError:
+            raise ValueError(
+                f"tier must be one of {', '.join(t.value for t in cls)}, got {value!r}"
+            ) from None
+
+
+ATTENTION_BACKENDS = {"_native_cudnn", "native", "_native_flash", "_native_efficient"}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    tier: Tier
+    fuse_qkv: bool
+    attention: str | None
+    fp8: bool
+    compile: bool
+    step_cache: StepCacheOptions | None
+    does: str
+    costs: str
+
+    def validate(self) -> None:
+        if self.attention is not None and self.attention not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"attention backend must be one of {sorted(ATTENTION_BACKENDS)}, got {self.attention!r}"
+            )
+        if self.step_cache is not None:
+            self.step_cache.validate()
+
+    def describe(self) -> str:
+        return f"tier {self.tier.value}: {self.does}; quality cost: {self.costs}"
+
+
+# No attention override: on the H100 (torch 2.11) PyTorch's default SDPA choice already ran FLUX's attention
+# (1×24×4608×128 bf16) in 0.41 ms, forcing cuDNN took 0.43 ms and FlashAttention-2 0.78 ms.
+_EXACT = "fused QKV projections, regional torch.compile of the repeated blocks"
+
+RECIPES: dict[Tier, Recipe] = {
+    Tier.XL: Recipe(
+        tier=Tier.XL,
+        fuse_qkv=True,
+        attention=None,
+        fp8=False,
+        compile=True,
+        step_cache=None,
+        does=f"bf16, {_EXACT}",
+        costs="none: the same arithmetic in other kernels, differences are bf16 rounding noise",
+    ),
+    Tier.L: Recipe(
+        tier=Tier.L,
+        fuse_qkv=True,
+        attention=None,
+        fp8=True,
+        compile=True,
+        step_cache=None,
+        does=f"XL + fp8 (e4m3, row-wise dynamic scales) matmuls in the repeated blocks; {_EXACT}",
+        costs="fp8 rounding of weights and activations in the block matmuls (near-lossless, see docs/benchmarks.md)",
+    ),
+    Tier.M: Recipe(
+        tier=Tier.M,
+        fuse_qkv=True,
+        attention=None,
+        fp8=True,
+        compile=True,
+        step_cache=StepCacheOptions(threshold=0.05, warmup_steps=2, max_consecutive=2),
+        does="L + first-block step cache (reuse a step's residual when the first block changed < 5 %)",
+        costs="fp8 rounding, plus reused steps where the image changes slowly",
+    ),
+    Tier.S: Recipe(
+        tier=Tier.S,
+        fuse_qkv=True,
+        attention=None,
+        fp8=True,
+        compile=True,
+        step_cache=StepCacheOptions(threshold=0.12, warmup_steps=1, max_consecutive=3),
+        does="L + aggressive first-block step cache (reuse when the first block changed < 12 %)",
+        costs="fp8 rounding, plus more reused steps: the largest deviation of the four tiers",
+    ),
+}
+
+
+def recipe_for(tier: Tier | str, *, step_cache_threshold: float | None = None) -> Recipe:
+    """The tier's recipe; a threshold override (benchmarks, tuning) replaces the step cache's threshold."""
+    recipe = RECIPES[Tier.parse(tier)]
+    if step_cache_threshold is not None and recipe.step_cache is not None:
+        recipe = replace(recipe, step_cache=replace(recipe.step_cache, threshold=step_cache_threshold))
+    recipe.validate()
+    return recipe
