@@ -14,6 +14,18 @@ from tests.helpers import ROOT, free_port, spawn_server, stop_server, wait_ready
 URL = "/v1/images/generations"
 
 
+def run_serve(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`diffuserve serve ARGS` to completion (these cases must exit on their own)."""
+    return subprocess.run(
+        [sys.executable, "-m", "diffuserve", "serve", *args],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=ROOT,
+        env=env,
+    )
+
+
 def test_ready_is_503_while_loading_then_200_and_auth_applies() -> None:
     handle = spawn_server(API_KEYS="key-one,key-two")
     try:
@@ -58,38 +70,20 @@ def test_ready_is_503_while_loading_then_200_and_auth_applies() -> None:
 
 def test_missing_local_model_exits_nonzero_with_message(tmp_path) -> None:
     missing = tmp_path / "no-such-model"
-    result = subprocess.run(
-        [sys.executable, "-m", "diffuserve", "serve", "--model-repo", str(missing)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-    )
+    result = run_serve("--model-repo", str(missing))
     assert result.returncode != 0
     assert "does not exist" in result.stderr
     assert str(missing) in result.stderr
 
 
 def test_folder_that_is_not_a_pipeline_exits_nonzero(tmp_path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "diffuserve", "serve", "--model-repo", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-    )
+    result = run_serve("--model-repo", str(tmp_path))
     assert result.returncode != 0
     assert "model_index.json" in result.stderr
 
 
 def test_bad_setting_exits_nonzero() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "diffuserve", "serve", "--model-size", "XXL"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-    )
+    result = run_serve("--model-size", "XXL")
     assert result.returncode == 2
     assert "MODEL_SIZE" in result.stderr
 
@@ -97,14 +91,7 @@ def test_bad_setting_exits_nonzero() -> None:
 def test_model_that_fails_to_load_in_the_worker_stops_the_server(tmp_path) -> None:
     """A hub id that cannot be fetched fails inside the worker; the server exits 1 instead of looping."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path), "PORT": str(free_port())}
-    result = subprocess.run(
-        [sys.executable, "-m", "diffuserve", "serve", "--model-repo", "acme/not-a-model"],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        cwd=ROOT,
-        env=env,
-    )
+    result = run_serve("--model-repo", "acme/not-a-model", env=env)
     assert result.returncode == 1
     assert "could not load the model" in result.stderr
     assert "acme/not-a-model" in result.stderr

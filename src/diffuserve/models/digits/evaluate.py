@@ -69,6 +69,24 @@ class EvalResult:
         return "\n".join(lines)
 
 
+def generate_row(pipe: Any, prompts: list[str], *, seed: int, steps: int, size: int) -> list[Any]:
+    """One image per prompt, all from the same seed, with the built-in family's guidance and text length."""
+    import torch
+
+    return list(
+        pipe(
+            prompt=prompts,
+            num_inference_steps=steps,
+            guidance_scale=TINY_FLUX.default_guidance,
+            max_sequence_length=TINY_FLUX.max_sequence_length,
+            height=size,
+            width=size,
+            generator=[torch.Generator().manual_seed(seed) for _ in prompts],
+            output_type="pil",
+        ).images
+    )
+
+
 def evaluate(
     pipe: FluxPipeline,
     classifier: DigitClassifier,
@@ -78,24 +96,13 @@ def evaluate(
 ) -> EvalResult:
     """One batch per seed holding the ten digits, one generator per image, as the server would run them.
     The phrasing rotates with the seed's position, so every phrasing is judged on every digit."""
-    import torch
-
     steps = steps or TINY_FLUX.default_steps
     size = size or TINY_FLUX.native_size
     result = EvalResult(seeds=list(seeds), steps=steps, size=size)
     pipe.set_progress_bar_config(disable=True)
     for index, seed in enumerate(seeds):
         prompts = [eval_prompt(d, index) for d in range(10)]
-        images = pipe(
-            prompt=prompts,
-            num_inference_steps=steps,
-            guidance_scale=TINY_FLUX.default_guidance,
-            max_sequence_length=TINY_FLUX.max_sequence_length,
-            height=size,
-            width=size,
-            generator=[torch.Generator().manual_seed(seed) for _ in range(10)],
-            output_type="pil",
-        ).images
+        images = generate_row(pipe, prompts, seed=seed, steps=steps, size=size)
         predicted = classifier.predict_images(images)
         phrasing = EVAL_PHRASINGS[index % len(EVAL_PHRASINGS)]
         hits = result.phrasing_hits.setdefault(phrasing, [0, 0])

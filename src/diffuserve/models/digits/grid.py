@@ -45,26 +45,15 @@ def images_from_api(
 
 def images_from_pipeline(seeds: Sequence[int], size: int = 32) -> list[list[Image.Image]]:
     """The same grid without a server: the built-in pipeline with the serving defaults."""
-    import torch
-
+    from diffuserve.models.digits.evaluate import generate_row
     from diffuserve.models.registry import BUILTIN_MODELS
 
     pipe = BUILTIN_MODELS["digits"]()
     pipe.set_progress_bar_config(disable=True)
     rows = []
     for seed in seeds:
-        rows.append(
-            pipe(
-                prompt=[grid_prompt(d) for d in range(10)],
-                num_inference_steps=TINY_FLUX.default_steps,
-                guidance_scale=TINY_FLUX.default_guidance,
-                max_sequence_length=TINY_FLUX.max_sequence_length,
-                height=size,
-                width=size,
-                generator=[torch.Generator().manual_seed(seed) for _ in range(10)],
-                output_type="pil",
-            ).images
-        )
+        prompts = [grid_prompt(d) for d in range(10)]
+        rows.append(generate_row(pipe, prompts, seed=seed, steps=TINY_FLUX.default_steps, size=size))
     return rows
 
 
