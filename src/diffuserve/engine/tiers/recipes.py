@@ -58,6 +58,9 @@ class Recipe:
 # (1×24×4608×128 bf16) in 0.41 ms, forcing cuDNN took 0.43 ms and FlashAttention-2 0.78 ms.
 _EXACT = "fused QKV projections, regional torch.compile of the repeated blocks"
 
+# Step-cache thresholds calibrated on the trained digits model (100 prompts, 28 steps, CPU fp32): the first
+# block's residual changes 6-10 % per step there; 0.08 reused 11 of 28 steps at 0.7 % relative error, 0.15
+# reused 17 at 1.7 %, prompt-following accuracy unchanged (0.94). At 4 steps nothing changes slowly enough to reuse.
 RECIPES: dict[Tier, Recipe] = {
     Tier.XL: Recipe(
         tier=Tier.XL,
@@ -85,8 +88,8 @@ RECIPES: dict[Tier, Recipe] = {
         attention=None,
         fp8=True,
         compile=True,
-        step_cache=StepCacheOptions(threshold=0.05, warmup_steps=2, max_consecutive=2),
-        does="L + first-block step cache (reuse a step's residual when the first block changed < 5 %)",
+        step_cache=StepCacheOptions(threshold=0.08, warmup_steps=2, max_consecutive=2),
+        does="L + first-block step cache (reuse a step's residual when the first block changed < 8 %)",
         costs="fp8 rounding, plus reused steps where the image changes slowly",
     ),
     Tier.S: Recipe(
@@ -95,8 +98,8 @@ RECIPES: dict[Tier, Recipe] = {
         attention=None,
         fp8=True,
         compile=True,
-        step_cache=StepCacheOptions(threshold=0.12, warmup_steps=1, max_consecutive=3),
-        does="L + aggressive first-block step cache (reuse when the first block changed < 12 %)",
+        step_cache=StepCacheOptions(threshold=0.15, warmup_steps=1, max_consecutive=3),
+        does="L + aggressive first-block step cache (reuse when the first block changed < 15 %)",
         costs="fp8 rounding, plus more reused steps: the largest deviation of the four tiers",
     ),
 }
