@@ -61,21 +61,31 @@ class Engine:
         return self.info
 
     def warmup(self) -> float:
-        """One full batch at the native size, so the first user never pays for lazy init or compilation."""
+        """Run the native size before serving, so no user pays for lazy init or compilation.
+
+        On a GPU every batch size 1..MODEL_BATCH is run: compiled graphs are specialised per batch size, and
+        a lone request after a batch-4-only warm-up would compile for 15 s or more. The full batch runs
+        the default steps; the smaller ones two steps, which is enough to compile their shapes.
+        """
         assert self.info is not None
         started = time.perf_counter()
         info = self.info
-        job = BatchJob(
-            batch_id=-1,
-            width=info.native_width,
-            height=info.native_height,
-            steps=info.default_steps,
-            guidance=info.default_guidance,
-            items=[BatchItem("warmup", "warm-up", None, list(range(info.max_batch)), "png", None)],
-        )
-        result = self.run(job)
-        if result.error:
-            raise RuntimeError(f"warm-up failed: {result.error}")
+        sizes = [info.max_batch]
+        if self.device.startswith("cuda"):
+            sizes = list(range(info.max_batch, 0, -1))
+        for size in sizes:
+            steps = info.default_steps if size == info.max_batch else min(2, info.default_steps)
+            job = BatchJob(
+                batch_id=-1,
+                width=info.native_width,
+                height=info.native_height,
+                steps=steps,
+                guidance=info.default_guidance,
+                items=[BatchItem("warmup", "warm-up", None, list(range(size)), "png", None)],
+            )
+            result = self.run(job)
+            if result.error:
+                raise RuntimeError(f"warm-up at batch {size} failed: {result.error}")
         return time.perf_counter() - started
 
     def _pipeline_kwargs(self, job: BatchJob) -> dict[str, Any]:
