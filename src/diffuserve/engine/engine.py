@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from diffuserve.config import Settings
@@ -45,6 +47,7 @@ class Engine:
         self.loaded: LoadedPipeline | None = None
         self.info: ModelInfo | None = None
         self._accepted: set[str] = set()
+        self._encoder: ThreadPoolExecutor | None = None
 
     def load(self) -> ModelInfo:
         from diffuserve.engine.tiers import Tier, apply_tier
@@ -111,6 +114,19 @@ class Engine:
             kwargs["negative_prompt"] = [item.negative_prompt or "" for item in job.items for _ in item.seeds]
         return kwargs
 
+    def _encode_all(self, images: list[Any], formats: list[tuple[str, int | None]]) -> list[bytes]:
+        """Encode a batch's images in parallel: Pillow's encoders release the GIL, and at 1024² each takes
+        tens of milliseconds the GPU would otherwise sit idle for."""
+        if len(images) == 1:
+            return [encode_image(images[0], *formats[0])]
+        if self._encoder is None:
+            self._encoder = ThreadPoolExecutor(
+                max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="encode"
+            )
+        return list(
+            self._encoder.map(lambda pair: encode_image(pair[0], *pair[1]), zip(images, formats, strict=True))
+        )
+
     def run(self, job: BatchJob) -> BatchResult:
         assert self.loaded is not None
         started = time.perf_counter()
@@ -121,16 +137,19 @@ class Engine:
                 raise RuntimeError(f"pipeline returned {len(images)} images for {job.num_images} requested")
             inference_ms = (time.perf_counter() - started) * 1000
             result = BatchResult(batch_id=job.batch_id, inference_ms=inference_ms)
+            formats = [
+                (item.output_format, item.output_compression) for item in job.items for _ in item.seeds
+            ]
+            encoded = self._encode_all(images, formats)
             cursor = 0
             for item in job.items:
-                encoded = []
-                for seed in item.seeds:
-                    data = encode_image(images[cursor], item.output_format, item.output_compression)
-                    encoded.append(
-                        EncodedImage(data=data, seed=seed, media_type=MEDIA_TYPES[item.output_format])
+                result.images[item.request_id] = [
+                    EncodedImage(
+                        data=encoded[cursor + i], seed=seed, media_type=MEDIA_TYPES[item.output_format]
                     )
-                    cursor += 1
-                result.images[item.request_id] = encoded
+                    for i, seed in enumerate(item.seeds)
+                ]
+                cursor += len(item.seeds)
             return result
         except Exception as exc:  # a failed batch must not take the worker down
             log.exception("batch %s failed", job.batch_id)
