@@ -23,7 +23,14 @@ def worker_main(worker_id: int, device: str, settings: Settings, conn: Connectio
         import torch
 
         torch.cuda.set_device(device)
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
     from diffuserve.engine.engine import Engine
+
+    # Loading bars are for terminals; in a server log they are noise between the structured lines.
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
 
     engine = Engine(settings, device)
     try:
