@@ -17,6 +17,21 @@ pytestmark = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def _own_compile_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test compiles into its own tmp_path (`configure_compile_cache` only fills these in when unset, so
+    without this every test would use the first one's), and the process globals it sets are restored."""
+    from diffuserve.engine.tiers import compile as compile_module
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "compile" / "inductor"))
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "compile" / "triton"))
+    monkeypatch.setattr(compile_module, "_ARTIFACT_KEY", compile_module._ARTIFACT_KEY)
+    dynamo_config: Any = torch._dynamo.config
+    for name in ("automatic_dynamic_shapes", "recompile_limit", "accumulated_recompile_limit"):
+        if hasattr(dynamo_config, name):
+            monkeypatch.setattr(dynamo_config, name, getattr(dynamo_config, name))
+
+
 def generate(pipe: Any, steps: int = 8) -> torch.Tensor:
     n = 4
     pipe.set_progress_bar_config(disable=True)

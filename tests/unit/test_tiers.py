@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -12,14 +14,18 @@ from diffuserve.engine.tiers import (
     RECIPES,
     StepCacheOptions,
     Tier,
+    apply_recipe,
     apply_tier,
     denoiser_of,
     disable_step_cache,
+    enable_pipeline_step_cache,
     enable_step_cache,
     recipe_for,
     save_compile_cache,
     step_cache_of,
 )
+from diffuserve.engine.tiers import compile as compile_module
+from diffuserve.engine.tiers.cache import MAX_STREAMS
 from diffuserve.engine.tiers.compile import configure_compile_cache
 from diffuserve.engine.tiers.quantize import quantize_fp8
 from diffuserve.models.tiny_flux import build_tiny_flux
@@ -31,14 +37,14 @@ def _no_grad() -> Any:
         yield
 
 
-def generate(pipe: Any, n: int = 2, steps: int = 8) -> torch.Tensor:
+def generate(pipe: Any, n: int = 2, steps: int = 8, size: int = 32, seed: int = 0) -> torch.Tensor:
     prompts = ["the digit 3", "a 7", "nine", "zero"][:n]
-    generators = [torch.Generator().manual_seed(i) for i in range(n)]
+    generators = [torch.Generator().manual_seed(seed + i) for i in range(n)]
     pipe.set_progress_bar_config(disable=True)
     return pipe(
         prompts,
-        height=32,
-        width=32,
+        height=size,
+        width=size,
         num_inference_steps=steps,
         guidance_scale=0.0,
         generator=generators,
@@ -95,6 +101,9 @@ def test_every_tier_applies_on_cpu_and_says_what_it_skipped(tier: Tier, tmp_path
     if RECIPES[tier].fp8:
         assert "fp8: skipped" in text
     assert (step_cache_of(pipe.transformer) is not None) == (RECIPES[tier].step_cache is not None)
+    # The model runs fp32 on CPU: the description names that dtype and claims no bf16 for it.
+    assert notes[0].startswith(f"tier {tier.value} (model in float32):")
+    assert "bf16," not in notes[0]
     images = generate(pipe)
     assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all()
 
@@ -116,7 +125,7 @@ def test_fp8_is_skipped_without_cuda() -> None:
 def test_step_cache_at_threshold_zero_changes_nothing() -> None:
     eager = generate(build_tiny_flux(seed=0))
     pipe = build_tiny_flux(seed=0)
-    cache = enable_step_cache(pipe.transformer, StepCacheOptions(threshold=0.0))
+    cache = enable_pipeline_step_cache(pipe, StepCacheOptions(threshold=0.0))
     assert torch.equal(generate(pipe), eager)
     assert cache.stats.reused == 0 and cache.stats.computed == 2 * 8
 
@@ -124,8 +133,8 @@ def test_step_cache_at_threshold_zero_changes_nothing() -> None:
 def test_step_cache_skips_steps_at_a_higher_threshold_and_stays_close() -> None:
     eager = generate(build_tiny_flux(seed=0))
     pipe = build_tiny_flux(seed=0)
-    cache = enable_step_cache(
-        pipe.transformer, StepCacheOptions(threshold=0.5, warmup_steps=1, max_consecutive=2)
+    cache = enable_pipeline_step_cache(
+        pipe, StepCacheOptions(threshold=0.5, warmup_steps=1, max_consecutive=2)
     )
     cached = generate(pipe)
     assert cache.stats.skipped_steps > 0
@@ -142,13 +151,56 @@ def test_step_cache_skips_steps_at_a_higher_threshold_and_stays_close() -> None:
 
 def test_step_cache_resets_between_generations_and_is_batch_invariant() -> None:
     pipe = build_tiny_flux(seed=0)
-    cache = enable_step_cache(pipe.transformer, StepCacheOptions(threshold=0.3))
+    cache = enable_pipeline_step_cache(pipe, StepCacheOptions(threshold=0.3))
     first = generate(pipe, n=2)
     again = generate(pipe, n=2)
     assert torch.equal(first, again)  # a second generation does not reuse the first one's cache
     alone = generate(pipe, n=1)
     assert rel_err(alone[0], first[0]) < 1e-4
     assert cache.stats.computed > 0
+
+
+def test_a_short_call_leaves_nothing_for_the_next_one() -> None:
+    # Every FLUX call starts at t=1.0: after a 1-step call, the next call must not read that call's cache.
+    # The threshold is high enough that this random tiny model reuses steps (at S's 0.15 it reuses none).
+    tier_s = recipe_for("S", step_cache_threshold=0.5)
+    fresh = build_tiny_flux(seed=0)
+    apply_recipe(fresh, tier_s, device="cpu", cache_dir="/nonexistent-unused")
+    expected = generate(fresh, steps=8)
+    pipe = build_tiny_flux(seed=0)
+    apply_recipe(pipe, tier_s, device="cpu", cache_dir="/nonexistent-unused")
+    cache = step_cache_of(pipe.transformer)
+    generate(pipe, steps=1, seed=100)  # an unrelated request of the same shape
+    assert torch.equal(generate(pipe, steps=8), expected)
+    assert cache is not None and cache.stats.reused > 0
+
+
+def test_sizes_change_back_to_back_and_state_stays_bounded() -> None:
+    pipe = build_tiny_flux(seed=0)
+    cache = enable_pipeline_step_cache(pipe, StepCacheOptions(threshold=0.5))
+    for _ in range(5):
+        generate(pipe, n=1, steps=1)
+    assert len(cache._streams) == 1 and len(cache.stats.per_step) == 1
+    generate(pipe, n=1, steps=1, size=32)
+    assert generate(pipe, n=1, steps=1, size=48).shape == (1, 3, 48, 48)
+    assert generate(pipe, n=2, steps=4, size=48).shape == (2, 3, 48, 48)
+    assert len(cache.stats.per_step) == 4  # this generation's steps only
+    assert cache.stats.computed + cache.stats.reused == 2 * 4
+
+
+def test_the_pipeline_hook_keeps_the_pipeline_class_and_signature() -> None:
+    pipe = build_tiny_flux(seed=0)
+    original = type(pipe)
+    enable_pipeline_step_cache(pipe, StepCacheOptions(threshold=0.3))
+    enable_pipeline_step_cache(pipe, StepCacheOptions(threshold=0.3))  # again: no second wrapper
+    assert type(pipe).__name__ == original.__name__ and type(pipe).__mro__[1] is original
+    assert isinstance(pipe, original)
+    assert "num_inference_steps" in inspect.signature(pipe.__call__).parameters
+    other = build_tiny_flux(seed=1)
+    enable_pipeline_step_cache(other, StepCacheOptions(threshold=0.3))
+    assert type(other) is type(pipe)  # one subclass per pipeline class, not per instance
+    disable_step_cache(pipe.transformer)
+    assert generate(pipe, n=1, steps=2).shape == (1, 3, 32, 32)  # the hook copes with no cache
 
 
 def test_disable_step_cache_restores_the_model() -> None:
@@ -211,12 +263,36 @@ def test_unet_step_cache_threshold_zero_is_exact_and_high_threshold_reuses() -> 
     assert all(torch.equal(a, b) for a, b in zip(denoise(unet), reference, strict=True))
 
 
+def test_bare_model_streams_check_the_whole_shape_and_stay_bounded() -> None:
+    unet = tiny_unet()
+    cache = enable_step_cache(unet, StepCacheOptions(threshold=0.9, warmup_steps=1, max_consecutive=5))
+    context = torch.randn(1, 5, 32)
+    small, large = torch.randn(1, 4, 16, 16), torch.randn(1, 4, 24, 24)
+    # Same batch, another size: the second step must not reuse the first size's stream.
+    unet(small, torch.tensor(900), encoder_hidden_states=context)
+    unet(large, torch.tensor(900), encoder_hidden_states=context)
+    out = unet(large, torch.tensor(800), encoder_hidden_states=context).sample
+    assert out.shape == large.shape and cache.stats.reused == 0
+    for _ in range(3 * MAX_STREAMS):
+        unet(small, torch.tensor(900), encoder_hidden_states=context)
+    assert len(cache._streams) <= MAX_STREAMS and len(cache.stats.per_step) <= MAX_STREAMS
+
+
 # Compile cache (files only; compiling itself is a GPU test) ---------------------------------------------------------
-def test_compile_cache_handles_missing_and_corrupt_files(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture
+def compile_globals(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`configure_compile_cache` sets process globals: restore them so later tests see the defaults."""
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))
+    monkeypatch.setattr(compile_module, "_ARTIFACT_KEY", compile_module._ARTIFACT_KEY)
+    dynamo_config: Any = torch._dynamo.config
+    for name in ("automatic_dynamic_shapes", "recompile_limit", "accumulated_recompile_limit"):
+        if hasattr(dynamo_config, name):
+            monkeypatch.setattr(dynamo_config, name, getattr(dynamo_config, name))
+
+
+@pytest.mark.usefixtures("compile_globals")
+def test_compile_cache_handles_missing_and_corrupt_files(tmp_path: Path) -> None:
     notes: list[str] = []
     configure_compile_cache(str(tmp_path), "key", notes)
     assert "none yet" in notes[-1]
@@ -226,6 +302,27 @@ def test_compile_cache_handles_missing_and_corrupt_files(
     # Nothing was compiled in this process: either nothing is written or an empty archive is.
     path = save_compile_cache(str(tmp_path))
     assert path is None or Path(path).exists()
+
+
+@pytest.mark.usefixtures("compile_globals")
+def test_compile_cache_save_is_atomic_per_process_and_never_fatal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(compile_module, "_ARTIFACT_KEY", "key")
+    monkeypatch.setattr(torch.compiler, "save_cache_artifacts", lambda: (b"artefacts", None))
+    # Another worker's half-written file does not collide with this process's.
+    (tmp_path / "compile").mkdir()
+    (tmp_path / "compile" / "key.bin.1.tmp").write_bytes(b"someone else's")
+    path = save_compile_cache(str(tmp_path))
+    assert path == str(tmp_path / "compile" / "key.bin")
+    assert Path(path).read_bytes() == b"artefacts"
+    assert sorted(p.name for p in (tmp_path / "compile").iterdir()) == ["key.bin", "key.bin.1.tmp"]
+    # A write that fails is logged, not raised: the cache only saves start-up time.
+    blocked = tmp_path / "blocked"
+    blocked.write_bytes(b"a file where the compile folder should be")
+    with caplog.at_level(logging.WARNING, logger=compile_module.__name__):
+        assert save_compile_cache(str(blocked)) is None
+    assert "compile cache: not saved" in caplog.text
 
 
 # Random weights ------------------------------------------------------------------------------------------------------

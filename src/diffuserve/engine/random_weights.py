@@ -24,25 +24,25 @@ EXPECTED_PARAMS: dict[str, dict[str, float]] = {
     "sdxl": {"unet": 2.567e9, "vae": 83.65e6, "text_encoder": 123.06e6, "text_encoder_2": 694.66e6},
 }
 PARAM_TOLERANCE = 0.001
+# The T5 tokenizer's limit for both FLUX models: schnell's pipeline asks for 256 tokens, but may be asked for 512.
+T5_MAX_LENGTH = 512
 
 
 @dataclass(frozen=True)
 class RandomArch:
-    """Which real architecture a repo id names, and the text lengths its pipeline uses."""
+    """Which real architecture a repo id names."""
 
     name: str
-    t5_max_length: int = 512
 
 
 def arch_for_repo(repo: str) -> RandomArch:
     """FLUX.1-dev, FLUX.1-schnell or SDXL from the repo id; anything else is refused with the choices."""
     lowered = repo.lower()
     if "flux" in lowered and "schnell" in lowered:
-        # schnell's pipeline asks for 256 tokens, but the tokenizer may be asked for up to 512.
         return RandomArch("flux-schnell")
     if "flux" in lowered:
         return RandomArch("flux-dev")
-    if "xl" in lowered or "sdxl" in lowered:
+    if "xl" in lowered:
         return RandomArch("sdxl")
     raise ValueError(
         f"--weights random knows FLUX.1-dev, FLUX.1-schnell and SDXL; {repo!r} names none of them "
@@ -189,7 +189,7 @@ def _build_flux(arch: RandomArch, device: str, dtype: torch.dtype) -> Any:
         text_encoder=clip.eval(),
         tokenizer=build_clip_tokenizer(vocab, max_length=77),
         text_encoder_2=t5.eval(),
-        tokenizer_2=build_t5_tokenizer(vocab, max_length=arch.t5_max_length),
+        tokenizer_2=build_t5_tokenizer(vocab, max_length=T5_MAX_LENGTH),
         transformer=transformer.eval(),
     )
 

@@ -59,9 +59,7 @@ def worker_main(worker_id: int, device: str, settings: Settings, conn: Connectio
 
 
 def _save_compile_cache(settings: Settings) -> None:
-    from diffuserve.engine import tiers
+    from diffuserve.engine.tiers import save_compile_cache
 
-    # The tiers module persists compile artefacts where it supports it; absent, nothing was compiled.
-    save = getattr(tiers, "save_compile_cache", None)
-    if save is not None:
-        save(settings.resolved_cache_dir)
+    # Persists what warm-up compiled (nothing on CPU); a failed write is logged there, never fatal.
+    save_compile_cache(settings.resolved_cache_dir)

@@ -7,7 +7,9 @@ from typing import Any
 
 from diffuserve.engine.tiers.cache import (
     StepCacheOptions,
+    denoiser_of,
     disable_step_cache,
+    enable_pipeline_step_cache,
     enable_step_cache,
     step_cache_of,
     supports_step_cache,
@@ -19,7 +21,7 @@ from diffuserve.engine.tiers.compile import (
     configure_compile_cache,
     save_compile_cache,
 )
-from diffuserve.engine.tiers.kernels import fuse_qkv, set_attention_kernel
+from diffuserve.engine.tiers.kernels import fuse_qkv
 from diffuserve.engine.tiers.quantize import fp8_available, quantize_fp8
 from diffuserve.engine.tiers.recipes import RECIPES, Recipe, Tier, recipe_for
 
@@ -34,6 +36,7 @@ __all__ = [
     "apply_tier",
     "denoiser_of",
     "disable_step_cache",
+    "enable_pipeline_step_cache",
     "enable_step_cache",
     "fp8_available",
     "recipe_for",
@@ -42,23 +45,17 @@ __all__ = [
 ]
 
 
-def denoiser_of(pipeline: Any) -> Any:
-    """The model that runs every step: a pipeline's transformer or UNet."""
-    return getattr(pipeline, "transformer", None) or getattr(pipeline, "unet", None)
-
-
 def apply_recipe(pipeline: Any, recipe: Recipe, *, device: str, cache_dir: str) -> list[str]:
     """Apply a recipe in place; techniques without a kernel on `device` are skipped and say so, never fail."""
-    notes = [recipe.describe()]
     model = denoiser_of(pipeline)
     if model is None:
-        notes.append(f"{type(pipeline).__name__} has no transformer or UNet: nothing applied")
-        return notes
+        return [
+            recipe.describe(),
+            f"{type(pipeline).__name__} has no transformer or UNet: nothing applied",
+        ]
+    notes = [recipe.describe(str(model.dtype).removeprefix("torch."))]
     if recipe.fuse_qkv:
         fuse_qkv(model, notes)
-    # The attention kernel only exists in the transformer models' dispatcher (FLUX), not in the UNet's processors.
-    if recipe.attention and getattr(pipeline, "transformer", None) is not None:
-        set_attention_kernel(model, recipe.attention, device, notes)
     # Quantize before compiling, so the compiled graphs see the fp8 weights.
     if recipe.fp8 and getattr(pipeline, "transformer", None) is None:
         # Measured on the H100 (SDXL, 1024², batch 1): the UNet's matmuls are too small for dynamic fp8 to pay
@@ -77,7 +74,7 @@ def apply_recipe(pipeline: Any, recipe: Recipe, *, device: str, cache_dir: str) 
             notes.append(f"torch.compile: skipped, {why}")
     if recipe.step_cache is not None:
         if supports_step_cache(model):
-            enable_step_cache(model, recipe.step_cache)
+            enable_pipeline_step_cache(pipeline, recipe.step_cache)
             opts = recipe.step_cache
             notes.append(
                 f"step cache: threshold {opts.threshold}, first {opts.warmup_steps} step(s) always computed, "

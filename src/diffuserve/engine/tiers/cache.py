@@ -10,10 +10,16 @@ Decisions are made per sample, so an image is the same whatever batch it lands i
 every sample in the batch may skip it; otherwise the batch is computed and the samples that could skip get
 their cached result. The decision logic runs in eager Python between the compiled blocks (regional
 compilation), never inside a compiled graph.
+
+A generation's state (each stream's reference and cache, the counters) must never reach the next generation:
+`enable_pipeline_step_cache` makes every call of the pipeline start with an empty cache. A bare model cannot
+tell where a generation starts (every FLUX generation starts at t=1.0, so a 1-step call looks like the next
+one's second stream): whoever drives one calls `StepCache.reset()` before each generation.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import types
 from collections.abc import Callable, Iterator
@@ -26,6 +32,9 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 _ATTR = "_diffuserve_step_cache"
+# Calls at one timestep are separate streams (true CFG makes 2); more than this is no generation we know of,
+# so it starts a new one instead of growing the state.
+MAX_STREAMS = 4
 
 
 @dataclass(frozen=True)
@@ -51,23 +60,24 @@ class StepCacheOptions:
 
 @dataclass
 class CacheStats:
-    """Per-sample step counts since the last reset; `per_step` keeps the fraction of the batch reused each step."""
+    """Per-sample step counts of the current generation (they restart with each one, so they stay bounded);
+    `per_step` is the fraction of the batch reused at each model call (benchmarks sum it per image)."""
 
     computed: int = 0
     reused: int = 0
     skipped_steps: int = 0
     per_step: list[float] = field(default_factory=list)
 
-    @property
-    def reuse_ratio(self) -> float:
-        total = self.computed + self.reused
-        return self.reused / total if total else 0.0
+
+# The shapes, dtypes and devices of a call's tensor inputs: a stream's cache fits only calls that match.
+_Signature = tuple[tuple[str, tuple[int, ...], torch.dtype, torch.device], ...]
 
 
 @dataclass
 class _Stream:
     """What one stream of calls (normally the one call per step) remembers between steps."""
 
+    signature: _Signature = ()
     reference: torch.Tensor | None = None  # first-block signal of the last full step
     cached: tuple[torch.Tensor, ...] | None = (
         None  # residuals (FLUX) or the output (UNet) of the last full step
@@ -90,28 +100,43 @@ def _rows(mask: list[bool], like: torch.Tensor) -> torch.Tensor:
 class StepCache:
     """Attached to one model; `enable_step_cache` makes it, `disable_step_cache` removes it."""
 
+    stats: CacheStats
+    hit: list[bool]  # per sample of the current call: does it reuse the cache?
+    first_out: tuple[torch.Tensor, ...]  # the current call's first-block outputs
+    _last_timestep: float | None
+    _calls_at_timestep: int
+    _step: int
+    _streams: dict[int, _Stream]
+    _stream: _Stream
+
     def __init__(self, model: nn.Module, options: StepCacheOptions) -> None:
         options.validate()
         self.model = model
         self.options = options
-        self.stats = CacheStats()
-        self._last_timestep: float | None = None
-        self._calls_at_timestep = 0
-        self._step = 0
-        self._streams: dict[int, _Stream] = {}
-        self._stream: _Stream = _Stream()
-        # Per call: which samples reuse the cache, and the first block's outputs.
-        self.hit: list[bool] = []
-        self.first_out: tuple[torch.Tensor, ...] = ()
+        self.reset()
 
     # Generation and step bookkeeping -------------------------------------------------------------------------
-    def begin_call(self, timestep: Any, batch: int) -> None:
+    def reset(self) -> None:
+        """Forget everything: the next model call starts a new generation."""
+        self.stats = CacheStats()
+        self._last_timestep = None
+        self._calls_at_timestep = 0
+        self._step = 0
+        self._streams = {}
+        self._stream = _Stream()
+        self.hit = []
+        self.first_out = ()
+
+    def begin_call(self, timestep: Any, signature: _Signature) -> None:
         t = float(timestep.flatten()[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
-        if self._last_timestep is None or t > self._last_timestep:
-            # Timesteps fall within one generation; a rise means a new generation started.
-            self._streams = {}
-            self._step = 0
-            self._calls_at_timestep = 0
+        if (
+            self._last_timestep is None
+            or t > self._last_timestep
+            or (t == self._last_timestep and self._calls_at_timestep + 1 >= MAX_STREAMS)
+        ):
+            # Timesteps fall within one generation; a rise means a new one started (for a bare model; a
+            # pipeline resets before each call).
+            self.reset()
         elif t == self._last_timestep:
             # A second call at the same timestep (true CFG) is its own stream with its own cache.
             self._calls_at_timestep += 1
@@ -119,9 +144,11 @@ class StepCache:
             self._step += 1
             self._calls_at_timestep = 0
         self._last_timestep = t
-        stream = self._streams.setdefault(self._calls_at_timestep, _Stream())
-        if stream.reference is not None and stream.reference.shape[0] != batch:
-            stream = self._streams[self._calls_at_timestep] = _Stream()
+        stream = self._streams.get(self._calls_at_timestep)
+        if stream is None or stream.signature != signature:
+            # Another size, text length, batch or dtype: nothing cached fits, start the stream afresh.
+            stream = self._streams[self._calls_at_timestep] = _Stream(signature=signature)
+        batch = signature[0][1][0] if signature and signature[0][1] else 1  # the latent's first dimension
         if len(stream.consecutive) != batch:
             stream.consecutive = [0] * batch
         self._stream = stream
@@ -271,15 +298,22 @@ def _timestep_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     return args[1] if len(args) > 1 else 0.0
 
 
-def _batch_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
-    sample: Any = args[0] if args else kwargs.get("hidden_states", kwargs.get("sample"))
-    return int(sample.shape[0])
+def _signature_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Signature:
+    """The latent input first (its first dimension is the batch), then every other tensor argument."""
+    named = [(str(i), a) for i, a in enumerate(args)] + sorted(kwargs.items())
+    latent = args[0] if args else kwargs.get("hidden_states", kwargs.get("sample"))
+    named.sort(key=lambda pair: pair[1] is not latent)
+    return tuple(
+        (name, tuple(value.shape), value.dtype, value.device)
+        for name, value in named
+        if isinstance(value, torch.Tensor)
+    )
 
 
 def _flux_forward(cache: StepCache, original: Callable[..., Any]) -> Callable[..., Any]:
     def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
         if not torch.is_grad_enabled():
-            cache.begin_call(_timestep_of(args, kwargs), _batch_of(args, kwargs))
+            cache.begin_call(_timestep_of(args, kwargs), _signature_of(args, kwargs))
         return original(*args, **kwargs)
 
     return forward
@@ -289,7 +323,7 @@ def _unet_forward(cache: StepCache, original: Callable[..., Any]) -> Callable[..
     def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
         if torch.is_grad_enabled():
             return original(*args, **kwargs)
-        cache.begin_call(_timestep_of(args, kwargs), _batch_of(args, kwargs))
+        cache.begin_call(_timestep_of(args, kwargs), _signature_of(args, kwargs))
         return_dict = kwargs.get("return_dict", True)
         try:
             out = original(*args, **kwargs)
@@ -315,7 +349,8 @@ def supports_step_cache(model: nn.Module) -> bool:
 
 
 def enable_step_cache(model: Any, options: StepCacheOptions) -> StepCache:
-    """Attach a step cache to a FLUX transformer or a UNet; raises ValueError for other models."""
+    """Attach a step cache to a FLUX transformer or a UNet; raises ValueError for other models. The caller
+    resets it before each generation (`StepCache.reset`); `enable_pipeline_step_cache` does that itself."""
     disable_step_cache(model)
     cache = StepCache(model, options)
     original = model.forward  # the class's bound forward
@@ -356,3 +391,46 @@ def disable_step_cache(model: Any) -> None:
 
 def step_cache_of(model: nn.Module) -> StepCache | None:
     return getattr(model, _ATTR, None)
+
+
+def denoiser_of(pipeline: Any) -> Any:
+    """The model that runs every step: a pipeline's transformer or UNet."""
+    return getattr(pipeline, "transformer", None) or getattr(pipeline, "unet", None)
+
+
+_RESETS = "_diffuserve_resets_step_cache"  # marks the subclasses below
+_RESETTING_CLASSES: dict[type, type] = {}
+
+
+def _resetting_class(cls: type) -> type:
+    """A subclass of a pipeline class whose `__call__` empties the denoiser's step cache first (one per class).
+    Same name and module, so logs, configs and `type(pipeline).__name__` read as before."""
+    if cls in _RESETTING_CLASSES:
+        return _RESETTING_CLASSES[cls]
+    original = cls.__call__
+
+    @functools.wraps(original)
+    def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
+        cache = step_cache_of(denoiser_of(self))
+        if cache is not None:
+            cache.reset()
+        return original(self, *args, **kwargs)
+
+    namespace = {
+        "__call__": __call__,
+        "__module__": cls.__module__,
+        "__qualname__": cls.__qualname__,
+        _RESETS: True,
+    }
+    subclass = _RESETTING_CLASSES[cls] = type(cls.__name__, (cls,), namespace)
+    return subclass
+
+
+def enable_pipeline_step_cache(pipeline: Any, options: StepCacheOptions) -> StepCache:
+    """Attach a step cache to the pipeline's denoiser and reset it at the start of every pipeline call, so no
+    generation sees another's cache (a 1-step call would otherwise leave state the next call reads)."""
+    cache = enable_step_cache(denoiser_of(pipeline), options)
+    # `pipeline(...)` looks `__call__` up on the type, so an instance attribute would not do: swap the class.
+    if not getattr(type(pipeline), _RESETS, False):
+        object.__setattr__(pipeline, "__class__", _resetting_class(type(pipeline)))
+    return cache

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -80,19 +81,26 @@ def configure_compile_cache(cache_dir: str, key: str, notes: list[str]) -> None:
 
 
 def save_compile_cache(cache_dir: str) -> str | None:
-    """Write this process's compile artefacts under the cache dir (call after warm-up); returns the path."""
+    """Write this process's compile artefacts under the cache dir (call after warm-up); returns the path, or
+    None when nothing was compiled or the write failed (logged: the cache only saves the next start time)."""
     if _ARTIFACT_KEY is None:
         return None
     saved = torch.compiler.save_cache_artifacts()
     if saved is None:
         return None
     data, _info = saved
-    root = compile_dir(cache_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    path = root / f"{_ARTIFACT_KEY}.bin"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)  # atomic: a crash mid-write never leaves a truncated cache for the next start
+    path = compile_dir(cache_dir) / f"{_ARTIFACT_KEY}.bin"
+    # One temporary file per process: the GPU workers all save the same key at about the same time.
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_bytes(data)
+        tmp.replace(path)  # atomic: a crash mid-write never leaves a truncated cache for the next start
+    except OSError as exc:
+        log.warning("compile cache: not saved to %s (%s: %s)", path, type(exc).__name__, exc)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        return None
     log.info("compile cache: saved %.1f MB to %s", len(data) / 1e6, path)
     return str(path)
 

@@ -1,9 +1,8 @@
-"""Exact rewrites that only change kernels: fused QKV projections and the attention kernel."""
+"""Exact rewrites that only change kernels: fused QKV projections."""
 
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import torch
 from torch import nn
@@ -50,39 +49,4 @@ def fuse_qkv(model: nn.Module, notes: list[str]) -> bool:
             if child.bias is not None:
                 child.bias = nn.Parameter(empty.clone(), requires_grad=False)
     notes.append(f"fused QKV projections ({freed / 1e6:.1f} M unfused parameters released)")
-    return True
-
-
-def _cudnn_attention_works(device: str) -> bool:
-    """cuDNN's fused attention must exist for this GPU and these shapes; probe it once with a tiny call."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    try:
-        q = torch.randn(1, 2, 64, 128, device=device, dtype=torch.bfloat16)
-        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-            out = torch.nn.functional.scaled_dot_product_attention(q, q, q)
-        ref = torch.nn.functional.scaled_dot_product_attention(q.float(), q.float(), q.float())
-        return bool(torch.allclose(out.float(), ref, atol=2e-2, rtol=2e-2))
-    except RuntimeError:
-        return False
-
-
-def set_attention_kernel(model: Any, backend: str, device: str, notes: list[str]) -> bool:
-    """Pick a fused attention kernel (exact softmax attention, another implementation) where the model and GPU
-    support it; e.g. cuDNN's is faster than FlashAttention-2 on Hopper at FLUX's head size 128."""
-    if not device.startswith("cuda") or not torch.cuda.is_available():
-        notes.append(f"attention kernel {backend}: skipped on {device} (CUDA only)")
-        return False
-    if not hasattr(model, "set_attention_backend"):
-        notes.append(f"attention kernel {backend}: skipped, {type(model).__name__} has no attention backends")
-        return False
-    if backend == "_native_cudnn" and not _cudnn_attention_works(device):
-        notes.append("attention kernel cuDNN: skipped, not available on this GPU/torch build")
-        return False
-    try:
-        model.set_attention_backend(backend)
-    except (ValueError, RuntimeError, ImportError) as exc:
-        notes.append(f"attention kernel {backend}: skipped ({exc})")
-        return False
-    notes.append(f"attention kernel: {backend}")
     return True

@@ -28,7 +28,7 @@ def fp8_available(device: str) -> tuple[bool, str]:
 
 def _quantizable_linears(model: nn.Module) -> set[int]:
     """Linear layers inside the repeated blocks: they hold nearly all FLOPs; embedders and the output
-    projection stay bf16 (small, and the most sensitive to rounding)."""
+    projection keep the pipeline's dtype (small, and the most sensitive to rounding)."""
     names = set(getattr(model, "_repeated_blocks", None) or [])
     chosen: set[int] = set()
     for module in model.modules():
