@@ -13,7 +13,8 @@ export PORT
 # torch's CPU build comes from pip first (it lies on this machine's disk, and it keeps a CUDA build out),
 # then uv installs the rest: it resolves and installs in seconds where pip takes a minute.
 $(BASE):
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# A half-made venv (no pip) from an interrupted run is made again rather than reused.
+	test -x $(BIN)/pip || { rm -rf $(VENV) && $(PYTHON) -m venv $(VENV); }
 	$(BIN)/python -m pip install -q "torch==2.13.0" "uv>=0.5"
 	touch $(BASE)
 

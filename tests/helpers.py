@@ -51,11 +51,22 @@ class ServerHandle:
         return [w["pid"] for w in self.ready()["workers"] if w["state"] in ("idle", "busy")]
 
 
+def server_free_env() -> dict[str, str]:
+    """This process's environment without any of the server's own settings (MODEL_REPO, API_KEYS …), so a
+    variable set on the machine running the tests cannot change the server they start."""
+    from dataclasses import fields
+
+    from diffuserve.config import Settings
+
+    settings_env = {name for f in fields(Settings) for name in f.metadata["env"]}
+    return {k: v for k, v in os.environ.items() if k not in settings_env}
+
+
 def spawn_server(extra_args: list[str] | None = None, **env: str) -> ServerHandle:
     """Start `diffuserve serve` without waiting; env overrides (e.g. MODEL_BATCH="8") go to the process."""
     port = free_port()
     log_fd, log_name = tempfile.mkstemp(prefix="diffuserve-", suffix=".log")
-    full_env = {**os.environ, "PORT": str(port), "HOST": "127.0.0.1", "PYTHONUNBUFFERED": "1", **env}
+    full_env = {**server_free_env(), "PORT": str(port), "HOST": "127.0.0.1", "PYTHONUNBUFFERED": "1", **env}
     process = subprocess.Popen(
         [sys.executable, "-m", "diffuserve", "serve", *(extra_args or [])],
         env=full_env,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 DEFAULT_MODEL = "digits"
@@ -145,6 +145,12 @@ class Settings:
             raise ValueError(f"BATCH_WAIT_MS must be >= 0, got {self.batch_wait_ms}")
         if self.request_timeout <= 0:
             raise ValueError(f"REQUEST_TIMEOUT must be > 0, got {self.request_timeout}")
+        if self.max_body_bytes < 1:
+            raise ValueError(f"MAX_BODY_BYTES must be >= 1, got {self.max_body_bytes}")
+        if self.max_images_per_request < 1:
+            raise ValueError(f"MAX_IMAGES_PER_REQUEST must be >= 1, got {self.max_images_per_request}")
+        if self.log_level.lower() not in {"debug", "info", "warning", "error"}:
+            raise ValueError(f"LOG_LEVEL must be debug, info, warning or error, got {self.log_level!r}")
         if self.log_format not in {"text", "json"}:
             raise ValueError(f"LOG_FORMAT must be text or json, got {self.log_format!r}")
         if self.dtype not in {"auto", "bfloat16", "float16", "float32"}:
@@ -166,7 +172,11 @@ class Settings:
         for f in fields(cls):
             raw = _env(*f.metadata["env"])
             if raw is not None:
-                values[f.name] = _parse(f.type, raw)
+                try:
+                    values[f.name] = _parse(f.type, raw)
+                except ValueError:
+                    names = "/".join(f.metadata["env"])
+                    raise ValueError(f"{names} must be {f.type}, got {raw!r}") from None
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
@@ -189,7 +199,8 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     for f in fields(Settings):
         flag = "--" + f.name.replace("_", "-")
         env_names = "/".join(f.metadata["env"])
-        help_text = f"{f.metadata['help']} [env {env_names}]"
+        default = "none" if f.default in (MISSING, None) else f.default
+        help_text = f"{f.metadata['help']} [env {env_names}; default {default}]"
         kind = str(f.type)
         if kind == "bool":
             parser.add_argument(
@@ -205,4 +216,8 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
     overrides = {f.name: getattr(args, f.name, None) for f in fields(Settings)}
+    flag_keys: list[str] | None = overrides.get("api_keys")
+    if flag_keys:
+        # `--api-key a,b` means two keys, as API_KEYS=a,b does.
+        overrides["api_keys"] = [key for raw in flag_keys for key in _split_keys(raw)]
     return Settings.from_env(**overrides)

@@ -11,7 +11,7 @@ from typing import Any
 # Keys callers pass in `extra=` that belong in the structured line.
 FIELDS = (
     "request_id", "model", "method", "path", "status", "n", "batch_size", "queue_ms", "inference_ms",
-    "total_ms", "client", "worker",
+    "total_ms",
 )  # fmt: skip
 
 

@@ -34,6 +34,8 @@ def test_32_concurrent_requests_succeed_and_batch(server: ServerHandle) -> None:
     responses = asyncio.run(_fire(server, 32))
     assert [r.status_code for r in responses] == [200] * 32
     assert all(r.headers["content-type"] == "image/webp" for r in responses)
+    # Each answer carries its own request's seed: the batcher never hands one request another's image.
+    assert [r.headers["x-seed"] for r in responses] == [str(i) for i in range(32)]
     assert max(int(r.headers["x-batch-size"]) for r in responses) > 1
     after = _batch_histogram(server)
     batches = after["count:"] - before["count:"]

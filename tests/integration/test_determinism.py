@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 
 import httpx
@@ -63,11 +64,41 @@ def test_seed_alone_equals_seed_inside_batch_of_four(server: ServerHandle) -> No
         },
         timeout=60,
     )
+    assert response.status_code == 200, response.text
     assert response.headers["x-batch-size"] == "4"
     batched = [
         np.asarray(decode_image(base64.b64decode(d["b64_json"])), dtype=np.int16)
         for d in response.json()["data"]
     ]
-    for offset in (0, 2, 3):
+    for offset in range(4):
         alone = _generate(server, 700 + offset)[0]
         _assert_close(alone, batched[offset])
+
+
+def test_seed_alone_equals_seed_in_a_batch_the_scheduler_formed(server: ServerHandle) -> None:
+    """Requests with other prompts and seeds, queued behind a busy worker, share one batch with ours."""
+    url = f"{server.base_url}/v1/images/generations"
+    ours = {"prompt": "the digit 3", "seed": 900, "output_format": "png", "response_format": "b64_json"}
+    others = [{"prompt": f"number {d}", "seed": d, "output_format": "png"} for d in (4, 5, 6)]
+
+    async def scenario() -> httpx.Response:
+        async with httpx.AsyncClient(timeout=120) as client:
+            # A request of another size holds the worker, so the next four queue and form one batch.
+            blocker = asyncio.create_task(
+                client.post(url, json={"prompt": "x", "size": "256x256", "num_inference_steps": 8})
+            )
+            await asyncio.sleep(0.3)
+            results = await asyncio.gather(
+                client.post(url, json=ours), *(client.post(url, json=body) for body in others)
+            )
+            assert (await blocker).status_code == 200
+            return results[0]
+
+    response = asyncio.run(scenario())
+    assert response.status_code == 200, response.text
+    assert response.headers["x-batch-size"] == "4", "the four queued requests did not share a batch"
+    batched = np.asarray(
+        decode_image(base64.b64decode(response.json()["data"][0]["b64_json"])), dtype=np.int16
+    )
+    alone = _generate(server, 900)[0]
+    _assert_close(alone, batched)

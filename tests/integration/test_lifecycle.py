@@ -34,14 +34,14 @@ def test_ready_is_503_while_loading_then_200_and_auth_applies() -> None:
         while first_status is None and time.monotonic() < deadline:
             try:
                 first_status = httpx.get(f"{handle.base_url}/health/ready", timeout=2).status_code
-                early = httpx.post(
-                    f"{handle.base_url}{URL}",
-                    json={"prompt": "x"},
-                    headers={"Authorization": "Bearer key-one"},
-                    timeout=5,
-                )
             except httpx.TransportError:
                 time.sleep(0.05)
+        early = httpx.post(
+            f"{handle.base_url}{URL}",
+            json={"prompt": "x"},
+            headers={"Authorization": "Bearer key-one"},
+            timeout=5,
+        )
         assert first_status == 503, "readiness must be 503 before the worker has loaded"
         assert early.status_code == 503
         assert early.json()["error"]["code"] == "model_not_ready"

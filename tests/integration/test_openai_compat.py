@@ -114,3 +114,15 @@ def test_models_list_shape(server: ServerHandle) -> None:
 def test_health_endpoints(server: ServerHandle) -> None:
     for path in ("/health/live", "/v2/health/live", "/health/ready", "/v2/health/ready"):
         assert httpx.get(f"{server.base_url}{path}", timeout=10).status_code == 200
+
+
+def test_n_above_model_batch_runs_in_parts_with_consecutive_seeds(server: ServerHandle) -> None:
+    """The shared server batches at most 8 images: n=10 runs as 8 + 2 and comes back whole, in order."""
+    response = httpx.post(
+        f"{server.base_url}/v1/images/generations",
+        json={"prompt": "the digit 2", "n": 10, "seed": 40, "response_format": "b64_json"},
+        timeout=120,
+    )
+    assert response.status_code == 200, response.text
+    assert [d["seed"] for d in response.json()["data"]] == list(range(40, 50))
+    assert int(response.headers["x-batch-size"]) <= 8

@@ -29,11 +29,11 @@ def test_flags_win_over_env(monkeypatch: pytest.MonkeyPatch) -> None:
     parser = argparse.ArgumentParser()
     add_settings_arguments(parser)
     args = parser.parse_args(
-        ["--port", "9100", "--api-key", "k1", "--api-key", "k2", "--tier", "L", "--no-warmup"]
+        ["--port", "9100", "--api-key", "k1", "--api-key", "k2,k3", "--tier", "L", "--no-warmup"]
     )
     settings = settings_from_args(args)
     assert settings.port == 9100
-    assert settings.api_keys == ["k1", "k2"]
+    assert settings.api_keys == ["k1", "k2", "k3"]
     assert settings.model_size == "L"
     assert settings.warmup is False
 
@@ -46,6 +46,10 @@ def test_flags_win_over_env(monkeypatch: pytest.MonkeyPatch) -> None:
         ({"port": 70000}, "PORT"),
         ({"weights": "zeros"}, "--weights"),
         ({"log_format": "xml"}, "LOG_FORMAT"),
+        ({"log_level": "loud"}, "LOG_LEVEL"),
+        ({"max_body_bytes": 0}, "MAX_BODY_BYTES"),
+        ({"max_images_per_request": 0}, "MAX_IMAGES_PER_REQUEST"),
+        ({"cpu_threads": -1}, "CPU_THREADS"),
     ],
 )
 def test_invalid_settings_name_the_setting(overrides: dict, message: str) -> None:
@@ -56,3 +60,9 @@ def test_invalid_settings_name_the_setting(overrides: dict, message: str) -> Non
 def test_cache_dir_follows_hf_home(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HOME", "/cache/huggingface")
     assert Settings().resolved_cache_dir == "/cache/huggingface/diffuserve"
+
+
+def test_unparsable_env_value_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PORT", "abc")
+    with pytest.raises(ValueError, match="PORT must be int, got 'abc'"):
+        Settings.from_env()

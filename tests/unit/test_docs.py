@@ -12,8 +12,6 @@ def test_every_setting_is_documented_in_readme() -> None:
     readme = (ROOT / "README.md").read_text()
     for f in fields(Settings):
         for env in f.metadata["env"]:
-            if env == "CUDA_DEVICES":
-                continue  # an alias kept for compatibility, documented under DEVICES
             assert f"`{env}`" in readme, f"{env} ({f.name}) is missing from README.md"
 
 

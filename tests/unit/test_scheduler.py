@@ -21,11 +21,13 @@ class FakeWorker:
         self.jobs.append(job)
 
 
-def request(rid: str, *, n: int = 1, width: int = 32, steps: int = 8, seed: int = 0) -> GenerationRequest:
+def request(
+    rid: str, *, n: int = 1, width: int = 32, steps: int = 8, seed: int = 0, prompt: str | None = None
+) -> GenerationRequest:
     return GenerationRequest(
         request_id=rid,
         model="m",
-        prompt=rid,
+        prompt=prompt or rid,
         n=n,
         width=width,
         height=32,
@@ -36,11 +38,13 @@ def request(rid: str, *, n: int = 1, width: int = 32, steps: int = 8, seed: int 
 
 
 def result_for(job: BatchJob, *, drop: str | None = None) -> BatchResult:
-    images = {
-        item.request_id: [EncodedImage(b"x", seed, "image/webp") for seed in item.seeds]
+    """What a worker would answer: per item, in order, one image per seed carrying the item's prompt."""
+    images = [
+        []
+        if item.request_id == drop
+        else [EncodedImage(item.prompt.encode(), seed, "image/webp") for seed in item.seeds]
         for item in job.items
-        if item.request_id != drop
-    }
+    ]
     return BatchResult(batch_id=job.batch_id, images=images, inference_ms=5.0)
 
 
@@ -192,3 +196,43 @@ async def test_observer_sees_batch_sizes_and_depth() -> None:
     scheduler.batch_finished(worker, result_for(worker.jobs[0]))
     assert seen["sizes"] == [1, 2]
     assert max(seen["depths"]) == 2 and seen["depths"][-1] == 0
+
+
+async def test_results_are_matched_by_position_even_with_repeated_request_ids() -> None:
+    """Request ids come from clients (X-Request-Id) and may repeat: they must never route images."""
+    scheduler = Scheduler(max_batch=4, max_queue=10, batch_wait_s=0.0)
+    worker = FakeWorker(0)
+    scheduler.worker_idle(worker)
+    scheduler.submit(request("busy"))
+    one = scheduler.submit(request("same", prompt="digit 1", seed=1))
+    eight = scheduler.submit(request("same", prompt="digit 8", seed=2))
+    scheduler.batch_finished(worker, result_for(worker.jobs[0]))
+    scheduler.batch_finished(worker, result_for(worker.jobs[1]))
+    first, second = await one.future, await eight.future
+    assert [(i.data, i.seed) for i in first.images] == [(b"digit 1", 1)]
+    assert [(i.data, i.seed) for i in second.images] == [(b"digit 8", 2)]
+
+
+async def test_requests_above_the_batch_limit_are_refused() -> None:
+    scheduler = Scheduler(max_batch=4, max_queue=10, batch_wait_s=0.0)
+    with pytest.raises(ValueError, match="batch limit"):
+        scheduler.submit(request("big", n=5))
+
+
+async def test_a_worker_whose_pipe_broke_fails_its_batch() -> None:
+    class BrokenWorker(FakeWorker):
+        def send(self, job: BatchJob) -> None:
+            raise BrokenPipeError("gone")
+
+    scheduler = Scheduler(max_batch=4, max_queue=10, batch_wait_s=0.0)
+    scheduler.worker_idle(BrokenWorker(0))
+    pending = scheduler.submit(request("a"))
+    with pytest.raises(WorkerCrashed):
+        await pending.future
+    assert not scheduler.idle and not scheduler.in_flight
+
+
+def test_split_keeps_consecutive_seeds() -> None:
+    parts = request("big", n=10, seed=100).split(4)
+    assert [(p.n, p.seed) for p in parts] == [(4, 100), (4, 104), (2, 108)]
+    assert [s for p in parts for s in p.seeds] == list(range(100, 110))

@@ -4,18 +4,12 @@ from __future__ import annotations
 
 import hmac
 
-from fastapi import Request
-
 from diffuserve.errors import Unauthorized
 
 
 class BearerAuth:
     def __init__(self, keys: list[str]) -> None:
         self.keys = [key.encode() for key in keys]
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self.keys)
 
     def check(self, authorization: str | None) -> None:
         if not self.keys:
@@ -30,6 +24,3 @@ class BearerAuth:
             matched |= hmac.compare_digest(candidate, key)
         if not matched:
             raise Unauthorized("invalid API key")
-
-    async def __call__(self, request: Request) -> None:
-        self.check(request.headers.get("authorization"))

@@ -9,7 +9,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from diffuserve.errors import DiffuserveError, InvalidRequest, MethodNotAllowed, QueueFull, RouteNotFound
+from diffuserve.errors import (
+    DiffuserveError,
+    InvalidRequest,
+    MethodNotAllowed,
+    QueueFull,
+    RouteNotFound,
+    Unauthorized,
+)
 
 log = logging.getLogger(__name__)
 
@@ -19,13 +26,14 @@ def error_response(error: DiffuserveError) -> JSONResponse:
     headers = {}
     if isinstance(error, QueueFull):
         headers["Retry-After"] = str(error.retry_after)
+    if isinstance(error, Unauthorized):
+        headers["WWW-Authenticate"] = "Bearer"
     return JSONResponse(body, status_code=error.status, headers=headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(DiffuserveError)
     async def _known(request: Request, exc: DiffuserveError) -> JSONResponse:
-        request.state.error = exc.message
         return error_response(exc)
 
     @app.exception_handler(StarletteHTTPException)

@@ -10,6 +10,9 @@ import uuid
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from diffuserve.api.errors import error_response
+from diffuserve.errors import DiffuserveError
+
 log = logging.getLogger("diffuserve.access")
 REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 QUIET_PATHS = ("/health", "/v2/health", "/metrics")
@@ -31,16 +34,24 @@ class RequestContextMiddleware:
         state["request_id"] = request_id
         started = time.perf_counter()
         status = 500
+        response_started = False
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, response_started
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, response_started = message["status"], True
                 MutableHeaders(scope=message).append("x-request-id", request_id)
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_id)
+        except Exception:
+            # Answered here rather than by Starlette's outermost handler so the 500 carries the request id;
+            # the traceback goes to the log only.
+            log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+            if response_started:
+                raise
+            await error_response(DiffuserveError("internal server error"))(scope, receive, send_with_id)
         finally:
             path = scope.get("path", "")
             fields = {

@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     from diffuserve.engine.loader import ModelLoadError
     from diffuserve.errors import InvalidRequest
     from diffuserve.protocol import ImageGenerationRequest
-    from diffuserve.serving.messages import BatchItem, BatchJob
+    from diffuserve.serving.messages import BatchJob
     from diffuserve.serving.workers import resolve_devices
 
     output = Path(args.output)
@@ -73,20 +73,13 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, ModelLoadError, InvalidRequest) as exc:
         print(f"diffuserve generate: {getattr(exc, 'message', exc)}", file=sys.stderr)
         return 2
-    job = BatchJob(
-        batch_id=0,
-        width=request.width,
-        height=request.height,
-        steps=request.steps,
-        guidance=request.guidance,
-        items=[BatchItem("cli", request.prompt, request.negative_prompt, request.seeds, fmt, None)],
-    )
+    job = BatchJob.of(0, [request])
     started = time.perf_counter()
     result = engine.run(job)
     if result.error:
         print(f"diffuserve generate: {result.error}", file=sys.stderr)
         return 1
-    output.write_bytes(result.images["cli"][0].data)
+    output.write_bytes(result.images[0][0].data)
     print(
         f"wrote {output} ({request.width}x{request.height}, {request.steps} steps, seed {request.seed}, "
         f"{(time.perf_counter() - started) * 1000:.0f} ms)"

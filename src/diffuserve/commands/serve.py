@@ -17,7 +17,6 @@ def register(subparsers: Any) -> None:
         "serve",
         help="start the OpenAI-compatible server",
         description="Start the server. Every flag also reads an environment variable (shown in brackets).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_settings_arguments(parser)
     parser.set_defaults(func=run)

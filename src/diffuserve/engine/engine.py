@@ -19,7 +19,7 @@ from diffuserve.serving.messages import BatchItem, BatchJob, BatchResult, Encode
 log = logging.getLogger(__name__)
 
 
-def model_info(settings: Settings, family: Family) -> ModelInfo:
+def model_info(settings: Settings, family: Family, accepted: set[str] | None = None) -> ModelInfo:
     return ModelInfo(
         name=served_model_name(settings),
         family=family.name,
@@ -33,7 +33,9 @@ def model_info(settings: Settings, family: Family) -> ModelInfo:
         min_size=family.min_size,
         max_size=family.max_size,
         max_steps=family.max_steps,
-        supports_negative_prompt=family.supports_negative_prompt,
+        # Only where the family uses it and this pipeline's __call__ takes it.
+        supports_negative_prompt=family.supports_negative_prompt
+        and (accepted is None or "negative_prompt" in accepted),
         max_batch=settings.model_batch,
     )
 
@@ -48,6 +50,8 @@ class Engine:
         self.info: ModelInfo | None = None
         self._accepted: set[str] = set()
         self._encoder: ThreadPoolExecutor | None = None
+        # Set after a CUDA error that leaves the device unusable: the worker then exits and is replaced.
+        self.broken = False
 
     def load(self) -> ModelInfo:
         from diffuserve.engine.tiers import Tier, apply_tier
@@ -60,7 +64,7 @@ class Engine:
         apply_tier(
             self.loaded.pipeline, Tier(s.model_size), device=self.device, cache_dir=s.resolved_cache_dir
         )
-        self.info = model_info(s, self.loaded.family)
+        self.info = model_info(s, self.loaded.family, self._accepted)
         return self.info
 
     def warmup(self) -> float:
@@ -103,10 +107,11 @@ class Engine:
             "height": job.height,
             "width": job.width,
             "num_inference_steps": job.steps,
-            "guidance_scale": job.guidance,
             "generator": generators,
             "output_type": "pil",
         }
+        if "guidance_scale" in self._accepted:
+            kwargs["guidance_scale"] = job.guidance
         family = self.loaded.family
         if family.max_sequence_length and "max_sequence_length" in self._accepted:
             kwargs["max_sequence_length"] = family.max_sequence_length
@@ -143,16 +148,15 @@ class Engine:
             encoded = self._encode_all(images, formats)
             cursor = 0
             for item in job.items:
-                result.images[item.request_id] = [
-                    EncodedImage(
-                        data=encoded[cursor + i], seed=seed, media_type=MEDIA_TYPES[item.output_format]
-                    )
-                    for i, seed in enumerate(item.seeds)
-                ]
+                media_type = MEDIA_TYPES[item.output_format]
+                result.images.append(
+                    [EncodedImage(encoded[cursor + i], seed, media_type) for i, seed in enumerate(item.seeds)]
+                )
                 cursor += len(item.seeds)
             return result
         except Exception as exc:  # a failed batch must not take the worker down
             log.exception("batch %s failed", job.batch_id)
+            self.broken = _poisons_device(exc)
             _release_cuda_memory()
             return BatchResult(batch_id=job.batch_id, error=_describe(exc))
 
@@ -162,6 +166,13 @@ def _describe(exc: Exception) -> str:
     if "OutOfMemory" in name:
         return "the GPU ran out of memory for this batch; try fewer images or a smaller size"
     return f"{name}: {exc}"
+
+
+def _poisons_device(exc: Exception) -> bool:
+    """A CUDA error other than out-of-memory (a device-side assert, an illegal address) leaves the CUDA
+    context unusable: every later batch would fail too."""
+    text = f"{type(exc).__name__}: {exc}"
+    return "OutOfMemory" not in text and ("CUDA error" in text or type(exc).__name__ == "AcceleratorError")
 
 
 def _release_cuda_memory() -> None:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from diffuserve.engine.families import TINY_FLUX, Family, detect_family
+from diffuserve.engine.families import GENERIC, TINY_FLUX, Family, detect_family
 from diffuserve.models.registry import BUILTIN_MODELS, is_builtin
 
 log = logging.getLogger(__name__)
@@ -86,4 +86,23 @@ def _family_of(pipeline: Any, repo: str) -> Family:
         return TINY_FLUX
     transformer = getattr(pipeline, "transformer", None)
     guidance = getattr(getattr(transformer, "config", None), "guidance_embeds", None)
-    return detect_family(type(pipeline).__name__, repo, guidance)
+    family = detect_family(type(pipeline).__name__, repo, guidance)
+    if family is GENERIC:
+        family = _sized_for(pipeline, family)
+    return family
+
+
+def _sized_for(pipeline: Any, family: Family) -> Family:
+    """Size step and native size of an unknown pipeline from its own config, so validation matches what it
+    accepts (SD3, PixArt or Sana need multiples of 16 or 32, not the generic 8)."""
+    denoiser = getattr(pipeline, "transformer", None) or getattr(pipeline, "unet", None)
+    config = getattr(denoiser, "config", None)
+    vae_scale = int(getattr(pipeline, "vae_scale_factor", 8) or 8)
+    patch = getattr(config, "patch_size", None)
+    step = vae_scale * (patch if isinstance(patch, int) and patch > 0 else 1)
+    sample = getattr(config, "sample_size", None)
+    native = sample * vae_scale if isinstance(sample, int) else family.native_size
+    native = max(step, native // step * step)
+    return replace(
+        family, size_multiple=max(8, step), native_size=native, min_size=max(family.min_size, step)
+    )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,25 @@ class GenerationRequest:
     def seeds(self) -> list[int]:
         """`n > 1` uses consecutive seeds so image i is reproducible alone with seed + i."""
         return [(self.seed + i) % (2**63) for i in range(self.n)]
+
+    def split(self, max_images: int) -> list[GenerationRequest]:
+        """Parts of at most `max_images` images with consecutive seeds, so no batch exceeds MODEL_BATCH."""
+        if self.n <= max_images:
+            return [self]
+        return [
+            replace(self, n=min(max_images, self.n - start), seed=(self.seed + start) % (2**63))
+            for start in range(0, self.n, max_images)
+        ]
+
+    def to_item(self) -> BatchItem:
+        return BatchItem(
+            request_id=self.request_id,
+            prompt=self.prompt,
+            negative_prompt=self.negative_prompt,
+            seeds=self.seeds,
+            output_format=self.output_format,
+            output_compression=self.output_compression,
+        )
 
     @property
     def batch_key(self) -> BatchKey:
@@ -78,6 +97,19 @@ class BatchJob:
     def num_images(self) -> int:
         return sum(len(item.seeds) for item in self.items)
 
+    @classmethod
+    def of(cls, batch_id: int, requests: list[GenerationRequest]) -> BatchJob:
+        """One job for compatible requests (same batch key); the first one gives the shared settings."""
+        first = requests[0]
+        return cls(
+            batch_id=batch_id,
+            width=first.width,
+            height=first.height,
+            steps=first.steps,
+            guidance=first.guidance,
+            items=[request.to_item() for request in requests],
+        )
+
 
 @dataclass
 class EncodedImage:
@@ -88,10 +120,13 @@ class EncodedImage:
 
 @dataclass
 class BatchResult:
-    """What a worker returns for a BatchJob: images per request id, or an error for the whole batch."""
+    """What a worker returns for a BatchJob: one image list per job item, in the job's order, or an error.
+
+    Results are matched to requests by position, never by request id: ids come from clients and may repeat.
+    """
 
     batch_id: int
-    images: dict[str, list[EncodedImage]] = field(default_factory=dict)
+    images: list[list[EncodedImage]] = field(default_factory=list)
     inference_ms: float = 0.0
     error: str | None = None
 

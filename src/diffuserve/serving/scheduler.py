@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from diffuserve.errors import GenerationFailed, QueueFull, WorkerCrashed
-from diffuserve.serving.messages import BatchItem, BatchJob, BatchResult, EncodedImage, GenerationRequest
+from diffuserve.serving.messages import BatchJob, BatchResult, EncodedImage, GenerationRequest
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,6 @@ class Pending:
     future: asyncio.Future[Completed]
     enqueued_at: float
     arrived_while_busy: bool
-    cancelled: bool = False
     dispatched_at: float | None = None
 
 
@@ -67,16 +66,19 @@ class Scheduler:
     batch_wait_s: float = 0.005
     observer: SchedulerObserver | None = None
     clock: Callable[[], float] = time.monotonic
-    queue: list[Pending] = field(default_factory=list)
-    idle: dict[int, WorkerSlot] = field(default_factory=dict)
-    in_flight: dict[int, InFlight] = field(default_factory=dict)
-    _batch_ids: itertools.count = field(default_factory=lambda: itertools.count(1))
-    _timer: asyncio.TimerHandle | None = None
-    _batch_seconds_ema: float | None = None
+    queue: list[Pending] = field(default_factory=list, init=False)
+    idle: dict[int, WorkerSlot] = field(default_factory=dict, init=False)
+    in_flight: dict[int, InFlight] = field(default_factory=dict, init=False)
+    _batch_ids: itertools.count = field(default_factory=lambda: itertools.count(1), init=False)
+    _timer: asyncio.TimerHandle | None = field(default=None, init=False)
+    _batch_seconds_ema: float | None = field(default=None, init=False)
 
     # ---- requests -------------------------------------------------------------------------------------
     def submit(self, request: GenerationRequest) -> Pending:
         """Queue a request; raises QueueFull when the queue is at its bound."""
+        if request.n > self.max_batch:
+            # The service splits larger requests; a batch above MODEL_BATCH was never warmed up and may not fit.
+            raise ValueError(f"a request of {request.n} images exceeds the batch limit of {self.max_batch}")
         if len(self.queue) >= self.max_queue:
             raise QueueFull(
                 f"the server is at capacity ({len(self.queue)} requests queued); retry later",
@@ -96,7 +98,6 @@ class Scheduler:
 
     def cancel(self, pending: Pending) -> None:
         """The client left or its deadline passed: drop it if it has not started; a running batch finishes."""
-        pending.cancelled = True
         if pending in self.queue:
             self.queue.remove(pending)
             self._report_depth()
@@ -135,11 +136,13 @@ class Scheduler:
 
     # ---- internals ------------------------------------------------------------------------------------
     def _deliver(self, flight: InFlight, result: BatchResult) -> None:
-        for pending in flight.pendings:
+        if result.error is None and len(result.images) != len(flight.pendings):
+            result.error = f"worker returned {len(result.images)} results for {len(flight.pendings)} requests"
+        for index, pending in enumerate(flight.pendings):
             if result.error is not None:
                 _fail(pending, GenerationFailed(f"generation failed: {result.error}"))
                 continue
-            images = result.images.get(pending.request.request_id, [])
+            images = result.images[index]
             if len(images) != pending.request.n:
                 _fail(
                     pending,
@@ -193,25 +196,7 @@ class Scheduler:
         for pending in group:
             self.queue.remove(pending)
             pending.dispatched_at = now
-        first = group[0].request
-        job = BatchJob(
-            batch_id=next(self._batch_ids),
-            width=first.width,
-            height=first.height,
-            steps=first.steps,
-            guidance=first.guidance,
-            items=[
-                BatchItem(
-                    request_id=p.request.request_id,
-                    prompt=p.request.prompt,
-                    negative_prompt=p.request.negative_prompt,
-                    seeds=p.request.seeds,
-                    output_format=p.request.output_format,
-                    output_compression=p.request.output_compression,
-                )
-                for p in group
-            ],
-        )
+        job = BatchJob.of(next(self._batch_ids), [p.request for p in group])
         self.in_flight[job.batch_id] = InFlight(worker_id=worker_id, pendings=group, job=job, started_at=now)
         self._report_depth()
         if self.observer is not None:

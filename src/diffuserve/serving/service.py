@@ -10,9 +10,9 @@ from typing import Any
 
 from diffuserve.config import Settings
 from diffuserve.engine.naming import model_slug, served_model_name
-from diffuserve.errors import DeadlineExceeded, ModelNotFound, NotReady
+from diffuserve.errors import DeadlineExceeded, ModelNotFound, NotReady, QueueFull
 from diffuserve.serving.messages import GenerationRequest, ModelInfo
-from diffuserve.serving.scheduler import Completed, Scheduler, SchedulerObserver
+from diffuserve.serving.scheduler import Completed, Pending, Scheduler, SchedulerObserver
 from diffuserve.serving.workers import WorkerPool, resolve_devices
 
 log = logging.getLogger(__name__)
@@ -83,25 +83,59 @@ class GenerationService:
         return model
 
     async def generate(
-        self, request: GenerationRequest, *, timeout: float, disconnected: Awaitable[object] | None = None
+        self,
+        request: GenerationRequest,
+        *,
+        timeout: float,
+        disconnected: Callable[[], Awaitable[object]] | None = None,
     ) -> Completed:
-        """Queue, wait for the batch, and give up at the deadline or when the client leaves."""
-        pending = self.scheduler.submit(request)
-        watchers: set[asyncio.Future[Any]] = {pending.future}
-        disconnect_task = asyncio.ensure_future(disconnected) if disconnected is not None else None
-        if disconnect_task is not None:
-            watchers.add(disconnect_task)
+        """Queue, wait for the batch, and give up at the deadline or when the client leaves.
+
+        A request of more images than MODEL_BATCH runs as several parts (consecutive seeds), so no batch
+        exceeds the size the workers warmed up for; the answer waits for every part.
+        """
+        parts = request.split(self.scheduler.max_batch)
+        pendings: list[Pending] = []
         try:
-            done, _ = await asyncio.wait(watchers, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-            if pending.future in done:
-                return pending.future.result()
-            self.scheduler.cancel(pending)
-            if disconnect_task is not None and disconnect_task in done:
-                raise ClientGone()
-            raise DeadlineExceeded(f"the request did not finish within its {timeout:g} s deadline")
-        except asyncio.CancelledError:
-            self.scheduler.cancel(pending)
+            for part in parts:
+                pendings.append(self.scheduler.submit(part))
+        except QueueFull:
+            for pending in pendings:
+                self.scheduler.cancel(pending)
             raise
+        waiting: set[asyncio.Future[Any]] = {p.future for p in pendings}
+        disconnect_task = asyncio.ensure_future(disconnected()) if disconnected is not None else None
+        deadline = time.monotonic() + timeout
+        try:
+            while waiting:
+                watched = waiting | ({disconnect_task} if disconnect_task is not None else set())
+                remaining = deadline - time.monotonic()
+                done, _ = await asyncio.wait(
+                    watched, timeout=max(0.0, remaining), return_when=asyncio.FIRST_COMPLETED
+                )
+                if disconnect_task is not None and disconnect_task in done:
+                    raise ClientGone()
+                if not done:
+                    raise DeadlineExceeded(f"the request did not finish within its {timeout:g} s deadline")
+                for future in done:
+                    future.result()  # a failed part fails the request
+                waiting -= done
+            return _combine([p.future.result() for p in pendings])
         finally:
+            for pending in pendings:
+                self.scheduler.cancel(pending)
             if disconnect_task is not None:
                 disconnect_task.cancel()
+
+
+def _combine(parts: list[Completed]) -> Completed:
+    """One answer from a request's parts: images in seed order, the longest wait and largest batch."""
+    if len(parts) == 1:
+        return parts[0]
+    return Completed(
+        images=[image for part in parts for image in part.images],
+        queue_ms=max(part.queue_ms for part in parts),
+        inference_ms=sum(part.inference_ms for part in parts),
+        batch_size=max(part.batch_size for part in parts),
+        worker_id=parts[0].worker_id,
+    )

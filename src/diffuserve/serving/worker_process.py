@@ -56,6 +56,11 @@ def worker_main(worker_id: int, device: str, settings: Settings, conn: Connectio
             return
         if isinstance(message, BatchJob):
             conn.send(engine.run(message))
+            if engine.broken:
+                log.error(
+                    "worker %d: the device is unusable after a CUDA error; exiting to be replaced", worker_id
+                )
+                return
 
 
 def _save_compile_cache(settings: Settings) -> None:

@@ -11,7 +11,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from multiprocessing.connection import Connection
 from typing import Any
@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 RESTART_BACKOFF_MAX_S = 30.0
 # A worker that ran this long before dying is considered healthy: its replacement starts without delay.
 STABLE_AFTER_S = 60.0
+# Before any worker was ever ready, this many deaths in a row (without a message) mean the model can't load.
+MAX_START_ATTEMPTS = 3
 
 
 def resolve_devices(spec: str) -> list[str]:
@@ -75,11 +77,10 @@ class WorkerProcess:
     ready: WorkerReady | None = None
     failure: str | None = None
     restarts: int = 0
-    _send_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def send(self, job: BatchJob) -> None:
-        with self._send_lock:
-            self.conn.send(job)
+        # Only the event loop thread sends; the reader thread only receives, so no lock is needed.
+        self.conn.send(job)
         self.state = WorkerState.BUSY
 
     def describe(self) -> dict[str, Any]:
@@ -175,7 +176,7 @@ class WorkerPool:
         if self.settings.cpu_threads:
             return self.settings.cpu_threads
         cpu_workers = sum(1 for d in self.devices if d == "cpu")
-        return max(1, (os.cpu_count() or 1) // cpu_workers)
+        return max(1, len(os.sched_getaffinity(0)) // cpu_workers)
 
     def _reader(self, worker: WorkerProcess) -> None:
         """Runs in a thread: blocking reads from the pipe, each message handed to the event loop."""
@@ -189,6 +190,13 @@ class WorkerPool:
                 log.error("worker %d sent an unreadable message: %s", worker.worker_id, exc)
                 break
             self._call_soon(self._on_message, worker, message)
+        # Reap here, off the event loop: a worker that broke its pipe without dying (an unreadable message)
+        # is killed, so no orphan keeps holding a GPU after its replacement starts.
+        worker.process.join(timeout=2.0)
+        if worker.process.is_alive():
+            worker.process.kill()
+            worker.process.join(timeout=5.0)
+        worker.conn.close()
         self._call_soon(self._on_exit, worker)
 
     def _call_soon(self, callback: Callable[..., None], *args: Any) -> None:
@@ -215,7 +223,6 @@ class WorkerPool:
     def _on_exit(self, worker: WorkerProcess) -> None:
         if self.workers.get(worker.worker_id) is not worker or worker.state == WorkerState.DEAD:
             return
-        worker.process.join(timeout=1.0)
         code = worker.process.exitcode
         worker.state = WorkerState.DEAD
         self._alive_changed()
@@ -223,9 +230,10 @@ class WorkerPool:
         self.scheduler.worker_gone(worker.worker_id, reason)
         if self._stopping:
             return
-        if not self._ever_ready and worker.failure:
-            # The model cannot load at all (bad path, gated repo …): restarting would loop forever.
-            self.on_fatal(f"worker {worker.worker_id} could not load the model: {worker.failure}")
+        if not self._ever_ready and (worker.failure or worker.restarts >= MAX_START_ATTEMPTS - 1):
+            # The model cannot load at all (bad path, gated repo, a crash while loading …): restarting
+            # would loop forever while the server stays unready.
+            self.on_fatal(f"worker {worker.worker_id} could not load the model: {reason}")
             return
         log.error("worker %d (pid %s) died: %s; starting a replacement", worker.worker_id, worker.pid, reason)
         ran_for = time.monotonic() - worker.started_at

@@ -51,7 +51,9 @@ async def create_image(request: Request) -> Response:
             )
         state.model, state.n = model.name, generation.n
         done = await service.generate(
-            generation, timeout=request_timeout(request, settings), disconnected=wait_for_disconnect(request)
+            generation,
+            timeout=request_timeout(request, settings),
+            disconnected=lambda: wait_for_disconnect(request),
         )
     except DiffuserveError as exc:
         count(exc.status)
