@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import csv
 import json
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 from PIL import Image
 
@@ -23,15 +27,28 @@ USERS = (1, 4)
 PAYLOAD = ("--size", "64x64", "--steps", "2")
 
 
-def bench(*args: str, timeout: float = 150) -> subprocess.CompletedProcess[str]:
-    # A process of its own, as users run it: locust's gevent patching must not reach the test process.
-    return subprocess.run(
-        [sys.executable, "-m", "diffuserve.cli", "bench", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
+def bench_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "diffuserve.cli", "bench", *args]
+
+
+def bench(*args: str, timeout: float = 100) -> subprocess.CompletedProcess[str]:
+    """Run the command in a process of its own, as users run it: locust's gevent patching must not reach the
+    test process. `timeout` stays well under the test's: a run that hangs gets SIGTERM first, so it stops
+    the server it spawned, and only then SIGKILL (pytest-timeout's kill would orphan the server)."""
+    proc = subprocess.Popen(
+        bench_command(*args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            stdout, stderr = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            stdout, stderr = proc.communicate()
+        pytest.fail(f"`diffuserve bench` ran past {timeout:g} s; stopped it\n{stdout}\n{stderr}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
 def aggregated_row(stats_csv: Path) -> dict[str, str]:
@@ -108,6 +125,49 @@ def test_two_step_sweep_against_spawned_server(tmp_path: Path) -> None:
             assert image.width > 300 and image.height > 200
 
     assert "users" in result.stdout and "reports in" in result.stdout
+
+
+@pytest.mark.timeout(150)
+def test_sigterm_stops_the_spawned_server_and_the_step(tmp_path: Path) -> None:
+    """A SIGTERM to the command (a CI job cancelled, `timeout`) must not leave its server or locust behind."""
+    out = tmp_path / "bench"
+    stderr_path = tmp_path / "stderr.txt"
+    args = ("--spawn-server", "--users", "1", "--duration", "60", "--output", str(out), "--no-progress")
+    with stderr_path.open("w") as stderr:
+        proc = subprocess.Popen(
+            bench_command(*args, *PAYLOAD), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr
+        )
+    try:
+        step_log = out / "users-001" / "locust.log"
+        deadline = time.monotonic() + 90
+        while not step_log.exists():
+            assert proc.poll() is None, stderr_path.read_text()
+            assert time.monotonic() < deadline, f"the sweep never started:\n{stderr_path.read_text()}"
+            time.sleep(0.2)
+        time.sleep(1.0)  # the locust step is running
+        ready = re.search(r"server ready at (http://\S+)", stderr_path.read_text())
+        assert ready, stderr_path.read_text()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=45) == 128 + signal.SIGTERM, stderr_path.read_text()
+    finally:
+        if proc.poll() is None:  # the test failed half-way: still stop the server before giving up
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    assert "diffuserve bench: terminated" in stderr_path.read_text()
+    # The server (own session) and its workers are gone: nothing answers on its port.
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(ready[1] + "/health/live", timeout=2.0)
+    # Nor does the locust step process live on (its command line names the step's folder).
+    marker = str(out).encode()
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            assert marker not in cmdline.read_bytes(), f"left running: {cmdline.read_bytes()!r}"
+        except OSError:
+            continue
 
 
 def test_unreachable_server_exits_non_zero(tmp_path: Path) -> None:

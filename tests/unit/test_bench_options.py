@@ -57,6 +57,15 @@ def test_validation_names_the_flag() -> None:
         LoadOptions(response_format="url")
 
 
+def test_several_images_per_request_need_json() -> None:
+    # The server answers several images only as JSON: raw bytes with n > 1 would fail every request.
+    with pytest.raises(OptionError, match="--n 2 needs --response-format b64_json"):
+        LoadOptions(n=2)
+    with pytest.raises(OptionError, match="--n 3 needs --response-format b64_json"):
+        LoadOptions.from_env({"BENCH_N": "3"})
+    assert LoadOptions(n=2, response_format="b64_json").n == 2
+
+
 def test_env_round_trip(tmp_path: Path) -> None:
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a cat\n\n a dog \n", encoding="utf-8")
@@ -98,9 +107,9 @@ def test_prompt_file_errors(tmp_path: Path) -> None:
 
 
 def test_payload_and_headers() -> None:
-    opts = LoadOptions(model="m", api_key="k", size="64x64", steps=2, guidance=1.5, n=2)
+    opts = LoadOptions(model="m", api_key="k", size="64x64", steps=2, guidance=1.5)
     body = opts.payload(random.Random(0))
-    assert body["model"] == "m" and body["size"] == "64x64" and body["n"] == 2
+    assert body["model"] == "m" and body["size"] == "64x64" and body["n"] == 1
     assert body["num_inference_steps"] == 2 and body["guidance_scale"] == 1.5
     assert "response_format" not in body  # raw image bytes: no OpenAI field needed
     assert 0 <= body["seed"] < 2**31
@@ -109,8 +118,9 @@ def test_payload_and_headers() -> None:
     assert headers["Authorization"] == "Bearer k"
     assert headers["Accept"] == "*/*"
 
-    as_json = LoadOptions(response_format="b64_json")
+    as_json = LoadOptions(response_format="b64_json", n=2)
     assert as_json.payload(random.Random(0))["response_format"] == "b64_json"
+    assert as_json.payload(random.Random(0))["n"] == 2
     assert as_json.headers()["Accept"] == "application/json"
     assert "Authorization" not in as_json.headers()
 

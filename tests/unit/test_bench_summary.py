@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
+import datetime as dt
 import json
 from pathlib import Path
 
 import pytest
 
-from diffuserve.bench.command import command_line
+from diffuserve.bench.command import command_line, recorded_server_env, register, report_meta
 from diffuserve.bench.metrics import ServerDelta
+from diffuserve.bench.options import LoadOptions
 from diffuserve.bench.summary import (
     Distribution,
     RequestSample,
@@ -19,6 +22,7 @@ from diffuserve.bench.summary import (
     write_samples,
     write_summary_json,
 )
+from diffuserve.bench.sweep import SweepPlan
 
 
 def ok(
@@ -143,3 +147,36 @@ def test_command_line_masks_the_api_key() -> None:
     argv = ["/x/bin/diffuserve", "bench", "http://h", "--api-key", "s3cret", "--users", "1"]
     assert command_line(argv) == "diffuserve bench http://h --api-key '***' --users 1"
     assert "s3cret" not in command_line(["diffuserve", "bench", "--api-key=s3cret"])
+
+
+def test_secret_server_env_values_never_reach_the_reports(tmp_path: Path) -> None:
+    argv = ["/x/bin/diffuserve", "bench", "--spawn-server", "--server-env", "HF_TOKEN=hf_s3cret"]
+    argv += ["--server-env=MODEL_BATCH=4", "--server-env=API_KEYS=k3y", "--server-e", "db_password=pw0rd"]
+    argv += ["--ap=abc123", "--output", str(tmp_path)]
+    line = command_line(argv)
+    assert "--server-env 'HF_TOKEN=***'" in line and "'--server-env=API_KEYS=***'" in line
+    assert "--server-e 'db_password=***'" in line and "'--ap=***'" in line  # abbreviations argparse takes
+    assert "--server-env=MODEL_BATCH=4" in line  # nothing secret in the name: the value stays for a rerun
+    assert recorded_server_env(["HF_TOKEN=hf_s3cret", "MODEL_BATCH=4", "AWS_SECRET_ACCESS_KEY=x"]) == {
+        "HF_TOKEN": "***",
+        "MODEL_BATCH": "4",
+        "AWS_SECRET_ACCESS_KEY": "***",
+    }
+
+    # Both reports, as `diffuserve bench` writes them.
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    args = parser.parse_args(argv[1:])
+    plan = SweepPlan(users=[1], options=LoadOptions(url="http://127.0.0.1:9", model="m"), output=tmp_path)
+    meta = report_meta(args, plan, dt.datetime.now(dt.timezone.utc), argv)
+    assert meta["server_env"] == {
+        "HF_TOKEN": "***",
+        "MODEL_BATCH": "4",
+        "API_KEYS": "***",
+        "db_password": "***",
+    }
+    write_summary_json(tmp_path / "summary.json", meta, [])
+    reports = (tmp_path / "summary.json").read_text() + markdown_report(meta, [])
+    assert "HF_TOKEN" in reports
+    for secret in ("hf_s3cret", "k3y", "pw0rd", "abc123"):
+        assert secret not in reports

@@ -8,7 +8,9 @@ import datetime as dt
 import os
 import platform
 import random
+import re
 import shlex
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -116,6 +118,22 @@ def _server_env(pairs: list[str]) -> dict[str, str]:
     return env
 
 
+# Values of these variables never reach the reports (summary.json, summary.md): tokens, keys, passwords.
+_SECRET_NAME = re.compile(r"TOKEN|KEY|SECRET|PASSWORD|PASSWD|CREDENTIAL|AUTH", re.IGNORECASE)
+MASK = "***"
+
+
+def _mask_pair(pair: str) -> str:
+    """`HF_TOKEN=hf_abc` → `HF_TOKEN=***`; a variable whose name says nothing secret keeps its value."""
+    key, sep, _ = pair.partition("=")
+    return f"{key}{sep}{MASK}" if sep and _SECRET_NAME.search(key) else pair
+
+
+def recorded_server_env(pairs: list[str]) -> dict[str, str]:
+    """The spawned server's extra environment as the reports show it, secret values masked."""
+    return {key: MASK if _SECRET_NAME.search(key) else value for key, value in _server_env(pairs).items()}
+
+
 def _load_options(args: argparse.Namespace) -> LoadOptions:
     from diffuserve.bench.options import LoadOptions
 
@@ -148,15 +166,26 @@ def _load_options(args: argparse.Namespace) -> LoadOptions:
     return LoadOptions(**values)
 
 
+def _names_option(word: str, option: str) -> bool:
+    """`word` is `option` or an abbreviation argparse accepts for it (an ambiguous one never gets this far)."""
+    return len(word) > 2 and option.startswith(word)
+
+
 def command_line(argv: list[str]) -> str:
-    """The command as a reader would retype it, with the API key masked."""
+    """The command as a reader would retype it, with the API key and secret `--server-env` values masked."""
     words = ["diffuserve", *argv[argv.index("bench") :]] if "bench" in argv else list(argv)
     out: list[str] = []
     for i, word in enumerate(words):
-        if i > 0 and words[i - 1] == "--api-key":
-            word = "***"
-        elif word.startswith("--api-key="):
-            word = "--api-key=***"
+        previous = words[i - 1] if i > 0 else ""
+        flag, sep, value = word.partition("=")
+        if _names_option(previous, "--api-key"):
+            word = MASK
+        elif _names_option(previous, "--server-env"):
+            word = _mask_pair(word)
+        elif sep and _names_option(flag, "--api-key"):
+            word = f"{flag}={MASK}"
+        elif sep and _names_option(flag, "--server-env"):
+            word = f"{flag}={_mask_pair(value)}"
         out.append(word)
     return shlex.join(out)
 
@@ -214,9 +243,26 @@ def _target(args: argparse.Namespace, opts: LoadOptions, server_env: dict[str, s
         yield opts.url
 
 
+class Terminated(SystemExit):
+    """SIGTERM, raised where the main thread is so `with` blocks (the spawned server's) clean up."""
+
+
+def _on_sigterm(signum: int, _frame: object) -> None:
+    # One stop is enough: a second SIGTERM must not cut short the clean-up the first one started.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise Terminated(128 + signum)
+
+
 def run(args: argparse.Namespace) -> int:
     from diffuserve.bench.options import OptionError
 
+    # The spawned server runs in its own session, so a SIGTERM to this process alone would orphan it;
+    # turned into an exception it unwinds `SpawnedServer.__exit__` (and the locust step) like Ctrl-C does.
+    try:
+        previous: Any = signal.signal(signal.SIGTERM, _on_sigterm)
+        installed = True
+    except ValueError:  # not the main thread (embedded use): leave signals alone
+        installed = False
     try:
         return _run(args)
     except (OptionError, UsageError) as exc:
@@ -225,6 +271,12 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("diffuserve bench: interrupted", file=sys.stderr)
         return 130
+    except Terminated as exc:
+        print("diffuserve bench: terminated", file=sys.stderr)
+        return int(exc.code or 143)
+    finally:
+        if installed:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -299,12 +351,10 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_reports(
-    args: argparse.Namespace, plan: SweepPlan, steps: list[StepSummary], started: dt.datetime
-) -> None:
-    from diffuserve.bench.plots import LATENCY_PNG, THROUGHPUT_PNG, plot_latency, plot_throughput
-    from diffuserve.bench.summary import markdown_report, write_summary_json
-
+def report_meta(
+    args: argparse.Namespace, plan: SweepPlan, started: dt.datetime, argv: list[str] | None = None
+) -> dict[str, Any]:
+    """What summary.json and summary.md say about the run; secrets (API key, secret env values) masked."""
     opts = plan.options
     if plan.duration is not None:
         load = f"{plan.duration:g} s per step"
@@ -316,7 +366,7 @@ def _write_reports(
         "created": started.isoformat(timespec="seconds"),
         "url": "spawned: " + opts.url if args.spawn_server else opts.url,
         "model": opts.model,
-        "command": command_line(sys.argv),
+        "command": command_line(sys.argv if argv is None else argv),
         "load": load,
         "warmup_requests": args.warmup,
         "users": plan.users,
@@ -325,9 +375,19 @@ def _write_reports(
         "machine": _machine(),
     }
     if args.spawn_server and args.server_env:
-        meta["server_env"] = dict(_server_env(args.server_env))
+        meta["server_env"] = recorded_server_env(args.server_env)
+    return meta
+
+
+def _write_reports(
+    args: argparse.Namespace, plan: SweepPlan, steps: list[StepSummary], started: dt.datetime
+) -> None:
+    from diffuserve.bench.plots import LATENCY_PNG, THROUGHPUT_PNG, plot_latency, plot_throughput
+    from diffuserve.bench.summary import markdown_report, write_summary_json
+
+    meta = report_meta(args, plan, started)
     write_summary_json(args.output / "summary.json", meta, steps)
     (args.output / "summary.md").write_text(markdown_report(meta, steps), encoding="utf-8")
-    title = f"{opts.model} · {load}"
+    title = f"{plan.options.model} · {meta['load']}"
     plot_latency(steps, args.output / LATENCY_PNG, title)
     plot_throughput(steps, args.output / THROUGHPUT_PNG, title)

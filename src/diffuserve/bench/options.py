@@ -123,6 +123,11 @@ class LoadOptions:
             raise OptionError(f"--n must be >= 1, got {self.n}")
         if self.response_format not in RESPONSE_FORMATS:
             raise OptionError(f"--response-format must be one of {', '.join(RESPONSE_FORMATS)}")
+        if self.n > 1 and self.response_format != "b64_json":
+            # A body holds one image: the server refuses n > 1 as raw bytes, so every request would fail.
+            raise OptionError(
+                f"--n {self.n} needs --response-format b64_json: several images per request come only as JSON"
+            )
         if self.iterations is not None and self.iterations < 1:
             raise OptionError(f"--iterations must be >= 1, got {self.iterations}")
         if self.timeout <= 0:

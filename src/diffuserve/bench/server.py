@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -21,6 +21,14 @@ READY_PATH = "/health/ready"
 
 class ServerError(RuntimeError):
     """The server cannot be benchmarked (unreachable, never ready, or it exited)."""
+
+
+class StartError(ServerError):
+    """A spawned server never became ready; `reason` says why in one line, the message adds its log's tail."""
+
+    def __init__(self, reason: str, log_path: Path, log_tail: str) -> None:
+        super().__init__(f"{reason}; last lines of {log_path}:\n{log_tail}")
+        self.reason = reason
 
 
 def auth_headers(api_key: str | None) -> dict[str, str]:
@@ -94,8 +102,25 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+def _startup_failure(response: httpx.Response | None) -> str | None:
+    """The error a readiness answer reports once start-up has failed for good (`"status": "failed"`)."""
+    if response is None or response.status_code == 200:
+        return None
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    if not isinstance(body, dict) or body.get("status") != "failed":
+        return None
+    return str(body.get("error") or "start-up failed")
+
+
 class SpawnedServer:
-    """`diffuserve serve` on a free local port for the length of a `with` block; its output goes to a log file."""
+    """`diffuserve serve` on a free local port for the length of a `with` block; its output goes to a log file.
+
+    `serve_args` are extra `diffuserve serve` flags; `stop_grace` is how long a stop waits for a clean exit
+    (the workers' shutdown) before it kills the server's whole process group.
+    """
 
     def __init__(
         self,
@@ -103,6 +128,8 @@ class SpawnedServer:
         env: Mapping[str, str] | None = None,
         ready_timeout: float = 300.0,
         host: str = "127.0.0.1",
+        serve_args: Sequence[str] = (),
+        stop_grace: float = 20.0,
     ) -> None:
         self.host = host
         self.port = free_port(host)
@@ -110,18 +137,21 @@ class SpawnedServer:
         self.log_path = log_path
         self.extra_env = dict(env or {})
         self.ready_timeout = ready_timeout
+        self.serve_args = list(serve_args)
+        self.stop_grace = stop_grace
         self.process: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> SpawnedServer:
         env = {**os.environ, **self.extra_env, "HOST": self.host, "PORT": str(self.port)}
         cmd = [sys.executable, "-m", "diffuserve.cli", "serve", "--host", self.host, "--port", str(self.port)]
+        cmd += self.serve_args
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with self.log_path.open("wb") as log:
-            # Own session: a stop signal reaches the server and the workers it started, nothing else.
-            self.process = subprocess.Popen(
-                cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
         try:
+            with self.log_path.open("wb") as log:
+                # Own session: a stop signal reaches the server and the workers it started, nothing else.
+                self.process = subprocess.Popen(
+                    cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                )
             self._wait_ready()
         except BaseException:
             self.stop()
@@ -133,18 +163,24 @@ class SpawnedServer:
         deadline = time.monotonic() + self.ready_timeout
         while True:
             if self.process.poll() is not None:
-                raise ServerError(
-                    f"`diffuserve serve` exited with code {self.process.returncode} before it was ready; "
-                    f"last lines of {self.log_path}:\n{self.log_tail()}"
+                raise StartError(
+                    f"`diffuserve serve` exited with code {self.process.returncode} before it was ready",
+                    self.log_path,
+                    self.log_tail(),
                 )
             try:
-                if httpx.get(self.base_url + READY_PATH, timeout=2.0).status_code == 200:
-                    return
+                response = httpx.get(self.base_url + READY_PATH, timeout=2.0)
             except httpx.HTTPError:
-                pass
+                response = None
+            if response is not None and response.status_code == 200:
+                return
+            failure = _startup_failure(response)
+            if failure:
+                # The server exits after a fatal start-up error; no need to wait for it to say so.
+                raise StartError(f"spawned server failed to start: {failure}", self.log_path, self.log_tail())
             if time.monotonic() >= deadline:
-                raise ServerError(
-                    f"spawned server not ready after {self.ready_timeout:g} s; see {self.log_path}:\n{self.log_tail()}"
+                raise StartError(
+                    f"spawned server not ready after {self.ready_timeout:g} s", self.log_path, self.log_tail()
                 )
             time.sleep(0.25)
 
@@ -154,23 +190,27 @@ class SpawnedServer:
         except OSError:
             return ""
 
-    def stop(self, grace: float = 20.0) -> None:
+    def stop(self, grace: float | None = None) -> None:
+        grace = self.stop_grace if grace is None else grace
         proc = self.process
         if proc is None:
             return
         # The session holds only what this server started (itself and its workers): signal all of it.
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
+        try:
+            if proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
-        # A worker that outlived its parent would keep a CPU busy after the run.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
+                    os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout=grace)
+                except subprocess.TimeoutExpired:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait(timeout=10)
+        finally:
+            # A worker that outlived its parent would keep a CPU busy after the run; and a stop cut short
+            # (a signal during the wait) must still leave nothing running.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None

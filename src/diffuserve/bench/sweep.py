@@ -61,13 +61,23 @@ def run_step_process(
     with log_path.open("wb") as log:
         proc = subprocess.Popen(cmd, env=_step_env(plan, users), stdout=subprocess.PIPE, stderr=log)
         assert proc.stdout is not None
-        for line in proc.stdout:
+        try:
+            for line in proc.stdout:
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    continue
+                on_progress(int(event["done"]), int(event["failures"]), float(event["elapsed"]))
+            code = proc.wait()
+        except BaseException:
+            # Ctrl-C or SIGTERM of the command: the step must not go on loading the server on its own.
+            proc.terminate()
             try:
-                event = json.loads(line)
-            except ValueError:
-                continue
-            on_progress(int(event["done"]), int(event["failures"]), float(event["elapsed"]))
-        code = proc.wait()
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            raise
     if code != 0 or not (out / SAMPLES_FILE).exists():
         tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-15:])
         raise StepError(f"locust step with {users} users failed (exit {code}); see {log_path}:\n{tail}")
