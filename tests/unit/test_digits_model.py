@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,8 +20,16 @@ from diffuserve.models.digits.prompts import (
     digit_prompt,
     random_prompt,
 )
-from diffuserve.models.digits.train import DIGITS_MODEL, MAX_SEQUENCE_LENGTH, encode_prompts
-from diffuserve.models.registry import BUILTIN_MODELS
+from diffuserve.models.digits.train import (
+    DIGITS_MODEL,
+    MAX_SEQUENCE_LENGTH,
+    PIPELINE_DIR,
+    TRAINING_RECORD,
+    OutDirError,
+    check_out_dir,
+    encode_prompts,
+)
+from diffuserve.models.registry import BUILTIN_MODELS, DIGITS_DIR
 from diffuserve.models.tokenizer import NUMBER_WORDS, UNK_ID
 
 
@@ -166,3 +175,42 @@ def test_commands_are_registered() -> None:
     assert args.per_digit == 3 and callable(args.func)
     assert callable(parser.parse_args(["train-digits", "--flow-steps", "10"]).func)
     assert callable(parser.parse_args(["digits-grid", "--local"]).func)
+
+
+def test_train_refuses_an_out_folder_it_would_delete(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from diffuserve.cli import build_parser
+
+    # `train-digits --out docs` used to delete docs/ after training: now it stops before training.
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "benchmarks.md").write_text("keep me")
+    args = build_parser().parse_args(["train-digits", "--out", str(docs), "--no-eval"])
+    assert args.func(args) == 2
+    assert "without model_index.json" in capsys.readouterr().err
+    assert (docs / "benchmarks.md").read_text() == "keep me"
+
+    with pytest.raises(OutDirError, match="needs a folder name"):
+        check_out_dir(Path(""))
+    with pytest.raises(OutDirError, match="not a folder"):
+        check_out_dir(docs / "benchmarks.md")
+    # Its staging folder `<out>.tmp` is deleted too, so it is held to the same rule.
+    (tmp_path / "model.tmp").mkdir()
+    (tmp_path / "model.tmp" / "notes.txt").write_text("mine")
+    with pytest.raises(OutDirError, match=r"model\.tmp"):
+        check_out_dir(tmp_path / "model")
+
+
+def test_train_accepts_new_empty_and_earlier_output_folders(tmp_path: Path) -> None:
+    check_out_dir(tmp_path / "new")
+    (tmp_path / "empty").mkdir()
+    check_out_dir(tmp_path / "empty")
+    check_out_dir(PIPELINE_DIR)  # the package's own model, replaced by `make train-digits`
+    # A save cut short leaves components without model_index.json (written last): that may go.
+    (tmp_path / "cut.tmp" / "vae").mkdir(parents=True)
+    check_out_dir(tmp_path / "cut")
+
+
+def test_trainer_saves_where_the_registry_loads() -> None:
+    assert PIPELINE_DIR == DIGITS_DIR and TRAINING_RECORD.parent == PIPELINE_DIR.parent

@@ -21,7 +21,11 @@ def register(subparsers: Any) -> None:
     train.add_argument("--vae-steps", type=int, default=None)
     train.add_argument("--flow-steps", type=int, default=None)
     train.add_argument(
-        "--out", type=Path, default=None, help="pipeline folder (default: the package's digits/pipeline)"
+        "--out",
+        type=Path,
+        default=None,
+        help="pipeline folder, replaced by the new model: new, empty or an earlier output "
+        "(default: the package's digits/pipeline)",
     )
     train.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
     train.set_defaults(func=_train)
@@ -62,12 +66,24 @@ def register(subparsers: Any) -> None:
 def _train(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from diffuserve.models.digits.train import PIPELINE_DIR, TrainConfig, train_and_evaluate
+    from diffuserve.models.digits.train import (
+        PIPELINE_DIR,
+        OutDirError,
+        TrainConfig,
+        check_out_dir,
+        train_and_evaluate,
+    )
 
+    out = PIPELINE_DIR if args.out is None else args.out
+    try:
+        check_out_dir(out)
+    except OutDirError as exc:
+        print(f"diffuserve train-digits: {exc}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     overrides = {"threads": args.threads, "vae_steps": args.vae_steps, "flow_steps": args.flow_steps}
     cfg = replace(TrainConfig(seed=args.seed), **{k: v for k, v in overrides.items() if v is not None})
-    record, result = train_and_evaluate(cfg, args.out or PIPELINE_DIR, eval_seeds=0 if args.no_eval else 20)
+    record, result = train_and_evaluate(cfg, out, eval_seeds=0 if args.no_eval else 20)
     print(f"trained in {record['train_seconds']:.0f} s ({cfg.threads} thread(s))")
     if result is not None:
         print(result.report())

@@ -33,12 +33,18 @@ def images_from_api(
                 prompt=grid_prompt(digit),
                 n=1,
                 response_format="b64_json",
-                extra_body={"seed": seed, "width": size, "height": size},
+                # PNG: the grid shows the model's pixels, not the artefacts of the default lossy WebP.
+                extra_body={"seed": seed, "width": size, "height": size, "output_format": "png"},
             )
             item = response.data[0] if response.data else None
             if item is None or not item.b64_json:
                 raise RuntimeError(f"the server returned no image for digit {digit}, seed {seed}")
-            row.append(Image.open(io.BytesIO(base64.b64decode(item.b64_json))).convert("RGB"))
+            image = Image.open(io.BytesIO(base64.b64decode(item.b64_json)))
+            if image.format != "PNG":
+                raise RuntimeError(
+                    f"asked for PNG, the server sent {image.format} (digit {digit}, seed {seed})"
+                )
+            row.append(image.convert("RGB"))
         rows.append(row)
     return rows
 

@@ -19,6 +19,7 @@ from diffuserve.engine.families import TINY_FLUX
 from diffuserve.models.digits.classifier import save_classifier, train_classifier
 from diffuserve.models.digits.data import ink_to_pixels, load_digits_ink
 from diffuserve.models.digits.prompts import DIGITS_VOCAB_WORDS, random_prompt, random_unconditional_prompt
+from diffuserve.models.registry import DIGITS_DIR as PIPELINE_DIR
 from diffuserve.models.tiny_flux import TinyFluxConfig
 
 if TYPE_CHECKING:
@@ -29,9 +30,22 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DIGITS_DIR = Path(__file__).resolve().parent
-PIPELINE_DIR = DIGITS_DIR / "pipeline"
-TRAINING_RECORD = DIGITS_DIR / "training.json"
+# PIPELINE_DIR (the weights the registry serves) lies in this package folder, beside the training record.
+PACKAGE_DIR = Path(__file__).resolve().parent
+TRAINING_RECORD = PACKAGE_DIR / "training.json"
+# What `save_pretrained` writes for this pipeline; model_index.json comes last, so a save cut short lacks it.
+PIPELINE_ENTRIES = frozenset(
+    {
+        "model_index.json",
+        "scheduler",
+        "text_encoder",
+        "text_encoder_2",
+        "tokenizer",
+        "tokenizer_2",
+        "transformer",
+        "vae",
+    }
+)
 
 # Three VAE blocks: a 32×32 image becomes an 8×8×4 latent, i.e. 16 tokens after FLUX's 2×2 packing —
 # the whole 8×8 information of a source digit, at a quarter of the tokens of a two-block VAE.
@@ -248,6 +262,35 @@ def train_flow(
     return history
 
 
+class OutDirError(ValueError):
+    """The output folder is one training must not replace (it would be deleted); checked before training."""
+
+
+def _staging_dir(out_dir: Path) -> Path:
+    return out_dir.with_name(out_dir.name + ".tmp")
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """Refuse an output folder whose replacement would delete something that is not a saved pipeline.
+
+    Saving removes `out_dir` and its staging folder `<out_dir>.tmp`: each must be absent, empty or a pipeline
+    (model_index.json inside; for the staging folder, also the parts of a save cut short)."""
+    if out_dir.name in ("", ".", ".."):
+        raise OutDirError(f"--out needs a folder name, got {str(out_dir)!r}")
+    for folder, partial_ok in ((out_dir, False), (_staging_dir(out_dir), True)):
+        if not folder.exists() and not folder.is_symlink():
+            continue
+        if folder.is_symlink() or not folder.is_dir():
+            raise OutDirError(f"--out: {folder} exists and is not a folder; training will not replace it")
+        entries = {entry.name for entry in folder.iterdir()}
+        if not entries or "model_index.json" in entries or (partial_ok and entries <= PIPELINE_ENTRIES):
+            continue
+        raise OutDirError(
+            f"--out: {folder} is a non-empty folder without model_index.json; training would delete it. "
+            "Give a new or empty folder, or an earlier output of train-digits."
+        )
+
+
 def train(
     cfg: TrainConfig | None = None, out_dir: Path = PIPELINE_DIR, save_records: bool = True
 ) -> dict[str, Any]:
@@ -257,6 +300,7 @@ def train(
 
     from diffuserve.models.tiny_flux import build_tiny_flux
 
+    check_out_dir(out_dir)  # before minutes of training, not after
     cfg = cfg or TrainConfig()
     torch.set_num_threads(cfg.threads)
     started = time.perf_counter()
@@ -278,7 +322,8 @@ def train(
     flow_done = time.perf_counter()
 
     # Save beside, then swap, so an interrupted run never leaves a half-written model in the package.
-    tmp_dir = out_dir.with_name(out_dir.name + ".tmp")
+    check_out_dir(out_dir)  # again: the folders may have changed during training
+    tmp_dir = _staging_dir(out_dir)
     shutil.rmtree(tmp_dir, ignore_errors=True)
     pipe.save_pretrained(str(tmp_dir), safe_serialization=True)
     shutil.rmtree(out_dir, ignore_errors=True)
