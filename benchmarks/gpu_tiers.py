@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import contextlib
 import gc
 import io
 import json
@@ -24,7 +23,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -288,65 +286,47 @@ def run_probe(args: argparse.Namespace, cache_dir: str, label: str) -> dict[str,
 
 
 # Server phase: the real `diffuserve serve`, one request per tier ---------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def serve_one(args: argparse.Namespace, tier: str) -> dict[str, Any]:
     import httpx
 
-    port = free_port()
-    cmd = [
-        sys.executable, "-m", "diffuserve.cli", "serve",
-        "--model-repo", MODELS[args.model].repo, "--weights", "random", "--tier", tier,
-        "--model-batch", "1", "--port", str(port), "--cache-dir", args.cache_dir, "--devices", "0",
-    ]  # fmt: skip
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
-    logfile = Path(args.out) / f"server-{args.model}-{tier}.log"
-    out: dict[str, Any] = {"model": args.model, "tier": tier, "command": " ".join(cmd[1:])}
-    t0 = time.perf_counter()
-    with logfile.open("w") as fh:
-        proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = t0 + args.server_start_timeout
-        ready = False
-        while time.perf_counter() < deadline and proc.poll() is None:
-            with contextlib.suppress(httpx.HTTPError):
-                r = httpx.get(f"{base}/health/ready", timeout=2)
-                if r.status_code == 200:
-                    ready = True
-                    break
-                if r.json().get("status") == "failed":
-                    break
-            time.sleep(1.0)
-        out["ready_s"] = time.perf_counter() - t0
-        if not ready:
-            out["error"] = f"not ready (rc={proc.poll()}); see {logfile.name}"
-            return out
-        body = {"prompt": PROMPTS[0], "size": "1024x1024", "seed": 7, "response_format": "b64_json"}
-        t1 = time.perf_counter()
-        r = httpx.post(f"{base}/v1/images/generations", json=body, timeout=300)
-        out["request_s"] = time.perf_counter() - t1
-        out["status"] = r.status_code
-        out["model_name"] = r.headers.get("x-model")
-        if r.status_code == 200:
-            from PIL import Image
+    from diffuserve.bench.server import SpawnedServer, StartError
 
-            png = base64.b64decode(r.json()["data"][0]["b64_json"])
-            out["image_size"] = Image.open(io.BytesIO(png)).size
-        else:
-            out["error"] = r.text[:300]
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    serve_args = [
+        "--model-repo", MODELS[args.model].repo, "--weights", "random", "--tier", tier,
+        "--model-batch", "1", "--cache-dir", args.cache_dir, "--devices", "0",
+    ]  # fmt: skip
+    env = {"PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    logfile = Path(args.out) / f"server-{args.model}-{tier}.log"
+    # The bench's spawner: own session, polled until ready (or failed), whole group stopped on the way out.
+    server = SpawnedServer(
+        logfile, env=env, ready_timeout=args.server_start_timeout, serve_args=serve_args, stop_grace=30
+    )
+    command = ["-m", "diffuserve.cli", "serve", "--port", str(server.port), *serve_args]
+    out: dict[str, Any] = {"model": args.model, "tier": tier, "command": " ".join(command)}
+    t0 = time.perf_counter()
+    try:
+        with server:
+            out["ready_s"] = time.perf_counter() - t0
+            body = {"prompt": PROMPTS[0], "size": "1024x1024", "seed": 7, "response_format": "b64_json"}
+            t1 = time.perf_counter()
+            r = httpx.post(f"{server.base_url}/v1/images/generations", json=body, timeout=300)
+            out["request_s"] = time.perf_counter() - t1
+            out["status"] = r.status_code
+            out["model_name"] = r.headers.get("x-model")
+            if r.status_code == 200:
+                from PIL import Image
+
+                try:
+                    png = base64.b64decode(r.json()["data"][0]["b64_json"])
+                    out["image_size"] = Image.open(io.BytesIO(png)).size
+                except (ValueError, KeyError, IndexError, TypeError, OSError) as exc:
+                    out["error"] = f"HTTP 200 without a readable image: {type(exc).__name__}: {exc}"
+            else:
+                out["error"] = r.text[:300]
+    except StartError as exc:
+        out["ready_s"] = time.perf_counter() - t0
+        out["error"] = f"not ready ({exc.reason}); see {logfile.name}"
+        return out
     log(f"server {args.model} {tier}: {json.dumps(out)}")
     return out
 

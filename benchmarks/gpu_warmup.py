@@ -13,21 +13,13 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import httpx
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from diffuserve.bench.server import ServerError, SpawnedServer
 
 
 def timed_post(url: str, body: dict) -> tuple[float, int, str]:
@@ -48,49 +40,38 @@ def main() -> int:
     serve_args = [a for a in args.serve_args if a != "--"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    log = (out / "warmup-server.log").open("wb")
-    started = time.perf_counter()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "diffuserve", "serve", "--port", str(port), *serve_args],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
+    # The bench's spawner: own session, log file closed, the whole group stopped even if the server died first.
+    server = SpawnedServer(
+        out / "warmup-server.log", ready_timeout=args.ready_timeout, serve_args=serve_args, stop_grace=60
     )
-    base = f"http://127.0.0.1:{port}"
+    started = time.perf_counter()
     try:
-        while True:
-            if server.poll() is not None or time.perf_counter() - started > args.ready_timeout:
-                print((out / "warmup-server.log").read_text()[-4000:])
-                return 1
-            try:
-                if httpx.get(f"{base}/health/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        ready_s = time.perf_counter() - started
-        batch = int(httpx.get(f"{base}/v1/models").json()["data"][0]["id"].rsplit("-bs", 1)[1])
-        url = f"{base}/v1/images/generations"
-        lone = [timed_post(url, {"prompt": "a lighthouse", "seed": i}) for i in range(args.lone)]
-        with concurrent.futures.ThreadPoolExecutor(batch) as pool:
-            full = list(
-                pool.map(lambda i: timed_post(url, {"prompt": "a lighthouse", "seed": 100 + i}), range(batch))
-            )
-        results = {
-            "serve_args": serve_args,
-            "ready_s": round(ready_s, 1),
-            "lone_s": [round(t, 3) for t, _, _ in lone],
-            "lone_status": [s for _, s, _ in lone],
-            "concurrent_s": [round(t, 3) for t, _, _ in full],
-            "concurrent_batch_sizes": [b for _, _, b in full],
-        }
-        (out / "results.json").write_text(json.dumps(results, indent=2))
-        print(json.dumps(results, indent=2))
-        return 0
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=60)
+        with server:
+            ready_s = time.perf_counter() - started
+            base = server.base_url
+            batch = int(httpx.get(f"{base}/v1/models").json()["data"][0]["id"].rsplit("-bs", 1)[1])
+            url = f"{base}/v1/images/generations"
+            lone = [timed_post(url, {"prompt": "a lighthouse", "seed": i}) for i in range(args.lone)]
+            with concurrent.futures.ThreadPoolExecutor(batch) as pool:
+                full = list(
+                    pool.map(
+                        lambda i: timed_post(url, {"prompt": "a lighthouse", "seed": 100 + i}), range(batch)
+                    )
+                )
+    except ServerError as exc:
+        print(exc)
+        return 1
+    results = {
+        "serve_args": serve_args,
+        "ready_s": round(ready_s, 1),
+        "lone_s": [round(t, 3) for t, _, _ in lone],
+        "lone_status": [s for _, s, _ in lone],
+        "concurrent_s": [round(t, 3) for t, _, _ in full],
+        "concurrent_batch_sizes": [b for _, _, b in full],
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    print(json.dumps(results, indent=2))
+    return 0
 
 
 if __name__ == "__main__":
