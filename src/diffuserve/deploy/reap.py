@@ -43,7 +43,9 @@ def reap_previous_group(pgid_file: Path, *, grace: float = 5.0) -> bool:
 
 
 def _looks_like_model_server(pgid: int) -> bool:
-    """A member runs diffuserve or a multiprocessing worker; without /proc (not Linux) trust the record."""
+    """A member is `diffuserve serve` or one of its multiprocessing workers; without /proc (not Linux) trust
+    the record. The match is on whole arguments: nginx's master, whose title names /run/diffuserve/nginx.conf,
+    or the gate that becomes it, must not pass for the model server."""
     proc = Path("/proc")
     if not proc.is_dir():
         return True
@@ -53,11 +55,38 @@ def _looks_like_model_server(pgid: int) -> bool:
         try:
             if os.getpgid(int(entry.name)) != pgid:
                 continue
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
+            argv = (entry / "cmdline").read_bytes().rstrip(b"\0").split(b"\0")
         except OSError:
             continue
-        if b"diffuserve" in cmdline or b"multiprocessing" in cmdline:
+        if is_model_server_command(argv):
             return True
+    return False
+
+
+def is_model_server_command(argv: Sequence[bytes]) -> bool:
+    """`argv` runs the model server (`diffuserve serve` in any of the launcher's forms) or a worker of it."""
+    for i, arg in enumerate(argv):
+        following = argv[i + 1] if i + 1 < len(argv) else b""
+        # multiprocessing's spawn workers: `python -c "from multiprocessing.spawn import ..." --multiprocessing-fork`
+        # (the resource tracker is `-c "from multiprocessing.resource_tracker import ..."`).
+        if arg == b"--multiprocessing-fork" or (
+            arg == b"-c" and following.startswith(b"from multiprocessing.")
+        ):
+            return True
+    for i, arg in enumerate(argv):
+        if arg != b"serve" or i == 0:
+            continue
+        launcher = argv[:i]
+        for j, word in enumerate(launcher):
+            after = launcher[j + 1] if j + 1 < len(launcher) else b""
+            # The console script (`/venv/bin/diffuserve serve`), `python -m diffuserve[.cli] serve`, or
+            # render's fallback `python -c "...from diffuserve.cli import main..." serve`.
+            if word.rsplit(b"/", 1)[-1] == b"diffuserve":
+                return True
+            if word == b"-m" and after in (b"diffuserve", b"diffuserve.cli"):
+                return True
+            if word == b"-c" and b"diffuserve.cli" in after:
+                return True
     return False
 
 
