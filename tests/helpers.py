@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 from PIL import Image
@@ -123,3 +124,22 @@ def decode_image(data: bytes) -> Image.Image:
     image = Image.open(io.BytesIO(data))
     image.load()
     return image
+
+
+# Process-wide torch._dynamo settings that `configure_compile_cache` changes.
+DYNAMO_GLOBALS = ("automatic_dynamic_shapes", "recompile_limit", "accumulated_recompile_limit")
+
+
+@contextlib.contextmanager
+def dynamo_config_restored() -> Iterator[None]:
+    """Restore torch._dynamo's config afterwards. Plain assignment, not monkeypatch: its config module serves
+    these names through __getattr__, and monkeypatch's undo left them deleted (later compiles then failed)."""
+    import torch._dynamo
+
+    config: Any = torch._dynamo.config
+    saved = {name: getattr(config, name) for name in DYNAMO_GLOBALS if hasattr(config, name)}
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(config, name, value)

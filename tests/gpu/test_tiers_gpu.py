@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,7 @@ import torch
 
 from diffuserve.engine.tiers import Tier, apply_tier, fp8_available, save_compile_cache, step_cache_of
 from diffuserve.models.tiny_flux import build_tiny_flux
+from tests.helpers import dynamo_config_restored
 
 pytestmark = [
     pytest.mark.gpu,
@@ -18,7 +20,7 @@ pytestmark = [
 
 
 @pytest.fixture(autouse=True)
-def _own_compile_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _own_compile_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Each test compiles into its own tmp_path (`configure_compile_cache` only fills these in when unset, so
     without this every test would use the first one's), and the process globals it sets are restored."""
     from diffuserve.engine.tiers import compile as compile_module
@@ -26,10 +28,8 @@ def _own_compile_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "compile" / "inductor"))
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "compile" / "triton"))
     monkeypatch.setattr(compile_module, "_ARTIFACT_KEY", compile_module._ARTIFACT_KEY)
-    dynamo_config: Any = torch._dynamo.config
-    for name in ("automatic_dynamic_shapes", "recompile_limit", "accumulated_recompile_limit"):
-        if hasattr(dynamo_config, name):
-            monkeypatch.setattr(dynamo_config, name, getattr(dynamo_config, name))
+    with dynamo_config_restored():
+        yield
 
 
 def generate(pipe: Any, steps: int = 8) -> torch.Tensor:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from diffuserve.engine.tiers.cache import MAX_STREAMS
 from diffuserve.engine.tiers.compile import configure_compile_cache
 from diffuserve.engine.tiers.quantize import quantize_fp8
 from diffuserve.models.tiny_flux import build_tiny_flux
+from tests.helpers import dynamo_config_restored
 
 
 @pytest.fixture(autouse=True)
@@ -280,15 +282,13 @@ def test_bare_model_streams_check_the_whole_shape_and_stay_bounded() -> None:
 
 # Compile cache (files only; compiling itself is a GPU test) ---------------------------------------------------------
 @pytest.fixture
-def compile_globals(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def compile_globals(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """`configure_compile_cache` sets process globals: restore them so later tests see the defaults."""
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))
     monkeypatch.setattr(compile_module, "_ARTIFACT_KEY", compile_module._ARTIFACT_KEY)
-    dynamo_config: Any = torch._dynamo.config
-    for name in ("automatic_dynamic_shapes", "recompile_limit", "accumulated_recompile_limit"):
-        if hasattr(dynamo_config, name):
-            monkeypatch.setattr(dynamo_config, name, getattr(dynamo_config, name))
+    with dynamo_config_restored():
+        yield
 
 
 @pytest.mark.usefixtures("compile_globals")
