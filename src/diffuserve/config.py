@@ -75,7 +75,7 @@ class Settings:
         default=0,
         metadata={
             "env": ("CPU_THREADS",),
-            "help": "torch threads per CPU worker; 0 = the machine's cores shared among CPU workers",
+            "help": "torch threads per CPU worker; 0 = 1 for built-in models, else the cores shared among CPU workers",
         },
     )
     max_queue: int = field(
