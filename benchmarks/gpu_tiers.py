@@ -7,7 +7,7 @@ One model per call (each part fits in 10 minutes):
                                                                        # and first vs second start (compile cache)
     python benchmarks/gpu_tiers.py --model digits                      # quality per tier on the trained digits model
 
-Random weights have the real architectures (shared/reference/architectures.md), so time and memory are those of
+Random weights have the real architectures (the released models' configs), so time and memory are those of
 the real models; their images are noise, so their deviations are only a smoke check. Quality is judged on the
 trained digits model. Results go to --out as JSON lines and a markdown table.
 """

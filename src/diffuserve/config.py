@@ -11,7 +11,7 @@ DEFAULT_MODEL = "digits"
 
 
 def _env(*names: str) -> str | None:
-    """First non-empty value among several environment variable names (aliases kept for the seed's names)."""
+    """First non-empty value among several environment variable names (aliases keep the names common Modal/TheStage set-ups use)."""
     for name in names:
         value = os.environ.get(name)
         if value:

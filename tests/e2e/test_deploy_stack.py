@@ -255,7 +255,7 @@ def test_openai_client_through_nginx(stack: Stack) -> None:
     image = base64.b64decode(result.data[0].b64_json or "")
     assert image[:4] == b"RIFF" and image[8:12] == b"WEBP"
 
-    # The seed's call: raw response, body written as a .webp file.
+    # The tutorial-style call: raw response, body written as a .webp file.
     raw = client.with_raw_response.images.generate(model=model, prompt="a lighthouse", n=1, extra_body=extra)
     assert raw.http_response.status_code == 200
     assert raw.content[:4] == b"RIFF" and raw.content[8:12] == b"WEBP"

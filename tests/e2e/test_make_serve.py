@@ -1,4 +1,4 @@
-"""Acceptance 7: on a fresh clone, `make serve` answers a request within 3 minutes (installing included)
+"""On a fresh clone, `make serve` answers a request within 3 minutes (installing included)
 and within 15 seconds once installed."""
 
 from __future__ import annotations

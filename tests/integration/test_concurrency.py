@@ -1,4 +1,4 @@
-"""Acceptance 3: 32 concurrent requests all succeed and the server batched some of them together."""
+"""32 concurrent requests all succeed and the server batched some of them together."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Acceptance 2: a seed gives the same image every time, alone or inside a batch."""
+"""A seed gives the same image every time, alone or inside a batch."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Issue 3, acceptance 3: ten concurrent requests for ten digits, batched by the server, each return its own digit."""
+"""Ten concurrent requests for ten digits, batched by the server, each return its own digit."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Acceptance 6 and auth: readiness while loading, clear start-up failures, bearer tokens."""
+"""Readiness while loading, clear start-up failures, bearer tokens."""
 
 from __future__ import annotations
 

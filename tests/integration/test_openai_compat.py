@@ -1,4 +1,4 @@
-"""Acceptance 1: the seed's curl and OpenAI-client calls work unchanged against a local server."""
+"""The TheStage/Modal tutorial's curl and OpenAI-client calls work unchanged against a local server."""
 
 from __future__ import annotations
 

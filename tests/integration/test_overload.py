@@ -1,4 +1,4 @@
-"""Acceptance 5: backpressure (429 + Retry-After), deadlines (504), client disconnects, and worker death."""
+"""Backpressure (429 + Retry-After), deadlines (504), client disconnects, and worker death."""
 
 from __future__ import annotations
 

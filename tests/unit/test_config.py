@@ -1,4 +1,4 @@
-"""Settings: env vars (with the seed's names and aliases), flags over env, validation messages."""
+"""Settings: env vars (with the names Modal/TheStage set-ups use, and aliases), flags over env, validation messages."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Locust user for the Images API, configured by BENCH_* env vars: `locust -f src/diffuserve/bench/locustfile.py`.
 
-Example (16 users, 512 requests in all, like the seed's locust_flux-dev_bs4.py but without editing the file):
+Example (16 users, 512 requests in all, like the usual hand-edited locust_flux-dev_bs4.py, but configured by env vars):
 
     BENCH_URL=http://127.0.0.1:8000 BENCH_MODEL=tiny-random-xl-bs4 BENCH_ITERATIONS=512 \\
         locust -f src/diffuserve/bench/locustfile.py --headless -u 16 -r 16 --html report.html --csv stats

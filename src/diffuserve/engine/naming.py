@@ -14,7 +14,7 @@ def model_slug(repo: str) -> str:
 
 
 def served_model_name(settings: Settings) -> str:
-    """The name clients use: explicit, or `<slug>-<tier>-bs<batch>` like the seed's `flux-1-dev-s-bs4`."""
+    """The name clients use: explicit, or `<slug>-<tier>-bs<batch>` like `flux-1-dev-s-bs4`."""
     if settings.model_name:
         return settings.model_name
     return f"{model_slug(settings.model_repo)}-{settings.model_size.lower()}-bs{settings.model_batch}"

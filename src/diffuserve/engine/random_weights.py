@@ -12,7 +12,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-# Parameter counts from shared/reference/architectures.md; a build that misses one by more than 0.1 % is wrong (the reference rounds to 4 digits).
+# Parameter counts of the released models' configs; a build that misses one by more than 0.1 % is wrong (the counts are rounded to 4 digits).
 EXPECTED_PARAMS: dict[str, dict[str, float]] = {
     "flux-dev": {"transformer": 11.90e9, "vae": 83.82e6, "text_encoder": 123.06e6, "text_encoder_2": 4.762e9},
     "flux-schnell": {
