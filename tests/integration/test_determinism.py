@@ -83,9 +83,9 @@ def test_seed_alone_equals_seed_in_a_batch_the_scheduler_formed(server: ServerHa
 
     async def scenario() -> httpx.Response:
         async with httpx.AsyncClient(timeout=120) as client:
-            # A request of another size holds the worker, so the next four queue and form one batch.
+            # A request of another size holds the worker (about 2 s), so the next four queue and form one batch.
             blocker = asyncio.create_task(
-                client.post(url, json={"prompt": "x", "size": "256x256", "num_inference_steps": 8})
+                client.post(url, json={"prompt": "x", "size": "256x256", "num_inference_steps": 60})
             )
             await asyncio.sleep(0.3)
             results = await asyncio.gather(
