@@ -33,7 +33,7 @@ def main() -> None:
     import diffusers
     import torch
 
-    from diffuserve.engine.families import TINY_FLUX
+    from diffuserve.types import TINY_FLUX
     from diffuserve.models.registry import BUILTIN_MODELS
 
     pipe = BUILTIN_MODELS["digits"]()

@@ -343,7 +343,7 @@ def run_digits(args: argparse.Namespace) -> int:
     """Prompt-following accuracy per tier and deviation from XL/eager, same prompts and seeds for every tier."""
     from diffusers import FluxPipeline
 
-    from diffuserve.engine.families import TINY_FLUX
+    from diffuserve.types import TINY_FLUX
     from diffuserve.models.registry import DIGITS_DIR
 
     if not (DIGITS_DIR / "model_index.json").exists():

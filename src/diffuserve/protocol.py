@@ -12,7 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from diffuserve.errors import InvalidRequest
-from diffuserve.serving.messages import GenerationRequest, ModelInfo
+from diffuserve.types import GenerationRequest, ModelInfo
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffuserve.engine.families import TINY_FLUX
+from diffuserve.types import TINY_FLUX
 from diffuserve.models.digits.classifier import load_classifier
 from diffuserve.models.digits.data import images_to_ink, ink_to_features, ink_to_pixels, load_digits_ink
 from diffuserve.models.digits.evaluate import evaluate, parse_seeds

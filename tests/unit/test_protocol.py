@@ -6,7 +6,7 @@ import pytest
 
 from diffuserve.errors import InvalidRequest
 from diffuserve.protocol import ASPECT_RATIOS, ImageGenerationRequest, dimensions_for_aspect
-from diffuserve.serving.messages import ModelInfo
+from diffuserve.types import ModelInfo
 
 FLUX = ModelInfo(
     name="flux-1-dev-xl-bs4", family="flux-dev", repo="black-forest-labs/FLUX.1-dev", tier="XL",

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from diffuserve.errors import GenerationFailed, QueueFull, WorkerCrashed
-from diffuserve.serving.messages import BatchJob, BatchResult, EncodedImage, GenerationRequest
+from diffuserve.types import BatchJob, BatchResult, EncodedImage, GenerationRequest
 from diffuserve.serving.scheduler import Scheduler
 
 

@@ -14,7 +14,7 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from diffuserve.engine.families import FAMILIES
+    from diffuserve.types import FAMILIES
     from diffuserve.models.registry import BUILTIN_DESCRIPTIONS
 
     print("Built-in models (no download):")

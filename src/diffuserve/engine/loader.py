@@ -8,7 +8,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from diffuserve.engine.families import GENERIC, TINY_FLUX, Family, detect_family
+from diffuserve.engine.families import detect_family
+from diffuserve.types import GENERIC, TINY_FLUX, Family
 from diffuserve.models.registry import BUILTIN_MODELS, is_builtin
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from diffuserve.errors import GenerationFailed, QueueFull, WorkerCrashed
-from diffuserve.serving.messages import BatchJob, BatchResult, EncodedImage, GenerationRequest
+from diffuserve.types import BatchJob, BatchResult, EncodedImage, GenerationRequest
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from multiprocessing.connection import Connection
 
 from diffuserve.config import Settings
 from diffuserve.logs import configure_logging
-from diffuserve.serving.messages import BatchJob, Shutdown, WorkerFailed, WorkerReady
+from diffuserve.types import BatchJob, Shutdown, WorkerFailed, WorkerReady
 
 
 def worker_main(worker_id: int, device: str, settings: Settings, conn: Connection) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 
 from diffuserve.config import Settings
 from diffuserve.models.registry import is_builtin
-from diffuserve.serving.messages import BatchJob, BatchResult, ModelInfo, Shutdown, WorkerFailed, WorkerReady
+from diffuserve.types import BatchJob, BatchResult, ModelInfo, Shutdown, WorkerFailed, WorkerReady
 from diffuserve.serving.scheduler import Scheduler
 from diffuserve.serving.worker_process import worker_main
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from diffuserve.engine.families import TINY_FLUX
+from diffuserve.types import TINY_FLUX
 from diffuserve.models.digits.classifier import DigitClassifier
 from diffuserve.models.digits.prompts import EVAL_PHRASINGS, eval_prompt
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from diffuserve.engine.families import TINY_FLUX
+from diffuserve.types import TINY_FLUX
 from diffuserve.models.tokenizer import NUMBER_WORDS
 
 

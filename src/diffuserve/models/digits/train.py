@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from diffuserve.engine.families import TINY_FLUX
+from diffuserve.types import TINY_FLUX
 from diffuserve.models.digits.classifier import save_classifier, train_classifier
 from diffuserve.models.digits.data import ink_to_pixels, load_digits_ink
 from diffuserve.models.digits.prompts import DIGITS_VOCAB_WORDS, random_prompt, random_unconditional_prompt

@@ -1,8 +1,33 @@
-"""Typed messages that cross the API → scheduler → worker boundaries (no bare tuples or dicts)."""
+"""Typed messages and model families shared by every layer (API → serving → engine → models); imports
+nothing of the project, so any layer may use it."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    default_steps: int
+    default_guidance: float
+    max_sequence_length: int | None
+    supports_negative_prompt: bool
+    native_size: int
+    size_multiple: int
+    min_size: int
+    max_size: int
+    max_steps: int = 200
+
+
+FLUX_SCHNELL = Family("flux-schnell", 4, 0.0, 256, False, 1024, 16, 256, 2048)
+FLUX_DEV = Family("flux-dev", 28, 3.5, 512, False, 1024, 16, 256, 2048)
+SDXL = Family("sdxl", 30, 5.0, None, True, 1024, 8, 256, 2048)
+GENERIC = Family("generic", 30, 7.5, None, True, 512, 8, 64, 2048)
+# The built-in models: 32×32 digits, small enough for a laptop CPU.
+TINY_FLUX = Family("tiny-flux", 4, 0.0, 16, False, 32, 16, 16, 256)
+
+FAMILIES = {f.name: f for f in (FLUX_SCHNELL, FLUX_DEV, SDXL, GENERIC, TINY_FLUX)}
 
 
 @dataclass(frozen=True)
@@ -127,8 +152,24 @@ class BatchResult:
 
     batch_id: int
     images: list[list[EncodedImage]] = field(default_factory=list)
+    # The device's share: denoise (text encoders and the denoising loop) + decode (VAE, post-processing to
+    # uint8 on the device and the copy to host memory). Encoding runs after the device is free again.
     inference_ms: float = 0.0
+    denoise_ms: float = 0.0
+    decode_ms: float = 0.0
+    encode_ms: float = 0.0
+    # time.monotonic() when the worker sent this result (one clock for every process of the host), so the
+    # receiver can tell the time the bytes spent in transit.
+    sent_at: float = 0.0
     error: str | None = None
+
+
+@dataclass
+class DeviceFree:
+    """The worker's device finished a batch's compute: it takes the next job while this batch's images are
+    still being encoded. Its BatchResult follows; a worker that never sends this is freed by the result."""
+
+    batch_id: int
 
 
 @dataclass
