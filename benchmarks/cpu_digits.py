@@ -33,8 +33,8 @@ def main() -> None:
     import diffusers
     import torch
 
-    from diffuserve.types import TINY_FLUX
     from diffuserve.models.registry import BUILTIN_MODELS
+    from diffuserve.types import TINY_FLUX
 
     pipe = BUILTIN_MODELS["digits"]()
     pipe.set_progress_bar_config(disable=True)

@@ -343,8 +343,8 @@ def run_digits(args: argparse.Namespace) -> int:
     """Prompt-following accuracy per tier and deviation from XL/eager, same prompts and seeds for every tier."""
     from diffusers import FluxPipeline
 
-    from diffuserve.types import TINY_FLUX
     from diffuserve.models.registry import DIGITS_DIR
+    from diffuserve.types import TINY_FLUX
 
     if not (DIGITS_DIR / "model_index.json").exists():
         log(f"digits model not present at {DIGITS_DIR}: quality run skipped")

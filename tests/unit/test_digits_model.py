@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from diffuserve.types import TINY_FLUX
 from diffuserve.models.digits.classifier import load_classifier
 from diffuserve.models.digits.data import images_to_ink, ink_to_features, ink_to_pixels, load_digits_ink
 from diffuserve.models.digits.evaluate import evaluate, parse_seeds
@@ -31,6 +30,7 @@ from diffuserve.models.digits.train import (
 )
 from diffuserve.models.registry import BUILTIN_MODELS, DIGITS_DIR
 from diffuserve.models.tokenizer import NUMBER_WORDS, UNK_ID
+from diffuserve.types import TINY_FLUX
 
 
 @pytest.fixture(scope="module")

@@ -36,8 +36,8 @@ def run(args: argparse.Namespace) -> int:
     from diffuserve.engine.loader import ModelLoadError
     from diffuserve.errors import InvalidRequest
     from diffuserve.protocol import ImageGenerationRequest
-    from diffuserve.types import BatchJob
     from diffuserve.serving.workers import resolve_devices
+    from diffuserve.types import BatchJob
 
     output = Path(args.output)
     fmt = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}.get(output.suffix.lower())

@@ -14,8 +14,8 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from diffuserve.types import FAMILIES
     from diffuserve.models.registry import BUILTIN_DESCRIPTIONS
+    from diffuserve.types import FAMILIES
 
     print("Built-in models (no download):")
     for name, description in BUILTIN_DESCRIPTIONS.items():

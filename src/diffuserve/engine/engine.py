@@ -11,10 +11,9 @@ from typing import Any
 
 from diffuserve.config import Settings
 from diffuserve.engine.encode import MEDIA_TYPES, encode_image
-from diffuserve.types import Family
 from diffuserve.engine.loader import LoadedPipeline, load_pipeline
 from diffuserve.engine.naming import served_model_name
-from diffuserve.types import BatchItem, BatchJob, BatchResult, EncodedImage, ModelInfo
+from diffuserve.types import BatchItem, BatchJob, BatchResult, EncodedImage, Family, ModelInfo
 
 log = logging.getLogger(__name__)
 

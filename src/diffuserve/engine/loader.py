@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from diffuserve.engine.families import detect_family
-from diffuserve.types import GENERIC, TINY_FLUX, Family
 from diffuserve.models.registry import BUILTIN_MODELS, is_builtin
+from diffuserve.types import GENERIC, TINY_FLUX, Family
 
 log = logging.getLogger(__name__)
 

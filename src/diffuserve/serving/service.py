@@ -11,9 +11,9 @@ from typing import Any
 from diffuserve.config import Settings
 from diffuserve.engine.naming import model_slug, served_model_name
 from diffuserve.errors import DeadlineExceeded, ModelNotFound, NotReady, QueueFull
-from diffuserve.types import GenerationRequest, ModelInfo
 from diffuserve.serving.scheduler import Completed, Pending, Scheduler, SchedulerObserver
 from diffuserve.serving.workers import WorkerPool, resolve_devices
+from diffuserve.types import GenerationRequest, ModelInfo
 
 log = logging.getLogger(__name__)
 

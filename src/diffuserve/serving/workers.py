@@ -18,9 +18,9 @@ from typing import Any
 
 from diffuserve.config import Settings
 from diffuserve.models.registry import is_builtin
-from diffuserve.types import BatchJob, BatchResult, ModelInfo, Shutdown, WorkerFailed, WorkerReady
 from diffuserve.serving.scheduler import Scheduler
 from diffuserve.serving.worker_process import worker_main
+from diffuserve.types import BatchJob, BatchResult, ModelInfo, Shutdown, WorkerFailed, WorkerReady
 
 log = logging.getLogger(__name__)
 

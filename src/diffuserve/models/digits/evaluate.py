@@ -8,9 +8,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from diffuserve.types import TINY_FLUX
 from diffuserve.models.digits.classifier import DigitClassifier
 from diffuserve.models.digits.prompts import EVAL_PHRASINGS, eval_prompt
+from diffuserve.types import TINY_FLUX
 
 if TYPE_CHECKING:
     from diffusers import FluxPipeline

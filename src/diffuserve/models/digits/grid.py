@@ -9,8 +9,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from diffuserve.types import TINY_FLUX
 from diffuserve.models.tokenizer import NUMBER_WORDS
+from diffuserve.types import TINY_FLUX
 
 
 def grid_prompt(digit: int) -> str:

@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from diffuserve.types import TINY_FLUX
 from diffuserve.models.digits.classifier import save_classifier, train_classifier
 from diffuserve.models.digits.data import ink_to_pixels, load_digits_ink
 from diffuserve.models.digits.prompts import DIGITS_VOCAB_WORDS, random_prompt, random_unconditional_prompt
 from diffuserve.models.registry import DIGITS_DIR as PIPELINE_DIR
 from diffuserve.models.tiny_flux import TinyFluxConfig
+from diffuserve.types import TINY_FLUX
 
 if TYPE_CHECKING:
     import torch
