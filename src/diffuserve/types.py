@@ -200,6 +200,10 @@ class WorkerReady:
     model: ModelInfo
     load_seconds: float
     warmup_seconds: float
+    # time.monotonic() when the child's worker code began (after the interpreter and torch started), and how
+    # long each start-up phase took: import_s, load_s, tier_s, warmup_b<N>_s, compile_cache_save_s.
+    entered_at: float = 0.0
+    phases: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass

@@ -4,7 +4,26 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320)
+LATENCY_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    20,
+    40,
+    80,
+    160,
+    320,
+)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 
 
@@ -27,6 +46,14 @@ class Metrics:
         self.inference_seconds = Histogram(
             "diffuserve_inference_seconds",
             "Pipeline time of the batch a request ran in",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.phase_seconds = Histogram(
+            "diffuserve_phase_seconds",
+            "Where a request's time went: queue, denoise (text encoders and denoising), decode (VAE to uint8 "
+            "pixels in host memory), encode, transfer (between the API and the worker), respond (the body)",
+            ["phase"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )

@@ -61,7 +61,7 @@ class RequestContextMiddleware:
                 "status": state.get("final_status", status),
                 "total_ms": round((time.perf_counter() - started) * 1000, 1),
             }
-            for key in ("model", "n", "batch_size", "queue_ms", "inference_ms"):
+            for key in ("model", "n", "batch_size", "queue_ms", "inference_ms", "encode_ms"):
                 if key in state:
                     fields[key] = state[key]
             level = logging.DEBUG if path.startswith(QUIET_PATHS) else logging.INFO

@@ -35,11 +35,19 @@ class SchedulerObserver(Protocol):
 
 @dataclass
 class Completed:
+    """A request's images and where its time went (milliseconds)."""
+
     images: list[EncodedImage]
     queue_ms: float
-    inference_ms: float
+    inference_ms: float  # the device's share: denoise + decode
     batch_size: int
     worker_id: int
+    denoise_ms: float = 0.0
+    decode_ms: float = 0.0
+    encode_ms: float = 0.0
+    # Dispatch to delivery minus the device's and the encoder's time: the pipes both ways, and any wait for the
+    # encoder stage while it finished the previous batch.
+    transfer_ms: float = 0.0
 
 
 @dataclass(eq=False)
@@ -57,6 +65,8 @@ class InFlight:
     pendings: list[Pending]
     job: BatchJob
     started_at: float
+    # The worker said its device is done with this batch (DeviceFree); the images are still being encoded.
+    device_released: bool = False
 
 
 @dataclass
@@ -125,16 +135,38 @@ class Scheduler:
                 for pending in flight.pendings:
                     _fail(pending, WorkerCrashed(f"the worker running this request stopped: {reason}"))
 
-    def batch_finished(self, worker: WorkerSlot, result: BatchResult) -> None:
-        flight = self.in_flight.pop(result.batch_id, None)
-        if flight is not None:
-            elapsed = self.clock() - flight.started_at
-            ema = self._batch_seconds_ema
-            self._batch_seconds_ema = elapsed if ema is None else 0.8 * ema + 0.2 * elapsed
-            self._deliver(flight, result)
+    def releases_device(self, batch_id: int) -> bool:
+        """Whether the worker's next message about this batch frees its device: true until DeviceFree came."""
+        flight = self.in_flight.get(batch_id)
+        return flight is None or not flight.device_released
+
+    def device_free(self, worker: WorkerSlot, batch_id: int) -> None:
+        """The worker's device finished `batch_id` (its images are being encoded): give it the next batch."""
+        flight = self.in_flight.get(batch_id)
+        if flight is None or flight.device_released:
+            return
+        flight.device_released = True
+        self._record_batch_time(flight)
         self.worker_idle(worker)
 
+    def batch_finished(self, worker: WorkerSlot, result: BatchResult) -> None:
+        """A batch's images (or its error) are back. The worker is idle now unless DeviceFree already said so
+        (it may be running the next batch)."""
+        flight = self.in_flight.pop(result.batch_id, None)
+        if flight is not None:
+            if not flight.device_released:
+                self._record_batch_time(flight)
+            self._deliver(flight, result)
+        if flight is None or not flight.device_released:
+            self.worker_idle(worker)
+
     # ---- internals ------------------------------------------------------------------------------------
+    def _record_batch_time(self, flight: InFlight) -> None:
+        # The device's time per batch is what paces the queue (encoding overlaps the next batch).
+        elapsed = self.clock() - flight.started_at
+        ema = self._batch_seconds_ema
+        self._batch_seconds_ema = elapsed if ema is None else 0.8 * ema + 0.2 * elapsed
+
     def _deliver(self, flight: InFlight, result: BatchResult) -> None:
         if result.error is None and len(result.images) != len(flight.pendings):
             result.error = f"worker returned {len(result.images)} results for {len(flight.pendings)} requests"
@@ -151,6 +183,7 @@ class Scheduler:
                 continue
             if not pending.future.done():
                 assert pending.dispatched_at is not None
+                in_worker_ms = (self.clock() - pending.dispatched_at) * 1000
                 pending.future.set_result(
                     Completed(
                         images=images,
@@ -158,6 +191,10 @@ class Scheduler:
                         inference_ms=result.inference_ms,
                         batch_size=flight.job.num_images,
                         worker_id=flight.worker_id,
+                        denoise_ms=result.denoise_ms,
+                        decode_ms=result.decode_ms,
+                        encode_ms=result.encode_ms,
+                        transfer_ms=max(0.0, in_worker_ms - result.inference_ms - result.encode_ms),
                     )
                 )
 

@@ -129,7 +129,8 @@ class GenerationService:
 
 
 def _combine(parts: list[Completed]) -> Completed:
-    """One answer from a request's parts: images in seed order, the longest wait and largest batch."""
+    """One answer from a request's parts: images in seed order, the longest wait and largest batch, the
+    summed work of every part (parts may run on different workers at once, so these can exceed the wall time)."""
     if len(parts) == 1:
         return parts[0]
     return Completed(
@@ -138,4 +139,8 @@ def _combine(parts: list[Completed]) -> Completed:
         inference_ms=sum(part.inference_ms for part in parts),
         batch_size=max(part.batch_size for part in parts),
         worker_id=parts[0].worker_id,
+        denoise_ms=sum(part.denoise_ms for part in parts),
+        decode_ms=sum(part.decode_ms for part in parts),
+        encode_ms=sum(part.encode_ms for part in parts),
+        transfer_ms=sum(part.transfer_ms for part in parts),
     )

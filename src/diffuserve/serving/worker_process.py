@@ -7,14 +7,17 @@ import os
 import signal
 import time
 from multiprocessing.connection import Connection
+from typing import Any
 
 from diffuserve.config import Settings
 from diffuserve.logs import configure_logging
-from diffuserve.types import BatchJob, Shutdown, WorkerFailed, WorkerReady
+from diffuserve.serving.encode_stage import EncodeStage, LockedSender
+from diffuserve.types import BatchJob, BatchResult, DeviceFree, Shutdown, WorkerFailed, WorkerReady
 
 
 def worker_main(worker_id: int, device: str, settings: Settings, conn: Connection) -> None:
     """Entry point of the child process (spawned, so no CUDA or thread state is inherited)."""
+    entered_at = time.monotonic()
     configure_logging(settings.log_format, settings.log_level, role=f"worker-{worker_id}")
     log = logging.getLogger("diffuserve.worker")
     # Ctrl-C in a terminal reaches the whole process group; the parent decides when workers stop.
@@ -32,13 +35,16 @@ def worker_main(worker_id: int, device: str, settings: Settings, conn: Connectio
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
 
+    imported_s = time.monotonic() - entered_at
     engine = Engine(settings, device)
     try:
         started = time.perf_counter()
         info = engine.load()
         load_seconds = time.perf_counter() - started
         warmup_seconds = engine.warmup() if settings.warmup else 0.0
+        started = time.perf_counter()
         _save_compile_cache(settings)
+        engine.phases["compile_cache_save_s"] = time.perf_counter() - started
     except Exception as exc:
         log.exception("worker %d could not start", worker_id)
         conn.send(WorkerFailed(worker_id=worker_id, error=f"{type(exc).__name__}: {exc}"))
@@ -46,21 +52,41 @@ def worker_main(worker_id: int, device: str, settings: Settings, conn: Connectio
     log.info(
         "worker %d ready on %s (load %.1fs, warm-up %.1fs)", worker_id, device, load_seconds, warmup_seconds
     )
-    conn.send(WorkerReady(worker_id, os.getpid(), device, info, load_seconds, warmup_seconds))
+    phases = {"import_s": imported_s, **engine.phases}
+    conn.send(
+        WorkerReady(worker_id, os.getpid(), device, info, load_seconds, warmup_seconds, entered_at, phases)
+    )
+    serve_batches(engine, conn, worker_id)
+
+
+def serve_batches(engine: Any, conn: Connection, worker_id: int) -> None:
+    """The device loop: compute a batch, tell the parent the device is free, hand the batch to the encoder
+    stage, take the next. Encoding never holds the device up; results may follow DeviceFree by a little."""
+    log = logging.getLogger("diffuserve.worker")
+    sender = LockedSender(conn)
+    stage: EncodeStage[Any] = EncodeStage(engine.encode, sender.send)
     while True:
         try:
             message = conn.recv()
         except (EOFError, OSError):
             return  # the server went away: nothing left to serve
         if isinstance(message, Shutdown):
+            stage.close()  # finish and send what is being encoded: those clients are waiting
             return
-        if isinstance(message, BatchJob):
-            conn.send(engine.run(message))
-            if engine.broken:
-                log.error(
-                    "worker %d: the device is unusable after a CUDA error; exiting to be replaced", worker_id
-                )
-                return
+        if not isinstance(message, BatchJob):
+            continue
+        computed = engine.compute(message)
+        if isinstance(computed, BatchResult):  # the batch failed on the device
+            sender.send(computed)
+        else:
+            sender.send(DeviceFree(message.batch_id))
+            stage.submit(computed)
+        if engine.broken:
+            log.error(
+                "worker %d: the device is unusable after a CUDA error; exiting to be replaced", worker_id
+            )
+            stage.close()
+            return
 
 
 def _save_compile_cache(settings: Settings) -> None:

@@ -20,7 +20,15 @@ from diffuserve.config import Settings
 from diffuserve.models.registry import is_builtin
 from diffuserve.serving.scheduler import Scheduler
 from diffuserve.serving.worker_process import worker_main
-from diffuserve.types import BatchJob, BatchResult, ModelInfo, Shutdown, WorkerFailed, WorkerReady
+from diffuserve.types import (
+    BatchJob,
+    BatchResult,
+    DeviceFree,
+    ModelInfo,
+    Shutdown,
+    WorkerFailed,
+    WorkerReady,
+)
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +86,7 @@ class WorkerProcess:
     ready: WorkerReady | None = None
     failure: str | None = None
     restarts: int = 0
+    ready_at: float | None = None
 
     def send(self, job: BatchJob) -> None:
         # Only the event loop thread sends; the reader thread only receives, so no lock is needed.
@@ -85,13 +94,26 @@ class WorkerProcess:
         self.state = WorkerState.BUSY
 
     def describe(self) -> dict[str, Any]:
-        return {
+        described: dict[str, Any] = {
             "id": self.worker_id,
             "device": self.device,
             "pid": self.pid,
             "state": self.state.value,
             "restarts": self.restarts,
         }
+        if self.ready is not None:
+            described["start_seconds"] = self.start_phases()
+        return described
+
+    def start_phases(self) -> dict[str, float]:
+        """Seconds of each start-up phase: spawn (a fresh interpreter and, for CPU workers, torch), then the
+        worker's own (import, load, tier, warm-up per batch size, compile-cache save), then ready in total."""
+        assert self.ready is not None
+        phases = {"spawn": self.ready.entered_at - self.started_at} if self.ready.entered_at else {}
+        phases.update({name.removesuffix("_s"): value for name, value in self.ready.phases.items()})
+        if self.ready_at is not None:
+            phases["total"] = self.ready_at - self.started_at
+        return {name: round(value, 2) for name, value in phases.items()}
 
 
 class WorkerPool:
@@ -214,6 +236,8 @@ class WorkerPool:
     def _on_message(self, worker: WorkerProcess, message: Any) -> None:
         if isinstance(message, WorkerReady):
             worker.ready = message
+            worker.ready_at = time.monotonic()
+            log.info("worker %d start-up phases (s): %s", worker.worker_id, worker.start_phases())
             worker.pid = message.pid
             worker.state = WorkerState.IDLE
             self.model = self.model or message.model
@@ -222,8 +246,14 @@ class WorkerPool:
             self.scheduler.worker_idle(worker)
         elif isinstance(message, WorkerFailed):
             worker.failure = message.error
+        elif isinstance(message, DeviceFree):
+            # Idle before the scheduler hears it, which may hand this worker its next batch (and mark it busy).
+            if self.scheduler.releases_device(message.batch_id):
+                worker.state = WorkerState.IDLE
+            self.scheduler.device_free(worker, message.batch_id)
         elif isinstance(message, BatchResult):
-            worker.state = WorkerState.IDLE
+            if self.scheduler.releases_device(message.batch_id):
+                worker.state = WorkerState.IDLE
             self.scheduler.batch_finished(worker, message)
 
     def _on_exit(self, worker: WorkerProcess) -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import base64
 import time
 
+import orjson
 from fastapi import APIRouter, Depends, Request, Response
-from fastapi.responses import JSONResponse
 
 from diffuserve.api.deps import (
     read_json_body,
@@ -68,26 +68,45 @@ async def create_image(request: Request) -> Response:
     count(200)
     metrics.images.labels(model_label).inc(len(done.images))
     metrics.inference_seconds.observe(done.inference_ms / 1000)
-    state.batch_size, state.queue_ms, state.inference_ms = (
+    state.batch_size, state.queue_ms, state.inference_ms, state.encode_ms = (
         done.batch_size,
         round(done.queue_ms, 1),
         round(done.inference_ms, 1),
+        round(done.encode_ms, 1),
     )
+    answered = time.perf_counter()
+    if as_json:
+        payload = ImagesResponse(
+            data=[
+                ImageData(b64_json=base64.b64encode(i.data).decode("ascii"), seed=i.seed) for i in done.images
+            ],
+            model=model.name,
+            output_format=generation.output_format,
+            size=f"{generation.width}x{generation.height}",
+        )
+        # orjson: a few MB of base64 serialise in about a millisecond, several times faster than json.
+        content, media_type = orjson.dumps(payload.model_dump()), "application/json"
+    else:
+        content, media_type = done.images[0].data, done.images[0].media_type
+    phases = {
+        "queue": done.queue_ms,
+        "denoise": done.denoise_ms,
+        "decode": done.decode_ms,
+        "encode": done.encode_ms,
+        "transfer": done.transfer_ms,
+        "respond": (time.perf_counter() - answered) * 1000,
+    }
+    for phase, ms in phases.items():
+        metrics.phase_seconds.labels(phase).observe(ms / 1000)
     headers = {
         "x-model": model.name,
         "x-queue-ms": f"{done.queue_ms:.1f}",
         "x-inference-ms": f"{done.inference_ms:.1f}",
+        "x-encode-ms": f"{done.encode_ms:.1f}",
         "x-batch-size": str(done.batch_size),
-        "server-timing": f"queue;dur={done.queue_ms:.1f}, inference;dur={done.inference_ms:.1f}",
+        "server-timing": ", ".join(f"{phase};dur={ms:.1f}" for phase, ms in phases.items())
+        + f", total;dur={(time.perf_counter() - started) * 1000:.1f}",
     }
     if not as_json:
-        image = done.images[0]
-        headers["x-seed"] = str(image.seed)
-        return Response(content=image.data, media_type=image.media_type, headers=headers)
-    payload = ImagesResponse(
-        data=[ImageData(b64_json=base64.b64encode(i.data).decode("ascii"), seed=i.seed) for i in done.images],
-        model=model.name,
-        output_format=generation.output_format,
-        size=f"{generation.width}x{generation.height}",
-    )
-    return JSONResponse(payload.model_dump(), headers=headers)
+        headers["x-seed"] = str(done.images[0].seed)
+    return Response(content=content, media_type=media_type, headers=headers)

@@ -1,0 +1,69 @@
+"""The worker's encoder stage: a thread that encodes finished batches while the device runs the next one."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from typing import Any, Generic, TypeVar
+
+from diffuserve.types import BatchResult
+
+log = logging.getLogger(__name__)
+
+Batch = TypeVar("Batch")
+
+
+class LockedSender:
+    """Sends messages to the parent from two threads (the device loop and the encoder stage) without
+    interleaving them; a BatchResult is stamped with its send time so the parent can tell transit time."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        self._lock = threading.Lock()
+
+    def send(self, message: Any) -> None:
+        with self._lock:
+            if isinstance(message, BatchResult):
+                message.sent_at = time.monotonic()
+            self._conn.send(message)
+
+
+class EncodeStage(Generic[Batch]):
+    """Encodes batches in arrival order on one thread and sends each result.
+
+    At most `depth` batches wait for it: a device that outruns its encoders then waits at `submit` instead of
+    piling decoded images up in memory.
+    """
+
+    def __init__(
+        self, encode: Callable[[Batch], BatchResult], send: Callable[[Any], None], depth: int = 2
+    ) -> None:
+        self._encode = encode
+        self._send = send
+        self._queue: queue.Queue[Batch | None] = queue.Queue(maxsize=depth)
+        self._thread = threading.Thread(target=self._run, name="encode-stage", daemon=True)
+        self._thread.start()
+
+    def submit(self, batch: Batch) -> None:
+        self._queue.put(batch)
+
+    def close(self, timeout: float | None = None) -> None:
+        """Encode and send what is queued, then stop the thread."""
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            batch = self._queue.get()
+            if batch is None:
+                return
+            result = self._encode(batch)
+            try:
+                self._send(result)
+            except (OSError, ValueError):  # the parent went away: nobody is left to answer
+                log.warning("could not send batch %s's result: the server is gone", result.batch_id)
+                return
