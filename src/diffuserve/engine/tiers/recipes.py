@@ -80,9 +80,10 @@ class Recipe:
 # FLUX's attention (1×24×4608×128 bf16) in 0.41 ms, forcing cuDNN took 0.43 ms and FlashAttention-2 0.78 ms.
 _EXACT = "fused QKV projections, regional torch.compile of the repeated blocks"
 
-# Step-cache thresholds calibrated on the trained digits model (100 prompts, 28 steps, CPU fp32): the first
-# block's residual changes 6-10 % per step there; 0.08 reused 11 of 28 steps at 0.7 % relative error, 0.15
-# reused 17 at 1.7 %, prompt-following accuracy unchanged (0.94). At 4 steps nothing changes slowly enough to reuse.
+# Step-cache thresholds from benchmarks/calibrate_step_cache.py on the trained digits model (100 prompts, 28
+# steps, CPU fp32), raw output in docs/bench/step-cache-calibration.json: 0.08 (M's limits) reuses 11.3 of 28
+# steps at 0.7 % relative error vs eager, 0.15 (S) 17.1 at 1.7 %, prompt-following accuracy 94-95 % as eager's
+# 94 %. At 4 steps nothing changes slowly enough to reuse.
 RECIPES: dict[Tier, Recipe] = {
     Tier.E: Recipe(
         tier=Tier.E,
