@@ -121,7 +121,7 @@ def free_gpu() -> None:
 
 
 def build(model: str, device: str) -> Any:
-    from diffuserve.engine.random_weights import build_random_pipeline
+    from diffuserve.models.random_weights import build_random_pipeline
 
     pipe = build_random_pipeline(MODELS[model].repo, device=device, dtype=torch.bfloat16, seed=0)
     pipe.set_progress_bar_config(disable=True)

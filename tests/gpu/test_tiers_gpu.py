@@ -89,7 +89,7 @@ def test_compile_cache_is_saved_after_warmup(tmp_path: Path) -> None:
 
 
 def test_random_sdxl_builds_on_the_gpu_and_runs() -> None:
-    from diffuserve.engine.random_weights import build_random_pipeline
+    from diffuserve.models.random_weights import build_random_pipeline
 
     pipe = build_random_pipeline(
         "stabilityai/stable-diffusion-xl-base-1.0", device="cuda", dtype=torch.bfloat16

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,6 @@ from diffuserve.engine.tiers import (
     step_cache_of,
 )
 from diffuserve.engine.tiers import compile as compile_module
-from diffuserve.engine.tiers.cache import MAX_STREAMS
 from diffuserve.engine.tiers.compile import configure_compile_cache
 from diffuserve.engine.tiers.quantize import quantize_fp8
 from diffuserve.models.tiny_flux import build_tiny_flux
@@ -98,8 +98,9 @@ def test_every_tier_applies_on_cpu_and_says_what_it_skipped(tier: Tier, tmp_path
     pipe = build_tiny_flux(seed=0)
     notes = apply_tier(pipe, tier, device="cpu", cache_dir=str(tmp_path))
     text = "\n".join(notes)
-    assert "torch.compile: skipped" in text
-    assert "fused QKV projections" in text
+    recipe = RECIPES[tier]
+    assert ("torch.compile: skipped" in text) == recipe.compile
+    assert ("fused QKV projections" in text) == recipe.fuse_qkv
     if RECIPES[tier].fp8:
         assert "fp8: skipped" in text
     assert (step_cache_of(pipe.transformer) is not None) == (RECIPES[tier].step_cache is not None)
@@ -108,6 +109,22 @@ def test_every_tier_applies_on_cpu_and_says_what_it_skipped(tier: Tier, tmp_path
     assert "bf16," not in notes[0]
     images = generate(pipe)
     assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all()
+
+
+def test_tier_e_applies_nothing_and_compile_settings_reach_diffusers(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert not any((RECIPES[Tier.E].compile, RECIPES[Tier.E].fp8, RECIPES[Tier.E].fuse_qkv))
+    assert RECIPES[Tier.E].step_cache is None
+    pipe = build_tiny_flux(seed=0)
+    seen: list[dict[str, Any]] = []
+    monkeypatch.setattr(pipe.transformer, "compile_repeated_blocks", lambda **kw: seen.append(kw))
+    notes: list[str] = []
+    assert compile_module.compile_repeated_blocks(pipe.transformer, notes, mode="max-autotune-no-cudagraphs")
+    assert seen == [{"dynamic": False, "mode": "max-autotune-no-cudagraphs"}]
+    assert "max-autotune-no-cudagraphs" in notes[0] and "2 blocks" in notes[0]
+    with pytest.raises(ValueError, match="not both"):
+        replace(
+            RECIPES[Tier.XL], compile_mode="default", compile_options={"epilogue_fusion": True}
+        ).validate()
 
 
 def test_xl_on_cpu_matches_eager() -> None:
@@ -182,7 +199,7 @@ def test_sizes_change_back_to_back_and_state_stays_bounded() -> None:
     cache = enable_pipeline_step_cache(pipe, StepCacheOptions(threshold=0.5))
     for _ in range(5):
         generate(pipe, n=1, steps=1)
-    assert len(cache._streams) == 1 and len(cache.stats.per_step) == 1
+    assert len(cache.stats.per_step) == 1  # each call is a generation of its own
     generate(pipe, n=1, steps=1, size=32)
     assert generate(pipe, n=1, steps=1, size=48).shape == (1, 3, 48, 48)
     assert generate(pipe, n=2, steps=4, size=48).shape == (2, 3, 48, 48)
@@ -190,19 +207,20 @@ def test_sizes_change_back_to_back_and_state_stays_bounded() -> None:
     assert cache.stats.computed + cache.stats.reused == 2 * 4
 
 
-def test_the_pipeline_hook_keeps_the_pipeline_class_and_signature() -> None:
+def test_the_step_cache_is_hooks_on_the_model_and_leaves_the_pipeline_alone() -> None:
     pipe = build_tiny_flux(seed=0)
     original = type(pipe)
     enable_pipeline_step_cache(pipe, StepCacheOptions(threshold=0.3))
-    enable_pipeline_step_cache(pipe, StepCacheOptions(threshold=0.3))  # again: no second wrapper
-    assert type(pipe).__name__ == original.__name__ and type(pipe).__mro__[1] is original
-    assert isinstance(pipe, original)
+    cache = enable_pipeline_step_cache(pipe, StepCacheOptions(threshold=0.3))  # again: replaces, not stacks
+    assert type(pipe) is original and type(pipe.transformer.transformer_blocks) is torch.nn.ModuleList
     assert "num_inference_steps" in inspect.signature(pipe.__call__).parameters
-    other = build_tiny_flux(seed=1)
-    enable_pipeline_step_cache(other, StepCacheOptions(threshold=0.3))
-    assert type(other) is type(pipe)  # one subclass per pipeline class, not per instance
+    assert len(pipe.transformer._diffusers_hook.hooks) == 1
+    assert all(len(block._diffusers_hook.hooks) == 1 for block in pipe.transformer.single_transformer_blocks)
+    generate(pipe, n=1, steps=4)
+    # diffusers resets stateful hooks after each pipeline call: nothing of that generation is left but its stats.
+    assert cache.streams._state_cache == {} and len(cache.stats.per_step) == 4
     disable_step_cache(pipe.transformer)
-    assert generate(pipe, n=1, steps=2).shape == (1, 3, 32, 32)  # the hook copes with no cache
+    assert generate(pipe, n=1, steps=2).shape == (1, 3, 32, 32)
 
 
 def test_disable_step_cache_restores_the_model() -> None:
@@ -213,7 +231,8 @@ def test_disable_step_cache_restores_the_model() -> None:
     assert set(pipe.transformer.state_dict()) == keys  # same children: weights load and save unchanged
     disable_step_cache(pipe.transformer)
     assert step_cache_of(pipe.transformer) is None
-    assert type(pipe.transformer.transformer_blocks) is torch.nn.ModuleList
+    blocks = [*pipe.transformer.transformer_blocks, *pipe.transformer.single_transformer_blocks]
+    assert not any(block._diffusers_hook.hooks for block in blocks)
     assert torch.equal(generate(pipe), eager)
 
 
@@ -270,14 +289,14 @@ def test_bare_model_streams_check_the_whole_shape_and_stay_bounded() -> None:
     cache = enable_step_cache(unet, StepCacheOptions(threshold=0.9, warmup_steps=1, max_consecutive=5))
     context = torch.randn(1, 5, 32)
     small, large = torch.randn(1, 4, 16, 16), torch.randn(1, 4, 24, 24)
-    # Same batch, another size: the second step must not reuse the first size's stream.
+    # Same batch, another size at the next timestep: that step must not reuse the first size's cache.
     unet(small, torch.tensor(900), encoder_hidden_states=context)
-    unet(large, torch.tensor(900), encoder_hidden_states=context)
     out = unet(large, torch.tensor(800), encoder_hidden_states=context).sample
     assert out.shape == large.shape and cache.stats.reused == 0
-    for _ in range(3 * MAX_STREAMS):
+    # A timestep that does not fall starts a new generation: state never grows across calls.
+    for _ in range(10):
         unet(small, torch.tensor(900), encoder_hidden_states=context)
-    assert len(cache._streams) <= MAX_STREAMS and len(cache.stats.per_step) <= MAX_STREAMS
+    assert len(cache.stats.per_step) == 1
 
 
 # Compile cache (files only; compiling itself is a GPU test) ---------------------------------------------------------
@@ -337,7 +356,7 @@ def test_compile_cache_save_is_atomic_per_process_and_never_fatal(
 def test_random_architectures_match_the_reference_counts(
     repo: str, arch: str, denoiser_params: float
 ) -> None:
-    from diffuserve.engine.random_weights import build_random_pipeline, count_params, param_report
+    from diffuserve.models.random_weights import build_random_pipeline, count_params, param_report
 
     # The meta device builds 17 B parameters with no memory at all.
     pipe = build_random_pipeline(repo, device="meta", dtype=torch.bfloat16)
@@ -353,8 +372,8 @@ def test_random_architectures_match_the_reference_counts(
 
 
 def test_random_weights_refuse_unknown_repos() -> None:
-    from diffuserve.engine.random_weights import arch_for_repo
+    from diffuserve.models.random_weights import arch_for_repo
 
-    assert arch_for_repo("black-forest-labs/FLUX.1-schnell").name == "flux-schnell"
+    assert arch_for_repo("black-forest-labs/FLUX.1-schnell") == "flux-schnell"
     with pytest.raises(ValueError, match=r"FLUX\.1-dev"):
         arch_for_repo("some/other-model")

@@ -59,7 +59,7 @@ def load_pipeline(
     dtype = resolve_dtype(dtype_name, device)
     check_model_source(repo, weights)
     if weights == "random" and not is_builtin(repo):
-        from diffuserve.engine.random_weights import build_random_pipeline
+        from diffuserve.models.random_weights import build_random_pipeline
 
         pipeline = build_random_pipeline(repo, device=device, dtype=dtype)
     elif is_builtin(repo):

@@ -6,17 +6,10 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+from diffusers import FluxPipeline
 
-from diffuserve.models.tokenizer import (
-    BOS_ID,
-    EOS_ID,
-    PAD_ID,
-    build_clip_tokenizer,
-    build_t5_tokenizer,
-    build_vocab,
-)
+from diffuserve.models.architectures import ClipSpec, PipelineSpec, T5Spec, VaeSpec, build_flux
+from diffuserve.models.tokenizer import build_vocab
 
 
 @dataclass(frozen=True)
@@ -38,75 +31,44 @@ class TinyFluxConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def spec(self, vocab_size: int) -> PipelineSpec:
+        dim, heads, layers = self.text_dim, self.text_heads, self.text_layers
+        clip = {"hidden_size": dim, "intermediate_size": dim * 2, "num_attention_heads": heads}
+        t5 = {"d_model": dim, "d_ff": dim * 2, "d_kv": dim // heads, "num_heads": heads}
+        return PipelineSpec(
+            denoiser={
+                "patch_size": 1,
+                "in_channels": self.latent_channels * 4,
+                "num_layers": self.layers,
+                "num_single_layers": self.single_layers,
+                "attention_head_dim": self.head_dim,
+                "num_attention_heads": self.heads,
+                "joint_attention_dim": self.text_dim,
+                "pooled_projection_dim": self.text_dim,
+                "guidance_embeds": self.guidance_embeds,
+                "axes_dims_rope": self.rope_axes,
+            },
+            clip=ClipSpec(
+                {"vocab_size": vocab_size, "max_position_embeddings": 77, "num_hidden_layers": layers, **clip}
+            ),
+            second_encoder=T5Spec({"vocab_size": vocab_size, "num_layers": layers, **t5}),
+            vae=VaeSpec(
+                self.latent_channels,
+                block_out_channels=self.vae_channels,
+                layers_per_block=1,
+                norm_num_groups=8,
+                scaling_factor=1.0,
+                shift_factor=0.0,
+                quant_conv=False,
+            ),
+            scheduler={"shift": 1.0, "use_dynamic_shifting": False},
+        )
+
 
 def build_tiny_flux(
     config: TinyFluxConfig | None = None, seed: int = 0, words: list[str] | None = None
 ) -> FluxPipeline:
     """A FluxPipeline with seeded random weights; the same seed always gives the same pipeline."""
     config = config or TinyFluxConfig()
-    vocab = build_vocab(words)
     torch.manual_seed(seed)
-    clip = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(vocab),
-            hidden_size=config.text_dim,
-            intermediate_size=config.text_dim * 2,
-            num_attention_heads=config.text_heads,
-            num_hidden_layers=config.text_layers,
-            max_position_embeddings=77,
-            projection_dim=config.text_dim,
-            pad_token_id=PAD_ID,
-            bos_token_id=BOS_ID,
-            eos_token_id=EOS_ID,
-        )
-    )
-    t5 = T5EncoderModel(
-        T5Config(
-            vocab_size=len(vocab),
-            d_model=config.text_dim,
-            d_ff=config.text_dim * 2,
-            d_kv=config.text_dim // config.text_heads,
-            num_heads=config.text_heads,
-            num_layers=config.text_layers,
-            pad_token_id=PAD_ID,
-            eos_token_id=EOS_ID,
-            decoder_start_token_id=PAD_ID,
-        )
-    )
-    depth = len(config.vae_channels)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=config.latent_channels,
-        block_out_channels=config.vae_channels,
-        down_block_types=("DownEncoderBlock2D",) * depth,
-        up_block_types=("UpDecoderBlock2D",) * depth,
-        layers_per_block=1,
-        norm_num_groups=8,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        scaling_factor=1.0,
-        shift_factor=0.0,
-    )
-    transformer = FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=config.latent_channels * 4,
-        num_layers=config.layers,
-        num_single_layers=config.single_layers,
-        attention_head_dim=config.head_dim,
-        num_attention_heads=config.heads,
-        joint_attention_dim=config.text_dim,
-        pooled_projection_dim=config.text_dim,
-        guidance_embeds=config.guidance_embeds,
-        axes_dims_rope=config.rope_axes,
-    )
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False)
-    return FluxPipeline(
-        scheduler=scheduler,
-        vae=vae,
-        text_encoder=clip.eval(),
-        tokenizer=build_clip_tokenizer(vocab),
-        text_encoder_2=t5.eval(),
-        tokenizer_2=build_t5_tokenizer(vocab),
-        transformer=transformer.eval(),
-    )
+    return build_flux(config.spec(len(build_vocab(words))), words=words)

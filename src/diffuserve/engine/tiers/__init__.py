@@ -69,7 +69,7 @@ def apply_recipe(pipeline: Any, recipe: Recipe, *, device: str, cache_dir: str) 
         ok, why = compile_available(device)
         if ok:
             configure_compile_cache(cache_dir, artifact_key(pipeline, recipe.tier.value), notes)
-            compile_repeated_blocks(model, notes)
+            compile_repeated_blocks(model, notes, mode=recipe.compile_mode, options=recipe.compile_options)
         else:
             notes.append(f"torch.compile: skipped, {why}")
     if recipe.step_cache is not None:

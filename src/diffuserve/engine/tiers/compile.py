@@ -105,21 +105,31 @@ def save_compile_cache(cache_dir: str) -> str | None:
     return str(path)
 
 
-def repeated_block_names(model: nn.Module) -> list[str]:
-    return list(getattr(model, "_repeated_blocks", None) or [])
-
-
-def compile_repeated_blocks(model: nn.Module, notes: list[str]) -> bool:
-    """Compile each repeated block class once (regional compilation): the 57 FLUX blocks share two graphs, so
-    warm-up costs seconds per graph instead of minutes for the whole model, for nearly the same speed."""
-    names = repeated_block_names(model)
-    if not names:
+def compile_repeated_blocks(
+    model: nn.Module, notes: list[str], *, mode: str | None = None, options: dict[str, Any] | None = None
+) -> bool:
+    """diffusers' regional compilation: each repeated block class compiles once (the 57 FLUX blocks share two
+    graphs), so warm-up costs seconds per graph instead of minutes for the whole model, for nearly the same
+    speed. Static shapes (`dynamic=False`): each served batch size gets its own kernels at warm-up."""
+    names = list(getattr(model, "_repeated_blocks", None) or [])
+    compile_blocks = getattr(model, "compile_repeated_blocks", None)
+    if not names or compile_blocks is None:
         notes.append(f"torch.compile: skipped, {type(model).__name__} declares no repeated blocks")
         return False
-    count = 0
-    for module in model.modules():
-        if type(module).__name__ in names:
-            module.compile(dynamic=False)
-            count += 1
-    notes.append(f"torch.compile (regional): {count} blocks of {', '.join(names)}")
-    return count > 0
+    kwargs: dict[str, Any] = {"dynamic": False}
+    if mode is not None:
+        kwargs["mode"] = mode
+    if options is not None:
+        kwargs["options"] = options
+    try:
+        compile_blocks(**kwargs)
+    except ValueError as exc:  # diffusers: none of the declared block classes is in this model
+        notes.append(f"torch.compile: skipped ({exc})")
+        return False
+    count = sum(type(module).__name__ in names for module in model.modules())
+    how = f", mode {mode}" if mode else ""
+    how += f", options {options}" if options else ""
+    notes.append(
+        f"torch.compile (regional, diffusers compile_repeated_blocks{how}): {count} blocks of {', '.join(names)}"
+    )
+    return True

@@ -4,13 +4,35 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from enum import Enum
+from typing import Any
 
-from diffuserve.engine.tiers.cache import StepCacheOptions
+
+@dataclass(frozen=True)
+class StepCacheOptions:
+    """threshold: relative L1 change of the first block's output (residual for FLUX) below which a step is
+    reused; 0 never reuses. warmup_steps: steps always computed at the start of each generation.
+    max_consecutive: most reused steps in a row for one sample (bounds the drift)."""
+
+    threshold: float
+    warmup_steps: int = 1
+    max_consecutive: int = 3
+
+    def validate(self) -> None:
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"step cache threshold must be within [0, 1], got {self.threshold}")
+        if self.warmup_steps < 1:
+            raise ValueError(
+                f"step cache warmup_steps must be >= 1 (the first step has nothing to reuse), got {self.warmup_steps}"
+            )
+        if self.max_consecutive < 1:
+            raise ValueError(f"step cache max_consecutive must be >= 1, got {self.max_consecutive}")
 
 
 class Tier(str, Enum):
-    """XL: exact (compiled). L: near-lossless. M: between. S: fastest."""
+    """E: exact, nothing applied (no torch.compile). XL: exact (compiled). L: near-lossless. M: between.
+    S: fastest."""
 
+    E = "E"
     XL = "XL"
     L = "L"
     M = "M"
@@ -37,10 +59,16 @@ class Recipe:
     step_cache: StepCacheOptions | None
     does: str
     costs: str
+    # Passed to torch.compile through diffusers' compile_repeated_blocks; None keeps torch's default mode.
+    compile_mode: str | None = None
+    compile_options: dict[str, Any] | None = None
 
     def validate(self) -> None:
         if self.step_cache is not None:
             self.step_cache.validate()
+        if self.compile_mode is not None and self.compile_options is not None:
+            # torch.compile refuses both at once: a mode is a named set of options.
+            raise ValueError("a recipe sets compile_mode or compile_options, not both")
 
     def describe(self, dtype: str | None = None) -> str:
         """`dtype`: what the model actually runs in (the recipes keep the pipeline's dtype, bf16 on GPU)."""
@@ -52,10 +80,21 @@ class Recipe:
 # FLUX's attention (1×24×4608×128 bf16) in 0.41 ms, forcing cuDNN took 0.43 ms and FlashAttention-2 0.78 ms.
 _EXACT = "fused QKV projections, regional torch.compile of the repeated blocks"
 
-# Step-cache thresholds calibrated on the trained digits model (100 prompts, 28 steps, CPU fp32): the first
-# block's residual changes 6-10 % per step there; 0.08 reused 11 of 28 steps at 0.7 % relative error, 0.15
-# reused 17 at 1.7 %, prompt-following accuracy unchanged (0.94). At 4 steps nothing changes slowly enough to reuse.
+# Step-cache thresholds from benchmarks/calibrate_step_cache.py on the trained digits model (100 prompts, 28
+# steps, CPU fp32), raw output in docs/bench/step-cache-calibration.json: 0.08 (M's limits) reuses 11.3 of 28
+# steps at 0.7 % relative error vs eager, 0.15 (S) 17.1 at 1.7 %, prompt-following accuracy 94-95 % as eager's
+# 94 %. At 4 steps nothing changes slowly enough to reuse.
 RECIPES: dict[Tier, Recipe] = {
+    Tier.E: Recipe(
+        tier=Tier.E,
+        fuse_qkv=False,
+        fp8=False,
+        compile=False,
+        step_cache=None,
+        does="the pipeline as diffusers runs it, in its dtype (bf16 on GPU by default); no torch.compile, so "
+        "no compile wait at start",
+        costs="none (the reference the other tiers are measured against)",
+    ),
     Tier.XL: Recipe(
         tier=Tier.XL,
         fuse_qkv=True,
