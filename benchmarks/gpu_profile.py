@@ -297,8 +297,8 @@ def main() -> int:
         save(out)
     if not parts & {"pipeline", "variants"}:
         return 0
-    from diffuserve.engine.random_weights import build_random_pipeline
     from diffuserve.engine.tiers import apply_recipe, recipe_for
+    from diffuserve.models.random_weights import build_random_pipeline
 
     start: dict[str, Any] = {}
     t0 = time.perf_counter()

@@ -17,7 +17,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from diffuserve.config import Settings
-from diffuserve.models.registry import is_builtin
+from diffuserve.engine.loader import default_cpu_threads
 from diffuserve.serving.scheduler import Scheduler
 from diffuserve.serving.worker_process import worker_main
 from diffuserve.types import (
@@ -198,13 +198,8 @@ class WorkerPool:
             return None
         if self.settings.cpu_threads:
             return self.settings.cpu_threads
-        if is_builtin(self.settings.model_repo):
-            # The built-in models' ops are too small to split: one thread was faster on 2 cores (server
-            # inference p50 48.6-51.6 ms against 54.1-60.3 with two, idle machine; 30.7 against 52.2 ms
-            # busy) and leaves a core to the API process.
-            return 1
         cpu_workers = sum(1 for d in self.devices if d == "cpu")
-        return max(1, len(os.sched_getaffinity(0)) // cpu_workers)
+        return default_cpu_threads(self.settings.model_repo, cpu_workers, len(os.sched_getaffinity(0)))
 
     def _reader(self, worker: WorkerProcess) -> None:
         """Runs in a thread: blocking reads from the pipe, each message handed to the event loop."""
