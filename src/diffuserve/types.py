@@ -4,6 +4,31 @@ nothing of the project, so any layer may use it."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from enum import Enum
+
+
+class Tier(str, Enum):
+    """Acceleration tiers. XL: exact (compiled). L: near-lossless. M: between. S: fastest."""
+
+    XL = "XL"
+    L = "L"
+    M = "M"
+    S = "S"
+
+    def __str__(self) -> str:
+        # The value in f-strings and logs ("S", not "Tier.S"), on every Python version.
+        return self.value
+
+    @classmethod
+    def parse(cls, value: str | Tier) -> Tier:
+        if isinstance(value, Tier):
+            return value
+        try:
+            return cls(str(value).strip().upper())
+        except ValueError:
+            raise ValueError(
+                f"tier must be one of {', '.join(t.value for t in cls)}, got {value!r}"
+            ) from None
 
 
 @dataclass(frozen=True)

@@ -101,7 +101,7 @@ def register(subparsers: Any) -> None:
         choices=["bytes", "b64_json"],
         help="bytes: image as the body (default); b64_json: OpenAI JSON [env BENCH_RESPONSE_FORMAT]",
     )
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, needs_extra="bench")
 
 
 class UsageError(ValueError):

@@ -3,29 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from enum import Enum
 
 from diffuserve.engine.tiers.cache import StepCacheOptions
-
-
-class Tier(str, Enum):
-    """XL: exact (compiled). L: near-lossless. M: between. S: fastest."""
-
-    XL = "XL"
-    L = "L"
-    M = "M"
-    S = "S"
-
-    @classmethod
-    def parse(cls, value: str | Tier) -> Tier:
-        if isinstance(value, Tier):
-            return value
-        try:
-            return cls(str(value).strip().upper())
-        except ValueError:
-            raise ValueError(
-                f"tier must be one of {', '.join(t.value for t in cls)}, got {value!r}"
-            ) from None
+from diffuserve.types import Tier
 
 
 @dataclass(frozen=True)
