@@ -23,6 +23,7 @@ from diffuserve.deploy.modal_plan import (
     ModalPlan,
     PlanError,
 )
+from diffuserve.deploy.render import add_front_arguments, render_from_args
 
 APP_FILE = DEPLOY_DIR / "modal_app.py"
 PLAN_LINE = "PLAN = ModalPlan.from_env(os.environ)\n"
@@ -131,16 +132,13 @@ def _register_render(targets: Any) -> None:
     p = targets.add_parser(
         "render",
         help="write nginx.conf and supervisord.conf for the front from the environment",
-        description="Render the front's configs (see `python -m diffuserve.deploy.render --help` for variables).",
+        description=(
+            "Render the front's configs. Every flag also reads an environment variable (shown in brackets); "
+            "MAX_BODY_BYTES, REQUEST_TIMEOUT and API_KEYS/AUTH_TOKEN are the server's settings, read here too."
+        ),
     )
-    p.add_argument("--out", type=Path, help="run folder (default $DIFFUSERVE_RUN_DIR or /run/diffuserve)")
-    p.set_defaults(func=run_render)
-
-
-def run_render(args: argparse.Namespace) -> int:
-    from diffuserve.deploy.render import main
-
-    return main(["--out", str(args.out)] if args.out else [])
+    add_front_arguments(p)
+    p.set_defaults(func=render_from_args)
 
 
 def plan_from_args(args: argparse.Namespace) -> ModalPlan:

@@ -103,7 +103,7 @@ def serve_env() -> dict[str, str]:
     """Plain settings for the container (no secrets): the plan itself, so the remote import rebuilds it,
     the model server's settings and the front's ports."""
     env = {**PLAN.to_env(), **PLAN.server_env()}
-    env.update({"PORT": str(PLAN.port), "SERVER_PORT": str(SERVER_PORT), "FRONT_HOST": "0.0.0.0"})
+    env.update({"FRONT_PORT": str(PLAN.port), "SERVER_PORT": str(SERVER_PORT), "FRONT_HOST": "0.0.0.0"})
     return env
 
 
