@@ -4,43 +4,35 @@ from __future__ import annotations
 
 import argparse
 import os
-from enum import Enum
 from typing import Annotated, Any
 
 from pydantic import field_validator
 from pydantic_settings import NoDecode
 
 from diffuserve.envsettings import EnvSettings, setting
-from diffuserve.types import Tier
+from diffuserve.types import StrChoice, Tier
 
 DEFAULT_MODEL = "digits"
 
 
-class _Choice(str, Enum):
-    """A setting with a fixed set of lower-case values; prints as its value."""
-
-    def __str__(self) -> str:
-        return str(self.value)
-
-
-class Weights(_Choice):
+class Weights(StrChoice):
     PRETRAINED = "pretrained"
     RANDOM = "random"
 
 
-class DType(_Choice):
+class DType(StrChoice):
     AUTO = "auto"
     BFLOAT16 = "bfloat16"
     FLOAT16 = "float16"
     FLOAT32 = "float32"
 
 
-class LogFormat(_Choice):
+class LogFormat(StrChoice):
     TEXT = "text"
     JSON = "json"
 
 
-class LogLevel(_Choice):
+class LogLevel(StrChoice):
     DEBUG = "debug"
     INFO = "info"
     WARNING = "warning"
@@ -140,16 +132,6 @@ class Settings(EnvSettings):
     warmup: bool = setting(True, "WARMUP", help="run one full batch per worker before ready")
     log_format: LogFormat = setting(LogFormat.TEXT, "LOG_FORMAT", help="json: one JSON object per line")
     log_level: LogLevel = setting(LogLevel.INFO, "LOG_LEVEL", help="least severe level logged")
-
-    @field_validator("model_size", mode="before")
-    @classmethod
-    def _upper_tier(cls, value: Any) -> Any:
-        return value.strip().upper() if isinstance(value, str) else value
-
-    @field_validator("weights", "dtype", "log_format", "log_level", mode="before")
-    @classmethod
-    def _lower_choice(cls, value: Any) -> Any:
-        return value.strip().lower() if isinstance(value, str) else value
 
     @field_validator("api_keys", mode="before")
     @classmethod

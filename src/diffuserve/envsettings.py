@@ -135,17 +135,13 @@ class EnvSettings(BaseSettings):
         flags = {name: getattr(args, name, None) for name in cls.model_fields}
         return cls.from_env(environ, **{**flags, **extra})
 
-    def to_env(self, *, skip_defaults: bool = False) -> dict[str, str]:
-        """The env vars (each field's first name) that make `from_env` rebuild this object; None is left out."""
+    def to_env(self) -> dict[str, str]:
+        """The env vars (each field's first name) that make `from_env` rebuild this object; unset ones are absent."""
         out: dict[str, str] = {}
         for name, info in type(self).model_fields.items():
             value = getattr(self, name)
             env = _env_of(name, info)
-            if (
-                value is None
-                or not env
-                or (skip_defaults and value == info.get_default(call_default_factory=True))
-            ):
+            if value is None or value == "" or not env:
                 continue
             out[env[0]] = _env_text(value)
         return out
@@ -175,6 +171,9 @@ def describe_errors(cls: type[EnvSettings], exc: ValidationError) -> str:
             parts.append(message)
             continue
         flag = cls.flag_names(field)[0]
+        if message.startswith(flag):  # a validator's own message already names the flag
+            parts.append(message)
+            continue
         env = _env_of(field, cls.model_fields[field])
         label = flag if cls.error_names == "flag" or not env else f"{'/'.join(env)} ({flag})"
         got = error.get("input")

@@ -7,7 +7,23 @@ from dataclasses import dataclass, field, replace
 from enum import Enum
 
 
-class Tier(str, Enum):
+class StrChoice(str, Enum):
+    """A setting's fixed set of string values: compares and prints as its value, read case-insensitively."""
+
+    def __str__(self) -> str:
+        # The value in f-strings and logs ("S", not "Tier.S"), on every Python version.
+        return str(self.value)
+
+    @classmethod
+    def _missing_(cls, value: object) -> StrChoice | None:
+        if isinstance(value, str):
+            for member in cls:
+                if member.value.lower() == value.strip().lower():
+                    return member
+        return None
+
+
+class Tier(StrChoice):
     """Acceleration tiers. XL: exact (compiled). L: near-lossless. M: between. S: fastest."""
 
     XL = "XL"
@@ -15,16 +31,12 @@ class Tier(str, Enum):
     M = "M"
     S = "S"
 
-    def __str__(self) -> str:
-        # The value in f-strings and logs ("S", not "Tier.S"), on every Python version.
-        return self.value
-
     @classmethod
     def parse(cls, value: str | Tier) -> Tier:
         if isinstance(value, Tier):
             return value
         try:
-            return cls(str(value).strip().upper())
+            return cls(str(value))
         except ValueError:
             raise ValueError(
                 f"tier must be one of {', '.join(t.value for t in cls)}, got {value!r}"
