@@ -24,13 +24,17 @@ def setting(
     default: Any = None,
     *env: str,
     help: str,
+    flag: str | None = None,
     flags: tuple[str, ...] = (),
     shown_default: str | None = None,
     **constraints: Any,
 ) -> Any:
-    """One setting: its default, every env var that sets it (first found wins), its help text, extra flag
-    spellings (the first flag is always `--field-name`), and pydantic constraints such as ge=1."""
+    """One setting: its default, every env var that sets it (first found wins; none given: the model's
+    env_prefix + the field name), its help text, its flag (default `--field-name`) and extra spellings, and
+    pydantic constraints such as ge=1."""
     extra: dict[str, Any] = {"env": list(env), "flags": list(flags)}
+    if flag is not None:
+        extra["flag"] = flag
     if shown_default is not None:
         extra["shown_default"] = shown_default
     factory = default if callable(default) else None
@@ -66,8 +70,6 @@ class EnvSettings(BaseSettings):
     )
     # Subclasses raise their own ValueError subclass (PlanError, OptionError …).
     error_class: ClassVar[type[ValueError]] = ValueError
-    # How an error names a field: "env" (the env var, then the flag) or "flag" (the flag only).
-    error_names: ClassVar[str] = "env"
 
     def __init__(self, **values: Any) -> None:
         try:
@@ -96,25 +98,28 @@ class EnvSettings(BaseSettings):
     @classmethod
     def env_names(cls) -> dict[str, tuple[str, ...]]:
         """Field name → the env vars that set it, in order of precedence."""
-        return {name: _env_of(name, info) for name, info in cls.model_fields.items()}
+        return {name: cls.env_of(name) for name in cls.model_fields}
+
+    @classmethod
+    def env_of(cls, name: str) -> tuple[str, ...]:
+        env = _extra(cls.model_fields[name]).get("env")
+        if env:
+            return tuple(env)
+        # No alias: pydantic-settings reads env_prefix + the field name (case-insensitively).
+        return ((cls.model_config.get("env_prefix") or "") + name.upper(),)
 
     @classmethod
     def flag_names(cls, name: str) -> list[str]:
-        info = cls.model_fields[name]
-        return ["--" + name.replace("_", "-"), *_extra(info).get("flags", [])]
+        extra = _extra(cls.model_fields[name])
+        return [extra.get("flag") or "--" + name.replace("_", "-"), *extra.get("flags", [])]
 
     @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser | Any, only: set[str] | None = None) -> None:
+    def add_arguments(cls, parser: argparse.ArgumentParser | Any) -> None:
         """One flag per field, each defaulting to None so the env var shows through; help names env and default."""
         for name, info in cls.model_fields.items():
-            if only is not None and name not in only:
-                continue
             kind = _plain_type(info.annotation)
-            env = _env_of(name, info)
-            help_text = (
-                f"{info.description or ''} [env {', '.join(env)}; " if env else f"{info.description} ["
-            )
-            help_text += f"default {_shown_default(info)}]"
+            env = ", ".join(cls.env_of(name))
+            help_text = f"{info.description or ''} [env {env}; default {_shown_default(info)}]"
             common: dict[str, Any] = {"dest": name, "default": None, "help": help_text.replace("%", "%%")}
             flags = cls.flag_names(name)
             if kind is bool:
@@ -138,12 +143,11 @@ class EnvSettings(BaseSettings):
     def to_env(self) -> dict[str, str]:
         """The env vars (each field's first name) that make `from_env` rebuild this object; unset ones are absent."""
         out: dict[str, str] = {}
-        for name, info in type(self).model_fields.items():
+        for name in type(self).model_fields:
             value = getattr(self, name)
-            env = _env_of(name, info)
-            if value is None or value == "" or not env:
+            if value is None or value == "":
                 continue
-            out[env[0]] = _env_text(value)
+            out[type(self).env_of(name)[0]] = _env_text(value)
         return out
 
 
@@ -159,8 +163,8 @@ def use_environ(environ: Mapping[str, str] | None) -> Iterator[None]:
 def describe_errors(cls: type[EnvSettings], exc: ValidationError) -> str:
     """`MODEL_BATCH (--model-batch): Input should be greater than or equal to 1, got 0`, one per problem."""
     aliases: dict[str, str] = {}
-    for name, info in cls.model_fields.items():
-        for key in (name, *_env_of(name, info), *(e.lower() for e in _env_of(name, info))):
+    for name in cls.model_fields:
+        for key in (name, *cls.env_of(name), *(e.lower() for e in cls.env_of(name))):
             aliases[key] = name
     parts = []
     for error in exc.errors(include_url=False):
@@ -174,8 +178,8 @@ def describe_errors(cls: type[EnvSettings], exc: ValidationError) -> str:
         if message.startswith(flag):  # a validator's own message already names the flag
             parts.append(message)
             continue
-        env = _env_of(field, cls.model_fields[field])
-        label = flag if cls.error_names == "flag" or not env else f"{'/'.join(env)} ({flag})"
+        env = cls.env_of(field)
+        label = f"{'/'.join(env)} ({flag})"
         got = error.get("input")
         shown = "" if got is None or isinstance(got, dict) else f", got {got!r}"
         parts.append(f"{label}: {message}{shown}")
@@ -185,10 +189,6 @@ def describe_errors(cls: type[EnvSettings], exc: ValidationError) -> str:
 def _extra(info: FieldInfo) -> dict[str, Any]:
     extra = info.json_schema_extra
     return extra if isinstance(extra, dict) else {}
-
-
-def _env_of(name: str, info: FieldInfo) -> tuple[str, ...]:
-    return tuple(str(e) for e in _extra(info).get("env", []))
 
 
 def _plain_type(annotation: Any) -> Any:

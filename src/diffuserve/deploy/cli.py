@@ -10,7 +10,7 @@ import shlex
 import subprocess
 import sys
 from collections.abc import Sequence
-from dataclasses import fields, replace
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -233,8 +233,8 @@ def write_app(plan: ModalPlan, dest: Path) -> Path:
     source = APP_FILE.read_text()
     if PLAN_LINE not in source:
         raise PlanError(f"{APP_FILE} no longer has the line {PLAN_LINE.strip()!r} to replace")
-    plan = replace(plan, scaledown_window=plan.effective_scaledown_window)
-    body = "".join(f"    {f.name}={_literal(getattr(plan, f.name))},\n" for f in fields(plan))
+    plan = plan.model_copy(update={"scaledown_window": plan.effective_scaledown_window})
+    body = "".join(f"    {name}={_literal(getattr(plan, name))},\n" for name in type(plan).model_fields)
     literal = (
         f"# Written by `diffuserve deploy modal --write-app`; edit freely.\nPLAN = ModalPlan(\n{body})\n"
     )
@@ -245,7 +245,10 @@ def write_app(plan: ModalPlan, dest: Path) -> Path:
 
 
 def _literal(value: object) -> str:
-    # Double-quoted like the rest of the code base (json quoting is valid Python for these plain strings).
+    # Double-quoted like the rest of the code base (json quoting is valid Python for these plain strings);
+    # an enum (the tier) is written as its value, which the plan reads back.
+    if isinstance(value, Enum):
+        value = value.value
     return json.dumps(value) if isinstance(value, str) else repr(value)
 
 
