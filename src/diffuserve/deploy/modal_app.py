@@ -159,7 +159,10 @@ def prefetch() -> str:
         return f"{PLAN.model_repo} is built in: nothing to download"
     from diffusers import DiffusionPipeline
 
-    token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGINGFACE_ACCESS_TOKEN") or None
+    from diffuserve.config import Settings
+
+    # The server's own reading of HF_TOKEN / HUGGINGFACE_ACCESS_TOKEN (from the Modal secret).
+    token = Settings.from_env().hf_token
     # The same file selection `from_pretrained` makes, without loading anything onto a GPU.
     path = DiffusionPipeline.download(PLAN.model_repo, token=token)
     os.makedirs(COMPILE_CACHE, exist_ok=True)
