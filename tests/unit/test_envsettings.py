@@ -6,6 +6,7 @@ import argparse
 from typing import ClassVar
 
 import pytest
+from pydantic_settings import SettingsConfigDict
 
 from diffuserve.envsettings import EnvSettings, setting
 
@@ -23,7 +24,7 @@ class Toy(EnvSettings):
 
 
 class Prefixed(EnvSettings):
-    model_config = {"env_prefix": "TOY_"}
+    model_config = SettingsConfigDict(env_prefix="TOY_")
 
     gpu: str = setting("H100", help="GPU type")
 
