@@ -18,7 +18,8 @@ $(BASE):
 	$(BIN)/python -m pip install -q "torch==2.13.0" "uv>=0.5"
 	touch $(BASE)
 
-# `make serve` needs only the runtime; the test and lint tools come with `make test`/`make lint`.
+# `make serve` needs only the runtime; `make test`/`make lint` (and the digits targets) install `.[dev]`,
+# which brings every extra but gpu: bench, digits, deploy.
 $(STAMP): pyproject.toml $(BASE)
 	$(BIN)/uv pip install -q --python $(BIN)/python -e .
 	touch $(STAMP)
@@ -48,10 +49,10 @@ format: $(STAMP_DEV)
 	$(BIN)/ruff format src tests benchmarks
 	$(BIN)/ruff check --fix src tests benchmarks
 
-train-digits: $(STAMP)
+train-digits: $(STAMP_DEV)
 	$(BIN)/diffuserve train-digits
 
-eval-digits: $(STAMP)
+eval-digits: $(STAMP_DEV)
 	$(BIN)/diffuserve eval digits
 
 clean:

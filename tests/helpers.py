@@ -50,11 +50,9 @@ class ServerHandle:
 def server_free_env() -> dict[str, str]:
     """This process's environment without any of the server's own settings (MODEL_REPO, API_KEYS …), so a
     variable set on the machine running the tests cannot change the server they start."""
-    from dataclasses import fields
-
     from diffuserve.config import Settings
 
-    settings_env = {name for f in fields(Settings) for name in f.metadata["env"]}
+    settings_env = {name for names in Settings.env_names().values() for name in names}
     return {k: v for k, v in os.environ.items() if k not in settings_env}
 
 

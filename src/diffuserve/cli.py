@@ -8,8 +8,10 @@ import sys
 from collections.abc import Sequence
 
 from diffuserve import __version__
+from diffuserve.extras import MissingExtra, require_extra
 
-# Each module defines `register(subparsers)`, which adds its sub-command and sets `func` on its parser.
+# Each module defines `register(subparsers)`, which adds its sub-command and sets `func` on its parser, and
+# `needs_extra` when the command needs an optional dependency group (see diffuserve.extras).
 COMMAND_MODULES = [
     "diffuserve.commands.serve",
     "diffuserve.commands.generate",
@@ -37,7 +39,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    result = args.func(args)
+    try:
+        extra = getattr(args, "needs_extra", None)
+        if extra:
+            require_extra(extra, args.command)
+        result = args.func(args)
+    except MissingExtra as exc:
+        print(exc, file=sys.stderr)
+        return 1
     return int(result or 0)
 
 

@@ -4,6 +4,45 @@ nothing of the project, so any layer may use it."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from enum import Enum
+
+
+class StrChoice(str, Enum):
+    """A setting's fixed set of string values: compares and prints as its value, read case-insensitively."""
+
+    def __str__(self) -> str:
+        # The value in f-strings and logs ("S", not "Tier.S"), on every Python version.
+        return str(self.value)
+
+    @classmethod
+    def _missing_(cls, value: object) -> StrChoice | None:
+        if isinstance(value, str):
+            for member in cls:
+                if member.value.lower() == value.strip().lower():
+                    return member
+        return None
+
+
+class Tier(StrChoice):
+    """Acceleration tiers. E: exact, nothing applied (no torch.compile). XL: exact (compiled).
+    L: near-lossless. M: between. S: fastest."""
+
+    E = "E"
+    XL = "XL"
+    L = "L"
+    M = "M"
+    S = "S"
+
+    @classmethod
+    def parse(cls, value: str | Tier) -> Tier:
+        if isinstance(value, Tier):
+            return value
+        try:
+            return cls(str(value))
+        except ValueError:
+            raise ValueError(
+                f"tier must be one of {', '.join(t.value for t in cls)}, got {value!r}"
+            ) from None
 
 
 @dataclass(frozen=True)

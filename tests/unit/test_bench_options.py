@@ -149,3 +149,19 @@ def test_response_problem() -> None:
     assert response_problem(200, js, two, 2) is None
     assert response_problem(200, js, two, 1) == "expected 1 b64_json image(s), got 2"
     assert response_problem(200, js, b"{}", 1) == "HTTP 200 JSON without a `data` list"
+
+
+def test_bench_flags_win_over_bench_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    import argparse
+
+    from diffuserve.bench.command import _load_options, register
+
+    monkeypatch.setenv("BENCH_STEPS", "8")
+    monkeypatch.setenv("BENCH_GUIDANCE", "1.5")
+    monkeypatch.setenv("BENCH_PROMPT_FILE", "/nonexistent/prompts.txt")
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    opts = _load_options(parser.parse_args(["bench", "http://h:1/v1", "--steps", "2", "--prompt", "x"]))
+    assert opts.steps == 2 and opts.guidance == 1.5  # flag over env; env where no flag
+    assert opts.prompt_file is None and opts.prompts == ["x"]  # --prompt replaces the env's prompt file
+    assert opts.url == "http://h:1" and opts.iterations is None

@@ -16,10 +16,20 @@ from pathlib import Path
 import pytest
 
 from diffuserve.deploy.reap import is_model_server_command, reap_previous_group
-from diffuserve.deploy.render import PLACEHOLDER, FrontConfig, FrontConfigError, fill, render
+from diffuserve.deploy.render import PLACEHOLDER, FrontConfig, FrontConfigError, fill, main, render
 
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
-FRONT_VARS = ("PORT", "SERVER_PORT", "FRONT_HOST", "API_KEYS", "AUTH_TOKEN", "FRONT_AUTH", "MAX_BODY_BYTES")
+FRONT_VARS = (
+    "PORT",
+    "FRONT_PORT",
+    "SERVER_PORT",
+    "FRONT_HOST",
+    "API_KEYS",
+    "AUTH_TOKEN",
+    "FRONT_AUTH",
+    "MAX_BODY_BYTES",
+    "REQUEST_TIMEOUT",
+)
 
 
 @pytest.fixture
@@ -54,7 +64,7 @@ def test_render_fills_every_placeholder(env: pytest.MonkeyPatch, tmp_path: Path)
 @pytest.mark.parametrize("keys", ["", "sk-test-key-0001,sk-test-key-0002"])
 def test_rendered_nginx_config_is_valid(env: pytest.MonkeyPatch, keys: str) -> None:
     env.setenv("API_KEYS", keys)
-    out = render(FrontConfig.from_env(port=18080, server_port=18081))
+    out = render(FrontConfig.from_env(front_port=18080, server_port=18081))
     if keys:
         text = out.nginx_conf.read_text()
         assert '"Bearer sk-test-key-0001" 1;' in text and '"Bearer sk-test-key-0002" 1;' in text
@@ -80,11 +90,17 @@ def test_front_auth_can_be_left_to_the_server(env: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"port": 8001, "server_port": 8001}, "PORT and SERVER_PORT must differ"),
-        ({"port": 70000}, "PORT must be 1..65535"),
+        ({"front_port": 8001, "server_port": 8001}, "FRONT_PORT/PORT and SERVER_PORT must differ"),
+        (
+            {"front_port": 70000},
+            r"FRONT_PORT/PORT \(--front-port\): Input should be less than or equal to 65535",
+        ),
         ({"run_dir": Path("relative/run")}, "must be an absolute path"),
         ({"run_dir": Path("/tmp/with space")}, "DIFFUSERVE_RUN_DIR"),
-        ({"nginx_workers": 0}, "NGINX_WORKERS must be >= 1"),
+        (
+            {"nginx_workers": 0},
+            r"NGINX_WORKERS \(--nginx-workers\): Input should be greater than or equal to 1",
+        ),
     ],
 )
 def test_bad_front_settings_name_the_variable(
@@ -92,6 +108,34 @@ def test_bad_front_settings_name_the_variable(
 ) -> None:
     with pytest.raises(FrontConfigError, match=message):
         FrontConfig.from_env(**overrides)
+
+
+def test_public_port_has_its_own_name_and_honours_a_platform_port(env: pytest.MonkeyPatch) -> None:
+    env.setenv("PORT", "9000")
+    assert FrontConfig.from_env().front_port == 9000  # a platform's PORT is the container's public port
+    env.setenv("FRONT_PORT", "9100")
+    cfg = FrontConfig.from_env()
+    assert cfg.front_port == 9100
+    # The model server gets SERVER_PORT as a flag, which wins over any PORT in its environment.
+    assert cfg.model_command()[-2:] == ["--port", "8001"]
+
+
+def test_a_mistyped_front_boolean_is_an_error(env: pytest.MonkeyPatch) -> None:
+    env.setenv("FRONT_AUTH", "of")
+    with pytest.raises(
+        FrontConfigError, match=r"FRONT_AUTH \(--front-auth\): Input should be a valid boolean"
+    ):
+        FrontConfig.from_env()
+
+
+def test_render_flags_win_over_env(
+    env: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    env.setenv("FRONT_PORT", "18080")
+    assert main(["--out", str(tmp_path / "flags"), "--front-port", "18090", "--no-front-auth"]) == 0
+    assert "listen 0.0.0.0:18090 default_server" in (tmp_path / "flags" / "nginx.conf").read_text()
+    assert main(["--nginx-workers", "zero"]) == 2
+    assert "NGINX_WORKERS (--nginx-workers)" in capsys.readouterr().err
 
 
 def test_fill_rejects_unknown_placeholders() -> None:

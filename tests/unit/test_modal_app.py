@@ -302,8 +302,17 @@ def test_plan_env_round_trip_and_bad_values() -> None:
     assert plan.server_env()["HF_HUB_OFFLINE"] == "1"
     # The server gives up before Modal's 150 s proxy limit turns the request into a 303.
     assert int(plan.server_env()["REQUEST_TIMEOUT"]) < 150
-    with pytest.raises(PlanError, match="DIFFUSERVE_MODAL_MAX_CONTAINERS must be an integer"):
+    with pytest.raises(
+        PlanError, match=r"DIFFUSERVE_MODAL_MAX_CONTAINERS \(--max\): Input should be a valid integer.*'many'"
+    ):
         ModalPlan.from_env({"DIFFUSERVE_MODAL_MODE": "autoscale", "DIFFUSERVE_MODAL_MAX_CONTAINERS": "many"})
+    # A mistyped boolean is an error, never a silent "off".
+    with pytest.raises(
+        PlanError, match=r"DIFFUSERVE_MODAL_OFFLINE \(--offline\): Input should be a valid boolean"
+    ):
+        ModalPlan.from_env({"DIFFUSERVE_MODAL_OFFLINE": "ture"})
+    tiered = ModalPlan.from_env({"DIFFUSERVE_MODAL_MODEL_SIZE": "s"})
+    assert tiered.server_env()["MODEL_SIZE"] == "S" and ModalPlan.from_env(tiered.to_env()) == tiered
 
 
 # Token shapes of the services this app touches, and account-specific endpoints.

@@ -101,7 +101,7 @@ def register(subparsers: Any) -> None:
         choices=["bytes", "b64_json"],
         help="bytes: image as the body (default); b64_json: OpenAI JSON [env BENCH_RESPONSE_FORMAT]",
     )
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, needs_extra="bench")
 
 
 class UsageError(ValueError):
@@ -135,35 +135,17 @@ def recorded_server_env(pairs: list[str]) -> dict[str, str]:
 
 
 def _load_options(args: argparse.Namespace) -> LoadOptions:
+    """Flags over BENCH_* env vars over defaults; iterations are set per step by the sweep."""
     from diffuserve.bench.options import LoadOptions
 
-    base = LoadOptions.from_env()
-    flags = {
-        "url": args.url,
-        "api_key": args.api_key,
-        "model": args.model,
-        "prompt": args.prompt,
-        "prompt_file": args.prompt_file,
-        "size": args.size,
-        "aspect_ratio": args.aspect_ratio,
-        "steps": args.steps,
-        "guidance": args.guidance,
-        "seed": args.seed,
-        "n": args.n,
-        "response_format": args.response_format,
-        "timeout": args.timeout,
+    # A prompt flag replaces a prompt file from the env and the other way round; so do size and aspect ratio.
+    exclusive: dict[str, Any] = {
+        "prompt_file": "" if args.prompt is not None else None,
+        "aspect_ratio": "" if args.size is not None else None,
+        "size": "" if args.aspect_ratio is not None else None,
     }
-    values = {**vars(base), **{k: v for k, v in flags.items() if v is not None}}
-    # A prompt flag replaces a prompt file from the env and the other way round.
-    if args.prompt is not None:
-        values["prompt_file"] = None
-    if args.size is not None:
-        values["aspect_ratio"] = None
-    if args.aspect_ratio is not None:
-        values["size"] = None
-    values.pop("prompts", None)
-    values["iterations"] = None
-    return LoadOptions(**values)
+    opts = LoadOptions.from_args(args, **{k: v for k, v in exclusive.items() if v is not None})
+    return opts.model_copy(update={"iterations": None})
 
 
 def _names_option(word: str, option: str) -> bool:
@@ -280,8 +262,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
     from diffuserve.bench.options import GENERATIONS_PATH, normalize_base_url, parse_users
     from diffuserve.bench.server import ServerError, list_models, warm_up
     from diffuserve.bench.sweep import StepError, SweepPlan, run_sweep, steps_table
@@ -313,12 +293,12 @@ def _run(args: argparse.Namespace) -> int:
 
     try:
         with _target(args, opts, server_env) as base_url:
-            opts = replace(opts, url=normalize_base_url(base_url))
+            opts = opts.model_copy(update={"url": normalize_base_url(base_url)})
             if not opts.model:
                 models = list_models(opts.url, opts.api_key)
                 if not models:
                     raise ServerError("the server lists no model at /v1/models; pass --model")
-                opts = replace(opts, model=models[0])
+                opts = opts.model_copy(update={"model": models[0]})
                 if len(models) > 1:
                     print(
                         f"benchmarking {models[0]} (of {', '.join(models)}); --model picks another",

@@ -3,35 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
+
+from pydantic import PrivateAttr, field_validator, model_validator
+
+from diffuserve.envsettings import EnvSettings, setting
 
 GENERATIONS_PATH = "/v1/images/generations"
 DEFAULT_PROMPT = "a photo of an astronaut riding a horse on the moon"
-RESPONSE_FORMATS = ("bytes", "b64_json")
-
-# One env var per option: the locust file reads these, so `locust -f` and `diffuserve bench` share one path.
-ENV = {
-    "url": "BENCH_URL",
-    "api_key": "API_KEY",
-    "model": "BENCH_MODEL",
-    "prompt": "BENCH_PROMPT",
-    "prompt_file": "BENCH_PROMPT_FILE",
-    "size": "BENCH_SIZE",
-    "aspect_ratio": "BENCH_ASPECT_RATIO",
-    "steps": "BENCH_STEPS",
-    "guidance": "BENCH_GUIDANCE",
-    "seed": "BENCH_SEED",
-    "n": "BENCH_N",
-    "response_format": "BENCH_RESPONSE_FORMAT",
-    "iterations": "BENCH_ITERATIONS",
-    "timeout": "BENCH_TIMEOUT",
-}
+ResponseFormat = Literal["bytes", "b64_json"]
 
 _SIZE = re.compile(r"^(\d+)x(\d+)$")
 _ASPECT = re.compile(r"^(\d+):(\d+)$")
@@ -83,83 +66,79 @@ def read_prompt_file(path: str) -> list[str]:
     return prompts
 
 
-@dataclass
-class LoadOptions:
-    """Everything one simulated user needs. `None` leaves the choice to the server's model defaults."""
+class LoadOptions(EnvSettings):
+    """Everything one simulated user needs. `None` leaves the choice to the server's model defaults.
 
-    url: str = ""
-    api_key: str | None = None
-    model: str | None = None
-    prompt: str = DEFAULT_PROMPT
-    prompt_file: str | None = None
-    size: str | None = None
-    aspect_ratio: str | None = None
-    steps: int | None = None
-    guidance: float | None = None
-    seed: int | None = None  # None: a fresh random seed per request
-    n: int = 1
-    response_format: str = "bytes"  # bytes: the image as the body; b64_json: OpenAI JSON
-    iterations: int | None = None  # requests in all, across users; None: run until stopped
-    timeout: float = 600.0
-    prompts: list[str] = field(default_factory=list, repr=False)
+    Each option has a BENCH_* env var: the locust file reads them, so `locust -f` and `diffuserve bench` share
+    one path; `to_env` writes them for the locust step.
+    """
 
-    def __post_init__(self) -> None:
-        self.validate()
+    error_class: ClassVar[type[ValueError]] = OptionError
 
-    def validate(self) -> None:
-        self.url = normalize_base_url(self.url) if self.url else ""
+    url: str = setting("", "BENCH_URL", help="server base URL, e.g. http://127.0.0.1:8000")
+    api_key: str | None = setting(None, "API_KEY", help="bearer token", repr=False)
+    model: str | None = setting(None, "BENCH_MODEL", help="model id, sent as `model` and X-Model-Name")
+    prompt: str = setting(DEFAULT_PROMPT, "BENCH_PROMPT", help="prompt of every request")
+    prompt_file: str | None = setting(
+        None, "BENCH_PROMPT_FILE", help="file with one prompt per line, picked at random"
+    )
+    size: str | None = setting(None, "BENCH_SIZE", help="WIDTHxHEIGHT, e.g. 1024x1024")
+    aspect_ratio: str | None = setting(None, "BENCH_ASPECT_RATIO", help="W:H, e.g. 16:9")
+    steps: int | None = setting(None, "BENCH_STEPS", help="num_inference_steps", ge=1)
+    guidance: float | None = setting(None, "BENCH_GUIDANCE", help="guidance_scale", ge=0)
+    # None: a fresh random seed per request.
+    seed: int | None = setting(None, "BENCH_SEED", help="one seed for every request")
+    n: int = setting(1, "BENCH_N", help="images per request", ge=1)
+    response_format: ResponseFormat = setting(
+        "bytes",
+        "BENCH_RESPONSE_FORMAT",
+        help="bytes: image as the body; b64_json: OpenAI JSON",
+    )
+    # None: run until stopped.
+    iterations: int | None = setting(None, "BENCH_ITERATIONS", help="requests in all, across users", ge=1)
+    timeout: float = setting(600.0, "BENCH_TIMEOUT", help="seconds one request may take", gt=0)
+    _prompts: list[str] = PrivateAttr(default_factory=list)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        return normalize_base_url(value) if value else ""
+
+    @field_validator("prompt_file")
+    @classmethod
+    def _prompt_file(cls, value: str | None) -> str | None:
+        return value or None
+
+    @field_validator("size")
+    @classmethod
+    def _size(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        w, h = parse_size(value)
+        return f"{w}x{h}"
+
+    @field_validator("aspect_ratio")
+    @classmethod
+    def _aspect_ratio(cls, value: str | None) -> str | None:
+        return parse_aspect_ratio(value) if value else None
+
+    @model_validator(mode="after")
+    def _together(self) -> LoadOptions:
         if self.size and self.aspect_ratio:
             raise OptionError("give --size or --aspect-ratio, not both")
-        if self.size:
-            w, h = parse_size(self.size)
-            self.size = f"{w}x{h}"
-        if self.aspect_ratio:
-            self.aspect_ratio = parse_aspect_ratio(self.aspect_ratio)
-        if self.steps is not None and self.steps < 1:
-            raise OptionError(f"--steps must be >= 1, got {self.steps}")
-        if self.guidance is not None and self.guidance < 0:
-            raise OptionError(f"--guidance must be >= 0, got {self.guidance}")
-        if self.n < 1:
-            raise OptionError(f"--n must be >= 1, got {self.n}")
-        if self.response_format not in RESPONSE_FORMATS:
-            raise OptionError(f"--response-format must be one of {', '.join(RESPONSE_FORMATS)}")
         if self.n > 1 and self.response_format != "b64_json":
             # A body holds one image: the server refuses n > 1 as raw bytes, so every request would fail.
             raise OptionError(
                 f"--n {self.n} needs --response-format b64_json: several images per request come only as JSON"
             )
-        if self.iterations is not None and self.iterations < 1:
-            raise OptionError(f"--iterations must be >= 1, got {self.iterations}")
-        if self.timeout <= 0:
-            raise OptionError(f"--timeout must be > 0, got {self.timeout}")
         if not self.prompt.strip() and not self.prompt_file:
             raise OptionError("--prompt is empty")
-        self.prompts = read_prompt_file(self.prompt_file) if self.prompt_file else [self.prompt]
+        self._prompts = read_prompt_file(self.prompt_file) if self.prompt_file else [self.prompt]
+        return self
 
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> LoadOptions:
-        env = os.environ if environ is None else environ
-        casts: dict[str, Any] = {"steps": int, "seed": int, "n": int, "iterations": int}
-        casts |= {"guidance": float, "timeout": float}
-        values: dict[str, Any] = {}
-        for name, var in ENV.items():
-            raw = env.get(var, "").strip()
-            if not raw:
-                continue
-            try:
-                values[name] = casts.get(name, str)(raw)
-            except ValueError:
-                raise OptionError(f"env {var} must be a number, got {raw!r}") from None
-        return cls(**values)
-
-    def to_env(self) -> dict[str, str]:
-        """The BENCH_* variables that make `from_env` rebuild these options (unset options are absent)."""
-        out: dict[str, str] = {}
-        for name, var in ENV.items():
-            value = getattr(self, name)
-            if value is not None and value != "":
-                out[var] = str(value)
-        return out
+    @property
+    def prompts(self) -> list[str]:
+        return self._prompts
 
     def headers(self) -> dict[str, str]:
         headers = {"Content-Type": "application/json"}

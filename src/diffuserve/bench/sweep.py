@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
@@ -41,7 +41,7 @@ class SweepPlan:
 
 def _step_env(plan: SweepPlan, users: int) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("BENCH_")}
-    opts = replace(plan.options, iterations=plan.step_iterations(users))
+    opts = plan.options.model_copy(update={"iterations": plan.step_iterations(users)})
     env.update(opts.to_env())
     if not opts.api_key:
         env.pop("API_KEY", None)

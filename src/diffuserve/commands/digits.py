@@ -28,7 +28,7 @@ def register(subparsers: Any) -> None:
         "(default: the package's digits/pipeline)",
     )
     train.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
-    train.set_defaults(func=_train)
+    train.set_defaults(func=_train, needs_extra="digits")
 
     evaluate = subparsers.add_parser(
         "eval",
@@ -49,7 +49,7 @@ def register(subparsers: Any) -> None:
     evaluate.add_argument("--json", type=Path, default=None, help="also write the full result as JSON here")
     # One thread by default: on a shared 2-core machine it is several times faster than two (docs/benchmarks.md).
     evaluate.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    evaluate.set_defaults(func=_eval)
+    evaluate.set_defaults(func=_eval, needs_extra="digits")
 
     grid = subparsers.add_parser(
         "digits-grid",
@@ -123,12 +123,15 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _grid(args: argparse.Namespace) -> int:
+    from diffuserve.extras import require_extra
     from diffuserve.models.digits.evaluate import parse_seeds
     from diffuserve.models.digits.grid import write_grid
 
     if not args.base_url and not args.local:
         print("give --base-url of a running server, or --local to use the pipeline directly", file=sys.stderr)
         return 2
+    if not args.local:
+        require_extra("digits", "digits-grid --base-url")  # the official openai client
     out = write_grid(args.out, parse_seeds(args.seeds), None if args.local else args.base_url, args.api_key)
     print(f"wrote {out}")
     return 0

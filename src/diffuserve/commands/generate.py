@@ -25,7 +25,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--steps", type=int, default=None, help="num_inference_steps (default: the model's)")
     parser.add_argument("--guidance", type=float, default=None, help="guidance_scale (default: the model's)")
     parser.add_argument("--negative-prompt", default=None)
-    parser.add_argument("--tier", default=None, help="S, M, L or XL")
+    parser.add_argument("--tier", default=None, help="E, XL, L, M or S")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda:N")
     parser.add_argument("--weights", default=None, help="pretrained or random")
     parser.set_defaults(func=run)

@@ -10,7 +10,7 @@ import shlex
 import subprocess
 import sys
 from collections.abc import Sequence
-from dataclasses import fields, replace
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from diffuserve.deploy.modal_plan import (
     ModalPlan,
     PlanError,
 )
+from diffuserve.deploy.render import add_front_arguments, render_from_args
 
 APP_FILE = DEPLOY_DIR / "modal_app.py"
 PLAN_LINE = "PLAN = ModalPlan.from_env(os.environ)\n"
@@ -91,7 +92,7 @@ def _register_modal(targets: Any) -> None:
     model.add_argument(
         "--model-batch", type=int, default=4, help="most images per batch (sizes concurrency too)"
     )
-    model.add_argument("--model-size", help="acceleration tier S, M, L or XL (default: the server's)")
+    model.add_argument("--model-size", help="acceleration tier E, XL, L, M or S (default: the server's)")
     model.add_argument(
         "--offline",
         action="store_true",
@@ -131,16 +132,13 @@ def _register_render(targets: Any) -> None:
     p = targets.add_parser(
         "render",
         help="write nginx.conf and supervisord.conf for the front from the environment",
-        description="Render the front's configs (see `python -m diffuserve.deploy.render --help` for variables).",
+        description=(
+            "Render the front's configs. Every flag also reads an environment variable (shown in brackets); "
+            "MAX_BODY_BYTES, REQUEST_TIMEOUT and API_KEYS/AUTH_TOKEN are the server's settings, read here too."
+        ),
     )
-    p.add_argument("--out", type=Path, help="run folder (default $DIFFUSERVE_RUN_DIR or /run/diffuserve)")
-    p.set_defaults(func=run_render)
-
-
-def run_render(args: argparse.Namespace) -> int:
-    from diffuserve.deploy.render import main
-
-    return main(["--out", str(args.out)] if args.out else [])
+    add_front_arguments(p)
+    p.set_defaults(func=render_from_args)
 
 
 def plan_from_args(args: argparse.Namespace) -> ModalPlan:
@@ -235,8 +233,8 @@ def write_app(plan: ModalPlan, dest: Path) -> Path:
     source = APP_FILE.read_text()
     if PLAN_LINE not in source:
         raise PlanError(f"{APP_FILE} no longer has the line {PLAN_LINE.strip()!r} to replace")
-    plan = replace(plan, scaledown_window=plan.effective_scaledown_window)
-    body = "".join(f"    {f.name}={_literal(getattr(plan, f.name))},\n" for f in fields(plan))
+    plan = plan.model_copy(update={"scaledown_window": plan.effective_scaledown_window})
+    body = "".join(f"    {name}={_literal(getattr(plan, name))},\n" for name in type(plan).model_fields)
     literal = (
         f"# Written by `diffuserve deploy modal --write-app`; edit freely.\nPLAN = ModalPlan(\n{body})\n"
     )
@@ -247,7 +245,10 @@ def write_app(plan: ModalPlan, dest: Path) -> Path:
 
 
 def _literal(value: object) -> str:
-    # Double-quoted like the rest of the code base (json quoting is valid Python for these plain strings).
+    # Double-quoted like the rest of the code base (json quoting is valid Python for these plain strings);
+    # an enum (the tier) is written as its value, which the plan reads back.
+    if isinstance(value, Enum):
+        value = value.value
     return json.dumps(value) if isinstance(value, str) else repr(value)
 
 

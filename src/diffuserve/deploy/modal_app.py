@@ -103,7 +103,7 @@ def serve_env() -> dict[str, str]:
     """Plain settings for the container (no secrets): the plan itself, so the remote import rebuilds it,
     the model server's settings and the front's ports."""
     env = {**PLAN.to_env(), **PLAN.server_env()}
-    env.update({"PORT": str(PLAN.port), "SERVER_PORT": str(SERVER_PORT), "FRONT_HOST": "0.0.0.0"})
+    env.update({"FRONT_PORT": str(PLAN.port), "SERVER_PORT": str(SERVER_PORT), "FRONT_HOST": "0.0.0.0"})
     return env
 
 
@@ -159,7 +159,10 @@ def prefetch() -> str:
         return f"{PLAN.model_repo} is built in: nothing to download"
     from diffusers import DiffusionPipeline
 
-    token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGINGFACE_ACCESS_TOKEN") or None
+    from diffuserve.config import Settings
+
+    # The server's own reading of HF_TOKEN / HUGGINGFACE_ACCESS_TOKEN (from the Modal secret).
+    token = Settings.from_env().hf_token
     # The same file selection `from_pretrained` makes, without loading anything onto a GPU.
     path = DiffusionPipeline.download(PLAN.model_repo, token=token)
     os.makedirs(COMPILE_CACHE, exist_ok=True)

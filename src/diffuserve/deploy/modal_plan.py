@@ -8,12 +8,17 @@ same plan when Modal re-imports it remotely. No Modal import here: the CLI valid
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass, fields
-from typing import Any
+from typing import ClassVar, Literal, get_args
+
+from pydantic import model_validator
+from pydantic_settings import SettingsConfigDict
+
+from diffuserve.envsettings import EnvSettings, setting
+from diffuserve.types import Tier
 
 ENV_PREFIX = "DIFFUSERVE_MODAL_"
-MODES = ("single", "fixed", "autoscale")
+Mode = Literal["single", "fixed", "autoscale"]
+MODES: tuple[str, ...] = get_args(Mode)
 
 # GPU names Modal accepts for `gpu=` (https://modal.com/docs/guide/gpu), upper-cased, with the most per container.
 GPU_MAX_COUNT = {
@@ -48,45 +53,40 @@ class PlanError(ValueError):
     """A deployment setting Modal would reject or that contradicts another; the message names the flag."""
 
 
-@dataclass(frozen=True)
-class ModalPlan:
-    """One deployment. Field names double as env names: `gpu` ↔ DIFFUSERVE_MODAL_GPU."""
+class ModalPlan(EnvSettings):
+    """One deployment. Each field's env var is DIFFUSERVE_MODAL_ + its name: `gpu` ↔ DIFFUSERVE_MODAL_GPU."""
 
-    app_name: str = "diffuserve"
-    label: str | None = None
-    gpu: str = "H100"
-    mode: str = "single"
-    min_containers: int = 1
-    max_containers: int = 1
-    scaledown_window: int | None = None
-    model_repo: str = "black-forest-labs/FLUX.1-schnell"
-    model_name: str | None = None
-    model_batch: int = 4
-    model_size: str | None = None
-    max_inputs: int | None = None
-    target_inputs: int | None = None
-    timeout: int = 3600
-    startup_timeout: int = 1200
-    ephemeral_disk_gib: int | None = None
-    volume: str = "diffuserve-hf-cache"
-    hf_secret: str | None = None
-    api_key_secret: str | None = None
-    port: int = 8000
-    offline: bool = False
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True)
+    error_class: ClassVar[type[ValueError]] = PlanError
 
-    def __post_init__(self) -> None:
-        self.validate()
+    app_name: str = setting("diffuserve", help="Modal app name")
+    label: str | None = setting(None, help="endpoint label: https://<workspace>--<label>.modal.run")
+    gpu: str = setting("H100", help="Modal GPU[:count]")
+    mode: Mode = setting("single", help="single GPU, fixed fleet, or autoscale")
+    min_containers: int = setting(1, help="containers kept warm", flag="--min")
+    max_containers: int = setting(1, help="most containers", flag="--max")
+    scaledown_window: int | None = setting(None, help="autoscale: idle seconds before a container stops")
+    model_repo: str = setting("black-forest-labs/FLUX.1-schnell", help="hub repo or built-in id")
+    model_name: str | None = setting(None, help="name clients send as `model` / X-Model-Name")
+    model_batch: int = setting(4, help="most images per batch (sizes concurrency too)")
+    model_size: Tier | None = setting(None, help="acceleration tier (default: the server's)")
+    max_inputs: int | None = setting(None, help="concurrent requests per container (default 4 × batch)")
+    target_inputs: int | None = setting(None, help="concurrency the autoscaler targets (default: batch)")
+    timeout: int = setting(3600, help="Modal function timeout, seconds")
+    startup_timeout: int = setting(1200, help="seconds a container may take to get ready")
+    ephemeral_disk_gib: int | None = setting(None, help="ephemeral disk per container (default: Modal's)")
+    volume: str = setting("diffuserve-hf-cache", help="Modal Volume holding the HF and compile caches")
+    hf_secret: str | None = setting(None, help="Modal secret holding HF_TOKEN")
+    api_key_secret: str | None = setting(None, help="Modal secret holding API_KEYS")
+    port: int = setting(8000, help="port nginx listens on inside the container (the front's FRONT_PORT)")
+    offline: bool = setting(False, help="serve from the Volume only (HF_HUB_OFFLINE=1)")
 
-    # -- validation ---------------------------------------------------------------------------------------
-    def validate(self) -> None:
-        if self.mode not in MODES:
-            raise PlanError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+    @model_validator(mode="after")
+    def _check(self) -> ModalPlan:
         self._validate_scaling()
         _check_gpu(self.gpu)
         if self.model_batch < 1:
             raise PlanError(f"--model-batch must be >= 1, got {self.model_batch}")
-        if self.model_size is not None and self.model_size.upper() not in {"S", "M", "L", "XL"}:
-            raise PlanError(f"--model-size must be S, M, L or XL, got {self.model_size!r}")
         for flag, value in (("--timeout", self.timeout), ("--startup-timeout", self.startup_timeout)):
             if not TIMEOUT_MIN <= value <= TIMEOUT_MAX:
                 raise PlanError(f"{flag} must be {TIMEOUT_MIN}..{TIMEOUT_MAX} s (Modal's range), got {value}")
@@ -116,6 +116,7 @@ class ModalPlan:
             )
         if not self.model_repo:
             raise PlanError("--model-repo must not be empty")
+        return self
 
     def _validate_scaling(self) -> None:
         lo, hi, window = self.min_containers, self.max_containers, self.scaledown_window
@@ -172,7 +173,7 @@ class ModalPlan:
         """The model server's own settings inside the container (names from diffuserve.config)."""
         env = {"MODEL_REPO": self.model_repo, "MODEL_BATCH": str(self.model_batch)}
         if self.model_size:
-            env["MODEL_SIZE"] = self.model_size.upper()
+            env["MODEL_SIZE"] = self.model_size.value
         if self.model_name:
             env["MODEL_NAME"] = self.model_name
         if self.offline:
@@ -182,29 +183,6 @@ class ModalPlan:
         env["REQUEST_TIMEOUT"] = str(min(self.timeout, MODAL_HTTP_LIMIT_S - 10))
         return env
 
-    # -- env round trip -----------------------------------------------------------------------------------
-    def to_env(self) -> dict[str, str]:
-        """DIFFUSERVE_MODAL_* variables that rebuild this plan with `from_env` (unset fields are omitted)."""
-        env: dict[str, str] = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if value is None:
-                continue
-            env[ENV_PREFIX + f.name.upper()] = (
-                ("1" if value else "0") if isinstance(value, bool) else str(value)
-            )
-        return env
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str]) -> ModalPlan:
-        values: dict[str, Any] = {}
-        for f in fields(cls):
-            raw = environ.get(ENV_PREFIX + f.name.upper())
-            if raw is None or raw == "":
-                continue
-            values[f.name] = _parse(f.name, str(f.type), raw)
-        return cls(**values)
-
 
 def _check_gpu(gpu: str) -> None:
     name, _, count_text = gpu.partition(":")
@@ -213,14 +191,3 @@ def _check_gpu(gpu: str) -> None:
         raise PlanError(f"--gpu {gpu!r} is not a Modal GPU type; choose one of {', '.join(GPU_MAX_COUNT)}")
     if count_text and (not count_text.isdigit() or not 1 <= int(count_text) <= GPU_MAX_COUNT[key]):
         raise PlanError(f"--gpu {gpu!r}: the count after ':' must be 1..{GPU_MAX_COUNT[key]} for {key}")
-
-
-def _parse(name: str, kind: str, raw: str) -> Any:
-    try:
-        if "bool" in kind:
-            return raw.strip().lower() in {"1", "true", "yes", "on"}
-        if "int" in kind:
-            return int(raw)
-    except ValueError:
-        raise PlanError(f"{ENV_PREFIX}{name.upper()} must be an integer, got {raw!r}") from None
-    return raw

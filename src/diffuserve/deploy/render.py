@@ -11,9 +11,11 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, ClassVar
 
 from diffuserve.config import Settings
 from diffuserve.deploy import DEPLOY_DIR
+from diffuserve.envsettings import EnvSettings, setting
 
 PLACEHOLDER = re.compile(r"@@([A-Z_]+)@@")
 # Characters a path or host may hold and still sit unquoted in both nginx and supervisord configs.
@@ -22,33 +24,74 @@ SAFE_WORD = re.compile(r"^[A-Za-z0-9_./:+@-]+$")
 SAFE_KEY = re.compile(r"^[A-Za-z0-9._~+/=-]{8,256}$")
 READY_PATH = "/v2/health/ready"
 
-# The front's own environment variables (the server's are in diffuserve.config.Settings).
-FRONT_ENV_HELP: dict[str, str] = {
-    "PORT": "public port nginx listens on (default 8000); the model server gets SERVER_PORT",
-    "FRONT_HOST": "address nginx binds (default 0.0.0.0: Modal and Docker route to the container's port)",
-    "SERVER_PORT": "loopback port of the model server behind nginx (default 8001)",
-    "DIFFUSERVE_RUN_DIR": "where the rendered configs, sockets, pid files and nginx temp files go (default /run/diffuserve)",
-    "DIFFUSERVE_LOG_DIR": "write model/nginx/supervisord logs there instead of the container's stdout",
-    "FRONT_AUTH": "1/0: nginx checks bearer keys from API_KEYS/AUTH_TOKEN before the server (default 1 when keys are set)",
-    "NGINX_WORKERS": "nginx worker processes (default 2; proxying images needs few)",
-    "NGINX_USER": "user nginx workers run as when started by root (default: no switch)",
-    "NGINX_BIN": "nginx executable (default: found on PATH or /usr/sbin/nginx)",
-    "DIFFUSERVE_BIN": "diffuserve executable for the model server (default: the one beside this Python)",
-    "UPSTREAM_KEEPALIVE": "idle keep-alive connections nginx keeps to the server (default 32)",
-}
-
 
 class FrontConfigError(ValueError):
     """A setting the front cannot use; the message names the environment variable."""
 
 
+class FrontSettings(EnvSettings):
+    """The front's own variables (the model server's are diffuserve.config.Settings).
+
+    Two ports, two names: nginx listens on the public FRONT_PORT (a platform's PORT counts when FRONT_PORT is
+    unset); the model server listens on SERVER_PORT, given to it as its --port flag, so PORT never moves it.
+    """
+
+    error_class: ClassVar[type[ValueError]] = FrontConfigError
+
+    run_dir: Path = setting(
+        Path("/run/diffuserve"),
+        "DIFFUSERVE_RUN_DIR",
+        help="where the rendered configs, sockets, pid files and nginx temp files go",
+        flags=("--out",),
+    )
+    front_port: int = setting(8000, "FRONT_PORT", "PORT", help="public port nginx listens on", ge=1, le=65535)
+    front_host: str = setting(
+        "0.0.0.0",
+        "FRONT_HOST",
+        help="address nginx binds (0.0.0.0: Modal and Docker route to the container's port)",
+    )
+    server_port: int = setting(
+        8001, "SERVER_PORT", help="loopback port of the model server behind nginx", ge=1, le=65535
+    )
+    front_auth: bool = setting(
+        True,
+        "FRONT_AUTH",
+        help="nginx checks the bearer keys of API_KEYS/AUTH_TOKEN before the server (when keys are set)",
+    )
+    nginx_workers: int = setting(
+        2, "NGINX_WORKERS", help="nginx worker processes (proxying images needs few)", ge=1
+    )
+    nginx_user: str | None = setting(
+        None, "NGINX_USER", help="user nginx workers run as when started by root (default: no switch)"
+    )
+    nginx_bin: str | None = setting(
+        None, "NGINX_BIN", help="nginx executable", shown_default="found on PATH, else /usr/sbin/nginx"
+    )
+    diffuserve_bin: str | None = setting(
+        None,
+        "DIFFUSERVE_BIN",
+        help="diffuserve command for the model server",
+        shown_default="the one beside this Python",
+    )
+    upstream_keepalive: int = setting(
+        32, "UPSTREAM_KEEPALIVE", help="idle keep-alive connections nginx keeps to the server", ge=1
+    )
+    log_dir: Path | None = setting(
+        None,
+        "DIFFUSERVE_LOG_DIR",
+        help="write model/nginx/supervisord logs there",
+        shown_default="the container's stdout",
+    )
+
+
 @dataclass(frozen=True)
 class FrontConfig:
-    """Everything the two rendered files need; built from the environment by `from_env`."""
+    """Everything the two rendered files need: the front's settings plus the server's body limit, deadline
+    and keys; built by `from_env`."""
 
     run_dir: Path
-    port: int = 8000
-    listen_host: str = "0.0.0.0"
+    front_port: int = 8000
+    front_host: str = "0.0.0.0"
     server_port: int = 8001
     max_body_bytes: int = 1 << 20
     request_timeout: float = 600.0
@@ -63,23 +106,15 @@ class FrontConfig:
     python: str = sys.executable
 
     def __post_init__(self) -> None:
-        for name, port in (("PORT", self.port), ("SERVER_PORT", self.server_port)):
-            if not 0 < port < 65536:
-                raise FrontConfigError(f"{name} must be 1..65535, got {port}")
-        if self.port == self.server_port:
-            raise FrontConfigError(f"PORT and SERVER_PORT must differ (both {self.port})")
+        # Ranges are the settings model's job; here only what needs two values or the rendered text.
+        if self.front_port == self.server_port:
+            raise FrontConfigError(f"FRONT_PORT/PORT and SERVER_PORT must differ (both {self.front_port})")
         if self.max_body_bytes < 1024:
-            raise FrontConfigError(f"MAX_BODY_BYTES must be >= 1024, got {self.max_body_bytes}")
-        if self.request_timeout <= 0:
-            raise FrontConfigError(f"REQUEST_TIMEOUT must be > 0, got {self.request_timeout}")
-        if self.nginx_workers < 1:
-            raise FrontConfigError(f"NGINX_WORKERS must be >= 1, got {self.nginx_workers}")
-        if self.upstream_keepalive < 1:
-            raise FrontConfigError(f"UPSTREAM_KEEPALIVE must be >= 1, got {self.upstream_keepalive}")
+            raise FrontConfigError(f"MAX_BODY_BYTES must be >= 1024 for the front, got {self.max_body_bytes}")
         for name, value in (
             ("DIFFUSERVE_RUN_DIR", str(self.run_dir)),
             ("DIFFUSERVE_LOG_DIR", str(self.log_dir or "")),
-            ("FRONT_HOST", self.listen_host),
+            ("FRONT_HOST", self.front_host),
             ("NGINX_USER", self.nginx_user or ""),
             ("NGINX_BIN", self.nginx_bin),
         ):
@@ -135,29 +170,27 @@ class FrontConfig:
         return [self.python, "-m", "diffuserve.deploy.gate", "--url", self.ready_url, "--", *nginx]
 
     @classmethod
-    def from_env(cls, **overrides: object) -> FrontConfig:
-        """Read the front's variables plus the server's MAX_BODY_BYTES, REQUEST_TIMEOUT and API keys."""
-        env = os.environ
+    def from_env(cls, **overrides: Any) -> FrontConfig:
+        """The front's settings (env, then the overrides that are not None) plus the server's own reading of
+        MAX_BODY_BYTES, REQUEST_TIMEOUT and API_KEYS/AUTH_TOKEN: one source of truth for both."""
+        return cls.from_settings(FrontSettings.from_env(**overrides))
+
+    @classmethod
+    def from_settings(cls, front: FrontSettings) -> FrontConfig:
         server = _server_settings()
-        values: dict[str, object] = {
-            "run_dir": Path(env.get("DIFFUSERVE_RUN_DIR") or "/run/diffuserve"),
-            "port": _int(env, "PORT", 8000),
-            "listen_host": env.get("FRONT_HOST") or "0.0.0.0",
-            "server_port": _int(env, "SERVER_PORT", 8001),
-            "max_body_bytes": server.max_body_bytes,
-            "request_timeout": server.request_timeout,
-            "api_keys": tuple(server.api_keys),
-            "front_auth": (env.get("FRONT_AUTH") or "1").strip().lower() not in {"0", "false", "no", "off"},
-            "nginx_workers": _int(env, "NGINX_WORKERS", 2),
-            "nginx_user": env.get("NGINX_USER") or None,
-            "upstream_keepalive": _int(env, "UPSTREAM_KEEPALIVE", 32),
-            "log_dir": Path(env["DIFFUSERVE_LOG_DIR"]) if env.get("DIFFUSERVE_LOG_DIR") else None,
-            "nginx_bin": env.get("NGINX_BIN") or shutil.which("nginx") or "/usr/sbin/nginx",
-        }
-        if env.get("DIFFUSERVE_BIN"):
-            values["diffuserve_cmd"] = tuple(shlex.split(env["DIFFUSERVE_BIN"]))
-        values.update(overrides)
-        return cls(**values)  # type: ignore[arg-type]
+        values = front.model_dump(exclude={"nginx_bin", "diffuserve_bin"})
+        return cls(
+            **values,
+            max_body_bytes=server.max_body_bytes,
+            request_timeout=server.request_timeout,
+            api_keys=tuple(server.api_keys),
+            nginx_bin=front.nginx_bin or shutil.which("nginx") or "/usr/sbin/nginx",
+            diffuserve_cmd=(
+                tuple(shlex.split(front.diffuserve_bin))
+                if front.diffuserve_bin
+                else default_diffuserve_command()
+            ),
+        )
 
 
 def default_diffuserve_command() -> tuple[str, ...]:
@@ -172,21 +205,10 @@ def default_diffuserve_command() -> tuple[str, ...]:
 
 
 def _server_settings() -> Settings:
-    """The server's own reading of MAX_BODY_BYTES, REQUEST_TIMEOUT and API_KEYS/AUTH_TOKEN: one source of truth."""
     try:
         return Settings.from_env()
     except ValueError as exc:
         raise FrontConfigError(str(exc)) from exc
-
-
-def _int(env: Mapping[str, str], name: str, default: int) -> int:
-    raw = env.get(name)
-    if not raw:
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise FrontConfigError(f"{name} must be an integer, got {raw!r}") from None
 
 
 def fill(template: str, values: Mapping[str, str]) -> str:
@@ -235,8 +257,8 @@ def nginx_values(cfg: FrontConfig) -> dict[str, str]:
         "SERVER_PORT": str(cfg.server_port),
         "UPSTREAM_KEEPALIVE": str(cfg.upstream_keepalive),
         "UPSTREAM_KEEPALIVE_TIMEOUT": "60s",
-        "LISTEN_HOST": cfg.listen_host,
-        "PORT": str(cfg.port),
+        "LISTEN_HOST": cfg.front_host,
+        "PORT": str(cfg.front_port),
         "READ_TIMEOUT": cfg.read_timeout,
     }
 
@@ -285,19 +307,29 @@ def render(cfg: FrontConfig) -> Rendered:
     return Rendered(cfg.nginx_conf, cfg.supervisord_conf)
 
 
+def add_front_arguments(parser: argparse.ArgumentParser) -> None:
+    FrontSettings.add_arguments(parser)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m diffuserve.deploy.render",
-        description="Render the front's nginx.conf and supervisord.conf from the environment.",
-        epilog="Environment: " + "; ".join(f"{k}: {v}" for k, v in FRONT_ENV_HELP.items()),
+        description=(
+            "Render the front's nginx.conf and supervisord.conf. Every flag also reads an environment "
+            "variable (shown in brackets); MAX_BODY_BYTES, REQUEST_TIMEOUT and API_KEYS/AUTH_TOKEN are the "
+            "server's settings (diffuserve serve --help), read here too."
+        ),
     )
-    parser.add_argument(
-        "--out", type=Path, help="run folder (default $DIFFUSERVE_RUN_DIR or /run/diffuserve)"
-    )
-    args = parser.parse_args(argv)
+    add_front_arguments(parser)
+    return render_from_args(parser.parse_args(argv))
+
+
+def render_from_args(args: argparse.Namespace) -> int:
+    # A folder given on the command line may be relative to where the command runs.
+    out = Path(args.run_dir).resolve() if getattr(args, "run_dir", None) else None
     try:
-        cfg = FrontConfig.from_env(**({"run_dir": args.out.resolve()} if args.out else {}))
-        rendered = render(cfg)
+        front = FrontSettings.from_args(args, run_dir=out)
+        rendered = render(FrontConfig.from_settings(front))
     except FrontConfigError as exc:
         print(f"diffuserve front: {exc}", file=sys.stderr)
         return 2

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from enum import Enum
 from typing import Any
+
+from diffuserve.types import Tier
 
 
 @dataclass(frozen=True)
@@ -26,28 +27,6 @@ class StepCacheOptions:
             )
         if self.max_consecutive < 1:
             raise ValueError(f"step cache max_consecutive must be >= 1, got {self.max_consecutive}")
-
-
-class Tier(str, Enum):
-    """E: exact, nothing applied (no torch.compile). XL: exact (compiled). L: near-lossless. M: between.
-    S: fastest."""
-
-    E = "E"
-    XL = "XL"
-    L = "L"
-    M = "M"
-    S = "S"
-
-    @classmethod
-    def parse(cls, value: str | Tier) -> Tier:
-        if isinstance(value, Tier):
-            return value
-        try:
-            return cls(str(value).strip().upper())
-        except ValueError:
-            raise ValueError(
-                f"tier must be one of {', '.join(t.value for t in cls)}, got {value!r}"
-            ) from None
 
 
 @dataclass(frozen=True)

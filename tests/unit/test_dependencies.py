@@ -1,0 +1,95 @@
+"""The server installs lean: load-testing, plotting and training packages live in extras, the serve path never
+imports them, and a command whose extra is missing says in one line which one to install."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+import tomllib
+
+from diffuserve.extras import EXTRA_MODULES
+from tests.helpers import ROOT
+
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+# Distributions only some commands use: none may be a base dependency of the server.
+NOT_FOR_THE_SERVER = {
+    "locust",
+    "matplotlib",
+    "scikit-learn",
+    "tqdm",
+    "httpx",
+    "openai",
+    "modal",
+    "supervisor",
+}
+
+
+def _name(requirement: str) -> str:
+    return re.split(r"[<>=!~;\[ ]", requirement, maxsplit=1)[0].strip().lower()
+
+
+def _hide_and_run(hidden: tuple[str, ...], code: str) -> subprocess.CompletedProcess[str]:
+    """Run `code` in a fresh interpreter where `hidden` modules cannot be imported (as if not installed)."""
+    hide = "import sys\n" + "".join(f"sys.modules[{name!r}] = None\n" for name in hidden)
+    return subprocess.run(
+        [sys.executable, "-c", hide + code], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
+
+
+def test_base_dependencies_leave_out_the_extras() -> None:
+    base = {_name(req) for req in PYPROJECT["dependencies"]}
+    assert not base & NOT_FOR_THE_SERVER, f"base dependencies pull {sorted(base & NOT_FOR_THE_SERVER)}"
+    extras = PYPROJECT["optional-dependencies"]
+    assert {_name(req) for req in extras["bench"]} >= {"locust", "matplotlib", "httpx", "tqdm"}
+    assert "scikit-learn" in {_name(req) for req in extras["digits"]}
+    assert "modal" in {_name(req) for req in extras["deploy"]}
+    # `make test` installs `.[dev]`: it must bring every extra the tests exercise.
+    assert any(_name(req) == "diffuserve" and "bench,digits,deploy" in req for req in extras["dev"])
+
+
+def test_bench_without_its_extra_names_it_in_one_line() -> None:
+    result = _hide_and_run(
+        EXTRA_MODULES["bench"],
+        "from diffuserve.cli import main\nsys.exit(main(['bench', '--spawn-server', '--users', '1']))\n",
+    )
+    assert result.returncode != 0
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == [
+        "diffuserve bench needs the bench extra: pip install 'diffuserve[bench]'"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("argv", "extra"),
+    [
+        (["train-digits"], "digits"),
+        (["eval", "digits"], "digits"),
+        (["digits-grid", "--base-url", "http://x"], "digits"),
+    ],
+)
+def test_other_commands_name_their_extra(argv: list[str], extra: str) -> None:
+    result = _hide_and_run(
+        EXTRA_MODULES[extra], f"from diffuserve.cli import main\nsys.exit(main({argv!r}))\n"
+    )
+    assert result.returncode != 0
+    assert len(result.stderr.splitlines()) == 1
+    assert f"needs the {extra} extra: pip install 'diffuserve[{extra}]'" in result.stderr
+
+
+def test_serve_path_imports_no_extra() -> None:
+    hidden = tuple(
+        name for modules in EXTRA_MODULES.values() for name in modules if name not in {"tqdm", "httpx"}
+    )
+    # tqdm and httpx may arrive with diffusers and the hub client; the server itself never imports them.
+    result = _hide_and_run(
+        hidden,
+        "import diffuserve.cli, diffuserve.commands.serve, diffuserve.api.app\n"
+        "import diffuserve.serving.worker_process, diffuserve.engine.engine, diffuserve.engine.loader\n"
+        "from diffuserve.cli import build_parser\n"
+        "build_parser().parse_args(['serve', '--help'])\n",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "--model-repo" in result.stdout
