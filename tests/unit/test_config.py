@@ -96,7 +96,7 @@ def test_a_mistyped_boolean_is_an_error_naming_the_variable(
     ("overrides", "message"),
     [
         ({"model_batch": 0}, "MODEL_BATCH"),
-        ({"model_size": "XXL"}, r"MODEL_SIZE \(--model-size\): Input should be 'XL', 'L', 'M' or 'S'"),
+        ({"model_size": "XXL"}, r"MODEL_SIZE \(--model-size\): Input should be 'E', 'XL', 'L', 'M' or 'S'"),
         ({"port": 70000}, "PORT"),
         ({"weights": "zeros"}, "MODEL_WEIGHTS"),
         ({"dtype": "int8"}, "MODEL_DTYPE"),
