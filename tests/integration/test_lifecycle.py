@@ -105,7 +105,10 @@ def test_kill_9_of_the_server_leaves_no_worker_alive() -> None:
     with start_server(DEVICES="cpu,cpu") as handle:
         assert handle.process is not None
         server_pid = handle.process.pid
-        workers = handle.worker_pids()
+        deadline = time.monotonic() + 120
+        while len(workers := handle.worker_pids()) < 2:  # ready means one worker is; wait for both
+            assert time.monotonic() < deadline, handle.log_tail()
+            time.sleep(0.1)
         children = _children(server_pid)
         assert len(workers) == 2 and set(workers) <= set(children), (workers, children)
 
