@@ -328,7 +328,7 @@ def test_kill_9_of_model_server_is_restarted(stack: Stack) -> None:
     assert stack.model_pid() != old_pid
     assert "RUNNING" in stack.supervisorctl("status", "nginx")
     assert httpx.get(f"{stack.public}/health/ready", timeout=10).status_code == 200
-    # Nothing of the killed server survives (its workers were reaped or exited with it).
+    # Nothing of the killed server survives: its workers die with it.
     assert not [pid for pid in old_group if _alive(pid)], stack.logs()
 
 

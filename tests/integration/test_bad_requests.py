@@ -73,10 +73,6 @@ def test_bad_request_gets_openai_envelope(
         assert error["param"] == param, error
 
 
-def test_at_least_25_hostile_cases() -> None:
-    assert len(CASES) >= 25
-
-
 def test_unknown_route_and_method_are_json(server: ServerHandle) -> None:
     missing = httpx.get(f"{server.base_url}/v1/nope", timeout=10)
     assert missing.status_code == 404

@@ -1,15 +1,17 @@
-"""Readiness while loading, clear start-up failures, bearer tokens."""
+"""Readiness while loading, clear start-up failures, bearer tokens, workers that die with their server."""
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 
-from tests.helpers import ROOT, free_port, spawn_server, stop_server, wait_ready
+from tests.helpers import ROOT, free_port, server_handle, start_server
 
 URL = "/v1/images/generations"
 
@@ -27,8 +29,9 @@ def run_serve(*args: str, env: dict[str, str] | None = None) -> subprocess.Compl
 
 
 def test_ready_is_503_while_loading_then_200_and_auth_applies() -> None:
-    handle = spawn_server(API_KEYS="key-one,key-two")
+    handle = server_handle(API_KEYS="key-one,key-two")
     try:
+        handle.start()
         first_status = None
         deadline = time.monotonic() + 30
         while first_status is None and time.monotonic() < deadline:
@@ -45,7 +48,7 @@ def test_ready_is_503_while_loading_then_200_and_auth_applies() -> None:
         assert first_status == 503, "readiness must be 503 before the worker has loaded"
         assert early.status_code == 503
         assert early.json()["error"]["code"] == "model_not_ready"
-        wait_ready(handle)
+        handle.wait_ready()
         assert httpx.get(f"{handle.base_url}/v2/health/ready", timeout=5).status_code == 200
 
         # Health needs no key; everything else does.
@@ -65,7 +68,7 @@ def test_ready_is_503_while_loading_then_200_and_auth_applies() -> None:
             )
             assert ok.status_code == 200
     finally:
-        stop_server(handle)
+        handle.stop()
 
 
 def test_missing_local_model_exits_nonzero_with_message(tmp_path) -> None:
@@ -95,3 +98,44 @@ def test_model_that_fails_to_load_in_the_worker_stops_the_server(tmp_path) -> No
     assert result.returncode == 1
     assert "could not load the model" in result.stderr
     assert "acme/not-a-model" in result.stderr
+
+
+def test_kill_9_of_the_server_leaves_no_worker_alive() -> None:
+    """A server killed outright runs no cleanup; its workers must still be gone within 5 s."""
+    with start_server(DEVICES="cpu,cpu") as handle:
+        assert handle.process is not None
+        server_pid = handle.process.pid
+        deadline = time.monotonic() + 120
+        while len(workers := handle.worker_pids()) < 2:  # ready means one worker is; wait for both
+            assert time.monotonic() < deadline, handle.log_tail()
+            time.sleep(0.1)
+        children = _children(server_pid)
+        assert len(workers) == 2 and set(workers) <= set(children), (workers, children)
+
+        os.kill(server_pid, signal.SIGKILL)
+        handle.process.wait(timeout=10)
+        deadline = time.monotonic() + 5
+        while (alive := [pid for pid in children if _alive(pid)]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not alive, f"still running 5 s after the server was killed: {alive}\n{handle.log_tail()}"
+
+
+def _children(pid: int) -> list[int]:
+    """Every process whose parent is `pid` (the workers and multiprocessing's resource tracker)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # exited while we looked
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has exited; only its parent's wait is missing

@@ -1,11 +1,9 @@
-"""The front's renderer, readiness gate and stray-process reaper, without starting nginx or supervisord."""
+"""The front's renderer and readiness gate, without starting nginx or supervisord."""
 
 from __future__ import annotations
 
 import http.server
-import os
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -15,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from diffuserve.deploy.reap import is_model_server_command, reap_previous_group
 from diffuserve.deploy.render import PLACEHOLDER, FrontConfig, FrontConfigError, fill, main, render
 
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
@@ -189,91 +186,3 @@ def test_gate_gives_up_after_timeout() -> None:
     )  # fmt: skip
     assert result.returncode == 1
     assert "not ready after" in result.stdout
-
-
-def test_reap_stops_the_previous_group(tmp_path: Path) -> None:
-    # A stand-in for a crashed server's orphaned worker: a process group that outlived its leader's record.
-    # Its command line ends like a spawn-context worker's (`... --multiprocessing-fork`).
-    orphan = subprocess.Popen(
-        [sys.executable, "-c", "import time; time.sleep(60)", "--multiprocessing-fork"],
-        start_new_session=True,
-    )
-    try:
-        _wait_for_exec(orphan.pid, b"multiprocessing")
-        pgid_file = tmp_path / "model.pgid"
-        pgid_file.write_text(f"{os.getpgid(orphan.pid)}\n")
-        assert reap_previous_group(pgid_file, grace=5.0) is True
-        assert orphan.wait(timeout=10) == -signal.SIGTERM
-        assert reap_previous_group(pgid_file) is False  # nothing left to stop
-    finally:
-        if orphan.poll() is None:
-            orphan.kill()
-            orphan.wait()
-
-
-def test_reap_leaves_unrelated_groups_alone(tmp_path: Path) -> None:
-    # A recorded id now naming someone else's group (pid reuse) must not be killed.
-    other = subprocess.Popen(["sleep", "60"], start_new_session=True)
-    try:
-        _wait_for_exec(other.pid, b"sleep")
-        pgid_file = tmp_path / "model.pgid"
-        pgid_file.write_text(f"{os.getpgid(other.pid)}\n")
-        assert reap_previous_group(pgid_file, grace=1.0) is False
-        assert other.poll() is None
-    finally:
-        other.kill()
-        other.wait()
-
-
-def test_reap_leaves_the_nginx_master_alone(tmp_path: Path) -> None:
-    # nginx's master retitles itself with its config path, /run/diffuserve/nginx.conf: "diffuserve" appears in
-    # its command line, yet it is the front, not a model server left behind.
-    title = "nginx: master process /usr/sbin/nginx -e stderr -c /run/diffuserve/nginx.conf"
-    nginx = subprocess.Popen(["bash", "-c", f"exec -a '{title}' sleep 60"], start_new_session=True)
-    try:
-        _wait_for_exec(nginx.pid, b"nginx: master")
-        pgid_file = tmp_path / "model.pgid"
-        pgid_file.write_text(f"{os.getpgid(nginx.pid)}\n")
-        assert reap_previous_group(pgid_file, grace=1.0) is False
-        assert nginx.poll() is None
-    finally:
-        nginx.kill()
-        nginx.wait()
-
-
-@pytest.mark.parametrize(
-    ("command", "is_server"),
-    [
-        ("/venv/bin/python /venv/bin/diffuserve serve --host 127.0.0.1 --port 8001", True),
-        ("/venv/bin/diffuserve serve", True),
-        ("python -u -m diffuserve.cli serve --port 8001", True),
-        ("python -m diffuserve serve", True),
-        ("python|-c|import sys; from diffuserve.cli import main; sys.exit(main())|serve|--port|8001", True),
-        ("python -m diffuserve.deploy.reap --pgid-file /run/diffuserve/model.pgid -- /venv/bin/diffuserve serve", True),
-        ("python|-c|from multiprocessing.spawn import spawn_main; spawn_main(tracker_fd=5)|--multiprocessing-fork", True),
-        ("python|-c|from multiprocessing.resource_tracker import main;main(9)", True),
-        ("nginx: master process /usr/sbin/nginx -e stderr -c /run/diffuserve/nginx.conf", False),
-        ("nginx: worker process", False),
-        ("python -m diffuserve.deploy.gate --url http://127.0.0.1:8001/v2/health/ready -- /usr/sbin/nginx -c "
-         "/run/diffuserve/nginx.conf", False),
-        ("/venv/bin/diffuserve bench --spawn-server", False),
-        ("python /srv/diffuserve-tools/serve.py serve", False),
-        ("sleep 60", False),
-    ],
-)  # fmt: skip
-def test_model_server_is_told_by_its_whole_arguments(command: str, is_server: bool) -> None:
-    # "|" separates arguments holding spaces (python -c code); otherwise a space does.
-    argv = command.split("|") if "|" in command else command.split(" ")
-    if command.startswith("nginx:"):
-        argv = [command]  # nginx overwrites its argv with one title string
-    assert is_model_server_command([a.encode() for a in argv]) is is_server
-
-
-def _wait_for_exec(pid: int, marker: bytes) -> None:
-    """Until exec, a fresh child still shows the parent's command line (the reaper looks at it)."""
-    if not Path("/proc").is_dir():
-        return
-    deadline = time.monotonic() + 10
-    while marker not in Path(f"/proc/{pid}/cmdline").read_bytes():
-        assert time.monotonic() < deadline, "child never exec'd"
-        time.sleep(0.01)

@@ -318,9 +318,6 @@ def test_compile_cache_handles_missing_and_corrupt_files(tmp_path: Path) -> None
     (tmp_path / "compile" / "key.bin").write_bytes(b"not a cache")
     configure_compile_cache(str(tmp_path), "key", notes)
     assert "not loaded" in notes[-1]  # a corrupt file never stops a start
-    # Nothing was compiled in this process: either nothing is written or an empty archive is.
-    path = save_compile_cache(str(tmp_path))
-    assert path is None or Path(path).exists()
 
 
 @pytest.mark.usefixtures("compile_globals")

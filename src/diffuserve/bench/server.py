@@ -119,7 +119,8 @@ class SpawnedServer:
     """`diffuserve serve` on a free local port for the length of a `with` block; its output goes to a log file.
 
     `serve_args` are extra `diffuserve serve` flags; `stop_grace` is how long a stop waits for a clean exit
-    (the workers' shutdown) before it kills the server's whole process group.
+    (the workers' shutdown) before it kills the server's whole process group. `env` is added to `base_env`
+    (this process's environment unless given).
     """
 
     def __init__(
@@ -130,35 +131,42 @@ class SpawnedServer:
         host: str = "127.0.0.1",
         serve_args: Sequence[str] = (),
         stop_grace: float = 20.0,
+        base_env: Mapping[str, str] | None = None,
     ) -> None:
         self.host = host
         self.port = free_port(host)
         self.base_url = f"http://{host}:{self.port}"
         self.log_path = log_path
         self.extra_env = dict(env or {})
+        self.base_env = base_env
         self.ready_timeout = ready_timeout
         self.serve_args = list(serve_args)
         self.stop_grace = stop_grace
         self.process: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> SpawnedServer:
-        env = {**os.environ, **self.extra_env, "HOST": self.host, "PORT": str(self.port)}
-        cmd = [sys.executable, "-m", "diffuserve.cli", "serve", "--host", self.host, "--port", str(self.port)]
-        cmd += self.serve_args
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            with self.log_path.open("wb") as log:
-                # Own session: a stop signal reaches the server and the workers it started, nothing else.
-                self.process = subprocess.Popen(
-                    cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-                )
-            self._wait_ready()
+            self.start()
+            self.wait_ready()
         except BaseException:
             self.stop()
             raise
         return self
 
-    def _wait_ready(self) -> None:
+    def start(self) -> None:
+        """Launch the server without waiting for it; `wait_ready` then waits, `stop` always cleans up."""
+        base = os.environ if self.base_env is None else self.base_env
+        env = {**base, **self.extra_env, "HOST": self.host, "PORT": str(self.port)}
+        cmd = [sys.executable, "-m", "diffuserve.cli", "serve", "--host", self.host, "--port", str(self.port)]
+        cmd += self.serve_args
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("wb") as log:
+            # Own session: a stop signal reaches the server and the workers it started, nothing else.
+            self.process = subprocess.Popen(
+                cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+
+    def wait_ready(self) -> None:
         assert self.process is not None
         deadline = time.monotonic() + self.ready_timeout
         while True:

@@ -154,16 +154,8 @@ class FrontConfig:
         return f"{int(self.request_timeout) + 30}s"
 
     def model_command(self) -> list[str]:
-        serve = [*self.diffuserve_cmd, "serve", "--host", "127.0.0.1", "--port", str(self.server_port)]
-        return [
-            self.python,
-            "-m",
-            "diffuserve.deploy.reap",
-            "--pgid-file",
-            str(self.run_dir / "model.pgid"),
-            "--",
-            *serve,
-        ]
+        # Exec'd directly: its workers die with it (PR_SET_PDEATHSIG), so a restart finds no leftovers.
+        return [*self.diffuserve_cmd, "serve", "--host", "127.0.0.1", "--port", str(self.server_port)]
 
     def nginx_command(self) -> list[str]:
         nginx = [self.nginx_bin, "-e", "stderr", "-c", str(self.nginx_conf)]
@@ -292,9 +284,6 @@ def render(cfg: FrontConfig) -> Rendered:
     # nginx workers (maybe another user) need to traverse the run dir to reach their temp folders.
     os.chmod(cfg.run_dir, 0o755)
     (cfg.run_dir / "nginx-tmp").mkdir(exist_ok=True)
-    # A fresh front has no previous model server: a group id left from an earlier container run could
-    # now name an unrelated process group.
-    (cfg.run_dir / "model.pgid").unlink(missing_ok=True)
     if cfg.log_dir:
         cfg.log_dir.mkdir(parents=True, exist_ok=True)
     nginx = fill((DEPLOY_DIR / "nginx.conf").read_text(), nginx_values(cfg))

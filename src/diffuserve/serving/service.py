@@ -12,7 +12,8 @@ from diffuserve.config import Settings
 from diffuserve.engine.naming import model_slug, served_model_name
 from diffuserve.errors import DeadlineExceeded, ModelNotFound, NotReady, QueueFull
 from diffuserve.serving.scheduler import Completed, Pending, Scheduler, SchedulerObserver
-from diffuserve.serving.workers import WorkerPool, resolve_devices
+from diffuserve.serving.worker_process import worker_main
+from diffuserve.serving.workers import WorkerPool, WorkerTarget, resolve_devices
 from diffuserve.types import GenerationRequest, ModelInfo
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,7 @@ class GenerationService:
         on_fatal: Callable[[str], None] | None = None,
         on_alive_changed: Callable[[int], None] | None = None,
         on_restart: Callable[[], None] | None = None,
+        worker_target: WorkerTarget = worker_main,
     ) -> None:
         self.settings = settings
         self.name = served_model_name(settings)
@@ -50,6 +52,7 @@ class GenerationService:
             on_fatal=self._fatal,
             on_alive_changed=on_alive_changed,
             on_restart=on_restart,
+            worker_target=worker_target,
         )
         self.started_at = time.time()
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from diffuserve.config import Settings
 from diffuserve.engine.loader import default_cpu_threads
+from diffuserve.serving.parent_death import die_with_parent
 from diffuserve.serving.scheduler import Scheduler
 from diffuserve.serving.worker_process import worker_main
 from diffuserve.types import (
@@ -31,6 +32,9 @@ from diffuserve.types import (
 )
 
 log = logging.getLogger(__name__)
+
+# The body of a worker process: worker_main, or a stand-in engine in tests.
+WorkerTarget = Callable[[int, str, Settings, Connection], None]
 
 RESTART_BACKOFF_MAX_S = 30.0
 # A worker that ran this long before dying is considered healthy: its replacement starts without delay.
@@ -128,9 +132,11 @@ class WorkerPool:
         on_fatal: Callable[[str], None],
         on_alive_changed: Callable[[int], None] | None = None,
         on_restart: Callable[[], None] | None = None,
+        worker_target: WorkerTarget = worker_main,
     ) -> None:
         self.settings = settings
         self.devices = devices
+        self.worker_target = worker_target
         self.scheduler = scheduler
         self.on_fatal = on_fatal
         self.on_alive_changed = on_alive_changed
@@ -173,7 +179,7 @@ class WorkerPool:
         env_threads = self._cpu_threads(device)
         process = self._ctx.Process(
             target=_child_entry,
-            args=(worker_id, device, self.settings, child_conn, env_threads),
+            args=(worker_id, device, self.settings, child_conn, env_threads, self.worker_target),
             name=f"diffuserve-worker-{worker_id}",
             daemon=True,
         )
@@ -285,8 +291,18 @@ class WorkerPool:
 
 
 def _child_entry(
-    worker_id: int, device: str, settings: Settings, conn: Connection, cpu_threads: int | None
+    worker_id: int,
+    device: str,
+    settings: Settings,
+    conn: Connection,
+    cpu_threads: int | None,
+    target: WorkerTarget = worker_main,
 ) -> None:
+    parent = mp.parent_process()
+    if parent is not None and parent.pid is not None:
+        # First of all: a server killed outright (OOM killer, kill -9) runs no cleanup, and a worker left
+        # behind would keep its GPU memory from the server that replaces it.
+        die_with_parent(parent.pid)
     if cpu_threads is not None:
         # Idle OpenMP threads would otherwise spin for a while after each op and take the cores the API
         # process needs to answer; measured: about half the per-request overhead on 2 cores. Set before
@@ -295,4 +311,4 @@ def _child_entry(
         import torch
 
         torch.set_num_threads(cpu_threads)
-    worker_main(worker_id, device, settings, conn)
+    target(worker_id, device, settings, conn)
