@@ -120,6 +120,13 @@ class Settings:
     warmup: bool = field(
         default=True, metadata={"env": ("WARMUP",), "help": "run one generation per worker before ready"}
     )
+    playground: bool = field(
+        default=True,
+        metadata={
+            "env": ("PLAYGROUND",),
+            "help": "serve the web playground at / and /playground (off: API only)",
+        },
+    )
     log_format: str = field(default="text", metadata={"env": ("LOG_FORMAT",), "help": "text or json"})
     log_level: str = field(default="info", metadata={"env": ("LOG_LEVEL",), "help": "debug, info, warning"})
 
