@@ -219,6 +219,20 @@ def test_page_generates_the_apis_image(server: ServerHandle, browser: WebDriver,
     check_same_image_as_api(browser, requests, server.base_url, tmp_path / "downloads")
     check_result_panel(browser)
 
+    # Server-Timing is read generically: the entries the server adds later show without a page change.
+    parsed = browser.execute_script(
+        """return parseServerTiming('queue;dur=0.4, denoise;desc="28 steps, bf16";dur=812.5,'
+        + 'decode;dur=91, encode;dur=12.25, transfer;dur=3, cache')"""
+    )
+    assert [(m["name"], m["dur"], m["desc"]) for m in parsed] == [
+        ("queue", 0.4, ""),
+        ("denoise", 812.5, "28 steps, bf16"),
+        ("decode", 91, ""),
+        ("encode", 12.25, ""),
+        ("transfer", 3, ""),
+        ("cache", None, ""),
+    ]
+
     # "reuse" puts the last seed back; "random" empties the field so the server picks one.
     browser.find_element(By.ID, "seed-random").click()
     assert browser.find_element(By.ID, "seed").get_attribute("value") == ""
