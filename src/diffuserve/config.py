@@ -133,6 +133,9 @@ class Settings(EnvSettings):
         shown_default="$HF_HOME/diffuserve or ~/.cache/diffuserve",
     )
     warmup: bool = setting(True, "WARMUP", help="run one full batch per worker before ready")
+    playground: bool = setting(
+        True, "PLAYGROUND", help="serve the web playground at / and /playground; off for an API-only server"
+    )
     log_format: LogFormat = setting(LogFormat.TEXT, "LOG_FORMAT", help="json: one JSON object per line")
     log_level: LogLevel = setting(LogLevel.INFO, "LOG_LEVEL", help="least severe level logged")
 

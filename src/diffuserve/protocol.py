@@ -201,6 +201,11 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "diffuserve"
     root: str | None = None
+    # Extensions for clients that build a form (the playground); null until a worker has loaded the model.
+    supports_negative_prompt: bool | None = None
+    default_size: str | None = None
+    default_steps: int | None = None
+    default_guidance: float | None = None
 
 
 class ModelList(BaseModel):

@@ -12,7 +12,7 @@ from diffuserve.api.auth import BearerAuth
 from diffuserve.api.errors import install_error_handlers
 from diffuserve.api.metrics import Metrics
 from diffuserve.api.middleware import RequestContextMiddleware
-from diffuserve.api.routes import health, images, metrics, models
+from diffuserve.api.routes import health, images, metrics, models, playground
 from diffuserve.config import Settings
 from diffuserve.serving.service import GenerationService
 
@@ -51,5 +51,7 @@ def build_app(settings: Settings, *, on_fatal: Callable[[str], None] | None = No
     install_error_handlers(app)
     for module in (health, images, models, metrics):
         app.include_router(module.router)
+    if settings.playground:
+        app.include_router(playground.router)
     app.add_middleware(RequestContextMiddleware)
     return app

@@ -13,7 +13,14 @@ router = APIRouter(dependencies=[Depends(require_auth)])
 
 def _card(request: Request) -> ModelCard:
     service = service_of(request)
-    return ModelCard(id=service.name, created=int(service.started_at), root=service.settings.model_repo)
+    card = ModelCard(id=service.name, created=int(service.started_at), root=service.settings.model_repo)
+    model = service.pool.model
+    if model is not None:
+        card.supports_negative_prompt = model.supports_negative_prompt
+        card.default_size = f"{model.native_width}x{model.native_height}"
+        card.default_steps = model.default_steps
+        card.default_guidance = model.default_guidance
+    return card
 
 
 @router.get("/v1/models")

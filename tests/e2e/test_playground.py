@@ -1,0 +1,287 @@
+"""The web playground in headless Chromium: a prompt typed in the page gives the API's exact image, directly and
+through the nginx front with a key; no console error and no request to another origin."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.remote.webdriver import WebDriver
+from selenium.webdriver.support.ui import Select, WebDriverWait
+
+from tests.helpers import ROOT, ServerHandle
+
+try:  # the front's own fixture; its module skips itself where nginx or supervisord is missing
+    from tests.e2e.test_deploy_stack import API_KEY, Stack, stack  # noqa: F401 (stack is a fixture)
+
+    FRONT_MISSING = ""
+except pytest.skip.Exception as missing:
+    FRONT_MISSING = str(missing)
+
+pytestmark = pytest.mark.e2e
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+needs_chromium = pytest.mark.skipif(
+    CHROMIUM is None or CHROMEDRIVER is None,
+    reason=f"needs Debian's chromium and chromium-driver (found chromium={CHROMIUM}, chromedriver={CHROMEDRIVER}); "
+    "install with: apt-get install -y chromium chromium-driver",
+)
+GENERATIONS = "/v1/images/generations"
+# The exact body the page must send for the form filled in by `fill_and_generate`.
+EXPECTED_BODY = {
+    "prompt": "the digit 5",
+    "n": 1,
+    "output_format": "png",
+    "response_format": "b64_json",
+    "seed": 3,
+}
+WAIT_S = 120  # a generation on 2 shared CPU cores, or the first one after a worker restart
+# Set to write the first test's screenshot to docs/playground.png (the README shows it).
+UPDATE_SCREENSHOT_ENV = "UPDATE_PLAYGROUND_SCREENSHOT"
+# Folder where every browser test also saves its screenshot (default: the test's own tmp_path).
+ARTIFACTS_ENV = "TEST_ARTIFACTS_DIR"
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[WebDriver]:
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1180,860"):
+        options.add_argument(argument)
+    # The console for errors; the network log for every URL the page requested and the body it posted.
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
+    options.add_experimental_option(
+        "prefs",
+        {"download.default_directory": str(tmp_path / "downloads"), "download.prompt_for_download": False},
+    )
+    driver = webdriver.Chrome(options=options, service=Service(str(CHROMEDRIVER)))
+    driver.set_script_timeout(30)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def wait_for(driver: WebDriver, condition: Any, what: str, timeout: float = WAIT_S) -> Any:
+    return WebDriverWait(driver, timeout, poll_frequency=0.1).until(
+        condition, message=f"{what}; page error: {driver.find_element(By.ID, 'error').text!r}"
+    )
+
+
+def status(driver: WebDriver) -> str:
+    return str(driver.find_element(By.ID, "model-status").get_attribute("data-state"))
+
+
+def fill_and_generate(driver: WebDriver) -> None:
+    # Records whether the progress state showed, however quickly the answer comes.
+    driver.execute_script(
+        """
+        const progress = document.getElementById("progress");
+        window.progressShown = false;
+        new MutationObserver(() => { window.progressShown ||= !progress.hidden; })
+          .observe(progress, { attributes: true });
+        """
+    )
+    driver.find_element(By.ID, "prompt").send_keys(EXPECTED_BODY["prompt"])
+    driver.find_element(By.ID, "seed").send_keys(str(EXPECTED_BODY["seed"]))
+    Select(driver.find_element(By.ID, "format")).select_by_value("png")
+    driver.find_element(By.ID, "generate").click()
+
+
+def result_images(driver: WebDriver, count: int) -> list[Any]:
+    """The result's images once `count` of them are shown and decoded by the browser."""
+
+    def loaded(d: WebDriver) -> list[Any] | bool:
+        images = d.find_elements(By.CSS_SELECTOR, "#result-images img")
+        done = len(images) == count and all(
+            d.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", i)
+            for i in images
+        )
+        return images if done else False
+
+    return list(wait_for(driver, loaded, f"{count} image(s) in the result"))
+
+
+def downloaded(driver: WebDriver, card: Any, folder: Path) -> bytes:
+    """The bytes the card's download link saves (the browser's download, not a second API call)."""
+    link = card.find_element(By.CSS_SELECTOR, "a[download]")
+    target = folder / str(link.get_attribute("download"))
+    link.click()
+    wait_for(
+        driver, lambda _: target.exists() and target.stat().st_size > 0, f"the download of {target.name}", 30
+    )
+    return target.read_bytes()
+
+
+def pixels(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as image:
+        assert image.format == "PNG", image.format
+        return np.asarray(image.convert("RGB"))
+
+
+def network_log(driver: WebDriver) -> list[dict[str, Any]]:
+    """Chrome's Network.requestWillBeSent events since the last read."""
+    events = (json.loads(entry["message"])["message"] for entry in driver.get_log("performance"))
+    return [e["params"]["request"] for e in events if e["method"] == "Network.requestWillBeSent"]
+
+
+def api_image(base_url: str, body: dict[str, Any], headers: dict[str, str] | None = None) -> bytes:
+    response = httpx.post(f"{base_url}{GENERATIONS}", json=body, headers=headers or {}, timeout=WAIT_S)
+    assert response.status_code == 200, response.text
+    return base64.b64decode(response.json()["data"][0]["b64_json"])
+
+
+def check_same_image_as_api(
+    driver: WebDriver,
+    requests: list[dict[str, Any]],
+    base_url: str,
+    downloads: Path,
+    headers: dict[str, str] | None = None,
+) -> None:
+    """The page posted the expected body, and its image has the API's pixels for that very body."""
+    posts = [r for r in requests if r["method"] == "POST" and r["url"].endswith(GENERATIONS)]
+    assert len(posts) == 1, posts
+    sent = json.loads(posts[0]["postData"])
+    assert sent == EXPECTED_BODY
+    result_images(driver, 1)
+    in_page = pixels(
+        downloaded(driver, driver.find_element(By.CSS_SELECTOR, "#result-images .card"), downloads)
+    )
+    from_api = pixels(api_image(base_url, sent, headers))
+    assert in_page.shape == from_api.shape == (32, 32, 3)
+    assert np.array_equal(in_page, from_api)
+    # A blank image would match too; the digits model draws strokes on a plain background.
+    assert in_page.std() > 10
+
+
+def check_result_panel(driver: WebDriver) -> None:
+    caption = driver.find_element(By.CSS_SELECTOR, "#result-images figcaption").text
+    assert "seed 3" in caption, caption
+    link = driver.find_element(By.CSS_SELECTOR, "#result-images a[download]")
+    assert link.get_attribute("download") == "diffuserve-3.png"
+    assert str(link.get_attribute("href")).startswith("blob:")
+    timing = driver.find_element(By.ID, "timing").text
+    for label in ("round trip (browser)", "x-queue-ms", "x-inference-ms", "server-timing: queue"):
+        assert label in timing, timing
+    assert len(driver.find_elements(By.CSS_SELECTOR, "#gallery .card")) == 1
+
+
+def check_only_same_origin(requests: list[dict[str, Any]], base_url: str) -> None:
+    foreign = [r["url"] for r in requests if not r["url"].startswith((f"{base_url}/", "data:", "blob:"))]
+    assert not foreign, foreign
+
+
+def console_errors(driver: WebDriver) -> list[dict[str, Any]]:
+    return [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
+
+
+def save_screenshot(driver: WebDriver, name: str, tmp_path: Path) -> Path:
+    folder = Path(os.environ.get(ARTIFACTS_ENV) or tmp_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    # The whole page, gallery included: grow the window to the document's height first.
+    height, chrome = driver.execute_script(
+        "return [document.documentElement.scrollHeight, window.outerHeight - window.innerHeight]"
+    )
+    driver.set_window_size(driver.get_window_size()["width"], height + chrome)
+    assert driver.save_screenshot(str(path)), path
+    return path
+
+
+@needs_chromium
+def test_page_generates_the_apis_image(server: ServerHandle, browser: WebDriver, tmp_path: Path) -> None:
+    browser.get(f"{server.base_url}/")
+    wait_for(browser, lambda d: status(d) == "ready", "the page to read the model from /v1/models", 30)
+    assert browser.find_element(By.ID, "key-box").is_displayed() is False  # no keys on this server
+    assert browser.find_element(By.ID, "negative-box").is_displayed() is False  # a FLUX model
+    # The model card's extensions fill the form's defaults.
+    assert Select(browser.find_element(By.ID, "size")).first_selected_option.text == "model default (32x32)"
+    assert browser.find_element(By.ID, "steps").get_attribute("placeholder") == "default 4"
+    fill_and_generate(browser)
+    result_images(browser, 1)
+    assert browser.execute_script("return window.progressShown") is True
+    assert not browser.find_element(By.ID, "progress").is_displayed()
+    requests = network_log(browser)
+    check_same_image_as_api(browser, requests, server.base_url, tmp_path / "downloads")
+    check_result_panel(browser)
+
+    # Server-Timing is read generically: the entries the server adds later show without a page change.
+    parsed = browser.execute_script(
+        """return parseServerTiming('queue;dur=0.4, denoise;desc="28 steps, bf16";dur=812.5,'
+        + 'decode;dur=91, encode;dur=12.25, transfer;dur=3, cache')"""
+    )
+    assert [(m["name"], m["dur"], m["desc"]) for m in parsed] == [
+        ("queue", 0.4, ""),
+        ("denoise", 812.5, "28 steps, bf16"),
+        ("decode", 91, ""),
+        ("encode", 12.25, ""),
+        ("transfer", 3, ""),
+        ("cache", None, ""),
+    ]
+
+    # "reuse" puts the last seed back; "random" empties the field so the server picks one.
+    browser.find_element(By.ID, "seed-random").click()
+    assert browser.find_element(By.ID, "seed").get_attribute("value") == ""
+    browser.find_element(By.ID, "seed-reuse").click()
+    assert browser.find_element(By.ID, "seed").get_attribute("value") == "3"
+
+    # Several images at once: consecutive seeds, each shown and kept in the session's gallery.
+    count = browser.find_element(By.ID, "n")
+    count.clear()
+    count.send_keys("4")
+    Select(browser.find_element(By.ID, "format")).select_by_value("webp")
+    browser.find_element(By.ID, "generate").click()
+    wait_for(
+        browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#gallery .card")) == 5, "5 in the gallery"
+    )
+    result_images(browser, 4)
+    captions = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#result-images figcaption")]
+    assert [c.split()[1] for c in captions] == ["3", "4", "5", "6"], captions
+
+    requests += network_log(browser)
+    check_only_same_origin(requests, server.base_url)
+    assert console_errors(browser) == []
+    shot = save_screenshot(browser, "playground.png", tmp_path)
+    if os.environ.get(UPDATE_SCREENSHOT_ENV):
+        shutil.copyfile(shot, ROOT / "docs" / "playground.png")
+
+
+@needs_chromium
+@pytest.mark.skipif(bool(FRONT_MISSING), reason=FRONT_MISSING)
+def test_page_through_the_front_with_a_key(stack: Stack, browser: WebDriver, tmp_path: Path) -> None:
+    browser.get(f"{stack.public}/playground")
+    # The page itself needs no key; the API behind it does, and the page asks for one.
+    wait_for(browser, lambda d: status(d) == "locked", "the page to ask for a key", 30)
+    key = browser.find_element(By.ID, "api-key")
+    assert key.is_displayed()
+    key.send_keys(API_KEY + "\t")  # a change event: the page stores the key and reloads the model card
+    wait_for(browser, lambda d: status(d) == "ready", "the page to accept the key", 30)
+    fill_and_generate(browser)
+    result_images(browser, 1)
+    requests = network_log(browser)
+    check_same_image_as_api(
+        browser, requests, stack.public, tmp_path / "downloads", {"Authorization": f"Bearer {API_KEY}"}
+    )
+    check_only_same_origin(requests, stack.public)
+    # The page sent the key only as a bearer header, and only to the API.
+    keyed = [r["url"] for r in requests if r["headers"].get("Authorization") == f"Bearer {API_KEY}"]
+    assert keyed and all("/v1/" in url for url in keyed), keyed
+    # The one expected console line: the keyless /v1/models call that told the page a key is needed.
+    errors = console_errors(browser)
+    assert all("/v1/models" in e["message"] and "401" in e["message"] for e in errors), errors
+    assert len(errors) <= 1, errors
+    save_screenshot(browser, "playground-front.png", tmp_path)
