@@ -236,3 +236,51 @@ def test_split_keeps_consecutive_seeds() -> None:
     parts = request("big", n=10, seed=100).split(4)
     assert [(p.n, p.seed) for p in parts] == [(4, 100), (4, 104), (2, 108)]
     assert [s for p in parts for s in p.seeds] == list(range(100, 110))
+
+
+async def test_device_free_hands_the_worker_its_next_batch_while_the_last_is_encoded() -> None:
+    scheduler = Scheduler(max_batch=1, max_queue=10, batch_wait_s=0.0)
+    worker = FakeWorker(0)
+    scheduler.worker_idle(worker)
+    first, second = scheduler.submit(request("a")), scheduler.submit(request("b"))
+    assert len(worker.jobs) == 1
+    assert scheduler.releases_device(worker.jobs[0].batch_id)
+    scheduler.device_free(worker, worker.jobs[0].batch_id)
+    assert len(worker.jobs) == 2, "the second batch starts as soon as the device is free"
+    assert not first.future.done(), "the first request waits for its encoded images"
+    assert not scheduler.releases_device(worker.jobs[0].batch_id)
+    # The first batch's result arrives while the second runs: it must not free the worker a second time.
+    third = scheduler.submit(request("c"))
+    scheduler.batch_finished(worker, result_for(worker.jobs[0]))
+    assert (await first.future).images[0].data == b"a"
+    assert len(worker.jobs) == 2 and not third.future.done(), "the worker is still busy with batch 2"
+    scheduler.batch_finished(worker, result_for(worker.jobs[1]))
+    assert (await second.future).images[0].data == b"b"
+    assert len(worker.jobs) == 3, "a result without DeviceFree frees the worker"
+
+
+async def test_a_dead_worker_fails_both_its_running_and_its_encoding_batch() -> None:
+    scheduler = Scheduler(max_batch=1, max_queue=10, batch_wait_s=0.0)
+    worker = FakeWorker(0)
+    scheduler.worker_idle(worker)
+    encoding, running = scheduler.submit(request("a")), scheduler.submit(request("b"))
+    scheduler.device_free(worker, worker.jobs[0].batch_id)
+    scheduler.worker_gone(0, "killed")
+    for pending in (encoding, running):
+        with pytest.raises(WorkerCrashed):
+            await pending.future
+
+
+async def test_completed_splits_the_time_between_device_encoder_and_transfer() -> None:
+    now = [100.0]
+    scheduler = Scheduler(max_batch=1, max_queue=10, batch_wait_s=0.0, clock=lambda: now[0])
+    worker = FakeWorker(0)
+    scheduler.worker_idle(worker)
+    pending = scheduler.submit(request("a"))
+    now[0] += 0.5  # dispatch to delivery: 500 ms
+    result = result_for(worker.jobs[0])
+    result.inference_ms, result.denoise_ms, result.decode_ms, result.encode_ms = 400.0, 300.0, 100.0, 60.0
+    scheduler.batch_finished(worker, result)
+    done = await pending.future
+    assert (done.denoise_ms, done.decode_ms, done.encode_ms) == (300.0, 100.0, 60.0)
+    assert done.transfer_ms == pytest.approx(40.0)

@@ -20,7 +20,7 @@ def to_uint8(images: Any) -> tuple[np.ndarray, Any]:
     import torch
 
     if isinstance(images, torch.Tensor):
-        on_device = images.float().mul_(255).round_().clamp_(0, 255).to(torch.uint8)
+        on_device = (images.float() * 255).round_().clamp_(0, 255).to(torch.uint8)
         return on_device.permute(0, 2, 3, 1).contiguous().cpu().numpy(), on_device
     if isinstance(images, np.ndarray):
         return np.clip(np.round(images.astype(np.float32) * 255), 0, 255).astype(np.uint8), None
