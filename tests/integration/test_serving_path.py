@@ -30,10 +30,8 @@ def test_server_timing_splits_the_request_into_its_phases(server: ServerHandle) 
     assert list(phases) == PHASES
     assert all(value >= 0 for value in phases.values())
     assert phases["denoise"] > 0 and phases["encode"] > 0
-    assert (
-        float(response.headers["x-inference-ms"]) == round(phases["denoise"] + phases["decode"], 1)
-        or abs(float(response.headers["x-inference-ms"]) - (phases["denoise"] + phases["decode"])) <= 0.2
-    )
+    inference = float(response.headers["x-inference-ms"])
+    assert abs(inference - (phases["denoise"] + phases["decode"])) <= 0.2  # headers round to 0.1 ms
     assert float(response.headers["x-encode-ms"]) == phases["encode"]
     # The parts never add up to more than the whole the server measured.
     assert sum(v for k, v in phases.items() if k != "total") <= phases["total"] + 0.5
