@@ -132,7 +132,11 @@ class Settings(EnvSettings):
         help="compile caches and artefacts",
         shown_default="$HF_HOME/diffuserve or ~/.cache/diffuserve",
     )
-    warmup: bool = setting(True, "WARMUP", help="run one full batch per worker before ready")
+    warmup: bool = setting(
+        True,
+        "WARMUP",
+        help="warm up before ready: a full batch, and on a GPU one step at each smaller batch size",
+    )
     playground: bool = setting(
         True, "PLAYGROUND", help="serve the web playground at / and /playground; off for an API-only server"
     )
