@@ -71,23 +71,13 @@ def main() -> int:
     from diffusers import FluxPipeline
 
     from diffuserve.models.digits.classifier import load_classifier
-    from diffuserve.models.digits.prompts import eval_prompt
+    from diffuserve.models.digits.evaluate import quality_inputs
     from diffuserve.models.registry import DIGITS_DIR
-    from diffuserve.types import TINY_FLUX
 
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
     classifier = load_classifier()
-    digits = [d for d in range(10) for _ in range(args.per_class)]
-    prompts = [eval_prompt(d, i) for i, d in enumerate(digits)]
-    kwargs = {
-        "prompt": prompts,
-        "height": TINY_FLUX.native_size,
-        "width": TINY_FLUX.native_size,
-        "guidance_scale": TINY_FLUX.default_guidance,
-        "max_sequence_length": TINY_FLUX.max_sequence_length,
-        "output_type": "pt",
-    }
+    digits, prompts, kwargs = quality_inputs(args.per_class)
     rows: list[dict[str, Any]] = []
     reference: dict[int, torch.Tensor] = {}
     for name, recipe in variants():

@@ -344,27 +344,17 @@ def run_digits(args: argparse.Namespace) -> int:
     from diffusers import FluxPipeline
 
     from diffuserve.models.registry import DIGITS_DIR
-    from diffuserve.types import TINY_FLUX
 
     if not (DIGITS_DIR / "model_index.json").exists():
         log(f"digits model not present at {DIGITS_DIR}: quality run skipped")
         return 0
     from diffuserve.models.digits.classifier import load_classifier
-    from diffuserve.models.digits.prompts import eval_prompt
+    from diffuserve.models.digits.evaluate import quality_inputs
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     classifier = load_classifier()
-    digits = [d for d in range(10) for _ in range(args.digits_per_class)]
-    prompts = [eval_prompt(d, i) for i, d in enumerate(digits)]
-    kwargs = {
-        "prompt": prompts,
-        "height": TINY_FLUX.native_size,
-        "width": TINY_FLUX.native_size,
-        "guidance_scale": TINY_FLUX.default_guidance,
-        "max_sequence_length": TINY_FLUX.max_sequence_length,
-        "output_type": "pt",
-    }
+    digits, prompts, kwargs = quality_inputs(args.digits_per_class)
     # The served default, and FLUX.1-dev's 28 steps: step caching only has slow-changing steps to reuse at many steps.
     step_counts = [int(n) for n in args.digits_steps.split(",")]
     # The served dtype (bf16 on GPU); fp32 eager on GPU gives the bf16 noise floor that XL is held to.

@@ -20,7 +20,6 @@ from diffuserve.types import (
     BatchResult,
     DeviceFree,
     EncodedImage,
-    ModelInfo,
     Shutdown,
     WorkerFailed,
     WorkerReady,
@@ -100,21 +99,7 @@ def _wait_for(path: Path) -> None:
 
 
 def _ready(worker_id: int, device: str, settings: Settings) -> WorkerReady:
-    family = TINY_FLUX
-    model = ModelInfo(
-        name=settings.model_name or "fake",
-        family=family.name,
-        repo=settings.model_repo,
-        tier=settings.model_size,
-        default_steps=family.default_steps,
-        default_guidance=family.default_guidance,
-        native_width=family.native_size,
-        native_height=family.native_size,
-        size_multiple=family.size_multiple,
-        min_size=family.min_size,
-        max_size=family.max_size,
-        max_steps=family.max_steps,
-        supports_negative_prompt=family.supports_negative_prompt,
-        max_batch=settings.model_batch,
-    )
+    from diffuserve.engine.engine import model_info
+
+    model = model_info(settings, TINY_FLUX)
     return WorkerReady(worker_id, os.getpid(), device, model, load_seconds=0.0, warmup_seconds=0.0)
