@@ -104,6 +104,16 @@ class Settings(EnvSettings):
         help="extra wait to fill a batch, only for requests that queued while every worker was busy",
         ge=0,
     )
+    watchdog_factor: float = setting(
+        10.0,
+        "WATCHDOG_FACTOR",
+        help="a batch running this many times its expected time (from the worker's measured speed) is hung: "
+        "its worker is killed and replaced",
+        gt=1,
+    )
+    watchdog_min_seconds: float = setting(
+        120.0, "WATCHDOG_MIN_SECONDS", help="no batch counts as hung before this many seconds", gt=0
+    )
     request_timeout: float = setting(
         600.0, "REQUEST_TIMEOUT", help="seconds a request may take in all before 504", gt=0
     )

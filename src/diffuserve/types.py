@@ -204,6 +204,14 @@ class BatchResult:
 
 
 @dataclass
+class CancelBatch:
+    """Every client of a running batch has gone: the worker stops it at the next denoising step and answers
+    with an error result (nobody reads it), so its device takes the next batch sooner."""
+
+    batch_id: int
+
+
+@dataclass
 class DeviceFree:
     """The worker's device finished a batch's compute: it takes the next job while this batch's images are
     still being encoded. Its BatchResult follows; a worker that never sends this is freed by the result."""

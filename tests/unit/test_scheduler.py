@@ -284,3 +284,37 @@ async def test_completed_splits_the_time_between_device_encoder_and_transfer() -
     done = await pending.future
     assert (done.denoise_ms, done.decode_ms, done.encode_ms) == (300.0, 100.0, 60.0)
     assert done.transfer_ms == pytest.approx(40.0)
+
+
+async def test_a_running_batch_whose_clients_all_left_is_abandoned_once() -> None:
+    abandoned: list[tuple[int, int]] = []
+    scheduler = Scheduler(max_batch=2, max_queue=10, batch_wait_s=0.0)
+    scheduler.on_abandoned = lambda worker_id, batch_id: abandoned.append((worker_id, batch_id))
+    worker = FakeWorker(0)
+    scheduler.worker_idle(worker)
+    blocker = scheduler.submit(request("x"))  # holds the worker, so the next two share a batch
+    a, b = scheduler.submit(request("a")), scheduler.submit(request("b"))
+    scheduler.batch_finished(worker, result_for(worker.jobs[0]))
+    await blocker.future
+    batch_id = worker.jobs[1].batch_id
+    scheduler.cancel(a)
+    assert abandoned == [], "one client is still waiting"
+    scheduler.cancel(b)
+    assert abandoned == [(0, batch_id)]
+    scheduler.cancel(b)
+    assert abandoned == [(0, batch_id)], "asked once"
+    # Its (error) result frees the worker as usual.
+    scheduler.batch_finished(worker, BatchResult(batch_id=batch_id, error="cancelled"))
+    assert scheduler.idle
+
+
+async def test_a_batch_already_being_encoded_is_not_abandoned() -> None:
+    abandoned: list[tuple[int, int]] = []
+    scheduler = Scheduler(max_batch=1, max_queue=10, batch_wait_s=0.0)
+    scheduler.on_abandoned = lambda worker_id, batch_id: abandoned.append((worker_id, batch_id))
+    worker = FakeWorker(0)
+    scheduler.worker_idle(worker)
+    pending = scheduler.submit(request("a"))
+    scheduler.device_free(worker, worker.jobs[0].batch_id)
+    scheduler.cancel(pending)
+    assert abandoned == []

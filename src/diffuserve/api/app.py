@@ -25,6 +25,7 @@ def build_app(settings: Settings, *, on_fatal: Callable[[str], None] | None = No
         on_fatal=on_fatal,
         on_alive_changed=registry.workers_alive.set,
         on_restart=registry.worker_restarts.inc,
+        on_watchdog=registry.watchdog_kills.inc,
     )
 
     @asynccontextmanager

@@ -76,6 +76,11 @@ class Metrics:
         self.worker_restarts = Counter(
             "diffuserve_worker_restarts", "Workers replaced after dying", registry=r
         )
+        self.watchdog_kills = Counter(
+            "diffuserve_watchdog_kills",
+            "Workers killed by the watchdog because a batch ran far past its expected time",
+            registry=r,
+        )
 
     # SchedulerObserver
     def queue_depth(self, depth: int) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -154,13 +155,19 @@ class Engine:
             kwargs["negative_prompt"] = [item.negative_prompt or "" for item in job.items for _ in item.seeds]
         return kwargs
 
-    def compute(self, job: BatchJob) -> DeviceBatch | BatchResult:
-        """The device's part of a batch; a failure comes back as a BatchResult with its error."""
+    def compute(
+        self, job: BatchJob, cancelled: Callable[[], bool] | None = None
+    ) -> DeviceBatch | BatchResult:
+        """The device's part of a batch; a failure comes back as a BatchResult with its error. `cancelled` is
+        asked at every denoising step: once it says yes, the batch stops there."""
         assert self.loaded is not None and self._clock is not None
         started = time.perf_counter()
         try:
             self._clock.start()
-            output = self.loaded.pipeline(**self._pipeline_kwargs(job))
+            kwargs = self._pipeline_kwargs(job)
+            if cancelled is not None and "callback_on_step_end" in self._accepted:
+                kwargs["callback_on_step_end"] = _stop_when(cancelled)
+            output = self.loaded.pipeline(**kwargs)
             images = output.images
             if len(images) != job.num_images:
                 raise RuntimeError(f"pipeline returned {len(images)} images for {job.num_images} requested")
@@ -172,6 +179,9 @@ class Engine:
             if on_device is not None:
                 self._encode_on_device(batch, on_device)
             return batch
+        except BatchCancelled:
+            log.info("batch %s stopped after its clients left", job.batch_id)
+            return BatchResult(batch_id=job.batch_id, error="cancelled: every client of this batch left")
         except Exception as exc:  # a failed batch must not take the worker down
             log.exception("batch %s failed", job.batch_id)
             self.broken = _poisons_device(exc)
@@ -224,6 +234,19 @@ class Engine:
         """Both parts in one call (warm-up, `diffuserve generate`)."""
         computed = self.compute(job)
         return computed if isinstance(computed, BatchResult) else self.encode(computed)
+
+
+class BatchCancelled(Exception):
+    """Raised from the step callback to leave the denoising loop of a batch nobody waits for."""
+
+
+def _stop_when(cancelled: Callable[[], bool]) -> Callable[..., dict[str, Any]]:
+    def on_step_end(_pipeline: Any, _step: int, _timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+        if cancelled():
+            raise BatchCancelled()
+        return tensors
+
+    return on_step_end
 
 
 def _describe(exc: Exception) -> str:

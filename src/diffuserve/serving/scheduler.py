@@ -67,6 +67,8 @@ class InFlight:
     started_at: float
     # The worker said its device is done with this batch (DeviceFree); the images are still being encoded.
     device_released: bool = False
+    # Every client of the batch has gone and the worker was asked to stop it.
+    abandoned: bool = False
 
 
 @dataclass
@@ -76,6 +78,9 @@ class Scheduler:
     batch_wait_s: float = 0.005
     observer: SchedulerObserver | None = None
     clock: Callable[[], float] = time.monotonic
+    # Called with (worker id, batch id) when every request of a running batch has gone: the pool asks the
+    # worker to stop it at its next step.
+    on_abandoned: Callable[[int, int], None] | None = None
     queue: list[Pending] = field(default_factory=list, init=False)
     idle: dict[int, WorkerSlot] = field(default_factory=dict, init=False)
     in_flight: dict[int, InFlight] = field(default_factory=dict, init=False)
@@ -107,12 +112,27 @@ class Scheduler:
         return pending
 
     def cancel(self, pending: Pending) -> None:
-        """The client left or its deadline passed: drop it if it has not started; a running batch finishes."""
+        """The client left or its deadline passed: drop it if it has not started; a running batch whose every
+        request is gone is stopped at its next step (on_abandoned)."""
         if pending in self.queue:
             self.queue.remove(pending)
             self._report_depth()
         if not pending.future.done():
             pending.future.cancel()
+        if pending.dispatched_at is not None:
+            self._abandon_if_unwanted(pending)
+
+    def _abandon_if_unwanted(self, pending: Pending) -> None:
+        for batch_id, flight in self.in_flight.items():
+            if pending not in flight.pendings:
+                continue
+            if flight.abandoned or flight.device_released:
+                return  # already stopping, or only being encoded: nothing left to save
+            if all(p.future.cancelled() for p in flight.pendings):
+                flight.abandoned = True
+                if self.on_abandoned is not None:
+                    self.on_abandoned(flight.worker_id, batch_id)
+            return
 
     def retry_after_seconds(self) -> int:
         """A client-facing estimate of when a slot frees: queued batches × recent batch time."""

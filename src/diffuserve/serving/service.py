@@ -32,6 +32,7 @@ class GenerationService:
         on_fatal: Callable[[str], None] | None = None,
         on_alive_changed: Callable[[int], None] | None = None,
         on_restart: Callable[[], None] | None = None,
+        on_watchdog: Callable[[], None] | None = None,
         worker_target: WorkerTarget = worker_main,
     ) -> None:
         self.settings = settings
@@ -52,6 +53,7 @@ class GenerationService:
             on_fatal=self._fatal,
             on_alive_changed=on_alive_changed,
             on_restart=on_restart,
+            on_watchdog=on_watchdog,
             worker_target=worker_target,
         )
         self.started_at = time.time()

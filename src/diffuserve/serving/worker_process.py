@@ -12,6 +12,7 @@ from typing import Any
 from diffuserve.config import Settings
 from diffuserve.logs import configure_logging
 from diffuserve.serving.encode_stage import EncodeStage, LockedSender
+from diffuserve.serving.inbox import Inbox
 from diffuserve.types import BatchJob, BatchResult, DeviceFree, Shutdown, WorkerFailed, WorkerReady
 
 
@@ -61,25 +62,28 @@ def worker_main(worker_id: int, device: str, settings: Settings, conn: Connectio
 
 def serve_batches(engine: Any, conn: Connection, worker_id: int) -> None:
     """The device loop: compute a batch, tell the parent the device is free, hand the batch to the encoder
-    stage, take the next. Encoding never holds the device up; results may follow DeviceFree by a little."""
+    stage, take the next. Encoding never holds the device up; results may follow DeviceFree by a little.
+    A batch whose clients have all gone stops at its next denoising step (CancelBatch)."""
     log = logging.getLogger("diffuserve.worker")
     sender = LockedSender(conn)
     stage: EncodeStage[Any] = EncodeStage(engine.encode, sender.send)
+    inbox = Inbox(conn)
     while True:
-        try:
-            message = conn.recv()
-        except (EOFError, OSError):
+        message = inbox.get()
+        if message is None:
             return  # the server went away: nothing left to serve
         if isinstance(message, Shutdown):
             stage.close()  # finish and send what is being encoded: those clients are waiting
             return
         if not isinstance(message, BatchJob):
             continue
-        computed = engine.compute(message)
-        if isinstance(computed, BatchResult):  # the batch failed on the device
+        batch_id = message.batch_id
+        computed = engine.compute(message, cancelled=lambda batch_id=batch_id: inbox.cancelled(batch_id))
+        inbox.forget(batch_id)
+        if isinstance(computed, BatchResult):  # the batch failed on the device, or was cancelled
             sender.send(computed)
         else:
-            sender.send(DeviceFree(message.batch_id))
+            sender.send(DeviceFree(batch_id))
             stage.submit(computed)
         if engine.broken:
             log.error(

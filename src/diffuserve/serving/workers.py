@@ -20,10 +20,13 @@ from diffuserve.config import Settings
 from diffuserve.engine.loader import default_cpu_threads
 from diffuserve.serving.parent_death import die_with_parent
 from diffuserve.serving.scheduler import Scheduler
+from diffuserve.serving.watchdog import BatchLimits
 from diffuserve.serving.worker_process import worker_main
 from diffuserve.types import (
+    BatchItem,
     BatchJob,
     BatchResult,
+    CancelBatch,
     DeviceFree,
     ModelInfo,
     Shutdown,
@@ -37,6 +40,8 @@ log = logging.getLogger(__name__)
 WorkerTarget = Callable[[int, str, Settings, Connection], None]
 
 RESTART_BACKOFF_MAX_S = 30.0
+# How often the watchdog looks at the running batches.
+WATCHDOG_PERIOD_S = 1.0
 # A worker that ran this long before dying is considered healthy: its replacement starts without delay.
 STABLE_AFTER_S = 60.0
 # Before any worker was ever ready, this many deaths in a row (without a message) mean the model can't load.
@@ -91,6 +96,7 @@ class WorkerProcess:
     failure: str | None = None
     restarts: int = 0
     ready_at: float | None = None
+    watchdog_fired: bool = False
 
     def send(self, job: BatchJob) -> None:
         # Only the event loop thread sends; the reader thread only receives, so no lock is needed.
@@ -132,9 +138,14 @@ class WorkerPool:
         on_fatal: Callable[[str], None],
         on_alive_changed: Callable[[int], None] | None = None,
         on_restart: Callable[[], None] | None = None,
+        on_watchdog: Callable[[], None] | None = None,
         worker_target: WorkerTarget = worker_main,
     ) -> None:
         self.settings = settings
+        self.on_watchdog = on_watchdog
+        # Per worker slot: how long its batches may run (a replacement inherits what its slot learned).
+        self.limits: dict[int, BatchLimits] = {}
+        scheduler.on_abandoned = self._cancel_batch
         self.devices = devices
         self.worker_target = worker_target
         self.scheduler = scheduler
@@ -153,6 +164,7 @@ class WorkerPool:
         self._loop = asyncio.get_running_loop()
         for worker_id, device in enumerate(self.devices):
             self._spawn(worker_id, device, restarts=0)
+        self._loop.call_later(WATCHDOG_PERIOD_S, self._watch)
 
     async def stop(self, timeout: float = 10.0) -> None:
         self._stopping = True
@@ -238,6 +250,7 @@ class WorkerPool:
         if isinstance(message, WorkerReady):
             worker.ready = message
             worker.ready_at = time.monotonic()
+            self._learn_from_warmup(worker.worker_id, message)
             log.info("worker %d start-up phases (s): %s", worker.worker_id, worker.start_phases())
             worker.pid = message.pid
             worker.state = WorkerState.IDLE
@@ -253,6 +266,9 @@ class WorkerPool:
                 worker.state = WorkerState.IDLE
             self.scheduler.device_free(worker, message.batch_id)
         elif isinstance(message, BatchResult):
+            flight = self.scheduler.in_flight.get(message.batch_id)
+            if flight is not None and message.error is None and message.inference_ms > 0:
+                self._limits_of(worker.worker_id).record(flight.job, message.inference_ms / 1000)
             if self.scheduler.releases_device(message.batch_id):
                 worker.state = WorkerState.IDLE
             self.scheduler.batch_finished(worker, message)
@@ -280,6 +296,55 @@ class WorkerPool:
         assert self._loop is not None
         restarts = 0 if ran_for > STABLE_AFTER_S else worker.restarts + 1
         self._loop.call_later(delay, self._respawn, worker.worker_id, worker.device, restarts)
+
+    # ---- watchdog and cancellation ------------------------------------------------------------------
+    def _limits_of(self, worker_id: int) -> BatchLimits:
+        if worker_id not in self.limits:
+            self.limits[worker_id] = BatchLimits(
+                factor=self.settings.watchdog_factor, min_s=self.settings.watchdog_min_seconds
+            )
+        return self.limits[worker_id]
+
+    def _learn_from_warmup(self, worker_id: int, ready: WorkerReady) -> None:
+        """The full warm-up batch (native size, default steps) is the first measure of a worker's speed."""
+        info = ready.model
+        seconds = ready.phases.get(f"warmup_b{info.max_batch}_s")
+        if seconds:
+            items = [BatchItem("warmup", "", None, list(range(info.max_batch)), "png", None)]
+            job = BatchJob(-1, info.native_width, info.native_height, info.default_steps, 0.0, items)
+            self._limits_of(worker_id).record(job, seconds)
+
+    def _watch(self) -> None:
+        """Every second: a batch running far past its expected time means a hung worker (a stuck kernel, a
+        deadlock, SIGSTOP): kill it, so its requests fail at once and a replacement starts."""
+        if self._stopping or self._loop is None:
+            return
+        now = time.monotonic()
+        for batch_id, flight in list(self.scheduler.in_flight.items()):
+            worker = self.workers.get(flight.worker_id)
+            if worker is None or flight.device_released or worker.watchdog_fired:
+                continue
+            limit = self._limits_of(flight.worker_id).limit_s(flight.job)
+            ran = now - flight.started_at
+            if ran <= limit:
+                continue
+            worker.watchdog_fired = True
+            worker.failure = f"watchdog: batch {batch_id} ran {ran:.0f} s, over its {limit:.0f} s limit"
+            log.error(
+                "worker %d (pid %s) is hung: %s; killing it", worker.worker_id, worker.pid, worker.failure
+            )
+            with contextlib.suppress(ProcessLookupError, OSError):
+                worker.process.kill()
+            if self.on_watchdog is not None:
+                self.on_watchdog()
+        self._loop.call_later(WATCHDOG_PERIOD_S, self._watch)
+
+    def _cancel_batch(self, worker_id: int, batch_id: int) -> None:
+        worker = self.workers.get(worker_id)
+        if worker is None or worker.state == WorkerState.DEAD:
+            return
+        with contextlib.suppress(OSError, ValueError):  # a dying worker's pipe: its reaper follows
+            worker.conn.send(CancelBatch(batch_id))
 
     def _respawn(self, worker_id: int, device: str, restarts: int) -> None:
         if not self._stopping:

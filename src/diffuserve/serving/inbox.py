@@ -1,0 +1,43 @@
+"""A worker's inbox: the parent's messages read on their own thread, so a cancel reaches a batch mid-run."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from multiprocessing.connection import Connection
+from typing import Any
+
+from diffuserve.types import CancelBatch
+
+
+class Inbox:
+    """Jobs and shutdowns queue for the device loop in order; CancelBatch is noted at once, for the running
+    batch's step callback to see. `get` returns None once the parent is gone."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        self._messages: queue.Queue[Any] = queue.Queue()
+        self._cancelled: set[int] = set()
+        self._thread = threading.Thread(target=self._run, name="inbox", daemon=True)
+        self._thread.start()
+
+    def get(self) -> Any:
+        return self._messages.get()
+
+    def cancelled(self, batch_id: int) -> bool:
+        return batch_id in self._cancelled
+
+    def forget(self, batch_id: int) -> None:
+        self._cancelled.discard(batch_id)
+
+    def _run(self) -> None:
+        while True:
+            try:
+                message = self._conn.recv()
+            except (EOFError, OSError):
+                self._messages.put(None)  # the server went away: nothing left to serve
+                return
+            if isinstance(message, CancelBatch):
+                self._cancelled.add(message.batch_id)
+            else:
+                self._messages.put(message)
