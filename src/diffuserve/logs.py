@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 from typing import Any
@@ -13,6 +14,28 @@ FIELDS = (
     "request_id", "model", "method", "path", "status", "n", "batch_size", "queue_ms", "inference_ms",
     "total_ms",
 )  # fmt: skip
+
+
+# C0 and C1 control characters, DEL, and Unicode's line and paragraph separators: anything that could end
+# a log line early or rewrite the terminal showing it.
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+# Longest client-controlled text (a path, an error message quoting the body) a log line carries.
+MAX_LOGGED_CHARS = 512
+# A whole message: long enough for the server's own start-up lines, short enough to bound a hostile one.
+MAX_MESSAGE_CHARS = 4096
+
+
+def safe_text(value: object, limit: int = MAX_LOGGED_CHARS) -> str:
+    """`value` as one printable line: control characters escaped (`\\n`, `\\x1b`), cut to `limit` characters
+    with a note of how much was left out. For text a client controls: field names, paths, ids."""
+    text = _UNPRINTABLE.sub(_escape, str(value))
+    if len(text) > limit:
+        return f"{text[:limit]}…[{len(text) - limit} more]"
+    return text
+
+
+def _escape(match: re.Match[str]) -> str:
+    return match.group().encode("unicode_escape").decode("ascii")
 
 
 class JsonFormatter(logging.Formatter):
@@ -27,11 +50,12 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "logger": record.name,
             "role": self.role,
-            "msg": record.getMessage(),
+            "msg": safe_text(record.getMessage(), MAX_MESSAGE_CHARS),
         }
         for key in FIELDS:
             if hasattr(record, key):
-                entry[key] = getattr(record, key)
+                value = getattr(record, key)
+                entry[key] = value if isinstance(value, (int, float)) or value is None else safe_text(value)
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str)
@@ -42,8 +66,17 @@ class TextFormatter(logging.Formatter):
         super().__init__(f"%(asctime)s %(levelname)s [{role}] %(name)s: %(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
-        extras = " ".join(f"{key}={getattr(record, key)}" for key in FIELDS if hasattr(record, key))
+        # Escape the message (which may quote a client's path or field names) but not the traceback below it,
+        # so one record stays one line unless the server itself attached a traceback.
+        msg, args = record.msg, record.args
+        record.msg, record.args = safe_text(record.getMessage(), MAX_MESSAGE_CHARS), None
+        try:
+            line = super().format(record)
+        finally:
+            record.msg, record.args = msg, args
+        extras = " ".join(
+            f"{key}={safe_text(getattr(record, key))}" for key in FIELDS if hasattr(record, key)
+        )
         return f"{line} {extras}" if extras else line
 
 
