@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 from collections.abc import Awaitable
 from typing import Any, TypeVar
@@ -33,7 +34,10 @@ class Drain:
 
     async def run(self, work: Awaitable[T]) -> T:
         """Await `work`, unless the drain times out first: then `work` is cancelled and ShuttingDown raised."""
-        self.refuse_if_draining()
+        if self.draining:
+            if inspect.iscoroutine(work):
+                work.close()  # never started: close it so it is not reported as never awaited
+            self.refuse_if_draining()
         task: asyncio.Future[T] = asyncio.ensure_future(work)
         abort = self._abort_event()
         aborted: asyncio.Future[Any] = asyncio.ensure_future(abort.wait())
