@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import sys
 import time
@@ -89,6 +90,13 @@ def configure_logging(log_format: str = "text", level: str = "info", role: str =
     # Libraries that chat at INFO during loading drown the request lines.
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    # diffusers/transformers warn at import about optional backends (torchvision …) that we never use.
-    for chatty in ("diffusers", "transformers"):
+    # diffusers/transformers warn at import about optional backends (torchvision …) that we never use, and
+    # write their warnings through handlers of their own, past our escaping: one of them quotes the part
+    # of a client's prompt that the text encoder truncated, newlines and all. Their own variables set the
+    # level they apply when first imported (here or in the workers, which inherit the environment).
+    for chatty, variable in (
+        ("diffusers", "DIFFUSERS_VERBOSITY"),
+        ("transformers", "TRANSFORMERS_VERBOSITY"),
+    ):
         logging.getLogger(chatty).setLevel(logging.ERROR)
+        os.environ.setdefault(variable, "error")

@@ -36,13 +36,21 @@ LOGGED_UNKNOWN_FIELDS = 10
 LOGGED_FIELD_CHARS = 64
 
 
-class OversizedInteger(str):
-    """The text of a JSON integer too long to be any field's value; no field's type accepts it."""
+class OversizedInteger:
+    """Stands for a JSON integer too long to be any field's value: no field's type accepts it (not even a
+    string field: it is deliberately not a str), so the field's validation names it."""
+
+    __slots__ = ("digits",)
+
+    def __init__(self, text: str) -> None:
+        self.digits = len(text.lstrip("-"))
+
+    def __repr__(self) -> str:
+        return f"<integer of {self.digits} digits>"
 
 
 def _parse_int(text: str) -> int | OversizedInteger:
-    digits = len(text.lstrip("-"))
-    return OversizedInteger(text) if digits > MAX_INTEGER_DIGITS else int(text)
+    return OversizedInteger(text) if len(text.lstrip("-")) > MAX_INTEGER_DIGITS else int(text)
 
 
 def decode_json(raw: bytes) -> Any:
@@ -209,7 +217,7 @@ def _to_invalid_request(exc: ValidationError) -> InvalidRequest:
     field = safe_text(".".join(str(part) for part in error["loc"]), LOGGED_FIELD_CHARS) or None
     message = error["msg"]
     if isinstance(error.get("input"), OversizedInteger):
-        message = f"invalid `{field}`: an integer of {len(error['input'])} characters is out of range"
+        message = f"invalid `{field}`: an integer of {error['input'].digits} digits is out of range"
     elif error["type"] == "missing":
         message = f"`{field}` is required"
     elif error["type"] == "literal_error":

@@ -185,9 +185,9 @@ def test_connections_beyond_the_cap_get_503_and_are_closed(hostile_server: Serve
 def test_a_forged_newline_in_a_field_name_is_escaped_in_the_log(hostile_server: ServerHandle) -> None:
     forged = "a\n2026-01-01 00:00:00 ERROR [server] forged"
     names = {forged: 1, **{f"junk{i}" + "z" * 300: i for i in range(500)}}
-    response = httpx.post(
-        f"{hostile_server.base_url}{URL}", json={"prompt": "the digit 2", **names}, timeout=30
-    )
+    # A prompt longer than the text encoders take: the library's truncation warning would quote its tail.
+    prompt = "the digit 2 " + "seven " * 100 + "\n2026-01-01 00:00:00 ERROR [server] forged in a prompt"
+    response = httpx.post(f"{hostile_server.base_url}{URL}", json={"prompt": prompt, **names}, timeout=30)
     assert response.status_code == 200
     log = hostile_server.log()
     assert "a\\n2026-01-01 00:00:00 ERROR [server] forged" in log

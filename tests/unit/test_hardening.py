@@ -77,7 +77,9 @@ def test_unknown_field_logging_is_bounded() -> None:
 # ---- JSON bodies --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("field", ["seed", "n", "width", "num_inference_steps", "output_compression"])
+@pytest.mark.parametrize(
+    "field", ["seed", "n", "width", "num_inference_steps", "output_compression", "prompt", "user"]
+)
 def test_an_integer_of_5000_digits_is_a_400_naming_its_field(field: str) -> None:
     payload = decode_json(b'{"prompt": "x", "%s": %s}' % (field.encode(), b"9" * 5000))
     with pytest.raises(InvalidRequest) as caught:
