@@ -155,13 +155,14 @@ class WorkerPool:
             self._spawn(worker_id, device, restarts=0)
 
     async def stop(self, timeout: float = 10.0) -> None:
-        """Idle workers get Shutdown and `timeout` s to exit; busy ones are killed at once (a batch cannot be
-        interrupted, and by now the API has answered its requests); stragglers are killed. All in parallel,
-        so stopping takes at most `timeout` s plus a kill, whatever the number of workers."""
+        """Idle workers get Shutdown and `timeout` s to exit; busy and still-loading ones are killed at once
+        (neither reads its pipe before its batch or its load ends, and by now the API has answered every
+        request); stragglers are killed. All in parallel, so stopping takes at most `timeout` s plus a kill,
+        whatever the number of workers."""
         self._stopping = True
         workers = list(self.workers.values())
         for worker in workers:
-            if worker.state == WorkerState.BUSY:
+            if worker.state in (WorkerState.BUSY, WorkerState.STARTING):
                 worker.process.kill()
             else:
                 with contextlib.suppress(OSError, ValueError):
