@@ -22,7 +22,7 @@ FIELDS = (
 _UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 # Longest client-controlled text (a path, an error message quoting the body) a log line carries.
 MAX_LOGGED_CHARS = 512
-# A whole message: long enough for the server's own start-up lines, short enough to bound a hostile one.
+# A message whose arguments could not be escaped one by one is escaped and cut whole, to this length.
 MAX_MESSAGE_CHARS = 4096
 
 
@@ -39,6 +39,28 @@ def _escape(match: re.Match[str]) -> str:
     return match.group().encode("unicode_escape").decode("ascii")
 
 
+def safe_message(record: logging.LogRecord) -> str:
+    """The record's message with every argument passed through `safe_text`: a client's text (a path, a field
+    name) always arrives as an argument, while the format string is the server's own and keeps its lines
+    (a traceback a library logs as its message stays readable)."""
+    args = record.args
+    if not args:
+        return str(record.msg)
+    try:
+        if isinstance(args, dict):
+            return str(record.msg) % {key: _safe_arg(value) for key, value in args.items()}
+        return str(record.msg) % tuple(_safe_arg(value) for value in args)
+    except (TypeError, ValueError):  # an argument whose type the format needed as it was
+        try:
+            return safe_text(record.getMessage(), MAX_MESSAGE_CHARS)
+        except (TypeError, ValueError):  # a broken call: still one line, with what it was given
+            return safe_text(f"{record.msg} {args!r}", MAX_MESSAGE_CHARS)
+
+
+def _safe_arg(value: object) -> object:
+    return value if isinstance(value, (int, float)) or value is None else safe_text(value)
+
+
 class JsonFormatter(logging.Formatter):
     def __init__(self, role: str) -> None:
         super().__init__()
@@ -51,7 +73,7 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "logger": record.name,
             "role": self.role,
-            "msg": safe_text(record.getMessage(), MAX_MESSAGE_CHARS),
+            "msg": safe_message(record),
         }
         for key in FIELDS:
             if hasattr(record, key):
@@ -67,10 +89,8 @@ class TextFormatter(logging.Formatter):
         super().__init__(f"%(asctime)s %(levelname)s [{role}] %(name)s: %(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
-        # Escape the message (which may quote a client's path or field names) but not the traceback below it,
-        # so one record stays one line unless the server itself attached a traceback.
         msg, args = record.msg, record.args
-        record.msg, record.args = safe_text(record.getMessage(), MAX_MESSAGE_CHARS), None
+        record.msg, record.args = safe_message(record), None
         try:
             line = super().format(record)
         finally:

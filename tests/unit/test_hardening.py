@@ -206,3 +206,13 @@ async def test_drain_refuses_new_generations_and_fails_the_held_one(keyed: FastA
         )
         assert counted == 1.0
     assert json.dumps(ready.json())
+
+
+def test_the_servers_own_multiline_text_keeps_its_lines_but_arguments_are_escaped() -> None:
+    formatter = TextFormatter("server")
+    record = logging.LogRecord(
+        "x", logging.ERROR, __file__, 1, "Traceback:\n  line %s\n  %d", ("a\nb", 7), None
+    )
+    assert formatter.format(record).endswith("Traceback:\n  line a\\nb\n  7")
+    wrong_type = logging.LogRecord("x", logging.INFO, __file__, 1, "%d items", ("3\n",), None)
+    assert "\n" not in formatter.format(wrong_type)
