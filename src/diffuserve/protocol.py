@@ -101,7 +101,8 @@ class ImageGenerationRequest(BaseModel):
         except ValidationError as exc:
             raise _to_invalid_request(exc) from None
         if parsed.model_extra:
-            log.info("ignoring unknown request fields: %s", describe_unknown_fields(list(parsed.model_extra)))
+            names = list(parsed.model_extra)
+            log.info("ignoring %d unknown request field(s): %s", len(names), describe_unknown_fields(names))
         return parsed
 
     def to_generation(self, *, request_id: str, model: ModelInfo, max_images: int) -> GenerationRequest:
@@ -204,10 +205,9 @@ def _check_dimensions(width: int, height: int, model: ModelInfo, param: str) -> 
 
 
 def describe_unknown_fields(names: list[str]) -> str:
-    """At most LOGGED_UNKNOWN_FIELDS names, each escaped and cut to LOGGED_FIELD_CHARS, then how many more."""
+    """The first LOGGED_UNKNOWN_FIELDS names in sorted order, each escaped and cut to LOGGED_FIELD_CHARS."""
     shown = [safe_text(name, LOGGED_FIELD_CHARS) for name in sorted(names)[:LOGGED_UNKNOWN_FIELDS]]
-    more = len(names) - len(shown)
-    return ", ".join(shown) + (f" (and {more} more)" if more else "")
+    return ", ".join(shown) + (", …" if len(names) > len(shown) else "")
 
 
 def _to_invalid_request(exc: ValidationError) -> InvalidRequest:
