@@ -118,6 +118,30 @@ class Settings(EnvSettings):
         600.0, "REQUEST_TIMEOUT", help="seconds a request may take in all before 504", gt=0
     )
     max_body_bytes: int = setting(1 << 20, "MAX_BODY_BYTES", help="largest request body (413 beyond)", ge=1)
+    header_timeout: float = setting(
+        10.0,
+        "HEADER_TIMEOUT",
+        help="seconds a client has to send its request headers before the connection is closed (408)",
+        gt=0,
+    )
+    body_timeout: float = setting(
+        30.0,
+        "BODY_TIMEOUT",
+        help="seconds a client has to send its request body once the headers are in (408, then closed)",
+        gt=0,
+    )
+    max_connections: int = setting(
+        1000,
+        "MAX_CONNECTIONS",
+        help="open client connections; beyond it a new one gets 503 and is closed",
+        ge=1,
+    )
+    drain_timeout: float = setting(
+        30.0,
+        "DRAIN_TIMEOUT",
+        help="on SIGTERM, seconds to let running generations finish (new ones get 503) before failing the rest",
+        ge=0,
+    )
     max_images_per_request: int = setting(10, "MAX_IMAGES_PER_REQUEST", help="largest `n`", ge=1)
     api_keys: Annotated[list[str], NoDecode] = setting(
         list,

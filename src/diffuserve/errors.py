@@ -48,6 +48,14 @@ class MethodNotAllowed(DiffuserveError):
     code = "method_not_allowed"
 
 
+class RequestTimeout(DiffuserveError):
+    """The client did not send its whole request in time; the connection is closed after the answer."""
+
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+
+
 class PayloadTooLarge(DiffuserveError):
     status = 413
     type = "invalid_request_error"
@@ -74,6 +82,22 @@ class NotReady(DiffuserveError):
     status = 503
     type = "server_error"
     code = "model_not_ready"
+
+
+class ShuttingDown(DiffuserveError):
+    """The server is draining before it exits: it takes no new generations and fails those left at the end."""
+
+    status = 503
+    type = "server_error"
+    code = "shutting_down"
+
+
+class ClientClosed(DiffuserveError):
+    """The client hung up (while sending its body or waiting); nothing can be sent back. nginx's 499."""
+
+    status = 499
+    type = "invalid_request_error"
+    code = "client_closed_request"
 
 
 class DeadlineExceeded(DiffuserveError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
@@ -12,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from diffuserve.errors import InvalidRequest
+from diffuserve.logs import safe_text
 from diffuserve.types import GenerationRequest, ModelInfo
 
 log = logging.getLogger(__name__)
@@ -26,6 +28,39 @@ ASPECT_RATIOS: dict[str, tuple[int, int]] = {
     "3:2": (3, 2), "2:3": (2, 3), "21:9": (21, 9), "9:21": (9, 21),
 }  # fmt: skip
 SIZE_PATTERN = re.compile(r"^(\d{1,6})x(\d{1,6})$")
+# No field takes an integer above 2**63 (19 digits); longer ones are refused by the field's own validation
+# instead of by Python's int-from-str limit (4,300 digits), which would fail the whole body without a name.
+MAX_INTEGER_DIGITS = 40
+# Unknown fields are logged, but a body of a million field names must not write a megabyte of log.
+LOGGED_UNKNOWN_FIELDS = 10
+LOGGED_FIELD_CHARS = 64
+
+
+class OversizedInteger:
+    """Stands for a JSON integer too long to be any field's value: no field's type accepts it (not even a
+    string field: it is deliberately not a str), so the field's validation names it."""
+
+    __slots__ = ("digits",)
+
+    def __init__(self, text: str) -> None:
+        self.digits = len(text.lstrip("-"))
+
+    def __repr__(self) -> str:
+        return f"<integer of {self.digits} digits>"
+
+
+def _parse_int(text: str) -> int | OversizedInteger:
+    return OversizedInteger(text) if len(text.lstrip("-")) > MAX_INTEGER_DIGITS else int(text)
+
+
+def decode_json(raw: bytes) -> Any:
+    """A request body as JSON; malformed text, bad UTF-8 and nesting deeper than the parser allows are 400."""
+    try:
+        return json.loads(raw, parse_int=_parse_int)
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+        raise InvalidRequest(f"the request body is not valid JSON: {safe_text(str(exc))}") from None
+    except RecursionError:
+        raise InvalidRequest("the request body is nested too deeply to be a valid request") from None
 
 
 class ImageGenerationRequest(BaseModel):
@@ -66,7 +101,8 @@ class ImageGenerationRequest(BaseModel):
         except ValidationError as exc:
             raise _to_invalid_request(exc) from None
         if parsed.model_extra:
-            log.info("ignoring unknown request fields: %s", ", ".join(sorted(parsed.model_extra)))
+            names = list(parsed.model_extra)
+            log.info("ignoring %d unknown request field(s): %s", len(names), describe_unknown_fields(names))
         return parsed
 
     def to_generation(self, *, request_id: str, model: ModelInfo, max_images: int) -> GenerationRequest:
@@ -168,11 +204,21 @@ def _check_dimensions(width: int, height: int, model: ModelInfo, param: str) -> 
     return width, height
 
 
+def describe_unknown_fields(names: list[str]) -> str:
+    """The first LOGGED_UNKNOWN_FIELDS names in sorted order, each escaped and cut to LOGGED_FIELD_CHARS."""
+    shown = [safe_text(name, LOGGED_FIELD_CHARS) for name in sorted(names)[:LOGGED_UNKNOWN_FIELDS]]
+    return ", ".join(shown) + (", …" if len(names) > len(shown) else "")
+
+
 def _to_invalid_request(exc: ValidationError) -> InvalidRequest:
     error = exc.errors(include_url=False)[0]
-    field = ".".join(str(part) for part in error["loc"]) or None
+    # Only the model's own field names reach here (unknown fields are allowed), but the path may hold
+    # a client's list index or dict key: keep it short and printable.
+    field = safe_text(".".join(str(part) for part in error["loc"]), LOGGED_FIELD_CHARS) or None
     message = error["msg"]
-    if error["type"] == "missing":
+    if isinstance(error.get("input"), OversizedInteger):
+        message = f"invalid `{field}`: an integer of {error['input'].digits} digits is out of range"
+    elif error["type"] == "missing":
         message = f"`{field}` is required"
     elif error["type"] == "literal_error":
         message = f"invalid value for `{field}`: {message}"

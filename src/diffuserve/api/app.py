@@ -8,7 +8,9 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from diffuserve import __version__
+from diffuserve.api import openapi
 from diffuserve.api.auth import BearerAuth
+from diffuserve.api.drain import Drain
 from diffuserve.api.errors import install_error_handlers
 from diffuserve.api.metrics import Metrics
 from diffuserve.api.middleware import RequestContextMiddleware
@@ -36,7 +38,8 @@ def build_app(settings: Settings, *, on_fatal: Callable[[str], None] | None = No
         finally:
             await service.stop()
 
-    # No docs routes: with API keys set, every route but health must be authenticated.
+    # No docs pages, and the document is served by a route of our own: with API keys set, every route but
+    # health and the playground's page must be authenticated.
     app = FastAPI(
         title="diffuserve",
         version=__version__,
@@ -44,13 +47,15 @@ def build_app(settings: Settings, *, on_fatal: Callable[[str], None] | None = No
         docs_url=None,
         redoc_url=None,
         openapi_url=None,
+        responses=openapi.ERROR_RESPONSES,
     )
     app.state.settings = settings
     app.state.service = service
     app.state.metrics = registry
     app.state.auth = BearerAuth(settings.api_keys)
+    app.state.drain = Drain()
     install_error_handlers(app)
-    for module in (health, images, models, metrics):
+    for module in (health, images, models, metrics, openapi):
         app.include_router(module.router)
     if settings.playground:
         app.include_router(playground.router)

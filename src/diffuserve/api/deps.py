@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
-import json
+import asyncio
 from typing import Any
 
 from fastapi import Request
+from starlette.requests import ClientDisconnect
 
+from diffuserve.api.http_protocol import PROTOCOL_ERROR_KEY
 from diffuserve.config import Settings
-from diffuserve.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
+from diffuserve.errors import (
+    ClientClosed,
+    InvalidRequest,
+    PayloadTooLarge,
+    RequestTimeout,
+    UnsupportedMediaType,
+)
+from diffuserve.protocol import decode_json
 from diffuserve.serving.service import GenerationService
 
 
@@ -26,8 +35,9 @@ async def require_auth(request: Request) -> None:
     request.app.state.auth.check(request.headers.get("authorization"))
 
 
-async def read_json_body(request: Request, limit: int) -> Any:
-    """The body as JSON, refusing non-JSON content types and bodies over `limit` bytes without reading them whole."""
+async def read_json_body(request: Request, limit: int, timeout: float) -> Any:
+    """The body as JSON, refusing non-JSON content types and bodies over `limit` bytes without reading them
+    whole, and bodies not received within `timeout` seconds (408, then the connection closes)."""
     content_type = request.headers.get("content-type", "")
     media_type = content_type.split(";")[0].strip().lower()
     if media_type != "application/json" and not media_type.endswith("+json"):
@@ -37,6 +47,23 @@ async def read_json_body(request: Request, limit: int) -> Any:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {limit} bytes")
+    try:
+        raw = await asyncio.wait_for(_read_body(request, limit), timeout)
+    except asyncio.TimeoutError:
+        raise RequestTimeout(f"the request body was not received within {timeout:g} s") from None
+    except ClientDisconnect:
+        # The HTTP parser refused the body (malformed chunked encoding …) and answered 400 itself, or the
+        # client hung up mid-upload: either way the status is the one the client saw, not a server error.
+        refused = request.scope.get("state", {}).get(PROTOCOL_ERROR_KEY)
+        if refused:
+            raise InvalidRequest(f"malformed HTTP request: {refused}") from None
+        raise ClientClosed("the client closed the connection while sending its body") from None
+    if not raw.strip():
+        raise InvalidRequest("the request body is empty; send a JSON object with at least `prompt`")
+    return decode_json(raw)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
@@ -44,15 +71,7 @@ async def read_json_body(request: Request, limit: int) -> Any:
         if size > limit:
             raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
         chunks.append(chunk)
-    raw = b"".join(chunks)
-    if not raw.strip():
-        raise InvalidRequest("the request body is empty; send a JSON object with at least `prompt`")
-    try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
-    except RecursionError:
-        raise InvalidRequest("the request body is nested too deeply to be a valid request") from None
+    return b"".join(chunks)
 
 
 def request_timeout(request: Request, settings: Settings) -> float:

@@ -4,24 +4,35 @@ from __future__ import annotations
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 
 from diffuserve.errors import (
     DiffuserveError,
     MethodNotAllowed,
     QueueFull,
+    RequestTimeout,
     RouteNotFound,
+    ShuttingDown,
     Unauthorized,
 )
 
 
-def error_response(error: DiffuserveError) -> JSONResponse:
-    body = {"error": {"message": error.message, "type": error.type, "param": error.param, "code": error.code}}
-    headers = {}
+def error_body(error: DiffuserveError) -> dict[str, dict[str, str | None]]:
+    return {"error": {"message": error.message, "type": error.type, "param": error.param, "code": error.code}}
+
+
+def error_response(error: DiffuserveError, headers: dict[str, str] | None = None) -> JSONResponse:
+    headers = dict(headers or {})
     if isinstance(error, QueueFull):
         headers["Retry-After"] = str(error.retry_after)
     if isinstance(error, Unauthorized):
         headers["WWW-Authenticate"] = "Bearer"
-    return JSONResponse(body, status_code=error.status, headers=headers)
+    if isinstance(error, RequestTimeout):
+        # The rest of a body that came too slowly may still arrive: the connection cannot be reused.
+        headers["Connection"] = "close"
+    if isinstance(error, ShuttingDown):
+        headers["Connection"] = "close"
+    return JSONResponse(error_body(error), status_code=error.status, headers=headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -39,4 +50,17 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(405)
     async def _wrong_method(request: Request, exc: Exception) -> JSONResponse:
-        return error_response(MethodNotAllowed(f"method {request.method} not allowed on {request.url.path}"))
+        # The router puts the route's methods in an Allow header (RFC 9110 requires one on 405).
+        allow = (getattr(exc, "headers", None) or {}).get("Allow")
+        return error_response(
+            MethodNotAllowed(f"method {request.method} not allowed on {request.url.path}"),
+            headers={"Allow": allow} if allow else None,
+        )
+
+    @app.exception_handler(HTTPException)
+    async def _other_http(request: Request, exc: HTTPException) -> JSONResponse:
+        # Any other status the framework raises itself, in the same envelope.
+        error = DiffuserveError(str(exc.detail))
+        error.status = exc.status_code
+        error.type = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return error_response(error, headers=dict(exc.headers or {}))

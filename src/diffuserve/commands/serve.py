@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from diffuserve.config import add_settings_arguments, settings_from_args
+
+if TYPE_CHECKING:
+    from diffuserve.api.server import DrainingServer
 
 log = logging.getLogger("diffuserve.serve")
 
@@ -32,6 +35,8 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from diffuserve.api.app import build_app
+    from diffuserve.api.http_protocol import guarded_protocol
+    from diffuserve.api.server import DrainingServer
     from diffuserve.engine.loader import ModelLoadError, check_model_source
     from diffuserve.logs import configure_logging
 
@@ -43,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"diffuserve serve: {exc}", file=sys.stderr)
         return 2
 
-    server: uvicorn.Server | None = None
+    server: DrainingServer | None = None
 
     def stop_on_fatal(message: str) -> None:
         if server is not None:
@@ -61,8 +66,11 @@ def run(args: argparse.Namespace) -> int:
         log_config=None,  # our own logging: one structured line per request
         access_log=False,
         timeout_keep_alive=75,
+        http=guarded_protocol(settings.header_timeout, settings.body_timeout, settings.max_connections),
+        # After the drain every generation has been answered; this only bounds a response still being sent.
+        timeout_graceful_shutdown=5,
     )
-    server = uvicorn.Server(config)
+    server = DrainingServer(config, app.state.drain, settings.drain_timeout)
     log.info("serving %s on http://%s:%d", app.state.service.name, settings.host, settings.port)
     server.run()
     fatal = app.state.service.fatal_error

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 import time
 from multiprocessing.connection import Connection
 from typing import Any
@@ -35,6 +36,12 @@ def worker_main(worker_id: int, device: str, settings: Settings, conn: Connectio
     # Loading bars are for terminals; in a server log they are noise between the structured lines.
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
+    # Even disabled, diffusers' progress bars create tqdm's multiprocessing lock, a named semaphore that a
+    # killed worker can never remove (the resource tracker then warns of a leak). One process needs no more
+    # than a thread lock.
+    import tqdm
+
+    tqdm.tqdm.set_lock(threading.RLock())
 
     imported_s = time.monotonic() - entered_at
     engine = Engine(settings, device)

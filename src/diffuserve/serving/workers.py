@@ -167,16 +167,26 @@ class WorkerPool:
         self._loop.call_later(WATCHDOG_PERIOD_S, self._watch)
 
     async def stop(self, timeout: float = 10.0) -> None:
+        """Idle workers get Shutdown and `timeout` s to exit; busy and still-loading ones are killed at once
+        (neither reads its pipe before its batch or its load ends, and by now the API has answered every
+        request); stragglers are killed. All in parallel, so stopping takes at most `timeout` s plus a kill,
+        whatever the number of workers."""
         self._stopping = True
-        for worker in self.workers.values():
-            with contextlib.suppress(OSError, ValueError):
-                worker.conn.send(Shutdown())
-        deadline = time.monotonic() + timeout
-        for worker in self.workers.values():
-            await asyncio.to_thread(worker.process.join, max(0.1, deadline - time.monotonic()))
+        workers = list(self.workers.values())
+        for worker in workers:
+            if worker.state in (WorkerState.BUSY, WorkerState.STARTING):
+                worker.process.kill()
+            else:
+                with contextlib.suppress(OSError, ValueError):
+                    worker.conn.send(Shutdown())
+
+        def reap(worker: WorkerProcess) -> None:
+            worker.process.join(timeout)
             if worker.process.is_alive():
                 worker.process.kill()
-                await asyncio.to_thread(worker.process.join, 2.0)
+                worker.process.join(2.0)
+
+        await asyncio.gather(*(asyncio.to_thread(reap, worker) for worker in workers))
 
     @property
     def alive(self) -> int:

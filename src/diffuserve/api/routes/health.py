@@ -6,6 +6,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from diffuserve.api.deps import service_of
+from diffuserve.errors import Unauthorized
 
 router = APIRouter()
 
@@ -19,12 +20,25 @@ async def live() -> dict[str, str]:
 @router.get("/health/ready")
 @router.get("/v2/health/ready")
 async def ready(request: Request) -> JSONResponse:
+    """Open to all, but worker PIDs are shown only to callers the API itself would let in."""
     service = service_of(request)
+    draining = request.app.state.drain.draining
+    workers = service.pool.describe()
+    if not _authorised(request):
+        workers = [{key: value for key, value in worker.items() if key != "pid"} for worker in workers]
     body = {
-        "status": "ready" if service.ready else "loading",
+        "status": "draining" if draining else "ready" if service.ready else "loading",
         "model": service.name,
-        "workers": service.pool.describe(),
+        "workers": workers,
     }
     if service.fatal_error:
         body["status"], body["error"] = "failed", service.fatal_error
-    return JSONResponse(body, status_code=200 if service.ready else 503)
+    return JSONResponse(body, status_code=200 if service.ready and not draining else 503)
+
+
+def _authorised(request: Request) -> bool:
+    try:
+        request.app.state.auth.check(request.headers.get("authorization"))
+    except Unauthorized:
+        return False
+    return True

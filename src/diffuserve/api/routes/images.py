@@ -17,18 +17,19 @@ from diffuserve.api.deps import (
     wait_for_disconnect,
     wants_json,
 )
-from diffuserve.errors import DiffuserveError, InvalidRequest
+from diffuserve.api.openapi import IMAGES_ROUTE_DOC
+from diffuserve.errors import ClientClosed, DiffuserveError, InvalidRequest
 from diffuserve.protocol import ImageData, ImageGenerationRequest, ImagesResponse
 from diffuserve.serving.service import ClientGone
 
 router = APIRouter(dependencies=[Depends(require_auth)])
-CLIENT_CLOSED = 499  # nginx's convention for "client closed request"
 
 
-@router.post("/v1/images/generations")
+@router.post("/v1/images/generations", **IMAGES_ROUTE_DOC)
 @router.post("/images/generations", include_in_schema=False)
 async def create_image(request: Request) -> Response:
     settings, service, metrics = settings_of(request), service_of(request), request.app.state.metrics
+    drain = request.app.state.drain
     state = request.state
     started = time.perf_counter()
     model_label = "-"
@@ -38,7 +39,10 @@ async def create_image(request: Request) -> Response:
         metrics.request_seconds.observe(time.perf_counter() - started)
 
     try:
-        body = ImageGenerationRequest.parse(await read_json_body(request, settings.max_body_bytes))
+        drain.refuse_if_draining()
+        body = ImageGenerationRequest.parse(
+            await read_json_body(request, settings.max_body_bytes, settings.body_timeout)
+        )
         model = service.model_for(body.model or request.headers.get("x-model-name") or None)
         model_label = model.name
         generation = body.to_generation(
@@ -50,18 +54,19 @@ async def create_image(request: Request) -> Response:
                 "n > 1 returns several images: ask for JSON with response_format 'b64_json'", param="n"
             )
         state.model, state.n = model.name, generation.n
-        done = await service.generate(
-            generation,
-            timeout=request_timeout(request, settings),
-            disconnected=lambda: wait_for_disconnect(request),
+        done = await drain.run(
+            service.generate(
+                generation,
+                timeout=request_timeout(request, settings),
+                disconnected=lambda: wait_for_disconnect(request),
+            )
         )
     except DiffuserveError as exc:
         count(exc.status)
         raise
     except ClientGone:
-        count(CLIENT_CLOSED)
-        state.final_status = CLIENT_CLOSED
-        return Response(status_code=CLIENT_CLOSED)
+        count(ClientClosed.status)
+        raise ClientClosed("the client closed the connection before its images were ready") from None
     except Exception:
         count(500)
         raise

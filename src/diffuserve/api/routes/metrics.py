@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from diffuserve.api.deps import require_auth
@@ -10,6 +11,7 @@ from diffuserve.api.deps import require_auth
 router = APIRouter(dependencies=[Depends(require_auth)])
 
 
-@router.get("/metrics")
+# The response class only documents the media type (Prometheus' text format) in the OpenAPI document.
+@router.get("/metrics", response_class=PlainTextResponse)
 async def metrics(request: Request) -> Response:
     return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)

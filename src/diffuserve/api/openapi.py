@@ -1,0 +1,47 @@
+"""The OpenAPI document: the images route's hand-read body declared from its pydantic model, errors as the
+OpenAI envelope, served at /openapi.json behind the same auth as the API."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+
+from diffuserve.api.deps import require_auth
+from diffuserve.protocol import OUTPUT_FORMATS, ErrorResponse, ImageGenerationRequest, ImagesResponse
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    "default": {"model": ErrorResponse, "description": "an error, in OpenAI's envelope"}
+}
+
+_IMAGE_BYTES = {"schema": {"type": "string", "format": "binary"}}
+
+# The route reads its body by hand (to bound its size and time), so FastAPI cannot see it: declare it.
+IMAGES_ROUTE_DOC: dict[str, Any] = {
+    "summary": "Generate images",
+    "description": "JSON with base64 images when the client asks for JSON (response_format, or Accept: "
+    "application/json outside the SDK's raw calls); else the image bytes of one image.",
+    "openapi_extra": {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": ImageGenerationRequest.model_json_schema()}},
+        },
+        "responses": {
+            "200": {
+                "description": "the images",
+                "content": {
+                    "application/json": {"schema": ImagesResponse.model_json_schema()},
+                    **{f"image/{fmt}": _IMAGE_BYTES for fmt in OUTPUT_FORMATS},
+                },
+            }
+        },
+    },
+}
+
+router = APIRouter(include_in_schema=False, dependencies=[Depends(require_auth)])
+
+
+@router.get("/openapi.json")
+async def openapi_document(request: Request) -> JSONResponse:
+    return JSONResponse(request.app.openapi())

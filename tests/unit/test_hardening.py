@@ -1,0 +1,219 @@
+"""Hostile input in process: escaped and bounded log text, integers of any length, the drain, readiness
+without a key, 405's Allow header and the protected OpenAPI document."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+from collections.abc import AsyncIterator
+from functools import partial
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+from fastapi import FastAPI
+
+import diffuserve.api.app as app_module
+from diffuserve.api.app import build_app
+from diffuserve.api.drain import Drain
+from diffuserve.errors import InvalidRequest, ShuttingDown
+from diffuserve.logs import JsonFormatter, TextFormatter, safe_text
+from diffuserve.protocol import (
+    LOGGED_FIELD_CHARS,
+    LOGGED_UNKNOWN_FIELDS,
+    ImageGenerationRequest,
+    decode_json,
+    describe_unknown_fields,
+)
+from diffuserve.serving.service import GenerationService
+from tests import fakes
+from tests.unit.test_inprocess_app import JSON, URL, client_of, settings, until
+
+KEY = {"Authorization": "Bearer secret"}
+ON_SERVED_LOOP = pytest.mark.asyncio(loop_scope="module")
+
+
+# ---- log text -----------------------------------------------------------------------------------------
+
+
+def test_safe_text_escapes_control_characters_and_truncates() -> None:
+    assert safe_text("a\nERROR forged\r\x1b[31m\x00\u2028") == "a\\nERROR forged\\r\\x1b[31m\\x00\\u2028"
+    long = safe_text("x" * 1000, 100)
+    assert long.startswith("x" * 100) and long.endswith("[900 more]") and len(long) < 120
+
+
+@pytest.mark.parametrize("formatter", [TextFormatter("server"), JsonFormatter("server")])
+def test_a_forged_newline_stays_on_one_escaped_line(formatter: logging.Formatter) -> None:
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(formatter)
+    protocol_log = logging.getLogger("diffuserve.protocol")
+    saved = protocol_log.handlers, protocol_log.level, protocol_log.propagate
+    protocol_log.handlers, protocol_log.propagate = [handler], False
+    protocol_log.setLevel(logging.INFO)
+    try:
+        ImageGenerationRequest.parse({"prompt": "x", "a\n2026-01-01 ERROR [server] forged": 1})
+        protocol_log.info("path %s", "/v1/\x1b[2J\nERROR x", extra={"path": "/a\nb", "request_id": "r\n"})
+    finally:
+        protocol_log.handlers, protocol_log.propagate = saved[0], saved[2]
+        protocol_log.setLevel(saved[1])
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 2, lines
+    # JSON lines are read back as JSON: the escaped text must survive decoding, not only the encoding.
+    text = [json.loads(line)["msg"] for line in lines] if isinstance(formatter, JsonFormatter) else lines
+    assert "a\\n2026-01-01 ERROR [server] forged" in text[0]
+    assert "\x1b" not in "".join(text) and "\n" not in "".join(text)
+
+
+def test_unknown_field_logging_is_bounded() -> None:
+    names = [f"field{i:06d}" + "y" * 500 for i in range(10_000)]
+    described = describe_unknown_fields(names)
+    assert described.startswith("field000000") and described.endswith(", …")
+    assert described.count(", ") == LOGGED_UNKNOWN_FIELDS
+    assert len(described) < LOGGED_UNKNOWN_FIELDS * (LOGGED_FIELD_CHARS + 20) + 40
+
+
+# ---- JSON bodies --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "field", ["seed", "n", "width", "num_inference_steps", "output_compression", "prompt", "user"]
+)
+def test_an_integer_of_5000_digits_is_a_400_naming_its_field(field: str) -> None:
+    payload = decode_json(b'{"prompt": "x", "%s": %s}' % (field.encode(), b"9" * 5000))
+    with pytest.raises(InvalidRequest) as caught:
+        ImageGenerationRequest.parse(payload)
+    assert caught.value.param == field and "out of range" in caught.value.message
+
+
+def test_a_long_integer_in_an_unknown_field_is_ignored() -> None:
+    parsed = ImageGenerationRequest.parse(decode_json(b'{"prompt": "x", "other": -%s}' % (b"1" * 5000)))
+    assert parsed.prompt == "x"
+
+
+@pytest.mark.parametrize(
+    "raw", [b"[" * 100_000 + b"]" * 100_000, b'{"prompt": "x",', b'{"prompt": "\xff"}', b"NaN-ish"]
+)
+def test_bodies_json_cannot_decode_are_400(raw: bytes) -> None:
+    with pytest.raises(InvalidRequest):
+        decode_json(raw)
+
+
+def test_deep_nesting_inside_a_field_names_the_field() -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        ImageGenerationRequest.parse(decode_json(b'{"prompt": ' + b"[" * 500 + b"]" * 500 + b"}"))
+    assert caught.value.param == "prompt"
+
+
+# ---- the drain, in pure asyncio -----------------------------------------------------------------------
+
+
+async def test_drain_lets_quick_work_finish_and_fails_slow_work() -> None:
+    drain = Drain()
+    quick = asyncio.ensure_future(drain.run(asyncio.sleep(0.05, result="done")))
+    slow = asyncio.ensure_future(drain.run(asyncio.sleep(60)))
+    await asyncio.sleep(0)
+    assert drain.in_flight == 2
+    assert await drain.drain(0.3) == 1
+    assert await quick == "done"
+    with pytest.raises(ShuttingDown):
+        await slow
+    with pytest.raises(ShuttingDown):
+        await drain.run(asyncio.sleep(0))
+    assert drain.in_flight == 0
+
+
+# ---- the app over a stand-in worker, with keys --------------------------------------------------------
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def keyed() -> AsyncIterator[FastAPI]:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(
+            app_module, "GenerationService", partial(GenerationService, worker_target=fakes.fake_worker)
+        )
+        app = build_app(settings(api_keys=["secret"]))
+    async with app.router.lifespan_context(app):
+        await until(lambda: app.state.service.ready)
+        yield app
+
+
+@ON_SERVED_LOOP
+async def test_readiness_shows_worker_pids_only_with_a_valid_key(keyed: FastAPI) -> None:
+    async with client_of(keyed) as client:
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            public = await client.get("/health/ready", headers=headers)
+            assert public.status_code == 200
+            assert public.json()["workers"] and all("pid" not in w for w in public.json()["workers"])
+        private = await client.get("/health/ready", headers=KEY)
+        assert all(isinstance(w["pid"], int) for w in private.json()["workers"])
+
+
+@ON_SERVED_LOOP
+async def test_405_carries_allow(keyed: FastAPI) -> None:
+    async with client_of(keyed) as client:
+        response = await client.delete("/v1/models", headers=KEY)
+        assert response.status_code == 405 and response.headers["allow"] == "GET"
+        assert response.json()["error"]["code"] == "method_not_allowed"
+        response = await client.get(URL, headers=KEY)
+        assert response.status_code == 405 and response.headers["allow"] == "POST"
+
+
+@ON_SERVED_LOOP
+async def test_openapi_document_is_protected_and_declares_the_images_body(keyed: FastAPI) -> None:
+    async with client_of(keyed) as client:
+        assert (await client.get("/openapi.json")).status_code == 401
+        document = (await client.get("/openapi.json", headers=KEY)).json()
+    paths = document["paths"]
+    assert {
+        "/v1/images/generations",
+        "/v1/models",
+        "/v1/models/{model_id}",
+        "/health/ready",
+        "/metrics",
+    } <= set(paths)
+    body = paths["/v1/images/generations"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert (
+        body["required"] == ["prompt"] and body["properties"]["seed"]["anyOf"][0]["maximum"] >= 2**63 - 2**11
+    )
+    responses = paths["/v1/images/generations"]["post"]["responses"]
+    assert {"image/png", "application/json"} <= set(responses["200"]["content"])
+    assert "default" in responses
+    assert "/openapi.json" not in paths and "/" not in paths
+
+
+@ON_SERVED_LOOP
+async def test_drain_refuses_new_generations_and_fails_the_held_one(keyed: FastAPI, tmp_path: Path) -> None:
+    async with client_of(keyed) as client:
+        release = tmp_path / "release"
+        held = asyncio.create_task(
+            client.post(URL, json={"prompt": f"hold:{release}"}, headers={**JSON, **KEY})
+        )
+        await until(lambda: keyed.state.service.scheduler.in_flight)
+        draining = asyncio.create_task(keyed.state.drain.drain(0.3))
+        await until(lambda: keyed.state.drain.draining)
+        ready = await client.get("/health/ready")
+        assert ready.status_code == 503 and ready.json()["status"] == "draining"
+        refused = await client.post(URL, json={"prompt": "x"}, headers={**JSON, **KEY})
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "shutting_down"
+        assert await draining == 1
+        failed = await held
+        assert failed.status_code == 503 and failed.json()["error"]["code"] == "shutting_down"
+        release.touch()
+        counted = keyed.state.metrics.registry.get_sample_value(
+            "diffuserve_requests_total", {"model": "fake", "status": "503"}
+        )
+        assert counted == 1.0
+    assert json.dumps(ready.json())
+
+
+def test_the_servers_own_multiline_text_keeps_its_lines_but_arguments_are_escaped() -> None:
+    formatter = TextFormatter("server")
+    record = logging.LogRecord(
+        "x", logging.ERROR, __file__, 1, "Traceback:\n  line %s\n  %d", ("a\nb", 7), None
+    )
+    assert formatter.format(record).endswith("Traceback:\n  line a\\nb\n  7")
+    wrong_type = logging.LogRecord("x", logging.INFO, __file__, 1, "%d items", ("3\n",), None)
+    assert "\n" not in formatter.format(wrong_type)
