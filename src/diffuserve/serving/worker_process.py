@@ -12,14 +12,56 @@ from typing import Any
 from diffuserve.config import Settings
 from diffuserve.logs import configure_logging
 from diffuserve.serving.encode_stage import EncodeStage, LockedSender
-from diffuserve.types import BatchJob, BatchResult, DeviceFree, Shutdown, WorkerFailed, WorkerReady
+from diffuserve.types import (
+    BatchJob,
+    BatchResult,
+    DeviceFree,
+    GroupRank,
+    Shutdown,
+    WorkerFailed,
+    WorkerReady,
+)
 
 
 def worker_main(worker_id: int, device: str, settings: Settings, conn: Connection) -> None:
     """Entry point of the child process (spawned, so no CUDA or thread state is inherited)."""
     entered_at = time.monotonic()
-    configure_logging(settings.log_format, settings.log_level, role=f"worker-{worker_id}")
-    log = logging.getLogger("diffuserve.worker")
+    _prepare(device, settings, role=f"worker-{worker_id}")
+    engine = _start_engine(worker_id, device, settings, conn, entered_at)
+    if engine is not None:
+        serve_batches(engine, conn, worker_id)
+
+
+def group_worker_main(
+    worker_id: int, device: str, settings: Settings, conn: Connection, rank: GroupRank
+) -> None:
+    """Entry point of one rank of a worker group. Every rank receives every job from the server and makes
+    the same pipeline call (the denoiser's collectives need them all); only the leader (rank 0) answers."""
+    entered_at = time.monotonic()
+    log = _prepare(device, settings, role=f"worker-{worker_id}.{rank.rank}")
+    from diffuserve.engine.parallel import close_group, init_group
+
+    try:
+        init_group(rank, device)
+    except Exception as exc:
+        log.exception("worker %d rank %d could not join its group", worker_id, rank.rank)
+        conn.send(WorkerFailed(worker_id=worker_id, error=f"rank {rank.rank}: {type(exc).__name__}: {exc}"))
+        return
+    engine = _start_engine(worker_id, device, settings, conn, entered_at, rank)
+    if engine is None:
+        return
+    if rank.leader:
+        serve_batches(engine, conn, worker_id)
+    else:
+        follow_batches(engine, conn)
+    if engine.broken:
+        # Peers may be stuck in a collective with this rank: no goodbye to them, the server kills the group.
+        os._exit(1)
+    close_group()
+
+
+def _prepare(device: str, settings: Settings, role: str) -> logging.Logger:
+    configure_logging(settings.log_format, settings.log_level, role=role)
     # Ctrl-C in a terminal reaches the whole process group; the parent decides when workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if device.startswith("cuda"):
@@ -29,14 +71,27 @@ def worker_main(worker_id: int, device: str, settings: Settings, conn: Connectio
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
-    from diffuserve.engine.engine import Engine
-
     # Loading bars are for terminals; in a server log they are noise between the structured lines.
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
+    return logging.getLogger("diffuserve.worker")
 
+
+def _start_engine(
+    worker_id: int,
+    device: str,
+    settings: Settings,
+    conn: Connection,
+    entered_at: float,
+    rank: GroupRank | None = None,
+) -> Any:
+    """Load and warm up; the worker (or a group's leader) then reports ready. None when it could not start,
+    after telling the server why."""
+    from diffuserve.engine.engine import Engine
+
+    log = logging.getLogger("diffuserve.worker")
     imported_s = time.monotonic() - entered_at
-    engine = Engine(settings, device)
+    engine = Engine(settings, device, rank)
     try:
         started = time.perf_counter()
         info = engine.load()
@@ -47,8 +102,11 @@ def worker_main(worker_id: int, device: str, settings: Settings, conn: Connectio
         engine.phases["compile_cache_save_s"] = time.perf_counter() - started
     except Exception as exc:
         log.exception("worker %d could not start", worker_id)
-        conn.send(WorkerFailed(worker_id=worker_id, error=f"{type(exc).__name__}: {exc}"))
-        return
+        where = f"rank {rank.rank}: " if rank is not None else ""
+        conn.send(WorkerFailed(worker_id=worker_id, error=f"{where}{type(exc).__name__}: {exc}"))
+        return None
+    if rank is not None and not rank.leader:
+        return engine
     log.info(
         "worker %d ready on %s (load %.1fs, warm-up %.1fs)", worker_id, device, load_seconds, warmup_seconds
     )
@@ -56,7 +114,7 @@ def worker_main(worker_id: int, device: str, settings: Settings, conn: Connectio
     conn.send(
         WorkerReady(worker_id, os.getpid(), device, info, load_seconds, warmup_seconds, entered_at, phases)
     )
-    serve_batches(engine, conn, worker_id)
+    return engine
 
 
 def serve_batches(engine: Any, conn: Connection, worker_id: int) -> None:
@@ -83,10 +141,27 @@ def serve_batches(engine: Any, conn: Connection, worker_id: int) -> None:
             stage.submit(computed)
         if engine.broken:
             log.error(
-                "worker %d: the device is unusable after a CUDA error; exiting to be replaced", worker_id
+                "worker %d: the device (or its group) is unusable after a failed batch; exiting to be replaced",
+                worker_id,
             )
             stage.close()
             return
+
+
+def follow_batches(engine: Any, conn: Connection) -> None:
+    """A group follower's loop: the same pipeline call as the leader for every job, whose images are the
+    leader's to send; this rank only does its share of the denoiser's work."""
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            return
+        if isinstance(message, Shutdown):
+            return
+        if isinstance(message, BatchJob):
+            engine.compute(message)
+            if engine.broken:
+                return
 
 
 def _save_compile_cache(settings: Settings) -> None:
