@@ -4,6 +4,7 @@ takes its whole group down at once and a new group replaces it; DEVICES cut into
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import re
 import time
 from collections.abc import AsyncIterator
@@ -15,8 +16,9 @@ from diffuserve.config import Settings
 from diffuserve.errors import WorkerCrashed
 from diffuserve.serving.scheduler import Scheduler
 from diffuserve.serving.worker_group import GroupTarget, free_port, plan_groups
+from diffuserve.serving.worker_process import follow_batches, serve_batches
 from diffuserve.serving.workers import WorkerPool, WorkerState
-from diffuserve.types import GenerationRequest, GroupRank
+from diffuserve.types import BatchItem, BatchJob, BatchResult, GenerationRequest, GroupRank, WorkerFailed
 from tests import fakes
 from tests.unit.test_worker_pool import Events, until
 
@@ -119,3 +121,31 @@ async def test_a_rank_that_cannot_load_stops_the_server_with_its_reason() -> Non
         )
         await until(lambda: not any(w.process.is_alive() for w in pool.workers.values()))
         assert pool.alive == 0 and not events.restarts
+
+
+class FailingEngine:
+    """compute() as the real engine answers a batch that failed on the device."""
+
+    broken = True
+
+    def compute(self, job: BatchJob) -> BatchResult:
+        return BatchResult(batch_id=job.batch_id, error="RuntimeError: boom")
+
+    def encode(self, batch: object) -> BatchResult:
+        raise AssertionError("a failed batch is never encoded")
+
+
+@pytest.mark.parametrize("index", [0, 1], ids=["leader", "follower"])
+def test_a_rank_whose_batch_fails_says_why_and_leaves(index: int) -> None:
+    # The group is replaced: the leader sends no result (which would free the group for another batch).
+    rank = GroupRank(rank=index, devices=("fake:0", "fake:1"), port=1, timeout_s=1.0)
+    ours, theirs = multiprocessing.Pipe(duplex=True)
+    ours.send(BatchJob(5, 32, 32, 4, 0.0, [BatchItem("r", "p", None, [1], "png", None)]))
+    if rank.leader:
+        serve_batches(FailingEngine(), theirs, 3, rank)
+    else:
+        follow_batches(FailingEngine(), theirs, 3, rank)
+    message = ours.recv()
+    assert isinstance(message, WorkerFailed) and not message.fatal
+    assert message.worker_id == 3 and message.error == f"rank {index}: RuntimeError: boom"
+    assert not ours.poll(0.2)

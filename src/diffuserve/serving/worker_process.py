@@ -51,9 +51,9 @@ def group_worker_main(
     if engine is None:
         return
     if rank.leader:
-        serve_batches(engine, conn, worker_id)
+        serve_batches(engine, conn, worker_id, rank)
     else:
-        follow_batches(engine, conn)
+        follow_batches(engine, conn, worker_id, rank)
     if engine.broken:
         # Peers may be stuck in a collective with this rank: no goodbye to them, the server kills the group.
         os._exit(1)
@@ -117,9 +117,12 @@ def _start_engine(
     return engine
 
 
-def serve_batches(engine: Any, conn: Connection, worker_id: int) -> None:
+def serve_batches(engine: Any, conn: Connection, worker_id: int, rank: GroupRank | None = None) -> None:
     """The device loop: compute a batch, tell the parent the device is free, hand the batch to the encoder
-    stage, take the next. Encoding never holds the device up; results may follow DeviceFree by a little."""
+    stage, take the next. Encoding never holds the device up; results may follow DeviceFree by a little.
+
+    A group's leader answers a failed batch by leaving instead: the batch fails with its error when the server
+    tears the group down, and no other batch is handed to a group that is going away."""
     log = logging.getLogger("diffuserve.worker")
     sender = LockedSender(conn)
     stage: EncodeStage[Any] = EncodeStage(engine.encode, sender.send)
@@ -134,6 +137,10 @@ def serve_batches(engine: Any, conn: Connection, worker_id: int) -> None:
         if not isinstance(message, BatchJob):
             continue
         computed = engine.compute(message)
+        if isinstance(computed, BatchResult) and rank is not None:
+            stage.close()
+            sender.send(_rank_failed(worker_id, rank, computed))
+            return
         if isinstance(computed, BatchResult):  # the batch failed on the device
             sender.send(computed)
         else:
@@ -148,7 +155,7 @@ def serve_batches(engine: Any, conn: Connection, worker_id: int) -> None:
             return
 
 
-def follow_batches(engine: Any, conn: Connection) -> None:
+def follow_batches(engine: Any, conn: Connection, worker_id: int, rank: GroupRank) -> None:
     """A group follower's loop: the same pipeline call as the leader for every job, whose images are the
     leader's to send; this rank only does its share of the denoiser's work."""
     while True:
@@ -159,9 +166,14 @@ def follow_batches(engine: Any, conn: Connection) -> None:
         if isinstance(message, Shutdown):
             return
         if isinstance(message, BatchJob):
-            engine.compute(message)
-            if engine.broken:
+            computed = engine.compute(message)
+            if isinstance(computed, BatchResult):
+                conn.send(_rank_failed(worker_id, rank, computed))
                 return
+
+
+def _rank_failed(worker_id: int, rank: GroupRank, result: BatchResult) -> WorkerFailed:
+    return WorkerFailed(worker_id=worker_id, error=f"rank {rank.rank}: {result.error}", fatal=False)
 
 
 def _save_compile_cache(settings: Settings) -> None:
