@@ -6,6 +6,8 @@ from __future__ import annotations
 import base64
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -15,7 +17,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.helpers import ServerHandle, decode_image, start_server
+from tests.helpers import ROOT, ServerHandle, decode_image, free_port, server_free_env, start_server
 
 URL = "/v1/images/generations"
 SEEDS = (0, 1, 2, 3)
@@ -134,3 +136,14 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"  # a zombie has exited; only its parent's wait is missing
+
+
+def test_a_model_that_cannot_split_stops_the_server_with_the_reason() -> None:
+    # The tiny random FLUX has 2 attention heads: Ulysses cannot share them among 4 ranks.
+    env = {**server_free_env(), "PORT": str(free_port()), "DEVICES": "cpu,cpu,cpu,cpu", "PARALLEL": "4"}
+    result = subprocess.run(
+        [sys.executable, "-m", "diffuserve", "serve", "--model-repo", "tiny-random"],
+        capture_output=True, text=True, timeout=180, cwd=ROOT, env=env,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "2 attention heads, which do not divide by 4" in result.stderr
