@@ -1,15 +1,16 @@
 """Two ways to spend the GPUs of one host, measured in one run: one-GPU workers (PARALLEL=1, throughput) against
 worker groups that split each image across GPUs (PARALLEL=2 and, on a 4-GPU host, 4: latency).
 
-    python benchmarks/gpu_parallel.py --out $OUT      # 2 GPUs: random FLUX.1-dev, tier L, 1024², 28 steps, ~6 min
+    python benchmarks/gpu_parallel.py --out $OUT      # 2 GPUs: random FLUX.1-dev, tier L, 1024², 28 steps
     python benchmarks/gpu_parallel.py --out /tmp/p --model-repo digits --devices cpu,cpu --size 32 --tier XL
 
 For each PARALLEL value, on the same devices: a cold `diffuserve serve` (its own empty cache dir, so each
 start compiles its own graphs), timed until every worker (group) is ready; one untimed request; then lone
 requests over HTTP one after another (round trip and the server's own split); then a closed loop (each user
 sends its next request when its last is back). Every figure is given next to the PARALLEL=1 figure of the same
-run. MODEL_BATCH=1 keeps the warm-up to one compiled batch size. Raw output: --out/parallel.json; the table:
---out/parallel.md.
+run. MODEL_BATCH=1 keeps the warm-up to one compiled batch size; the two cold starts with compile (about 60-80 s
+each on an H200) take most of the run, which is sized to end within 7 minutes on 2 × H200. Raw output:
+--out/parallel.json; the table: --out/parallel.md.
 """
 
 from __future__ import annotations
