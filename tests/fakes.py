@@ -4,6 +4,9 @@ Each is a module-level function, so a spawned process can import it. The prompt 
 `hold:<path>` answers once that file exists (the test decides when the worker is free again), `fail` answers
 with an error, `die` exits mid-batch without answering. Each image's bytes say what made it:
 `<prompt>|seed=<seed>|batch=<images in the batch>`.
+
+Worker groups have their stand-ins too (`group_worker`, `group_failing_worker`): every rank gets every job; the
+leader answers. `die:<rank>` makes that rank exit; the leader then blocks, as it would inside a collective.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from diffuserve.types import (
     BatchResult,
     DeviceFree,
     EncodedImage,
+    GroupRank,
     Shutdown,
     WorkerFailed,
     WorkerReady,
@@ -74,6 +78,9 @@ def _serve(worker_id: int, device: str, settings: Settings, conn: Connection, *,
 
 def _run(job: BatchJob) -> BatchResult:
     started = time.perf_counter()
+    _die_if_told(job, 0)
+    if any(item.prompt.startswith("die:") for item in job.items):
+        time.sleep(HOLD_LIMIT_S)  # a peer is gone: stuck, as a rank waiting for it in a collective would be
     for item in job.items:
         if item.prompt == "die":
             os._exit(5)
@@ -103,3 +110,36 @@ def _ready(worker_id: int, device: str, settings: Settings) -> WorkerReady:
 
     model = model_info(settings, TINY_FLUX)
     return WorkerReady(worker_id, os.getpid(), device, model, load_seconds=0.0, warmup_seconds=0.0)
+
+
+def group_worker(worker_id: int, device: str, settings: Settings, conn: Connection, rank: GroupRank) -> None:
+    """One rank of a stand-in group: the leader serves as device_free_worker does, followers only listen."""
+    if rank.leader:
+        _serve(worker_id, device, settings, conn, device_free=True)
+        return
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            return
+        if isinstance(message, Shutdown):
+            return
+        if isinstance(message, BatchJob):
+            _die_if_told(message, rank.rank)
+
+
+def group_failing_worker(
+    worker_id: int, device: str, settings: Settings, conn: Connection, rank: GroupRank
+) -> None:
+    """A group whose last rank cannot load its model; the leader waits for its peers, as at a rendezvous."""
+    if rank.rank == rank.world_size - 1:
+        conn.send(
+            WorkerFailed(worker_id=worker_id, error=f"rank {rank.rank}: RuntimeError: no room on {device}")
+        )
+        return
+    time.sleep(HOLD_LIMIT_S)
+
+
+def _die_if_told(job: BatchJob, rank: int) -> None:
+    if any(item.prompt == f"die:{rank}" for item in job.items):
+        os._exit(6)

@@ -95,6 +95,13 @@ class Settings(EnvSettings):
         help="torch threads per CPU worker; 0 = 1 for built-in models, else the cores shared among CPU workers",
         ge=0,
     )
+    parallel: int = setting(
+        1,
+        "PARALLEL",
+        help="GPUs per worker: each worker becomes a group of this many devices running one pipeline with "
+        "Ulysses context parallelism (lower latency per image); DEVICES must divide into such groups",
+        ge=1,
+    )
     max_queue: int = setting(
         256, "MAX_QUEUE", help="most requests waiting; beyond it the server answers 429", ge=1
     )

@@ -161,14 +161,15 @@ class ImageGenerationRequest(BaseModel):
             if self.width is None or self.height is None:
                 missing = "height" if self.height is None else "width"
                 raise InvalidRequest("width and height must be given together", param=missing)
-            return _check_dimensions(self.width, self.height, model, "width")
+            return _check_split(*_check_dimensions(self.width, self.height, model, "width"), model, "width")
         if size is not None:
             match = SIZE_PATTERN.match(size)
             if not match:
                 raise InvalidRequest(
                     f"size must be 'auto' or 'WIDTHxHEIGHT' like '1024x1024', got {size!r}", param="size"
                 )
-            return _check_dimensions(int(match.group(1)), int(match.group(2)), model, "size")
+            width, height = _check_dimensions(int(match.group(1)), int(match.group(2)), model, "size")
+            return _check_split(width, height, model, "size")
         if self.aspect_ratio is not None:
             if self.aspect_ratio not in ASPECT_RATIOS:
                 raise InvalidRequest(
@@ -190,6 +191,10 @@ def dimensions_for_aspect(aspect_ratio: str, model: ModelInfo) -> tuple[int, int
 
     width = snap(math.sqrt(area * ratio_w / ratio_h))
     height = snap(math.sqrt(area * ratio_h / ratio_w))
+    if not model.splits(width, height):
+        # A worker group needs a token count its devices share evenly: a width in whole tokens per device.
+        step = math.lcm(step, model.token_pixels * model.parallel)
+        width = snap(math.sqrt(area * ratio_w / ratio_h))
     return width, height
 
 
@@ -208,6 +213,20 @@ def describe_unknown_fields(names: list[str]) -> str:
     """The first LOGGED_UNKNOWN_FIELDS names in sorted order, each escaped and cut to LOGGED_FIELD_CHARS."""
     shown = [safe_text(name, LOGGED_FIELD_CHARS) for name in sorted(names)[:LOGGED_UNKNOWN_FIELDS]]
     return ", ".join(shown) + (", …" if len(names) > len(shown) else "")
+
+
+def _check_split(width: int, height: int, model: ModelInfo, param: str) -> tuple[int, int]:
+    """A worker group splits an image's tokens across its devices: the count must divide by their number."""
+    if not model.splits(width, height):
+        tokens = (width // model.token_pixels) * (height // model.token_pixels)
+        multiple = math.lcm(model.size_multiple, model.token_pixels * model.parallel)
+        raise InvalidRequest(
+            f"{width}x{height} is not served by {model.name}: its {tokens} image tokens do not split evenly "
+            f"across the {model.parallel} devices of a worker group; make the width or the height a multiple "
+            f"of {multiple}",
+            param=param,
+        )
+    return width, height
 
 
 def _to_invalid_request(exc: ValidationError) -> InvalidRequest:

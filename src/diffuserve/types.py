@@ -237,6 +237,34 @@ class ModelInfo:
     max_steps: int
     supports_negative_prompt: bool
     max_batch: int
+    # A worker group splits each image's tokens (token_pixels × token_pixels pixels each) across `parallel`
+    # devices: a size is served only when its token count divides by `parallel`.
+    parallel: int = 1
+    token_pixels: int = 1
+
+    def splits(self, width: int, height: int) -> bool:
+        """Whether a width×height image's tokens divide evenly across the worker group's devices."""
+        tokens = (width // self.token_pixels) * (height // self.token_pixels)
+        return tokens % self.parallel == 0
+
+
+@dataclass(frozen=True)
+class GroupRank:
+    """A worker group member's place in it, given at spawn: its rank among `devices` (rank 0 leads) and
+    where the group's ranks meet (a TCP port on 127.0.0.1 chosen by the server)."""
+
+    rank: int
+    devices: tuple[str, ...]
+    port: int
+    timeout_s: float
+
+    @property
+    def world_size(self) -> int:
+        return len(self.devices)
+
+    @property
+    def leader(self) -> bool:
+        return self.rank == 0
 
 
 @dataclass

@@ -29,6 +29,8 @@ def build_app(settings: Settings, *, on_fatal: Callable[[str], None] | None = No
         on_restart=registry.worker_restarts.inc,
         on_watchdog=registry.watchdog_kills.inc,
     )
+    for worker_id, devices in enumerate(service.pool.slots):
+        registry.worker_devices.labels(str(worker_id), ",".join(devices)).set(len(devices))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -73,6 +73,12 @@ class Metrics:
         self.workers_alive = Gauge(
             "diffuserve_workers_alive", "Worker processes loaded and serving", registry=r
         )
+        self.worker_devices = Gauge(
+            "diffuserve_worker_devices",
+            "Devices of each worker (a worker group runs one pipeline on several)",
+            ["worker", "devices"],
+            registry=r,
+        )
         self.worker_restarts = Counter(
             "diffuserve_worker_restarts", "Workers replaced after dying", registry=r
         )

@@ -17,12 +17,19 @@ from diffuserve.engine.encoder import BatchEncoder, gpu_jpeg_encoder
 from diffuserve.engine.frames import DecodeClock, to_uint8
 from diffuserve.engine.loader import LoadedPipeline, load_pipeline
 from diffuserve.engine.naming import served_model_name
-from diffuserve.types import BatchItem, BatchJob, BatchResult, EncodedImage, Family, ModelInfo
+from diffuserve.types import BatchItem, BatchJob, BatchResult, EncodedImage, Family, GroupRank, ModelInfo
 
 log = logging.getLogger(__name__)
 
 
-def model_info(settings: Settings, family: Family, accepted: set[str] | None = None) -> ModelInfo:
+def model_info(
+    settings: Settings,
+    family: Family,
+    accepted: set[str] | None = None,
+    *,
+    parallel: int = 1,
+    token_pixels: int = 1,
+) -> ModelInfo:
     return ModelInfo(
         name=served_model_name(settings),
         family=family.name,
@@ -40,6 +47,8 @@ def model_info(settings: Settings, family: Family, accepted: set[str] | None = N
         supports_negative_prompt=family.supports_negative_prompt
         and (accepted is None or "negative_prompt" in accepted),
         max_batch=settings.model_batch,
+        parallel=parallel,
+        token_pixels=token_pixels,
     )
 
 
@@ -67,9 +76,11 @@ class Engine:
     can run them in different threads: the next batch denoises while the last one is encoded.
     """
 
-    def __init__(self, settings: Settings, device: str) -> None:
+    def __init__(self, settings: Settings, device: str, group: GroupRank | None = None) -> None:
         self.settings = settings
         self.device = device
+        # This process's place in a worker group whose ranks run every pipeline call together, or None.
+        self.group = group
         self.loaded: LoadedPipeline | None = None
         self.info: ModelInfo | None = None
         self.phases: dict[str, float] = {}
@@ -95,8 +106,15 @@ class Engine:
             self.loaded.pipeline, Tier(s.model_size), device=self.device, cache_dir=s.resolved_cache_dir
         )
         self.phases["tier_s"] = time.perf_counter() - started
+        parallel, pixels = 1, 1
+        if self.group is not None:
+            from diffuserve.engine.parallel import parallelize
+
+            # After the tier: its attention processors (fused QKV) must be the ones that learn the group.
+            parallel = self.group.world_size
+            pixels = parallelize(self.loaded, parallel)
         self._clock = DecodeClock(self.loaded.pipeline, self.device)
-        self.info = model_info(s, self.loaded.family, self._accepted)
+        self.info = model_info(s, self.loaded.family, self._accepted, parallel=parallel, token_pixels=pixels)
         return self.info
 
     def warmup(self) -> float:
@@ -184,7 +202,9 @@ class Engine:
             return BatchResult(batch_id=job.batch_id, error="cancelled: every client of this batch left")
         except Exception as exc:  # a failed batch must not take the worker down
             log.exception("batch %s failed", job.batch_id)
-            self.broken = _poisons_device(exc)
+            # In a group, the peers of a rank whose batch failed may be waiting inside a collective: the whole
+            # group is replaced rather than left out of step.
+            self.broken = self.group is not None or _poisons_device(exc)
             _release_cuda_memory()
             return BatchResult(batch_id=job.batch_id, error=_describe(exc))
 

@@ -14,20 +14,29 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, cast
 
 from diffuserve.config import Settings
 from diffuserve.engine.loader import default_cpu_threads
 from diffuserve.serving.parent_death import die_with_parent
 from diffuserve.serving.scheduler import Scheduler
 from diffuserve.serving.watchdog import BatchLimits
-from diffuserve.serving.worker_process import worker_main
+from diffuserve.serving.worker_group import (
+    GroupConnection,
+    GroupProcess,
+    GroupTarget,
+    exit_reason,
+    plan_groups,
+    start_ranks,
+)
+from diffuserve.serving.worker_process import group_worker_main, worker_main
 from diffuserve.types import (
     BatchItem,
     BatchJob,
     BatchResult,
     CancelBatch,
     DeviceFree,
+    GroupRank,
     ModelInfo,
     Shutdown,
     WorkerFailed,
@@ -97,6 +106,8 @@ class WorkerProcess:
     restarts: int = 0
     ready_at: float | None = None
     watchdog_fired: bool = False
+    # A worker group's devices, rank 0 (the leader) first; empty for a one-device worker.
+    devices: tuple[str, ...] = ()
 
     def send(self, job: BatchJob) -> None:
         # Only the event loop thread sends; the reader thread only receives, so no lock is needed.
@@ -111,6 +122,9 @@ class WorkerProcess:
             "state": self.state.value,
             "restarts": self.restarts,
         }
+        if isinstance(self.process, GroupProcess):
+            described["devices"] = list(self.devices)
+            described["pids"] = self.process.pids
         if self.ready is not None:
             described["start_seconds"] = self.start_phases()
         return described
@@ -140,6 +154,7 @@ class WorkerPool:
         on_restart: Callable[[], None] | None = None,
         on_watchdog: Callable[[], None] | None = None,
         worker_target: WorkerTarget = worker_main,
+        group_target: GroupTarget = group_worker_main,
     ) -> None:
         self.settings = settings
         self.on_watchdog = on_watchdog
@@ -147,7 +162,10 @@ class WorkerPool:
         self.limits: dict[int, BatchLimits] = {}
         scheduler.on_abandoned = self._cancel_batch
         self.devices = devices
+        # One slot per worker: a device, or a group of PARALLEL devices that runs one pipeline.
+        self.slots = plan_groups(devices, settings.parallel)
         self.worker_target = worker_target
+        self.group_target = group_target
         self.scheduler = scheduler
         self.on_fatal = on_fatal
         self.on_alive_changed = on_alive_changed
@@ -162,8 +180,11 @@ class WorkerPool:
     # ---- lifecycle ------------------------------------------------------------------------------------
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        for worker_id, device in enumerate(self.devices):
-            self._spawn(worker_id, device, restarts=0)
+        for worker_id, slot in enumerate(self.slots):
+            if len(slot) == 1:
+                self._spawn(worker_id, slot[0], restarts=0)
+            else:
+                self._spawn_group(worker_id, slot, restarts=0)
         self._loop.call_later(WATCHDOG_PERIOD_S, self._watch)
 
     async def stop(self, timeout: float = 10.0) -> None:
@@ -221,6 +242,54 @@ class WorkerPool:
             target=self._reader, args=(worker,), name=f"worker-{worker_id}-reader", daemon=True
         ).start()
 
+    def _spawn_group(self, worker_id: int, devices: tuple[str, ...], restarts: int) -> None:
+        """One process per device, started together; they meet on a fresh port and the pool sees one worker."""
+
+        def args_for(rank: GroupRank, device: str, conn: Connection) -> tuple[Any, ...]:
+            return worker_id, device, self.settings, conn, self._cpu_threads(device), self.group_target, rank
+
+        name = f"diffuserve-worker-{worker_id}"
+        group, conns = start_ranks(self._ctx, devices, args_for, entry=_child_entry, name=name)
+        worker = WorkerProcess(
+            worker_id=worker_id,
+            device=",".join(devices),
+            process=group,
+            conn=conns,  # type: ignore[arg-type]
+            started_at=time.monotonic(),
+            pid=group.pid,
+            restarts=restarts,
+            devices=devices,
+        )
+        self.workers[worker_id] = worker
+        for rank in range(len(devices)):
+            threading.Thread(
+                target=self._group_reader, args=(worker, group, rank), name=f"worker-{worker_id}.{rank}-reader",
+                daemon=True,
+            ).start()  # fmt: skip
+
+    def _group_reader(self, worker: WorkerProcess, group: GroupProcess, rank: int) -> None:
+        """One rank's pipe. When any rank goes, the group cannot go on (its peers would wait in a collective):
+        every rank is killed before the pool hears of it, so none outlives its group or holds a GPU."""
+        conn = cast(GroupConnection, worker.conn).conns[rank]
+        while True:
+            try:
+                message = conn.recv()
+            except (EOFError, OSError):
+                break
+            except Exception as exc:  # an unpicklable message: treat the rank as broken
+                log.error("worker %d rank %d sent an unreadable message: %s", worker.worker_id, rank, exc)
+                break
+            self._call_soon(self._on_message, worker, message)
+        process = group.processes[rank]
+        process.join(timeout=2.0)
+        first = group.rank_down(rank)
+        if not self._stopping:
+            group.kill()
+        group.join(timeout=10.0 if self._stopping else 5.0)
+        conn.close()
+        if first:
+            self._call_soon(self._on_exit, worker)
+
     def _cpu_threads(self, device: str) -> int | None:
         if device != "cpu":
             return None
@@ -269,7 +338,8 @@ class WorkerPool:
             self._alive_changed()
             self.scheduler.worker_idle(worker)
         elif isinstance(message, WorkerFailed):
-            worker.failure = message.error
+            # In a group, the first rank to fail says why; its peers' errors follow from it.
+            worker.failure = worker.failure or message.error
         elif isinstance(message, DeviceFree):
             # Idle before the scheduler hears it, which may hand this worker its next batch (and mark it busy).
             if self.scheduler.releases_device(message.batch_id):
@@ -286,10 +356,9 @@ class WorkerPool:
     def _on_exit(self, worker: WorkerProcess) -> None:
         if self.workers.get(worker.worker_id) is not worker or worker.state == WorkerState.DEAD:
             return
-        code = worker.process.exitcode
         worker.state = WorkerState.DEAD
         self._alive_changed()
-        reason = worker.failure or f"worker process exited with code {code}"
+        reason = worker.failure or exit_reason(worker.process)
         self.scheduler.worker_gone(worker.worker_id, reason)
         if self._stopping:
             return
@@ -357,8 +426,13 @@ class WorkerPool:
             worker.conn.send(CancelBatch(batch_id))
 
     def _respawn(self, worker_id: int, device: str, restarts: int) -> None:
-        if not self._stopping:
+        if self._stopping:
+            return
+        slot = self.slots[worker_id]
+        if len(slot) == 1:
             self._spawn(worker_id, device, restarts)
+        else:
+            self._spawn_group(worker_id, slot, restarts)
 
     def _alive_changed(self) -> None:
         if self.on_alive_changed is not None:
@@ -371,7 +445,8 @@ def _child_entry(
     settings: Settings,
     conn: Connection,
     cpu_threads: int | None,
-    target: WorkerTarget = worker_main,
+    target: WorkerTarget | GroupTarget = worker_main,
+    rank: GroupRank | None = None,
 ) -> None:
     parent = mp.parent_process()
     if parent is not None and parent.pid is not None:
@@ -386,4 +461,7 @@ def _child_entry(
         import torch
 
         torch.set_num_threads(cpu_threads)
-    target(worker_id, device, settings, conn)
+    if rank is None:
+        cast(WorkerTarget, target)(worker_id, device, settings, conn)
+    else:
+        cast(GroupTarget, target)(worker_id, device, settings, conn, rank)

@@ -80,11 +80,19 @@ class _Streams(StateManager):
         return self._context or _DEFAULT_CONTEXT
 
 
-def _relative_l1(current: torch.Tensor, reference: torch.Tensor) -> list[float]:
+def _relative_l1(current: torch.Tensor, reference: torch.Tensor, group: Any = None) -> list[float]:
     dims = tuple(range(1, current.ndim))
-    diff = (current.float() - reference.float()).abs().mean(dim=dims)
-    scale = reference.float().abs().mean(dim=dims).clamp_min(1e-12)
-    return (diff / scale).tolist()
+    if group is None:
+        diff = (current.float() - reference.float()).abs().mean(dim=dims)
+        scale = reference.float().abs().mean(dim=dims).clamp_min(1e-12)
+        return (diff / scale).tolist()
+    # Context parallel: each rank holds an equal share of the tokens, so the ratio of the sums over every
+    # share is the ratio of the means over the whole image, and every rank takes the same decision.
+    sums = torch.stack(
+        [(current.float() - reference.float()).abs().sum(dim=dims), reference.float().abs().sum(dim=dims)]
+    )
+    torch.distributed.all_reduce(sums, group=group)
+    return (sums[0] / sums[1].clamp_min(1e-12)).tolist()
 
 
 def _rows(mask: list[bool], like: torch.Tensor) -> torch.Tensor:
@@ -102,6 +110,8 @@ class StepCache:
         self.stats = CacheStats()
         self.hit: list[bool] = []  # per sample of the current call: does it reuse the cache?
         self.first_out: tuple[torch.Tensor, ...] = ()  # the current call's first-block outputs
+        # The process group of a context-parallel model, whose ranks must take one decision between them.
+        self.group: Any = None
         self._stream = _Stream()
         self._fresh = True  # no call since the last reset: the next one starts a generation
 
@@ -152,7 +162,7 @@ class StepCache:
         ):
             hit = [False] * batch
         else:
-            changes = _relative_l1(signal, stream.reference)
+            changes = _relative_l1(signal, stream.reference, self.group)
             hit = [
                 change < self.options.threshold and count < self.options.max_consecutive
                 for change, count in zip(changes, stream.consecutive, strict=True)

@@ -40,6 +40,10 @@ def compile_dir(cache_dir: str) -> Path:
 def artifact_key(pipeline: Any, tier: str) -> str:
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     raw = f"torch{torch.__version__}-{name}-{type(pipeline).__name__}-{tier}"
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # A worker group's ranks compile other graphs (with the collectives of context parallelism): their
+        # artefacts must not replace those of one-GPU workers in the same cache dir, or the other way round.
+        raw += f"-cp{torch.distributed.get_world_size()}"
     return re.sub(r"[^A-Za-z0-9.+-]+", "_", raw)
 
 

@@ -1,0 +1,181 @@
+"""Two ways to spend the GPUs of one host, measured in one run: one-GPU workers (PARALLEL=1, throughput) against
+worker groups that split each image across GPUs (PARALLEL=2 and, on a 4-GPU host, 4: latency).
+
+    python benchmarks/gpu_parallel.py --out $OUT      # 2 GPUs: random FLUX.1-dev, tier L, 1024², 28 steps
+    python benchmarks/gpu_parallel.py --out /tmp/p --model-repo digits --devices cpu,cpu --size 32 --tier XL
+
+For each PARALLEL value, on the same devices: a cold `diffuserve serve` (its own empty cache dir, so each
+start compiles its own graphs), timed until every worker (group) is ready; one untimed request; then lone
+requests over HTTP one after another (round trip and the server's own split); then a closed loop (each user
+sends its next request when its last is back). Every figure is given next to the PARALLEL=1 figure of the same
+run. MODEL_BATCH=1 keeps the warm-up to one compiled batch size; the two cold starts with compile (about 60-80 s
+each on an H200) take most of the run, which is sized to end within 7 minutes on 2 × H200. Raw output:
+--out/parallel.json; the table: --out/parallel.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import httpx  # noqa: E402
+
+from diffuserve.bench.server import SpawnedServer  # noqa: E402
+from gpu_serving import PROMPT, closed_loop, environment, log, post  # noqa: E402
+
+
+def serve_args(args: argparse.Namespace, parallel: int, cache_dir: str) -> list[str]:
+    flags = ["--model-repo", args.model_repo, "--tier", args.tier, "--model-batch", str(args.model_batch)]
+    flags += ["--devices", args.devices, "--parallel", str(parallel), "--cache-dir", cache_dir]
+    if args.weights:
+        flags += ["--weights", args.weights]
+    return flags
+
+
+def wait_all_ready(server: SpawnedServer, expected: int, timeout: float) -> list[dict[str, Any]]:
+    """/health/ready turns 200 with the first ready worker; measuring then would under-count the others."""
+    deadline = time.monotonic() + timeout
+    while True:
+        workers = httpx.get(f"{server.base_url}/health/ready", timeout=10).json()["workers"]
+        ready = [w for w in workers if w["state"] in ("idle", "busy")]
+        if len(ready) == expected:
+            return list(workers)
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{len(ready)} of {expected} workers ready after {timeout:g} s: {workers}")
+        time.sleep(0.25)
+
+
+def lone_requests(base: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    url = f"{base}/v1/images/generations"
+    runs = []
+    with httpx.Client() as client:
+        for i in range(args.lone + 1):
+            body = {"prompt": PROMPT, "seed": 100 + i, "size": f"{args.size}x{args.size}"}
+            runs.append(post(client, url, body))
+    log(f"lone: {[r['round_trip_ms'] for r in runs[1:]]}")
+    return runs[1:]  # the first warms the API's path and the encoder
+
+
+def measure(args: argparse.Namespace, parallel: int, workers: int) -> dict[str, Any]:
+    cache_dir = tempfile.mkdtemp(prefix=f"diffuserve-cache-p{parallel}-")
+    server = SpawnedServer(
+        Path(args.out) / f"server-parallel{parallel}.log",
+        env={"PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])},
+        ready_timeout=args.ready_timeout,
+        serve_args=serve_args(args, parallel, cache_dir),
+        stop_grace=30,
+    )
+    started = time.perf_counter()
+    with server:
+        described = wait_all_ready(server, workers, args.ready_timeout)
+        run: dict[str, Any] = {
+            "parallel": parallel,
+            "workers": [
+                {k: w.get(k) for k in ("id", "device", "devices", "start_seconds")} for w in described
+            ],
+            "all_ready_s": round(time.perf_counter() - started, 2),
+        }
+        model = httpx.get(f"{server.base_url}/v1/models", timeout=10).json()["data"][0]
+        run["model"], run["steps"] = model["id"], model.get("default_steps")
+        log(f"PARALLEL={parallel}: {workers} worker(s) ready in {run['all_ready_s']} s")
+        lone = lone_requests(server.base_url, args)
+        ok = [r for r in lone if r["status"] == 200]
+        run["lone"] = lone
+        run["lone_failures"] = len(lone) - len(ok)
+        if ok:
+            run["lone_p50_ms"] = round(statistics.median(r["round_trip_ms"] for r in ok), 1)
+            run["lone_min_ms"] = round(min(r["round_trip_ms"] for r in ok), 1)
+            run["lone_denoise_p50_ms"] = round(
+                statistics.median(r["timing"].get("denoise", 0) for r in ok), 1
+            )
+        run["closed_loop"] = closed_loop(server.base_url, args.users, args.per_user, args.size)
+    return run
+
+
+def compare(runs: list[dict[str, Any]]) -> None:
+    """Each run's figures as a ratio of the PARALLEL=1 run's (the one-GPU-worker baseline)."""
+    base = next((r for r in runs if r["parallel"] == 1), None)
+    if base is None:
+        return
+    for run in runs:
+        if run.get("lone_p50_ms") and base.get("lone_p50_ms"):
+            run["lone_vs_parallel1"] = round(run["lone_p50_ms"] / base["lone_p50_ms"], 3)
+        base_rate = base["closed_loop"]["images_per_s"]
+        if base_rate:
+            run["throughput_vs_parallel1"] = round(run["closed_loop"]["images_per_s"] / base_rate, 3)
+
+
+def table(runs: list[dict[str, Any]], devices: int) -> str:
+    rows = [
+        "| PARALLEL | workers | lone request p50 ms | × PARALLEL=1 | closed loop images/s | × PARALLEL=1 | "
+        "all ready s |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for run in runs:
+        loop = run["closed_loop"]
+        rows.append(
+            f"| {run['parallel']} | {devices // run['parallel']} | {run.get('lone_p50_ms')} | "
+            f"{run.get('lone_vs_parallel1')} | {loop['images_per_s']} | {run.get('throughput_vs_parallel1')} | "
+            f"{run['all_ready_s']} |"
+        )
+    return "\n".join(rows)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
+    parser.add_argument("--model-repo", default="black-forest-labs/FLUX.1-dev")
+    parser.add_argument("--weights", default="random", help="random, or pretrained")
+    parser.add_argument("--tier", default="L")
+    parser.add_argument("--model-batch", type=int, default=1)
+    parser.add_argument("--devices", default="0,1", help="the same devices for every PARALLEL value")
+    parser.add_argument(
+        "--parallel", default=None, help="values to compare; default 1,2 (and 4 on 4 devices)"
+    )
+    parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--lone", type=int, default=5, help="timed lone requests per PARALLEL value")
+    parser.add_argument("--users", type=int, default=4, help="closed-loop users")
+    parser.add_argument("--per-user", type=int, default=3, help="requests each closed-loop user sends")
+    parser.add_argument("--ready-timeout", type=float, default=300)
+    args = parser.parse_args()
+    if args.weights == "pretrained":
+        args.weights = ""
+    devices = len([d for d in args.devices.split(",") if d.strip()])
+    if args.parallel:
+        values = [int(v) for v in args.parallel.split(",")]
+    else:
+        values = [p for p in (1, 2, 4) if p <= devices and devices % p == 0]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {"args": vars(args), "env": environment(), "runs": []}
+
+    def save() -> None:
+        (out / "parallel.json").write_text(json.dumps(results, indent=1))
+
+    started = time.perf_counter()
+    for parallel in values:
+        results["runs"].append(measure(args, parallel, devices // parallel))
+        compare(results["runs"])
+        save()
+    results["wall_s"] = round(time.perf_counter() - started, 1)
+    save()
+    (out / "parallel.md").write_text(table(results["runs"], devices) + "\n")
+    log(f"done in {results['wall_s']} s:\n" + table(results["runs"], devices))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
