@@ -242,12 +242,74 @@ def tiers() -> str:
     return "\n\n".join(blocks)
 
 
+def parallel() -> str:
+    data = load_json("h200x2-parallel.json")
+    rows = []
+    for run in data["runs"]:
+        step_ms = (run["lone_denoise_p50_ms"]) / run["steps"]
+        rows.append(
+            [
+                str(run["parallel"]),
+                str(len(run["workers"])),
+                f"{run['lone_p50_ms']:.0f}",
+                f"{run['lone_vs_parallel1']:.2f}×",
+                f"{run['lone_denoise_p50_ms']:.0f} (≈ {step_ms:.0f} a step)",
+                f"{run['closed_loop']['images_per_s']:.3f}",
+                f"{run['throughput_vs_parallel1']:.2f}×",
+                f"{run['all_ready_s']:.0f}",
+                str(run["lone_failures"] + run["closed_loop"]["failures"]),
+            ]
+        )
+    header = [
+        "PARALLEL",
+        "workers",
+        "lone request p50 ms",
+        "× PARALLEL=1",
+        "denoise ms (text encoders + 28 steps)",
+        "closed loop images/s",
+        "× PARALLEL=1",
+        "cold start s",
+        "failures",
+    ]
+    return table(header, rows)
+
+
+def parallel_profile() -> str:
+    data = load_json("h200x2-parallel-profile.json")
+    steps = data["profiled_steps"]
+    kinds = {"matmul": 0.0, "attention": 0.0, "collective": 0.0, "other": 0.0}
+    for name, ms, _count in data["top_kernels"]:
+        if name.startswith("nccl:"):
+            continue  # the profiler's own record of a collective, beside its kernel: counted once
+        kinds[kind_of_kernel(name)] += ms
+    rows = [[kind, f"{ms / steps:.1f}"] for kind, ms in kinds.items()]
+    intro = (
+        f"One rank of the group, {steps} steps profiled (top 25 kernels by device time, per step): one-GPU "
+        f"step {data['one_device_step_ms']:.1f} ms and group step {data['group_step_ms']:.1f} ms in this run "
+        "(both with a synchronisation at every step's end, which costs the group its run-ahead).\n\n"
+    )
+    return intro + table(["kernels", "device ms per step"], rows)
+
+
+def kind_of_kernel(name: str) -> str:
+    lowered = name.lower()
+    if lowered.startswith("nccl"):
+        return "collective"
+    if lowered.startswith(("nvjet", "sm80_xmma", "sm90_xmma", "cutlass")):
+        return "matmul"
+    if any(mark in lowered for mark in ("flash", "fmha", "sdpa", "attention")):
+        return "attention"
+    return "other"
+
+
 BLOCKS: dict[str, Callable[[], str]] = {
     "serving-tax": serving_tax,
     "serving-throughput": serving_throughput,
     "serving-start": serving_start,
     "encoders": encoders,
     "tiers": tiers,
+    "parallel": parallel,
+    "parallel-profile": parallel_profile,
 }
 
 

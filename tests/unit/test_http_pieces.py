@@ -11,7 +11,7 @@ from diffuserve.api.auth import BearerAuth
 from diffuserve.api.deps import wants_json
 from diffuserve.engine.encode import encode_image
 from diffuserve.errors import Unauthorized
-from diffuserve.serving.workers import resolve_devices
+from diffuserve.serving.worker_handle import resolve_devices
 
 
 def test_bearer_auth() -> None:

@@ -16,8 +16,9 @@ from diffuserve.config import Settings
 from diffuserve.errors import WorkerCrashed
 from diffuserve.serving.scheduler import Scheduler
 from diffuserve.serving.worker_group import GroupTarget, free_port, plan_groups
+from diffuserve.serving.worker_handle import WorkerState
 from diffuserve.serving.worker_process import follow_batches, serve_batches
-from diffuserve.serving.workers import WorkerPool, WorkerState
+from diffuserve.serving.workers import WorkerPool
 from diffuserve.types import BatchItem, BatchJob, BatchResult, GenerationRequest, GroupRank, WorkerFailed
 from tests import fakes
 from tests.unit.test_worker_pool import Events, until
@@ -128,7 +129,8 @@ class FailingEngine:
 
     broken = True
 
-    def compute(self, job: BatchJob) -> BatchResult:
+    def compute(self, job: BatchJob, cancelled: object = None) -> BatchResult:
+        assert cancelled is None, "a group's ranks must never stop a batch on their own"
         return BatchResult(batch_id=job.batch_id, error="RuntimeError: boom")
 
     def encode(self, batch: object) -> BatchResult:

@@ -15,7 +15,8 @@ import pytest
 from diffuserve.config import Settings
 from diffuserve.errors import WorkerCrashed
 from diffuserve.serving.scheduler import Scheduler
-from diffuserve.serving.workers import WorkerPool, WorkerState, WorkerTarget
+from diffuserve.serving.worker_handle import WorkerState
+from diffuserve.serving.workers import WorkerPool, WorkerTarget
 from diffuserve.types import GenerationRequest
 from tests import fakes
 

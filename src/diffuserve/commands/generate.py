@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     from diffuserve.engine.loader import ModelLoadError
     from diffuserve.errors import InvalidRequest
     from diffuserve.protocol import ImageGenerationRequest
-    from diffuserve.serving.workers import resolve_devices
+    from diffuserve.serving.worker_handle import resolve_devices
     from diffuserve.types import BatchJob
 
     output = Path(args.output)

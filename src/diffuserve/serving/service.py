@@ -12,8 +12,9 @@ from diffuserve.config import Settings
 from diffuserve.engine.naming import model_slug, served_model_name
 from diffuserve.errors import DeadlineExceeded, ModelNotFound, NotReady, QueueFull
 from diffuserve.serving.scheduler import Completed, Pending, Scheduler, SchedulerObserver
+from diffuserve.serving.worker_handle import resolve_devices
 from diffuserve.serving.worker_process import worker_main
-from diffuserve.serving.workers import WorkerPool, WorkerTarget, resolve_devices
+from diffuserve.serving.workers import WorkerPool, WorkerTarget
 from diffuserve.types import GenerationRequest, ModelInfo
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,175 @@
+"""Where a context-parallel denoising step spends its time: one worker group's ranks, profiled on rank 0.
+
+    python benchmarks/gpu_parallel_profile.py --out $OUT            # 2 GPUs, random FLUX.1-dev, tier L, 1024²
+    python benchmarks/gpu_parallel_profile.py --out /tmp/pp --model-repo digits --tier XL --size 32 --cpu
+
+Each rank joins the group as a server's worker does (diffuserve.engine.parallel), builds the pipeline and
+applies the tier, splits the transformer with diffusers' Ulysses, and warms up; then both ranks run the same
+call while rank 0 records it with torch.profiler. The summary sorts the device time by kind of kernel
+(collectives, matrix products, attention, the rest), says how much of the step the device sat idle, and
+lists dynamo's graph breaks (a break inside the compiled blocks runs the rest of the block eagerly). It also
+times the same steps without the group, on rank 0 alone, for the one-GPU figure of the same run.
+Raw output: --out/parallel-profile.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import socket
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+KINDS = {
+    "collective": ("nccl", "alltoall", "all_to_all", "allreduce", "all_reduce", "gloo"),
+    "matmul": ("gemm", "matmul", "cutlass", "scaled_mm", "xmma", "nvjet", "sm90", "addmm", "mm_"),
+    "attention": ("flash", "fmha", "attention", "sdpa", "cudnn"),
+}
+
+
+def kind_of(name: str) -> str:
+    lowered = name.lower()
+    for kind, marks in KINDS.items():
+        if any(mark in lowered for mark in marks):
+            return kind
+    return "other"
+
+
+def call_kwargs(loaded: Any, size: int, steps: int) -> dict[str, Any]:
+    import torch
+
+    family = loaded.family
+    kwargs: dict[str, Any] = {
+        "prompt": ["a photo of a red fox in the snow"],
+        "height": size,
+        "width": size,
+        "num_inference_steps": steps,
+        "guidance_scale": family.default_guidance,
+        "generator": [torch.Generator("cpu").manual_seed(0)],
+        "output_type": "latent",
+    }
+    if family.max_sequence_length:
+        kwargs["max_sequence_length"] = family.max_sequence_length
+    return kwargs
+
+
+def step_ms(pipe: Any, loaded: Any, args: argparse.Namespace, device: str) -> float:
+    """Median time of a denoising step, from step-end marks, over a call of --steps steps."""
+    import torch
+
+    marks: list[float] = []
+
+    def on_step(_p: Any, _i: int, _t: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        marks.append(time.perf_counter())
+        return tensors
+
+    pipe(**call_kwargs(loaded, args.size, args.steps), callback_on_step_end=on_step)
+    gaps = sorted(b - a for a, b in itertools.pairwise(marks))
+    return round(1000 * gaps[len(gaps) // 2], 2) if gaps else float("nan")
+
+
+def rank_main(rank: int, args: argparse.Namespace, port: int, out: Path) -> None:
+    import torch
+
+    from diffuserve.engine.loader import load_pipeline
+    from diffuserve.engine.parallel import close_group, init_group, parallelize
+    from diffuserve.engine.tiers import Tier, apply_tier
+    from diffuserve.types import GroupRank
+
+    devices = tuple(["cpu"] * args.ranks) if args.cpu else tuple(f"cuda:{i}" for i in range(args.ranks))
+    device = devices[rank]
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)
+    init_group(GroupRank(rank, devices, port, 300.0), device)
+    weights = "pretrained" if args.model_repo == "digits" else "random"
+    loaded = load_pipeline(args.model_repo, device=device, dtype_name="auto", weights=weights, hf_token=None)
+    pipe = loaded.pipeline
+    apply_tier(pipe, Tier(args.tier), device=device, cache_dir=str(out / "cache"))
+    result: dict[str, Any] = {
+        "ranks": args.ranks,
+        "device": device,
+        "model": args.model_repo,
+        "tier": args.tier,
+    }
+    if rank == 0:
+        # The same steps on this GPU alone, before the group splits the model: the baseline of this run.
+        pipe(**call_kwargs(loaded, args.size, 2))
+        result["one_device_step_ms"] = step_ms(pipe, loaded, args, device)
+        torch._dynamo.reset()
+    torch.distributed.barrier()
+    parallelize(loaded, args.ranks)
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    started = time.perf_counter()
+    pipe(**call_kwargs(loaded, args.size, 2))
+    result["warmup_s"] = round(time.perf_counter() - started, 1)
+    result["graph_breaks"] = dict(Counter({k: v for k, v in counters["graph_break"].items()}).most_common(12))
+    result["group_step_ms"] = step_ms(pipe, loaded, args, device)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.startswith("cuda"):
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        started = time.perf_counter()
+        pipe(**call_kwargs(loaded, args.size, args.steps))
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - started) * 1000
+    if rank == 0:
+        by_kind: dict[str, float] = {}
+        top: list[tuple[str, float, int]] = []
+        for event in prof.key_averages():
+            device_us = float(
+                getattr(event, "device_time_total", 0.0) or getattr(event, "cuda_time_total", 0.0)
+            )
+            if device_us <= 0 or event.key.startswith(("ProfilerStep", "cudaStream")):
+                continue
+            if getattr(event, "device_type", None) is not None and "CUDA" not in str(event.device_type):
+                continue
+            by_kind[kind_of(event.key)] = by_kind.get(kind_of(event.key), 0.0) + device_us / 1000
+            top.append((event.key[:120], round(device_us / 1000, 2), int(event.count)))
+        result["profiled_call_ms"] = round(wall_ms, 1)
+        result["profiled_steps"] = args.steps
+        result["device_ms_by_kind"] = {k: round(v, 1) for k, v in sorted(by_kind.items())}
+        result["device_busy_ms"] = round(sum(by_kind.values()), 1)
+        result["top_kernels"] = sorted(top, key=lambda row: -row[1])[:25]
+        (out / "parallel-profile.json").write_text(json.dumps(result, indent=1))
+        print(json.dumps({k: v for k, v in result.items() if k != "top_kernels"}, indent=1), flush=True)
+    close_group()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
+    parser.add_argument("--model-repo", default="black-forest-labs/FLUX.1-dev")
+    parser.add_argument("--tier", default="L")
+    parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=6, help="steps of the timed and profiled calls")
+    parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--cpu", action="store_true", help="gloo between CPU processes (a dry run)")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    import torch.multiprocessing as tmp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    tmp.spawn(rank_main, args=(args, port, out), nprocs=args.ranks, join=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

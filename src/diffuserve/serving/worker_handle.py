@@ -1,0 +1,96 @@
+"""The parent's side of one worker: which devices workers get, and the handle the pool keeps for each."""
+
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass
+from enum import Enum
+from multiprocessing.connection import Connection
+from typing import Any
+
+from diffuserve.serving.worker_group import GroupProcess
+from diffuserve.types import BatchJob, WorkerReady
+
+
+def resolve_devices(spec: str) -> list[str]:
+    """`auto` → every visible GPU or one CPU; `cpu`; `0,1`; `cuda:0,cuda:1`; `cpu,cpu` (two CPU workers)."""
+    spec = spec.strip().lower()
+    if spec == "auto":
+        if not glob.glob("/dev/nvidia[0-9]*") and not os.environ.get("CUDA_VISIBLE_DEVICES"):
+            return ["cpu"]  # no NVIDIA device: skip importing torch in the API process
+        try:
+            import torch
+
+            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        except Exception:  # a broken CUDA install must not stop a CPU server
+            count = 0
+        return [f"cuda:{i}" for i in range(count)] or ["cpu"]
+    devices = []
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        if part == "cpu" or part.startswith("cuda:"):
+            devices.append(part)
+        elif part.isdigit():
+            devices.append(f"cuda:{part}")
+        else:
+            raise ValueError(f"--devices: {part!r} is not cpu, a GPU index or cuda:N")
+    if not devices:
+        raise ValueError("--devices is empty")
+    return devices
+
+
+class WorkerState(str, Enum):
+    STARTING = "starting"
+    IDLE = "idle"
+    BUSY = "busy"
+    DEAD = "dead"
+
+
+@dataclass(eq=False)
+class WorkerProcess:
+    """Parent-side handle of one worker process; implements the scheduler's WorkerSlot."""
+
+    worker_id: int
+    device: str
+    process: Any
+    conn: Connection
+    started_at: float
+    state: WorkerState = WorkerState.STARTING
+    pid: int | None = None
+    ready: WorkerReady | None = None
+    failure: str | None = None
+    restarts: int = 0
+    ready_at: float | None = None
+    watchdog_fired: bool = False
+    # A worker group's devices, rank 0 (the leader) first; empty for a one-device worker.
+    devices: tuple[str, ...] = ()
+
+    def send(self, job: BatchJob) -> None:
+        # Only the event loop thread sends; the reader thread only receives, so no lock is needed.
+        self.conn.send(job)
+        self.state = WorkerState.BUSY
+
+    def describe(self) -> dict[str, Any]:
+        described: dict[str, Any] = {
+            "id": self.worker_id,
+            "device": self.device,
+            "pid": self.pid,
+            "state": self.state.value,
+            "restarts": self.restarts,
+        }
+        if isinstance(self.process, GroupProcess):
+            described["devices"] = list(self.devices)
+            described["pids"] = self.process.pids
+        if self.ready is not None:
+            described["start_seconds"] = self.start_phases()
+        return described
+
+    def start_phases(self) -> dict[str, float]:
+        """Seconds of each start-up phase: spawn (a fresh interpreter and, for CPU workers, torch), then the
+        worker's own (import, load, tier, warm-up per batch size, compile-cache save), then ready in total."""
+        assert self.ready is not None
+        phases = {"spawn": self.ready.entered_at - self.started_at} if self.ready.entered_at else {}
+        phases.update({name.removesuffix("_s"): value for name, value in self.ready.phases.items()})
+        if self.ready_at is not None:
+            phases["total"] = self.ready_at - self.started_at
+        return {name: round(value, 2) for name, value in phases.items()}
