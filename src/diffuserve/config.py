@@ -150,6 +150,13 @@ class Settings(EnvSettings):
         ge=0,
     )
     max_images_per_request: int = setting(10, "MAX_IMAGES_PER_REQUEST", help="largest `n`", ge=1)
+    max_request_cost: float = setting(
+        0.0,
+        "MAX_REQUEST_COST",
+        help="most megapixel-steps one request may ask for (width × height × steps × n / 10^6; a 1024² FLUX.1-dev "
+        "image at 28 steps is 29.4); beyond it 400; 0 = no limit",
+        ge=0,
+    )
     api_keys: Annotated[list[str], NoDecode] = setting(
         list,
         "API_KEYS",

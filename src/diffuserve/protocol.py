@@ -105,8 +105,11 @@ class ImageGenerationRequest(BaseModel):
             log.info("ignoring %d unknown request field(s): %s", len(names), describe_unknown_fields(names))
         return parsed
 
-    def to_generation(self, *, request_id: str, model: ModelInfo, max_images: int) -> GenerationRequest:
-        """Resolve defaults and model limits into the engine's units; every rejection names its field."""
+    def to_generation(
+        self, *, request_id: str, model: ModelInfo, max_images: int, max_cost: float = 0.0
+    ) -> GenerationRequest:
+        """Resolve defaults and model limits into the engine's units; every rejection names its field.
+        `max_cost`: the most megapixel-steps (width × height × steps × n / 10⁶) one request may ask for; 0 = any."""
         if self.stream:
             raise InvalidRequest("streaming is not supported; omit `stream`", param="stream")
         if self.response_format == "url":
@@ -121,6 +124,13 @@ class ImageGenerationRequest(BaseModel):
         if steps > model.max_steps:
             raise InvalidRequest(
                 f"num_inference_steps must be between 1 and {model.max_steps}, got {steps}",
+                param="num_inference_steps",
+            )
+        cost = width * height * steps * self.n / 1e6
+        if max_cost and cost > max_cost:
+            raise InvalidRequest(
+                f"this request costs {cost:g} megapixel-steps ({width}x{height} × {steps} steps × n={self.n}); "
+                f"this server takes at most {max_cost:g}: lower num_inference_steps, the size or n",
                 param="num_inference_steps",
             )
         negative = self.negative_prompt or None

@@ -81,3 +81,13 @@ def test_strict_types() -> None:
     with pytest.raises(InvalidRequest) as excinfo:
         convert(n="2")
     assert excinfo.value.param == "n"
+
+
+def test_a_request_over_the_cost_limit_is_refused_naming_what_to_lower() -> None:
+    body = ImageGenerationRequest.parse({"prompt": "p", "n": 2, "num_inference_steps": 50})
+    # 1024² × 50 steps × 2 images = 104.9 megapixel-steps.
+    with pytest.raises(InvalidRequest, match=r"104\.858 megapixel-steps") as refused:
+        body.to_generation(request_id="r", model=FLUX, max_images=10, max_cost=100)
+    assert refused.value.param == "num_inference_steps"
+    assert body.to_generation(request_id="r", model=FLUX, max_images=10, max_cost=105).n == 2
+    assert body.to_generation(request_id="r", model=FLUX, max_images=10, max_cost=0).n == 2  # 0: no limit

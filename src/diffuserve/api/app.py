@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from diffuserve import __version__
 from diffuserve.api import openapi
 from diffuserve.api.auth import BearerAuth
+from diffuserve.api.device_metrics import GpuCollector, WorkerStateCollector
 from diffuserve.api.drain import Drain
 from diffuserve.api.errors import install_error_handlers
 from diffuserve.api.metrics import Metrics
@@ -53,6 +54,8 @@ def build_app(settings: Settings, *, on_fatal: Callable[[str], None] | None = No
     )
     app.state.settings = settings
     app.state.service = service
+    registry.registry.register(WorkerStateCollector(service.pool.describe))
+    registry.registry.register(GpuCollector())
     app.state.metrics = registry
     app.state.auth = BearerAuth(settings.api_keys)
     app.state.drain = Drain()

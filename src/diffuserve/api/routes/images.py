@@ -46,7 +46,10 @@ async def create_image(request: Request) -> Response:
         model = service.model_for(body.model or request.headers.get("x-model-name") or None)
         model_label = model.name
         generation = body.to_generation(
-            request_id=state.request_id, model=model, max_images=settings.max_images_per_request
+            request_id=state.request_id,
+            model=model,
+            max_images=settings.max_images_per_request,
+            max_cost=settings.max_request_cost,
         )
         as_json = wants_json(body.response_format, request.headers)
         if not as_json and generation.n > 1:
