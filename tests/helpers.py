@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import io
 import os
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 from PIL import Image
 
 from diffuserve.bench.server import SpawnedServer
@@ -91,3 +93,59 @@ def dynamo_config_restored() -> Iterator[None]:
     finally:
         for name, value in saved.items():
             setattr(config, name, value)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether `pid` still runs; a zombie has exited (only its parent's wait is missing)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def child_pids(pid: int) -> list[int]:
+    """Every process whose parent is `pid` (a server's workers and multiprocessing's resource tracker)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # exited while we looked
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def worker_processes(server_pid: int) -> list[int]:
+    """A server's worker processes: its children but multiprocessing's resource tracker."""
+    workers = []
+    for pid in child_pids(server_pid):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"spawn_main" in cmdline and b"resource_tracker" not in cmdline:
+            workers.append(pid)
+    return workers
+
+
+def generate_pixels(
+    server: ServerHandle, seed: int, n: int = 1, steps: int | None = None, prompt: str = "the digit 3"
+) -> list[np.ndarray]:
+    """`n` images for consecutive seeds over PNG (bytes = pixels), as int16 arrays ready to subtract."""
+    body: dict[str, Any] = {
+        "prompt": prompt,
+        "seed": seed,
+        "n": n,
+        "output_format": "png",
+        "response_format": "b64_json",
+    }
+    if steps is not None:
+        body["num_inference_steps"] = steps
+    response = httpx.post(f"{server.base_url}/v1/images/generations", json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    return [
+        np.asarray(decode_image(base64.b64decode(d["b64_json"])), dtype=np.int16)
+        for d in response.json()["data"]
+    ]

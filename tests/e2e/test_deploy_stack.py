@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from diffuserve.deploy import DEPLOY_DIR
-from tests.helpers import free_port
+from tests.helpers import free_port, process_alive
 
 pytestmark = pytest.mark.e2e
 
@@ -329,7 +329,7 @@ def test_kill_9_of_model_server_is_restarted(stack: Stack) -> None:
     assert "RUNNING" in stack.supervisorctl("status", "nginx")
     assert httpx.get(f"{stack.public}/health/ready", timeout=10).status_code == 200
     # Nothing of the killed server survives: its workers die with it.
-    assert not [pid for pid in old_group if _alive(pid)], stack.logs()
+    assert not [pid for pid in old_group if process_alive(pid)], stack.logs()
 
 
 def _try_post(url: str, model: str, body: dict) -> httpx.Response | None:
@@ -344,11 +344,3 @@ def _pgid(pid: int) -> int | None:
         return os.getpgid(pid)
     except ProcessLookupError:
         return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"  # a zombie is already dead

@@ -16,7 +16,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.helpers import ServerHandle, decode_image, start_server
+from tests.helpers import decode_image, start_server, worker_processes
 
 pytestmark = pytest.mark.e2e
 
@@ -44,16 +44,6 @@ def rss_kib(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise AssertionError("no VmRSS")
-
-
-def worker_pid(server: ServerHandle) -> int:
-    assert server.process is not None
-    for children in Path(f"/proc/{server.process.pid}/task").glob("*/children"):
-        for pid in children.read_text().split():
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            if b"spawn_main" in cmdline and b"resource_tracker" not in cmdline:
-                return int(pid)
-    raise AssertionError("no worker process")
 
 
 def test_soak_with_hangups_hostile_bodies_and_a_killed_worker() -> None:
@@ -135,7 +125,7 @@ def test_soak_with_hangups_hostile_bodies_and_a_killed_worker() -> None:
         time.sleep(min(10.0, SOAK_SECONDS / 4))
         rss_start = rss_kib(api_pid)
         time.sleep(SOAK_SECONDS / 4)
-        os.kill(worker_pid(server), signal.SIGKILL)  # once, mid-run
+        os.kill(worker_processes(api_pid)[0], signal.SIGKILL)  # once, mid-run
         for thread in threads:
             thread.join(SOAK_SECONDS + 120)
             assert not thread.is_alive(), "a client hung"

@@ -8,31 +8,12 @@ import base64
 import httpx
 import numpy as np
 
-from tests.helpers import ServerHandle, decode_image
+from tests.helpers import ServerHandle, decode_image, generate_pixels
 
 # Batched matmuls may round differently from unbatched ones in the last float bits; after 8-bit
 # quantisation that can flip a pixel value by one. We allow at most 2/255 on any pixel, 0.05 on average.
 MAX_PIXEL_DIFF = 2
 MAX_MEAN_DIFF = 0.05
-
-
-def _generate(server: ServerHandle, seed: int, n: int = 1) -> list[np.ndarray]:
-    response = httpx.post(
-        f"{server.base_url}/v1/images/generations",
-        json={
-            "prompt": "the digit 3",
-            "seed": seed,
-            "n": n,
-            "output_format": "png",
-            "response_format": "b64_json",
-        },
-        timeout=60,
-    )
-    assert response.status_code == 200, response.text
-    return [
-        np.asarray(decode_image(base64.b64decode(d["b64_json"])), dtype=np.int16)
-        for d in response.json()["data"]
-    ]
 
 
 def _assert_close(a: np.ndarray, b: np.ndarray) -> None:
@@ -42,13 +23,13 @@ def _assert_close(a: np.ndarray, b: np.ndarray) -> None:
 
 
 def test_same_seed_same_image(server: ServerHandle) -> None:
-    first = _generate(server, 1234)[0]
-    second = _generate(server, 1234)[0]
+    first = generate_pixels(server, 1234)[0]
+    second = generate_pixels(server, 1234)[0]
     assert np.array_equal(first, second)
 
 
 def test_different_seeds_differ(server: ServerHandle) -> None:
-    assert not np.array_equal(_generate(server, 1)[0], _generate(server, 2)[0])
+    assert not np.array_equal(generate_pixels(server, 1)[0], generate_pixels(server, 2)[0])
 
 
 def test_seed_alone_equals_seed_inside_batch_of_four(server: ServerHandle) -> None:
@@ -71,7 +52,7 @@ def test_seed_alone_equals_seed_inside_batch_of_four(server: ServerHandle) -> No
         for d in response.json()["data"]
     ]
     for offset in range(4):
-        alone = _generate(server, 700 + offset)[0]
+        alone = generate_pixels(server, 700 + offset)[0]
         _assert_close(alone, batched[offset])
 
 
@@ -100,5 +81,5 @@ def test_seed_alone_equals_seed_in_a_batch_the_scheduler_formed(server: ServerHa
     batched = np.asarray(
         decode_image(base64.b64decode(response.json()["data"][0]["b64_json"])), dtype=np.int16
     )
-    alone = _generate(server, 900)[0]
+    alone = generate_pixels(server, 900)[0]
     _assert_close(alone, batched)

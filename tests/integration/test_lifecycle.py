@@ -7,11 +7,10 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx
 
-from tests.helpers import ROOT, free_port, server_handle, start_server
+from tests.helpers import ROOT, child_pids, free_port, process_alive, server_handle, start_server
 
 URL = "/v1/images/generations"
 
@@ -109,33 +108,12 @@ def test_kill_9_of_the_server_leaves_no_worker_alive() -> None:
         while len(workers := handle.worker_pids()) < 2:  # ready means one worker is; wait for both
             assert time.monotonic() < deadline, handle.log_tail()
             time.sleep(0.1)
-        children = _children(server_pid)
+        children = child_pids(server_pid)
         assert len(workers) == 2 and set(workers) <= set(children), (workers, children)
 
         os.kill(server_pid, signal.SIGKILL)
         handle.process.wait(timeout=10)
         deadline = time.monotonic() + 5
-        while (alive := [pid for pid in children if _alive(pid)]) and time.monotonic() < deadline:
+        while (alive := [pid for pid in children if process_alive(pid)]) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not alive, f"still running 5 s after the server was killed: {alive}\n{handle.log_tail()}"
-
-
-def _children(pid: int) -> list[int]:
-    """Every process whose parent is `pid` (the workers and multiprocessing's resource tracker)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # exited while we looked
-        if int(fields[1]) == pid:
-            found.append(int(stat.parent.name))
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"  # a zombie has exited; only its parent's wait is missing

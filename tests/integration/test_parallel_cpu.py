@@ -3,7 +3,6 @@ rank fails its batch at once, takes its whole group down and is replaced."""
 
 from __future__ import annotations
 
-import base64
 import os
 import signal
 import subprocess
@@ -11,13 +10,20 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 
-from tests.helpers import ROOT, ServerHandle, decode_image, free_port, server_free_env, start_server
+from tests.helpers import (
+    ROOT,
+    ServerHandle,
+    free_port,
+    generate_pixels,
+    process_alive,
+    server_free_env,
+    start_server,
+)
 
 URL = "/v1/images/generations"
 SEEDS = (0, 1, 2, 3)
@@ -37,26 +43,6 @@ def group() -> Iterator[ServerHandle]:
         yield handle
 
 
-def _images(server: ServerHandle, seed: int, steps: int, n: int = 1) -> list[np.ndarray]:
-    response = httpx.post(
-        f"{server.base_url}{URL}",
-        json={
-            "prompt": "the digit 3",
-            "seed": seed,
-            "n": n,
-            "num_inference_steps": steps,
-            "output_format": "png",
-            "response_format": "b64_json",
-        },
-        timeout=120,
-    )
-    assert response.status_code == 200, response.text
-    return [
-        np.asarray(decode_image(base64.b64decode(d["b64_json"])), dtype=np.int16)
-        for d in response.json()["data"]
-    ]
-
-
 def test_readiness_shows_one_group_of_two_devices(group: ServerHandle) -> None:
     (worker,) = group.ready()["workers"]
     assert worker["devices"] == ["cpu", "cpu"] and len(set(worker["pids"])) == 2
@@ -70,13 +56,15 @@ def test_group_images_match_one_worker_within_fp32_noise(
     # The noise of fp32 arithmetic done in another order, measured here: each seed alone against the same
     # seeds in one batch of four, on the one-worker server. A difference of any size may flip an 8-bit
     # rounding, so one level is the least it can be.
-    alone = {(seed, steps): _images(one_worker, seed, steps)[0] for seed in SEEDS for steps in STEPS}
-    batched = _images(one_worker, SEEDS[0], STEPS[-1], n=len(SEEDS))
+    alone = {
+        (seed, steps): generate_pixels(one_worker, seed, steps=steps)[0] for seed in SEEDS for steps in STEPS
+    }
+    batched = generate_pixels(one_worker, SEEDS[0], steps=STEPS[-1], n=len(SEEDS))
     noise = [np.abs(alone[(seed, STEPS[-1])] - image) for seed, image in zip(SEEDS, batched, strict=True)]
     max_noise = max(1, max(int(d.max()) for d in noise))
     mean_noise = max(1 / alone[(0, 4)].size, max(float(d.mean()) for d in noise))
     for (seed, steps), expected in alone.items():
-        diff = np.abs(_images(group, seed, steps)[0] - expected)
+        diff = np.abs(generate_pixels(group, seed, steps=steps)[0] - expected)
         assert diff.max() <= max_noise, f"seed {seed}, {steps} steps: max diff {diff.max()} > {max_noise}"
         assert diff.mean() <= mean_noise, f"seed {seed}, {steps} steps: mean diff {diff.mean()}"
 
@@ -111,9 +99,9 @@ def test_killing_a_rank_fails_its_batch_and_the_group_is_replaced(group: ServerH
     assert failed_after < 10, f"the batch failed {failed_after:.1f} s after the kill"
 
     # No rank of the killed group survives it; a new group serves again.
-    _until(lambda: not any(_alive(pid) for pid in old_pids), 10, f"ranks left alive: {old_pids}")
+    _until(lambda: not any(process_alive(pid) for pid in old_pids), 10, f"ranks left alive: {old_pids}")
     _until(lambda: _new_group_ready(group, old_pids), 120, "no replacement group became ready")
-    assert _images(group, 11, 4)[0].shape == (32, 32, 3)
+    assert generate_pixels(group, 11, steps=4)[0].shape == (32, 32, 3)
     assert group.ready()["workers"][0]["restarts"] >= 1
 
 
@@ -128,14 +116,6 @@ def _until(condition: object, timeout: float, message: str) -> None:
     while not condition():
         assert time.monotonic() < deadline, message
         time.sleep(0.05)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"  # a zombie has exited; only its parent's wait is missing
 
 
 def test_a_model_that_cannot_split_stops_the_server_with_the_reason() -> None:

@@ -8,30 +8,17 @@ import os
 import signal
 import threading
 import time
-from pathlib import Path
 
 import httpx
 
-from tests.helpers import ServerHandle, start_server
-
-
-def worker_pids(server: ServerHandle) -> list[int]:
-    """The server's worker processes, from /proc (its other child is multiprocessing's resource tracker)."""
-    assert server.process is not None
-    pids: list[int] = []
-    for children in Path(f"/proc/{server.process.pid}/task").glob("*/children"):
-        for pid in children.read_text().split():
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            if b"spawn_main" in cmdline and b"resource_tracker" not in cmdline:
-                pids.append(int(pid))
-    return pids
+from tests.helpers import start_server, worker_processes
 
 
 def test_a_frozen_worker_is_killed_and_replaced_and_readiness_says_so() -> None:
     with start_server(MODEL_BATCH="1", WATCHDOG_MIN_SECONDS="3", WATCHDOG_FACTOR="2") as server:
         url = f"{server.base_url}/v1/images/generations"
         assert httpx.post(url, json={"prompt": "the digit 1", "seed": 1}, timeout=60).status_code == 200
-        [frozen] = worker_pids(server)
+        [frozen] = worker_processes(server.process.pid)
         os.kill(frozen, signal.SIGSTOP)
         try:
             started = time.monotonic()
@@ -50,7 +37,7 @@ def test_a_frozen_worker_is_killed_and_replaced_and_readiness_says_so() -> None:
         while httpx.get(f"{server.base_url}/health/ready", timeout=5).status_code != 200:
             assert time.monotonic() < deadline, "no replacement became ready"
             time.sleep(0.2)
-        assert frozen not in worker_pids(server)
+        assert frozen not in worker_processes(server.process.pid)
         assert httpx.post(url, json={"prompt": "the digit 3", "seed": 3}, timeout=60).status_code == 200
         assert "is hung" in server.log()
 
