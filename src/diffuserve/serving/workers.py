@@ -335,7 +335,8 @@ class WorkerPool:
 
     def _cancel_batch(self, worker_id: int, batch_id: int) -> None:
         worker = self.workers.get(worker_id)
-        if worker is None or worker.state == WorkerState.DEAD:
+        # A group's ranks must all stop at the same step, which no message can promise: its batches finish.
+        if worker is None or worker.state == WorkerState.DEAD or worker.devices:
             return
         with contextlib.suppress(OSError, ValueError):  # a dying worker's pipe: its reaper follows
             worker.conn.send(CancelBatch(batch_id))
