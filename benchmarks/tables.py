@@ -253,7 +253,7 @@ def parallel() -> str:
                 str(len(run["workers"])),
                 f"{run['lone_p50_ms']:.0f}",
                 f"{run['lone_vs_parallel1']:.2f}×",
-                f"{run['lone_denoise_p50_ms']:.0f} (≈ {step_ms:.0f} a step)",
+                f"{run['lone_denoise_p50_ms']:.0f} (≈ {step_ms:.0f} a step, text encoders included)",
                 f"{run['closed_loop']['images_per_s']:.3f}",
                 f"{run['throughput_vs_parallel1']:.2f}×",
                 f"{run['all_ready_s']:.0f}",

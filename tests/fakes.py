@@ -72,7 +72,6 @@ def _serve(worker_id: int, device: str, settings: Settings, conn: Connection, *,
             result = _run(message)
             if device_free:
                 conn.send(DeviceFree(batch_id=message.batch_id))
-            result.sent_at = time.monotonic()
             conn.send(result)
 
 

@@ -197,9 +197,6 @@ class BatchResult:
     denoise_ms: float = 0.0
     decode_ms: float = 0.0
     encode_ms: float = 0.0
-    # time.monotonic() when the worker sent this result (one clock for every process of the host), so the
-    # receiver can tell the time the bytes spent in transit.
-    sent_at: float = 0.0
     error: str | None = None
 
 

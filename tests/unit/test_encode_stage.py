@@ -46,10 +46,9 @@ def test_submit_waits_when_the_backlog_is_full() -> None:
     stage.close(timeout=5)
 
 
-def test_locked_sender_stamps_results_and_keeps_messages_whole() -> None:
+def test_locked_sender_keeps_messages_whole() -> None:
     parent, child = Pipe()
     sender = LockedSender(child)
-    before = time.monotonic()
     threads = [
         threading.Thread(target=lambda i=i: [sender.send(BatchResult(batch_id=i)) for _ in range(50)])
         for i in range(4)
@@ -61,4 +60,3 @@ def test_locked_sender_stamps_results_and_keeps_messages_whole() -> None:
         thread.join()
     results = [m for m in received if isinstance(m, BatchResult)]
     assert len(results) == 200 and sum(isinstance(m, DeviceFree) for m in received) == 50
-    assert all(m.sent_at >= before for m in results)

@@ -318,3 +318,33 @@ async def test_a_batch_already_being_encoded_is_not_abandoned() -> None:
     scheduler.device_free(worker, worker.jobs[0].batch_id)
     scheduler.cancel(pending)
     assert abandoned == []
+
+
+async def test_a_late_message_of_a_dead_worker_does_not_bring_it_back() -> None:
+    scheduler = Scheduler(max_batch=1, max_queue=10, batch_wait_s=0.0)
+    worker = FakeWorker(0)
+    scheduler.worker_idle(worker)
+    first = scheduler.submit(request("a"))
+    job = worker.jobs[0]
+    scheduler.worker_gone(0, "killed")
+    with pytest.raises(WorkerCrashed):
+        await first.future
+    # The result was still in the pipe when the worker died: it must not put the worker back to work.
+    assert not scheduler.releases_device(job.batch_id)
+    scheduler.batch_finished(worker, result_for(job))
+    assert not scheduler.idle
+    later = scheduler.submit(request("b"))
+    assert len(worker.jobs) == 1 and not later.future.done(), "it waits for a live worker"
+
+
+async def test_retry_after_counts_a_worker_once_while_it_encodes_and_computes() -> None:
+    scheduler = Scheduler(max_batch=1, max_queue=10, batch_wait_s=0.0)
+    worker = FakeWorker(0)
+    scheduler.worker_idle(worker)
+    scheduler.submit(request("a"))
+    scheduler.device_free(worker, worker.jobs[0].batch_id)  # idle again, its batch still in flight
+    scheduler._batch_seconds_ema = 10.0
+    for name in "bcd":
+        scheduler.submit(request(name))
+    # One worker: 2 requests queued behind the running one = 2 batches ahead of 10 s each.
+    assert scheduler.retry_after_seconds() == 20

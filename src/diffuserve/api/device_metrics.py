@@ -9,9 +9,11 @@ from typing import Any
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from diffuserve.serving.worker_handle import WorkerState
+
 log = logging.getLogger(__name__)
 
-WORKER_STATES = ("starting", "idle", "busy", "dead")
+WORKER_STATES = tuple(state.value for state in WorkerState)
 
 
 class WorkerStateCollector(Collector):

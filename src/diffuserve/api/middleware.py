@@ -58,7 +58,7 @@ class RequestContextMiddleware:
                 "request_id": request_id,
                 "method": scope.get("method"),
                 "path": path,
-                "status": state.get("final_status", status),
+                "status": status,
                 "total_ms": round((time.perf_counter() - started) * 1000, 1),
             }
             for key in ("model", "n", "batch_size", "queue_ms", "inference_ms", "encode_ms"):

@@ -18,7 +18,8 @@ log = logging.getLogger("diffuserve.serve")
 class DrainingServer(uvicorn.Server):
     """The first SIGTERM/SIGINT drains the app (readiness 503, new generations 503, running ones finish up to
     `drain_timeout`, the rest fail with 503), then uvicorn shuts down; a second signal skips the drain. The
-    signal is not re-raised after shutdown (uvicorn's default), so a drained server exits 0."""
+    signal is not re-raised after shutdown (uvicorn re-raises it; this server does not), so a drained server
+    exits 0."""
 
     def __init__(self, config: uvicorn.Config, drain: Drain, drain_timeout: float) -> None:
         super().__init__(config)

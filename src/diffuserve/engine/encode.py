@@ -37,11 +37,16 @@ def encode_pixels(
         return encode_png(pixels, level, pool=pool)
     if output_format not in ("jpeg", "webp"):
         raise ValueError(f"unsupported output_format {output_format!r}")
-    quality = DEFAULT_QUALITY if compression is None else max(1, 100 - compression)
+    quality = quality_for(compression)
     extra = {"method": WEBP_METHOD} if output_format == "webp" else {}
     buffer = io.BytesIO()
     Image.fromarray(pixels, "RGB").save(buffer, format=output_format.upper(), quality=quality, **extra)
     return buffer.getvalue()
+
+
+def quality_for(compression: int | None) -> int:
+    """JPEG/WebP quality from OpenAI's output_compression (higher = smaller file)."""
+    return DEFAULT_QUALITY if compression is None else max(1, 100 - compression)
 
 
 def encode_image(image: Image.Image, output_format: str, compression: int | None = None) -> bytes:

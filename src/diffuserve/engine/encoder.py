@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from diffuserve.engine.encode import DEFAULT_QUALITY, PNG_PIECES, encode_pixels
+from diffuserve.engine.encode import PNG_PIECES, encode_pixels, quality_for
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def gpu_jpeg_encoder(device: str) -> GpuJpegEncoder | None:
         out: dict[int, bytes] = {}
         by_quality: dict[int, list[int]] = {}
         for index, compression in zip(indices, compressions, strict=True):
-            quality = DEFAULT_QUALITY if compression is None else max(1, 100 - compression)
+            quality = quality_for(compression)
             by_quality.setdefault(quality, []).append(index)
         for quality, group in by_quality.items():
             encoded = encode_jpeg([pixels[i].contiguous() for i in group], quality=quality)
@@ -82,13 +82,19 @@ def gpu_jpeg_encoder(device: str) -> GpuJpegEncoder | None:
                 out[index] = data.cpu().numpy().tobytes()
         return out
 
+    failed = False
+
     def safe_encode(
         pixels: Any, indices: Sequence[int], compressions: Sequence[int | None]
     ) -> dict[int, bytes]:
+        nonlocal failed
+        if failed:
+            return {}
         try:
             return encode(pixels, indices, compressions)
-        except RuntimeError as exc:  # a torchvision built without nvJPEG: the CPU encodes these
-            log.warning("GPU JPEG encoding failed (%s); encoding JPEGs on the CPU", exc)
+        except RuntimeError as exc:  # a torchvision built without nvJPEG: the CPU encodes JPEGs from now on
+            log.warning("GPU JPEG encoding failed (%s); encoding JPEGs on the CPU from now on", exc)
+            failed = True
             return {}
 
     return safe_encode

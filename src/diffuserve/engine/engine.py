@@ -81,6 +81,7 @@ class Engine:
         self.device = device
         # This process's place in a worker group whose ranks run every pipeline call together, or None.
         self.group = group
+        self._follower = group is not None and not group.leader
         self.loaded: LoadedPipeline | None = None
         self.info: ModelInfo | None = None
         self.phases: dict[str, float] = {}
@@ -162,8 +163,9 @@ class Engine:
         }
         if "output_type" in self._accepted:
             # A tensor on the device: converting to uint8 there is nearly free, and only 1/4 of the bytes of a
-            # float32 copy (what diffusers' PIL output makes first) cross to the host.
-            kwargs["output_type"] = "pt"
+            # float32 copy (what diffusers' PIL output makes first) cross to the host. A group's follower only
+            # shares the denoiser's work: its images are the leader's to decode and send.
+            kwargs["output_type"] = "latent" if self._follower else "pt"
         if "guidance_scale" in self._accepted:
             kwargs["guidance_scale"] = job.guidance
         family = self.loaded.family
@@ -189,6 +191,8 @@ class Engine:
             images = output.images
             if len(images) != job.num_images:
                 raise RuntimeError(f"pipeline returned {len(images)} images for {job.num_images} requested")
+            if self._follower:
+                return DeviceBatch(job, np.empty((0, 0, 0, 3), dtype=np.uint8), 0.0, 0.0)
             pixels, on_device = to_uint8(images)
             decode_ms = self._clock.decode_ms(self._clock.finished())
             inference_ms = (time.perf_counter() - started) * 1000
@@ -253,7 +257,11 @@ class Engine:
     def run(self, job: BatchJob) -> BatchResult:
         """Both parts in one call (warm-up, `diffuserve generate`)."""
         computed = self.compute(job)
-        return computed if isinstance(computed, BatchResult) else self.encode(computed)
+        if isinstance(computed, BatchResult):
+            return computed
+        if self._follower:  # nothing of its own to encode
+            return BatchResult(batch_id=job.batch_id, inference_ms=computed.inference_ms)
+        return self.encode(computed)
 
 
 class BatchCancelled(Exception):

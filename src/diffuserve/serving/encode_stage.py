@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any, Generic, TypeVar
@@ -19,7 +18,7 @@ Batch = TypeVar("Batch")
 
 class LockedSender:
     """Sends messages to the parent from two threads (the device loop and the encoder stage) without
-    interleaving them; a BatchResult is stamped with its send time so the parent can tell transit time."""
+    interleaving them."""
 
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
@@ -27,8 +26,6 @@ class LockedSender:
 
     def send(self, message: Any) -> None:
         with self._lock:
-            if isinstance(message, BatchResult):
-                message.sent_at = time.monotonic()
             self._conn.send(message)
 
 

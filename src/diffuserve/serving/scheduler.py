@@ -119,8 +119,8 @@ class Scheduler:
             self._report_depth()
         if not pending.future.done():
             pending.future.cancel()
-        if pending.dispatched_at is not None:
-            self._abandon_if_unwanted(pending)
+            if pending.dispatched_at is not None:
+                self._abandon_if_unwanted(pending)
 
     def _abandon_if_unwanted(self, pending: Pending) -> None:
         for batch_id, flight in self.in_flight.items():
@@ -137,7 +137,8 @@ class Scheduler:
     def retry_after_seconds(self) -> int:
         """A client-facing estimate of when a slot frees: queued batches × recent batch time."""
         per_batch = self._batch_seconds_ema or 1.0
-        workers = max(1, len(self.idle) + len(self.in_flight))
+        # A worker may be idle while its last batch is still encoded, or hold two batches: count it once.
+        workers = max(1, len(set(self.idle) | {flight.worker_id for flight in self.in_flight.values()}))
         batches_ahead = math.ceil(len(self.queue) / (self.max_batch * workers))
         return max(1, math.ceil(per_batch * batches_ahead))
 
@@ -158,7 +159,7 @@ class Scheduler:
     def releases_device(self, batch_id: int) -> bool:
         """Whether the worker's next message about this batch frees its device: true until DeviceFree came."""
         flight = self.in_flight.get(batch_id)
-        return flight is None or not flight.device_released
+        return flight is not None and not flight.device_released
 
     def device_free(self, worker: WorkerSlot, batch_id: int) -> None:
         """The worker's device finished `batch_id` (its images are being encoded): give it the next batch."""
@@ -173,11 +174,12 @@ class Scheduler:
         """A batch's images (or its error) are back. The worker is idle now unless DeviceFree already said so
         (it may be running the next batch)."""
         flight = self.in_flight.pop(result.batch_id, None)
-        if flight is not None:
-            if not flight.device_released:
-                self._record_batch_time(flight)
-            self._deliver(flight, result)
-        if flight is None or not flight.device_released:
+        if flight is None:
+            return  # its worker was given up (died, or killed by the watchdog): nothing to deliver or free
+        if not flight.device_released:
+            self._record_batch_time(flight)
+        self._deliver(flight, result)
+        if not flight.device_released:
             self.worker_idle(worker)
 
     # ---- internals ------------------------------------------------------------------------------------

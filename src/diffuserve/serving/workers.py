@@ -241,6 +241,8 @@ class WorkerPool:
             self._loop.call_soon_threadsafe(callback, *args)
 
     def _on_message(self, worker: WorkerProcess, message: Any) -> None:
+        if self.workers.get(worker.worker_id) is not worker or worker.state == WorkerState.DEAD:
+            return  # a message that was still in the pipe of a worker already given up
         if isinstance(message, WorkerReady):
             worker.ready = message
             worker.ready_at = time.monotonic()

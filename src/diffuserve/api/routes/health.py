@@ -25,7 +25,9 @@ async def ready(request: Request) -> JSONResponse:
     draining = request.app.state.drain.draining
     workers = service.pool.describe()
     if not _authorised(request):
-        workers = [{key: value for key, value in worker.items() if key != "pid"} for worker in workers]
+        workers = [
+            {key: value for key, value in worker.items() if key not in ("pid", "pids")} for worker in workers
+        ]
     body = {
         "status": "draining" if draining else "ready" if service.ready else "loading",
         "model": service.name,
