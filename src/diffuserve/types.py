@@ -158,6 +158,11 @@ class BatchJob:
     items: list[BatchItem]
 
     @property
+    def formats(self) -> list[tuple[str, int | None]]:
+        """(output_format, output_compression) of every image, in the batch's image order."""
+        return [(item.output_format, item.output_compression) for item in self.items for _ in item.seeds]
+
+    @property
     def num_images(self) -> int:
         return sum(len(item.seeds) for item in self.items)
 

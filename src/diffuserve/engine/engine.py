@@ -217,8 +217,7 @@ class Engine:
         millisecond each instead of several on a CPU core."""
         if self._gpu_jpeg is None:
             return
-        items = batch.job.items
-        formats = [(item.output_format, item.output_compression) for item in items for _ in item.seeds]
+        formats = batch.job.formats
         wanted = [i for i, (fmt, _) in enumerate(formats) if fmt == "jpeg"]
         if not wanted:
             return
@@ -231,10 +230,7 @@ class Engine:
         job = batch.job
         started = time.perf_counter()
         try:
-            formats = [
-                (item.output_format, item.output_compression) for item in job.items for _ in item.seeds
-            ]
-            encoded = self._encoder.encode(batch.pixels, formats, done=batch.device_encoded)
+            encoded = self._encoder.encode(batch.pixels, job.formats, done=batch.device_encoded)
         except Exception as exc:  # an encoder failure fails this batch only
             log.exception("encoding batch %s failed", job.batch_id)
             return BatchResult(batch_id=job.batch_id, error=_describe(exc))

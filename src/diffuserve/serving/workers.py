@@ -186,15 +186,7 @@ class WorkerPool:
         """One rank's pipe. When any rank goes, the group cannot go on (its peers would wait in a collective):
         every rank is killed before the pool hears of it, so none outlives its group or holds a GPU."""
         conn = cast(GroupConnection, worker.conn).conns[rank]
-        while True:
-            try:
-                message = conn.recv()
-            except (EOFError, OSError):
-                break
-            except Exception as exc:  # an unpicklable message: treat the rank as broken
-                log.error("worker %d rank %d sent an unreadable message: %s", worker.worker_id, rank, exc)
-                break
-            self._call_soon(self._on_message, worker, message)
+        self._relay(worker, conn, f"worker {worker.worker_id} rank {rank}")
         process = group.processes[rank]
         process.join(timeout=2.0)
         first = group.rank_down(rank)
@@ -216,15 +208,7 @@ class WorkerPool:
     def _reader(self, worker: WorkerProcess) -> None:
         """Runs in a thread: blocking reads from the pipe, each message handed to the event loop."""
         assert self._loop is not None
-        while True:
-            try:
-                message = worker.conn.recv()
-            except (EOFError, OSError):
-                break
-            except Exception as exc:  # an unpicklable message: treat the worker as broken
-                log.error("worker %d sent an unreadable message: %s", worker.worker_id, exc)
-                break
-            self._call_soon(self._on_message, worker, message)
+        self._relay(worker, worker.conn, f"worker {worker.worker_id}")
         # Reap here, off the event loop: a worker that broke its pipe without dying (an unreadable message)
         # is killed, so no orphan keeps holding a GPU after its replacement starts.
         worker.process.join(timeout=2.0)
@@ -233,6 +217,19 @@ class WorkerPool:
             worker.process.join(timeout=5.0)
         worker.conn.close()
         self._call_soon(self._on_exit, worker)
+
+    def _relay(self, worker: WorkerProcess, conn: Any, who: str) -> None:
+        """Blocking reads from one pipe, each message handed to the event loop, until the pipe closes or
+        sends something unreadable (an unpicklable message: the sender counts as broken)."""
+        while True:
+            try:
+                message = conn.recv()
+            except (EOFError, OSError):
+                return
+            except Exception as exc:
+                log.error("%s sent an unreadable message: %s", who, exc)
+                return
+            self._call_soon(self._on_message, worker, message)
 
     def _call_soon(self, callback: Callable[..., None], *args: Any) -> None:
         assert self._loop is not None
