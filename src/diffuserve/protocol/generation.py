@@ -1,4 +1,5 @@
-"""The OpenAI Images wire format (plus diffuserve's extensions) and its conversion to a GenerationRequest."""
+"""The OpenAI Images generation request (plus diffuserve's extensions), its conversion to a GenerationRequest, and the
+response bodies."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from diffuserve.errors import InvalidRequest
 from diffuserve.logs import safe_text
 from diffuserve.types import GenerationRequest, ModelInfo
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("diffuserve.protocol")
 
 MAX_PROMPT_CHARS = 10_000
 MAX_SEED = 2**63 - 1

@@ -1,0 +1,48 @@
+"""The wire format: OpenAI Images requests and responses (plus diffuserve's extensions), validated into the
+serving layer's GenerationRequest."""
+
+from diffuserve.protocol.generation import (
+    ASPECT_RATIOS,
+    DEFAULT_OUTPUT_FORMAT,
+    LOGGED_FIELD_CHARS,
+    LOGGED_UNKNOWN_FIELDS,
+    MAX_GUIDANCE,
+    MAX_INTEGER_DIGITS,
+    MAX_PROMPT_CHARS,
+    MAX_SEED,
+    OUTPUT_FORMATS,
+    ErrorBody,
+    ErrorResponse,
+    ImageData,
+    ImageGenerationRequest,
+    ImagesResponse,
+    ModelCard,
+    ModelList,
+    OversizedInteger,
+    decode_json,
+    describe_unknown_fields,
+    dimensions_for_aspect,
+)
+
+__all__ = [
+    "ASPECT_RATIOS",
+    "DEFAULT_OUTPUT_FORMAT",
+    "LOGGED_FIELD_CHARS",
+    "LOGGED_UNKNOWN_FIELDS",
+    "MAX_GUIDANCE",
+    "MAX_INTEGER_DIGITS",
+    "MAX_PROMPT_CHARS",
+    "MAX_SEED",
+    "OUTPUT_FORMATS",
+    "ErrorBody",
+    "ErrorResponse",
+    "ImageData",
+    "ImageGenerationRequest",
+    "ImagesResponse",
+    "ModelCard",
+    "ModelList",
+    "OversizedInteger",
+    "decode_json",
+    "describe_unknown_fields",
+    "dimensions_for_aspect",
+]
