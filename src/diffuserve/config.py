@@ -125,6 +125,18 @@ class Settings(EnvSettings):
         600.0, "REQUEST_TIMEOUT", help="seconds a request may take in all before 504", gt=0
     )
     max_body_bytes: int = setting(1 << 20, "MAX_BODY_BYTES", help="largest request body (413 beyond)", ge=1)
+    max_upload_bytes: int = setting(
+        64 << 20,
+        "MAX_UPLOAD_BYTES",
+        help="largest body of an image edit, pictures included (413 beyond)",
+        ge=1,
+    )
+    max_input_pixels: int = setting(
+        4096 * 4096,
+        "MAX_INPUT_PIXELS",
+        help="most pixels of one uploaded picture or mask, checked before decoding it (400 beyond)",
+        ge=1,
+    )
     header_timeout: float = setting(
         10.0,
         "HEADER_TIMEOUT",

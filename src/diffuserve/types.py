@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from enum import Enum
+from typing import Any
 
 
 class StrChoice(str, Enum):
@@ -69,6 +70,28 @@ TINY_FLUX = Family("tiny-flux", 4, 0.0, 16, False, 32, 16, 16, 256)
 FAMILIES = {f.name: f for f in (FLUX_SCHNELL, FLUX_DEV, SDXL, GENERIC, TINY_FLUX)}
 
 
+class Task(StrChoice):
+    """Which pipeline a request needs: text-to-image, or an edit of given pictures (with a mask: inpainting)."""
+
+    GENERATE = "generate"
+    IMAGE_TO_IMAGE = "image-to-image"
+    INPAINT = "inpaint"
+
+
+@dataclass
+class EditInput:
+    """An edit's pictures, decoded and resized to the output size by the API. Output image i starts from
+    `images[i % len(images)]`; the mask, when given, applies to every one of them."""
+
+    images: list[Any]  # H×W×3 uint8 numpy arrays
+    mask: Any | None  # H×W uint8: 255 where the model repaints, 0 where the picture is kept
+    strength: float
+
+    @property
+    def task(self) -> Task:
+        return Task.INPAINT if self.mask is not None else Task.IMAGE_TO_IMAGE
+
+
 @dataclass(frozen=True)
 class BatchKey:
     """Requests with equal keys can share one pipeline call."""
@@ -79,6 +102,8 @@ class BatchKey:
     steps: int
     guidance: float
     has_negative: bool
+    task: Task = Task.GENERATE
+    strength: float = 1.0
 
 
 @dataclass
@@ -97,6 +122,11 @@ class GenerationRequest:
     output_format: str = "webp"
     output_compression: int | None = None
     negative_prompt: str | None = None
+    edit: EditInput | None = None
+    # Previews to send while denoising (streaming), 0-3.
+    partial_images: int = 0
+    # Where this request's first image sits in the client's request (a part of a split request starts later).
+    first_image: int = 0
 
     @property
     def seeds(self) -> list[int]:
@@ -108,7 +138,12 @@ class GenerationRequest:
         if self.n <= max_images:
             return [self]
         return [
-            replace(self, n=min(max_images, self.n - start), seed=(self.seed + start) % (2**63))
+            replace(
+                self,
+                n=min(max_images, self.n - start),
+                seed=(self.seed + start) % (2**63),
+                first_image=self.first_image + start,
+            )
             for start in range(0, self.n, max_images)
         ]
 
@@ -120,7 +155,16 @@ class GenerationRequest:
             seeds=self.seeds,
             output_format=self.output_format,
             output_compression=self.output_compression,
+            init_images=self._init_images(),
+            mask=self.edit.mask if self.edit is not None else None,
+            partial_images=self.partial_images,
         )
+
+    def _init_images(self) -> list[Any] | None:
+        if self.edit is None:
+            return None
+        pictures = self.edit.images
+        return [pictures[(self.first_image + i) % len(pictures)] for i in range(self.n)]
 
     @property
     def batch_key(self) -> BatchKey:
@@ -131,6 +175,8 @@ class GenerationRequest:
             steps=self.steps,
             guidance=self.guidance,
             has_negative=bool(self.negative_prompt),
+            task=self.edit.task if self.edit is not None else Task.GENERATE,
+            strength=self.edit.strength if self.edit is not None else 1.0,
         )
 
 
@@ -144,6 +190,10 @@ class BatchItem:
     seeds: list[int]
     output_format: str
     output_compression: int | None
+    # An edit's starting picture for each seed (H×W×3 uint8), and its mask (H×W uint8, 255 = repaint).
+    init_images: list[Any] | None = None
+    mask: Any | None = None
+    partial_images: int = 0
 
 
 @dataclass
@@ -156,6 +206,8 @@ class BatchJob:
     steps: int
     guidance: float
     items: list[BatchItem]
+    task: Task = Task.GENERATE
+    strength: float = 1.0
 
     @property
     def formats(self) -> list[tuple[str, int | None]]:
@@ -177,6 +229,8 @@ class BatchJob:
             steps=first.steps,
             guidance=first.guidance,
             items=[request.to_item() for request in requests],
+            task=first.batch_key.task,
+            strength=first.batch_key.strength,
         )
 
 
@@ -202,7 +256,20 @@ class BatchResult:
     denoise_ms: float = 0.0
     decode_ms: float = 0.0
     encode_ms: float = 0.0
+    # Per job item: the prompt's tokens as the model's text encoder reads them (negative prompt included).
+    text_tokens: list[int] = field(default_factory=list)
     error: str | None = None
+
+
+@dataclass
+class PartialImages:
+    """A preview of one job item's images, taken from the denoising loop while the batch runs (streaming).
+    Sent before the batch's BatchResult; `partial_index` counts from 0 for each item."""
+
+    batch_id: int
+    item_index: int
+    partial_index: int
+    images: list[EncodedImage]
 
 
 @dataclass
@@ -243,11 +310,16 @@ class ModelInfo:
     # devices: a size is served only when its token count divides by `parallel`.
     parallel: int = 1
     token_pixels: int = 1
+    # The edit pipelines diffusers has for this model (image-to-image, inpainting).
+    edit_tasks: tuple[Task, ...] = ()
+
+    def image_tokens(self, width: int, height: int) -> int:
+        """The denoiser's positions for one width×height image (its image tokens in `usage`)."""
+        return (width // self.token_pixels) * (height // self.token_pixels)
 
     def splits(self, width: int, height: int) -> bool:
         """Whether a width×height image's tokens divide evenly across the worker group's devices."""
-        tokens = (width // self.token_pixels) * (height // self.token_pixels)
-        return tokens % self.parallel == 0
+        return self.image_tokens(width, height) % self.parallel == 0
 
 
 @dataclass(frozen=True)

@@ -14,23 +14,26 @@ from diffuserve.types import BatchResult, DeviceFree
 def test_batches_are_encoded_and_sent_in_order_and_close_flushes() -> None:
     sent: list[Any] = []
 
-    def encode(batch_id: int) -> BatchResult:
+    def encode(batch_id: int) -> list[Any]:
         time.sleep(0.01 * (3 - batch_id))  # later batches are quicker: order must still hold
-        return BatchResult(batch_id=batch_id)
+        # A batch may give several messages (previews, then its result): they are sent in that order.
+        return [DeviceFree(batch_id), BatchResult(batch_id=batch_id)]
 
     stage: EncodeStage[int] = EncodeStage(encode, sent.append, depth=4)
     for batch_id in range(3):
         stage.submit(batch_id)
     stage.close(timeout=5)
-    assert [r.batch_id for r in sent] == [0, 1, 2]
+    assert [(type(m).__name__, m.batch_id) for m in sent] == [
+        (kind, batch_id) for batch_id in range(3) for kind in ("DeviceFree", "BatchResult")
+    ]
 
 
 def test_submit_waits_when_the_backlog_is_full() -> None:
     release = threading.Event()
 
-    def encode(batch_id: int) -> BatchResult:
+    def encode(batch_id: int) -> list[BatchResult]:
         release.wait(5)
-        return BatchResult(batch_id=batch_id)
+        return [BatchResult(batch_id=batch_id)]
 
     stage: EncodeStage[int] = EncodeStage(encode, lambda _m: None, depth=1)
     stage.submit(0)  # taken by the thread, which blocks in encode

@@ -44,6 +44,15 @@ async def read_json_body(request: Request, limit: int, timeout: float) -> Any:
         raise UnsupportedMediaType(
             f"Content-Type must be application/json, got {content_type or 'none'!r}", param="Content-Type"
         )
+    raw = await read_body(request, limit, timeout)
+    if not raw.strip():
+        raise InvalidRequest("the request body is empty; send a JSON object with at least `prompt`")
+    return decode_json(raw)
+
+
+async def read_body(request: Request, limit: int, timeout: float) -> bytes:
+    """The whole body, refusing one over `limit` bytes without reading it whole (413) and one not received
+    within `timeout` seconds (408, then the connection closes)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {limit} bytes")
@@ -58,9 +67,7 @@ async def read_json_body(request: Request, limit: int, timeout: float) -> Any:
         if refused:
             raise InvalidRequest(f"malformed HTTP request: {refused}") from None
         raise ClientClosed("the client closed the connection while sending its body") from None
-    if not raw.strip():
-        raise InvalidRequest("the request body is empty; send a JSON object with at least `prompt`")
-    return decode_json(raw)
+    return raw
 
 
 async def _read_body(request: Request, limit: int) -> bytes:

@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 
 from diffuserve.api.deps import require_auth
 from diffuserve.protocol import OUTPUT_FORMATS, ErrorResponse, ImageGenerationRequest, ImagesResponse
+from diffuserve.protocol.edits import ImageEditRequest
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     "default": {"model": ErrorResponse, "description": "an error, in OpenAI's envelope"}
@@ -36,6 +37,45 @@ IMAGES_ROUTE_DOC: dict[str, Any] = {
                 },
             }
         },
+    },
+}
+
+_EDIT_FORM_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["image", "prompt"],
+    "properties": {
+        "image": {
+            "type": "string",
+            "format": "binary",
+            "description": "the picture to edit (PNG, JPEG, WebP)",
+        },
+        "image[]": {"type": "array", "items": {"type": "string", "format": "binary"}, "maxItems": 16},
+        "mask": {
+            "type": "string",
+            "format": "binary",
+            "description": "PNG; transparent pixels are repainted",
+        },
+        **{
+            name: {"type": "string"}
+            for name in ImageEditRequest.model_json_schema()["properties"]
+            if name not in ("image", "mask")
+        },
+    },
+}
+
+EDITS_ROUTE_DOC: dict[str, Any] = {
+    "summary": "Edit images",
+    "description": "Image-to-image, or inpainting with a mask, on the served model; fields as for generations "
+    "plus strength (0 < s ≤ 1). A multipart form as OpenAI's SDK sends it, or JSON with images as data URLs.",
+    "openapi_extra": {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {"schema": _EDIT_FORM_SCHEMA},
+                "application/json": {"schema": ImageEditRequest.model_json_schema()},
+            },
+        },
+        "responses": IMAGES_ROUTE_DOC["openapi_extra"]["responses"],
     },
 }
 

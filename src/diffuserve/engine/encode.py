@@ -30,11 +30,11 @@ def encode_pixels(
     *,
     pool: Executor | None = None,
 ) -> bytes:
-    """Encode one H×W×3 uint8 image. `compression` follows OpenAI: 0–100 %, higher = smaller file
-    (jpeg/webp quality = 100 - c; png zlib effort = c × 9 / 100). `pool` lets PNG deflate in parallel."""
+    """Encode one H×W×3 uint8 image. `compression` is OpenAI's output_compression, which only JPEG and WebP
+    use: the encoder's quality, so 100 (OpenAI's default) is the best quality and lower values give smaller
+    files. PNG is lossless whatever it says. `pool` lets PNG deflate in parallel."""
     if output_format == "png":
-        level = DEFAULT_PNG_LEVEL if compression is None else round(compression / 100 * 9)
-        return encode_png(pixels, level, pool=pool)
+        return encode_png(pixels, DEFAULT_PNG_LEVEL, pool=pool)
     if output_format not in ("jpeg", "webp"):
         raise ValueError(f"unsupported output_format {output_format!r}")
     quality = quality_for(compression)
@@ -45,8 +45,9 @@ def encode_pixels(
 
 
 def quality_for(compression: int | None) -> int:
-    """JPEG/WebP quality from OpenAI's output_compression (higher = smaller file)."""
-    return DEFAULT_QUALITY if compression is None else max(1, 100 - compression)
+    """JPEG/WebP quality from OpenAI's output_compression: the same scale (100 = best), this server's default
+    when the client sends none; 0 is read as 1, the encoders' lowest."""
+    return DEFAULT_QUALITY if compression is None else max(1, compression)
 
 
 def encode_image(image: Image.Image, output_format: str, compression: int | None = None) -> bytes:

@@ -12,12 +12,25 @@ from typing import Any
 import numpy as np
 
 from diffuserve.config import Settings
+from diffuserve.engine.edits import edit_kwargs, edit_pipelines, keep_outside_mask
 from diffuserve.engine.encode import MEDIA_TYPES
 from diffuserve.engine.encoder import BatchEncoder, gpu_jpeg_encoder
 from diffuserve.engine.frames import DecodeClock, to_uint8
 from diffuserve.engine.loader import LoadedPipeline, load_pipeline
 from diffuserve.engine.naming import served_model_name
-from diffuserve.types import BatchItem, BatchJob, BatchResult, EncodedImage, Family, GroupRank, ModelInfo
+from diffuserve.engine.previews import PreviewBatch, PreviewTaker
+from diffuserve.engine.tokens import count_text_tokens, prompt_tokenizer
+from diffuserve.types import (
+    BatchItem,
+    BatchJob,
+    BatchResult,
+    EncodedImage,
+    Family,
+    GroupRank,
+    ModelInfo,
+    PartialImages,
+    Task,
+)
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +42,7 @@ def model_info(
     *,
     parallel: int = 1,
     token_pixels: int = 1,
+    edit_tasks: tuple[Task, ...] = (),
 ) -> ModelInfo:
     return ModelInfo(
         name=served_model_name(settings),
@@ -49,6 +63,7 @@ def model_info(
         max_batch=settings.model_batch,
         parallel=parallel,
         token_pixels=token_pixels,
+        edit_tasks=edit_tasks,
     )
 
 
@@ -63,6 +78,7 @@ class DeviceBatch:
     # Images the device encoded itself (nvJPEG), by position in the batch, with the time that took.
     device_encoded: dict[int, bytes] = field(default_factory=dict)
     device_encode_ms: float = 0.0
+    text_tokens: list[int] = field(default_factory=list)
 
     @property
     def inference_ms(self) -> float:
@@ -86,6 +102,10 @@ class Engine:
         self.info: ModelInfo | None = None
         self.phases: dict[str, float] = {}
         self._accepted: set[str] = set()
+        # The loaded pipeline (Task.GENERATE) and the edit pipelines made from it, with what each call takes.
+        self._pipelines: dict[Task, Any] = {}
+        self._accepted_by: dict[Task, set[str]] = {}
+        self._tokenizer: Any = None
         self._clock: DecodeClock | None = None
         self._encoder = BatchEncoder()
         self._gpu_jpeg = gpu_jpeg_encoder(device)
@@ -107,15 +127,24 @@ class Engine:
             self.loaded.pipeline, Tier(s.model_size), device=self.device, cache_dir=s.resolved_cache_dir
         )
         self.phases["tier_s"] = time.perf_counter() - started
-        parallel, pixels = 1, 1
-        if self.group is not None:
-            from diffuserve.engine.parallel import parallelize
+        from diffuserve.engine.parallel import parallelize, token_pixels
 
+        parallel, pixels = 1, token_pixels(self.loaded.pipeline)
+        if self.group is not None:
             # After the tier: its attention processors (fused QKV) must be the ones that learn the group.
             parallel = self.group.world_size
             pixels = parallelize(self.loaded, parallel)
         self._clock = DecodeClock(self.loaded.pipeline, self.device)
-        self.info = model_info(s, self.loaded.family, self._accepted, parallel=parallel, token_pixels=pixels)
+        # After the tier and the group: the edit pipelines share the (compiled, quantized, split) denoiser.
+        self._pipelines = {Task.GENERATE: self.loaded.pipeline, **edit_pipelines(self.loaded.pipeline)}
+        self._accepted_by = {
+            task: set(inspect.signature(pipe.__call__).parameters) for task, pipe in self._pipelines.items()
+        }
+        self._tokenizer = prompt_tokenizer(self.loaded.pipeline)
+        edits = tuple(task for task in self._pipelines if task is not Task.GENERATE)
+        self.info = model_info(
+            s, self.loaded.family, self._accepted, parallel=parallel, token_pixels=pixels, edit_tasks=edits
+        )
         return self.info
 
     def warmup(self) -> float:
@@ -151,6 +180,7 @@ class Engine:
         import torch
 
         assert self.loaded is not None
+        accepted = self._accepted_by.get(job.task, self._accepted)
         prompts = [item.prompt for item in job.items for _ in item.seeds]
         # One CPU generator per image: a seed gives the same noise whatever batch or device it lands in.
         generators = [torch.Generator("cpu").manual_seed(seed) for item in job.items for seed in item.seeds]
@@ -161,43 +191,60 @@ class Engine:
             "num_inference_steps": job.steps,
             "generator": generators,
         }
-        if "output_type" in self._accepted:
+        kwargs.update(edit_kwargs(job))
+        if "output_type" in accepted:
             # A tensor on the device: converting to uint8 there is nearly free, and only 1/4 of the bytes of a
             # float32 copy (what diffusers' PIL output makes first) cross to the host. A group's follower only
             # shares the denoiser's work: its images are the leader's to decode and send.
             kwargs["output_type"] = "latent" if self._follower else "pt"
-        if "guidance_scale" in self._accepted:
+        if "guidance_scale" in accepted:
             kwargs["guidance_scale"] = job.guidance
         family = self.loaded.family
-        if family.max_sequence_length and "max_sequence_length" in self._accepted:
+        if family.max_sequence_length and "max_sequence_length" in accepted:
             kwargs["max_sequence_length"] = family.max_sequence_length
         if any(item.negative_prompt for item in job.items):
             kwargs["negative_prompt"] = [item.negative_prompt or "" for item in job.items for _ in item.seeds]
         return kwargs
 
     def compute(
-        self, job: BatchJob, cancelled: Callable[[], bool] | None = None
+        self,
+        job: BatchJob,
+        cancelled: Callable[[], bool] | None = None,
+        on_preview: Callable[[PreviewBatch], None] | None = None,
     ) -> DeviceBatch | BatchResult:
         """The device's part of a batch; a failure comes back as a BatchResult with its error. `cancelled` is
-        asked at every denoising step: once it says yes, the batch stops there."""
+        asked at every denoising step: once it says yes, the batch stops there. `on_preview` receives the
+        previews of the items that asked for partial images, while the batch runs."""
         assert self.loaded is not None and self._clock is not None
         started = time.perf_counter()
         try:
             self._clock.start()
+            pipeline = self._pipelines.get(job.task)
+            if pipeline is None:
+                raise RuntimeError(f"this model has no {job.task} pipeline")
             kwargs = self._pipeline_kwargs(job)
-            if cancelled is not None and "callback_on_step_end" in self._accepted:
-                kwargs["callback_on_step_end"] = _stop_when(cancelled)
-            output = self.loaded.pipeline(**kwargs)
+            previews = (
+                None if on_preview is None or self._follower else PreviewTaker(pipeline, job, on_preview)
+            )
+            callback = _step_callback(
+                cancelled, previews if previews is not None and previews.wanted else None
+            )
+            if callback is not None and "callback_on_step_end" in self._accepted_by[job.task]:
+                kwargs["callback_on_step_end"] = callback
+            output = pipeline(**kwargs)
             images = output.images
             if len(images) != job.num_images:
                 raise RuntimeError(f"pipeline returned {len(images)} images for {job.num_images} requested")
             if self._follower:
                 return DeviceBatch(job, np.empty((0, 0, 0, 3), dtype=np.uint8), 0.0, 0.0)
+            if job.task is Task.INPAINT and not isinstance(images, (list, np.ndarray)):
+                images = keep_outside_mask(images, job)
             pixels, on_device = to_uint8(images)
             decode_ms = self._clock.decode_ms(self._clock.finished())
             inference_ms = (time.perf_counter() - started) * 1000
             decode_ms = min(decode_ms, inference_ms)
             batch = DeviceBatch(job, pixels, inference_ms - decode_ms, decode_ms)
+            batch.text_tokens = self._text_tokens(job)
             if on_device is not None:
                 self._encode_on_device(batch, on_device)
             return batch
@@ -240,6 +287,7 @@ class Engine:
             denoise_ms=batch.denoise_ms,
             decode_ms=batch.decode_ms,
             encode_ms=(time.perf_counter() - started) * 1000 + batch.device_encode_ms,
+            text_tokens=batch.text_tokens,
         )
         cursor = 0
         for item in job.items:
@@ -249,6 +297,38 @@ class Engine:
             )
             cursor += len(item.seeds)
         return result
+
+    def encode_previews(self, batch: PreviewBatch) -> list[PartialImages]:
+        """A step's previews in each item's output format, one message per item."""
+        messages = []
+        for preview in batch.previews:
+            item = batch.job.items[preview.item_index]
+            formats = [(item.output_format, item.output_compression)] * len(preview.pixels)
+            encoded = self._encoder.encode(preview.pixels, formats)
+            media_type = MEDIA_TYPES[item.output_format]
+            images = [
+                EncodedImage(data, seed, media_type) for data, seed in zip(encoded, item.seeds, strict=True)
+            ]
+            messages.append(
+                PartialImages(batch.job.batch_id, preview.item_index, preview.partial_index, images)
+            )
+        return messages
+
+    def _text_tokens(self, job: BatchJob) -> list[int]:
+        """Each item's prompt tokens (and its negative prompt's) as the model's text encoder reads them."""
+        assert self.loaded is not None
+        limit = self.loaded.family.max_sequence_length
+        prompts = [item.prompt for item in job.items]
+        counts = count_text_tokens(self._tokenizer, prompts, limit)
+        negatives = [item.negative_prompt or "" for item in job.items]
+        if any(negatives):
+            counts = [
+                count + (extra if negative else 0)
+                for count, extra, negative in zip(
+                    counts, count_text_tokens(self._tokenizer, negatives, limit), negatives, strict=True
+                )
+            ]
+        return counts
 
     def run(self, job: BatchJob) -> BatchResult:
         """Both parts in one call (warm-up, `diffuserve generate`)."""
@@ -264,10 +344,18 @@ class BatchCancelled(Exception):
     """Raised from the step callback to leave the denoising loop of a batch nobody waits for."""
 
 
-def _stop_when(cancelled: Callable[[], bool]) -> Callable[..., dict[str, Any]]:
-    def on_step_end(_pipeline: Any, _step: int, _timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
-        if cancelled():
+def _step_callback(
+    cancelled: Callable[[], bool] | None, previews: PreviewTaker | None
+) -> Callable[..., dict[str, Any]] | None:
+    """The pipeline's step-end callback: stop a batch nobody waits for, and take the previews asked for."""
+    if cancelled is None and previews is None:
+        return None
+
+    def on_step_end(_pipeline: Any, step: int, _timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+        if cancelled is not None and cancelled():
             raise BatchCancelled()
+        if previews is not None:
+            previews(step, tensors["latents"])
         return tensors
 
     return on_step_end

@@ -49,6 +49,8 @@ class DecodeClock:
             return decode(*args, **kwargs)
 
         timed_decode._diffuserve_clock = True  # type: ignore[attr-defined]
+        # Previews decode through the original, so only the batch's final decode sets the mark.
+        timed_decode.__wrapped__ = decode  # type: ignore[attr-defined]
         return timed_decode
 
     def _now(self) -> Any:

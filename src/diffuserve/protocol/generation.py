@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from diffuserve.errors import InvalidRequest
 from diffuserve.logs import safe_text
+from diffuserve.protocol.usage import Usage
 from diffuserve.types import GenerationRequest, ModelInfo
 
 log = logging.getLogger("diffuserve.protocol")
@@ -22,6 +23,7 @@ log = logging.getLogger("diffuserve.protocol")
 MAX_PROMPT_CHARS = 10_000
 MAX_SEED = 2**63 - 1
 MAX_GUIDANCE = 30.0
+MAX_PARTIAL_IMAGES = 3
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
 DEFAULT_OUTPUT_FORMAT = "webp"
 ASPECT_RATIOS: dict[str, tuple[int, int]] = {
@@ -77,12 +79,14 @@ class ImageGenerationRequest(BaseModel):
     output_format: Literal["png", "jpeg", "webp"] | None = None
     output_compression: int | None = Field(default=None, ge=0, le=100)
     user: str | None = None
-    # OpenAI fields with no meaning for these models; accepted so standard clients work.
-    quality: str | None = None
-    style: str | None = None
-    background: str | None = None
-    moderation: str | None = None
     stream: bool | None = None
+    partial_images: int | None = Field(default=None, ge=0, le=MAX_PARTIAL_IMAGES)
+    # OpenAI fields with no meaning for these models; accepted (and echoed) so standard clients work.
+    quality: str | None = Field(default=None, max_length=32)
+    style: str | None = None
+    # These models paint opaque pictures: "transparent" is refused rather than ignored.
+    background: Literal["opaque", "auto"] | None = None
+    moderation: str | None = None
     # diffuserve extensions
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     aspect_ratio: str | None = None
@@ -111,8 +115,6 @@ class ImageGenerationRequest(BaseModel):
     ) -> GenerationRequest:
         """Resolve defaults and model limits into the engine's units; every rejection names its field.
         `max_cost`: the most megapixel-steps (width × height × steps × n / 10⁶) one request may ask for; 0 = any."""
-        if self.stream:
-            raise InvalidRequest("streaming is not supported; omit `stream`", param="stream")
         if self.response_format == "url":
             raise InvalidRequest(
                 "response_format 'url' is not supported by this server; use 'b64_json' or omit it for image bytes",
@@ -122,6 +124,11 @@ class ImageGenerationRequest(BaseModel):
             raise InvalidRequest(f"n must be between 1 and {max_images}, got {self.n}", param="n")
         width, height = self.resolve_size(model)
         steps = self.num_inference_steps if self.num_inference_steps is not None else model.default_steps
+        return self._generation(request_id, model, width, height, steps, max_cost)
+
+    def _generation(
+        self, request_id: str, model: ModelInfo, width: int, height: int, steps: int, max_cost: float
+    ) -> GenerationRequest:
         if steps > model.max_steps:
             raise InvalidRequest(
                 f"num_inference_steps must be between 1 and {model.max_steps}, got {steps}",
@@ -155,10 +162,12 @@ class ImageGenerationRequest(BaseModel):
             output_format=self.output_format or DEFAULT_OUTPUT_FORMAT,
             output_compression=self.output_compression,
             negative_prompt=negative,
+            partial_images=(self.partial_images or 0) if self.stream else 0,
         )
 
-    def resolve_size(self, model: ModelInfo) -> tuple[int, int]:
-        """One of: width+height, size "WxH", aspect_ratio, or the model's native size; never two at once."""
+    def resolve_size(self, model: ModelInfo, default: tuple[int, int] | None = None) -> tuple[int, int]:
+        """One of: width+height, size "WxH", aspect_ratio, or `default` (the model's native size unless given);
+        never two at once."""
         size = None if self.size in (None, "auto") else self.size
         given = [name for name, value in (("size", size), ("aspect_ratio", self.aspect_ratio)) if value]
         if self.width is not None or self.height is not None:
@@ -188,7 +197,7 @@ class ImageGenerationRequest(BaseModel):
                     param="aspect_ratio",
                 )
             return dimensions_for_aspect(self.aspect_ratio, model)
-        return model.native_width, model.native_height
+        return default or (model.native_width, model.native_height)
 
 
 def dimensions_for_aspect(aspect_ratio: str, model: ModelInfo) -> tuple[int, int]:
@@ -269,6 +278,9 @@ class ImagesResponse(BaseModel):
     model: str
     output_format: str
     size: str
+    quality: str = "auto"
+    background: str = "opaque"
+    usage: Usage | None = None
 
 
 class ModelCard(BaseModel):

@@ -1,4 +1,4 @@
-"""The worker's encoder stage: a thread that encodes finished batches while the device runs the next one."""
+"""The worker's encoder stage: a thread that encodes finished batches (and previews) while the device runs on."""
 
 from __future__ import annotations
 
@@ -8,8 +8,6 @@ import threading
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any, Generic, TypeVar
-
-from diffuserve.types import BatchResult
 
 log = logging.getLogger(__name__)
 
@@ -30,14 +28,15 @@ class LockedSender:
 
 
 class EncodeStage(Generic[Batch]):
-    """Encodes batches in arrival order on one thread and sends each result.
+    """Encodes batches in arrival order on one thread and sends the messages each gives (a batch's result, a
+    step's previews), so a batch's previews always reach the server before its result.
 
     At most `depth` batches wait for it: a device that outruns its encoders then waits at `submit` instead of
     piling decoded images up in memory.
     """
 
     def __init__(
-        self, encode: Callable[[Batch], BatchResult], send: Callable[[Any], None], depth: int = 2
+        self, encode: Callable[[Batch], list[Any]], send: Callable[[Any], None], depth: int = 2
     ) -> None:
         self._encode = encode
         self._send = send
@@ -58,9 +57,10 @@ class EncodeStage(Generic[Batch]):
             batch = self._queue.get()
             if batch is None:
                 return
-            result = self._encode(batch)
+            messages = self._encode(batch)
             try:
-                self._send(result)
+                for message in messages:
+                    self._send(message)
             except (OSError, ValueError):  # the parent went away: nobody is left to answer
-                log.warning("could not send batch %s's result: the server is gone", result.batch_id)
+                log.warning("could not send a batch's images: the server is gone")
                 return

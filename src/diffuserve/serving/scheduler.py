@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from diffuserve.errors import GenerationFailed, QueueFull, WorkerCrashed
-from diffuserve.types import BatchJob, BatchResult, EncodedImage, GenerationRequest
+from diffuserve.types import BatchJob, BatchResult, EncodedImage, GenerationRequest, PartialImages
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,12 @@ class Completed:
     # Dispatch to delivery minus the device's and the encoder's time: the pipes both ways, and any wait for the
     # encoder stage while it finished the previous batch.
     transfer_ms: float = 0.0
+    # The prompt's text tokens as the model's text encoder reads them (for `usage`).
+    text_tokens: int = 0
+
+
+# Called with (partial_index, index of the first image in the client's request, the preview's images).
+PartialSink = Callable[[int, int, list[EncodedImage]], None]
 
 
 @dataclass(eq=False)
@@ -57,6 +63,7 @@ class Pending:
     enqueued_at: float
     arrived_while_busy: bool
     dispatched_at: float | None = None
+    on_partial: PartialSink | None = None
 
 
 @dataclass
@@ -89,8 +96,9 @@ class Scheduler:
     _batch_seconds_ema: float | None = field(default=None, init=False)
 
     # ---- requests -------------------------------------------------------------------------------------
-    def submit(self, request: GenerationRequest) -> Pending:
-        """Queue a request; raises QueueFull when the queue is at its bound."""
+    def submit(self, request: GenerationRequest, on_partial: PartialSink | None = None) -> Pending:
+        """Queue a request; raises QueueFull when the queue is at its bound. `on_partial` receives its
+        previews (streaming) while its batch runs."""
         if request.n > self.max_batch:
             # The service splits larger requests; a batch above MODEL_BATCH was never warmed up and may not fit.
             raise ValueError(f"a request of {request.n} images exceeds the batch limit of {self.max_batch}")
@@ -105,6 +113,7 @@ class Scheduler:
             future=loop.create_future(),
             enqueued_at=self.clock(),
             arrived_while_busy=not self.idle,
+            on_partial=on_partial,
         )
         self.queue.append(pending)
         self._report_depth()
@@ -170,6 +179,15 @@ class Scheduler:
         self._record_batch_time(flight)
         self.worker_idle(worker)
 
+    def partial_images(self, message: PartialImages) -> None:
+        """A running batch's preview of one request's images: to that request, while it still waits."""
+        flight = self.in_flight.get(message.batch_id)
+        if flight is None or not 0 <= message.item_index < len(flight.pendings):
+            return
+        pending = flight.pendings[message.item_index]
+        if pending.on_partial is not None and not pending.future.done():
+            pending.on_partial(message.partial_index, pending.request.first_image, message.images)
+
     def batch_finished(self, worker: WorkerSlot, result: BatchResult) -> None:
         """A batch's images (or its error) are back. The worker is idle now unless DeviceFree already said so
         (it may be running the next batch)."""
@@ -217,6 +235,7 @@ class Scheduler:
                         decode_ms=result.decode_ms,
                         encode_ms=result.encode_ms,
                         transfer_ms=max(0.0, in_worker_ms - result.inference_ms - result.encode_ms),
+                        text_tokens=result.text_tokens[index] if index < len(result.text_tokens) else 0,
                     )
                 )
 

@@ -11,7 +11,7 @@ from typing import Any
 from diffuserve.config import Settings
 from diffuserve.engine.naming import model_slug, served_model_name
 from diffuserve.errors import DeadlineExceeded, ModelNotFound, NotReady, QueueFull
-from diffuserve.serving.scheduler import Completed, Pending, Scheduler, SchedulerObserver
+from diffuserve.serving.scheduler import Completed, PartialSink, Pending, Scheduler, SchedulerObserver
 from diffuserve.serving.worker_handle import resolve_devices
 from diffuserve.serving.worker_process import worker_main
 from diffuserve.serving.workers import WorkerPool, WorkerTarget
@@ -94,21 +94,37 @@ class GenerationService:
         *,
         timeout: float,
         disconnected: Callable[[], Awaitable[object]] | None = None,
+        on_partial: PartialSink | None = None,
     ) -> Completed:
-        """Queue, wait for the batch, and give up at the deadline or when the client leaves.
+        """Queue (QueueFull at once when there is no room), then wait: see `submit` and `wait`."""
+        return await self.wait(self.submit(request, on_partial), timeout=timeout, disconnected=disconnected)
+
+    def submit(self, request: GenerationRequest, on_partial: PartialSink | None = None) -> list[Pending]:
+        """Queue a request, or raise QueueFull before anything is queued. `on_partial` receives previews while
+        the request's batch runs (streaming); none come after `wait` returns.
 
         A request of more images than MODEL_BATCH runs as several parts (consecutive seeds), so no batch
         exceeds the size the workers warmed up for; the answer waits for every part.
         """
-        parts = request.split(self.scheduler.max_batch)
         pendings: list[Pending] = []
         try:
-            for part in parts:
-                pendings.append(self.scheduler.submit(part))
+            for part in request.split(self.scheduler.max_batch):
+                pendings.append(self.scheduler.submit(part, on_partial))
         except QueueFull:
             for pending in pendings:
                 self.scheduler.cancel(pending)
             raise
+        return pendings
+
+    async def wait(
+        self,
+        pendings: list[Pending],
+        *,
+        timeout: float,
+        disconnected: Callable[[], Awaitable[object]] | None = None,
+    ) -> Completed:
+        """The submitted request's images; gives up (and frees its place) at the deadline, when the client
+        leaves, or when the caller is cancelled."""
         waiting: set[asyncio.Future[Any]] = {p.future for p in pendings}
         disconnect_task = asyncio.ensure_future(disconnected()) if disconnected is not None else None
         deadline = time.monotonic() + timeout
@@ -149,4 +165,5 @@ def _combine(parts: list[Completed]) -> Completed:
         decode_ms=sum(part.decode_ms for part in parts),
         encode_ms=sum(part.encode_ms for part in parts),
         transfer_ms=sum(part.transfer_ms for part in parts),
+        text_tokens=max(part.text_tokens for part in parts),  # one prompt, read in every part
     )

@@ -135,7 +135,7 @@ def serve_batches(engine: Any, conn: Connection, worker_id: int, rank: GroupRank
     tears the group down, and no other batch is handed to a group that is going away."""
     log = logging.getLogger("diffuserve.worker")
     sender = LockedSender(conn)
-    stage: EncodeStage[Any] = EncodeStage(engine.encode, sender.send)
+    stage: EncodeStage[Any] = EncodeStage(lambda batch: _encode(engine, batch), sender.send)
     inbox = Inbox(conn)
     while True:
         message = inbox.get()
@@ -148,7 +148,7 @@ def serve_batches(engine: Any, conn: Connection, worker_id: int, rank: GroupRank
             continue
         batch_id = message.batch_id
         cancelled = None if rank is not None else (lambda batch_id=batch_id: inbox.cancelled(batch_id))
-        computed = engine.compute(message, cancelled=cancelled)
+        computed = engine.compute(message, cancelled=cancelled, on_preview=stage.submit)
         inbox.forget(batch_id)
         if isinstance(computed, BatchResult) and rank is not None:
             stage.close()
@@ -166,6 +166,15 @@ def serve_batches(engine: Any, conn: Connection, worker_id: int, rank: GroupRank
             )
             stage.close()
             return
+
+
+def _encode(engine: Any, batch: Any) -> list[Any]:
+    """The encoder stage's work: a step's previews (PreviewBatch) or a finished batch (DeviceBatch)."""
+    from diffuserve.engine.previews import PreviewBatch
+
+    if isinstance(batch, PreviewBatch):
+        return list(engine.encode_previews(batch))
+    return [engine.encode(batch)]
 
 
 def follow_batches(engine: Any, conn: Connection, worker_id: int, rank: GroupRank) -> None:

@@ -36,6 +36,7 @@ from diffuserve.types import (
     DeviceFree,
     GroupRank,
     ModelInfo,
+    PartialImages,
     Shutdown,
     WorkerFailed,
     WorkerReady,
@@ -259,6 +260,8 @@ class WorkerPool:
             if self.scheduler.releases_device(message.batch_id):
                 worker.state = WorkerState.IDLE
             self.scheduler.device_free(worker, message.batch_id)
+        elif isinstance(message, PartialImages):
+            self.scheduler.partial_images(message)
         elif isinstance(message, BatchResult):
             flight = self.scheduler.in_flight.get(message.batch_id)
             if flight is not None and message.error is None and message.inference_ms > 0:

@@ -1,9 +1,13 @@
-"""`POST /v1/images/generations`: validate, queue, await the batch, answer JSON or raw image bytes."""
+"""`POST /v1/images/generations` and `/v1/images/edits`: validate, queue, await the batch, answer JSON, raw image
+bytes or an event stream."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import orjson
 from fastapi import APIRouter, Depends, Request, Response
@@ -17,20 +21,84 @@ from diffuserve.api.deps import (
     wait_for_disconnect,
     wants_json,
 )
-from diffuserve.api.openapi import IMAGES_ROUTE_DOC
+from diffuserve.api.edit_body import read_edit_body
+from diffuserve.api.openapi import EDITS_ROUTE_DOC, IMAGES_ROUTE_DOC
+from diffuserve.api.streaming import ImageStream
 from diffuserve.errors import ClientClosed, DiffuserveError, InvalidRequest
 from diffuserve.protocol import ImageData, ImageGenerationRequest, ImagesResponse
+from diffuserve.protocol.edits import ImageEditRequest
+from diffuserve.protocol.pictures import decode_mask, decode_picture
+from diffuserve.protocol.usage import usage_for
+from diffuserve.serving.scheduler import Completed
 from diffuserve.serving.service import ClientGone
+from diffuserve.types import GenerationRequest, ModelInfo
 
 router = APIRouter(dependencies=[Depends(require_auth)])
+
+
+@dataclass
+class Accepted:
+    """A validated request, ready to queue."""
+
+    body: ImageGenerationRequest
+    model: ModelInfo
+    generation: GenerationRequest
 
 
 @router.post("/v1/images/generations", **IMAGES_ROUTE_DOC)
 @router.post("/images/generations", include_in_schema=False)
 async def create_image(request: Request) -> Response:
+    async def accept(model_for: Callable[[str | None], ModelInfo]) -> Accepted:
+        settings = settings_of(request)
+        body = ImageGenerationRequest.parse(
+            await read_json_body(request, settings.max_body_bytes, settings.body_timeout)
+        )
+        model = model_for(body.model)
+        generation = body.to_generation(
+            request_id=request.state.request_id,
+            model=model,
+            max_images=settings.max_images_per_request,
+            max_cost=settings.max_request_cost,
+        )
+        return Accepted(body, model, generation)
+
+    return await _answer(request, "image_generation", accept)
+
+
+@router.post("/v1/images/edits", **EDITS_ROUTE_DOC)
+@router.post("/images/edits", include_in_schema=False)
+async def edit_image(request: Request) -> Response:
+    async def accept(model_for: Callable[[str | None], ModelInfo]) -> Accepted:
+        settings = settings_of(request)
+        received = await read_edit_body(request, settings.max_upload_bytes, settings.body_timeout)
+        body = (ImageEditRequest.parse_form if received.form else ImageEditRequest.parse)(received.fields)
+        assert isinstance(body, ImageEditRequest)
+        model = model_for(body.model)
+        limit = settings.max_input_pixels
+
+        def decode_and_fit() -> GenerationRequest:
+            # Decoding and resizing megapixel pictures takes milliseconds of CPU: off the event loop.
+            pictures = [decode_picture(data, param, limit) for param, data in received.pictures]
+            mask = decode_mask(received.mask, "mask", limit) if received.mask is not None else None
+            return body.to_edit(
+                request_id=request.state.request_id,
+                model=model,
+                max_images=settings.max_images_per_request,
+                pictures=pictures,
+                mask=mask,
+                max_cost=settings.max_request_cost,
+            )
+
+        return Accepted(body, model, await asyncio.to_thread(decode_and_fit))
+
+    return await _answer(request, "image_edit", accept)
+
+
+async def _answer(request: Request, kind: str, accept: Callable[..., Awaitable[Accepted]]) -> Response:
+    """What both routes share: validation errors and metrics, the queue, then a plain or a streamed answer.
+    `kind` is OpenAI's name for the operation in stream events (image_generation, image_edit)."""
     settings, service, metrics = settings_of(request), service_of(request), request.app.state.metrics
     drain = request.app.state.drain
-    state = request.state
     started = time.perf_counter()
     model_label = "-"
 
@@ -38,31 +106,30 @@ async def create_image(request: Request) -> Response:
         metrics.requests.labels(model_label, str(status)).inc()
         metrics.request_seconds.observe(time.perf_counter() - started)
 
+    def model_for(requested: str | None) -> ModelInfo:
+        nonlocal model_label
+        model = service.model_for(requested or request.headers.get("x-model-name") or None)
+        model_label = model.name
+        return model
+
     try:
         drain.refuse_if_draining()
-        body = ImageGenerationRequest.parse(
-            await read_json_body(request, settings.max_body_bytes, settings.body_timeout)
-        )
-        model = service.model_for(body.model or request.headers.get("x-model-name") or None)
-        model_label = model.name
-        generation = body.to_generation(
-            request_id=state.request_id,
-            model=model,
-            max_images=settings.max_images_per_request,
-            max_cost=settings.max_request_cost,
-        )
-        as_json = wants_json(body.response_format, request.headers)
+        accepted = await accept(model_for)
+        generation = accepted.generation
+        streamed = bool(accepted.body.stream)
+        as_json = streamed or wants_json(accepted.body.response_format, request.headers)
         if not as_json and generation.n > 1:
             raise InvalidRequest(
                 "n > 1 returns several images: ask for JSON with response_format 'b64_json'", param="n"
             )
-        state.model, state.n = model.name, generation.n
-        done = await drain.run(
-            service.generate(
-                generation,
-                timeout=request_timeout(request, settings),
-                disconnected=lambda: wait_for_disconnect(request),
+        request.state.model, request.state.n = model_label, generation.n
+        timeout = request_timeout(request, settings)
+        if streamed:
+            return _stream(
+                request, kind, accepted, timeout, lambda done, status: _finish(request, done, status, count)
             )
+        done = await drain.run(
+            service.generate(generation, timeout=timeout, disconnected=lambda: wait_for_disconnect(request))
         )
     except DiffuserveError as exc:
         count(exc.status)
@@ -73,8 +140,35 @@ async def create_image(request: Request) -> Response:
     except Exception:
         count(500)
         raise
-    count(200)
-    metrics.images.labels(model_label).inc(len(done.images))
+    _finish(request, done, 200, count)
+    return _response(request, accepted, done, as_json, started)
+
+
+def _stream(
+    request: Request,
+    kind: str,
+    accepted: Accepted,
+    timeout: float,
+    finished: Callable[[Completed | None, int], None],
+) -> Response:
+    service, drain = service_of(request), request.app.state.drain
+    stream = ImageStream(
+        kind=kind, body=accepted.body, generation=accepted.generation, model=accepted.model, finished=finished
+    )
+    # Queued now, so a full queue is still a 429 answer rather than an error event.
+    pendings = service.submit(accepted.generation, stream.on_partial)
+    work = asyncio.ensure_future(
+        drain.run(service.wait(pendings, timeout=timeout, disconnected=lambda: wait_for_disconnect(request)))
+    )
+    return stream.response(work)
+
+
+def _finish(request: Request, done: Completed | None, status: int, count: Callable[[int], None]) -> None:
+    count(status)
+    if done is None:
+        return
+    metrics, state = request.app.state.metrics, request.state
+    metrics.images.labels(state.model).inc(len(done.images))
     metrics.inference_seconds.observe(done.inference_ms / 1000)
     state.batch_size, state.queue_ms, state.inference_ms, state.encode_ms = (
         done.batch_size,
@@ -82,15 +176,23 @@ async def create_image(request: Request) -> Response:
         round(done.inference_ms, 1),
         round(done.encode_ms, 1),
     )
+
+
+def _response(
+    request: Request, accepted: Accepted, done: Completed, as_json: bool, started: float
+) -> Response:
+    metrics, generation, body = request.app.state.metrics, accepted.generation, accepted.body
     answered = time.perf_counter()
     if as_json:
         payload = ImagesResponse(
             data=[
                 ImageData(b64_json=base64.b64encode(i.data).decode("ascii"), seed=i.seed) for i in done.images
             ],
-            model=model.name,
+            model=accepted.model.name,
             output_format=generation.output_format,
             size=f"{generation.width}x{generation.height}",
+            quality=body.quality or "auto",
+            usage=usage_for(generation, accepted.model, done.text_tokens),
         )
         # orjson: a few MB of base64 serialise in about a millisecond, several times faster than json.
         content, media_type = orjson.dumps(payload.model_dump()), "application/json"
@@ -107,7 +209,7 @@ async def create_image(request: Request) -> Response:
     for phase, ms in phases.items():
         metrics.phase_seconds.labels(phase).observe(ms / 1000)
     headers = {
-        "x-model": model.name,
+        "x-model": accepted.model.name,
         "x-queue-ms": f"{done.queue_ms:.1f}",
         "x-inference-ms": f"{done.inference_ms:.1f}",
         "x-encode-ms": f"{done.encode_ms:.1f}",

@@ -1,0 +1,130 @@
+"""Reading an edit's body: OpenAI's multipart form (`image` or repeated `image[]` files, `mask`, text fields)
+or its JSON form (`images: [{"image_url": "data:…"}]`, `mask: {"image_url": …}`), bounded in bytes and time."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Request
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect
+
+from diffuserve.api.deps import read_body
+from diffuserve.errors import InvalidRequest, UnsupportedMediaType
+from diffuserve.protocol import decode_json
+from diffuserve.protocol.edits import MAX_EDIT_IMAGES
+from diffuserve.protocol.pictures import decode_data_url
+
+IMAGE_FIELDS = ("image", "image[]")
+# Text fields of a form are small: a prompt of 10,000 characters fits many times over.
+MAX_FORM_FIELD_BYTES = 256 * 1024
+MAX_FORM_FIELDS = 64
+
+
+@dataclass
+class EditBody:
+    """An edit request as received: its fields (text values when `form` is true), its pictures' bytes, each
+    with the field that carried it, and the mask's bytes."""
+
+    fields: dict[str, Any]
+    pictures: list[tuple[str, bytes]] = field(default_factory=list)
+    mask: bytes | None = None
+    form: bool = False
+
+
+async def read_edit_body(request: Request, limit: int, timeout: float) -> EditBody:
+    content_type = request.headers.get("content-type", "")
+    media_type = content_type.split(";")[0].strip().lower()
+    if media_type == "multipart/form-data":
+        return await _read_form(request, limit, timeout)
+    if media_type == "application/json" or media_type.endswith("+json"):
+        return _from_json(decode_json(await read_body(request, limit, timeout)))
+    raise UnsupportedMediaType(
+        f"Content-Type must be multipart/form-data or application/json, got {content_type or 'none'!r}",
+        param="Content-Type",
+    )
+
+
+async def _read_form(request: Request, limit: int, timeout: float) -> EditBody:
+    raw = await read_body(request, limit, timeout)
+
+    async def chunks() -> AsyncGenerator[bytes, None]:
+        yield raw
+
+    parser = MultiPartParser(
+        request.headers,
+        chunks(),
+        max_files=MAX_EDIT_IMAGES + 2,
+        max_fields=MAX_FORM_FIELDS,
+        max_part_size=MAX_FORM_FIELD_BYTES,
+    )
+    try:
+        form = await asyncio.wait_for(parser.parse(), timeout)
+    except MultiPartException as exc:
+        raise InvalidRequest(f"malformed multipart form: {exc.message}") from None
+    except (ClientDisconnect, asyncio.TimeoutError):
+        raise InvalidRequest("malformed multipart form") from None
+    body = EditBody(fields={}, form=True)
+    try:
+        for name, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                data = await value.read()
+                if name in IMAGE_FIELDS:
+                    body.pictures.append(
+                        (f"{name}[{len(body.pictures)}]" if name == "image[]" else name, data)
+                    )
+                elif name == "mask":
+                    if body.mask is not None:
+                        raise InvalidRequest("send one `mask`", param="mask")
+                    body.mask = data
+                else:
+                    raise InvalidRequest(f"`{name[:64]}` is not a file field", param=name[:64])
+            elif name in IMAGE_FIELDS or name == "mask":
+                raise InvalidRequest(f"`{name}` must be a file, not text", param=name)
+            elif name in body.fields:
+                raise InvalidRequest(f"`{name[:64]}` is given twice", param=name[:64])
+            else:
+                body.fields[name] = value
+    finally:
+        await form.close()
+    return body
+
+
+def _from_json(payload: Any) -> EditBody:
+    if not isinstance(payload, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+    fields = dict(payload)
+    images = fields.pop("images", None)
+    mask = fields.pop("mask", None)
+    if "image" in fields:
+        raise InvalidRequest(
+            '`image` is the form field; a JSON body sends `images: [{"image_url": "data:…"}]`', param="image"
+        )
+    if not isinstance(images, list) or not images:
+        raise InvalidRequest(
+            '`images` is required: a list of {"image_url": "data:image/png;base64,…"} objects', param="images"
+        )
+    if len(images) > MAX_EDIT_IMAGES:
+        raise InvalidRequest(f"at most {MAX_EDIT_IMAGES} images per edit, got {len(images)}", param="images")
+    body = EditBody(fields=fields)
+    for index, reference in enumerate(images):
+        body.pictures.append((f"images[{index}]", _reference_bytes(reference, f"images[{index}]")))
+    if mask is not None:
+        body.mask = _reference_bytes(mask, "mask")
+    return body
+
+
+def _reference_bytes(reference: Any, param: str) -> bytes:
+    """OpenAI's image reference object: `image_url` (a data URL here) or `file_id` (no Files API here)."""
+    if not isinstance(reference, dict):
+        raise InvalidRequest(f'`{param}` must be an object like {{"image_url": "data:…"}}', param=param)
+    if "file_id" in reference:
+        raise InvalidRequest(
+            f"`{param}.file_id`: this server has no Files API; send the image as a data URL in `image_url`",
+            param=f"{param}.file_id",
+        )
+    return decode_data_url(reference.get("image_url"), f"{param}.image_url")

@@ -1,0 +1,134 @@
+"""`stream: true`: server-sent events as OpenAI sends them — partial images while the batch denoises, then
+one completed event per image (with `usage`), or one `error` event."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import orjson
+from fastapi.responses import StreamingResponse
+
+from diffuserve.api.errors import error_body
+from diffuserve.errors import ClientClosed, DiffuserveError, GenerationFailed
+from diffuserve.protocol.generation import ImageGenerationRequest
+from diffuserve.protocol.usage import usage_for
+from diffuserve.serving.scheduler import Completed
+from diffuserve.serving.service import ClientGone
+from diffuserve.types import EncodedImage, GenerationRequest, ModelInfo
+
+# Headers for an event stream: no caching, and no buffering in nginx (or it would hold the previews back).
+STREAM_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+
+
+def event(name: str, payload: dict[str, Any]) -> bytes:
+    return b"event: " + name.encode() + b"\ndata: " + orjson.dumps(payload) + b"\n\n"
+
+
+class ImageStream:
+    """One streamed request: previews queue here as the batch sends them, and `events` turns them, then the
+    outcome of `work`, into the event stream. `kind` is OpenAI's event prefix: image_generation or image_edit."""
+
+    def __init__(
+        self,
+        *,
+        kind: str,
+        body: ImageGenerationRequest,
+        generation: GenerationRequest,
+        model: ModelInfo,
+        finished: Callable[[Completed | None, int], None],
+    ) -> None:
+        self.kind = kind
+        self.body = body
+        self.generation = generation
+        self.model = model
+        self._finished = finished
+        self._partials: asyncio.Queue[tuple[int, int, list[EncodedImage]]] = asyncio.Queue()
+
+    def on_partial(self, partial_index: int, first_image: int, images: list[EncodedImage]) -> None:
+        self._partials.put_nowait((partial_index, first_image, images))
+
+    def response(self, work: asyncio.Future[Completed]) -> StreamingResponse:
+        return StreamingResponse(self.events(work), media_type="text/event-stream", headers=STREAM_HEADERS)
+
+    async def events(self, work: asyncio.Future[Completed]) -> AsyncIterator[bytes]:
+        status = 500
+        completed: Completed | None = None
+        try:
+            while True:
+                getter: asyncio.Future[Any] = asyncio.ensure_future(self._partials.get())
+                watched: set[asyncio.Future[Any]] = {getter, work}
+                await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+                if not getter.done():
+                    getter.cancel()
+                    break
+                yield self._partial_events(*getter.result())
+            while not self._partials.empty():  # previews that came in just before the result
+                yield self._partial_events(*self._partials.get_nowait())
+            try:
+                completed = work.result()
+            except ClientGone:
+                status = ClientClosed.status
+                return
+            except DiffuserveError as exc:
+                status = exc.status
+                yield event("error", {"type": "error", **error_body(exc)})
+                return
+            except Exception as exc:  # the stream has begun: the failure can only be told as an event
+                yield event(
+                    "error", {"type": "error", **error_body(GenerationFailed(f"generation failed: {exc}"))}
+                )
+                return
+            status = 200
+            for index, image in enumerate(completed.images):
+                yield self._completed_event(index, image, completed)
+        finally:
+            work.cancel()  # a client gone mid-stream frees its place in the queue or its batch
+            self._finished(completed, status if completed is None else 200)
+
+    def _common(self) -> dict[str, Any]:
+        g = self.generation
+        return {
+            "created_at": int(time.time()),
+            "output_format": g.output_format,
+            "size": f"{g.width}x{g.height}",
+            "quality": self.body.quality or "auto",
+            "background": "opaque",
+        }
+
+    def _partial_events(self, partial_index: int, first_image: int, images: list[EncodedImage]) -> bytes:
+        chunks = []
+        for offset, image in enumerate(images):
+            payload = {
+                "type": f"{self.kind}.partial_image",
+                "b64_json": base64.b64encode(image.data).decode("ascii"),
+                "partial_image_index": partial_index,
+                **self._common(),
+            }
+            if self.generation.n > 1:
+                payload["image_index"] = first_image + offset
+            chunks.append(event(payload["type"], payload))
+        return b"".join(chunks)
+
+    def _completed_event(self, index: int, image: EncodedImage, done: Completed) -> bytes:
+        # The prompt and input pictures count once, with the first image; each image adds its own output.
+        first = index == 0
+        usage = usage_for(
+            self.generation,
+            self.model,
+            done.text_tokens if first else 0,
+            images=1,
+            pictures=None if first else 0,
+        )
+        payload = {
+            "type": f"{self.kind}.completed",
+            "b64_json": base64.b64encode(image.data).decode("ascii"),
+            **self._common(),
+            "usage": usage.model_dump(),
+        }
+        if self.generation.n > 1:
+            payload["image_index"] = index
+        return event(payload["type"], payload)

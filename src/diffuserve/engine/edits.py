@@ -1,0 +1,68 @@
+"""Edits on the loaded model: diffusers' image-to-image and inpainting pipelines made from it (`from_pipe`, so
+they share its weights, tier and hooks), their inputs, and the inpainting paste-back."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+from diffuserve.types import BatchJob, Task
+
+log = logging.getLogger(__name__)
+
+
+def edit_pipelines(pipeline: Any) -> dict[Task, Any]:
+    """The edit pipelines diffusers maps this pipeline's class to (FLUX, SDXL and the built-in models have
+    both); a family without one serves no such edits, and the API refuses them."""
+    from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
+
+    found: dict[Task, Any] = {}
+    for task, auto in (
+        (Task.IMAGE_TO_IMAGE, AutoPipelineForImage2Image),
+        (Task.INPAINT, AutoPipelineForInpainting),
+    ):
+        try:
+            edit = auto.from_pipe(pipeline)
+        except (ValueError, KeyError, TypeError) as exc:  # diffusers has no such pipeline for this model
+            log.info("no %s pipeline for %s: %s", task, type(pipeline).__name__, exc)
+            continue
+        edit.set_progress_bar_config(disable=True)
+        found[task] = edit
+    return found
+
+
+def edit_kwargs(job: BatchJob) -> dict[str, Any]:
+    """The pictures, masks and strength of an edit job, as diffusers' edit pipelines take them."""
+    from PIL import Image
+
+    if job.task is Task.GENERATE:
+        return {}
+    kwargs: dict[str, Any] = {
+        "image": [
+            Image.fromarray(picture, "RGB") for item in job.items for picture in item.init_images or []
+        ],
+        "strength": job.strength,
+    }
+    if job.task is Task.INPAINT:
+        masks = [item.mask for item in job.items for _ in item.seeds]
+        kwargs["mask_image"] = [Image.fromarray(mask, "L") for mask in masks if mask is not None]
+    return kwargs
+
+
+def keep_outside_mask(images: Any, job: BatchJob, rows: list[int] | None = None) -> Any:
+    """Inpainting: the source picture's own pixels wherever the mask keeps them. The model repaints in latent
+    space, whose round trip through the VAE (and a mask at latent resolution) would otherwise change the kept
+    part a little. `images`: N×3×H×W in [0, 1] on the device, the job's images or its `rows`."""
+    import torch
+
+    if job.task is not Task.INPAINT:
+        return images
+    pictures = [picture for item in job.items for picture in item.init_images or []]
+    masks = [item.mask for item in job.items for _ in item.seeds if item.mask is not None]
+    if rows is not None:
+        pictures, masks = [pictures[i] for i in rows], [masks[i] for i in rows]
+    source = torch.from_numpy(np.stack(pictures)).to(images.device).permute(0, 3, 1, 2)
+    repaint = torch.from_numpy(np.stack(masks) >= 128).to(images.device)[:, None]
+    return torch.where(repaint, images, source.to(images.dtype) / 255)

@@ -1,0 +1,118 @@
+"""Streaming previews: a denoising-step callback that decodes a running batch's latents at chosen steps, for
+the requests that asked for partial images."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from diffuserve.engine.edits import keep_outside_mask
+from diffuserve.engine.frames import to_uint8
+from diffuserve.types import BatchJob
+
+
+@dataclass
+class Preview:
+    """One job item's preview: its images' pixels (n×H×W×3 uint8) after some denoising step."""
+
+    item_index: int
+    partial_index: int
+    pixels: np.ndarray
+
+
+@dataclass
+class PreviewBatch:
+    """The previews a batch took at one step, waiting for the encoder stage."""
+
+    job: BatchJob
+    previews: list[Preview] = field(default_factory=list)
+
+
+def preview_steps(total: int, wanted: int) -> list[int]:
+    """The 0-based steps after which to take `wanted` previews of a `total`-step run: spread evenly, never the
+    last step (that one is the final image), so a short run gives fewer."""
+    picked = {math.ceil(total * (j + 1) / (wanted + 1)) - 1 for j in range(wanted)}
+    return sorted(step for step in picked if 0 <= step < total - 1)
+
+
+class PreviewTaker:
+    """Called at each denoising step's end (after the pipeline's own update of the latents): at a step some
+    item previews, it estimates the clean latents, decodes the rows of those items and hands them over."""
+
+    def __init__(self, pipeline: Any, job: BatchJob, sink: Callable[[PreviewBatch], None]) -> None:
+        self.pipeline = pipeline
+        self.job = job
+        self.sink = sink
+        self._previous: Any = None
+        self._taken = [0] * len(job.items)
+        rows, start = [], 0
+        for item in job.items:
+            rows.append(list(range(start, start + len(item.seeds))))
+            start += len(item.seeds)
+        self._rows = rows
+
+    @property
+    def wanted(self) -> bool:
+        return any(item.partial_images > 0 for item in self.job.items)
+
+    def __call__(self, step: int, latents: Any) -> None:
+        total = int(getattr(self.pipeline, "_num_timesteps", 0) or self.job.steps)
+        due = [
+            index
+            for index, item in enumerate(self.job.items)
+            if item.partial_images and step in preview_steps(total, item.partial_images)
+        ]
+        if due:
+            rows = [row for index in due for row in self._rows[index]]
+            pixels, _ = to_uint8(self._decode(self._clean_estimate(latents), rows))
+            batch, cursor = PreviewBatch(self.job), 0
+            for index in due:
+                count = len(self._rows[index])
+                batch.previews.append(Preview(index, self._taken[index], pixels[cursor : cursor + count]))
+                self._taken[index] += 1
+                cursor += count
+            self.sink(batch)
+        self._previous = latents
+
+    def _clean_estimate(self, latents: Any) -> Any:
+        """The denoised latents this step points at. For Euler-type schedulers (FLUX's flow matching, SDXL's
+        Euler), x0 = x − σ·d with d = (x − x_prev) / (σ − σ_prev); without the last step's latents or sigmas,
+        the noisy latents themselves."""
+        scheduler = self.pipeline.scheduler
+        sigmas = getattr(scheduler, "sigmas", None)
+        index = getattr(scheduler, "step_index", None)
+        if self._previous is None or sigmas is None or index is None or not 0 < index < len(sigmas):
+            return latents
+        sigma, sigma_prev = float(sigmas[index]), float(sigmas[index - 1])
+        if sigma == sigma_prev:
+            return latents
+        current, previous = latents.float(), self._previous.float()
+        slope = (current - previous) / (sigma - sigma_prev)
+        return (current - sigma * slope).to(latents.dtype)
+
+    def _decode(self, latents: Any, rows: list[int]) -> Any:
+        pipeline, job = self.pipeline, self.job
+        vae = pipeline.vae
+        latents = latents[rows]
+        if hasattr(pipeline, "_unpack_latents"):  # FLUX packs 2×2 latent patches into each token
+            latents = pipeline._unpack_latents(latents, job.height, job.width, pipeline.vae_scale_factor)
+        config = vae.config
+        mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+        if mean is not None and std is not None:
+            import torch
+
+            shape = (1, len(mean), 1, 1)
+            mean_t = torch.tensor(mean).view(shape).to(latents.device, latents.dtype)
+            std_t = torch.tensor(std).view(shape).to(latents.device, latents.dtype)
+            latents = latents * std_t / config.scaling_factor + mean_t
+        else:
+            latents = latents / config.scaling_factor + (getattr(config, "shift_factor", None) or 0.0)
+        # The undecorated decode: the batch's decode clock must only see the final decode.
+        decode = getattr(vae.decode, "__wrapped__", vae.decode)
+        images = decode(latents.to(vae.dtype), return_dict=False)[0]
+        images = pipeline.image_processor.postprocess(images, output_type="pt")
+        return keep_outside_mask(images, job, rows)
