@@ -4,6 +4,7 @@ image a plain request gives; each of several concurrent streams in one batch get
 from __future__ import annotations
 
 import asyncio
+import time
 import base64
 from collections.abc import Iterator
 from typing import Any
@@ -139,3 +140,23 @@ def _batches_of(server: ServerHandle, size: int) -> float:
             bound = line.split('le="')[1].split('"')[0]
             buckets[float(bound)] = float(line.rsplit(" ", 1)[1])
     return buckets[float(size)] - buckets[6.0]
+
+
+def test_a_client_leaving_mid_stream_frees_its_batch(server: ServerHandle, client: OpenAI) -> None:
+    """The stream's first preview comes a quarter of the way through a long run; the client then hangs up and
+    the worker stops the batch at its next step instead of finishing it for nobody."""
+    stream = client.images.generate(
+        model="digits",
+        prompt="the digit 2",
+        stream=True,
+        partial_images=3,
+        extra_body={"seed": 9, "num_inference_steps": 200, "output_format": "png"},
+    )
+    first = next(iter(stream))
+    assert first.type == "image_generation.partial_image"
+    stream.close()
+    deadline = time.monotonic() + 30
+    while "stopped after its clients left" not in server.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "stopped after its clients left" in server.log()
+    assert generate_pixels(server, seed=9, prompt="the digit 2")[0].shape == (32, 32, 3)

@@ -1,4 +1,4 @@
-"""The digits model's commands: `train-digits`, `eval digits` and `digits-grid`."""
+"""The digits model's commands: `train-digits`, `eval digits`, `digits-grid` and `digits-showcase`."""
 
 from __future__ import annotations
 
@@ -61,6 +61,16 @@ def register(subparsers: Any) -> None:
     grid.add_argument("--seeds", default="0-3", help="one row per seed")
     grid.add_argument("--out", type=Path, default=Path("docs/digits.png"))
     grid.set_defaults(func=_grid)
+
+    showcase = subparsers.add_parser(
+        "digits-showcase",
+        help="write the README's edit and streaming-preview figures through a running server's Images API",
+    )
+    showcase.add_argument("--base-url", required=True, help="server to call, e.g. http://127.0.0.1:8000")
+    showcase.add_argument("--api-key", default="none")
+    showcase.add_argument("--edits-out", type=Path, default=Path("docs/edits.png"))
+    showcase.add_argument("--previews-out", type=Path, default=Path("docs/previews.png"))
+    showcase.set_defaults(func=_showcase, needs_extra="digits")
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -134,4 +144,18 @@ def _grid(args: argparse.Namespace) -> int:
         require_extra("digits", "digits-grid --base-url")  # the official openai client
     out = write_grid(args.out, parse_seeds(args.seeds), None if args.local else args.base_url, args.api_key)
     print(f"wrote {out}")
+    return 0
+
+
+def _showcase(args: argparse.Namespace) -> int:
+    from diffuserve.models.digits.grid import compose_grid
+    from diffuserve.models.digits.showcase import edit_rows, preview_rows
+
+    for out, rows in (
+        (args.edits_out, edit_rows(args.base_url, seeds=range(3), api_key=args.api_key)),
+        (args.previews_out, preview_rows(args.base_url, digits=(2, 5, 7), api_key=args.api_key)),
+    ):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        compose_grid(rows).save(out)
+        print(f"wrote {out}")
     return 0
