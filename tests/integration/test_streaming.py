@@ -4,8 +4,8 @@ image a plain request gives; each of several concurrent streams in one batch get
 from __future__ import annotations
 
 import asyncio
-import time
 import base64
+import time
 from collections.abc import Iterator
 from typing import Any
 
