@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import time
 
 import orjson
@@ -17,9 +16,10 @@ from diffuserve.api.deps import (
     wait_for_disconnect,
     wants_json,
 )
+from diffuserve.api.image_data import image_data
 from diffuserve.api.openapi import IMAGES_ROUTE_DOC
 from diffuserve.errors import ClientClosed, DiffuserveError, InvalidRequest
-from diffuserve.protocol import ImageData, ImageGenerationRequest, ImagesResponse
+from diffuserve.protocol import ImageGenerationRequest, ImagesResponse
 from diffuserve.serving.service import ClientGone
 
 router = APIRouter(dependencies=[Depends(require_auth)])
@@ -64,6 +64,8 @@ async def create_image(request: Request) -> Response:
                 disconnected=lambda: wait_for_disconnect(request),
             )
         )
+        # Inside the try: an image store failure is counted as the status the client sees.
+        data = await image_data(request, done.images, body.response_format) if as_json else []
     except DiffuserveError as exc:
         count(exc.status)
         raise
@@ -85,9 +87,7 @@ async def create_image(request: Request) -> Response:
     answered = time.perf_counter()
     if as_json:
         payload = ImagesResponse(
-            data=[
-                ImageData(b64_json=base64.b64encode(i.data).decode("ascii"), seed=i.seed) for i in done.images
-            ],
+            data=data,
             model=model.name,
             output_format=generation.output_format,
             size=f"{generation.width}x{generation.height}",
