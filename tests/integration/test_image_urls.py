@@ -15,7 +15,7 @@ from openai import OpenAI
 from tests.helpers import ServerHandle, start_server
 
 KEY = "sk-url-test-key-0001"
-TTL_S = 1.0
+TTL_S = 2.0
 
 
 @pytest.fixture(scope="module")

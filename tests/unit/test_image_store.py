@@ -228,3 +228,30 @@ def test_files_are_private_to_the_server_user(tmp_path: Path) -> None:
     store = store_at(root, Clock())
     [image_id] = store.put_sync([image(3)])
     assert (root / f"{image_id}.png").stat().st_mode & 0o077 == 0
+
+
+def test_the_periodic_sweep_deletes_expired_images_without_any_request(tmp_path: Path) -> None:
+    clock = Clock()
+    store = store_at(tmp_path, clock, ttl=0.05)  # the sweep runs every min(60 s, lifetime)
+    store.put_sync([image(5)])
+    clock.now += 1
+
+    async def sweep_a_while() -> None:
+        task = asyncio.create_task(store.sweep_forever())
+        for _ in range(100):
+            await asyncio.sleep(0.02)
+            if len(store) == 0:
+                break
+        task.cancel()
+
+    asyncio.run(sweep_a_while())
+    assert len(store) == 0 and not list(tmp_path.iterdir())
+
+
+def test_reads_and_sweeps_do_not_create_the_folder(tmp_path: Path) -> None:
+    root = tmp_path / "not-yet"
+    store = store_at(root, Clock())
+    assert store.get_sync("A" * 32) is None and store.sweep() == 0
+    assert not root.exists()
+    [image_id] = store.put_sync([image(2)])
+    assert store.get_sync(image_id) is not None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -37,9 +39,13 @@ def build_app(settings: Settings, *, on_fatal: Callable[[str], None] | None = No
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await service.start()
+        sweeper = asyncio.create_task(app.state.image_store.sweep_forever())
         try:
             yield
         finally:
+            sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeper
             await service.stop()
 
     # No docs pages, and the document is served by a route of our own: with API keys set, every route but

@@ -28,6 +28,7 @@ SUFFIXES = {"image/png": ".png", "image/jpeg": ".jpeg", "image/webp": ".webp"}
 MEDIA_TYPES = {suffix: media_type for media_type, suffix in SUFFIXES.items()}
 TEMP_PREFIX = ".tmp-"
 STALE_TEMP_SECONDS = 600.0
+SWEEP_INTERVAL_S = 60.0
 
 
 def valid_id(image_id: str) -> bool:
@@ -100,6 +101,7 @@ class ImageStore:
                 raise ValueError(f"the image store keeps {', '.join(SUFFIXES)}, not {image.media_type}")
         with self._lock:
             self._open_locked()
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         now = self._clock()
         written: list[tuple[str, str, int]] = []
         try:
@@ -142,6 +144,17 @@ class ImageStore:
             return None
         return StoredImage(data, MEDIA_TYPES[entry.suffix], self.ttl_seconds - age)
 
+    async def sweep_forever(self) -> None:
+        """Delete expired images every SWEEP_INTERVAL_S (sooner with a shorter lifetime), so none outlives its
+        lifetime by much on a server that stores nothing more; runs until cancelled."""
+        interval = min(SWEEP_INTERVAL_S, self.ttl_seconds)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await asyncio.to_thread(self.sweep)
+            except Exception as exc:  # a failed sweep must not end the sweeping
+                log.warning("image store %s: sweep failed: %s", self.root, exc)
+
     def sweep(self) -> int:
         """Delete every expired image now; how many went."""
         with self._lock:
@@ -168,25 +181,28 @@ class ImageStore:
     def _open_locked(self) -> None:
         if self._opened:
             return
-        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         found: list[tuple[float, str, _Entry]] = []
-        with os.scandir(self.root) as listing:
-            for item in listing:
-                image_id, dot, extension = item.name.partition(".")
-                suffix = dot + extension
-                temp = item.name.startswith(TEMP_PREFIX)
-                if not temp and (not valid_id(image_id) or suffix not in MEDIA_TYPES):
-                    continue  # not ours: left alone, not counted
-                try:
-                    stat = item.stat(follow_symlinks=False)
-                except FileNotFoundError:
-                    continue
-                if temp:
-                    # A write an earlier run did not finish; a fresh one may be another server's, under way.
-                    if self._clock() - stat.st_mtime > STALE_TEMP_SECONDS:
-                        _unlink(Path(item.path))
-                elif item.is_file(follow_symlinks=False):
-                    found.append((stat.st_mtime, image_id, _Entry(suffix, stat.st_size, stat.st_mtime)))
+        try:
+            with os.scandir(self.root) as listing:
+                items = list(listing)
+        except FileNotFoundError:
+            items = []  # a folder that does not exist yet holds nothing: the first put creates it
+        for item in items:
+            image_id, dot, extension = item.name.partition(".")
+            suffix = dot + extension
+            temp = item.name.startswith(TEMP_PREFIX)
+            if not temp and (not valid_id(image_id) or suffix not in MEDIA_TYPES):
+                continue  # not ours: left alone, not counted
+            try:
+                stat = item.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if temp:
+                # A write an earlier run did not finish; a fresh one may be another server's, under way.
+                if self._clock() - stat.st_mtime > STALE_TEMP_SECONDS:
+                    _unlink(Path(item.path))
+            elif item.is_file(follow_symlinks=False):
+                found.append((stat.st_mtime, image_id, _Entry(suffix, stat.st_size, stat.st_mtime)))
         for _, image_id, entry in sorted(found, key=lambda row: row[0]):
             self._entries[image_id] = entry
             self._bytes += entry.size
