@@ -20,7 +20,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture(scope="session")
-def server() -> Iterator[ServerHandle]:
-    """The default model, batches up to 8, a short batch window so concurrent requests share batches."""
-    with start_server(MODEL_BATCH="8", BATCH_WAIT_MS="20", LOG_FORMAT="json") as handle:
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerHandle]:
+    """The default model, batches up to 8, a short batch window so concurrent requests share batches; its
+    image store in a temporary folder rather than the user's cache."""
+    store = tmp_path_factory.mktemp("image-store")
+    with start_server(
+        MODEL_BATCH="8", BATCH_WAIT_MS="20", LOG_FORMAT="json", IMAGE_STORE_DIR=str(store)
+    ) as handle:
         yield handle

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 from pydantic import field_validator
 from pydantic_settings import NoDecode
@@ -192,6 +193,30 @@ class Settings(EnvSettings):
         help="compile caches and artefacts",
         shown_default="$HF_HOME/diffuserve or ~/.cache/diffuserve",
     )
+    image_store_dir: str | None = setting(
+        None,
+        "IMAGE_STORE_DIR",
+        help="folder keeping the images of response_format url answers (one server per folder)",
+        shown_default="$DIFFUSERVE_CACHE/images",
+    )
+    image_store_max_bytes: int = setting(
+        1 << 30,
+        "IMAGE_STORE_MAX_BYTES",
+        help="most bytes of images the store keeps; beyond it the oldest are deleted first",
+        ge=1,
+    )
+    image_url_ttl_seconds: float = setting(
+        3600.0,
+        "IMAGE_URL_TTL_SECONDS",
+        help="seconds an image URL serves its image; then it answers 404 and the file is deleted",
+        gt=0,
+    )
+    public_url: str = setting(
+        "",
+        "PUBLIC_URL",
+        help="the server's public base URL (https://host[:port][/prefix]) for image URLs; empty = built from "
+        "each request's X-Forwarded-Proto/-Host/-Prefix headers, else its Host header",
+    )
     warmup: bool = setting(
         True,
         "WARMUP",
@@ -208,6 +233,17 @@ class Settings(EnvSettings):
     def _split_keys(cls, value: Any) -> Any:
         return split_keys(value)
 
+    @field_validator("public_url")
+    @classmethod
+    def _check_public_url(cls, value: str) -> str:
+        if not value:
+            return value
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+            raise ValueError("must be http(s)://host[:port][/prefix], without query or fragment")
+        # Image URLs append /v1/…: a trailing slash would double it.
+        return value.rstrip("/")
+
     @property
     def resolved_cache_dir(self) -> str:
         if self.cache_dir:
@@ -215,6 +251,10 @@ class Settings(EnvSettings):
         if self.hf_home:
             return os.path.join(self.hf_home, "diffuserve")
         return os.path.join(os.path.expanduser("~"), ".cache", "diffuserve")
+
+    @property
+    def resolved_image_store_dir(self) -> str:
+        return self.image_store_dir or os.path.join(self.resolved_cache_dir, "images")
 
     def export_hub_env(self) -> None:
         """The hub library reads HF_HOME from the environment (also in the worker processes it spawns)."""

@@ -42,6 +42,14 @@ class RouteNotFound(DiffuserveError):
     code = "not_found"
 
 
+class ImageNotFound(DiffuserveError):
+    """An image URL whose id is unknown, malformed, expired or evicted from the image store."""
+
+    status = 404
+    type = "invalid_request_error"
+    code = "image_not_found"
+
+
 class MethodNotAllowed(DiffuserveError):
     status = 405
     type = "invalid_request_error"

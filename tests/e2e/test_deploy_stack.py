@@ -262,6 +262,42 @@ def test_openai_client_through_nginx(stack: Stack) -> None:
     assert raw.content == image  # same seed, same image, whichever way it is returned
 
 
+def test_image_urls_point_at_the_front(stack: Stack) -> None:
+    openai = pytest.importorskip("openai")
+    model = _model_id(stack)
+    client = openai.OpenAI(api_key=API_KEY, base_url=f"{stack.public}/v1", max_retries=0)
+    extra = {"seed": 112, "num_inference_steps": 4}
+    by_url = client.images.generate(
+        model=model, prompt="a lighthouse", response_format="url", extra_body=extra
+    )
+    by_b64 = client.images.generate(
+        model=model, prompt="a lighthouse", response_format="b64_json", extra_body=extra
+    )
+    url = by_url.data[0].url or ""
+    # The front's public port, not the server's loopback one: nginx passed on the host the client used.
+    assert url.startswith(f"{stack.public}/v1/images/"), url
+    download = httpx.get(url, headers=_auth(), timeout=10)
+    assert download.status_code == 200, download.text
+    assert download.headers["content-type"] == "image/webp"
+    assert download.content == base64.b64decode(by_b64.data[0].b64_json or "")
+    # nginx checks the key on this route too.
+    _assert_envelope(httpx.get(url, timeout=10), 401, "invalid_api_key")
+    # The server's 404 for an id it does not hold passes through unchanged.
+    unknown = httpx.get(f"{stack.public}/v1/images/{'A' * 32}/content", headers=_auth(), timeout=10)
+    _assert_envelope(unknown, 404, "image_not_found")
+
+    # Behind a proxy before the front (a platform's TLS edge), links keep that proxy's scheme and host.
+    response = httpx.post(
+        f"{stack.public}/v1/images/generations",
+        headers={**_auth(), "X-Forwarded-Proto": "https", "X-Forwarded-Host": "images.example.test"},
+        json={"prompt": "a lighthouse", "response_format": "url", "num_inference_steps": 1},
+        timeout=120,
+    )
+    assert response.status_code == 200, response.text
+    edge_url = response.json()["data"][0]["url"]
+    assert edge_url.startswith("https://images.example.test/v1/images/"), edge_url
+
+
 def test_bearer_check_happens_in_nginx(stack: Stack) -> None:
     response = httpx.get(f"{stack.public}/v1/models", headers={"X-Request-Id": "no-key-1"}, timeout=10)
     _assert_envelope(response, 401, "invalid_api_key")

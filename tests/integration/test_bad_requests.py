@@ -39,7 +39,6 @@ CASES: list[tuple[str, dict, int, str | None]] = [
     ("seed string", {"json": {**GOOD, "seed": "111"}}, 400, "seed"),
     ("bad output format", {"json": {**GOOD, "output_format": "gif"}}, 400, "output_format"),
     ("compression 101", {"json": {**GOOD, "output_compression": 101}}, 400, "output_compression"),
-    ("response_format url", {"json": {**GOOD, "response_format": "url"}}, 400, "response_format"),
     ("response_format bogus", {"json": {**GOOD, "response_format": "xml"}}, 400, "response_format"),
     ("stream", {"json": {**GOOD, "stream": True}}, 400, "stream"),
     ("negative prompt on FLUX", {"json": {**GOOD, "negative_prompt": "blurry"}}, 400, "negative_prompt"),
@@ -73,6 +72,37 @@ def test_bad_request_gets_openai_envelope(
         assert error["param"] == param, error
 
 
+# Image URL ids a client made up: (case id, path, expected status, expected code). None touches the filesystem:
+# ids are checked against the store's exact pattern first; a decoded `/` never matches the route at all.
+CONTENT_CASES: list[tuple[str, str, int, str]] = [
+    ("well-formed unknown id", f"/v1/images/{'A' * 32}/content", 404, "image_not_found"),
+    ("unknown id without /v1", f"/images/{'B' * 32}/content", 404, "image_not_found"),
+    ("dot-dot id", "/v1/images/%2e%2e/content", 404, "image_not_found"),
+    ("encoded traversal", "/v1/images/..%2F..%2Fetc%2Fpasswd/content", 404, "not_found"),
+    ("traversal with backslashes", "/v1/images/..%5C..%5Cetc%5Cpasswd/content", 404, "image_not_found"),
+    ("id with a file suffix", f"/v1/images/{'a' * 28}.png/content", 404, "image_not_found"),
+    ("id one character short", f"/v1/images/{'a' * 31}/content", 404, "image_not_found"),
+    ("id with NUL bytes", f"/v1/images/{'a' * 16}%00{'a' * 15}/content", 404, "image_not_found"),
+    ("id with a newline", f"/v1/images/{'a' * 31}%0A/content", 404, "image_not_found"),
+    ("non-ASCII id", f"/v1/images/{'%C3%A9' * 32}/content", 404, "image_not_found"),
+    ("8 kB id", f"/v1/images/{'a' * 8192}/content", 404, "image_not_found"),
+    ("content of the generations route", "/v1/images/generations/content", 404, "image_not_found"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("case", "path", "status", "code"), CONTENT_CASES, ids=[c[0] for c in CONTENT_CASES])
+def test_made_up_image_ids_get_a_404_envelope(
+    server: ServerHandle, case: str, path: str, status: int, code: str
+) -> None:
+    response = httpx.get(f"{server.base_url}{path}", timeout=30)
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["code"] == code, error
+    assert len(error["message"]) < 300  # a long id is cut, not echoed whole
+
+
 def test_unknown_route_and_method_are_json(server: ServerHandle) -> None:
     missing = httpx.get(f"{server.base_url}/v1/nope", timeout=10)
     assert missing.status_code == 404
@@ -86,3 +116,6 @@ def test_server_still_serves_after_abuse(server: ServerHandle) -> None:
     response = httpx.post(f"{server.base_url}{URL}", json=GOOD, timeout=60)
     assert response.status_code == 200
     assert response.headers["content-type"] == "image/webp"
+    stored = httpx.post(f"{server.base_url}{URL}", json={**GOOD, "response_format": "url"}, timeout=60)
+    assert stored.status_code == 200, stored.text
+    assert httpx.get(stored.json()["data"][0]["url"], timeout=10).status_code == 200

@@ -28,6 +28,8 @@ def test_bearer_auth() -> None:
     ("response_format", "headers", "expected"),
     [
         ("b64_json", {"accept": "*/*"}, True),
+        ("url", {"accept": "*/*"}, True),
+        ("url", {"accept": "application/json", "x-stainless-raw-response": "true"}, True),
         (None, {"accept": "application/json"}, True),
         (None, {"accept": "application/json", "x-stainless-raw-response": "true"}, False),
         (None, {"accept": "*/*"}, False),

@@ -145,6 +145,7 @@ def test_autoscale_plan_reaches_the_function_spec(clean_env: pytest.MonkeyPatch)
     assert {
         "HF_HOME": "/cache/huggingface",
         "DIFFUSERVE_CACHE": "/cache/diffuserve",
+        "IMAGE_STORE_DIR": "/tmp/diffuserve-images",  # off the shared Volume
     }.items() <= recorder.image_env[0].items()
 
 

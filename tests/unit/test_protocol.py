@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 
 from diffuserve.errors import InvalidRequest
-from diffuserve.protocol import ASPECT_RATIOS, ImageGenerationRequest, dimensions_for_aspect
+from diffuserve.protocol import (
+    ASPECT_RATIOS,
+    ImageData,
+    ImageGenerationRequest,
+    ImagesResponse,
+    dimensions_for_aspect,
+)
 from diffuserve.types import ModelInfo
 
 FLUX = ModelInfo(
@@ -57,7 +63,6 @@ def test_size_string_and_explicit_dimensions() -> None:
         ({"num_inference_steps": 201}, "num_inference_steps"),
         ({"negative_prompt": "ugly"}, "negative_prompt"),
         ({"n": 11}, "n"),
-        ({"response_format": "url"}, "response_format"),
         ({"guidance_scale": float("inf")}, "guidance_scale"),
     ],
 )
@@ -91,3 +96,25 @@ def test_a_request_over_the_cost_limit_is_refused_naming_what_to_lower() -> None
     assert refused.value.param == "num_inference_steps"
     assert body.to_generation(request_id="r", model=FLUX, max_images=10, max_cost=105).n == 2
     assert body.to_generation(request_id="r", model=FLUX, max_images=10, max_cost=0).n == 2  # 0: no limit
+
+
+def test_response_format_url_is_accepted() -> None:
+    assert ImageGenerationRequest.parse({"prompt": "p", "response_format": "url"}).response_format == "url"
+    assert convert(response_format="url").n == 1
+
+
+def test_image_data_leaves_the_absent_form_out_of_the_json() -> None:
+    answer = ImagesResponse(
+        data=[ImageData(url="http://h/v1/images/x/content", seed=1), ImageData(b64_json="AA", seed=2)],
+        model="m",
+        output_format="png",
+        size="32x32",
+    ).model_dump()
+    assert answer["data"][0] == {"url": "http://h/v1/images/x/content", "seed": 1, "revised_prompt": None}
+    assert answer["data"][1] == {"b64_json": "AA", "seed": 2, "revised_prompt": None}
+
+
+@pytest.mark.parametrize("forms", [{}, {"url": "u", "b64_json": "AA"}])
+def test_image_data_holds_exactly_one_form(forms: dict) -> None:
+    with pytest.raises(ValueError, match="exactly one of b64_json and url"):
+        ImageData(seed=1, **forms)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -13,9 +15,10 @@ from diffuserve.api.auth import BearerAuth
 from diffuserve.api.device_metrics import GpuCollector, WorkerStateCollector
 from diffuserve.api.drain import Drain
 from diffuserve.api.errors import install_error_handlers
+from diffuserve.api.image_store import ImageStore
 from diffuserve.api.metrics import Metrics
 from diffuserve.api.middleware import RequestContextMiddleware
-from diffuserve.api.routes import health, images, metrics, models, playground
+from diffuserve.api.routes import health, image_files, images, metrics, models, playground
 from diffuserve.config import Settings
 from diffuserve.serving.service import GenerationService
 
@@ -36,9 +39,13 @@ def build_app(settings: Settings, *, on_fatal: Callable[[str], None] | None = No
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await service.start()
+        sweeper = asyncio.create_task(app.state.image_store.sweep_forever())
         try:
             yield
         finally:
+            sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeper
             await service.stop()
 
     # No docs pages, and the document is served by a route of our own: with API keys set, every route but
@@ -59,8 +66,13 @@ def build_app(settings: Settings, *, on_fatal: Callable[[str], None] | None = No
     app.state.metrics = registry
     app.state.auth = BearerAuth(settings.api_keys)
     app.state.drain = Drain()
+    app.state.image_store = ImageStore(
+        settings.resolved_image_store_dir,
+        max_bytes=settings.image_store_max_bytes,
+        ttl_seconds=settings.image_url_ttl_seconds,
+    )
     install_error_handlers(app)
-    for module in (health, images, models, metrics, openapi):
+    for module in (health, images, image_files, models, metrics, openapi):
         app.include_router(module.router)
     if settings.playground:
         app.include_router(playground.router)

@@ -106,7 +106,8 @@ async def wait_for_disconnect(request: Request) -> None:
 
 
 def wants_json(response_format: str | None, headers: Any) -> bool:
-    """An explicit response_format wins; else JSON for clients asking for JSON, except the SDK's raw calls."""
+    """An explicit response_format wins (`b64_json` and `url` are both JSON answers); else JSON for clients
+    asking for JSON, except the SDK's raw calls."""
     if response_format is not None:
         return True
     if headers.get("x-stainless-raw-response", "").lower() == "true":

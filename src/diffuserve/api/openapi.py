@@ -21,8 +21,8 @@ _IMAGE_BYTES = {"schema": {"type": "string", "format": "binary"}}
 # The route reads its body by hand (to bound its size and time), so FastAPI cannot see it: declare it.
 IMAGES_ROUTE_DOC: dict[str, Any] = {
     "summary": "Generate images",
-    "description": "JSON with base64 images when the client asks for JSON (response_format, or Accept: "
-    "application/json outside the SDK's raw calls); else the image bytes of one image.",
+    "description": "JSON with base64 images or image URLs when the client asks for JSON (response_format, "
+    "or Accept: application/json outside the SDK's raw calls); else the image bytes of one image.",
     "openapi_extra": {
         "requestBody": {
             "required": True,
@@ -76,6 +76,18 @@ EDITS_ROUTE_DOC: dict[str, Any] = {
             },
         },
         "responses": IMAGES_ROUTE_DOC["openapi_extra"]["responses"],
+    },
+}
+
+IMAGE_CONTENT_ROUTE_DOC: dict[str, Any] = {
+    "summary": "Download a stored image",
+    "description": "The bytes of an image from a response_format 'url' answer, with its Content-Type; 404 "
+    "once its id is unknown, expired (IMAGE_URL_TTL_SECONDS) or evicted (IMAGE_STORE_MAX_BYTES).",
+    "responses": {
+        200: {
+            "description": "the image",
+            "content": {f"image/{fmt}": _IMAGE_BYTES for fmt in OUTPUT_FORMATS},
+        }
     },
 }
 

@@ -29,6 +29,7 @@ PLAN = ModalPlan.from_env(os.environ)
 CACHE_DIR = "/cache"  # the Volume's mount point
 HF_HOME = f"{CACHE_DIR}/huggingface"  # hub weights: written once by `prefetch`, read by every container
 COMPILE_CACHE = f"{CACHE_DIR}/diffuserve"  # compile/tier artefacts: later containers start warm
+IMAGE_STORE_DIR = "/tmp/diffuserve-images"
 SOURCE_DIR = "/opt/diffuserve"  # the package source inside the image
 SERVER_PORT = 8001  # the model server, loopback only; nginx owns PLAN.port
 START_SCRIPT = "/usr/local/bin/diffuserve-start"
@@ -69,6 +70,9 @@ def build_image() -> modal.Image:
             {
                 "HF_HOME": HF_HOME,
                 "DIFFUSERVE_CACHE": COMPILE_CACHE,
+                # Images of response_format url answers live minutes: the container's own disk, not the
+                # Volume every container shares (each server indexes only the images it stored).
+                "IMAGE_STORE_DIR": IMAGE_STORE_DIR,
                 "DIFFUSERVE_RUN_DIR": "/run/diffuserve",
                 "NGINX_USER": "www-data",  # nginx workers drop root
                 "PYTHONUNBUFFERED": "1",

@@ -11,7 +11,15 @@ import secrets
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    model_serializer,
+    model_validator,
+)
 
 from diffuserve.errors import InvalidRequest
 from diffuserve.logs import safe_text
@@ -115,11 +123,6 @@ class ImageGenerationRequest(BaseModel):
     ) -> GenerationRequest:
         """Resolve defaults and model limits into the engine's units; every rejection names its field.
         `max_cost`: the most megapixel-steps (width × height × steps × n / 10⁶) one request may ask for; 0 = any."""
-        if self.response_format == "url":
-            raise InvalidRequest(
-                "response_format 'url' is not supported by this server; use 'b64_json' or omit it for image bytes",
-                param="response_format",
-            )
         if self.n > max_images:
             raise InvalidRequest(f"n must be between 1 and {max_images}, got {self.n}", param="n")
         width, height = self.resolve_size(model)
@@ -267,9 +270,27 @@ def _to_invalid_request(exc: ValidationError) -> InvalidRequest:
 
 
 class ImageData(BaseModel):
-    b64_json: str
+    """One image of an answer: `b64_json` or `url`, as response_format asked; the other is left out of the
+    JSON, as in OpenAI's answers."""
+
+    b64_json: str | None = None
+    url: str | None = None
     seed: int
     revised_prompt: str | None = None
+
+    @model_validator(mode="after")
+    def _one_image_form(self) -> ImageData:
+        if (self.b64_json is None) == (self.url is None):
+            raise ValueError("an image has exactly one of b64_json and url")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _omit_absent_form(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        for key in ("b64_json", "url"):
+            if data.get(key) is None:
+                data.pop(key, None)
+        return data
 
 
 class ImagesResponse(BaseModel):

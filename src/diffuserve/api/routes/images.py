@@ -4,7 +4,6 @@ bytes or an event stream."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from diffuserve.api.deps import (
     wants_json,
 )
 from diffuserve.api.edit_body import read_edit_body
+from diffuserve.api.image_data import image_data
 from diffuserve.api.openapi import EDITS_ROUTE_DOC, IMAGES_ROUTE_DOC
 from diffuserve.api.streaming import ImageStream
 from diffuserve.errors import ClientClosed, DiffuserveError, InvalidRequest
@@ -131,6 +131,8 @@ async def _answer(request: Request, kind: str, accept: Callable[..., Awaitable[A
         done = await drain.run(
             service.generate(generation, timeout=timeout, disconnected=lambda: wait_for_disconnect(request))
         )
+        # Inside the try: an image store failure is counted as the status the client sees.
+        data = await image_data(request, done.images, accepted.body.response_format) if as_json else None
     except DiffuserveError as exc:
         count(exc.status)
         raise
@@ -141,7 +143,7 @@ async def _answer(request: Request, kind: str, accept: Callable[..., Awaitable[A
         count(500)
         raise
     _finish(request, done, 200, count)
-    return _response(request, accepted, done, as_json, started)
+    return _response(request, accepted, done, data, started)
 
 
 def _stream(
@@ -179,15 +181,14 @@ def _finish(request: Request, done: Completed | None, status: int, count: Callab
 
 
 def _response(
-    request: Request, accepted: Accepted, done: Completed, as_json: bool, started: float
+    request: Request, accepted: Accepted, done: Completed, data: list[ImageData] | None, started: float
 ) -> Response:
+    """JSON with `data` when there is some, else the first image's bytes; timing headers either way."""
     metrics, generation, body = request.app.state.metrics, accepted.generation, accepted.body
     answered = time.perf_counter()
-    if as_json:
+    if data is not None:
         payload = ImagesResponse(
-            data=[
-                ImageData(b64_json=base64.b64encode(i.data).decode("ascii"), seed=i.seed) for i in done.images
-            ],
+            data=data,
             model=accepted.model.name,
             output_format=generation.output_format,
             size=f"{generation.width}x{generation.height}",
@@ -217,6 +218,6 @@ def _response(
         "server-timing": ", ".join(f"{phase};dur={ms:.1f}" for phase, ms in phases.items())
         + f", total;dur={(time.perf_counter() - started) * 1000:.1f}",
     }
-    if not as_json:
+    if data is None:
         headers["x-seed"] = str(done.images[0].seed)
     return Response(content=content, media_type=media_type, headers=headers)
