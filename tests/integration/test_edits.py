@@ -146,3 +146,18 @@ def test_several_pictures_are_edited_in_turn(client: OpenAI, three: bytes) -> No
     first, second = (_pixels(item.b64_json) for item in result.data)
     # Output i starts from picture i mod 2: the second stays near black, the first keeps the 3's ink.
     assert second.mean() < first.mean()
+
+
+def test_an_edit_can_answer_with_urls(server: ServerHandle, client: OpenAI, three: bytes) -> None:
+    arguments: dict = {
+        "model": "digits",
+        "image": ("three.png", three, "image/png"),
+        "prompt": "the digit 8",
+        "extra_body": {"strength": 0.9, "seed": 3, "output_format": "png"},
+    }
+    linked = client.images.edit(response_format="url", **arguments)
+    inline = client.images.edit(response_format="b64_json", **arguments)
+    assert linked.data is not None and inline.data is not None and linked.data[0].url is not None
+    downloaded = httpx.get(linked.data[0].url, timeout=30)
+    assert downloaded.status_code == 200 and downloaded.headers["content-type"] == "image/png"
+    assert downloaded.content == base64.b64decode(inline.data[0].b64_json or "")

@@ -47,11 +47,6 @@ class ImageEditRequest(ImageGenerationRequest):
     ) -> GenerationRequest:
         """The edit in the engine's units: output size (the first picture's unless one is named), the pictures
         and mask fitted to it, and at least one denoising step whatever the strength."""
-        if self.response_format == "url":
-            raise InvalidRequest(
-                "response_format 'url' is not supported by this server; use 'b64_json' or omit it for image bytes",
-                param="response_format",
-            )
         task = Task.INPAINT if mask is not None else Task.IMAGE_TO_IMAGE
         if task not in model.edit_tasks:
             raise InvalidRequest(
