@@ -65,6 +65,12 @@ async def _read_form(request: Request, limit: int, timeout: float) -> EditBody:
     try:
         form = await asyncio.wait_for(parser.parse(), timeout)
     except MultiPartException as exc:
+        if exc.message.startswith("Too many files"):
+            # Starlette stops at `max_files`: a form with too many images is a well-formed request that sends
+            # more than the limit, and its answer names the field like the count check after parsing does.
+            raise InvalidRequest(
+                f"at most {MAX_EDIT_IMAGES} images and one mask per edit", param="image"
+            ) from None
         raise InvalidRequest(f"malformed multipart form: {exc.message}") from None
     except (ClientDisconnect, asyncio.TimeoutError):
         raise InvalidRequest("malformed multipart form") from None
@@ -74,8 +80,9 @@ async def _read_form(request: Request, limit: int, timeout: float) -> EditBody:
             if isinstance(value, UploadFile):
                 data = await value.read()
                 if name in IMAGE_FIELDS:
+                    # Errors name an `image[]` part by its index, as OpenAI names array items: `image[16]`.
                     body.pictures.append(
-                        (f"{name}[{len(body.pictures)}]" if name == "image[]" else name, data)
+                        (f"image[{len(body.pictures)}]" if name == "image[]" else name, data)
                     )
                 elif name == "mask":
                     if body.mask is not None:
