@@ -218,6 +218,13 @@ class BatchJob:
     def num_images(self) -> int:
         return sum(len(item.seeds) for item in self.items)
 
+    @property
+    def denoising_steps(self) -> int:
+        """The steps the pipeline runs: an edit joins the schedule part-way, at about steps × strength."""
+        if self.task is Task.GENERATE:
+            return self.steps
+        return max(1, round(self.steps * self.strength))
+
     @classmethod
     def of(cls, batch_id: int, requests: list[GenerationRequest]) -> BatchJob:
         """One job for compatible requests (same batch key); the first one gives the shared settings."""

@@ -1,4 +1,4 @@
-"""The OpenAPI document: the images route's hand-read body declared from its pydantic model, errors as the
+"""The OpenAPI document: the image routes' hand-read bodies declared from their pydantic models, errors as the
 OpenAI envelope, served at /openapi.json behind the same auth as the API."""
 
 from __future__ import annotations
@@ -17,12 +17,22 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 _IMAGE_BYTES = {"schema": {"type": "string", "format": "binary"}}
+# One server-sent event: its name (image_generation.partial_image, …, error) and its JSON payload as text.
+_STREAM_EVENT = {
+    "type": "object",
+    "required": ["event", "data"],
+    "properties": {
+        "event": {"type": "string"},
+        "data": {"type": "string", "contentMediaType": "application/json"},
+    },
+}
 
 # The route reads its body by hand (to bound its size and time), so FastAPI cannot see it: declare it.
 IMAGES_ROUTE_DOC: dict[str, Any] = {
     "summary": "Generate images",
     "description": "JSON with base64 images or image URLs when the client asks for JSON (response_format, "
-    "or Accept: application/json outside the SDK's raw calls); else the image bytes of one image.",
+    "or Accept: application/json outside the SDK's raw calls); else the image bytes of one image. With "
+    "stream: true, server-sent events: partial images, then one completed event per image.",
     "openapi_extra": {
         "requestBody": {
             "required": True,
@@ -34,6 +44,8 @@ IMAGES_ROUTE_DOC: dict[str, Any] = {
                 "content": {
                     "application/json": {"schema": ImagesResponse.model_json_schema()},
                     **{f"image/{fmt}": _IMAGE_BYTES for fmt in OUTPUT_FORMATS},
+                    # OpenAI's image stream events (see README, Streaming); errors after the start are events too.
+                    "text/event-stream": {"schema": _STREAM_EVENT},
                 },
             }
         },

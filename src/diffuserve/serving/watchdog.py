@@ -12,8 +12,8 @@ EMA_WEIGHT = 0.2
 
 
 def work_of(job: BatchJob) -> float:
-    """What a batch costs the device, in pixel-steps: width × height × steps × images."""
-    return float(job.width * job.height * max(1, job.steps) * job.num_images)
+    """What a batch costs the device, in pixel-steps: width × height × steps run × images."""
+    return float(job.width * job.height * max(1, job.denoising_steps) * job.num_images)
 
 
 @dataclass
