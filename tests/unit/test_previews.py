@@ -67,6 +67,8 @@ def test_each_item_gets_its_own_previews_and_the_final_image_is_unchanged(engine
 
 
 def test_inpainting_keeps_the_unmasked_pixels_exactly(engine: Engine) -> None:
+    generation = BatchJob(9, 32, 32, 4, 0.0, [item("the digit 1", [4])])
+    before = engine.compute(generation)
     rng = np.random.default_rng(0)
     source = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
     mask = np.zeros((32, 32), np.uint8)
@@ -89,6 +91,10 @@ def test_inpainting_keeps_the_unmasked_pixels_exactly(engine: Engine) -> None:
     assert not np.array_equal(computed.pixels[0][~kept], source[~kept])
     for batch in taken:
         assert np.array_equal(batch.previews[0].pixels[0][kept], source[kept])
+    # The edit pipelines share the loaded one's scheduler: an edit leaves nothing behind in it.
+    after = engine.compute(generation)
+    assert isinstance(before, DeviceBatch) and isinstance(after, DeviceBatch)
+    assert np.array_equal(before.pixels, after.pixels)
 
 
 def test_text_tokens_are_counted_with_the_models_tokenizer(engine: Engine) -> None:
