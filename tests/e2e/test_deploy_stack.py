@@ -262,6 +262,40 @@ def test_openai_client_through_nginx(stack: Stack) -> None:
     assert raw.content == image  # same seed, same image, whichever way it is returned
 
 
+def test_edits_take_pictures_over_the_json_body_limit_and_streams_pass_through(stack: Stack) -> None:
+    """Edits have their own body limit in nginx (MAX_UPLOAD_BYTES), and event streams are not buffered away."""
+    openai = pytest.importorskip("openai")
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    model = _model_id(stack)
+    client = openai.OpenAI(api_key=API_KEY, base_url=f"{stack.public}/v1", max_retries=0, timeout=120)
+    noise = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(noise).save(buffer, format="PNG")
+    picture = buffer.getvalue()
+    assert len(picture) > MAX_BODY  # a generation body this large would be a 413 at the front
+    edited = client.images.edit(
+        model=model,
+        image=("noise.png", picture, "image/png"),
+        prompt="a lighthouse",
+        size="32x32",
+        extra_body={"seed": 4, "strength": 0.5, "output_format": "png"},
+    )
+    assert edited.data is not None and base64.b64decode(edited.data[0].b64_json or "")[:4] == b"\x89PNG"
+    events = list(
+        client.images.generate(
+            model=model, prompt="a lighthouse", stream=True, partial_images=1, extra_body={"seed": 4}
+        )
+    )
+    assert [event.type for event in events] == [
+        "image_generation.partial_image",
+        "image_generation.completed",
+    ]
+
+
 def test_image_urls_point_at_the_front(stack: Stack) -> None:
     openai = pytest.importorskip("openai")
     model = _model_id(stack)

@@ -134,7 +134,8 @@ def _register_render(targets: Any) -> None:
         help="write nginx.conf and supervisord.conf for the front from the environment",
         description=(
             "Render the front's configs. Every flag also reads an environment variable (shown in brackets); "
-            "MAX_BODY_BYTES, REQUEST_TIMEOUT and API_KEYS/AUTH_TOKEN are the server's settings, read here too."
+            "MAX_BODY_BYTES, MAX_UPLOAD_BYTES, REQUEST_TIMEOUT and API_KEYS/AUTH_TOKEN are the server's settings, read "
+            "here too."
         ),
     )
     add_front_arguments(p)

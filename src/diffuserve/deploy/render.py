@@ -94,6 +94,7 @@ class FrontConfig:
     front_host: str = "0.0.0.0"
     server_port: int = 8001
     max_body_bytes: int = 1 << 20
+    max_upload_bytes: int = 64 << 20
     request_timeout: float = 600.0
     api_keys: tuple[str, ...] = ()
     front_auth: bool = True
@@ -164,7 +165,7 @@ class FrontConfig:
     @classmethod
     def from_env(cls, **overrides: Any) -> FrontConfig:
         """The front's settings (env, then the overrides that are not None) plus the server's own reading of
-        MAX_BODY_BYTES, REQUEST_TIMEOUT and API_KEYS/AUTH_TOKEN: one source of truth for both."""
+        MAX_BODY_BYTES, MAX_UPLOAD_BYTES, REQUEST_TIMEOUT and API_KEYS/AUTH_TOKEN: one source of truth for both."""
         return cls.from_settings(FrontSettings.from_env(**overrides))
 
     @classmethod
@@ -174,6 +175,7 @@ class FrontConfig:
         return cls(
             **values,
             max_body_bytes=server.max_body_bytes,
+            max_upload_bytes=server.max_upload_bytes,
             request_timeout=server.request_timeout,
             api_keys=tuple(server.api_keys),
             nginx_bin=front.nginx_bin or shutil.which("nginx") or "/usr/sbin/nginx",
@@ -243,6 +245,7 @@ def nginx_values(cfg: FrontConfig) -> dict[str, str]:
         "ERROR_LOG": "stderr",
         "ACCESS_LOG": "/dev/stdout",
         "MAX_BODY_BYTES": str(cfg.max_body_bytes),
+        "MAX_UPLOAD_BYTES": str(cfg.max_upload_bytes),
         "BODY_BUFFER_BYTES": str(min(cfg.max_body_bytes, 1 << 20)),
         "AUTH_MAP": auth_map,
         "AUTH_CHECK": auth_check,
@@ -305,8 +308,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m diffuserve.deploy.render",
         description=(
             "Render the front's nginx.conf and supervisord.conf. Every flag also reads an environment "
-            "variable (shown in brackets); MAX_BODY_BYTES, REQUEST_TIMEOUT and API_KEYS/AUTH_TOKEN are the "
-            "server's settings (diffuserve serve --help), read here too."
+            "variable (shown in brackets); MAX_BODY_BYTES, MAX_UPLOAD_BYTES, REQUEST_TIMEOUT and API_KEYS/AUTH_TOKEN "
+            "are the server's settings (diffuserve serve --help), read here too."
         ),
     )
     add_front_arguments(parser)
