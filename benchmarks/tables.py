@@ -291,6 +291,29 @@ def parallel_profile() -> str:
     return intro + table(["kernels", "device ms per step"], rows)
 
 
+def edits() -> str:
+    data = load_json("h200-edits.json")
+    cases = data["cases"]
+    base = cases["generate"]["median_ms"]
+    rows = []
+    for name, case in cases.items():
+        previews = case["previews"]
+        extra = case["median_ms"] - base
+        each = f"{extra / previews:+.1f}" if previews else "–"
+        rows.append(
+            [name, f"{case['median_ms']:.1f}", f"{case['median_ms'] / base:.2f}×", str(previews), each]
+        )
+    v = data["versions"]
+    intro = (
+        f"{v['gpu']}, {v['date']}, torch {v['torch']}, diffusers {v['diffusers']}; {data['model']} "
+        f"(random weights), tier {data['tier']}, {data['size']}², batch {data['batch']}, {data['steps']} steps; "
+        "device time of the engine's compute part (denoise, decode, uint8 pixels in host memory), median of "
+        f"{len(cases['generate']['runs_ms'])} runs.\n\n"
+    )
+    header = ["case", "device ms", "× generate", "previews", "ms per preview"]
+    return intro + table(header, rows)
+
+
 def kind_of_kernel(name: str) -> str:
     lowered = name.lower()
     if lowered.startswith("nccl"):
@@ -310,6 +333,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "tiers": tiers,
     "parallel": parallel,
     "parallel-profile": parallel_profile,
+    "edits": edits,
 }
 
 
