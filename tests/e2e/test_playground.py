@@ -303,16 +303,20 @@ def api_stream(base_url: str, path: str, **body: Any) -> list[tuple[str, dict[st
     return events
 
 
-# Records, in order, the cards the page puts in the result: its previews, then its images.
+# Records, in order, the cards the page puts in the result (its previews, then its images), and the most
+# cards shown at once.
 RECORD_RESULT_CARDS = """
 window.resultCards = [];
+window.mostCards = 0;
+const shown = document.getElementById("result-images");
 new MutationObserver((records) => {
   for (const record of records) for (const node of record.addedNodes) {
     if (node.classList && node.classList.contains("card")) {
       window.resultCards.push(node.classList.contains("preview") ? "preview" : "image");
     }
   }
-}).observe(document.getElementById("result-images"), { childList: true });
+  window.mostCards = Math.max(window.mostCards, shown.children.length);
+}).observe(shown, { childList: true });
 """
 
 
@@ -335,6 +339,7 @@ def test_previews_arrive_then_the_apis_image(
     # Each preview took the place of the one before, and the image took the last preview's place.
     cards = browser.execute_script("return window.resultCards")
     assert cards[-1] == "image" and cards[0] == "preview" and cards.count("image") == 1, cards
+    assert browser.execute_script("return window.mostCards") == 1
     assert not browser.find_elements(By.CSS_SELECTOR, "#result-images .preview")
     requests = network_log(browser)
     posts = [r for r in requests if r["method"] == "POST" and r["url"].endswith(GENERATIONS)]
@@ -364,7 +369,7 @@ def test_previews_arrive_then_the_apis_image(
     assert "first preview (browser)" in browser.find_element(By.ID, "timing").text
 
     # Two images: each has its previews in its own place, then its image with its own seed.
-    browser.execute_script("window.resultCards = []")
+    browser.execute_script("window.resultCards = []; window.mostCards = 0")
     count = browser.find_element(By.ID, "n")
     count.clear()
     count.send_keys("2")
@@ -378,6 +383,7 @@ def test_previews_arrive_then_the_apis_image(
         "preview",
         "preview",
     ]
+    assert browser.execute_script("return window.mostCards") == 2
     captions = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#result-images figcaption")]
     assert [c.split()[1] for c in captions] == ["7", "8"], captions
 
@@ -526,6 +532,37 @@ def test_page_edits_a_generated_image_with_a_painted_mask(
     browser.find_element(By.ID, "mask-clear").click()
     assert browser.execute_async_script("maskBlob().then((blob) => arguments[0](blob === null))") is True
     assert browser.find_element(By.ID, "strength").get_attribute("placeholder") == "default 0.6"
+
+    # A picked file replaces the picture, its mask starts empty, and a type the server does not read goes as PNG.
+    gif = tmp_path / "wide.gif"
+    Image.new("RGB", (48, 40), (200, 30, 30)).save(gif)
+    browser.find_element(By.ID, "source-file").send_keys(str(gif))
+    wait_for(
+        browser, lambda d: d.find_element(By.ID, "source-info").text.startswith("48×40"), "the picked file"
+    )
+    assert browser.execute_script("return [editor.blob.type, editor.name, hasMask()]") == [
+        "image/png",
+        "wide.png",
+        False,
+    ]
+    # So does a file dropped on the page.
+    browser.execute_script(
+        """
+        const canvas = document.createElement("canvas");
+        canvas.width = 24;
+        canvas.height = 16;
+        canvas.toBlob((blob) => {
+          const transfer = new DataTransfer();
+          transfer.items.add(new File([blob], "dropped.png", { type: "image/png" }));
+          document.getElementById("prompt").dispatchEvent(
+            new DragEvent("drop", { dataTransfer: transfer, bubbles: true, cancelable: true }));
+        });
+        """
+    )
+    wait_for(
+        browser, lambda d: d.find_element(By.ID, "source-info").text.startswith("24×16"), "the dropped file"
+    )
+    assert browser.execute_script("return editor.name") == "dropped.png"
 
     requests += network_log(browser)
     check_only_same_origin(requests, server.base_url)
