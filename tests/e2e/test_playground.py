@@ -1,5 +1,6 @@
 """The web playground in headless Chromium: a prompt typed in the page gives the API's exact image, directly and
-through the nginx front with a key; no console error and no request to another origin."""
+through the nginx front with a key; previews stream in before the image; a generated image edited with a
+painted mask gives the API's edit; no console error and no request to another origin."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import pytest
 from PIL import Image
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import Select, WebDriverWait
@@ -41,6 +43,7 @@ needs_chromium = pytest.mark.skipif(
     "install with: apt-get install -y chromium chromium-driver",
 )
 GENERATIONS = "/v1/images/generations"
+EDITS = "/v1/images/edits"
 # The exact body the page must send for the form filled in by `fill_and_generate`.
 EXPECTED_BODY = {
     "prompt": "the digit 5",
@@ -285,3 +288,282 @@ def test_page_through_the_front_with_a_key(stack: Stack, browser: WebDriver, tmp
     assert all("/v1/models" in e["message"] and "401" in e["message"] for e in errors), errors
     assert len(errors) <= 1, errors
     save_screenshot(browser, "playground-front.png", tmp_path)
+
+
+def api_stream(base_url: str, path: str, **body: Any) -> list[tuple[str, dict[str, Any]]]:
+    """The events of a streamed answer, as (event name, payload)."""
+    events = []
+    with httpx.stream("POST", f"{base_url}{path}", timeout=WAIT_S, **body) as response:
+        assert response.status_code == 200, response.read()
+        assert response.headers["content-type"].startswith("text/event-stream")
+        for block in response.read().decode().split("\n\n"):
+            lines = dict(line.split(": ", 1) for line in block.splitlines())
+            if lines:
+                events.append((lines["event"], json.loads(lines["data"])))
+    return events
+
+
+# Records, in order, the cards the page puts in the result (its previews, then its images), and the most
+# cards shown at once.
+RECORD_RESULT_CARDS = """
+window.resultCards = [];
+window.mostCards = 0;
+const shown = document.getElementById("result-images");
+new MutationObserver((records) => {
+  for (const record of records) for (const node of record.addedNodes) {
+    if (node.classList && node.classList.contains("card")) {
+      window.resultCards.push(node.classList.contains("preview") ? "preview" : "image");
+    }
+  }
+  window.mostCards = Math.max(window.mostCards, shown.children.length);
+}).observe(shown, { childList: true });
+"""
+
+
+@needs_chromium
+def test_previews_arrive_then_the_apis_image(
+    server: ServerHandle, browser: WebDriver, tmp_path: Path
+) -> None:
+    browser.get(f"{server.base_url}/")
+    wait_for(browser, lambda d: status(d) == "ready", "the page to read the model from /v1/models", 30)
+    browser.execute_script(RECORD_RESULT_CARDS)
+    browser.find_element(By.ID, "prompt").send_keys("the digit 2")
+    browser.find_element(By.ID, "seed").send_keys("7")
+    Select(browser.find_element(By.ID, "format")).select_by_value("png")
+    browser.find_element(By.ID, "previews").click()
+    Select(browser.find_element(By.ID, "partial-images")).select_by_value("3")
+    browser.find_element(By.ID, "generate").click()
+    wait_for(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#gallery .card")) == 1, "the image")
+    result_images(browser, 1)
+
+    # Each preview took the place of the one before, and the image took the last preview's place.
+    cards = browser.execute_script("return window.resultCards")
+    assert cards[-1] == "image" and cards[0] == "preview" and cards.count("image") == 1, cards
+    assert browser.execute_script("return window.mostCards") == 1
+    assert not browser.find_elements(By.CSS_SELECTOR, "#result-images .preview")
+    requests = network_log(browser)
+    posts = [r for r in requests if r["method"] == "POST" and r["url"].endswith(GENERATIONS)]
+    assert len(posts) == 1, posts
+    assert posts[0]["headers"]["Accept"] == "text/event-stream"
+    sent = json.loads(posts[0]["postData"])
+    assert sent == {
+        "prompt": "the digit 2",
+        "n": 1,
+        "output_format": "png",
+        "response_format": "b64_json",
+        "stream": True,
+        "partial_images": 3,
+        "seed": 7,
+    }
+    events = api_stream(server.base_url, GENERATIONS, json=sent)
+    assert [name for name, _ in events][-1] == "image_generation.completed"
+    assert cards.count("preview") == len(events) - 1 >= 1
+    in_page = pixels(
+        downloaded(
+            browser, browser.find_element(By.CSS_SELECTOR, "#result-images .card"), tmp_path / "downloads"
+        )
+    )
+    assert np.array_equal(in_page, pixels(base64.b64decode(events[-1][1]["b64_json"])))
+    assert in_page.std() > 10
+    assert "seed 7" in browser.find_element(By.CSS_SELECTOR, "#result-images figcaption").text
+    assert "first preview (browser)" in browser.find_element(By.ID, "timing").text
+
+    # Two images: each has its previews in its own place, then its image with its own seed.
+    browser.execute_script("window.resultCards = []; window.mostCards = 0")
+    count = browser.find_element(By.ID, "n")
+    count.clear()
+    count.send_keys("2")
+    Select(browser.find_element(By.ID, "partial-images")).select_by_value("1")
+    browser.find_element(By.ID, "generate").click()
+    wait_for(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#gallery .card")) == 3, "2 more images")
+    result_images(browser, 2)
+    assert sorted(browser.execute_script("return window.resultCards")) == [
+        "image",
+        "image",
+        "preview",
+        "preview",
+    ]
+    assert browser.execute_script("return window.mostCards") == 2
+    captions = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#result-images figcaption")]
+    assert [c.split()[1] for c in captions] == ["7", "8"], captions
+
+    # An error event is shown like any other error, and its previews go. The server sends one only when a
+    # generation fails after its stream began, so this answer is made in the page.
+    browser.execute_script(
+        """
+        const stream = 'event: image_generation.partial_image\\r\\ndata: '
+          + JSON.stringify({ type: "image_generation.partial_image", b64_json: "", partial_image_index: 0,
+                             output_format: "png" })
+          + '\\r\\n\\r\\n: a comment\\n\\nevent: error\\ndata: '
+          + JSON.stringify({ type: "error", error: { message: "generation failed: out of memory",
+                                                     type: "server_error", param: null, code: null } })
+          + '\\n\\n';
+        const chunks = stream.match(/[\\s\\S]{1,7}/g).map((chunk) => new TextEncoder().encode(chunk));
+        window.fetch = async () => new Response(new ReadableStream({
+          start(controller) { chunks.forEach((chunk) => controller.enqueue(chunk)); controller.close(); },
+        }), { headers: { "Content-Type": "text/event-stream" } });
+        """
+    )
+    browser.find_element(By.ID, "generate").click()
+    wait_for(browser, lambda d: d.find_element(By.ID, "error").is_displayed(), "the error")
+    assert browser.find_element(By.ID, "error").text == "generation failed: out of memory"
+    assert not browser.find_elements(By.CSS_SELECTOR, "#result-images .preview")
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#gallery .card")) == 3
+
+    requests += network_log(browser)
+    check_only_same_origin(requests, server.base_url)
+    assert console_errors(browser) == []
+    save_screenshot(browser, "playground-previews.png", tmp_path)
+
+
+# Keeps, for the test, every multipart form the page passes to fetch: text fields as text, files as base64.
+RECORD_FORMS = """
+window.sentForms = [];
+const send = window.fetch;
+window.fetch = async (url, init) => {
+  if (init && init.body instanceof FormData) {
+    const fields = [];
+    for (const [name, value] of init.body.entries()) {
+      if (!(value instanceof Blob)) { fields.push([name, value]); continue; }
+      const bytes = new Uint8Array(await value.arrayBuffer());
+      fields.push([name, { filename: value.name, type: value.type,
+                           b64: btoa(Array.from(bytes, (b) => String.fromCharCode(b)).join("")) }]);
+    }
+    window.sentForms.push({ url: String(url), fields });
+  }
+  return send(url, init);
+};
+"""
+
+
+def paint_left_half(driver: WebDriver) -> None:
+    """One stroke down the middle of the left half with a brush half the picture wide: columns 0–15 of 32."""
+    brush = driver.find_element(By.ID, "brush")
+    driver.execute_script("arguments[0].value = '16'; arguments[0].dispatchEvent(new Event('input'))", brush)
+    assert driver.find_element(By.ID, "brush-value").text == "16 px"
+    canvas = driver.find_element(By.ID, "mask-canvas")
+    width, height = canvas.size["width"], canvas.size["height"]
+    ActionChains(driver).move_to_element_with_offset(
+        canvas, -round(width / 4), -round(height / 2) + 2
+    ).click_and_hold().move_by_offset(0, round(height) - 4).release().perform()
+
+
+@needs_chromium
+def test_page_edits_a_generated_image_with_a_painted_mask(
+    server: ServerHandle, browser: WebDriver, tmp_path: Path
+) -> None:
+    browser.get(f"{server.base_url}/")
+    wait_for(browser, lambda d: status(d) == "ready", "the page to read the model from /v1/models", 30)
+    browser.execute_script(RECORD_FORMS)
+    browser.find_element(By.ID, "prompt").send_keys("the digit 3")
+    browser.find_element(By.ID, "seed").send_keys("0")
+    Select(browser.find_element(By.ID, "format")).select_by_value("png")
+    browser.find_element(By.ID, "generate").click()
+    result_images(browser, 1)
+
+    browser.find_element(By.CSS_SELECTOR, "#result-images .edit-this").click()
+    wait_for(
+        browser, lambda d: d.find_element(By.ID, "mask-canvas").is_displayed(), "the picture to edit", 30
+    )
+    assert browser.find_element(By.ID, "generate").text == "Edit"
+    assert Select(browser.find_element(By.ID, "size")).first_selected_option.text == "the picture's size"
+    assert browser.find_element(By.ID, "strength").get_attribute("placeholder") == "default 0.6"
+    paint_left_half(browser)
+    assert browser.find_element(By.ID, "strength").get_attribute("placeholder") == "default 1.0"
+    for field, value in (("prompt", "the digit 8"), ("seed", "1"), ("strength", "1.0")):
+        browser.find_element(By.ID, field).clear()
+        browser.find_element(By.ID, field).send_keys(value)
+    browser.find_element(By.ID, "generate").click()
+    wait_for(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#gallery .card")) == 2, "the edit")
+    result_images(browser, 1)
+
+    forms = browser.execute_script("return window.sentForms")
+    assert len(forms) == 1 and forms[0]["url"] == "v1/images/edits", forms
+    fields = dict(forms[0]["fields"])
+    image, mask = fields.pop("image"), fields.pop("mask")
+    assert fields == {
+        "prompt": "the digit 8",
+        "n": "1",
+        "output_format": "png",
+        "response_format": "b64_json",
+        "strength": "1",
+        "seed": "1",
+    }
+    assert (image["filename"], image["type"]) == ("diffuserve-0.png", "image/png")
+    assert (mask["filename"], mask["type"]) == ("mask.png", "image/png")
+    source = pixels(base64.b64decode(image["b64"]))
+    mask_png = base64.b64decode(mask["b64"])
+    with Image.open(io.BytesIO(mask_png)) as opened:
+        assert opened.format == "PNG" and opened.size == (32, 32)
+        alpha = np.asarray(opened.convert("RGBA").getchannel("A"))
+    painted = np.zeros((32, 32), dtype=bool)
+    painted[:, :16] = True
+    assert np.array_equal(alpha == 0, painted) and np.all(alpha[~painted] == 255)
+
+    requests = network_log(browser)
+    posts = [r for r in requests if r["method"] == "POST" and r["url"].endswith(EDITS)]
+    assert len(posts) == 1, posts
+    assert posts[0]["headers"]["Content-Type"].startswith("multipart/form-data; boundary=")
+
+    in_page = pixels(
+        downloaded(
+            browser, browser.find_element(By.CSS_SELECTOR, "#result-images .card"), tmp_path / "downloads"
+        )
+    )
+    response = httpx.post(
+        f"{server.base_url}{EDITS}",
+        files=[
+            ("image", (image["filename"], base64.b64decode(image["b64"]), image["type"])),
+            ("mask", ("mask.png", mask_png, "image/png")),
+        ],
+        data=fields,
+        timeout=WAIT_S,
+    )
+    assert response.status_code == 200, response.text
+    assert np.array_equal(in_page, pixels(base64.b64decode(response.json()["data"][0]["b64_json"])))
+    # Kept where unpainted, pixel for pixel; repainted where painted.
+    assert np.array_equal(in_page[:, 16:], source[:, 16:])
+    assert not np.array_equal(in_page[:, :16], source[:, :16])
+    assert "seed 1" in browser.find_element(By.CSS_SELECTOR, "#result-images figcaption").text
+
+    save_screenshot(browser, "playground-edit.png", tmp_path)
+
+    # Cleared, the mask is no longer sent: the edit is image-to-image.
+    browser.find_element(By.ID, "mask-clear").click()
+    assert browser.execute_async_script("maskBlob().then((blob) => arguments[0](blob === null))") is True
+    assert browser.find_element(By.ID, "strength").get_attribute("placeholder") == "default 0.6"
+
+    # A picked file replaces the picture, its mask starts empty, and a type the server does not read goes as PNG.
+    gif = tmp_path / "wide.gif"
+    Image.new("RGB", (48, 40), (200, 30, 30)).save(gif)
+    browser.find_element(By.ID, "source-file").send_keys(str(gif))
+    wait_for(
+        browser, lambda d: d.find_element(By.ID, "source-info").text.startswith("48×40"), "the picked file"
+    )
+    assert browser.execute_script("return [editor.blob.type, editor.name, hasMask()]") == [
+        "image/png",
+        "wide.png",
+        False,
+    ]
+    # So does a file dropped on the page.
+    browser.execute_script(
+        """
+        const canvas = document.createElement("canvas");
+        canvas.width = 24;
+        canvas.height = 16;
+        canvas.toBlob((blob) => {
+          const transfer = new DataTransfer();
+          transfer.items.add(new File([blob], "dropped.png", { type: "image/png" }));
+          document.getElementById("prompt").dispatchEvent(
+            new DragEvent("drop", { dataTransfer: transfer, bubbles: true, cancelable: true }));
+        });
+        """
+    )
+    wait_for(
+        browser, lambda d: d.find_element(By.ID, "source-info").text.startswith("24×16"), "the dropped file"
+    )
+    assert browser.execute_script("return editor.name") == "dropped.png"
+
+    requests += network_log(browser)
+    check_only_same_origin(requests, server.base_url)
+    assert console_errors(browser) == []

@@ -8,7 +8,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from diffuserve.api.app import build_app
-from diffuserve.api.routes.playground import STATIC_DIR
+from diffuserve.api.routes.playground import ASSETS, STATIC_DIR
 from diffuserve.config import Settings
 
 KEY = "sk-playground-test-key"
@@ -33,14 +33,12 @@ def test_page_and_its_files_are_served_with_a_strict_policy() -> None:
     policy = page.headers["content-security-policy"]
     assert "default-src 'none'" in policy and "connect-src 'self'" in policy
     assert http.get("/playground").content == page.content
-    for asset, kind in (
-        ("playground/playground.js", "text/javascript"),
-        ("playground/playground.css", "text/css"),
-    ):
-        assert asset in page_assets(page.text)
-        response = http.get(f"/{asset}")
-        assert response.status_code == 200 and response.headers["content-type"].startswith(kind)
-        assert response.content == (STATIC_DIR / asset.split("/")[-1]).read_bytes()
+    # The page links every file the route serves, and each comes with its type, byte for byte.
+    assert sorted(page_assets(page.text)) == sorted([f"playground/{name}" for name in ASSETS] + ["data:,"])
+    for name, kind in ASSETS.items():
+        response = http.get(f"/playground/{name}")
+        assert response.status_code == 200 and response.headers["content-type"] == kind
+        assert response.content == (STATIC_DIR / name).read_bytes()
 
 
 def test_page_loads_nothing_from_elsewhere_and_stays_small() -> None:
@@ -56,8 +54,10 @@ def test_page_loads_nothing_from_elsewhere_and_stays_small() -> None:
         assert response.status_code == 200, link
         total += len(response.content)
     assert total < MAX_PAGE_BYTES, total
-    script = (STATIC_DIR / "playground.js").read_text()
-    assert not re.search(r"https?://", script), "the script must only call this server's own routes"
+    for name in ASSETS:
+        if name.endswith(".js"):
+            script = (STATIC_DIR / name).read_text()
+            assert not re.search(r"https?://", script), f"{name} must only call this server's own routes"
 
 
 def test_page_needs_no_key_and_names_nothing_of_the_server() -> None:

@@ -1,4 +1,5 @@
-// diffuserve playground: a form over this server's own POST /v1/images/generations (JSON, b64_json).
+// diffuserve playground: a form over this server's own POST /v1/images/generations (JSON) and
+// POST /v1/images/edits (multipart form), answered with b64_json or, with previews, an event stream.
 // No framework and no build step; every request goes to the origin that served the page.
 "use strict";
 
@@ -6,7 +7,9 @@ const $ = (id) => document.getElementById(id);
 const KEY_STORE = "diffuserve.apiKey";
 const SEED_PATTERN = /^\d{1,19}$/;
 const MAX_SEED = 2n ** 63n - 1n;
-const state = { card: null, lastSeed: null, controller: null, timer: null, gallery: [] };
+// The server's strength when none is sent (README "Edits"): image-to-image, and inpainting with a mask.
+const DEFAULT_STRENGTH = { picture: 0.6, mask: 1.0 };
+const state = { card: null, lastSeed: null, controller: null, timer: null, gallery: [], mode: "generate" };
 
 function authHeaders(extra) {
   const headers = { ...extra };
@@ -59,7 +62,7 @@ async function loadModel() {
   $("negative-box").hidden = !card.supports_negative_prompt;
   $("steps").placeholder = `default ${card.default_steps}`;
   $("guidance").placeholder = `default ${card.default_guidance}`;
-  $("size").options[0].textContent = `model default (${card.default_size})`;
+  showDefaults();
 }
 
 class FormError extends Error {
@@ -69,6 +72,9 @@ class FormError extends Error {
   }
 }
 
+// A failure the server told of: an HTTP error envelope, or an error event of a stream.
+class ServerError extends Error {}
+
 function optionalNumber(id, label, parse) {
   const raw = $(id).value.trim();
   if (raw === "") return undefined;
@@ -77,155 +83,91 @@ function optionalNumber(id, label, parse) {
   return value;
 }
 
-// The request body as JSON text. The seed is spliced in as digits: seeds reach 2^63-1, past what a
+// A stream's events carry no seed: the page picks the random seed itself, so the images still show theirs.
+function randomSeed() {
+  return String(crypto.getRandomValues(new BigUint64Array(1))[0] >> 1n);
+}
+
+// The fields both routes share, in the API's names. The seed stays text: seeds reach 2^63-1, past what a
 // JavaScript number holds exactly.
-function buildBody() {
+function formFields() {
   const prompt = $("prompt").value.trim();
   if (!prompt) throw new FormError("Write a prompt first.", "prompt");
-  const body = {
+  const fields = {
     prompt,
     n: optionalNumber("n", "Images", Number) ?? 1,
     output_format: $("format").value,
     response_format: "b64_json",
   };
   if (!$("negative-box").hidden && $("negative-prompt").value.trim()) {
-    body.negative_prompt = $("negative-prompt").value.trim();
+    fields.negative_prompt = $("negative-prompt").value.trim();
   }
   const size = $("size").value;
   if (size === "custom") {
-    body.width = optionalNumber("width", "Width", Number);
-    body.height = optionalNumber("height", "Height", Number);
-    if (body.width === undefined || body.height === undefined) {
+    fields.width = optionalNumber("width", "Width", Number);
+    fields.height = optionalNumber("height", "Height", Number);
+    if (fields.width === undefined || fields.height === undefined) {
       throw new FormError("A custom size needs both width and height.", "width");
     }
   } else if (size) {
-    body.aspect_ratio = size;
+    fields.aspect_ratio = size;
   }
   const steps = optionalNumber("steps", "Steps", Number);
-  if (steps !== undefined) body.num_inference_steps = steps;
+  if (steps !== undefined) fields.num_inference_steps = steps;
   const guidance = optionalNumber("guidance", "Guidance", Number);
-  if (guidance !== undefined) body.guidance_scale = guidance;
-  const seed = $("seed").value.trim();
-  if (seed === "") return JSON.stringify(body);
-  if (!SEED_PATTERN.test(seed) || BigInt(seed) > MAX_SEED) {
+  if (guidance !== undefined) fields.guidance_scale = guidance;
+  if (state.mode === "edit") {
+    const strength = optionalNumber("strength", "Strength", Number);
+    if (strength !== undefined) fields.strength = strength;
+  }
+  if ($("previews").checked) {
+    fields.stream = true;
+    fields.partial_images = Number($("partial-images").value);
+  }
+  let seed = $("seed").value.trim();
+  if (seed !== "" && (!SEED_PATTERN.test(seed) || BigInt(seed) > MAX_SEED)) {
     throw new FormError(`Seed must be a whole number from 0 to ${MAX_SEED}, or empty for random.`, "seed");
   }
-  return JSON.stringify(body).slice(0, -1) + `,"seed":${BigInt(seed)}}`;
+  if (seed === "") seed = fields.stream ? randomSeed() : undefined;
+  return { fields, seed };
 }
 
-// Server-Timing: comma-separated `name;dur=ms;desc="…"` entries; quoted strings may hold , and ;.
-function splitOutsideQuotes(text, separator) {
-  const parts = [];
-  let current = "";
-  let quoted = false;
-  for (let i = 0; i < text.length; i++) {
-    const ch = text[i];
-    if (ch === '"') quoted = !quoted;
-    else if (ch === "\\" && quoted) current += text[i++];
-    else if (ch === separator && !quoted) {
-      parts.push(current);
-      current = "";
-      continue;
-    }
-    current += ch;
+// What to post: JSON to generations, or to edits the multipart form OpenAI's SDK sends.
+async function buildRequest() {
+  const { fields, seed } = formFields();
+  const stream = Boolean(fields.stream);
+  const request = { prompt: fields.prompt, n: fields.n, stream, seed, partials: fields.partial_images };
+  const accept = { Accept: stream ? "text/event-stream" : "application/json" };
+  if (state.mode !== "edit") {
+    let body = JSON.stringify(fields);
+    if (seed !== undefined) body = body.slice(0, -1) + `,"seed":${seed}}`;
+    const headers = { "Content-Type": "application/json", ...accept };
+    return { ...request, url: "v1/images/generations", body, headers };
   }
-  parts.push(current);
-  return parts.map((part) => part.trim()).filter(Boolean);
+  if (!editor.blob) throw new FormError("Drop or choose a picture to edit first.", "source-file");
+  const form = new FormData();
+  form.append("image", editor.blob, editor.name);
+  const mask = await maskBlob();
+  if (mask) form.append("mask", mask, "mask.png");
+  for (const [name, value] of Object.entries(fields)) form.append(name, String(value));
+  if (seed !== undefined) form.append("seed", seed);
+  // No Content-Type: the browser writes it with the form's boundary.
+  return { ...request, url: "v1/images/edits", body: form, headers: accept };
 }
 
-function parseServerTiming(header) {
-  if (!header) return [];
-  return splitOutsideQuotes(header, ",").map((entry) => {
-    const [name, ...params] = splitOutsideQuotes(entry, ";");
-    const metric = { name, dur: null, desc: "" };
-    for (const param of params) {
-      const at = param.indexOf("=");
-      if (at < 0) continue;
-      const key = param.slice(0, at).trim().toLowerCase();
-      let value = param.slice(at + 1).trim();
-      if (value.startsWith('"') && value.endsWith('"')) value = value.slice(1, -1).replace(/\\(.)/g, "$1");
-      if (key === "dur" && metric.dur === null) metric.dur = Number(value);
-      else if (key === "desc" && !metric.desc) metric.desc = value;
-    }
-    return metric;
-  });
+function envelopeText(envelope) {
+  return envelope.message + (envelope.param ? ` (field: ${envelope.param})` : "");
 }
 
-function timingRows(response, roundTripMs) {
-  const rows = [{ label: "round trip (browser)", ms: roundTripMs, group: "browser" }];
-  for (const name of ["x-queue-ms", "x-inference-ms"]) {
-    const value = response.headers.get(name);
-    if (value !== null) rows.push({ label: name, ms: Number(value), group: "header" });
+function httpError(response, text) {
+  let message = `HTTP ${response.status}`;
+  try {
+    message += `: ${envelopeText(JSON.parse(text).error)}`;
+  } catch {
+    message += ` ${text.slice(0, 200)}`;
   }
-  for (const metric of parseServerTiming(response.headers.get("server-timing"))) {
-    rows.push({ label: metric.name, ms: metric.dur, desc: metric.desc, group: "server-timing" });
-  }
-  return rows;
-}
-
-function renderTiming(rows, response) {
-  const body = $("timing").tBodies[0];
-  body.replaceChildren();
-  const total = rows[0].ms || 1;
-  for (const row of rows) {
-    const tr = body.insertRow();
-    tr.dataset.group = row.group;
-    tr.insertCell().textContent = row.group === "server-timing" ? `server-timing: ${row.label}` : row.label;
-    tr.insertCell().textContent = row.ms === null || Number.isNaN(row.ms) ? "–" : `${row.ms.toFixed(1)} ms`;
-    const barCell = tr.insertCell();
-    if (row.ms) {
-      const bar = document.createElement("span");
-      bar.className = "timing-bar";
-      bar.style.width = `${Math.min(100, (100 * row.ms) / total)}%`;
-      barCell.append(bar);
-    }
-    if (row.desc) tr.title = row.desc;
-  }
-  for (const name of ["x-batch-size", "x-model", "x-request-id"]) {
-    const value = response.headers.get(name);
-    if (value === null) continue;
-    const tr = body.insertRow();
-    tr.dataset.group = "info";
-    tr.insertCell().textContent = name;
-    const cell = tr.insertCell();
-    cell.colSpan = 2;
-    cell.textContent = value;
-  }
-}
-
-function imageCard(item, { compact }) {
-  const figure = document.createElement("figure");
-  figure.className = "card";
-  const img = document.createElement("img");
-  img.src = item.url;
-  img.alt = `${item.prompt} (seed ${item.seed})`;
-  img.addEventListener("load", () => img.classList.toggle("pixel", img.naturalWidth < 256));
-  const caption = document.createElement("figcaption");
-  if (compact) {
-    const prompt = document.createElement("span");
-    prompt.className = "prompt";
-    prompt.textContent = item.prompt;
-    prompt.title = item.prompt;
-    caption.append(prompt);
-  }
-  const seed = document.createElement("span");
-  seed.className = "seed-value";
-  seed.textContent = `seed ${item.seed}`;
-  const reuse = document.createElement("button");
-  reuse.type = "button";
-  reuse.className = "link";
-  reuse.textContent = "reuse";
-  reuse.title = "put this seed in the form";
-  reuse.addEventListener("click", () => {
-    $("seed").value = item.seed;
-  });
-  const download = document.createElement("a");
-  download.href = item.url;
-  download.download = item.filename;
-  download.textContent = "download";
-  caption.append(seed, reuse, download);
-  figure.append(img, caption);
-  return figure;
+  if (response.status === 401) showKeyBox("API key needed");
+  return new ServerError(message);
 }
 
 function showError(message) {
@@ -248,85 +190,68 @@ function setBusy(busy) {
   }
 }
 
-function b64ToBlob(b64, type) {
-  const binary = atob(b64);
-  const bytes = new Uint8Array(binary.length);
-  for (let i = 0; i < binary.length; i++) bytes[i] = binary.charCodeAt(i);
-  return new Blob([bytes], { type });
-}
-
-async function generate() {
+async function submit() {
   $("error").hidden = true;
-  let body;
+  let request;
   try {
-    body = buildBody();
+    request = await buildRequest();
   } catch (error) {
     if (!(error instanceof FormError)) throw error;
     showError(error.message);
     $(error.field).focus();
     return;
   }
-  const prompt = JSON.parse(body).prompt;
   state.controller = new AbortController();
   setBusy(true);
   const started = performance.now();
   let response;
-  let text;
+  let items;
   try {
-    response = await fetch("v1/images/generations", {
+    response = await fetch(request.url, {
       method: "POST",
-      headers: authHeaders({ "Content-Type": "application/json", Accept: "application/json" }),
-      body,
+      headers: authHeaders(request.headers),
+      body: request.body,
       signal: state.controller.signal,
     });
-    text = await response.text();
+    if (!response.ok) throw httpError(response, await response.text());
+    items = request.stream
+      ? await streamedItems(response, request, started)
+      : jsonItems(await response.text(), request);
   } catch (error) {
     setBusy(false);
-    showError(error.name === "AbortError" ? "Cancelled." : `The server could not be reached: ${error.message}`);
+    if (error instanceof ServerError) showError(error.message);
+    else if (error.name === "AbortError") showError("Cancelled.");
+    else if (response) showError(`The answer broke off: ${error.message}`);
+    else showError(`The server could not be reached: ${error.message}`);
     return;
   }
   const roundTripMs = performance.now() - started;
   setBusy(false);
-  if (!response.ok) {
-    let message = `HTTP ${response.status}`;
-    try {
-      const envelope = JSON.parse(text).error;
-      message += `: ${envelope.message}` + (envelope.param ? ` (field: ${envelope.param})` : "");
-    } catch {
-      message += ` ${text.slice(0, 200)}`;
-    }
-    if (response.status === 401) showKeyBox("API key needed");
-    showError(message);
-    return;
-  }
-  // Keep seeds as their exact digits (JSON.parse's source text), beyond 2^53 too.
-  const payload = JSON.parse(text, (key, value, context) =>
-    key === "seed" && context && context.source ? context.source : value,
-  );
-  const format = payload.output_format;
-  const items = payload.data.map((datum) => {
-    const url = URL.createObjectURL(b64ToBlob(datum.b64_json, `image/${format}`));
-    const seed = String(datum.seed);
-    return { url, seed, prompt, size: payload.size, filename: `diffuserve-${seed}.${format}` };
-  });
   state.lastSeed = items[0].seed;
   $("seed-reuse").disabled = false;
-  $("empty").hidden = true;
-  $("result").hidden = false;
-  $("result-images").classList.toggle("many", items.length > 1);
-  $("result-images").replaceChildren(...items.map((item) => imageCard(item, { compact: false })));
-  renderTiming(timingRows(response, roundTripMs), response);
-  state.gallery.unshift(...items);
-  $("gallery").prepend(...items.map((item) => imageCard(item, { compact: true })));
-  $("gallery-box").hidden = false;
+  if (!request.stream) showResult(items); // a stream's images are in place already
+  renderTiming(timingRows(response, roundTripMs, request.firstPreviewMs), response);
+  keep(items);
 }
 
-function clearGallery() {
-  const shown = new Set(Array.from($("result-images").querySelectorAll("img"), (img) => img.src));
-  for (const item of state.gallery) if (!shown.has(item.url)) URL.revokeObjectURL(item.url);
-  state.gallery = [];
-  $("gallery").replaceChildren();
-  $("gallery-box").hidden = true;
+// The size select's first entry and the strength's default follow the mode, the model and the mask.
+function showDefaults() {
+  const card = state.card && state.card.default_size ? ` (${state.card.default_size})` : "";
+  $("size").options[0].textContent = state.mode === "edit" ? "the picture's size" : `model default${card}`;
+  const strength = hasMask() ? DEFAULT_STRENGTH.mask : DEFAULT_STRENGTH.picture;
+  $("strength").placeholder = `default ${strength.toFixed(1)}`;
+  if ($("strength").value.trim() === "") $("strength-range").value = strength;
+}
+
+function setMode(mode) {
+  state.mode = mode;
+  const editing = mode === "edit";
+  $("mode-generate").setAttribute("aria-pressed", String(!editing));
+  $("mode-edit").setAttribute("aria-pressed", String(editing));
+  $("edit-box").hidden = !editing;
+  $("generate").textContent = editing ? "Edit" : "Generate";
+  $("progress-label").textContent = editing ? "Editing…" : "Generating…";
+  showDefaults();
 }
 
 function init() {
@@ -344,9 +269,27 @@ function init() {
   $("seed-reuse").addEventListener("click", () => {
     if (state.lastSeed !== null) $("seed").value = state.lastSeed;
   });
+  $("mode-generate").addEventListener("click", () => setMode("generate"));
+  $("mode-edit").addEventListener("click", () => setMode("edit"));
+  $("strength-range").addEventListener("input", () => {
+    $("strength").value = $("strength-range").value;
+  });
+  $("strength").addEventListener("input", () => {
+    const value = Number($("strength").value);
+    if ($("strength").value.trim() !== "" && Number.isFinite(value)) $("strength-range").value = value;
+  });
+  $("previews").addEventListener("change", () => {
+    $("partial-images").disabled = !$("previews").checked;
+  });
+  initEditor({
+    changed: showDefaults,
+    loaded: () => setMode("edit"),
+    error: showError,
+    itemForUrl: (url) => state.gallery.find((item) => item.url === url),
+  });
   $("form").addEventListener("submit", (event) => {
     event.preventDefault();
-    generate();
+    submit();
   });
   $("prompt").addEventListener("keydown", (event) => {
     if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) $("form").requestSubmit();
