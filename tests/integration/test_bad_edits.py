@@ -152,7 +152,7 @@ EDIT_CASES: list[tuple[str, dict, int, str | None]] = [
     ("background transparent", _form(background="transparent"), 400, "background"),
     ("input_fidelity bogus", _form(input_fidelity="max"), 400, "input_fidelity"),
     ("size 7x7", _form(size="7x7"), 400, "size"),
-    ("response_format url", _form(response_format="url"), 400, "response_format"),
+    ("response_format bogus", _form(response_format="xml"), 400, "response_format"),
     # streaming an edit
     ("stream maybe", _form(stream="maybe"), 400, "stream"),
     ("partial_images 4", _form(stream="true", partial_images="4"), 400, "partial_images"),

@@ -132,6 +132,12 @@ class ImageGenerationRequest(BaseModel):
     def _generation(
         self, request_id: str, model: ModelInfo, width: int, height: int, steps: int, max_cost: float
     ) -> GenerationRequest:
+        if self.stream and self.response_format == "url":
+            raise InvalidRequest(
+                "a stream carries its images in its events (b64_json), as OpenAI's do: omit response_format "
+                "'url' or `stream`",
+                param="response_format",
+            )
         if steps > model.max_steps:
             raise InvalidRequest(
                 f"num_inference_steps must be between 1 and {model.max_steps}, got {steps}",
