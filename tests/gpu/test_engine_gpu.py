@@ -49,7 +49,8 @@ def test_gpu_jpeg_is_close_to_its_source_and_stable_while_other_streams_run() ->
         for _ in range(20):
             # Written on the default stream just before the encode, as the engine's uint8 conversion is.
             pixels = torch.from_numpy(pictures).cuda().permute(0, 3, 1, 2).contiguous()
-            out = encode(pixels, [0, 1], [None, 10])
+            # The default quality, and output_compression 80 (JPEG quality 80, as OpenAI's scale reads).
+            out = encode(pixels, [0, 1], [None, 80])
             if first is None:
                 first = out
             assert out == first

@@ -103,3 +103,20 @@ def test_text_tokens_are_counted_with_the_models_tokenizer(engine: Engine) -> No
     assert isinstance(computed, DeviceBatch)
     # T5-style: one token per known word here, plus the end-of-sequence token.
     assert computed.text_tokens == [4, 3]
+
+
+def test_large_previews_decode_pooled_latents_at_the_full_size() -> None:
+    """From 512² on, a preview decodes the latents pooled 2×2 (a quarter of the VAE's work) and is scaled back
+    to the request's size."""
+    engine = Engine(Settings(model_repo="tiny-random", warmup=False), "cpu")
+    engine.load()
+    job = BatchJob(5, 512, 256, 3, 0.0, [item("a b", [1], previews=1)])
+    assert min(job.width, job.height) < 512  # below the threshold: the plain decode
+    taken: list[PreviewBatch] = []
+    assert isinstance(engine.compute(job, on_preview=taken.append), DeviceBatch)
+    assert taken[0].previews[0].pixels.shape == (1, 256, 512, 3)
+    job = BatchJob(6, 512, 512, 3, 0.0, [item("a b", [1], previews=1)])
+    taken.clear()
+    computed = engine.compute(job, on_preview=taken.append)
+    assert isinstance(computed, DeviceBatch)
+    assert taken[0].previews[0].pixels.shape == computed.pixels.shape == (1, 512, 512, 3)

@@ -50,7 +50,8 @@ class DecodeClock:
 
         timed_decode._diffuserve_clock = True  # type: ignore[attr-defined]
         # Previews decode through the original, so only the batch's final decode sets the mark.
-        timed_decode.__wrapped__ = decode  # type: ignore[attr-defined]
+        # (Not `__wrapped__`: diffusers' own decorators set that to the unbound function.)
+        timed_decode._diffuserve_unclocked = decode  # type: ignore[attr-defined]
         return timed_decode
 
     def _now(self) -> Any:
