@@ -51,10 +51,13 @@ def close_group() -> None:
             dist.destroy_process_group()
 
 
-def parallelize(loaded: LoadedPipeline, degree: int) -> int:
+def parallelize(loaded: LoadedPipeline, degree: int, *, fused_qkv: bool = True) -> int:
     """Split the denoiser's sequence across `degree` ranks (Ulysses); returns the pixels per token side, from
-    which the server tells which sizes split evenly. Raises ParallelUnsupported for a model that cannot."""
+    which the server tells which sizes split evenly. Raises ParallelUnsupported for a model that cannot.
+    `fused_qkv`: exchange Q, K and V in one all-to-all per block instead of diffusers' three."""
     from diffusers import ContextParallelConfig
+
+    from diffuserve.engine.ulysses import install_fused_qkv, uninstall_fused_qkv
 
     pipeline = loaded.pipeline
     model = denoiser_of(pipeline)
@@ -74,6 +77,10 @@ def parallelize(loaded: LoadedPipeline, degree: int) -> int:
         raise ParallelUnsupported(
             f"PARALLEL={degree}: the {text_tokens} text tokens of {loaded.family.name} do not divide by {degree}"
         )
+    if fused_qkv:
+        install_fused_qkv()
+    else:
+        uninstall_fused_qkv()
     with _cpu_device_count():
         model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=degree))
     cache = step_cache_of(model)
