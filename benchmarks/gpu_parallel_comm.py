@@ -8,9 +8,10 @@
    environment once): all-to-all of one FLUX block's Q (7 MB each way at 1024²), of Q, K and V stacked, and
    the all-gather of K and V that ring attention does instead.
 2. The model, per variant (each in a fresh pair of ranks: the denoiser is split once per process):
-   ulysses = diffusers' Ulysses (three all-to-alls for Q, K, V and one for the output); fused = the same with
-   Q, K and V in one all-to-all (diffuserve.engine.ulysses); ring = diffusers' ring attention (one
-   all-gather of K and V per block); fused-overlap = fused with inductor's compute/communication reordering.
+   ulysses = diffusers' Ulysses (PARALLEL_ATTENTION=ulysses-diffusers) (three all-to-alls for Q, K, V and one for the output); fused = the same with
+   Q, K and V in one all-to-all (ulysses, diffuserve.engine.ulysses); ring = diffusers' ring attention (one
+   all-gather of K and V per block); fused-overlap and ring-overlap = the same with inductor's
+   compute/communication reordering (reorder_for_compute_comm_overlap).
    For each: the median step, a whole call of --call-steps steps (latents out), graph breaks, the CPU time
    to enqueue one transformer call against the time until the GPU has run it (near equal: the CPU sets the
    pace), and from a profiled call, per step, the time some kernel computes, the time only a collective runs
@@ -38,11 +39,12 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-VARIANTS: dict[str, dict[str, bool]] = {
-    "ulysses": {},
-    "fused": {"fused": True},
-    "ring": {"ring": True},
-    "fused-overlap": {"fused": True, "overlap": True},
+VARIANTS: dict[str, dict[str, Any]] = {
+    "ulysses": {"attention": "ulysses-diffusers"},
+    "fused": {"attention": "ulysses"},
+    "ring": {"attention": "ring"},
+    "fused-overlap": {"attention": "ulysses", "overlap": True},
+    "ring-overlap": {"attention": "ring", "overlap": True},
 }
 NCCL_ENVS: dict[str, dict[str, str]] = {
     "default": {},
@@ -279,14 +281,7 @@ def variant_rank(rank: int, args: argparse.Namespace, port: int, out: Path, name
         result["one_device_enqueue"] = enqueue_vs_run(pipe, model, loaded, args, device, group=False)
         torch._dynamo.reset()
     torch.distributed.barrier()
-    if options.get("ring"):
-        from diffusers import ContextParallelConfig
-
-        if device.startswith("cuda"):
-            model.set_attention_backend("_native_cudnn")  # ring merges partial results by their LSE
-        model.enable_parallelism(config=ContextParallelConfig(ring_degree=args.ranks))
-    else:
-        parallelize(loaded, args.ranks, fused_qkv=bool(options.get("fused")))
+    parallelize(loaded, args.ranks, options["attention"])
     from torch._dynamo.utils import counters
 
     counters.clear()

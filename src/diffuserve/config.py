@@ -20,6 +20,13 @@ class Weights(StrChoice):
     RANDOM = "random"
 
 
+class ParallelAttention(StrChoice):
+    AUTO = "auto"
+    RING = "ring"
+    ULYSSES = "ulysses"
+    ULYSSES_DIFFUSERS = "ulysses-diffusers"
+
+
 class DType(StrChoice):
     AUTO = "auto"
     BFLOAT16 = "bfloat16"
@@ -101,6 +108,13 @@ class Settings(EnvSettings):
         help="GPUs per worker: each worker becomes a group of this many devices running one pipeline with "
         "Ulysses context parallelism (lower latency per image); DEVICES must divide into such groups",
         ge=1,
+    )
+    parallel_attention: ParallelAttention = setting(
+        ParallelAttention.AUTO,
+        "PARALLEL_ATTENTION",
+        help="how a group splits attention: ring (one all-gather of K and V per block; needs bf16/fp16 on "
+        "CUDA), ulysses (one all-to-all for Q, K, V and one for the output), ulysses-diffusers (diffusers' own "
+        "Ulysses, three all-to-alls for Q, K, V); auto = ring where it runs, else ulysses",
     )
     max_queue: int = setting(
         256, "MAX_QUEUE", help="most requests waiting; beyond it the server answers 429", ge=1

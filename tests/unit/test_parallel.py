@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as torch_mp
 
 from diffuserve.engine.loader import LoadedPipeline
-from diffuserve.engine.parallel import ParallelUnsupported, parallelize, token_pixels
+from diffuserve.engine.parallel import ParallelUnsupported, attention_mode, parallelize, token_pixels
 from diffuserve.engine.tiers.cache import _relative_l1
 from diffuserve.errors import InvalidRequest
 from diffuserve.models.tiny_flux import build_tiny_flux
@@ -64,6 +64,16 @@ def test_models_that_cannot_split_are_refused_before_any_collective() -> None:
     assert token_pixels(pipeline) == 4
 
 
+def test_ring_only_where_its_attention_kernels_run() -> None:
+    loaded = LoadedPipeline(build_tiny_flux(seed=0), TINY_FLUX, "cpu", torch.float32)
+    assert attention_mode(loaded) == "ulysses"
+    assert attention_mode(loaded, "ulysses-diffusers") == "ulysses-diffusers"
+    with pytest.raises(ParallelUnsupported, match="PARALLEL_ATTENTION=ring needs bf16 or fp16 on CUDA"):
+        parallelize(loaded, 2, "ring")
+    on_gpu = LoadedPipeline(object(), TINY_FLUX, "cuda:0", torch.bfloat16)
+    assert attention_mode(on_gpu) == "ring" and attention_mode(on_gpu, "ulysses") == "ulysses"
+
+
 def _rank_decides(
     rank: int, world: int, port: int, current: torch.Tensor, reference: torch.Tensor, out
 ) -> None:
@@ -103,7 +113,7 @@ def _rank_runs_both_exchanges(rank: int, port: int, out) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         loaded = LoadedPipeline(build_tiny_flux(seed=0), TINY_FLUX, "cpu", torch.float32)
-        parallelize(loaded, 2, fused_qkv=False)
+        parallelize(loaded, 2, "ulysses-diffusers")
         for name, install in (("diffusers", uninstall_fused_qkv), ("fused", install_fused_qkv)):
             install()
             with mock.patch.object(funcol, "all_to_all_single", wraps=funcol.all_to_all_single) as spy:

@@ -113,7 +113,7 @@ class Engine:
 
             # After the tier: its attention processors (fused QKV) must be the ones that learn the group.
             parallel = self.group.world_size
-            pixels = parallelize(self.loaded, parallel)
+            pixels = parallelize(self.loaded, parallel, s.parallel_attention)
         self._clock = DecodeClock(self.loaded.pipeline, self.device)
         self.info = model_info(s, self.loaded.family, self._accepted, parallel=parallel, token_pixels=pixels)
         return self.info
