@@ -2,7 +2,7 @@
 worker groups that split each image across GPUs (PARALLEL=2 and, on a 4-GPU host, 4: latency).
 
     python benchmarks/gpu_parallel.py --out $OUT      # 2 GPUs: random FLUX.1-dev, tier L, 1024², 28 steps
-    python benchmarks/gpu_parallel.py --out $OUT --attention auto,ulysses-diffusers   # two kinds of group
+    python benchmarks/gpu_parallel.py --out $OUT --attention ulysses,ulysses-diffusers   # two kinds of group
     python benchmarks/gpu_parallel.py --out /tmp/p --model-repo digits --devices cpu,cpu --size 32 --tier XL
 
 For each PARALLEL value (and for groups, each --attention way of splitting attention, PARALLEL_ATTENTION), on
@@ -153,8 +153,8 @@ def main() -> int:
     )
     parser.add_argument(
         "--attention",
-        default="auto",
-        help="PARALLEL_ATTENTION values each group runs with, in turn, e.g. auto,ulysses-diffusers",
+        default="ulysses",
+        help="PARALLEL_ATTENTION values each group runs with, in turn, e.g. ulysses,ulysses-diffusers",
     )
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--lone", type=int, default=5, help="timed lone requests per PARALLEL value")
@@ -179,7 +179,7 @@ def main() -> int:
     started = time.perf_counter()
     attentions = [a for a in args.attention.split(",") if a]
     for parallel in values:
-        for attention in attentions if parallel > 1 else ["auto"]:
+        for attention in attentions if parallel > 1 else attentions[:1]:
             results["runs"].append(measure(args, parallel, devices // parallel, attention))
             compare(results["runs"])
             save()

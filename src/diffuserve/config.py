@@ -21,7 +21,6 @@ class Weights(StrChoice):
 
 
 class ParallelAttention(StrChoice):
-    AUTO = "auto"
     RING = "ring"
     ULYSSES = "ulysses"
     ULYSSES_DIFFUSERS = "ulysses-diffusers"
@@ -110,11 +109,11 @@ class Settings(EnvSettings):
         ge=1,
     )
     parallel_attention: ParallelAttention = setting(
-        ParallelAttention.AUTO,
+        ParallelAttention.ULYSSES,
         "PARALLEL_ATTENTION",
-        help="how a group splits attention: ring (one all-gather of K and V per block; needs bf16/fp16 on "
-        "CUDA), ulysses (one all-to-all for Q, K, V and one for the output), ulysses-diffusers (diffusers' own "
-        "Ulysses, three all-to-alls for Q, K, V); auto = ring where it runs, else ulysses",
+        help="how a group splits attention: ulysses (one all-to-all for Q, K and V together, one for the "
+        "output), ulysses-diffusers (diffusers' own Ulysses: three all-to-alls for Q, K, V), ring (diffusers' "
+        "ring attention, one all-gather of K and V per block; bf16/fp16 on CUDA only)",
     )
     max_queue: int = setting(
         256, "MAX_QUEUE", help="most requests waiting; beyond it the server answers 429", ge=1

@@ -1,5 +1,5 @@
-"""A worker group of two GPUs on the trained digits model: the same images as one GPU for the same seeds within
-the tier's numeric noise, and the same prompt-following accuracy."""
+"""A worker group of two GPUs on the trained digits model (PARALLEL_ATTENTION's default): the same images as
+one GPU for the same seeds within bf16's numeric noise, and the same prompt-following accuracy."""
 
 from __future__ import annotations
 
@@ -38,6 +38,12 @@ def one_gpu() -> Iterator[ServerHandle]:
 
 
 @pytest.fixture(scope="module")
+def one_gpu_fp32() -> Iterator[ServerHandle]:
+    with start_server(timeout=600, DEVICES="cuda:1", MODEL_DTYPE="float32", **_env("fp32")) as handle:
+        yield handle
+
+
+@pytest.fixture(scope="module")
 def group() -> Iterator[ServerHandle]:
     with start_server(timeout=600, DEVICES="cuda:0,cuda:1", PARALLEL="2", **_env("group")) as handle:
         yield handle
@@ -49,24 +55,26 @@ def _env(name: str) -> dict[str, str]:
 
 
 def test_group_images_match_one_gpu_within_the_tiers_noise(
-    one_gpu: ServerHandle, group: ServerHandle
+    one_gpu: ServerHandle, one_gpu_fp32: ServerHandle, group: ServerHandle
 ) -> None:
     (worker,) = group.ready()["workers"]
     assert worker["devices"] == ["cuda:0", "cuda:1"]
-    # The tier's noise, measured on the one-GPU server: each seed alone against the same seeds in one batch
-    # (bf16 kernels round differently for other shapes). One 8-bit level is the least it can be.
+    # The tier's noise is bf16's own rounding: the one-GPU bf16 images against the same server in fp32. The
+    # group, in bf16 too, splits its matrix products and attention differently and so rounds differently;
+    # it must stay within twice that distance (and one 8-bit level, the least any difference shows as).
     alone = {seed: generate_pixels(one_gpu, seed)[0] for seed in SEEDS}
-    batched = generate_pixels(one_gpu, SEEDS[0], n=2) + generate_pixels(one_gpu, SEEDS[2], n=2)
-    noise = [np.abs(alone[seed] - image) for seed, image in zip(SEEDS, batched, strict=True)]
-    max_noise = max(1, max(int(d.max()) for d in noise))
-    mean_noise = max(1 / alone[0].size, max(float(d.mean()) for d in noise))
+    noise = [np.abs(alone[seed] - generate_pixels(one_gpu_fp32, seed)[0]) for seed in SEEDS]
+    max_noise = max(1, 2 * max(int(d.max()) for d in noise))
+    mean_noise = 2 * max(float(d.mean()) for d in noise) + 1 / alone[0].size
     diffs = {seed: np.abs(generate_pixels(group, seed)[0] - alone[seed]) for seed in SEEDS}
     print(
         "parallel-digits-images:",
         json.dumps(
             {
-                "noise_max": max_noise,
-                "noise_mean": round(mean_noise, 4),
+                "bf16_vs_fp32_max": {s: int(d.max()) for s, d in zip(SEEDS, noise, strict=True)},
+                "bf16_vs_fp32_mean": {
+                    s: round(float(d.mean()), 4) for s, d in zip(SEEDS, noise, strict=True)
+                },
                 "group_vs_one_max": {s: int(d.max()) for s, d in diffs.items()},
                 "group_vs_one_mean": {s: round(float(d.mean()), 4) for s, d in diffs.items()},
             }

@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as torch_mp
 
 from diffuserve.engine.loader import LoadedPipeline
-from diffuserve.engine.parallel import ParallelUnsupported, attention_mode, parallelize, token_pixels
+from diffuserve.engine.parallel import ParallelUnsupported, check_attention, parallelize, token_pixels
 from diffuserve.engine.tiers.cache import _relative_l1
 from diffuserve.errors import InvalidRequest
 from diffuserve.models.tiny_flux import build_tiny_flux
@@ -66,12 +66,9 @@ def test_models_that_cannot_split_are_refused_before_any_collective() -> None:
 
 def test_ring_only_where_its_attention_kernels_run() -> None:
     loaded = LoadedPipeline(build_tiny_flux(seed=0), TINY_FLUX, "cpu", torch.float32)
-    assert attention_mode(loaded) == "ulysses"
-    assert attention_mode(loaded, "ulysses-diffusers") == "ulysses-diffusers"
     with pytest.raises(ParallelUnsupported, match="PARALLEL_ATTENTION=ring needs bf16 or fp16 on CUDA"):
         parallelize(loaded, 2, "ring")
-    on_gpu = LoadedPipeline(object(), TINY_FLUX, "cuda:0", torch.bfloat16)
-    assert attention_mode(on_gpu) == "ring" and attention_mode(on_gpu, "ulysses") == "ulysses"
+    check_attention(LoadedPipeline(object(), TINY_FLUX, "cuda:0", torch.bfloat16), "ring")
 
 
 def _rank_decides(

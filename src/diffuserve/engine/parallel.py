@@ -51,27 +51,23 @@ def close_group() -> None:
             dist.destroy_process_group()
 
 
-def attention_mode(loaded: LoadedPipeline, requested: str = "auto") -> str:
-    """The way the group splits attention: `requested`, or for auto ring where it runs (its partial results
-    merge by their log-sum-exp, which diffusers' cuDNN attention returns for bf16/fp16 on CUDA), else Ulysses.
-    Ring is the faster of the three on 2 × H200 (docs/benchmarks.md, "Where a group's step goes")."""
+def check_attention(loaded: LoadedPipeline, attention: str) -> None:
+    """Ring merges each rank's partial attention by its log-sum-exp, which diffusers' cuDNN attention returns
+    for bf16/fp16 on CUDA only."""
     import torch
 
     ring_runs = loaded.device.startswith("cuda") and loaded.dtype in (torch.bfloat16, torch.float16)
-    if requested == "ring" and not ring_runs:
+    if attention == "ring" and not ring_runs:
         raise ParallelUnsupported(
             f"PARALLEL_ATTENTION=ring needs bf16 or fp16 on CUDA (this model runs {loaded.dtype} on "
             f"{loaded.device}); use ulysses"
         )
-    if requested == "auto":
-        return "ring" if ring_runs else "ulysses"
-    return requested
 
 
-def parallelize(loaded: LoadedPipeline, degree: int, attention: str = "auto") -> int:
-    """Split the denoiser's sequence across `degree` ranks with diffusers' context parallelism, attention as
-    `attention_mode` says; returns the pixels per token side, from which the server tells which sizes split
-    evenly. Raises ParallelUnsupported for a model that cannot."""
+def parallelize(loaded: LoadedPipeline, degree: int, attention: str = "ulysses") -> int:
+    """Split the denoiser's sequence across `degree` ranks with diffusers' context parallelism; `attention` as
+    PARALLEL_ATTENTION says (ulysses, ulysses-diffusers or ring). Returns the pixels per token side, from which
+    the server tells which sizes split evenly. Raises ParallelUnsupported for a model that cannot."""
     from diffusers import ContextParallelConfig
 
     from diffuserve.engine.ulysses import install_fused_qkv, uninstall_fused_qkv
@@ -83,7 +79,8 @@ def parallelize(loaded: LoadedPipeline, degree: int, attention: str = "auto") ->
         raise ParallelUnsupported(
             f"PARALLEL={degree}: diffusers has no context-parallel plan for {name}; use PARALLEL=1"
         )
-    mode = attention_mode(loaded, attention)
+    check_attention(loaded, attention)
+    mode = attention
     heads = getattr(model.config, "num_attention_heads", None)
     if mode != "ring" and isinstance(heads, int) and heads % degree:
         # Ulysses gives each rank a whole share of the attention heads.
@@ -96,8 +93,8 @@ def parallelize(loaded: LoadedPipeline, degree: int, attention: str = "auto") ->
             f"PARALLEL={degree}: the {text_tokens} text tokens of {loaded.family.name} do not divide by {degree}"
         )
     if mode == "ring":
-        # diffusers' ring merges each rank's partial attention by its log-sum-exp; its cuDNN backend (the
-        # kernel native SDPA picks on an H200 anyway) returns it, native SDPA does not.
+        # Its cuDNN backend (the kernel native SDPA picks on an H200 anyway) returns the log-sum-exp that
+        # ring needs; diffusers' native SDPA backend does not.
         model.set_attention_backend("_native_cudnn")
         config = ContextParallelConfig(ring_degree=degree)
     else:
