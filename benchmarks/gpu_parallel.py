@@ -2,9 +2,11 @@
 worker groups that split each image across GPUs (PARALLEL=2 and, on a 4-GPU host, 4: latency).
 
     python benchmarks/gpu_parallel.py --out $OUT      # 2 GPUs: random FLUX.1-dev, tier L, 1024², 28 steps
+    python benchmarks/gpu_parallel.py --out $OUT --attention ulysses,ulysses-diffusers   # two kinds of group
     python benchmarks/gpu_parallel.py --out /tmp/p --model-repo digits --devices cpu,cpu --size 32 --tier XL
 
-For each PARALLEL value, on the same devices: a cold `diffuserve serve` (its own empty cache dir, so each
+For each PARALLEL value (and for groups, each --attention way of splitting attention, PARALLEL_ATTENTION), on
+the same devices: a cold `diffuserve serve` (its own empty cache dir, so each
 start compiles its own graphs), timed until every worker (group) is ready; one untimed request; then lone
 requests over HTTP one after another (round trip and the server's own split); then a closed loop (each user
 sends its next request when its last is back). Every figure is given next to the PARALLEL=1 figure of the same
@@ -35,9 +37,10 @@ from diffuserve.bench.server import SpawnedServer  # noqa: E402
 from gpu_serving import PROMPT, closed_loop, environment, log, post  # noqa: E402
 
 
-def serve_args(args: argparse.Namespace, parallel: int, cache_dir: str) -> list[str]:
+def serve_args(args: argparse.Namespace, parallel: int, attention: str, cache_dir: str) -> list[str]:
     flags = ["--model-repo", args.model_repo, "--tier", args.tier, "--model-batch", str(args.model_batch)]
     flags += ["--devices", args.devices, "--parallel", str(parallel), "--cache-dir", cache_dir]
+    flags += ["--parallel-attention", attention]
     if args.weights:
         flags += ["--weights", args.weights]
     return flags
@@ -67,13 +70,14 @@ def lone_requests(base: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     return runs[1:]  # the first warms the API's path and the encoder
 
 
-def measure(args: argparse.Namespace, parallel: int, workers: int) -> dict[str, Any]:
-    cache_dir = tempfile.mkdtemp(prefix=f"diffuserve-cache-p{parallel}-")
+def measure(args: argparse.Namespace, parallel: int, workers: int, attention: str) -> dict[str, Any]:
+    label = f"{parallel}" if parallel == 1 else f"{parallel}-{attention}"
+    cache_dir = tempfile.mkdtemp(prefix=f"diffuserve-cache-p{label}-")
     server = SpawnedServer(
-        Path(args.out) / f"server-parallel{parallel}.log",
+        Path(args.out) / f"server-parallel{label}.log",
         env={"PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])},
         ready_timeout=args.ready_timeout,
-        serve_args=serve_args(args, parallel, cache_dir),
+        serve_args=serve_args(args, parallel, attention, cache_dir),
         stop_grace=30,
     )
     started = time.perf_counter()
@@ -81,6 +85,7 @@ def measure(args: argparse.Namespace, parallel: int, workers: int) -> dict[str, 
         described = wait_all_ready(server, workers, args.ready_timeout)
         run: dict[str, Any] = {
             "parallel": parallel,
+            "attention": None if parallel == 1 else attention,
             "workers": [
                 {k: w.get(k) for k in ("id", "device", "devices", "start_seconds")} for w in described
             ],
@@ -88,7 +93,7 @@ def measure(args: argparse.Namespace, parallel: int, workers: int) -> dict[str, 
         }
         model = httpx.get(f"{server.base_url}/v1/models", timeout=10).json()["data"][0]
         run["model"], run["steps"] = model["id"], model.get("default_steps")
-        log(f"PARALLEL={parallel}: {workers} worker(s) ready in {run['all_ready_s']} s")
+        log(f"PARALLEL={label}: {workers} worker(s) ready in {run['all_ready_s']} s")
         lone = lone_requests(server.base_url, args)
         ok = [r for r in lone if r["status"] == 200]
         run["lone"] = lone
@@ -118,14 +123,15 @@ def compare(runs: list[dict[str, Any]]) -> None:
 
 def table(runs: list[dict[str, Any]], devices: int) -> str:
     rows = [
-        "| PARALLEL | workers | lone request p50 ms | × PARALLEL=1 | closed loop images/s | × PARALLEL=1 | "
-        "all ready s |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "| PARALLEL | attention | workers | lone request p50 ms | × PARALLEL=1 | closed loop images/s | "
+        "× PARALLEL=1 | all ready s |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for run in runs:
         loop = run["closed_loop"]
         rows.append(
-            f"| {run['parallel']} | {devices // run['parallel']} | {run.get('lone_p50_ms')} | "
+            f"| {run['parallel']} | {run.get('attention') or '-'} | {devices // run['parallel']} | "
+            f"{run.get('lone_p50_ms')} | "
             f"{run.get('lone_vs_parallel1')} | {loop['images_per_s']} | {run.get('throughput_vs_parallel1')} | "
             f"{run['all_ready_s']} |"
         )
@@ -144,6 +150,11 @@ def main() -> int:
     parser.add_argument("--devices", default="0,1", help="the same devices for every PARALLEL value")
     parser.add_argument(
         "--parallel", default=None, help="values to compare; default 1,2 (and 4 on 4 devices)"
+    )
+    parser.add_argument(
+        "--attention",
+        default="ulysses",
+        help="PARALLEL_ATTENTION values each group runs with, in turn, e.g. ulysses,ulysses-diffusers",
     )
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--lone", type=int, default=5, help="timed lone requests per PARALLEL value")
@@ -166,10 +177,12 @@ def main() -> int:
         (out / "parallel.json").write_text(json.dumps(results, indent=1))
 
     started = time.perf_counter()
+    attentions = [a for a in args.attention.split(",") if a]
     for parallel in values:
-        results["runs"].append(measure(args, parallel, devices // parallel))
-        compare(results["runs"])
-        save()
+        for attention in attentions if parallel > 1 else attentions[:1]:
+            results["runs"].append(measure(args, parallel, devices // parallel, attention))
+            compare(results["runs"])
+            save()
     results["wall_s"] = round(time.perf_counter() - started, 1)
     save()
     (out / "parallel.md").write_text(table(results["runs"], devices) + "\n")

@@ -4,7 +4,7 @@
     python benchmarks/gpu_parallel_profile.py --out /tmp/pp --model-repo digits --tier XL --size 32 --cpu
 
 Each rank joins the group as a server's worker does (diffuserve.engine.parallel), builds the pipeline and
-applies the tier, splits the transformer with diffusers' Ulysses, and warms up; then both ranks run the same
+applies the tier, splits the transformer as a group does (PARALLEL_ATTENTION's default), and warms up; then both ranks run the same
 call while rank 0 records it with torch.profiler. The summary sorts the device time by kind of kernel
 (collectives, matrix products, attention, the rest), says how much of the step the device sat idle, and
 lists dynamo's graph breaks (a break inside the compiled blocks runs the rest of the block eagerly). It also

@@ -250,6 +250,7 @@ def parallel() -> str:
         rows.append(
             [
                 str(run["parallel"]),
+                run.get("attention") or "-",
                 str(len(run["workers"])),
                 f"{run['lone_p50_ms']:.0f}",
                 f"{run['lone_vs_parallel1']:.2f}×",
@@ -262,6 +263,7 @@ def parallel() -> str:
         )
     header = [
         "PARALLEL",
+        "PARALLEL_ATTENTION",
         "workers",
         "lone request p50 ms",
         "× PARALLEL=1",
@@ -314,6 +316,73 @@ def edits() -> str:
     return intro + table(header, rows)
 
 
+# benchmarks/gpu_parallel_comm.py's variants, by the PARALLEL_ATTENTION value each runs.
+COMM_VARIANTS = {
+    "ulysses": "ulysses-diffusers",
+    "fused": "ulysses",
+    "ring": "ring",
+    "fused-overlap": "ulysses + inductor overlap",
+    "ring-overlap": "ring + inductor overlap",
+}
+COMM_RUNS = ("h200x2-parallel-comm-run1.json", "h200x2-parallel-comm-run2.json")
+
+
+def parallel_comm() -> str:
+    rows = []
+    for number, name in enumerate(COMM_RUNS, start=1):
+        data = load_json(name)
+        variants = data["variants"]
+        one_gpu = next(v["one_device_call_ms"] for v in variants.values() if "one_device_call_ms" in v)
+        rows.append([str(number), "one GPU", f"{one_gpu:.0f}", "1.00×", "", "", "", "", "", ""])
+        for variant, v in variants.items():
+            prof = v["profiled"]
+            enqueue = v["group_enqueue"]
+            rows.append(
+                [
+                    str(number),
+                    COMM_VARIANTS.get(variant, variant),
+                    f"{v['group_call_ms']:.0f}",
+                    f"{v['group_call_ms'] / one_gpu:.2f}×",
+                    f"{v['group_step_ms']:.1f}",
+                    f"{enqueue['cpu_enqueue_ms']:.0f} / {enqueue['until_done_ms']:.0f}",
+                    f"{prof['compute_ms_per_step']:.1f}",
+                    f"{prof['comm_only_ms_per_step']:.1f}",
+                    f"{prof['no_kernel_ms_per_step']:.1f}",
+                    f"{prof['collectives_per_step']:.0f}",
+                ]
+            )
+    header = [
+        "run",
+        "group attention",
+        "28 steps ms",
+        "× one GPU",
+        "step ms",
+        "CPU enqueue / done ms",
+        "compute ms/step",
+        "only collectives ms/step",
+        "no kernel ms/step",
+        "collectives/step",
+    ]
+    return table(header, rows)
+
+
+def parallel_collectives() -> str:
+    data = load_json(COMM_RUNS[0])
+    rows = []
+    for result in data["collectives"].values():
+        env = " ".join(f"{k}={v}" for k, v in result["env"].items()) or "(NCCL's defaults)"
+        rows.append(
+            [
+                env,
+                f"{result['all_to_all_q_us']:.0f}",
+                f"{result['all_to_all_qkv_us']:.0f}",
+                f"{result['all_gather_kv_us']:.0f}",
+            ]
+        )
+    header = ["NCCL setting", "all-to-all of Q µs", "all-to-all of Q, K, V µs", "all-gather of K, V µs"]
+    return table(header, rows)
+
+
 def kind_of_kernel(name: str) -> str:
     lowered = name.lower()
     if lowered.startswith("nccl"):
@@ -334,6 +403,8 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "parallel": parallel,
     "parallel-profile": parallel_profile,
     "edits": edits,
+    "parallel-comm": parallel_comm,
+    "parallel-collectives": parallel_collectives,
 }
 
 

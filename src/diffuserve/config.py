@@ -21,6 +21,12 @@ class Weights(StrChoice):
     RANDOM = "random"
 
 
+class ParallelAttention(StrChoice):
+    RING = "ring"
+    ULYSSES = "ulysses"
+    ULYSSES_DIFFUSERS = "ulysses-diffusers"
+
+
 class DType(StrChoice):
     AUTO = "auto"
     BFLOAT16 = "bfloat16"
@@ -102,6 +108,13 @@ class Settings(EnvSettings):
         help="GPUs per worker: each worker becomes a group of this many devices running one pipeline with "
         "Ulysses context parallelism (lower latency per image); DEVICES must divide into such groups",
         ge=1,
+    )
+    parallel_attention: ParallelAttention = setting(
+        ParallelAttention.ULYSSES,
+        "PARALLEL_ATTENTION",
+        help="how a group splits attention: ulysses (one all-to-all for Q, K and V together, one for the "
+        "output), ulysses-diffusers (diffusers' own Ulysses: three all-to-alls for Q, K, V), ring (diffusers' "
+        "ring attention, one all-gather of K and V per block; bf16/fp16 on CUDA only)",
     )
     max_queue: int = setting(
         256, "MAX_QUEUE", help="most requests waiting; beyond it the server answers 429", ge=1

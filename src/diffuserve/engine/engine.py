@@ -133,7 +133,7 @@ class Engine:
         if self.group is not None:
             # After the tier: its attention processors (fused QKV) must be the ones that learn the group.
             parallel = self.group.world_size
-            pixels = parallelize(self.loaded, parallel)
+            pixels = parallelize(self.loaded, parallel, s.parallel_attention)
         self._clock = DecodeClock(self.loaded.pipeline, self.device)
         # After the tier and the group: the edit pipelines share the (compiled, quantized, split) denoiser.
         self._pipelines = {Task.GENERATE: self.loaded.pipeline, **edit_pipelines(self.loaded.pipeline)}

@@ -51,10 +51,26 @@ def close_group() -> None:
             dist.destroy_process_group()
 
 
-def parallelize(loaded: LoadedPipeline, degree: int) -> int:
-    """Split the denoiser's sequence across `degree` ranks (Ulysses); returns the pixels per token side, from
-    which the server tells which sizes split evenly. Raises ParallelUnsupported for a model that cannot."""
+def check_attention(loaded: LoadedPipeline, attention: str) -> None:
+    """Ring merges each rank's partial attention by its log-sum-exp, which diffusers' cuDNN attention returns
+    for bf16/fp16 on CUDA only."""
+    import torch
+
+    ring_runs = loaded.device.startswith("cuda") and loaded.dtype in (torch.bfloat16, torch.float16)
+    if attention == "ring" and not ring_runs:
+        raise ParallelUnsupported(
+            f"PARALLEL_ATTENTION=ring needs bf16 or fp16 on CUDA (this model runs {loaded.dtype} on "
+            f"{loaded.device}); use ulysses"
+        )
+
+
+def parallelize(loaded: LoadedPipeline, degree: int, attention: str = "ulysses") -> int:
+    """Split the denoiser's sequence across `degree` ranks with diffusers' context parallelism; `attention` as
+    PARALLEL_ATTENTION says (ulysses, ulysses-diffusers or ring). Returns the pixels per token side, from which
+    the server tells which sizes split evenly. Raises ParallelUnsupported for a model that cannot."""
     from diffusers import ContextParallelConfig
+
+    from diffuserve.engine.ulysses import install_fused_qkv, uninstall_fused_qkv
 
     pipeline = loaded.pipeline
     model = denoiser_of(pipeline)
@@ -63,8 +79,10 @@ def parallelize(loaded: LoadedPipeline, degree: int) -> int:
         raise ParallelUnsupported(
             f"PARALLEL={degree}: diffusers has no context-parallel plan for {name}; use PARALLEL=1"
         )
+    check_attention(loaded, attention)
+    mode = attention
     heads = getattr(model.config, "num_attention_heads", None)
-    if isinstance(heads, int) and heads % degree:
+    if mode != "ring" and isinstance(heads, int) and heads % degree:
         # Ulysses gives each rank a whole share of the attention heads.
         raise ParallelUnsupported(
             f"PARALLEL={degree}: {name} has {heads} attention heads, which do not divide by {degree}"
@@ -74,17 +92,29 @@ def parallelize(loaded: LoadedPipeline, degree: int) -> int:
         raise ParallelUnsupported(
             f"PARALLEL={degree}: the {text_tokens} text tokens of {loaded.family.name} do not divide by {degree}"
         )
+    if mode == "ring":
+        # Its cuDNN backend (the kernel native SDPA picks on an H200 anyway) returns the log-sum-exp that
+        # ring needs; diffusers' native SDPA backend does not.
+        model.set_attention_backend("_native_cudnn")
+        config = ContextParallelConfig(ring_degree=degree)
+    else:
+        # diffusers looks its Ulysses class up at every call: the override holds for this process.
+        if mode == "ulysses":
+            install_fused_qkv()
+        else:
+            uninstall_fused_qkv()
+        config = ContextParallelConfig(ulysses_degree=degree)
     with _cpu_device_count():
-        model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=degree))
+        model.enable_parallelism(config=config)
     cache = step_cache_of(model)
     if cache is not None:
         import torch.distributed as dist
 
         # Each rank's first-block output is its share of the tokens: the skip decision must be taken on the
-        # whole image, or the ranks would part ways (one skipping blocks, one waiting in their all-to-all).
+        # whole image, or the ranks would part ways (one skipping blocks, one waiting in their collective).
         cache.group = dist.group.WORLD
     pixels = token_pixels(pipeline)
-    log.info("context parallel: Ulysses over %d ranks; %d×%d pixels per token", degree, pixels, pixels)
+    log.info("context parallel: %s over %d ranks; %d×%d pixels per token", mode, degree, pixels, pixels)
     return pixels
 
 

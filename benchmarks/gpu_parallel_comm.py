@@ -1,0 +1,404 @@
+"""What a worker group's collectives cost and which ways of running them cut it, measured in one run.
+
+    python benchmarks/gpu_parallel_comm.py --out $OUT        # 2 GPUs, random FLUX.1-dev, tier L, 1024²
+    python benchmarks/gpu_parallel_comm.py --out /tmp/c --model-repo digits --tier E --size 32 --cpu \
+        --variants ulysses,fused --nccl-envs ""
+
+1. The collectives alone, per NCCL setting (each in a fresh pair of processes, since NCCL reads its
+   environment once): all-to-all of one FLUX block's Q (7 MB each way at 1024²), of Q, K and V stacked, and
+   the all-gather of K and V that ring attention does instead.
+2. The model, per variant (each in a fresh pair of ranks: the denoiser is split once per process):
+   ulysses = diffusers' Ulysses (PARALLEL_ATTENTION=ulysses-diffusers) (three all-to-alls for Q, K, V and one for the output); fused = the same with
+   Q, K and V in one all-to-all (ulysses, diffuserve.engine.ulysses); ring = diffusers' ring attention (one
+   all-gather of K and V per block); fused-overlap and ring-overlap = the same with inductor's
+   compute/communication reordering (reorder_for_compute_comm_overlap).
+   For each: the median step, a whole call of --call-steps steps (latents out), graph breaks, the CPU time
+   to enqueue one transformer call against the time until the GPU has run it (near equal: the CPU sets the
+   pace), and from a profiled call, per step, the time some kernel computes, the time only a collective runs
+   (communication not hidden) and the time no kernel runs at all (launch gaps). The first variant also times
+   the same steps on rank 0's GPU alone, before the split: the one-GPU figure of the same run.
+Raw output: --out/comm.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "ulysses": {"attention": "ulysses-diffusers"},
+    "fused": {"attention": "ulysses"},
+    "ring": {"attention": "ring"},
+    "fused-overlap": {"attention": "ulysses", "overlap": True},
+    "ring-overlap": {"attention": "ring", "overlap": True},
+}
+NCCL_ENVS: dict[str, dict[str, str]] = {
+    "default": {},
+    "min-channels-32": {"NCCL_MIN_NCHANNELS": "32"},
+    "p2p-chunk-2MiB": {"NCCL_P2P_NVL_CHUNKSIZE": str(2 << 20)},
+    "p2p-copy-engine": {"NCCL_P2P_USE_CUDA_MEMCPY": "1"},
+}
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def devices_of(args: argparse.Namespace) -> tuple[str, ...]:
+    return tuple(["cpu"] * args.ranks) if args.cpu else tuple(f"cuda:{i}" for i in range(args.ranks))
+
+
+def join(rank: int, args: argparse.Namespace, port: int) -> str:
+    import torch
+
+    from diffuserve.engine.parallel import init_group
+    from diffuserve.types import GroupRank
+
+    devices = devices_of(args)
+    if devices[rank].startswith("cuda"):
+        torch.cuda.set_device(devices[rank])
+    init_group(GroupRank(rank, devices, port, 300.0), devices[rank])
+    return devices[rank]
+
+
+def sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+# ---------------------------------------------------------------------------------------------- collectives
+
+
+def collectives_rank(rank: int, args: argparse.Namespace, port: int, out: Path) -> None:
+    import torch
+    import torch.distributed as dist
+
+    device = join(rank, args, port)
+    # One rank's share of a 1024² FLUX block: 4096 image + 512 text tokens over the ranks, 24 heads × 128.
+    tokens = (args.size // 16) ** 2 + 512
+    elements = tokens // args.ranks * 3072
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    cases = {
+        "all_to_all_q": (elements, "a2a"),
+        "all_to_all_qkv": (3 * elements, "a2a"),
+        "all_gather_kv": (2 * elements, "gather"),
+    }
+    result: dict[str, Any] = {"tokens": tokens, "mb_per_q_tensor": round(elements * 2 / 1e6, 2)}
+    for name, (count, kind) in cases.items():
+        src = torch.randn(count, device=device, dtype=dtype)
+        dst = torch.empty(count * (args.ranks if kind == "gather" else 1), device=device, dtype=dtype)
+
+        def once(kind: str = kind, src: Any = src, dst: Any = dst) -> None:
+            if kind == "a2a":
+                dist.all_to_all_single(dst, src)
+            else:
+                dist.all_gather_into_tensor(dst, src)
+
+        for _ in range(5):
+            once()
+        sync(device)
+        times = []
+        for _ in range(args.collective_repeats):
+            dist.barrier()
+            sync(device)
+            started = time.perf_counter()
+            for _ in range(20):
+                once()
+            sync(device)
+            times.append((time.perf_counter() - started) / 20 * 1e6)
+        result[f"{name}_us"] = round(statistics.median(times), 1)
+    if rank == 0:
+        (out / "collectives.json").write_text(json.dumps(result))
+    from diffuserve.engine.parallel import close_group
+
+    close_group()
+
+
+# ---------------------------------------------------------------------------------------------------- model
+
+
+def call_kwargs(loaded: Any, size: int, steps: int) -> dict[str, Any]:
+    import torch
+
+    family = loaded.family
+    kwargs: dict[str, Any] = {
+        "prompt": ["a photo of a red fox in the snow"],
+        "height": size,
+        "width": size,
+        "num_inference_steps": steps,
+        "guidance_scale": family.default_guidance,
+        "generator": [torch.Generator("cpu").manual_seed(0)],
+        "output_type": "latent",
+    }
+    if family.max_sequence_length:
+        kwargs["max_sequence_length"] = family.max_sequence_length
+    return kwargs
+
+
+def step_ms(pipe: Any, loaded: Any, args: argparse.Namespace, device: str) -> float:
+    """Median gap between step ends over a call of --steps steps."""
+    marks: list[float] = []
+
+    def on_step(_p: Any, _i: int, _t: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+        sync(device)
+        marks.append(time.perf_counter())
+        return tensors
+
+    pipe(**call_kwargs(loaded, args.size, args.steps), callback_on_step_end=on_step)
+    gaps = sorted(b - a for a, b in itertools.pairwise(marks))
+    return round(1000 * gaps[len(gaps) // 2], 2) if gaps else float("nan")
+
+
+def call_ms(pipe: Any, loaded: Any, args: argparse.Namespace, device: str) -> float:
+    """The lone request's denoising part: a whole call of --call-steps steps (best of two)."""
+    best = float("inf")
+    for _ in range(2):
+        sync(device)
+        started = time.perf_counter()
+        pipe(**call_kwargs(loaded, args.size, args.call_steps))
+        sync(device)
+        best = min(best, (time.perf_counter() - started) * 1000)
+    return round(best, 1)
+
+
+def enqueue_vs_run(
+    pipe: Any, model: Any, loaded: Any, args: argparse.Namespace, device: str, *, group: bool
+) -> dict[str, float]:
+    """One transformer call: how long the CPU takes to enqueue it, and how long until the GPU has run it."""
+    import torch.distributed as dist
+
+    captured: dict[str, Any] = {}
+
+    def grab(_module: Any, margs: tuple, mkwargs: dict) -> None:
+        captured.setdefault("call", (margs, mkwargs))
+
+    handle = model.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        pipe(**call_kwargs(loaded, args.size, 1))
+    finally:
+        handle.remove()
+    margs, mkwargs = captured["call"]
+    enqueue, done = [], []
+    for _ in range(5):
+        if group:
+            dist.barrier()
+        sync(device)
+        started = time.perf_counter()
+        model(*margs, **mkwargs)
+        enqueue.append((time.perf_counter() - started) * 1000)
+        sync(device)
+        done.append((time.perf_counter() - started) * 1000)
+    return {
+        "cpu_enqueue_ms": round(statistics.median(enqueue), 2),
+        "until_done_ms": round(statistics.median(done), 2),
+    }
+
+
+def timeline(trace_path: Path, steps: int) -> dict[str, Any]:
+    """From a profiler trace: per step, the time some compute kernel runs, the time only collectives run, and
+    the time no kernel runs; and the collectives' count and mean kernel time."""
+    events = json.loads(trace_path.read_text()).get("traceEvents", [])
+    kernels = [e for e in events if e.get("cat") == "kernel" and e.get("ph") == "X"]
+    if not kernels:
+        return {"kernels": 0}
+
+    def is_comm(e: dict) -> bool:
+        return "nccl" in e["name"].lower()
+
+    def union(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
+        merged: list[list[float]] = []
+        for start, end in sorted(spans):
+            if merged and start <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], end)
+            else:
+                merged.append([start, end])
+        return [(a, b) for a, b in merged]
+
+    def length(spans: list[tuple[float, float]]) -> float:
+        return sum(b - a for a, b in spans)
+
+    spans = [(float(e["ts"]), float(e["ts"]) + float(e["dur"])) for e in kernels]
+    comm = [s for s, e in zip(spans, kernels, strict=True) if is_comm(e)]
+    compute = [s for s, e in zip(spans, kernels, strict=True) if not is_comm(e)]
+    first, last = min(a for a, _ in spans), max(b for _, b in spans)
+    busy_all = length(union(spans))
+    busy_compute = length(union(compute))
+    per_step = 1000.0 * steps  # µs → ms per step
+    comm_durations = [b - a for a, b in comm]
+    return {
+        "gpu_span_ms_per_step": round((last - first) / per_step, 2),
+        "compute_ms_per_step": round(busy_compute / per_step, 2),
+        "comm_only_ms_per_step": round((busy_all - busy_compute) / per_step, 2),
+        "no_kernel_ms_per_step": round((last - first - busy_all) / per_step, 2),
+        "collectives_per_step": round(len(comm) / steps, 1),
+        "collective_kernel_mean_us": round(statistics.mean(comm_durations), 1) if comm else None,
+        "collective_kernel_median_us": round(statistics.median(comm_durations), 1) if comm else None,
+    }
+
+
+def variant_rank(rank: int, args: argparse.Namespace, port: int, out: Path, name: str) -> None:
+    import torch
+
+    from diffuserve.engine.loader import load_pipeline
+    from diffuserve.engine.parallel import close_group, parallelize
+    from diffuserve.engine.tiers import Tier, apply_tier, denoiser_of
+
+    options = VARIANTS[name]
+    device = join(rank, args, port)
+    if options.get("overlap"):
+        import torch._inductor.config as inductor_config
+
+        inductor_config.reorder_for_compute_comm_overlap = True
+    weights = "pretrained" if args.model_repo == "digits" else "random"
+    loaded = load_pipeline(args.model_repo, device=device, dtype_name="auto", weights=weights, hf_token=None)
+    pipe = loaded.pipeline
+    pipe.set_progress_bar_config(disable=True)
+    apply_tier(pipe, Tier(args.tier), device=device, cache_dir=args.cache_dir)
+    model = denoiser_of(pipe)
+    result: dict[str, Any] = {"variant": name, "ranks": args.ranks, "device": device, "tier": args.tier}
+    if rank == 0 and args.one_device:
+        pipe(**call_kwargs(loaded, args.size, 2))
+        result["one_device_step_ms"] = step_ms(pipe, loaded, args, device)
+        result["one_device_call_ms"] = call_ms(pipe, loaded, args, device)
+        result["one_device_enqueue"] = enqueue_vs_run(pipe, model, loaded, args, device, group=False)
+        torch._dynamo.reset()
+    torch.distributed.barrier()
+    parallelize(loaded, args.ranks, options["attention"])
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    started = time.perf_counter()
+    pipe(**call_kwargs(loaded, args.size, 2))
+    result["warmup_s"] = round(time.perf_counter() - started, 1)
+    result["graph_breaks"] = dict(Counter(dict(counters["graph_break"])).most_common(12))
+    result["group_step_ms"] = step_ms(pipe, loaded, args, device)
+    result["group_call_ms"] = call_ms(pipe, loaded, args, device)
+    result["group_enqueue"] = enqueue_vs_run(pipe, model, loaded, args, device, group=True)
+    # Kernels only on a GPU: CPU events would swell the trace and slow the profiled call further.
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.startswith("cuda"):
+        activities = [torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        pipe(**call_kwargs(loaded, args.size, args.profile_steps))
+        sync(device)
+    if rank == 0:
+        trace = out / f"trace-{name}.json"
+        prof.export_chrome_trace(str(trace))
+        # The profiled call has 1 more transformer call's worth of set-up; per step is close enough.
+        result["profiled"] = timeline(trace, args.profile_steps)
+        trace.unlink()
+        (out / f"variant-{name}.json").write_text(json.dumps(result))
+    close_group()
+
+
+# ----------------------------------------------------------------------------------------------------- main
+
+
+def child(
+    args: argparse.Namespace, what: str, extra_env: dict[str, str], extra_args: list[str]
+) -> dict[str, Any]:
+    """Run one measurement in a fresh pair of processes; its JSON, or what went wrong."""
+    out = Path(args.out)
+    command = [sys.executable, __file__, *sys.argv[1:], *extra_args, "--child", what]
+    env = {**os.environ, **extra_env}
+    started = time.perf_counter()
+    try:
+        done = subprocess.run(command, env=env, timeout=args.child_timeout, capture_output=True, text=True)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {args.child_timeout} s"}
+    wall = round(time.perf_counter() - started, 1)
+    path = out / ("collectives.json" if what == "collectives" else f"variant-{what}.json")
+    if done.returncode != 0 or not path.exists():
+        return {"error": f"exit {done.returncode}", "stderr_tail": done.stderr[-3000:], "wall_s": wall}
+    result = dict(json.loads(path.read_text()))
+    path.unlink()
+    result["wall_s"] = wall
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
+    parser.add_argument("--model-repo", default="black-forest-labs/FLUX.1-dev")
+    parser.add_argument("--tier", default="L")
+    parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=8, help="steps of the step-time call")
+    parser.add_argument("--call-steps", type=int, default=28, help="steps of the whole-call timing")
+    parser.add_argument("--profile-steps", type=int, default=3)
+    parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--cpu", action="store_true", help="gloo between CPU processes (a dry run)")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--nccl-envs", default=",".join(NCCL_ENVS), help="'' for none")
+    parser.add_argument("--collective-repeats", type=int, default=7)
+    parser.add_argument("--child-timeout", type=float, default=200)
+    parser.add_argument(
+        "--cache-dir",
+        default=os.path.join(tempfile.gettempdir(), "diffuserve-comm-cache"),
+        help="compile cache shared by the variants (kernels they have in common compile once)",
+    )
+    parser.add_argument("--one-device", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    import torch.multiprocessing as tmp
+
+    if args.child == "collectives":
+        tmp.spawn(collectives_rank, args=(args, free_port(), out), nprocs=args.ranks, join=True)
+        return 0
+    if args.child:
+        tmp.spawn(variant_rank, args=(args, free_port(), out, args.child), nprocs=args.ranks, join=True)
+        return 0
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from gpu_serving import environment, log
+
+    results: dict[str, Any] = {"args": vars(args), "env": environment(), "collectives": {}, "variants": {}}
+
+    def save() -> None:
+        (out / "comm.json").write_text(json.dumps(results, indent=1))
+
+    collectives = results["collectives"]
+    for env_name in [n for n in args.nccl_envs.split(",") if n]:
+        collectives[env_name] = {
+            "env": NCCL_ENVS[env_name],
+            **child(args, "collectives", NCCL_ENVS[env_name], []),
+        }
+        log(f"collectives, {env_name}: {collectives[env_name]}")
+        save()
+    runs: list[tuple[str, str, dict[str, str]]] = [(n, n, {}) for n in args.variants.split(",") if n]
+    timed = {k: v["all_to_all_qkv_us"] for k, v in collectives.items() if "all_to_all_qkv_us" in v}
+    if "default" in timed and "fused" in args.variants.split(","):
+        best = min(timed, key=lambda k: timed[k])
+        if timed[best] < 0.85 * timed["default"]:
+            # A setting that makes the stacked exchange clearly faster alone: does it show in the model?
+            runs.append((f"fused+{best}", "fused", NCCL_ENVS[best]))
+    for index, (label, name, env) in enumerate(runs):
+        results["variants"][label] = child(args, name, env, [] if index == 0 else ["--no-one-device"])
+        log(f"variant {label}: {json.dumps(results['variants'][label])}")
+        save()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
