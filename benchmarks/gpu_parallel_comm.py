@@ -38,6 +38,10 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+# The profile's own pipeline call, so both scripts time the same work.
+from gpu_parallel_profile import call_kwargs  # noqa: E402
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "ulysses": {"attention": "ulysses-diffusers"},
@@ -133,24 +137,6 @@ def collectives_rank(rank: int, args: argparse.Namespace, port: int, out: Path) 
 
 
 # ---------------------------------------------------------------------------------------------------- model
-
-
-def call_kwargs(loaded: Any, size: int, steps: int) -> dict[str, Any]:
-    import torch
-
-    family = loaded.family
-    kwargs: dict[str, Any] = {
-        "prompt": ["a photo of a red fox in the snow"],
-        "height": size,
-        "width": size,
-        "num_inference_steps": steps,
-        "guidance_scale": family.default_guidance,
-        "generator": [torch.Generator("cpu").manual_seed(0)],
-        "output_type": "latent",
-    }
-    if family.max_sequence_length:
-        kwargs["max_sequence_length"] = family.max_sequence_length
-    return kwargs
 
 
 def step_ms(pipe: Any, loaded: Any, args: argparse.Namespace, device: str) -> float:

@@ -267,7 +267,8 @@ class Settings(EnvSettings):
 
     @property
     def resolved_image_store_dir(self) -> str:
-        return self.image_store_dir or os.path.join(self.resolved_cache_dir, "images")
+        # One folder per port by default: servers sharing a cache must not count (and evict) each other's images.
+        return self.image_store_dir or os.path.join(self.resolved_cache_dir, "images", f"port-{self.port}")
 
     def export_hub_env(self) -> None:
         """The hub library reads HF_HOME from the environment (also in the worker processes it spawns)."""

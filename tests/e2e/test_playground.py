@@ -89,6 +89,17 @@ def status(driver: WebDriver) -> str:
     return str(driver.find_element(By.ID, "model-status").get_attribute("data-state"))
 
 
+def open_and_fill(browser: WebDriver, server: ServerHandle, recorder: str, *, prompt: str, seed: int) -> None:
+    """The page, ready, with `recorder` (a script watching what the page does) running, and the form filled
+    in for a PNG of `prompt` from `seed`."""
+    browser.get(f"{server.base_url}/")
+    wait_for(browser, lambda d: status(d) == "ready", "the page to read the model from /v1/models", 30)
+    browser.execute_script(recorder)
+    browser.find_element(By.ID, "prompt").send_keys(prompt)
+    browser.find_element(By.ID, "seed").send_keys(str(seed))
+    Select(browser.find_element(By.ID, "format")).select_by_value("png")
+
+
 def fill_and_generate(driver: WebDriver) -> None:
     # Records whether the progress state showed, however quickly the answer comes.
     driver.execute_script(
@@ -324,12 +335,7 @@ new MutationObserver((records) => {
 def test_previews_arrive_then_the_apis_image(
     server: ServerHandle, browser: WebDriver, tmp_path: Path
 ) -> None:
-    browser.get(f"{server.base_url}/")
-    wait_for(browser, lambda d: status(d) == "ready", "the page to read the model from /v1/models", 30)
-    browser.execute_script(RECORD_RESULT_CARDS)
-    browser.find_element(By.ID, "prompt").send_keys("the digit 2")
-    browser.find_element(By.ID, "seed").send_keys("7")
-    Select(browser.find_element(By.ID, "format")).select_by_value("png")
+    open_and_fill(browser, server, RECORD_RESULT_CARDS, prompt="the digit 2", seed=7)
     browser.find_element(By.ID, "previews").click()
     Select(browser.find_element(By.ID, "partial-images")).select_by_value("3")
     browser.find_element(By.ID, "generate").click()
@@ -452,12 +458,7 @@ def paint_left_half(driver: WebDriver) -> None:
 def test_page_edits_a_generated_image_with_a_painted_mask(
     server: ServerHandle, browser: WebDriver, tmp_path: Path
 ) -> None:
-    browser.get(f"{server.base_url}/")
-    wait_for(browser, lambda d: status(d) == "ready", "the page to read the model from /v1/models", 30)
-    browser.execute_script(RECORD_FORMS)
-    browser.find_element(By.ID, "prompt").send_keys("the digit 3")
-    browser.find_element(By.ID, "seed").send_keys("0")
-    Select(browser.find_element(By.ID, "format")).select_by_value("png")
+    open_and_fill(browser, server, RECORD_FORMS, prompt="the digit 3", seed=0)
     browser.find_element(By.ID, "generate").click()
     result_images(browser, 1)
 

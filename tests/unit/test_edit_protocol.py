@@ -86,10 +86,18 @@ def test_the_output_size_follows_the_first_picture_within_limits() -> None:
     assert size_for_picture(100, 100, FLUX) == (256, 256)
 
 
-def edit(mask: np.ndarray | None = None, pictures: int = 1, **fields: object):
+def mask_png(width: int, height: int) -> bytes:
+    rgba = np.zeros((height, width, 4), np.uint8)
+    rgba[..., 3] = 255
+    return encoded(Image.fromarray(rgba, "RGBA"))
+
+
+def edit(mask: bytes | None = None, pictures: int = 1, model: ModelInfo = FLUX, **fields: object):
     body = ImageEditRequest.parse_form({"prompt": "p", **{k: str(v) for k, v in fields.items()}})
-    decoded = [decode_picture(picture(640, 480), f"image[{i}]", LIMIT) for i in range(pictures)]
-    return body.to_edit(request_id="r", model=FLUX, max_images=10, pictures=decoded, mask=mask)
+    uploads = [(f"image[{i}]", picture(640, 480)) for i in range(pictures)]
+    return body.to_edit(
+        request_id="r", model=model, max_images=10, uploads=uploads, mask=mask, max_pixels=LIMIT
+    )
 
 
 def test_an_edit_is_sized_from_its_picture_and_fitted() -> None:
@@ -112,20 +120,37 @@ def test_at_least_one_step_runs_whatever_the_strength() -> None:
 
 
 def test_a_mask_makes_it_inpainting_and_must_match_the_first_picture() -> None:
-    request = edit(mask=np.zeros((480, 640), np.uint8))
+    request = edit(mask=mask_png(640, 480))
     assert request.edit is not None and request.edit.task is Task.INPAINT and request.edit.strength == 1.0
     with pytest.raises(InvalidRequest, match="must match") as caught:
-        edit(mask=np.zeros((48, 64), np.uint8))
+        edit(mask=mask_png(64, 48))
     assert caught.value.param == "mask"
 
 
 def test_a_model_without_edit_pipelines_refuses() -> None:
-    body = ImageEditRequest.parse_form({"prompt": "p"})
-    decoded = [decode_picture(picture(), "image", LIMIT)]
     with pytest.raises(InvalidRequest, match="no image-to-image pipeline"):
-        body.to_edit(
-            request_id="r", model=replace(FLUX, edit_tasks=()), max_images=10, pictures=decoded, mask=None
-        )
+        edit(model=replace(FLUX, edit_tasks=()))
+
+
+def test_more_pictures_than_outputs_are_refused_before_decoding() -> None:
+    body = ImageEditRequest.parse_form({"prompt": "p", "n": "2"})
+    uploads = [("image[0]", picture()), ("image[1]", b"never decoded"), ("image[2]", b"never decoded")]
+    with pytest.raises(InvalidRequest, match="3 images for n=2") as caught:
+        body.to_edit(request_id="r", model=FLUX, max_images=10, uploads=uploads, mask=None, max_pixels=LIMIT)
+    assert caught.value.param == "image[2]"
+
+
+@pytest.mark.parametrize("strength", ["1e-320", "0.001"])
+def test_a_strength_too_small_for_any_step_is_a_400_naming_it(strength: str) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        edit(strength=strength)
+    assert caught.value.param == "strength"
+
+
+def test_steps_are_raised_until_one_runs_as_sdxl_counts_them() -> None:
+    # SDXL runs int(steps × strength) steps: 3 × 0.3333333333 is just under one.
+    request = edit(strength="0.3333333333", num_inference_steps=3)
+    assert int(request.steps * 0.3333333333) >= 1
 
 
 def test_a_split_request_keeps_each_output_on_its_picture() -> None:

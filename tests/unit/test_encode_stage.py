@@ -63,3 +63,18 @@ def test_locked_sender_keeps_messages_whole() -> None:
         thread.join()
     results = [m for m in received if isinstance(m, BatchResult)]
     assert len(results) == 200 and sum(isinstance(m, DeviceFree) for m in received) == 50
+
+
+def test_an_encoder_failure_does_not_stop_the_stage() -> None:
+    sent: list[Any] = []
+
+    def encode(batch_id: int) -> list[BatchResult]:
+        if batch_id == 1:
+            raise RuntimeError("broken preview")
+        return [BatchResult(batch_id=batch_id)]
+
+    stage: EncodeStage[int] = EncodeStage(encode, sent.append, depth=1)
+    for batch_id in range(4):
+        stage.submit(batch_id)  # would block for ever once the thread had died
+    stage.close(timeout=5)
+    assert [m.batch_id for m in sent] == [0, 2, 3]

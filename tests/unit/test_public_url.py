@@ -101,8 +101,9 @@ def test_a_bad_public_url_stops_start_up_naming_the_variable(value: str) -> None
 
 
 def test_image_store_settings_defaults() -> None:
-    settings = Settings.from_env({"HF_HOME": "/data/hf"})
-    assert settings.resolved_image_store_dir == "/data/hf/diffuserve/images"
+    settings = Settings.from_env({"HF_HOME": "/data/hf", "PORT": "8123"})
+    # One folder per port: two servers sharing a cache keep their images apart.
+    assert settings.resolved_image_store_dir == "/data/hf/diffuserve/images/port-8123"
     assert settings.image_store_max_bytes == 1 << 30
     assert settings.image_url_ttl_seconds == 3600
     assert Settings.from_env({"IMAGE_STORE_DIR": "/srv/img"}).resolved_image_store_dir == "/srv/img"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -19,6 +20,8 @@ from diffuserve.protocol.usage import usage_for
 from diffuserve.serving.scheduler import Completed
 from diffuserve.serving.service import ClientGone
 from diffuserve.types import EncodedImage, GenerationRequest, ModelInfo
+
+log = logging.getLogger(__name__)
 
 # Headers for an event stream: no caching, and no buffering in nginx (or it would hold the previews back).
 STREAM_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
@@ -57,13 +60,13 @@ class ImageStream:
     async def events(self, work: asyncio.Future[Completed]) -> AsyncIterator[bytes]:
         status = 500
         completed: Completed | None = None
+        getter: asyncio.Future[Any] | None = None
         try:
             while True:
-                getter: asyncio.Future[Any] = asyncio.ensure_future(self._partials.get())
+                getter = asyncio.ensure_future(self._partials.get())
                 watched: set[asyncio.Future[Any]] = {getter, work}
                 await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
                 if not getter.done():
-                    getter.cancel()
                     break
                 yield self._partial_events(*getter.result())
             while not self._partials.empty():  # previews that came in just before the result
@@ -77,17 +80,23 @@ class ImageStream:
                 status = exc.status
                 yield event("error", {"type": "error", **error_body(exc)})
                 return
-            except Exception as exc:  # the stream has begun: the failure can only be told as an event
-                yield event(
-                    "error", {"type": "error", **error_body(GenerationFailed(f"generation failed: {exc}"))}
-                )
+            except Exception:  # the stream has begun: the failure can only be told as an event
+                log.exception("a streamed generation failed")
+                failed = GenerationFailed("generation failed; the server log has the details")
+                yield event("error", {"type": "error", **error_body(failed)})
                 return
             status = 200
             for index, image in enumerate(completed.images):
                 yield self._completed_event(index, image, completed)
+        except asyncio.CancelledError:
+            # The server cancels the stream when its client hangs up: a 499 as for any request left.
+            status = ClientClosed.status
+            raise
         finally:
+            if getter is not None:
+                getter.cancel()
             work.cancel()  # a client gone mid-stream frees its place in the queue or its batch
-            self._finished(completed, status if completed is None else 200)
+            self._finished(completed, 200 if completed is not None else status)
 
     def _common(self) -> dict[str, Any]:
         g = self.generation

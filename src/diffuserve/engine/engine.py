@@ -299,12 +299,17 @@ class Engine:
         return result
 
     def encode_previews(self, batch: PreviewBatch) -> list[PartialImages]:
-        """A step's previews in each item's output format, one message per item."""
+        """A step's previews in each item's output format, one message per item. A preview that cannot be
+        encoded is left out (its request still gets its final image)."""
         messages = []
         for preview in batch.previews:
             item = batch.job.items[preview.item_index]
             formats = [(item.output_format, item.output_compression)] * len(preview.pixels)
-            encoded = self._encoder.encode(preview.pixels, formats)
+            try:
+                encoded = self._encoder.encode(preview.pixels, formats)
+            except Exception:
+                log.exception("a preview of batch %s could not be encoded", batch.job.batch_id)
+                continue
             media_type = MEDIA_TYPES[item.output_format]
             images = [
                 EncodedImage(data, seed, media_type) for data, seed in zip(encoded, item.seeds, strict=True)

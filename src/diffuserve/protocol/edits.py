@@ -4,14 +4,14 @@ decoded pictures into a GenerationRequest carrying its EditInput."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any, Literal
 
-import numpy as np
 from pydantic import Field, ValidationError
 
 from diffuserve.errors import InvalidRequest
 from diffuserve.protocol.generation import ImageGenerationRequest, _to_invalid_request
-from diffuserve.protocol.pictures import Picture, fit_mask, fit_picture, size_for_picture
+from diffuserve.protocol.pictures import decode_mask, decode_picture, fit_mask, fit_picture, size_for_picture
 from diffuserve.types import EditInput, GenerationRequest, ModelInfo, Task
 
 MAX_EDIT_IMAGES = 16
@@ -41,42 +41,78 @@ class ImageEditRequest(ImageGenerationRequest):
         request_id: str,
         model: ModelInfo,
         max_images: int,
-        pictures: list[Picture],
-        mask: np.ndarray | None,
+        uploads: Sequence[tuple[str, bytes]],
+        mask: bytes | None,
+        max_pixels: int,
         max_cost: float = 0.0,
     ) -> GenerationRequest:
         """The edit in the engine's units: output size (the first picture's unless one is named), the pictures
-        and mask fitted to it, and at least one denoising step whatever the strength."""
+        and mask decoded and fitted to it, and at least one denoising step whatever the strength. `uploads`:
+        each picture's field name and bytes. Everything that needs no decoding is checked first, and the
+        pictures are decoded one at a time, each dropped once fitted, so a request holds at most one picture
+        at its full size."""
         task = Task.INPAINT if mask is not None else Task.IMAGE_TO_IMAGE
         if task not in model.edit_tasks:
             raise InvalidRequest(
                 f"model {model.name} ({model.family}) has no {task} pipeline",
                 param="mask" if mask is not None else "image",
             )
-        if not pictures:
+        if not uploads:
             raise InvalidRequest("`image` is required: send 1 to 16 PNG, JPEG or WebP files", param="image")
-        if len(pictures) > MAX_EDIT_IMAGES:
+        if len(uploads) > MAX_EDIT_IMAGES:
             raise InvalidRequest(
-                f"at most {MAX_EDIT_IMAGES} images per edit, got {len(pictures)}",
-                param=pictures[MAX_EDIT_IMAGES].param,
-            )
-        first_w, first_h = pictures[0].size
-        if mask is not None and mask.shape != (first_h, first_w):
-            raise InvalidRequest(
-                f"the mask is {mask.shape[1]}x{mask.shape[0]} but the image is {first_w}x{first_h}: they must match",
-                param="mask",
+                f"at most {MAX_EDIT_IMAGES} images per edit, got {len(uploads)}",
+                param=uploads[MAX_EDIT_IMAGES][0],
             )
         if self.n > max_images:
             raise InvalidRequest(f"n must be between 1 and {max_images}, got {self.n}", param="n")
-        width, height = self.resolve_size(model, default=size_for_picture(first_w, first_h, model))
+        if len(uploads) > self.n:
+            # Output i starts from picture i mod their number: a picture beyond n would be ignored.
+            raise InvalidRequest(
+                f"{len(uploads)} images for n={self.n}: each output image is an edit of one picture (output i "
+                f"of picture i), so send at most n pictures, or raise n",
+                param=uploads[self.n][0],
+            )
         strength = self.strength if self.strength is not None else DEFAULT_STRENGTH[task]
-        steps = self.num_inference_steps if self.num_inference_steps is not None else model.default_steps
-        # The pipelines run about steps × strength of the schedule's steps: never none.
-        steps = max(steps, math.ceil(1 / strength - 1e-9))
+        steps = self._steps_for(strength, model)
+        first = decode_picture(uploads[0][1], uploads[0][0], max_pixels)
+        first_w, first_h = first.size
+        repaint = decode_mask(mask, "mask", max_pixels) if mask is not None else None
+        if repaint is not None and repaint.shape != (first_h, first_w):
+            raise InvalidRequest(
+                f"the mask is {repaint.shape[1]}x{repaint.shape[0]} but the image is {first_w}x{first_h}: they "
+                "must match",
+                param="mask",
+            )
+        width, height = self.resolve_size(model, default=size_for_picture(first_w, first_h, model))
         generation = self._generation(request_id, model, width, height, steps, max_cost)
+        fitted = [fit_picture(first, width, height)]
+        del first
+        for param, data in uploads[1:]:
+            fitted.append(fit_picture(decode_picture(data, param, max_pixels), width, height))
         generation.edit = EditInput(
-            images=[fit_picture(picture, width, height) for picture in pictures],
-            mask=fit_mask(mask, width, height) if mask is not None else None,
+            images=fitted,
+            mask=fit_mask(repaint, width, height) if repaint is not None else None,
             strength=strength,
         )
         return generation
+
+    def _steps_for(self, strength: float, model: ModelInfo) -> int:
+        """The steps asked for, raised until the pipelines run at least one: they run int(steps × strength)
+        of them (SDXL truncates; FLUX rounds its start up, which is never fewer)."""
+        steps = self.num_inference_steps if self.num_inference_steps is not None else model.default_steps
+        if strength * model.max_steps < 1:
+            raise InvalidRequest(
+                f"strength {strength:g} runs no denoising step even at the most steps ({model.max_steps}); "
+                f"give at least {1 / model.max_steps:g}",
+                param="strength",
+            )
+        needed = max(steps, math.ceil(1 / strength))
+        while int(needed * strength) < 1:
+            needed += 1
+        if needed > model.max_steps:
+            raise InvalidRequest(
+                f"strength {strength:g} needs {needed} steps to run one, more than {model.max_steps}: raise strength",
+                param="strength",
+            )
+        return needed

@@ -43,7 +43,7 @@ def decode_picture(data: bytes, param: str, max_pixels: int) -> Picture:
         image.load()
         image = ImageOps.exif_transpose(image)
         return Picture(image.convert("RGB"), param)
-    except (OSError, ValueError, SyntaxError) as exc:  # Pillow's errors for truncated or corrupt data
+    except Exception as exc:  # corrupt data raises more than OSError (struct.error, IndexError …)
         raise InvalidRequest(
             f"`{param}` could not be decoded ({exc}); send a whole PNG, JPEG or WebP file", param=param
         ) from None
@@ -62,7 +62,9 @@ def decode_mask(data: bytes, param: str, max_pixels: int) -> np.ndarray:
                 param=param,
             )
         alpha = np.asarray(image.convert("RGBA").getchannel("A"))
-    except (OSError, ValueError, SyntaxError) as exc:
+    except InvalidRequest:
+        raise
+    except Exception as exc:  # corrupt data raises more than OSError (struct.error, IndexError …)
         raise InvalidRequest(
             f"`{param}` could not be decoded ({exc}); send a whole PNG file", param=param
         ) from None
@@ -82,7 +84,7 @@ def _open(data: bytes, param: str, max_pixels: int) -> Image.Image:
         else:
             message = f"`{param}` has too many pixels to decode safely"
         raise InvalidRequest(message, param=param) from None
-    except (OSError, ValueError, SyntaxError) as exc:
+    except Exception as exc:  # a header Pillow cannot parse raises more than OSError
         raise InvalidRequest(f"`{param}` could not be read as an image ({exc})", param=param) from None
     width, height = image.size
     if width * height > max_pixels:

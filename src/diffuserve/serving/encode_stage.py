@@ -57,7 +57,11 @@ class EncodeStage(Generic[Batch]):
             batch = self._queue.get()
             if batch is None:
                 return
-            messages = self._encode(batch)
+            try:
+                messages = self._encode(batch)
+            except Exception:  # never leave the device loop blocked on a stage that is gone
+                log.exception("the encoder stage could not encode a batch's images; it goes on with the next")
+                continue
             try:
                 for message in messages:
                     self._send(message)

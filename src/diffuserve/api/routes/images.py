@@ -27,13 +27,14 @@ from diffuserve.api.streaming import ImageStream
 from diffuserve.errors import ClientClosed, DiffuserveError, InvalidRequest
 from diffuserve.protocol import ImageData, ImageGenerationRequest, ImagesResponse
 from diffuserve.protocol.edits import ImageEditRequest
-from diffuserve.protocol.pictures import decode_mask, decode_picture
 from diffuserve.protocol.usage import usage_for
 from diffuserve.serving.scheduler import Completed
 from diffuserve.serving.service import ClientGone
 from diffuserve.types import GenerationRequest, ModelInfo
 
 router = APIRouter(dependencies=[Depends(require_auth)])
+# Edits whose pictures are decoded at the same time; the others wait their turn.
+_decoding = asyncio.Semaphore(2)
 
 
 @dataclass
@@ -74,22 +75,22 @@ async def edit_image(request: Request) -> Response:
         body = (ImageEditRequest.parse_form if received.form else ImageEditRequest.parse)(received.fields)
         assert isinstance(body, ImageEditRequest)
         model = model_for(body.model)
-        limit = settings.max_input_pixels
 
         def decode_and_fit() -> GenerationRequest:
             # Decoding and resizing megapixel pictures takes milliseconds of CPU: off the event loop.
-            pictures = [decode_picture(data, param, limit) for param, data in received.pictures]
-            mask = decode_mask(received.mask, "mask", limit) if received.mask is not None else None
             return body.to_edit(
                 request_id=request.state.request_id,
                 model=model,
                 max_images=settings.max_images_per_request,
-                pictures=pictures,
-                mask=mask,
+                uploads=received.pictures,
+                mask=received.mask,
+                max_pixels=settings.max_input_pixels,
                 max_cost=settings.max_request_cost,
             )
 
-        return Accepted(body, model, await asyncio.to_thread(decode_and_fit))
+        # A few edits decode at once: each holds one full-size picture at a time, so this bounds the memory.
+        async with _decoding:
+            return Accepted(body, model, await asyncio.to_thread(decode_and_fit))
 
     return await _answer(request, "image_edit", accept)
 

@@ -93,6 +93,16 @@ async function streamedItems(response, request, started) {
   return items;
 }
 
+function linkButton(text, title, className, onClick) {
+  const button = document.createElement("button");
+  button.type = "button";
+  button.className = className;
+  button.textContent = text;
+  button.title = title;
+  button.addEventListener("click", onClick);
+  return button;
+}
+
 function imageCard(item, { compact }) {
   const figure = document.createElement("figure");
   figure.className = "card";
@@ -111,20 +121,10 @@ function imageCard(item, { compact }) {
   const seed = document.createElement("span");
   seed.className = "seed-value";
   seed.textContent = `seed ${item.seed}`;
-  const reuse = document.createElement("button");
-  reuse.type = "button";
-  reuse.className = "link";
-  reuse.textContent = "reuse";
-  reuse.title = "put this seed in the form";
-  reuse.addEventListener("click", () => {
+  const reuse = linkButton("reuse", "put this seed in the form", "link", () => {
     $("seed").value = item.seed;
   });
-  const edit = document.createElement("button");
-  edit.type = "button";
-  edit.className = "link edit-this";
-  edit.textContent = "edit this";
-  edit.title = "use this image as the picture to edit";
-  edit.addEventListener("click", () => {
+  const edit = linkButton("edit this", "use this image as the picture to edit", "link edit-this", () => {
     setMode("edit");
     pickSource(item.blob, item.filename);
     $("edit-box").scrollIntoView({ block: "nearest" });
