@@ -228,16 +228,16 @@ class BatchJob:
     @classmethod
     def of(cls, batch_id: int, requests: list[GenerationRequest]) -> BatchJob:
         """One job for compatible requests (same batch key); the first one gives the shared settings."""
-        first = requests[0]
+        key = requests[0].batch_key
         return cls(
             batch_id=batch_id,
-            width=first.width,
-            height=first.height,
-            steps=first.steps,
-            guidance=first.guidance,
+            width=key.width,
+            height=key.height,
+            steps=key.steps,
+            guidance=key.guidance,
             items=[request.to_item() for request in requests],
-            task=first.batch_key.task,
-            strength=first.batch_key.strength,
+            task=key.task,
+            strength=key.strength,
         )
 
 
