@@ -142,3 +142,22 @@ def group_failing_worker(
 def _die_if_told(job: BatchJob, rank: int) -> None:
     if any(item.prompt == f"die:{rank}" for item in job.items):
         os._exit(6)
+
+
+def group_rendezvous_race_worker(
+    worker_id: int, device: str, settings: Settings, conn: Connection, rank: GroupRank
+) -> None:
+    """A group whose first start fails at the rendezvous (its port was taken), as init_group reports it; the
+    started again group serves. The marker file under the settings' cache dir remembers the first start."""
+    marker = Path(settings.resolved_cache_dir) / f"rendezvous-{worker_id}"
+    if rank.leader and not marker.exists():
+        marker.touch()
+        conn.send(
+            WorkerFailed(
+                worker_id=worker_id,
+                error=f"rank 0: DistNetworkError: The server socket has failed to listen on port {rank.port}",
+                fatal=False,
+            )
+        )
+        return
+    group_worker(worker_id, device, settings, conn, rank)

@@ -364,7 +364,9 @@ class WorkerReady:
 
 @dataclass
 class WorkerFailed:
-    """A worker could not start (bad model path, out of memory …); the message is shown to the operator."""
+    """A worker could not start (bad model path, out of memory …); the message is shown to the operator.
+    `fatal`: starting again would fail the same way; false for a passing failure (a group's rendezvous) or a
+    group rank's failed batch."""
 
     worker_id: int
     error: str

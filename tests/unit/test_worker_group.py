@@ -9,6 +9,7 @@ import re
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import pytest
 
@@ -122,6 +123,28 @@ async def test_a_rank_that_cannot_load_stops_the_server_with_its_reason() -> Non
         )
         await until(lambda: not any(w.process.is_alive() for w in pool.workers.values()))
         assert pool.alive == 0 and not events.restarts
+
+
+async def test_a_group_whose_rendezvous_failed_is_started_again(tmp_path: Path) -> None:
+    """A port taken between the server's pick and rank 0's bind is not the model's fault: the group starts
+    again and serves, with no fatal error."""
+    events = Events()
+    pool = WorkerPool(
+        Settings(model_name="fake", model_batch=2, parallel=2, cache_dir=str(tmp_path)),
+        DEVICES[:2],
+        Scheduler(max_batch=2, max_queue=8, batch_wait_s=0.0),
+        on_fatal=events.fatal.append,
+        on_restart=lambda: events.restarts.append(time.monotonic()),
+        group_target=fakes.group_rendezvous_race_worker,
+    )
+    pool.start()
+    try:
+        await until(lambda: pool.workers[0].state == WorkerState.IDLE and pool.workers[0].restarts == 1)
+        assert not events.fatal and len(events.restarts) == 1
+        done = await asyncio.wait_for(pool.scheduler.submit(request("again")).future, 10)
+        assert done.images[0].data == b"again|seed=7|batch=1"
+    finally:
+        await pool.stop(timeout=5.0)
 
 
 class FailingEngine:

@@ -59,6 +59,8 @@ class WorkerProcess:
     pid: int | None = None
     ready: WorkerReady | None = None
     failure: str | None = None
+    # Whether that failure is the model's (starting again cannot help) or a passing one (a group's rendezvous).
+    failure_fatal: bool = True
     restarts: int = 0
     ready_at: float | None = None
     watchdog_fired: bool = False

@@ -47,7 +47,10 @@ def group_worker_main(
         init_group(rank, device)
     except Exception as exc:
         log.exception("worker %d rank %d could not join its group", worker_id, rank.rank)
-        conn.send(WorkerFailed(worker_id=worker_id, error=f"rank {rank.rank}: {type(exc).__name__}: {exc}"))
+        # Not the model's fault: the port the server picked may have been taken before rank 0 bound it, or a
+        # peer went; the server starts the group again (a few times) rather than giving up.
+        error = f"rank {rank.rank}: {type(exc).__name__}: {exc}"
+        conn.send(WorkerFailed(worker_id=worker_id, error=error, fatal=False))
         return
     engine = _start_engine(worker_id, device, settings, conn, entered_at, rank)
     if engine is None:

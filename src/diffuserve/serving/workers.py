@@ -254,7 +254,8 @@ class WorkerPool:
             self.scheduler.worker_idle(worker)
         elif isinstance(message, WorkerFailed):
             # In a group, the first rank to fail says why; its peers' errors follow from it.
-            worker.failure = worker.failure or message.error
+            if worker.failure is None:
+                worker.failure, worker.failure_fatal = message.error, message.fatal
         elif isinstance(message, DeviceFree):
             # Idle before the scheduler hears it, which may hand this worker its next batch (and mark it busy).
             if self.scheduler.releases_device(message.batch_id):
@@ -279,9 +280,11 @@ class WorkerPool:
         self.scheduler.worker_gone(worker.worker_id, reason)
         if self._stopping:
             return
-        if not self._ever_ready and (worker.failure or worker.restarts >= MAX_START_ATTEMPTS - 1):
+        failed_for_good = worker.failure is not None and worker.failure_fatal
+        if not self._ever_ready and (failed_for_good or worker.restarts >= MAX_START_ATTEMPTS - 1):
             # The model cannot load at all (bad path, gated repo, a crash while loading …): restarting
-            # would loop forever while the server stays unready.
+            # would loop forever while the server stays unready. A passing failure (a group whose rendezvous
+            # port was taken) gets MAX_START_ATTEMPTS.
             self.on_fatal(f"worker {worker.worker_id} could not load the model: {reason}")
             return
         log.error("worker %d (pid %s) died: %s; starting a replacement", worker.worker_id, worker.pid, reason)
