@@ -7,17 +7,22 @@ import threading
 from multiprocessing.connection import Connection
 from typing import Any
 
-from diffuserve.types import CancelBatch
+from diffuserve.types import BatchJob, CancelBatch
 
 
 class Inbox:
     """Jobs and shutdowns queue for the device loop in order; CancelBatch is noted at once, for the running
-    batch's step callback to see. `get` returns None once the parent is gone."""
+    batch's step callback to see. `get` returns None once the parent is gone.
+
+    Only the batches this worker holds (received, not yet forgotten) can be cancelled: a CancelBatch that
+    crosses its batch's end in the pipe is dropped instead of being remembered for ever."""
 
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
         self._messages: queue.Queue[Any] = queue.Queue()
+        self._held: set[int] = set()
         self._cancelled: set[int] = set()
+        self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="inbox", daemon=True)
         self._thread.start()
 
@@ -28,7 +33,10 @@ class Inbox:
         return batch_id in self._cancelled
 
     def forget(self, batch_id: int) -> None:
-        self._cancelled.discard(batch_id)
+        """The batch is done: a cancel for it from now on is stale."""
+        with self._lock:
+            self._held.discard(batch_id)
+            self._cancelled.discard(batch_id)
 
     def _run(self) -> None:
         while True:
@@ -38,6 +46,11 @@ class Inbox:
                 self._messages.put(None)  # the server went away: nothing left to serve
                 return
             if isinstance(message, CancelBatch):
-                self._cancelled.add(message.batch_id)
-            else:
-                self._messages.put(message)
+                with self._lock:
+                    if message.batch_id in self._held:
+                        self._cancelled.add(message.batch_id)
+                continue
+            if isinstance(message, BatchJob):
+                with self._lock:
+                    self._held.add(message.batch_id)
+            self._messages.put(message)
