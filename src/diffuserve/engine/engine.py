@@ -101,7 +101,6 @@ class Engine:
         self.loaded: LoadedPipeline | None = None
         self.info: ModelInfo | None = None
         self.phases: dict[str, float] = {}
-        self._accepted: set[str] = set()
         # The loaded pipeline (Task.GENERATE) and the edit pipelines made from it, with what each call takes.
         self._pipelines: dict[Task, Any] = {}
         self._accepted_by: dict[Task, set[str]] = {}
@@ -121,7 +120,6 @@ class Engine:
             s.model_repo, device=self.device, dtype_name=s.dtype, weights=s.weights, hf_token=s.hf_token
         )
         self.phases["load_s"] = time.perf_counter() - started
-        self._accepted = set(inspect.signature(self.loaded.pipeline.__call__).parameters)
         started = time.perf_counter()
         apply_tier(
             self.loaded.pipeline, Tier(s.model_size), device=self.device, cache_dir=s.resolved_cache_dir
@@ -143,7 +141,12 @@ class Engine:
         self._tokenizer = prompt_tokenizer(self.loaded.pipeline)
         edits = tuple(task for task in self._pipelines if task is not Task.GENERATE)
         self.info = model_info(
-            s, self.loaded.family, self._accepted, parallel=parallel, token_pixels=pixels, edit_tasks=edits
+            s,
+            self.loaded.family,
+            self._accepted_by[Task.GENERATE],
+            parallel=parallel,
+            token_pixels=pixels,
+            edit_tasks=edits,
         )
         return self.info
 
@@ -180,7 +183,7 @@ class Engine:
         import torch
 
         assert self.loaded is not None
-        accepted = self._accepted_by.get(job.task, self._accepted)
+        accepted = self._accepted_by[job.task]
         prompts = [item.prompt for item in job.items for _ in item.seeds]
         # One CPU generator per image: a seed gives the same noise whatever batch or device it lands in.
         generators = [torch.Generator("cpu").manual_seed(seed) for item in job.items for seed in item.seeds]

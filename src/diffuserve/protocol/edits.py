@@ -64,8 +64,7 @@ class ImageEditRequest(ImageGenerationRequest):
                 f"at most {MAX_EDIT_IMAGES} images per edit, got {len(uploads)}",
                 param=uploads[MAX_EDIT_IMAGES][0],
             )
-        if self.n > max_images:
-            raise InvalidRequest(f"n must be between 1 and {max_images}, got {self.n}", param="n")
+        self.check_n(max_images)
         if len(uploads) > self.n:
             # Output i starts from picture i mod their number: a picture beyond n would be ignored.
             raise InvalidRequest(

@@ -123,11 +123,14 @@ class ImageGenerationRequest(BaseModel):
     ) -> GenerationRequest:
         """Resolve defaults and model limits into the engine's units; every rejection names its field.
         `max_cost`: the most megapixel-steps (width × height × steps × n / 10⁶) one request may ask for; 0 = any."""
-        if self.n > max_images:
-            raise InvalidRequest(f"n must be between 1 and {max_images}, got {self.n}", param="n")
+        self.check_n(max_images)
         width, height = self.resolve_size(model)
         steps = self.num_inference_steps if self.num_inference_steps is not None else model.default_steps
         return self._generation(request_id, model, width, height, steps, max_cost)
+
+    def check_n(self, max_images: int) -> None:
+        if self.n > max_images:
+            raise InvalidRequest(f"n must be between 1 and {max_images}, got {self.n}", param="n")
 
     def _generation(
         self, request_id: str, model: ModelInfo, width: int, height: int, steps: int, max_cost: float
@@ -213,18 +216,22 @@ def dimensions_for_aspect(aspect_ratio: str, model: ModelInfo) -> tuple[int, int
     """Dimensions with the ratio, near the model's native area, multiples of its size step, within limits."""
     ratio_w, ratio_h = ASPECT_RATIOS[aspect_ratio]
     area = model.native_width * model.native_height
-    step = model.size_multiple
+    return snap_size(math.sqrt(area * ratio_w / ratio_h), math.sqrt(area * ratio_h / ratio_w), model)
 
-    def snap(value: float) -> int:
+
+def snap_size(width: float, height: float, model: ModelInfo) -> tuple[int, int]:
+    """The nearest size the model serves: multiples of its size step, within its limits, and a token count a
+    worker group's devices share evenly."""
+
+    def snap(value: float, step: int) -> int:
         return int(min(model.max_size, max(model.min_size, round(value / step) * step)))
 
-    width = snap(math.sqrt(area * ratio_w / ratio_h))
-    height = snap(math.sqrt(area * ratio_h / ratio_w))
-    if not model.splits(width, height):
+    step = model.size_multiple
+    out_w, out_h = snap(width, step), snap(height, step)
+    if not model.splits(out_w, out_h):
         # A worker group needs a token count its devices share evenly: a width in whole tokens per device.
-        step = math.lcm(step, model.token_pixels * model.parallel)
-        width = snap(math.sqrt(area * ratio_w / ratio_h))
-    return width, height
+        out_w = snap(width, math.lcm(step, model.token_pixels * model.parallel))
+    return out_w, out_h
 
 
 def _check_dimensions(width: int, height: int, model: ModelInfo, param: str) -> tuple[int, int]:

@@ -6,18 +6,21 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import math
 import re
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from diffuserve.errors import InvalidRequest
+from diffuserve.protocol.generation import snap_size
 from diffuserve.types import ModelInfo
 
 ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP")
+T = TypeVar("T")
 DATA_URL = re.compile(
     r"^data:(?P<media>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[\w.+-]+)*)(?P<b64>;base64)?,", re.I
 )
@@ -38,37 +41,43 @@ class Picture:
 def decode_picture(data: bytes, param: str, max_pixels: int) -> Picture:
     """A PNG, JPEG or WebP as RGB (EXIF orientation applied, the first frame of an animation). Anything else,
     a truncated file, or more than `max_pixels` pixels (a decompression bomb) is a 400 naming `param`."""
-    image = _open(data, param, max_pixels)
-    try:
-        image.load()
-        image = ImageOps.exif_transpose(image)
-        return Picture(image.convert("RGB"), param)
-    except Exception as exc:  # corrupt data raises more than OSError (struct.error, IndexError …)
-        raise InvalidRequest(
-            f"`{param}` could not be decoded ({exc}); send a whole PNG, JPEG or WebP file", param=param
-        ) from None
+    image = _load(data, param, max_pixels, "send a whole PNG, JPEG or WebP file")
+    return Picture(
+        _decoded(lambda: image.convert("RGB"), param, "send a whole PNG, JPEG or WebP file"), param
+    )
 
 
 def decode_mask(data: bytes, param: str, max_pixels: int) -> np.ndarray:
     """OpenAI's mask: an image with an alpha channel whose transparent pixels mark what to repaint. Returns
     H×W uint8, 255 where the model repaints."""
-    image = _open(data, param, max_pixels)
-    try:
-        image.load()
-        image = ImageOps.exif_transpose(image)
-        if "A" not in image.getbands() and "transparency" not in image.info:
-            raise InvalidRequest(
-                f"`{param}` has no alpha channel: send a PNG whose fully transparent pixels mark what to repaint",
-                param=param,
-            )
-        alpha = np.asarray(image.convert("RGBA").getchannel("A"))
-    except InvalidRequest:
-        raise
-    except Exception as exc:  # corrupt data raises more than OSError (struct.error, IndexError …)
+    image = _load(data, param, max_pixels, "send a whole PNG file")
+    if "A" not in image.getbands() and "transparency" not in image.info:
         raise InvalidRequest(
-            f"`{param}` could not be decoded ({exc}); send a whole PNG file", param=param
-        ) from None
+            f"`{param}` has no alpha channel: send a PNG whose fully transparent pixels mark what to repaint",
+            param=param,
+        )
+    alpha = _decoded(
+        lambda: np.asarray(image.convert("RGBA").getchannel("A")), param, "send a whole PNG file"
+    )
     return np.where(alpha < 128, 255, 0).astype(np.uint8)
+
+
+def _load(data: bytes, param: str, max_pixels: int, advice: str) -> Image.Image:
+    """The upload decoded, EXIF orientation applied; every failure a 400 naming `param`."""
+    image = _open(data, param, max_pixels)
+
+    def load() -> Image.Image:
+        image.load()
+        return ImageOps.exif_transpose(image)
+
+    return _decoded(load, param, advice)
+
+
+def _decoded(step: Callable[[], T], param: str, advice: str) -> T:
+    try:
+        return step()
+    except Exception as exc:  # corrupt data raises more than OSError (struct.error, IndexError …)
+        raise InvalidRequest(f"`{param}` could not be decoded ({exc}); {advice}", param=param) from None
 
 
 def _open(data: bytes, param: str, max_pixels: int) -> Image.Image:
@@ -116,16 +125,7 @@ def size_for_picture(width: int, height: int, model: ModelInfo) -> tuple[int, in
     its aspect ratio kept as near as the size step allows."""
     scale = min(1.0, model.max_size / max(width, height))
     scale = max(scale, model.min_size / min(width, height))
-    step = model.size_multiple
-
-    def snap(value: float, step: int) -> int:
-        return int(min(model.max_size, max(model.min_size, round(value / step) * step)))
-
-    out_w, out_h = snap(width * scale, step), snap(height * scale, step)
-    if not model.splits(out_w, out_h):
-        # A worker group needs whole tokens per device along the width.
-        out_w = snap(width * scale, math.lcm(step, model.token_pixels * model.parallel))
-    return out_w, out_h
+    return snap_size(width * scale, height * scale, model)
 
 
 def fit_picture(picture: Picture, width: int, height: int) -> np.ndarray:
