@@ -5,8 +5,9 @@ worker groups that split each image across GPUs (PARALLEL=2 and, on a 4-GPU host
     python benchmarks/gpu_parallel.py --out $OUT --attention ulysses,ulysses-diffusers   # two kinds of group
     python benchmarks/gpu_parallel.py --out /tmp/p --model-repo digits --devices cpu,cpu --size 32 --tier XL
 
-For each PARALLEL value (and for groups, each --attention way of splitting attention, PARALLEL_ATTENTION), on
-the same devices: a cold `diffuserve serve` (its own empty cache dir, so each
+For each PARALLEL value (and for groups, each --attention way of splitting attention, PARALLEL_ATTENTION, and
+each --cuda-graphs setting, CUDA_GRAPHS), on the same devices, and with --one-worker also one one-GPU worker
+on the first device (the baseline of throughput scaling): a cold `diffuserve serve` (its own empty cache dir, so each
 start compiles its own graphs), timed until every worker (group) is ready; one untimed request; then lone
 requests over HTTP one after another (round trip and the server's own split); then a closed loop (each user
 sends its next request when its last is back). Every figure is given next to the PARALLEL=1 figure of the same
@@ -24,6 +25,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,10 +39,10 @@ from diffuserve.bench.server import SpawnedServer  # noqa: E402
 from gpu_serving import PROMPT, closed_loop, environment, log, post  # noqa: E402
 
 
-def serve_args(args: argparse.Namespace, parallel: int, attention: str, cache_dir: str) -> list[str]:
+def serve_args(args: argparse.Namespace, run: Run, cache_dir: str) -> list[str]:
     flags = ["--model-repo", args.model_repo, "--tier", args.tier, "--model-batch", str(args.model_batch)]
-    flags += ["--devices", args.devices, "--parallel", str(parallel), "--cache-dir", cache_dir]
-    flags += ["--parallel-attention", attention]
+    flags += ["--devices", run.devices, "--parallel", str(run.parallel), "--cache-dir", cache_dir]
+    flags += ["--parallel-attention", run.attention, "--cuda-graphs", run.graphs]
     if args.weights:
         flags += ["--weights", args.weights]
     return flags
@@ -70,14 +72,34 @@ def lone_requests(base: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     return runs[1:]  # the first warms the API's path and the encoder
 
 
-def measure(args: argparse.Namespace, parallel: int, workers: int, attention: str) -> dict[str, Any]:
-    label = f"{parallel}" if parallel == 1 else f"{parallel}-{attention}"
+@dataclass(frozen=True)
+class Run:
+    """One server of the comparison: its devices, PARALLEL, and for groups how they split and launch."""
+
+    devices: str
+    parallel: int
+    attention: str
+    graphs: str = "auto"
+
+    @property
+    def workers(self) -> int:
+        return len(self.devices.split(",")) // self.parallel
+
+    @property
+    def label(self) -> str:
+        if self.parallel == 1:
+            return f"1x{self.workers}"
+        return f"{self.parallel}-{self.attention}-graphs-{self.graphs}"
+
+
+def measure(args: argparse.Namespace, spec: Run) -> dict[str, Any]:
+    parallel, workers, label = spec.parallel, spec.workers, spec.label
     cache_dir = tempfile.mkdtemp(prefix=f"diffuserve-cache-p{label}-")
     server = SpawnedServer(
         Path(args.out) / f"server-parallel{label}.log",
         env={"PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])},
         ready_timeout=args.ready_timeout,
-        serve_args=serve_args(args, parallel, attention, cache_dir),
+        serve_args=serve_args(args, spec, cache_dir),
         stop_grace=30,
     )
     started = time.perf_counter()
@@ -85,7 +107,10 @@ def measure(args: argparse.Namespace, parallel: int, workers: int, attention: st
         described = wait_all_ready(server, workers, args.ready_timeout)
         run: dict[str, Any] = {
             "parallel": parallel,
-            "attention": None if parallel == 1 else attention,
+            "attention": None if parallel == 1 else spec.attention,
+            "cuda_graphs": spec.graphs,
+            "devices": spec.devices,
+            "worker_count": workers,
             "workers": [
                 {k: w.get(k) for k in ("id", "device", "devices", "start_seconds")} for w in described
             ],
@@ -108,12 +133,17 @@ def measure(args: argparse.Namespace, parallel: int, workers: int, attention: st
     return run
 
 
-def compare(runs: list[dict[str, Any]]) -> None:
-    """Each run's figures as a ratio of the PARALLEL=1 run's (the one-GPU-worker baseline)."""
-    base = next((r for r in runs if r["parallel"] == 1), None)
-    if base is None:
-        return
+def compare(runs: list[dict[str, Any]], devices: int) -> None:
+    """Each run's figures as a ratio of the PARALLEL=1 run's on all devices (the one-GPU-worker baseline), and
+    the throughput of every run next to that of one one-GPU worker where one was measured."""
+    base = next((r for r in runs if r["parallel"] == 1 and r["worker_count"] == devices), None)
+    single = next((r for r in runs if r["parallel"] == 1 and r["worker_count"] == 1), None)
     for run in runs:
+        if single is not None and single["closed_loop"]["images_per_s"]:
+            rate = run["closed_loop"]["images_per_s"] / single["closed_loop"]["images_per_s"]
+            run["throughput_vs_one_worker"] = round(rate, 3)
+        if base is None:
+            continue
         if run.get("lone_p50_ms") and base.get("lone_p50_ms"):
             run["lone_vs_parallel1"] = round(run["lone_p50_ms"] / base["lone_p50_ms"], 3)
         base_rate = base["closed_loop"]["images_per_s"]
@@ -123,17 +153,17 @@ def compare(runs: list[dict[str, Any]]) -> None:
 
 def table(runs: list[dict[str, Any]], devices: int) -> str:
     rows = [
-        "| PARALLEL | attention | workers | lone request p50 ms | × PARALLEL=1 | closed loop images/s | "
-        "× PARALLEL=1 | all ready s |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| PARALLEL | attention | CUDA graphs | workers | lone request p50 ms | × PARALLEL=1 | "
+        "closed loop images/s | × PARALLEL=1 | × one worker | all ready s |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for run in runs:
         loop = run["closed_loop"]
         rows.append(
-            f"| {run['parallel']} | {run.get('attention') or '-'} | {devices // run['parallel']} | "
-            f"{run.get('lone_p50_ms')} | "
+            f"| {run['parallel']} | {run.get('attention') or '-'} | {run.get('cuda_graphs', 'auto')} | "
+            f"{run.get('worker_count', devices // run['parallel'])} | {run.get('lone_p50_ms')} | "
             f"{run.get('lone_vs_parallel1')} | {loop['images_per_s']} | {run.get('throughput_vs_parallel1')} | "
-            f"{run['all_ready_s']} |"
+            f"{run.get('throughput_vs_one_worker', '-')} | {run['all_ready_s']} |"
         )
     return "\n".join(rows)
 
@@ -155,6 +185,16 @@ def main() -> int:
         "--attention",
         default="ulysses",
         help="PARALLEL_ATTENTION values each group runs with, in turn, e.g. ulysses,ulysses-diffusers",
+    )
+    parser.add_argument(
+        "--cuda-graphs",
+        default="auto",
+        help="CUDA_GRAPHS values each group runs with, in turn, e.g. auto,off (auto: graphs for groups)",
+    )
+    parser.add_argument(
+        "--one-worker",
+        action="store_true",
+        help="also serve with one one-GPU worker on the first device: the throughput scaling baseline",
     )
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--lone", type=int, default=5, help="timed lone requests per PARALLEL value")
@@ -178,11 +218,17 @@ def main() -> int:
 
     started = time.perf_counter()
     attentions = [a for a in args.attention.split(",") if a]
+    graphs = [g for g in args.cuda_graphs.split(",") if g]
+    specs = [Run(args.devices.split(",")[0].strip(), 1, attentions[0])] if args.one_worker else []
     for parallel in values:
-        for attention in attentions if parallel > 1 else attentions[:1]:
-            results["runs"].append(measure(args, parallel, devices // parallel, attention))
-            compare(results["runs"])
-            save()
+        if parallel == 1:
+            specs.append(Run(args.devices, 1, attentions[0]))
+            continue
+        specs += [Run(args.devices, parallel, a, g) for a in attentions for g in graphs]
+    for spec in specs:
+        results["runs"].append(measure(args, spec))
+        compare(results["runs"], devices)
+        save()
     results["wall_s"] = round(time.perf_counter() - started, 1)
     save()
     (out / "parallel.md").write_text(table(results["runs"], devices) + "\n")

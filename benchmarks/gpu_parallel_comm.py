@@ -11,7 +11,9 @@
    ulysses = diffusers' Ulysses (PARALLEL_ATTENTION=ulysses-diffusers) (three all-to-alls for Q, K, V and one for the output); fused = the same with
    Q, K and V in one all-to-all (ulysses, diffuserve.engine.ulysses); ring = diffusers' ring attention (one
    all-gather of K and V per block); fused-overlap and ring-overlap = the same with inductor's
-   compute/communication reordering (reorder_for_compute_comm_overlap).
+   compute/communication reordering (reorder_for_compute_comm_overlap); fused-graphs = fused with the
+   denoiser's calls replayed as CUDA graphs (diffuserve.engine.graphs), which as the first variant also
+   times one GPU alone with graphs.
    For each: the median step, a whole call of --call-steps steps (latents out), graph breaks, the CPU time
    to enqueue one transformer call against the time until the GPU has run it (near equal: the CPU sets the
    pace), and from a profiled call, per step, the time some kernel computes, the time only a collective runs
@@ -49,6 +51,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "ring": {"attention": "ring"},
     "fused-overlap": {"attention": "ulysses", "overlap": True},
     "ring-overlap": {"attention": "ring", "overlap": True},
+    "fused-graphs": {"attention": "ulysses", "graphs": True},
 }
 NCCL_ENVS: dict[str, dict[str, str]] = {
     "default": {},
@@ -242,7 +245,9 @@ def timeline(trace_path: Path, steps: int) -> dict[str, Any]:
 
 def variant_rank(rank: int, args: argparse.Namespace, port: int, out: Path, name: str) -> None:
     import torch
+    from diffusers.hooks import HookRegistry
 
+    from diffuserve.engine.graphs import HOOK_NAME, enable_cuda_graphs
     from diffuserve.engine.loader import load_pipeline
     from diffuserve.engine.parallel import close_group, parallelize
     from diffuserve.engine.tiers import Tier, apply_tier, denoiser_of
@@ -265,9 +270,22 @@ def variant_rank(rank: int, args: argparse.Namespace, port: int, out: Path, name
         result["one_device_step_ms"] = step_ms(pipe, loaded, args, device)
         result["one_device_call_ms"] = call_ms(pipe, loaded, args, device)
         result["one_device_enqueue"] = enqueue_vs_run(pipe, model, loaded, args, device, group=False)
+        if options.get("graphs"):
+            hook = enable_cuda_graphs(model)
+            pipe(**call_kwargs(loaded, args.size, 2))
+            result["one_device_graphs_step_ms"] = step_ms(pipe, loaded, args, device)
+            result["one_device_graphs_call_ms"] = call_ms(pipe, loaded, args, device)
+            result["one_device_graphs_enqueue"] = enqueue_vs_run(
+                pipe, model, loaded, args, device, group=False
+            )
+            result["one_device_graphs_replays"] = hook.replays
+            # The group's graphs must hold its collectives: the hook goes back on after the split.
+            HookRegistry.check_if_exists_or_initialize(model).remove_hook(HOOK_NAME, recurse=False)
+            del hook
         torch._dynamo.reset()
     torch.distributed.barrier()
     parallelize(loaded, args.ranks, options["attention"])
+    group_hook = enable_cuda_graphs(model) if options.get("graphs") else None
     from torch._dynamo.utils import counters
 
     counters.clear()
@@ -278,6 +296,9 @@ def variant_rank(rank: int, args: argparse.Namespace, port: int, out: Path, name
     result["group_step_ms"] = step_ms(pipe, loaded, args, device)
     result["group_call_ms"] = call_ms(pipe, loaded, args, device)
     result["group_enqueue"] = enqueue_vs_run(pipe, model, loaded, args, device, group=True)
+    if group_hook is not None:
+        result["group_graph_replays"] = group_hook.replays
+        result["group_graphs_disabled"] = group_hook.disabled
     # Kernels only on a GPU: CPU events would swell the trace and slow the profiled call further.
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.startswith("cuda"):

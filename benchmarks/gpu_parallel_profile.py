@@ -8,7 +8,8 @@ applies the tier, splits the transformer as a group does (PARALLEL_ATTENTION's d
 call while rank 0 records it with torch.profiler. The summary sorts the device time by kind of kernel
 (collectives, matrix products, attention, the rest), says how much of the step the device sat idle, and
 lists dynamo's graph breaks (a break inside the compiled blocks runs the rest of the block eagerly). It also
-times the same steps without the group, on rank 0 alone, for the one-GPU figure of the same run.
+times and profiles the same steps without the group, on rank 0 alone, for the one-GPU figure of the same
+run, and lists each kernel's device time per step alone and in the group side by side.
 Raw output: --out/parallel-profile.json.
 """
 
@@ -28,10 +29,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+# In this order: cuDNN's attention kernels also carry "sm90" in their names.
 KINDS = {
     "collective": ("nccl", "alltoall", "all_to_all", "allreduce", "all_reduce", "gloo"),
-    "matmul": ("gemm", "matmul", "cutlass", "scaled_mm", "xmma", "nvjet", "sm90", "addmm", "mm_"),
     "attention": ("flash", "fmha", "attention", "sdpa", "cudnn"),
+    "matmul": ("gemm", "matmul", "cutlass", "scaled_mm", "xmma", "nvjet", "sm90", "addmm", "mm_"),
 }
 
 
@@ -78,6 +80,41 @@ def step_ms(pipe: Any, loaded: Any, args: argparse.Namespace, device: str) -> fl
     return round(1000 * gaps[len(gaps) // 2], 2) if gaps else float("nan")
 
 
+def kernel_ms(prof: Any, steps: int) -> dict[str, tuple[float, float]]:
+    """Device time per step and calls per step of each kernel in a profiled call."""
+    rows: dict[str, tuple[float, float]] = {}
+    for event in prof.key_averages():
+        device_us = float(getattr(event, "device_time_total", 0.0) or getattr(event, "cuda_time_total", 0.0))
+        if device_us <= 0 or event.key.startswith(("ProfilerStep", "cudaStream", "nccl:")):
+            continue
+        if getattr(event, "device_type", None) is not None and "CUDA" not in str(event.device_type):
+            continue
+        rows[event.key[:120]] = (device_us / 1000 / steps, event.count / steps)
+    return rows
+
+
+def profiled(pipe: Any, loaded: Any, args: argparse.Namespace, device: str) -> tuple[Any, float]:
+    import torch
+
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.startswith("cuda"):
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        started = time.perf_counter()
+        pipe(**call_kwargs(loaded, args.size, args.steps))
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - started) * 1000
+    return prof, wall_ms
+
+
+def by_kind(rows: dict[str, tuple[float, float]]) -> dict[str, float]:
+    kinds: dict[str, float] = {}
+    for name, (ms, _count) in rows.items():
+        kinds[kind_of(name)] = kinds.get(kind_of(name), 0.0) + ms
+    return {k: round(v, 2) for k, v in sorted(kinds.items())}
+
+
 def rank_main(rank: int, args: argparse.Namespace, port: int, out: Path) -> None:
     import torch
 
@@ -94,20 +131,26 @@ def rank_main(rank: int, args: argparse.Namespace, port: int, out: Path) -> None
     weights = "pretrained" if args.model_repo == "digits" else "random"
     loaded = load_pipeline(args.model_repo, device=device, dtype_name="auto", weights=weights, hf_token=None)
     pipe = loaded.pipeline
+    pipe.set_progress_bar_config(disable=True)
     apply_tier(pipe, Tier(args.tier), device=device, cache_dir=str(out / "cache"))
     result: dict[str, Any] = {
         "ranks": args.ranks,
         "device": device,
         "model": args.model_repo,
         "tier": args.tier,
+        "steps": args.steps,
     }
+    one: dict[str, tuple[float, float]] = {}
     if rank == 0:
         # The same steps on this GPU alone, before the group splits the model: the baseline of this run.
         pipe(**call_kwargs(loaded, args.size, 2))
         result["one_device_step_ms"] = step_ms(pipe, loaded, args, device)
+        prof, wall = profiled(pipe, loaded, args, device)
+        one = kernel_ms(prof, args.steps)
+        result["one_device_profiled_call_ms"] = round(wall, 1)
         torch._dynamo.reset()
     torch.distributed.barrier()
-    parallelize(loaded, args.ranks)
+    parallelize(loaded, args.ranks, args.attention)
     from torch._dynamo.utils import counters
 
     counters.clear()
@@ -116,35 +159,33 @@ def rank_main(rank: int, args: argparse.Namespace, port: int, out: Path) -> None
     result["warmup_s"] = round(time.perf_counter() - started, 1)
     result["graph_breaks"] = dict(Counter({k: v for k, v in counters["graph_break"].items()}).most_common(12))
     result["group_step_ms"] = step_ms(pipe, loaded, args, device)
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if device.startswith("cuda"):
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=activities) as prof:
-        started = time.perf_counter()
-        pipe(**call_kwargs(loaded, args.size, args.steps))
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        wall_ms = (time.perf_counter() - started) * 1000
+    prof, wall = profiled(pipe, loaded, args, device)
     if rank == 0:
-        by_kind: dict[str, float] = {}
-        top: list[tuple[str, float, int]] = []
-        for event in prof.key_averages():
-            device_us = float(
-                getattr(event, "device_time_total", 0.0) or getattr(event, "cuda_time_total", 0.0)
-            )
-            if device_us <= 0 or event.key.startswith(("ProfilerStep", "cudaStream")):
-                continue
-            if getattr(event, "device_type", None) is not None and "CUDA" not in str(event.device_type):
-                continue
-            by_kind[kind_of(event.key)] = by_kind.get(kind_of(event.key), 0.0) + device_us / 1000
-            top.append((event.key[:120], round(device_us / 1000, 2), int(event.count)))
-        result["profiled_call_ms"] = round(wall_ms, 1)
-        result["profiled_steps"] = args.steps
-        result["device_ms_by_kind"] = {k: round(v, 1) for k, v in sorted(by_kind.items())}
-        result["device_busy_ms"] = round(sum(by_kind.values()), 1)
-        result["top_kernels"] = sorted(top, key=lambda row: -row[1])[:25]
+        group = kernel_ms(prof, args.steps)
+        result["group_profiled_call_ms"] = round(wall, 1)
+        result["device_ms_per_step_by_kind"] = {"one_device": by_kind(one), "group": by_kind(group)}
+        result["device_busy_ms_per_step"] = {
+            "one_device": round(sum(ms for ms, _ in one.values()), 2),
+            "group": round(sum(ms for ms, _ in group.values()), 2),
+        }
+        names = sorted(
+            set(one) | set(group),
+            key=lambda n: -max(one.get(n, (0.0, 0.0))[0], group.get(n, (0.0, 0.0))[0]),
+        )
+        # Per step: [kernel, kind, one-device ms, calls, group ms, calls]
+        result["kernels"] = [
+            [
+                name,
+                kind_of(name),
+                round(one.get(name, (0.0, 0.0))[0], 3),
+                round(one.get(name, (0.0, 0.0))[1], 1),
+                round(group.get(name, (0.0, 0.0))[0], 3),
+                round(group.get(name, (0.0, 0.0))[1], 1),
+            ]
+            for name in names[: args.top]
+        ]
         (out / "parallel-profile.json").write_text(json.dumps(result, indent=1))
-        print(json.dumps({k: v for k, v in result.items() if k != "top_kernels"}, indent=1), flush=True)
+        print(json.dumps({k: v for k, v in result.items() if k != "kernels"}, indent=1), flush=True)
     close_group()
 
 
@@ -159,6 +200,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=6, help="steps of the timed and profiled calls")
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--cpu", action="store_true", help="gloo between CPU processes (a dry run)")
+    parser.add_argument("--attention", default="ulysses", help="PARALLEL_ATTENTION of the group")
+    parser.add_argument("--top", type=int, default=60, help="kernels listed, by the larger of the two times")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -27,6 +27,12 @@ class ParallelAttention(StrChoice):
     ULYSSES_DIFFUSERS = "ulysses-diffusers"
 
 
+class CudaGraphs(StrChoice):
+    AUTO = "auto"
+    ON = "on"
+    OFF = "off"
+
+
 class DType(StrChoice):
     AUTO = "auto"
     BFLOAT16 = "bfloat16"
@@ -115,6 +121,12 @@ class Settings(EnvSettings):
         help="how a group splits attention: ulysses (one all-to-all for Q, K and V together, one for the "
         "output), ulysses-diffusers (diffusers' own Ulysses: three all-to-alls for Q, K, V), ring (diffusers' "
         "ring attention, one all-gather of K and V per block; bf16/fp16 on CUDA only)",
+    )
+    cuda_graphs: CudaGraphs = setting(
+        CudaGraphs.AUTO,
+        "CUDA_GRAPHS",
+        help="replay the denoiser's calls as captured CUDA graphs (tiers XL and L on CUDA): auto = for worker "
+        "groups, where the CPU's kernel launches set the pace; on = for one-GPU workers too; off = never",
     )
     max_queue: int = setting(
         256, "MAX_QUEUE", help="most requests waiting; beyond it the server answers 429", ge=1

@@ -1,5 +1,6 @@
-"""A worker group of two GPUs on the trained digits model (PARALLEL_ATTENTION's default): the same images as
-one GPU for the same seeds within bf16's numeric noise, and the same prompt-following accuracy."""
+"""A worker group of two GPUs on the trained digits model (PARALLEL_ATTENTION's default, CUDA graphs on): the
+same images as one GPU for the same seeds within bf16's numeric noise, the same prompt-following accuracy, and
+a rank killed during a batch fails that batch at once and the group is replaced."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 
 from diffuserve.models.digits.classifier import load_classifier
 from diffuserve.models.digits.prompts import eval_prompt
+from tests.group_kill import kill_rank_during_batch
 from tests.helpers import ServerHandle, decode_image, generate_pixels, start_server
 
 pytestmark = [
@@ -105,3 +107,18 @@ def test_group_prompt_following_accuracy_equals_one_gpu(one_gpu: ServerHandle, g
     # Images within rounding noise of each other read the same but for a rare borderline digit.
     assert agreement >= 0.97
     assert abs(accuracy["group"] - accuracy["one"]) <= 0.03
+
+
+@pytest.mark.parametrize("victim", [1, 0], ids=["follower", "leader"])
+def test_killing_a_rank_fails_its_batch_and_the_group_is_replaced(group: ServerHandle, victim: int) -> None:
+    # A lone digits batch takes well under a second on the GPU: a queue of them keeps the group busy long
+    # enough for the kill to land inside one, whatever the timing.
+    body = {
+        "prompt": "the digit 5",
+        "n": 2,
+        "num_inference_steps": 200,
+        "seed": 9,
+        "response_format": "b64_json",
+    }
+    kill_rank_during_batch(group, victim, body, requests=12, kill_after=0.5, replaced_within=300)
+    assert generate_pixels(group, 11, steps=4)[0].shape == (32, 32, 3)

@@ -3,24 +3,20 @@ rank fails its batch at once, takes its whole group down and is replaced."""
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Iterator
 
 import httpx
 import numpy as np
 import pytest
 
+from tests.group_kill import kill_rank_during_batch
 from tests.helpers import (
     ROOT,
     ServerHandle,
     free_port,
     generate_pixels,
-    process_alive,
     server_free_env,
     start_server,
 )
@@ -71,51 +67,15 @@ def test_group_images_match_one_worker_within_fp32_noise(
 
 @pytest.mark.parametrize("victim", [1, 0], ids=["follower", "leader"])
 def test_killing_a_rank_fails_its_batch_and_the_group_is_replaced(group: ServerHandle, victim: int) -> None:
-    (worker,) = group.ready()["workers"]
-    old_pids = worker["pids"]
-    answer: dict[str, httpx.Response] = {}
-
-    def long_request() -> None:
-        body = {
-            "prompt": "the digit 5",
-            "n": 4,
-            "num_inference_steps": 200,
-            "seed": 9,
-            "response_format": "b64_json",
-        }
-        answer["response"] = httpx.post(f"{group.base_url}{URL}", json=body, timeout=120)
-
-    thread = threading.Thread(target=long_request)
-    thread.start()
-    _until(lambda: group.ready()["workers"][0]["state"] == "busy", 30, "the batch never started")
-    time.sleep(0.3)  # inside the denoising loop, where the ranks meet in collectives at every block
-    killed_at = time.monotonic()
-    os.kill(old_pids[victim], signal.SIGKILL)
-    thread.join(timeout=60)
-    assert not thread.is_alive(), "the request hung after a rank died"
-    failed_after = time.monotonic() - killed_at
-    response = answer["response"]
-    assert response.status_code == 500, response.text
-    assert failed_after < 10, f"the batch failed {failed_after:.1f} s after the kill"
-
-    # No rank of the killed group survives it; a new group serves again.
-    _until(lambda: not any(process_alive(pid) for pid in old_pids), 10, f"ranks left alive: {old_pids}")
-    _until(lambda: _new_group_ready(group, old_pids), 120, "no replacement group became ready")
+    body = {
+        "prompt": "the digit 5",
+        "n": 4,
+        "num_inference_steps": 200,
+        "seed": 9,
+        "response_format": "b64_json",
+    }
+    kill_rank_during_batch(group, victim, body)
     assert generate_pixels(group, 11, steps=4)[0].shape == (32, 32, 3)
-    assert group.ready()["workers"][0]["restarts"] >= 1
-
-
-def _new_group_ready(server: ServerHandle, old_pids: list[int]) -> bool:
-    (worker,) = server.ready()["workers"]
-    return worker["state"] == "idle" and not set(worker["pids"]) & set(old_pids)
-
-
-def _until(condition: object, timeout: float, message: str) -> None:
-    assert callable(condition)
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, message
-        time.sleep(0.05)
 
 
 def test_a_model_that_cannot_split_stops_the_server_with_the_reason() -> None:

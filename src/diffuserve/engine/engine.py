@@ -7,7 +7,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -31,6 +31,9 @@ from diffuserve.types import (
     PartialImages,
     Task,
 )
+
+if TYPE_CHECKING:
+    from diffuserve.engine.graphs import CudaGraphHook
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +111,7 @@ class Engine:
         self._clock: DecodeClock | None = None
         self._encoder = BatchEncoder()
         self._gpu_jpeg = gpu_jpeg_encoder(device)
+        self._graphs: CudaGraphHook | None = None
         # Set after a CUDA error that leaves the device unusable: the worker then exits and is replaced.
         self.broken = False
 
@@ -132,6 +136,7 @@ class Engine:
             # After the tier: its attention processors (fused QKV) must be the ones that learn the group.
             parallel = self.group.world_size
             pixels = parallelize(self.loaded, parallel, s.parallel_attention)
+        self._capture_graphs()
         self._clock = DecodeClock(self.loaded.pipeline, self.device)
         # After the tier and the group: the edit pipelines share the (compiled, quantized, split) denoiser.
         self._pipelines = {Task.GENERATE: self.loaded.pipeline, **edit_pipelines(self.loaded.pipeline)}
@@ -150,13 +155,34 @@ class Engine:
         )
         return self.info
 
+    def _capture_graphs(self) -> None:
+        """After the group's split, so the graphs hold its collectives too."""
+        from diffuserve.engine.graphs import enable_cuda_graphs, graphs_wanted
+        from diffuserve.engine.tiers import denoiser_of, recipe_for
+
+        assert self.loaded is not None
+        recipe = recipe_for(self.settings.model_size)
+        wanted, why = graphs_wanted(
+            self.settings.cuda_graphs, device=self.device, recipe=recipe, group=self.group is not None
+        )
+        model = denoiser_of(self.loaded.pipeline)
+        if wanted and model is not None:
+            self._graphs = enable_cuda_graphs(model)
+        log.info(why)
+
+    def close(self) -> None:
+        """Before the group's communicators go: NCCL's teardown waits for ever on a communicator that a
+        live CUDA graph still holds collectives of (seen with torch 2.11)."""
+        if self._graphs is not None:
+            self._graphs.release()
+
     def warmup(self) -> float:
         """Run the native size before serving, so no user pays for lazy init or compilation.
 
         On a GPU every batch size 1..MODEL_BATCH is run: compiled graphs are specialised per batch size, and
         a lone request after a batch-4-only warm-up would compile for 15 s or more. The full batch runs
-        the default steps (and every output format, so each encoder path is loaded); the smaller ones one
-        step, which is enough to compile their shapes.
+        the default steps (and every output format, so each encoder path is loaded); the smaller ones two
+        steps: the first compiles their shapes, the second captures their CUDA graphs where those are on.
         """
         assert self.info is not None
         started = time.perf_counter()
@@ -167,7 +193,7 @@ class Engine:
         formats = list(MEDIA_TYPES)
         for size in sizes:
             size_started = time.perf_counter()
-            steps = info.default_steps if size == info.max_batch else 1
+            steps = max(info.default_steps, 2) if size == info.max_batch else 2
             items = [
                 BatchItem("warmup", "warm-up", None, [i], formats[i % len(formats)], None)
                 for i in range(size)

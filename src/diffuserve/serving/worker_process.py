@@ -62,6 +62,7 @@ def group_worker_main(
     if engine.broken:
         # Peers may be stuck in a collective with this rank: no goodbye to them, the server kills the group.
         os._exit(1)
+    engine.close()
     close_group()
 
 
