@@ -80,7 +80,9 @@ class CapturedCall:
         self.inputs = [leaf.clone() if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
         static_args, static_kwargs = tree_unflatten(self.inputs, spec)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
+        # thread_local: the worker's encoder thread may use the GPU (nvJPEG, copies) while a batch of a new
+        # shape is captured; only this thread's calls are recorded, and only they must be capture-safe.
+        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
             output = forward(*static_args, **static_kwargs)
         self.outputs, self.output_spec = tree_flatten(output)
 
