@@ -13,8 +13,7 @@
    all-gather of K and V per block); fused-overlap and ring-overlap = the same with inductor's
    compute/communication reordering (reorder_for_compute_comm_overlap); fused-graphs = fused with the
    denoiser's calls replayed as CUDA graphs (diffuserve.engine.graphs), which as the first variant also
-   times one GPU alone with graphs; fused-chunks2-graphs and -chunks4- = fused-graphs with each rank's heads
-   exchanged in 2 or 4 shares, so that a share's exchange overlaps the attention of the share before.
+   times one GPU alone with graphs.
    For each: the median step, a whole call of --call-steps steps (latents out), graph breaks, the CPU time
    to enqueue one transformer call against the time until the GPU has run it (near equal: the CPU sets the
    pace), and from a profiled call, per step, the time some kernel computes, the time only a collective runs
@@ -53,8 +52,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "fused-overlap": {"attention": "ulysses", "overlap": True},
     "ring-overlap": {"attention": "ring", "overlap": True},
     "fused-graphs": {"attention": "ulysses", "graphs": True},
-    "fused-chunks2-graphs": {"attention": "ulysses", "graphs": True, "chunks": 2},
-    "fused-chunks4-graphs": {"attention": "ulysses", "graphs": True, "chunks": 4},
 }
 NCCL_ENVS: dict[str, dict[str, str]] = {
     "default": {},
@@ -288,10 +285,6 @@ def variant_rank(rank: int, args: argparse.Namespace, port: int, out: Path, name
         torch._dynamo.reset()
     torch.distributed.barrier()
     parallelize(loaded, args.ranks, options["attention"])
-    if options.get("chunks"):
-        from diffuserve.engine.ulysses import install_fused_qkv
-
-        install_fused_qkv(chunks=options["chunks"])
     group_hook = enable_cuda_graphs(model) if options.get("graphs") else None
     from torch._dynamo.utils import counters
 
