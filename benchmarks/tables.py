@@ -247,16 +247,19 @@ def parallel() -> str:
     rows = []
     for run in data["runs"]:
         step_ms = (run["lone_denoise_p50_ms"]) / run["steps"]
+        graphs = "-" if run["parallel"] == 1 else run.get("cuda_graphs", "auto")
         rows.append(
             [
                 str(run["parallel"]),
                 run.get("attention") or "-",
-                str(len(run["workers"])),
+                graphs,
+                str(run.get("worker_count", len(run["workers"]))),
                 f"{run['lone_p50_ms']:.0f}",
                 f"{run['lone_vs_parallel1']:.2f}×",
-                f"{run['lone_denoise_p50_ms']:.0f} (≈ {step_ms:.0f} a step, text encoders included)",
+                f"{run['lone_denoise_p50_ms']:.0f} (≈ {step_ms:.0f} a step)",
                 f"{run['closed_loop']['images_per_s']:.3f}",
                 f"{run['throughput_vs_parallel1']:.2f}×",
+                f"{run['throughput_vs_one_worker']:.2f}×" if "throughput_vs_one_worker" in run else "–",
                 f"{run['all_ready_s']:.0f}",
                 str(run["lone_failures"] + run["closed_loop"]["failures"]),
             ]
@@ -264,12 +267,14 @@ def parallel() -> str:
     header = [
         "PARALLEL",
         "PARALLEL_ATTENTION",
+        "CUDA_GRAPHS",
         "workers",
         "lone request p50 ms",
-        "× PARALLEL=1",
+        "× PARALLEL=1 (2 workers)",
         "denoise ms (text encoders + 28 steps)",
         "closed loop images/s",
-        "× PARALLEL=1",
+        "× PARALLEL=1 (2 workers)",
+        "× one worker",
         "cold start s",
         "failures",
     ]
@@ -278,19 +283,25 @@ def parallel() -> str:
 
 def parallel_profile() -> str:
     data = load_json("h200x2-parallel-profile.json")
-    steps = data["profiled_steps"]
-    kinds = {"matmul": 0.0, "attention": 0.0, "collective": 0.0, "other": 0.0}
-    for name, ms, _count in data["top_kernels"]:
-        if name.startswith("nccl:"):
-            continue  # the profiler's own record of a collective, beside its kernel: counted once
-        kinds[kind_of_kernel(name)] += ms
-    rows = [[kind, f"{ms / steps:.1f}"] for kind, ms in kinds.items()]
-    intro = (
-        f"One rank of the group, {steps} steps profiled (top 25 kernels by device time, per step): one-GPU "
-        f"step {data['one_device_step_ms']:.1f} ms and group step {data['group_step_ms']:.1f} ms in this run "
-        "(both with a synchronisation at every step's end, which costs the group its run-ahead).\n\n"
+    kinds = data["device_ms_per_step_by_kind"]
+    one, group = kinds["one_device"], kinds["group"]
+    rows = []
+    for kind in ("matmul", "attention", "other", "collective"):
+        alone, split = one.get(kind, 0.0), group.get(kind, 0.0)
+        rows.append([kind, f"{alone:.1f}", f"{alone / 2:.1f}", f"{split:.1f}"])
+    busy = data["device_busy_ms_per_step"]
+    compute_one = busy["one_device"] - one.get("collective", 0.0)
+    compute_group = busy["group"] - group.get("collective", 0.0)
+    rows.append(
+        ["all but collectives", f"{compute_one:.1f}", f"{compute_one / 2:.1f}", f"{compute_group:.1f}"]
     )
-    return intro + table(["kernels", "device ms per step"], rows)
+    intro = (
+        f"Rank 0, {data['steps']} steps profiled, kernel time per step by kind (the kernels the profiler "
+        f"lists; kinds by kernel name): one-GPU step {data['one_device_step_ms']:.1f} ms and group step "
+        f"{data['group_step_ms']:.1f} ms in this run (without CUDA graphs, with a synchronisation at every "
+        "step's end).\n\n"
+    )
+    return intro + table(["kernels", "one GPU ms", "half of it", "one rank of the group ms"], rows)
 
 
 def edits() -> str:
@@ -323,8 +334,16 @@ COMM_VARIANTS = {
     "ring": "ring",
     "fused-overlap": "ulysses + inductor overlap",
     "ring-overlap": "ring + inductor overlap",
+    "fused-graphs": "ulysses + CUDA graphs",
+    "fused-chunks2-graphs": "ulysses in 2 head shares + CUDA graphs (not kept)",
+    "fused-chunks4-graphs": "ulysses in 4 head shares + CUDA graphs (not kept)",
 }
-COMM_RUNS = ("h200x2-parallel-comm-run1.json", "h200x2-parallel-comm-run2.json")
+COMM_RUNS = (
+    "h200x2-parallel-comm-run1.json",
+    "h200x2-parallel-comm-run2.json",
+    "h200x2-parallel-comm-run3.json",
+    "h200x2-parallel-comm-run4.json",
+)
 
 
 def parallel_comm() -> str:
@@ -332,8 +351,26 @@ def parallel_comm() -> str:
     for number, name in enumerate(COMM_RUNS, start=1):
         data = load_json(name)
         variants = data["variants"]
-        one_gpu = next(v["one_device_call_ms"] for v in variants.values() if "one_device_call_ms" in v)
+        first = next(v for v in variants.values() if "one_device_call_ms" in v)
+        one_gpu = first["one_device_call_ms"]
         rows.append([str(number), "one GPU", f"{one_gpu:.0f}", "1.00×", "", "", "", "", "", ""])
+        if "one_device_graphs_call_ms" in first:
+            graphed = first["one_device_graphs_call_ms"]
+            enqueue = first["one_device_graphs_enqueue"]
+            rows.append(
+                [
+                    str(number),
+                    "one GPU + CUDA graphs",
+                    f"{graphed:.0f}",
+                    f"{graphed / one_gpu:.2f}×",
+                    f"{first['one_device_graphs_step_ms']:.1f}",
+                    f"{enqueue['cpu_enqueue_ms']:.0f} / {enqueue['until_done_ms']:.0f}",
+                    "",
+                    "",
+                    "",
+                    "",
+                ]
+            )
         for variant, v in variants.items():
             prof = v["profiled"]
             enqueue = v["group_enqueue"]
