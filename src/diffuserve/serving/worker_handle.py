@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import glob
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from multiprocessing.connection import Connection
 from typing import Any
 
+from diffuserve.serving.outbox import Outbox
 from diffuserve.serving.worker_group import GroupProcess
 from diffuserve.types import BatchJob, WorkerReady
 
@@ -66,10 +67,14 @@ class WorkerProcess:
     watchdog_fired: bool = False
     # A worker group's devices, rank 0 (the leader) first; empty for a one-device worker.
     devices: tuple[str, ...] = ()
+    outbox: Outbox = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        # Every message to the worker goes through it; the reader thread only receives.
+        self.outbox = Outbox(self.conn, f"worker-{self.worker_id}-sender")
 
     def send(self, job: BatchJob) -> None:
-        # Only the event loop thread sends; the reader thread only receives, so no lock is needed.
-        self.conn.send(job)
+        self.outbox.put(job)
         self.state = WorkerState.BUSY
 
     def describe(self) -> dict[str, Any]:

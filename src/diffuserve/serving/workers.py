@@ -114,8 +114,7 @@ class WorkerPool:
             if worker.state in (WorkerState.BUSY, WorkerState.STARTING):
                 worker.process.kill()
             else:
-                with contextlib.suppress(OSError, ValueError):
-                    worker.conn.send(Shutdown())
+                worker.outbox.put(Shutdown())
 
         def reap(worker: WorkerProcess) -> None:
             worker.process.join(timeout)
@@ -275,6 +274,7 @@ class WorkerPool:
         if self.workers.get(worker.worker_id) is not worker or worker.state == WorkerState.DEAD:
             return
         worker.state = WorkerState.DEAD
+        worker.outbox.close()
         self._alive_changed()
         reason = worker.failure or exit_reason(worker.process)
         self.scheduler.worker_gone(worker.worker_id, reason)
@@ -343,8 +343,7 @@ class WorkerPool:
         # A group's ranks must all stop at the same step, which no message can promise: its batches finish.
         if worker is None or worker.state == WorkerState.DEAD or worker.devices:
             return
-        with contextlib.suppress(OSError, ValueError):  # a dying worker's pipe: its reaper follows
-            worker.conn.send(CancelBatch(batch_id))
+        worker.outbox.put(CancelBatch(batch_id))
 
     def _respawn(self, worker_id: int, device: str, restarts: int) -> None:
         if self._stopping:
