@@ -13,9 +13,9 @@
    all-gather of K and V per block); fused-overlap and ring-overlap = the same with inductor's
    compute/communication reordering (reorder_for_compute_comm_overlap); fused-graphs = fused with the
    denoiser's calls replayed as CUDA graphs (diffuserve.engine.graphs), which as the first variant also
-   times one GPU alone with graphs.
+   times one GPU alone with graphs; ring-graphs = ring with graphs.
    For each: the median step, a whole call of --call-steps steps (latents out), graph breaks, the CPU time
-   to enqueue one transformer call against the time until the GPU has run it (near equal: the CPU sets the
+   to enqueue one transformer call against the time until the GPU has run it (near equal where the CPU sets the
    pace), and from a profiled call, per step, the time some kernel computes, the time only a collective runs
    (communication not hidden) and the time no kernel runs at all (launch gaps). The first variant also times
    the same steps on rank 0's GPU alone, before the split: the one-GPU figure of the same run.
@@ -52,6 +52,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "fused-overlap": {"attention": "ulysses", "overlap": True},
     "ring-overlap": {"attention": "ring", "overlap": True},
     "fused-graphs": {"attention": "ulysses", "graphs": True},
+    "ring-graphs": {"attention": "ring", "graphs": True},
 }
 NCCL_ENVS: dict[str, dict[str, str]] = {
     "default": {},

@@ -335,6 +335,7 @@ COMM_VARIANTS = {
     "fused-overlap": "ulysses + inductor overlap",
     "ring-overlap": "ring + inductor overlap",
     "fused-graphs": "ulysses + CUDA graphs",
+    "ring-graphs": "ring + CUDA graphs",
     "fused-chunks2-graphs": "ulysses in 2 head shares + CUDA graphs (not kept)",
     "fused-chunks4-graphs": "ulysses in 4 head shares + CUDA graphs (not kept)",
 }
