@@ -67,9 +67,8 @@ def kill_rank_during_batch(
 
     until(lambda: not any(process_alive(pid) for pid in old_pids), 10, f"ranks left alive: {old_pids}")
     until(lambda: _new_group_ready(server, old_pids), replaced_within, "no replacement group became ready")
-    # The readiness body's `restarts` is the back-off count of quick consecutive failures (0 again after a
-    # group that ran a while); the counter of replacements is in /metrics.
     assert worker_restarts(server) >= restarts_before + 1
+    assert server.ready()["workers"][0]["restarts"] >= worker["restarts"] + 1
 
 
 def worker_restarts(server: ServerHandle) -> float:

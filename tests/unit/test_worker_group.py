@@ -106,7 +106,12 @@ async def test_a_dead_follower_fails_the_batch_at_once_and_its_group_is_replaced
         assert not any(p.is_alive() for p in old_processes), "a rank outlived its group"
         await until(lambda: pool.workers[0] is not first and pool.workers[0].state == WorkerState.IDLE)
         replacement = pool.workers[0]
-        assert replacement.restarts == 1 and len(events.restarts) == 1 and not events.fatal
+        assert (
+            replacement.failures_in_a_row == 1
+            and replacement.replacements == 1
+            and len(events.restarts) == 1
+            and not events.fatal
+        )
         assert not set(replacement.process.pids) & {p.pid for p in old_processes}
         assert (
             pool.workers[1] is not None and pool.workers[1].state == WorkerState.IDLE
@@ -139,7 +144,9 @@ async def test_a_group_whose_rendezvous_failed_is_started_again(tmp_path: Path) 
     )
     pool.start()
     try:
-        await until(lambda: pool.workers[0].state == WorkerState.IDLE and pool.workers[0].restarts == 1)
+        await until(
+            lambda: pool.workers[0].state == WorkerState.IDLE and pool.workers[0].failures_in_a_row == 1
+        )
         assert not events.fatal and len(events.restarts) == 1
         done = await asyncio.wait_for(pool.scheduler.submit(request("again")).future, 10)
         assert done.images[0].data == b"again|seed=7|batch=1"

@@ -47,9 +47,9 @@ async def running_pool(target: WorkerTarget) -> AsyncIterator[tuple[WorkerPool, 
     )
     spawn = pool._spawn
 
-    def timed_spawn(worker_id: int, device: str, restarts: int) -> None:
+    def timed_spawn(worker_id: int, device: str, failures_in_a_row: int) -> None:
         events.spawns.append(time.monotonic())
-        spawn(worker_id, device, restarts)
+        spawn(worker_id, device, failures_in_a_row)
 
     pool._spawn = timed_spawn  # type: ignore[method-assign]
     pool.start()
@@ -102,7 +102,11 @@ async def test_a_worker_that_dies_after_ready_fails_its_batch_and_is_replaced(tm
         await until(lambda: pool.alive == 1 and pool.workers[0] is not first)
 
         replacement = pool.workers[0]
-        assert replacement.restarts == 1 and replacement.pid != first.pid
+        assert (
+            replacement.failures_in_a_row == 1
+            and replacement.replacements == 1
+            and replacement.pid != first.pid
+        )
         assert len(events.restarts) == 1 and not events.fatal
         assert not first.process.is_alive()
         done = await asyncio.wait_for(pool.scheduler.submit(request("after")).future, 10)
@@ -112,11 +116,11 @@ async def test_a_worker_that_dies_after_ready_fails_its_batch_and_is_replaced(tm
 async def test_restart_back_off_grows_while_a_worker_keeps_dying() -> None:
     async with running_pool(fakes.flapping_worker) as (pool, events):
         await until(lambda: len(events.spawns) == 3)
-        # Each replacement waits longer than the last: 0.5 s, then 1 s (0.5 × 2^restarts).
+        # Each replacement waits longer than the last: 0.5 s, then 1 s (0.5 × 2^failures in a row).
         gaps = [spawn - died for died, spawn in zip(events.restarts, events.spawns[1:], strict=False)]
         assert gaps[0] >= 0.5 and gaps[1] >= 1.0, gaps
         assert gaps[1] > gaps[0] + 0.4, gaps
-        assert [w.restarts for w in pool.workers.values()] == [2]
+        assert [w.failures_in_a_row for w in pool.workers.values()] == [2]
         assert not events.fatal  # it was ready once: the model loads, so the pool keeps trying
 
 

@@ -62,7 +62,10 @@ class WorkerProcess:
     failure: str | None = None
     # Whether that failure is the model's (starting again cannot help) or a passing one (a group's rendezvous).
     failure_fatal: bool = True
-    restarts: int = 0
+    # Quick failures in a row: the restart back-off grows with them; a worker that ran a while resets them.
+    failures_in_a_row: int = 0
+    # Times this slot's worker was replaced since the server started: the readiness body's `restarts`.
+    replacements: int = 0
     ready_at: float | None = None
     watchdog_fired: bool = False
     # A worker group's devices, rank 0 (the leader) first; empty for a one-device worker.
@@ -83,7 +86,7 @@ class WorkerProcess:
             "device": self.device,
             "pid": self.pid,
             "state": self.state.value,
-            "restarts": self.restarts,
+            "restarts": self.replacements,
         }
         if isinstance(self.process, GroupProcess):
             described["devices"] = list(self.devices)

@@ -9,6 +9,7 @@ import multiprocessing as mp
 import os
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any, cast
@@ -87,6 +88,7 @@ class WorkerPool:
         self.on_alive_changed = on_alive_changed
         self.on_restart = on_restart
         self.workers: dict[int, WorkerProcess] = {}
+        self._replacements: Counter[int] = Counter()
         self.model: ModelInfo | None = None
         self._ctx = mp.get_context("spawn")
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -98,9 +100,9 @@ class WorkerPool:
         self._loop = asyncio.get_running_loop()
         for worker_id, slot in enumerate(self.slots):
             if len(slot) == 1:
-                self._spawn(worker_id, slot[0], restarts=0)
+                self._spawn(worker_id, slot[0], failures_in_a_row=0)
             else:
-                self._spawn_group(worker_id, slot, restarts=0)
+                self._spawn_group(worker_id, slot, failures_in_a_row=0)
         self._loop.call_later(WATCHDOG_PERIOD_S, self._watch)
 
     async def stop(self, timeout: float = 10.0) -> None:
@@ -132,7 +134,7 @@ class WorkerPool:
         return [w.describe() for w in self.workers.values()]
 
     # ---- internals ------------------------------------------------------------------------------------
-    def _spawn(self, worker_id: int, device: str, restarts: int) -> None:
+    def _spawn(self, worker_id: int, device: str, failures_in_a_row: int) -> None:
         parent_conn, child_conn = self._ctx.Pipe(duplex=True)
         env_threads = self._cpu_threads(device)
         process = self._ctx.Process(
@@ -150,14 +152,15 @@ class WorkerPool:
             conn=parent_conn,
             started_at=time.monotonic(),
             pid=process.pid,
-            restarts=restarts,
+            failures_in_a_row=failures_in_a_row,
+            replacements=self._replacements[worker_id],
         )
         self.workers[worker_id] = worker
         threading.Thread(
             target=self._reader, args=(worker,), name=f"worker-{worker_id}-reader", daemon=True
         ).start()
 
-    def _spawn_group(self, worker_id: int, devices: tuple[str, ...], restarts: int) -> None:
+    def _spawn_group(self, worker_id: int, devices: tuple[str, ...], failures_in_a_row: int) -> None:
         """One process per device, started together; they meet on a fresh port and the pool sees one worker."""
 
         def args_for(rank: GroupRank, device: str, conn: Connection) -> tuple[Any, ...]:
@@ -172,7 +175,8 @@ class WorkerPool:
             conn=conns,  # type: ignore[arg-type]
             started_at=time.monotonic(),
             pid=group.pid,
-            restarts=restarts,
+            failures_in_a_row=failures_in_a_row,
+            replacements=self._replacements[worker_id],
             devices=devices,
         )
         self.workers[worker_id] = worker
@@ -281,7 +285,7 @@ class WorkerPool:
         if self._stopping:
             return
         failed_for_good = worker.failure is not None and worker.failure_fatal
-        if not self._ever_ready and (failed_for_good or worker.restarts >= MAX_START_ATTEMPTS - 1):
+        if not self._ever_ready and (failed_for_good or worker.failures_in_a_row >= MAX_START_ATTEMPTS - 1):
             # The model cannot load at all (bad path, gated repo, a crash while loading …): restarting
             # would loop forever while the server stays unready. A passing failure (a group whose rendezvous
             # port was taken) gets MAX_START_ATTEMPTS.
@@ -289,12 +293,15 @@ class WorkerPool:
             return
         log.error("worker %d (pid %s) died: %s; starting a replacement", worker.worker_id, worker.pid, reason)
         ran_for = time.monotonic() - worker.started_at
-        delay = 0.0 if ran_for > STABLE_AFTER_S else min(RESTART_BACKOFF_MAX_S, 0.5 * 2**worker.restarts)
+        delay = (
+            0.0 if ran_for > STABLE_AFTER_S else min(RESTART_BACKOFF_MAX_S, 0.5 * 2**worker.failures_in_a_row)
+        )
+        self._replacements[worker.worker_id] += 1
         if self.on_restart is not None:
             self.on_restart()
         assert self._loop is not None
-        restarts = 0 if ran_for > STABLE_AFTER_S else worker.restarts + 1
-        self._loop.call_later(delay, self._respawn, worker.worker_id, worker.device, restarts)
+        in_a_row = 0 if ran_for > STABLE_AFTER_S else worker.failures_in_a_row + 1
+        self._loop.call_later(delay, self._respawn, worker.worker_id, worker.device, in_a_row)
 
     # ---- watchdog and cancellation ------------------------------------------------------------------
     def _limits_of(self, worker_id: int) -> BatchLimits:
@@ -345,14 +352,14 @@ class WorkerPool:
             return
         worker.outbox.put(CancelBatch(batch_id))
 
-    def _respawn(self, worker_id: int, device: str, restarts: int) -> None:
+    def _respawn(self, worker_id: int, device: str, failures_in_a_row: int) -> None:
         if self._stopping:
             return
         slot = self.slots[worker_id]
         if len(slot) == 1:
-            self._spawn(worker_id, device, restarts)
+            self._spawn(worker_id, device, failures_in_a_row)
         else:
-            self._spawn_group(worker_id, slot, restarts)
+            self._spawn_group(worker_id, slot, failures_in_a_row)
 
     def _alive_changed(self) -> None:
         if self.on_alive_changed is not None:
