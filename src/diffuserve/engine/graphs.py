@@ -8,6 +8,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from typing import Any
 
+from diffusers.hooks import ModelHook
+
 from diffuserve.engine.tiers import Recipe
 
 log = logging.getLogger(__name__)
@@ -101,13 +103,7 @@ class CapturedCall:
         return tree_unflatten(fresh, self.output_spec)
 
 
-def _hook_base() -> type:
-    from diffusers.hooks import ModelHook
-
-    return ModelHook
-
-
-class CudaGraphHook(_hook_base()):  # type: ignore[misc]
+class CudaGraphHook(ModelHook):  # type: ignore[misc]
     """diffusers hook replaying captured graphs of the denoiser's forward, per call shape."""
 
     def __init__(self) -> None:
