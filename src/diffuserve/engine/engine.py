@@ -181,8 +181,8 @@ class Engine:
 
         On a GPU every batch size 1..MODEL_BATCH is run: compiled graphs are specialised per batch size, and
         a lone request after a batch-4-only warm-up would compile for 15 s or more. The full batch runs
-        the default steps (and every output format, so each encoder path is loaded); the smaller ones two
-        steps: the first compiles their shapes, the second captures their CUDA graphs where those are on.
+        the default steps (and every output format, so each encoder path is loaded); the smaller ones one
+        step, which is enough to compile their shapes, or two where CUDA graphs are on (the second captures).
         """
         assert self.info is not None
         started = time.perf_counter()
@@ -191,9 +191,10 @@ class Engine:
         if self.device.startswith("cuda"):
             sizes = list(range(info.max_batch, 0, -1))
         formats = list(MEDIA_TYPES)
+        small = 2 if self._graphs is not None else 1
         for size in sizes:
             size_started = time.perf_counter()
-            steps = max(info.default_steps, 2) if size == info.max_batch else 2
+            steps = max(info.default_steps, small) if size == info.max_batch else small
             items = [
                 BatchItem("warmup", "warm-up", None, [i], formats[i % len(formats)], None)
                 for i in range(size)
