@@ -25,10 +25,8 @@ Raw output: --out/comm.json.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -42,8 +40,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-# The profile's own pipeline call, so both scripts time the same work.
-from gpu_parallel_profile import call_kwargs  # noqa: E402
+from diffuserve.serving.worker_group import free_port  # noqa: E402
+
+# The profile's own pipeline call and step timing, so both scripts time the same work.
+from gpu_parallel_profile import call_kwargs, step_ms  # noqa: E402
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "ulysses": {"attention": "ulysses-diffusers"},
@@ -60,12 +60,6 @@ NCCL_ENVS: dict[str, dict[str, str]] = {
     "p2p-chunk-2MiB": {"NCCL_P2P_NVL_CHUNKSIZE": str(2 << 20)},
     "p2p-copy-engine": {"NCCL_P2P_USE_CUDA_MEMCPY": "1"},
 }
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def devices_of(args: argparse.Namespace) -> tuple[str, ...]:
@@ -141,20 +135,6 @@ def collectives_rank(rank: int, args: argparse.Namespace, port: int, out: Path) 
 
 
 # ---------------------------------------------------------------------------------------------------- model
-
-
-def step_ms(pipe: Any, loaded: Any, args: argparse.Namespace, device: str) -> float:
-    """Median gap between step ends over a call of --steps steps."""
-    marks: list[float] = []
-
-    def on_step(_p: Any, _i: int, _t: Any, tensors: dict[str, Any]) -> dict[str, Any]:
-        sync(device)
-        marks.append(time.perf_counter())
-        return tensors
-
-    pipe(**call_kwargs(loaded, args.size, args.steps), callback_on_step_end=on_step)
-    gaps = sorted(b - a for a, b in itertools.pairwise(marks))
-    return round(1000 * gaps[len(gaps) // 2], 2) if gaps else float("nan")
 
 
 def call_ms(pipe: Any, loaded: Any, args: argparse.Namespace, device: str) -> float:

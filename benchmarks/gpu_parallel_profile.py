@@ -19,7 +19,6 @@ import argparse
 import itertools
 import json
 import os
-import socket
 import sys
 import time
 from collections import Counter
@@ -207,10 +206,9 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     import torch.multiprocessing as tmp
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    tmp.spawn(rank_main, args=(args, port, out), nprocs=args.ranks, join=True)
+    from diffuserve.serving.worker_group import free_port
+
+    tmp.spawn(rank_main, args=(args, free_port(), out), nprocs=args.ranks, join=True)
     return 0
 
 

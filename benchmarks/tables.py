@@ -421,17 +421,6 @@ def parallel_collectives() -> str:
     return table(header, rows)
 
 
-def kind_of_kernel(name: str) -> str:
-    lowered = name.lower()
-    if lowered.startswith("nccl"):
-        return "collective"
-    if lowered.startswith(("nvjet", "sm80_xmma", "sm90_xmma", "cutlass")):
-        return "matmul"
-    if any(mark in lowered for mark in ("flash", "fmha", "sdpa", "attention")):
-        return "attention"
-    return "other"
-
-
 BLOCKS: dict[str, Callable[[], str]] = {
     "serving-tax": serving_tax,
     "serving-throughput": serving_throughput,
