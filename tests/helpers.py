@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+from openai import OpenAI
 from PIL import Image
 
 from diffuserve.bench.server import SpawnedServer
@@ -149,3 +150,8 @@ def generate_pixels(
         np.asarray(decode_image(base64.b64decode(d["b64_json"])), dtype=np.int16)
         for d in response.json()["data"]
     ]
+
+
+def sdk_client(server: ServerHandle) -> OpenAI:
+    """The official OpenAI client pointed at `server` (no retries: a failure must show as it happened)."""
+    return OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=120)

@@ -14,7 +14,7 @@ from openai import OpenAI
 from PIL import Image
 
 from diffuserve.models.digits.classifier import DigitClassifier, load_classifier
-from tests.helpers import ServerHandle, decode_image, generate_pixels, start_server
+from tests.helpers import ServerHandle, decode_image, generate_pixels, sdk_client, start_server
 
 SEEDS = range(20)
 # The kept half of an inpainted image is the source's own pixels; a lossless PNG carries them exactly.
@@ -29,7 +29,7 @@ def server() -> Iterator[ServerHandle]:
 
 @pytest.fixture(scope="module")
 def client(server: ServerHandle) -> OpenAI:
-    return OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=120)
+    return sdk_client(server)
 
 
 @pytest.fixture(scope="module")

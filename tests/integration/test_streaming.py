@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from openai import AsyncOpenAI, OpenAI
 
-from tests.helpers import ServerHandle, decode_image, generate_pixels, start_server
+from tests.helpers import ServerHandle, decode_image, generate_pixels, sdk_client, start_server
 
 CONCURRENT_STREAMS = 8
 # A lone run and a batched run of the same seed may round differently in the last float bits.
@@ -30,7 +30,7 @@ def server() -> Iterator[ServerHandle]:
 
 @pytest.fixture(scope="module")
 def client(server: ServerHandle) -> OpenAI:
-    return OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=120)
+    return sdk_client(server)
 
 
 def _pixels(b64: str) -> np.ndarray:
