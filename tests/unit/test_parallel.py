@@ -12,7 +12,13 @@ import torch.distributed as dist
 import torch.multiprocessing as torch_mp
 
 from diffuserve.engine.loader import LoadedPipeline
-from diffuserve.engine.parallel import ParallelUnsupported, check_attention, parallelize, token_pixels
+from diffuserve.engine.parallel import (
+    ParallelUnsupported,
+    check_attention,
+    parallelize,
+    resolve_attention,
+    token_pixels,
+)
 from diffuserve.engine.tiers.cache import _relative_l1
 from diffuserve.errors import InvalidRequest
 from diffuserve.models.tiny_flux import build_tiny_flux
@@ -62,6 +68,14 @@ def test_models_that_cannot_split_are_refused_before_any_collective() -> None:
         parallelize(LoadedPipeline(object(), TINY_FLUX, "cpu", torch.float32), 2)
     # The tiny FLUX's VAE halves each side once and its latents are packed 2×2: 4 pixels per token side.
     assert token_pixels(pipeline) == 4
+
+
+def test_auto_attention_is_diffusers_ulysses_under_cuda_graphs_and_one_exchange_without() -> None:
+    assert resolve_attention("auto", graphs=True) == "ulysses-diffusers"
+    assert resolve_attention("auto", graphs=False) == "ulysses"
+    for chosen in ("ulysses", "ulysses-diffusers", "ring"):
+        assert resolve_attention(chosen, graphs=True) == chosen
+        assert resolve_attention(chosen, graphs=False) == chosen
 
 
 def test_ring_only_where_its_attention_kernels_run() -> None:

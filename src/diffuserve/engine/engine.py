@@ -129,14 +129,18 @@ class Engine:
             self.loaded.pipeline, Tier(s.model_size), device=self.device, cache_dir=s.resolved_cache_dir
         )
         self.phases["tier_s"] = time.perf_counter() - started
-        from diffuserve.engine.parallel import parallelize, token_pixels
+        from diffuserve.engine.parallel import parallelize, resolve_attention, token_pixels
 
+        graphs, why = self._graphs_wanted()
         parallel, pixels = 1, token_pixels(self.loaded.pipeline)
         if self.group is not None:
             # After the tier: its attention processors (fused QKV) must be the ones that learn the group.
             parallel = self.group.world_size
-            pixels = parallelize(self.loaded, parallel, s.parallel_attention)
-        self._capture_graphs()
+            attention = resolve_attention(s.parallel_attention, graphs=graphs)
+            pixels = parallelize(self.loaded, parallel, attention)
+        log.info(why)
+        if graphs:
+            self._capture_graphs()
         self._clock = DecodeClock(self.loaded.pipeline, self.device)
         # After the tier and the group: the edit pipelines share the (compiled, quantized, split) denoiser.
         self._pipelines = {Task.GENERATE: self.loaded.pipeline, **edit_pipelines(self.loaded.pipeline)}
@@ -155,20 +159,24 @@ class Engine:
         )
         return self.info
 
-    def _capture_graphs(self) -> None:
-        """After the group's split, so the graphs hold its collectives too."""
-        from diffuserve.engine.graphs import enable_cuda_graphs, graphs_wanted
-        from diffuserve.engine.tiers import denoiser_of, recipe_for
+    def _graphs_wanted(self) -> tuple[bool, str]:
+        from diffuserve.engine.graphs import graphs_wanted
+        from diffuserve.engine.tiers import recipe_for
 
-        assert self.loaded is not None
         recipe = recipe_for(self.settings.model_size)
-        wanted, why = graphs_wanted(
+        return graphs_wanted(
             self.settings.cuda_graphs, device=self.device, recipe=recipe, group=self.group is not None
         )
+
+    def _capture_graphs(self) -> None:
+        """After the group's split, so the graphs hold its collectives too."""
+        from diffuserve.engine.graphs import enable_cuda_graphs
+        from diffuserve.engine.tiers import denoiser_of
+
+        assert self.loaded is not None
         model = denoiser_of(self.loaded.pipeline)
-        if wanted and model is not None:
+        if model is not None:
             self._graphs = enable_cuda_graphs(model)
-        log.info(why)
 
     def close(self) -> None:
         """Before the group's communicators go: NCCL's teardown waits for ever on a communicator that a
