@@ -9,15 +9,17 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import numpy as np
-from openai import OpenAI
 from PIL import Image
 
 from diffuserve.bench.server import SpawnedServer
 from diffuserve.bench.server import free_port as free_port  # re-exported for the tests
+
+if TYPE_CHECKING:
+    from openai import OpenAI
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -154,4 +156,7 @@ def generate_pixels(
 
 def sdk_client(server: ServerHandle) -> OpenAI:
     """The official OpenAI client pointed at `server` (no retries: a failure must show as it happened)."""
+    # Imported here: the GPU machines run tests/gpu through this module without the client installed.
+    from openai import OpenAI
+
     return OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=120)
