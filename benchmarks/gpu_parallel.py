@@ -2,7 +2,7 @@
 worker groups that split each image across GPUs (PARALLEL=2 and, on a 4-GPU host, 4: latency).
 
     python benchmarks/gpu_parallel.py --out $OUT      # 2 GPUs: random FLUX.1-dev, tier L, 1024², 28 steps
-    python benchmarks/gpu_parallel.py --out $OUT --attention ulysses,ulysses-diffusers   # two kinds of group
+    python benchmarks/gpu_parallel.py --out $OUT --attention auto,ring   # two kinds of group
     python benchmarks/gpu_parallel.py --out /tmp/p --model-repo digits --devices cpu,cpu --size 32 --tier XL
 
 For each PARALLEL value (and for groups, each --attention way of splitting attention, PARALLEL_ATTENTION, and
@@ -183,8 +183,9 @@ def main() -> int:
     )
     parser.add_argument(
         "--attention",
-        default="ulysses",
-        help="PARALLEL_ATTENTION values each group runs with, in turn, e.g. ulysses,ulysses-diffusers",
+        default="auto",
+        help="PARALLEL_ATTENTION values each group runs with, in turn, e.g. auto,ulysses (auto: the server's "
+        "default)",
     )
     parser.add_argument(
         "--cuda-graphs",

@@ -13,7 +13,8 @@
    all-gather of K and V per block); fused-overlap and ring-overlap = the same with inductor's
    compute/communication reordering (reorder_for_compute_comm_overlap); fused-graphs = fused with the
    denoiser's calls replayed as CUDA graphs (diffuserve.engine.graphs), which as the first variant also
-   times one GPU alone with graphs; ring-graphs = ring with graphs.
+   times one GPU alone with graphs; ulysses-graphs and ring-graphs = ulysses and ring with graphs; ulysses-, ring- and fused-overlap-graphs =
+   the same with graphs and inductor's reordering; fused-autotune-graphs = fused-graphs with inductor's GEMM autotuning (max_autotune_gemm).
    For each: the median step, a whole call of --call-steps steps (latents out), graph breaks, the CPU time
    to enqueue one transformer call against the time until the GPU has run it (near equal where the CPU sets the
    pace), and from a profiled call, per step, the time some kernel computes, the time only a collective runs
@@ -53,12 +54,19 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "ring-overlap": {"attention": "ring", "overlap": True},
     "fused-graphs": {"attention": "ulysses", "graphs": True},
     "ring-graphs": {"attention": "ring", "graphs": True},
+    "ulysses-graphs": {"attention": "ulysses-diffusers", "graphs": True},
+    "ulysses-overlap-graphs": {"attention": "ulysses-diffusers", "overlap": True, "graphs": True},
+    "ring-overlap-graphs": {"attention": "ring", "overlap": True, "graphs": True},
+    "fused-overlap-graphs": {"attention": "ulysses", "overlap": True, "graphs": True},
+    "fused-autotune-graphs": {"attention": "ulysses", "autotune": True, "graphs": True},
 }
 NCCL_ENVS: dict[str, dict[str, str]] = {
     "default": {},
     "min-channels-32": {"NCCL_MIN_NCHANNELS": "32"},
     "p2p-chunk-2MiB": {"NCCL_P2P_NVL_CHUNKSIZE": str(2 << 20)},
     "p2p-copy-engine": {"NCCL_P2P_USE_CUDA_MEMCPY": "1"},
+    "p2p-channels-32": {"NCCL_MIN_P2P_NCHANNELS": "32"},
+    "p2p-channels-64": {"NCCL_MIN_P2P_NCHANNELS": "64", "NCCL_MAX_P2P_NCHANNELS": "64"},
 }
 
 
@@ -239,6 +247,12 @@ def variant_rank(rank: int, args: argparse.Namespace, port: int, out: Path, name
         import torch._inductor.config as inductor_config
 
         inductor_config.reorder_for_compute_comm_overlap = True
+    if options.get("autotune"):
+        import torch._inductor.config as inductor_config
+
+        # Benchmark inductor's GEMM choices (Triton templates against cuBLAS) per shape at compile time,
+        # without max-autotune's own CUDA graphs (the hook captures its own).
+        inductor_config.max_autotune_gemm = True
     weights = "pretrained" if args.model_repo == "digits" else "random"
     loaded = load_pipeline(args.model_repo, device=device, dtype_name="auto", weights=weights, hf_token=None)
     pipe = loaded.pipeline
@@ -378,11 +392,13 @@ def main() -> int:
         save()
     runs: list[tuple[str, str, dict[str, str]]] = [(n, n, {}) for n in args.variants.split(",") if n]
     timed = {k: v["all_to_all_qkv_us"] for k, v in collectives.items() if "all_to_all_qkv_us" in v}
-    if "default" in timed and "fused" in args.variants.split(","):
+    if "default" in timed and runs:
         best = min(timed, key=lambda k: timed[k])
         if timed[best] < 0.85 * timed["default"]:
-            # A setting that makes the stacked exchange clearly faster alone: does it show in the model?
-            runs.append((f"fused+{best}", "fused", NCCL_ENVS[best]))
+            # A setting that makes the exchange clearly faster alone: does it show in the model (the first
+            # variant again, with it)?
+            first = runs[0][1]
+            runs.append((f"{first}+{best}", first, NCCL_ENVS[best]))
     for index, (label, name, env) in enumerate(runs):
         results["variants"][label] = child(args, name, env, [] if index == 0 else ["--no-one-device"])
         log(f"variant {label}: {json.dumps(results['variants'][label])}")

@@ -4,12 +4,14 @@
     python benchmarks/gpu_parallel_profile.py --out /tmp/pp --model-repo digits --tier XL --size 32 --cpu
 
 Each rank joins the group as a server's worker does (diffuserve.engine.parallel), builds the pipeline and
-applies the tier, splits the transformer as a group does (PARALLEL_ATTENTION's default), and warms up; then both ranks run the same
+applies the tier, splits the transformer as a group does (by default as PARALLEL_ATTENTION=auto does with CUDA graphs), and warms up; then both ranks run the same
 call while rank 0 records it with torch.profiler. The summary sorts the device time by kind of kernel
 (collectives, matrix products, attention, the rest), says how much of the step the device sat idle, and
 lists dynamo's graph breaks (a break inside the compiled blocks runs the rest of the block eagerly). It also
 times and profiles the same steps without the group, on rank 0 alone, for the one-GPU figure of the same
-run, and lists each kernel's device time per step alone and in the group side by side.
+run; then one rank's share of the work alone (the image 1/ranks as tall, 1/ranks of the text tokens: what
+a rank computes, without its collectives and the layout changes around them); and lists each kernel's device
+time per step in the three runs side by side.
 Raw output: --out/parallel-profile.json.
 """
 
@@ -44,13 +46,15 @@ def kind_of(name: str) -> str:
     return "other"
 
 
-def call_kwargs(loaded: Any, size: int, steps: int) -> dict[str, Any]:
+def call_kwargs(loaded: Any, size: int, steps: int, *, share: int = 1) -> dict[str, Any]:
+    """A size² call; `share` > 1 gives one rank's share of it instead: the image 1/share as tall and 1/share
+    of the text tokens, i.e. exactly the tokens a rank of a group of `share` holds."""
     import torch
 
     family = loaded.family
     kwargs: dict[str, Any] = {
         "prompt": ["a photo of a red fox in the snow"],
-        "height": size,
+        "height": size // share,
         "width": size,
         "num_inference_steps": steps,
         "guidance_scale": family.default_guidance,
@@ -58,11 +62,11 @@ def call_kwargs(loaded: Any, size: int, steps: int) -> dict[str, Any]:
         "output_type": "latent",
     }
     if family.max_sequence_length:
-        kwargs["max_sequence_length"] = family.max_sequence_length
+        kwargs["max_sequence_length"] = family.max_sequence_length // share
     return kwargs
 
 
-def step_ms(pipe: Any, loaded: Any, args: argparse.Namespace, device: str) -> float:
+def step_ms(pipe: Any, loaded: Any, args: argparse.Namespace, device: str, *, share: int = 1) -> float:
     """Median time of a denoising step, from step-end marks, over a call of --steps steps."""
     import torch
 
@@ -74,7 +78,7 @@ def step_ms(pipe: Any, loaded: Any, args: argparse.Namespace, device: str) -> fl
         marks.append(time.perf_counter())
         return tensors
 
-    pipe(**call_kwargs(loaded, args.size, args.steps), callback_on_step_end=on_step)
+    pipe(**call_kwargs(loaded, args.size, args.steps, share=share), callback_on_step_end=on_step)
     gaps = sorted(b - a for a, b in itertools.pairwise(marks))
     return round(1000 * gaps[len(gaps) // 2], 2) if gaps else float("nan")
 
@@ -92,7 +96,9 @@ def kernel_ms(prof: Any, steps: int) -> dict[str, tuple[float, float]]:
     return rows
 
 
-def profiled(pipe: Any, loaded: Any, args: argparse.Namespace, device: str) -> tuple[Any, float]:
+def profiled(
+    pipe: Any, loaded: Any, args: argparse.Namespace, device: str, *, share: int = 1
+) -> tuple[Any, float]:
     import torch
 
     activities = [torch.profiler.ProfilerActivity.CPU]
@@ -100,7 +106,7 @@ def profiled(pipe: Any, loaded: Any, args: argparse.Namespace, device: str) -> t
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as prof:
         started = time.perf_counter()
-        pipe(**call_kwargs(loaded, args.size, args.steps))
+        pipe(**call_kwargs(loaded, args.size, args.steps, share=share))
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         wall_ms = (time.perf_counter() - started) * 1000
@@ -140,6 +146,7 @@ def rank_main(rank: int, args: argparse.Namespace, port: int, out: Path) -> None
         "steps": args.steps,
     }
     one: dict[str, tuple[float, float]] = {}
+    share: dict[str, tuple[float, float]] = {}
     if rank == 0:
         # The same steps on this GPU alone, before the group splits the model: the baseline of this run.
         pipe(**call_kwargs(loaded, args.size, 2))
@@ -147,6 +154,14 @@ def rank_main(rank: int, args: argparse.Namespace, port: int, out: Path) -> None
         prof, wall = profiled(pipe, loaded, args, device)
         one = kernel_ms(prof, args.steps)
         result["one_device_profiled_call_ms"] = round(wall, 1)
+        # A rank's share alone: every token-wise kernel sees exactly a rank's rows, without collectives or
+        # the layout changes around them. Only the attention differs: a rank does 1/ranks of the image's,
+        # this call 1/ranks² (its whole sequence is 1/ranks as long).
+        pipe(**call_kwargs(loaded, args.size, 2, share=args.ranks))
+        result["share_step_ms"] = step_ms(pipe, loaded, args, device, share=args.ranks)
+        prof, wall = profiled(pipe, loaded, args, device, share=args.ranks)
+        share = kernel_ms(prof, args.steps)
+        result["share_profiled_call_ms"] = round(wall, 1)
         torch._dynamo.reset()
     torch.distributed.barrier()
     parallelize(loaded, args.ranks, args.attention)
@@ -162,24 +177,22 @@ def rank_main(rank: int, args: argparse.Namespace, port: int, out: Path) -> None
     if rank == 0:
         group = kernel_ms(prof, args.steps)
         result["group_profiled_call_ms"] = round(wall, 1)
-        result["device_ms_per_step_by_kind"] = {"one_device": by_kind(one), "group": by_kind(group)}
+        runs = {"one_device": one, "share": share, "group": group}
+        result["device_ms_per_step_by_kind"] = {k: by_kind(v) for k, v in runs.items()}
         result["device_busy_ms_per_step"] = {
-            "one_device": round(sum(ms for ms, _ in one.values()), 2),
-            "group": round(sum(ms for ms, _ in group.values()), 2),
+            k: round(sum(ms for ms, _ in v.values()), 2) for k, v in runs.items()
         }
         names = sorted(
-            set(one) | set(group),
-            key=lambda n: -max(one.get(n, (0.0, 0.0))[0], group.get(n, (0.0, 0.0))[0]),
+            set(one) | set(share) | set(group),
+            key=lambda n: -max(v.get(n, (0.0, 0.0))[0] for v in runs.values()),
         )
-        # Per step: [kernel, kind, one-device ms, calls, group ms, calls]
+        # Per step: [kernel, kind, one-device ms, calls, share ms, calls, group ms, calls]
         result["kernels"] = [
-            [
-                name,
-                kind_of(name),
-                round(one.get(name, (0.0, 0.0))[0], 3),
-                round(one.get(name, (0.0, 0.0))[1], 1),
-                round(group.get(name, (0.0, 0.0))[0], 3),
-                round(group.get(name, (0.0, 0.0))[1], 1),
+            [name, kind_of(name)]
+            + [
+                round(value, 3 if index == 0 else 1)
+                for times in runs.values()
+                for index, value in enumerate(times.get(name, (0.0, 0.0)))
             ]
             for name in names[: args.top]
         ]
@@ -199,7 +212,12 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=6, help="steps of the timed and profiled calls")
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--cpu", action="store_true", help="gloo between CPU processes (a dry run)")
-    parser.add_argument("--attention", default="ulysses", help="PARALLEL_ATTENTION of the group")
+    parser.add_argument(
+        "--attention",
+        default="ulysses-diffusers",
+        help="PARALLEL_ATTENTION of the group; the default is what `auto` gives a group with CUDA graphs "
+        "(this profile runs without them: a kernel's device time is the same)",
+    )
     parser.add_argument("--top", type=int, default=60, help="kernels listed, by the larger of the two times")
     args = parser.parse_args()
     out = Path(args.out)
