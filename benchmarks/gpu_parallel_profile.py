@@ -144,6 +144,7 @@ def rank_main(rank: int, args: argparse.Namespace, port: int, out: Path) -> None
         "model": args.model_repo,
         "tier": args.tier,
         "steps": args.steps,
+        "attention": args.attention,
     }
     one: dict[str, tuple[float, float]] = {}
     share: dict[str, tuple[float, float]] = {}

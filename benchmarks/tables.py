@@ -284,24 +284,50 @@ def parallel() -> str:
 def parallel_profile() -> str:
     data = load_json("h200x2-parallel-profile.json")
     kinds = data["device_ms_per_step_by_kind"]
-    one, group = kinds["one_device"], kinds["group"]
+    one, share, group = kinds["one_device"], kinds["share"], kinds["group"]
+    ranks = data["ranks"]
+    # Outputs from before the profile recorded it ran with the then default, the stacked exchange.
+    attention = data.get("attention", "ulysses")
     rows = []
     for kind in ("matmul", "attention", "other", "collective"):
-        alone, split = one.get(kind, 0.0), group.get(kind, 0.0)
-        rows.append([kind, f"{alone:.1f}", f"{alone / 2:.1f}", f"{split:.1f}"])
+        alone = one.get(kind, 0.0)
+        rows.append(
+            [
+                kind,
+                f"{alone:.1f}",
+                f"{alone / ranks:.1f}",
+                f"{share.get(kind, 0.0):.1f}",
+                f"{group.get(kind, 0.0):.1f}",
+            ]
+        )
     busy = data["device_busy_ms_per_step"]
-    compute_one = busy["one_device"] - one.get("collective", 0.0)
-    compute_group = busy["group"] - group.get("collective", 0.0)
+    compute = {k: busy[k] - kinds[k].get("collective", 0.0) for k in busy}
     rows.append(
-        ["all but collectives", f"{compute_one:.1f}", f"{compute_one / 2:.1f}", f"{compute_group:.1f}"]
+        [
+            "all but collectives",
+            f"{compute['one_device']:.1f}",
+            f"{compute['one_device'] / ranks:.1f}",
+            f"{compute['share']:.1f}",
+            f"{compute['group']:.1f}",
+        ]
     )
+    # The share alone does 1/ranks² of the image's attention, a rank of the group 1/ranks: swap it for that.
+    ideal = compute["share"] - share.get("attention", 0.0) + one.get("attention", 0.0) / ranks
     intro = (
-        f"Rank 0, {data['steps']} steps profiled, kernel time per step by kind (the kernels the profiler "
-        f"lists; kinds by kernel name): one-GPU step {data['one_device_step_ms']:.1f} ms and group step "
-        f"{data['group_step_ms']:.1f} ms in this run (without CUDA graphs, with a synchronisation at every "
-        "step's end).\n\n"
+        f"Rank 0, {data['steps']} steps profiled, `PARALLEL_ATTENTION={attention}`, kernel time per step "
+        "by kind (the kernels the profiler lists; kinds by kernel name). Steps in this run, without CUDA "
+        f"graphs and with a synchronisation at every step's end: one GPU {data['one_device_step_ms']:.1f} ms, "
+        f"the group {data['group_step_ms']:.1f} ms. A rank's share alone with the group's attention "
+        f"(1/{ranks} of one GPU's) instead of its own: **{ideal:.1f} ms** of kernels a step.\n\n"
     )
-    return intro + table(["kernels", "one GPU ms", "half of it", "one rank of the group ms"], rows)
+    header = [
+        "kernels",
+        "one GPU ms",
+        f"1/{ranks} of it",
+        "a rank's share alone ms",
+        "one rank of the group ms",
+    ]
+    return intro + table(header, rows)
 
 
 def edits() -> str:
@@ -338,12 +364,20 @@ COMM_VARIANTS = {
     "ring-graphs": "ring + CUDA graphs",
     "fused-chunks2-graphs": "ulysses in 2 head shares + CUDA graphs (not kept)",
     "fused-chunks4-graphs": "ulysses in 4 head shares + CUDA graphs (not kept)",
+    "ulysses-graphs": "ulysses-diffusers + CUDA graphs",
+    "fused-overlap-graphs": "ulysses + CUDA graphs + inductor overlap",
+    "ulysses-overlap-graphs": "ulysses-diffusers + CUDA graphs + inductor overlap",
+    "ring-overlap-graphs": "ring + CUDA graphs + inductor overlap",
 }
 COMM_RUNS = (
     "h200x2-parallel-comm-run1.json",
     "h200x2-parallel-comm-run2.json",
     "h200x2-parallel-comm-run3.json",
     "h200x2-parallel-comm-run4.json",
+    "h200x2-parallel-comm-run5.json",
+    "h200x2-parallel-comm-run6.json",
+    "h200x2-parallel-comm-run7.json",
+    "h200x2-parallel-comm-run8.json",
 )
 
 
@@ -352,10 +386,12 @@ def parallel_comm() -> str:
     for number, name in enumerate(COMM_RUNS, start=1):
         data = load_json(name)
         variants = data["variants"]
-        first = next(v for v in variants.values() if "one_device_call_ms" in v)
-        one_gpu = first["one_device_call_ms"]
-        rows.append([str(number), "one GPU", f"{one_gpu:.0f}", "1.00×", "", "", "", "", "", ""])
-        if "one_device_graphs_call_ms" in first:
+        # Runs that skipped the one-GPU timing (--no-one-device) have no baseline of their own.
+        first = next((v for v in variants.values() if "one_device_call_ms" in v), {})
+        one_gpu = first.get("one_device_call_ms")
+        if one_gpu is not None:
+            rows.append([str(number), "one GPU", f"{one_gpu:.0f}", "1.00×", "", "", "", "", "", ""])
+        if one_gpu is not None and "one_device_graphs_call_ms" in first:
             graphed = first["one_device_graphs_call_ms"]
             enqueue = first["one_device_graphs_enqueue"]
             rows.append(
@@ -380,7 +416,7 @@ def parallel_comm() -> str:
                     str(number),
                     COMM_VARIANTS.get(variant, variant),
                     f"{v['group_call_ms']:.0f}",
-                    f"{v['group_call_ms'] / one_gpu:.2f}×",
+                    "–" if one_gpu is None else f"{v['group_call_ms'] / one_gpu:.2f}×",
                     f"{v['group_step_ms']:.1f}",
                     f"{enqueue['cpu_enqueue_ms']:.0f} / {enqueue['until_done_ms']:.0f}",
                     f"{prof['compute_ms_per_step']:.1f}",
@@ -405,19 +441,26 @@ def parallel_comm() -> str:
 
 
 def parallel_collectives() -> str:
-    data = load_json(COMM_RUNS[0])
     rows = []
-    for result in data["collectives"].values():
-        env = " ".join(f"{k}={v}" for k, v in result["env"].items()) or "(NCCL's defaults)"
-        rows.append(
-            [
-                env,
-                f"{result['all_to_all_q_us']:.0f}",
-                f"{result['all_to_all_qkv_us']:.0f}",
-                f"{result['all_gather_kv_us']:.0f}",
-            ]
-        )
-    header = ["NCCL setting", "all-to-all of Q µs", "all-to-all of Q, K, V µs", "all-gather of K, V µs"]
+    for number, name in enumerate(COMM_RUNS, start=1):
+        for result in load_json(name)["collectives"].values():
+            env = " ".join(f"{k}={v}" for k, v in result["env"].items()) or "(NCCL's defaults)"
+            rows.append(
+                [
+                    str(number),
+                    env,
+                    f"{result['all_to_all_q_us']:.0f}",
+                    f"{result['all_to_all_qkv_us']:.0f}",
+                    f"{result['all_gather_kv_us']:.0f}",
+                ]
+            )
+    header = [
+        "run",
+        "NCCL setting",
+        "all-to-all of Q µs",
+        "all-to-all of Q, K, V µs",
+        "all-gather of K, V µs",
+    ]
     return table(header, rows)
 
 

@@ -1,5 +1,6 @@
 """Ulysses attention with one all-to-all for Q, K and V together instead of diffusers' three (installed into
-diffusers' attention dispatch, which has no switch for it)."""
+diffusers' attention dispatch, which has no switch for it); PARALLEL_ATTENTION=auto uses it where the group's
+denoiser does not run as CUDA graphs (`diffuserve.engine.parallel.resolve_attention` says why)."""
 
 from __future__ import annotations
 
