@@ -8,18 +8,21 @@
    environment once): all-to-all of one FLUX block's Q (7 MB each way at 1024²), of Q, K and V stacked, and
    the all-gather of K and V that ring attention does instead.
 2. The model, per variant (each in a fresh pair of ranks: the denoiser is split once per process):
-   ulysses = diffusers' Ulysses (PARALLEL_ATTENTION=ulysses-diffusers) (three all-to-alls for Q, K, V and one for the output); fused = the same with
-   Q, K and V in one all-to-all (ulysses, diffuserve.engine.ulysses); ring = diffusers' ring attention (one
-   all-gather of K and V per block); fused-overlap and ring-overlap = the same with inductor's
-   compute/communication reordering (reorder_for_compute_comm_overlap); fused-graphs = fused with the
-   denoiser's calls replayed as CUDA graphs (diffuserve.engine.graphs), which as the first variant also
-   times one GPU alone with graphs; ulysses-graphs and ring-graphs = ulysses and ring with graphs; ulysses-, ring- and fused-overlap-graphs =
-   the same with graphs and inductor's reordering; fused-autotune-graphs = fused-graphs with inductor's GEMM autotuning (max_autotune_gemm).
+   ulysses = diffusers' Ulysses (PARALLEL_ATTENTION=ulysses-diffusers: three all-to-alls for Q, K, V and one
+   for the output); fused = the same with Q, K and V in one all-to-all (PARALLEL_ATTENTION=ulysses,
+   diffuserve.engine.ulysses); ring = diffusers' ring attention (one all-gather of K and V per block);
+   fused-overlap and ring-overlap = the same with inductor's compute/communication reordering
+   (reorder_for_compute_comm_overlap); fused-graphs = fused with the denoiser's calls replayed as CUDA graphs
+   (diffuserve.engine.graphs), which as the first variant also times one GPU alone with graphs;
+   ulysses-graphs and ring-graphs = ulysses and ring with graphs; ulysses-, ring- and fused-overlap-graphs =
+   the same with graphs and inductor's reordering; fused-autotune-graphs = fused-graphs with inductor's GEMM
+   autotuning (max_autotune_gemm).
    For each: the median step, a whole call of --call-steps steps (latents out), graph breaks, the CPU time
    to enqueue one transformer call against the time until the GPU has run it (near equal where the CPU sets the
    pace), and from a profiled call, per step, the time some kernel computes, the time only a collective runs
    (communication not hidden) and the time no kernel runs at all (launch gaps). The first variant also times
-   the same steps on rank 0's GPU alone, before the split: the one-GPU figure of the same run.
+   the same steps on rank 0's GPU alone, before the split: the one-GPU figure of the same run (unless
+   --no-one-device).
 Raw output: --out/comm.json.
 """
 

@@ -4,8 +4,9 @@
     python benchmarks/gpu_parallel_profile.py --out /tmp/pp --model-repo digits --tier XL --size 32 --cpu
 
 Each rank joins the group as a server's worker does (diffuserve.engine.parallel), builds the pipeline and
-applies the tier, splits the transformer as a group does (by default as PARALLEL_ATTENTION=auto does with CUDA graphs), and warms up; then both ranks run the same
-call while rank 0 records it with torch.profiler. The summary sorts the device time by kind of kernel
+applies the tier, splits the transformer as a group does (by default as PARALLEL_ATTENTION=auto does with CUDA
+graphs, though this profile runs without them), and warms up; then both ranks run the same call while rank 0
+records it with torch.profiler. The summary sorts the device time by kind of kernel
 (collectives, matrix products, attention, the rest), says how much of the step the device sat idle, and
 lists dynamo's graph breaks (a break inside the compiled blocks runs the rest of the block eagerly). It also
 times and profiles the same steps without the group, on rank 0 alone, for the one-GPU figure of the same
