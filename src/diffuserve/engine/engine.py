@@ -137,6 +137,13 @@ class Engine:
             # After the tier: its attention processors (fused QKV) must be the ones that learn the group.
             parallel = self.group.world_size
             attention = resolve_attention(s.parallel_attention, graphs=graphs)
+            if attention != s.parallel_attention:
+                log.info(
+                    "PARALLEL_ATTENTION=%s: %s, as the denoiser %s as CUDA graphs",
+                    s.parallel_attention,
+                    attention,
+                    "runs" if graphs else "does not run",
+                )
             pixels = parallelize(self.loaded, parallel, attention)
         log.info(why)
         if graphs:
