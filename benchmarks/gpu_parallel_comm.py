@@ -12,7 +12,8 @@
    for the output); fused = the same with Q, K and V in one all-to-all (PARALLEL_ATTENTION=ulysses,
    diffuserve.engine.ulysses); ring = diffusers' ring attention (one all-gather of K and V per block);
    fused-overlap and ring-overlap = the same with inductor's compute/communication reordering
-   (reorder_for_compute_comm_overlap); fused-graphs = fused with the denoiser's calls replayed as CUDA graphs
+   (reorder_for_compute_comm_overlap with the passes PyTorch recommends, see cpu_comm_order.py; runs 1 to 8
+   set the flag alone, which runs no pass); fused-graphs = fused with the denoiser's calls replayed as CUDA graphs
    (diffuserve.engine.graphs), which as the first variant also times one GPU alone with graphs;
    ulysses-graphs and ring-graphs = ulysses and ring with graphs; ulysses-, ring- and fused-overlap-graphs =
    the same with graphs and inductor's reordering; fused-autotune-graphs = fused-graphs with inductor's GEMM
@@ -44,6 +45,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+# The flag alone runs no reordering pass (its list of passes is empty by default): name the passes.
+from cpu_comm_order import RECOMMENDED_PASSES  # noqa: E402
 from diffuserve.serving.worker_group import free_port  # noqa: E402
 
 # The profile's own pipeline call and step timing, so both scripts time the same work.
@@ -250,6 +253,7 @@ def variant_rank(rank: int, args: argparse.Namespace, port: int, out: Path, name
         import torch._inductor.config as inductor_config
 
         inductor_config.reorder_for_compute_comm_overlap = True
+        inductor_config.reorder_for_compute_comm_overlap_passes = RECOMMENDED_PASSES
     if options.get("autotune"):
         import torch._inductor.config as inductor_config
 
@@ -263,6 +267,10 @@ def variant_rank(rank: int, args: argparse.Namespace, port: int, out: Path, name
     apply_tier(pipe, Tier(args.tier), device=device, cache_dir=args.cache_dir)
     model = denoiser_of(pipe)
     result: dict[str, Any] = {"variant": name, "ranks": args.ranks, "device": device, "tier": args.tier}
+    if options.get("overlap"):
+        import torch._inductor.config as inductor_config
+
+        result["inductor_passes"] = list(inductor_config.reorder_for_compute_comm_overlap_passes)
     if rank == 0 and args.one_device:
         pipe(**call_kwargs(loaded, args.size, 2))
         result["one_device_step_ms"] = step_ms(pipe, loaded, args, device)

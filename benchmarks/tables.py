@@ -381,6 +381,14 @@ COMM_RUNS = (
 )
 
 
+def comm_label(variant: str, result: dict[str, Any]) -> str:
+    label = COMM_VARIANTS.get(variant, variant)
+    if "overlap" in variant and not result.get("inductor_passes"):
+        # Runs before the variants named inductor's passes set the flag alone, which runs none by default.
+        label += " (flag only)"
+    return label
+
+
 def parallel_comm() -> str:
     rows = []
     for number, name in enumerate(COMM_RUNS, start=1):
@@ -414,7 +422,7 @@ def parallel_comm() -> str:
             rows.append(
                 [
                     str(number),
-                    COMM_VARIANTS.get(variant, variant),
+                    comm_label(variant, v),
                     f"{v['group_call_ms']:.0f}",
                     "–" if one_gpu is None else f"{v['group_call_ms'] / one_gpu:.2f}×",
                     f"{v['group_step_ms']:.1f}",
@@ -464,6 +472,14 @@ def parallel_collectives() -> str:
     return table(header, rows)
 
 
+def comm_order() -> str:
+    data = load_json("cpu-comm-order.json")
+    rows = [[name, " → ".join(result["order"])] for name, result in data["configs"].items()]
+    return f"torch {data['torch']}:\n\n" + table(
+        ["inductor configuration", "order in the generated code"], rows
+    )
+
+
 BLOCKS: dict[str, Callable[[], str]] = {
     "serving-tax": serving_tax,
     "serving-throughput": serving_throughput,
@@ -475,6 +491,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "edits": edits,
     "parallel-comm": parallel_comm,
     "parallel-collectives": parallel_collectives,
+    "comm-order": comm_order,
 }
 
 
