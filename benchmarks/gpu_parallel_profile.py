@@ -220,7 +220,9 @@ def main() -> int:
         help="PARALLEL_ATTENTION of the group; the default is what `auto` gives a group with CUDA graphs "
         "(this profile runs without them: a kernel's device time is the same)",
     )
-    parser.add_argument("--top", type=int, default=60, help="kernels listed, by the larger of the two times")
+    parser.add_argument(
+        "--top", type=int, default=60, help="kernels listed, by the largest of the three times"
+    )
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
