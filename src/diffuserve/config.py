@@ -26,6 +26,7 @@ class ParallelAttention(StrChoice):
     RING = "ring"
     ULYSSES = "ulysses"
     ULYSSES_DIFFUSERS = "ulysses-diffusers"
+    ULYSSES_P2P = "ulysses-p2p"
 
 
 class CudaGraphs(StrChoice):
@@ -119,11 +120,12 @@ class Settings(EnvSettings):
     parallel_attention: ParallelAttention = setting(
         ParallelAttention.AUTO,
         "PARALLEL_ATTENTION",
-        help="how a group splits attention: ulysses (one all-to-all for Q, K and V together, one for the "
-        "output), ulysses-diffusers (diffusers' own Ulysses: three all-to-alls for Q, K, V), ring (diffusers' "
-        "ring attention, one all-gather of K and V per block; bf16/fp16 on CUDA only); auto = "
-        "ulysses-diffusers where the denoiser runs as CUDA graphs, else ulysses (the faster of the two in each "
-        "case on 2 H200s)",
+        help="how a group splits attention: ulysses-p2p (Ulysses whose exchanges write each rank's shares "
+        "straight into the peers' GPU memory, PyTorch's symmetric memory; CUDA only), ulysses (one NCCL "
+        "all-to-all for Q, K and V together, one for the output), ulysses-diffusers (diffusers' own Ulysses: "
+        "three all-to-alls for Q, K, V), ring (diffusers' ring attention, one all-gather of K and V per block; "
+        "bf16/fp16 on CUDA only); auto = ulysses-p2p where the denoiser runs as CUDA graphs (ulysses-diffusers "
+        "where the GPUs cannot share memory), else ulysses (the fastest in each case on 2 H200s)",
     )
     cuda_graphs: CudaGraphs = setting(
         CudaGraphs.AUTO,

@@ -70,10 +70,10 @@ def test_models_that_cannot_split_are_refused_before_any_collective() -> None:
     assert token_pixels(pipeline) == 4
 
 
-def test_auto_attention_is_diffusers_ulysses_under_cuda_graphs_and_one_exchange_without() -> None:
-    assert resolve_attention("auto", graphs=True) == "ulysses-diffusers"
+def test_auto_attention_writes_into_peers_under_cuda_graphs_and_one_exchange_without() -> None:
+    assert resolve_attention("auto", graphs=True) == "ulysses-p2p"
     assert resolve_attention("auto", graphs=False) == "ulysses"
-    for chosen in ("ulysses", "ulysses-diffusers", "ring"):
+    for chosen in ("ulysses", "ulysses-p2p", "ulysses-diffusers", "ring"):
         assert resolve_attention(chosen, graphs=True) == chosen
         assert resolve_attention(chosen, graphs=False) == chosen
 
@@ -83,6 +83,33 @@ def test_ring_only_where_its_attention_kernels_run() -> None:
     with pytest.raises(ParallelUnsupported, match="PARALLEL_ATTENTION=ring needs bf16 or fp16 on CUDA"):
         parallelize(loaded, 2, "ring")
     check_attention(LoadedPipeline(object(), TINY_FLUX, "cuda:0", torch.bfloat16), "ring")
+
+
+def test_p2p_needs_gpus_and_auto_falls_back_where_it_cannot_run() -> None:
+    loaded = LoadedPipeline(build_tiny_flux(seed=0), TINY_FLUX, "cpu", torch.float32)
+    with pytest.raises(ParallelUnsupported, match=r"ulysses-p2p: it needs GPUs .*; use ulysses-diffusers"):
+        parallelize(loaded, 2, "ulysses-p2p")
+
+
+def _rank_falls_back(rank: int, port: int, out) -> None:
+    from diffusers.models import attention_dispatch
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        loaded = LoadedPipeline(build_tiny_flux(seed=0), TINY_FLUX, "cpu", torch.float32)
+        parallelize(loaded, 2, "ulysses-p2p", p2p_fallback="ulysses-diffusers")
+        out[rank] = attention_dispatch.TemplatedUlyssesAttention.__name__
+    finally:
+        dist.destroy_process_group()
+
+
+def test_p2p_falls_back_to_diffusers_ulysses_when_asked() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = torch_mp.Manager().dict()
+    torch_mp.spawn(_rank_falls_back, args=(port, out), nprocs=2)
+    assert out[0] == out[1] == "TemplatedUlyssesAttention"
 
 
 def _rank_decides(

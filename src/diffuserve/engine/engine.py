@@ -144,7 +144,14 @@ class Engine:
                     attention,
                     "runs" if graphs else "does not run",
                 )
-            pixels = parallelize(self.loaded, parallel, attention)
+            pixels = parallelize(
+                self.loaded,
+                parallel,
+                attention,
+                timeout_s=self.group.timeout_s,
+                # auto's choice falls back where the GPUs cannot share memory; an explicit one is refused.
+                p2p_fallback="ulysses-diffusers" if s.parallel_attention == "auto" else None,
+            )
         log.info(why)
         if graphs:
             self._capture_graphs()

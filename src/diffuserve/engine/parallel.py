@@ -65,23 +65,34 @@ def check_attention(loaded: LoadedPipeline, attention: str) -> None:
 
 
 def resolve_attention(setting: str, *, graphs: bool) -> str:
-    """PARALLEL_ATTENTION's `auto`: diffusers' own Ulysses where the denoiser's calls replay as CUDA graphs,
-    the one all-to-all for Q, K and V together where they do not. On 2 H200s (FLUX.1-dev, tier L, 1024²)
-    diffusers' version took 64.6-66.0 ms a step with graphs against 66.6-67.8 for the stacked one, whose
-    stacking and re-layout cost more device time than its saved collectives; without graphs the CPU sets the
-    pace, and there three fewer collective launches per block made the stacked one 69 ms against 84."""
+    """PARALLEL_ATTENTION's `auto`: writes into the peers' memory (ulysses-p2p) where the denoiser's calls
+    replay as CUDA graphs, the one all-to-all for Q, K and V together where they do not. On 2 H200s
+    (FLUX.1-dev, tier L, 1024², with graphs) a step took 59.4-59.9 ms with ulysses-p2p against 64.6-66.0
+    with diffusers' three all-to-alls and 66.6-67.8 with the stacked one; ulysses-p2p's exchange is many
+    small copies, whose launches only graphs make cheap. Without graphs the CPU sets the pace, and there
+    the stacked exchange's fewer launches made it 69 ms a step against diffusers' 84."""
     if setting != "auto":
         return setting
-    return "ulysses-diffusers" if graphs else "ulysses"
+    return "ulysses-p2p" if graphs else "ulysses"
 
 
-def parallelize(loaded: LoadedPipeline, degree: int, attention: str = "ulysses") -> int:
+def parallelize(
+    loaded: LoadedPipeline,
+    degree: int,
+    attention: str = "ulysses",
+    *,
+    timeout_s: float = 300.0,
+    p2p_fallback: str | None = None,
+) -> int:
     """Split the denoiser's sequence across `degree` ranks with diffusers' context parallelism; `attention` as
-    PARALLEL_ATTENTION says (ulysses, ulysses-diffusers or ring). Returns the pixels per token side, from which
-    the server tells which sizes split evenly. Raises ParallelUnsupported for a model that cannot."""
+    PARALLEL_ATTENTION says (ulysses, ulysses-p2p, ulysses-diffusers or ring). Returns the pixels per token
+    side, from which the server tells which sizes split evenly. Raises ParallelUnsupported for a model that
+    cannot. `timeout_s` bounds ulysses-p2p's wait for a peer (NCCL's collectives have the group's own);
+    `p2p_fallback` is what ulysses-p2p becomes where the GPUs cannot share memory (None: refuse)."""
     from diffusers import ContextParallelConfig
 
     from diffuserve.engine.ulysses import install_fused_qkv, uninstall_fused_qkv
+    from diffuserve.engine.ulysses_p2p import install_p2p, uninstall_p2p
 
     pipeline = loaded.pipeline
     model = denoiser_of(pipeline)
@@ -92,6 +103,14 @@ def parallelize(loaded: LoadedPipeline, degree: int, attention: str = "ulysses")
         )
     check_attention(loaded, attention)
     mode = attention
+    p2p_group = None
+    if mode == "ulysses-p2p":
+        p2p_group, why = _p2p_group(loaded)
+        if p2p_group is None:
+            if p2p_fallback is None:
+                raise ParallelUnsupported(f"PARALLEL_ATTENTION=ulysses-p2p: {why}; use ulysses-diffusers")
+            log.warning("ulysses-p2p: %s; the group runs %s instead", why, p2p_fallback)
+            mode = p2p_fallback
     heads = getattr(model.config, "num_attention_heads", None)
     if mode != "ring" and isinstance(heads, int) and heads % degree:
         # Ulysses gives each rank a whole share of the attention heads.
@@ -110,10 +129,12 @@ def parallelize(loaded: LoadedPipeline, degree: int, attention: str = "ulysses")
         config = ContextParallelConfig(ring_degree=degree)
     else:
         # diffusers looks its Ulysses class up at every call: the override holds for this process.
+        uninstall_p2p()
+        uninstall_fused_qkv()
         if mode == "ulysses":
             install_fused_qkv()
-        else:
-            uninstall_fused_qkv()
+        elif mode == "ulysses-p2p":
+            install_p2p(p2p_group, timeout_s)
         config = ContextParallelConfig(ulysses_degree=degree)
     with _cpu_device_count():
         model.enable_parallelism(config=config)
@@ -127,6 +148,22 @@ def parallelize(loaded: LoadedPipeline, degree: int, attention: str = "ulysses")
     pixels = token_pixels(pipeline)
     log.info("context parallel: %s over %d ranks; %d×%d pixels per token", mode, degree, pixels, pixels)
     return pixels
+
+
+def _p2p_group(loaded: LoadedPipeline) -> tuple[Any, str]:
+    """The group for ulysses-p2p once every rank has set up symmetric memory with the others, or None and
+    why not."""
+    import torch.distributed as dist
+
+    from diffuserve.engine.ulysses_p2p import p2p_available
+
+    if not loaded.device.startswith("cuda"):
+        return None, f"it needs GPUs (this group runs on {loaded.device})"
+    group = dist.group.WORLD
+    available, why = p2p_available(group, loaded.device)
+    if not available:
+        return None, f"the group's GPUs cannot write into each other's memory ({why})"
+    return group, ""
 
 
 def token_pixels(pipeline: Any) -> int:

@@ -1,0 +1,341 @@
+"""Ulysses attention whose exchanges are direct writes into the peers' GPU memory (PyTorch's symmetric memory,
+over NVLink) instead of NCCL all-to-alls: each rank writes its Q, K and V shares straight into the layout the
+peer's attention reads, and the attention's output straight into the layout the peer's next layer reads, so
+the re-layout kernels around an all-to-all go away with the collective (PARALLEL_ATTENTION=ulysses-p2p)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, cast
+
+import torch
+
+from diffuserve.engine.copy_engine import copy_rows
+
+log = logging.getLogger(__name__)
+
+OP_NAME = "diffuserve::ulysses_p2p_attention"
+_INSTALLED: dict[str, Any] = {}
+
+
+@dataclass(frozen=True)
+class Share:
+    """One rank's place in the exchange: its rank and the group's size."""
+
+    rank: int
+    world: int
+
+    def tokens(self, source: int, local_tokens: int) -> slice:
+        """Where the tokens of rank `source` sit in the whole (gathered) sequence."""
+        return slice(source * local_tokens, (source + 1) * local_tokens)
+
+
+def wide(tensor: torch.Tensor) -> torch.Tensor:
+    """The same bytes seen as 16-byte elements along the last dimension where its layout allows: PyTorch's
+    copy of a strided tensor moves one element per thread, and 2-byte stores across NVLink waste most of
+    the link; 16-byte ones are what a vectorised copy would issue."""
+    width = 16 // tensor.element_size()
+    aligned = all(stride % width == 0 for stride in tensor.stride()[:-1])
+    aligned = aligned and tensor.storage_offset() % width == 0 and tensor.data_ptr() % 16 == 0
+    if tensor.stride(-1) == 1 and tensor.shape[-1] % width == 0 and aligned:
+        return tensor.view(torch.complex128)
+    return tensor
+
+
+def copy(target: torch.Tensor, source: torch.Tensor) -> None:
+    wide_target, wide_source = wide(target), wide(source)
+    if wide_target.dtype == wide_source.dtype:
+        wide_target.copy_(wide_source)
+    else:
+        target.copy_(source)
+
+
+Copier = Callable[[torch.Tensor, torch.Tensor], None]
+
+
+def engine_copy(target: torch.Tensor, source: torch.Tensor) -> None:
+    """On a copy engine where the layouts allow (no SMs taken from the attention beside it), else a kernel."""
+    if not copy_rows(target, source):
+        copy(target, source)
+
+
+def head_chunks(local_heads: int, chunks: int) -> list[slice]:
+    """A rank's heads in `chunks` equal parts (one part where they do not divide)."""
+    if chunks < 1 or local_heads % chunks:
+        chunks = 1
+    size = local_heads // chunks
+    return [slice(index * size, (index + 1) * size) for index in range(chunks)]
+
+
+def send_qkv(
+    share: Share,
+    qkv: tuple[torch.Tensor, ...],
+    inboxes: list[torch.Tensor],
+    targets: list[int],
+    chunk: slice,
+    copier: Copier = copy,
+) -> None:
+    """Write this rank's Q, K and V ([B, S_local, H, D] each) into the inboxes ([3, B, S, H_local, D]) of
+    `targets`: the `chunk` of the heads each target computes, at this rank's place in the sequence."""
+    local_tokens, heads = qkv[0].shape[1:3]
+    local_heads = heads // share.world
+    rows = share.tokens(share.rank, local_tokens)
+    for target in targets:
+        first = target * local_heads
+        columns = slice(first + chunk.start, first + chunk.stop)
+        for index, tensor in enumerate(qkv):
+            copier(inboxes[target][index, :, rows, chunk], tensor[:, :, columns])
+
+
+def send_output(
+    share: Share,
+    out: torch.Tensor,
+    inboxes: list[torch.Tensor],
+    targets: list[int],
+    chunk: slice,
+    copier: Copier = copy,
+) -> None:
+    """Write this rank's attention output for the `chunk` of its heads ([B, S, chunk, D], every token) into
+    the output inboxes ([B, S_local, H, D]) of `targets`: each target's tokens, at those heads."""
+    local_tokens = out.shape[1] // share.world
+    local_heads = inboxes[targets[0]].shape[2] // share.world
+    first = share.rank * local_heads
+    columns = slice(first + chunk.start, first + chunk.stop)
+    for target in targets:
+        copier(inboxes[target][:, :, columns], out[:, share.tokens(target, local_tokens)])
+
+
+def attend(qkv_inbox: torch.Tensor, scale: float | None) -> torch.Tensor:
+    """Attention over the gathered sequence for the heads of `qkv_inbox` ([3, B, S, h, D]), as diffusers'
+    native backend computes it (the same SDPA call on the same [B, h, S, D] views). Returns [B, S, h, D]."""
+    query, key, value = (qkv_inbox[index].transpose(1, 2) for index in range(3))
+    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, scale=scale)
+    return out.transpose(1, 2)
+
+
+class Exchange:
+    """The symmetric buffers of one group for calls up to a size, and the exchange over them.
+
+    A call, on each rank: its shares of Q, K and V go to each peer's inbox one chunk of heads at a time on a
+    side stream (by `TRANSPORT`: copy kernels, or a copy engine), each chunk followed by a signal to that peer;
+    its own share goes to its own inbox meanwhile. The attention of a chunk starts once every peer signalled that
+    chunk, so the next chunk travels while it runs; its output goes back the same way. The call returns
+    once every peer signalled all its output chunks.
+
+    Why one inbox of each kind is enough: a rank writes into a peer's Q/K/V inbox for the next call only
+    after that peer signalled all its output chunks of this call, which it sends after the attention that
+    reads the inbox; and into a peer's output inbox only after that peer signalled the next call's Q/K/V,
+    which it sends after copying its output inbox out."""
+
+    def __init__(
+        self, group_name: str, device: torch.device, dtype: torch.dtype, capacity: int, chunks: int = 1
+    ) -> None:
+        import torch.distributed._symmetric_memory as symm_mem
+
+        self.group_name = group_name
+        self.dtype = dtype
+        # In elements of one rank's Q: its Q/K/V inbox holds 3 of them (the whole sequence at its share of
+        # the heads), its output inbox 1.
+        self.capacity = capacity
+        self.chunks = chunks
+        self.buffer = symm_mem.empty(4 * capacity, dtype=dtype, device=device)
+        # A plain group name: torch 2.13 types it as c10d.GroupName, which older versions lack.
+        self.handle = symm_mem.rendezvous(self.buffer, cast(Any, group_name))
+        self.share = Share(rank=self.handle.rank, world=self.handle.world_size)
+        # High priority: its signal kernels must not queue behind the attention's blocks.
+        self.side = torch.cuda.Stream(device, priority=-1)
+
+    def inboxes(self, shape: tuple[int, ...], offset: int) -> list[torch.Tensor]:
+        return [self.handle.get_buffer(peer, shape, self.dtype, offset) for peer in range(self.share.world)]
+
+    def attention(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        scale: float | None,
+        timeout_ms: int,
+        remote: Copier = copy,
+    ) -> torch.Tensor:
+        batch, local_tokens, heads, dim = query.shape
+        share, handle, side = self.share, self.handle, self.side
+        local_heads = heads // share.world
+        qkv_inboxes = self.inboxes((3, batch, local_tokens * share.world, local_heads, dim), 0)
+        out_inboxes = self.inboxes((batch, local_tokens, heads, dim), 3 * self.capacity)
+        peers = [rank for rank in range(share.world) if rank != share.rank]
+        chunks = head_chunks(local_heads, self.chunks)
+        main = torch.cuda.current_stream(query.device)
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            for channel, chunk in enumerate(chunks):
+                send_qkv(share, (query, key, value), qkv_inboxes, peers, chunk, remote)
+                for peer in peers:
+                    handle.put_signal(peer, channel, timeout_ms)
+        send_qkv(share, (query, key, value), qkv_inboxes, [share.rank], slice(0, local_heads))
+        outs = []  # alive until the side stream is joined: it reads them after this loop moves on
+        for channel, chunk in enumerate(chunks):
+            for peer in peers:
+                handle.wait_signal(peer, channel, timeout_ms)
+            out = attend(qkv_inboxes[share.rank][:, :, :, chunk], scale)
+            outs.append(out)
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                send_output(share, out, out_inboxes, peers, chunk, remote)
+                for peer in peers:
+                    handle.put_signal(peer, len(chunks) + channel, timeout_ms)
+            send_output(share, out, out_inboxes, [share.rank], chunk)
+        for channel in range(len(chunks)):
+            for peer in peers:
+                handle.wait_signal(peer, len(chunks) + channel, timeout_ms)
+        main.wait_stream(side)
+        # A fresh tensor: the inbox is overwritten by the next call, and the caller owns what it gets.
+        return out_inboxes[share.rank].clone()
+
+
+class ExchangeState:
+    """This process's exchanges, one per size reached so far. A buffer is never freed while the process
+    serves: a captured CUDA graph keeps writing to the addresses it saw at capture. Sizes only grow, so the
+    buffers kept are few (a new one only for a call larger than every earlier one)."""
+
+    def __init__(self, group_name: str, timeout_s: float, chunks: int, transport: str) -> None:
+        self.group_name = group_name
+        self.timeout_ms = int(timeout_s * 1000)
+        self.chunks = chunks
+        self.remote: Copier = engine_copy if transport == "copy-engine" else copy
+        self.exchanges: list[Exchange] = []
+
+    def for_call(self, query: torch.Tensor) -> Exchange:
+        for exchange in self.exchanges:
+            if exchange.dtype == query.dtype and exchange.capacity >= query.numel():
+                return exchange
+        if torch.cuda.is_current_stream_capturing():
+            # The buffer is a collective allocation; the CUDA graph hook then runs this call without a graph.
+            raise RuntimeError(
+                "ulysses-p2p: a new exchange buffer cannot be set up inside a CUDA graph capture"
+            )
+        exchange = Exchange(self.group_name, query.device, query.dtype, query.numel(), self.chunks)
+        self.exchanges.append(exchange)
+        megabytes = exchange.buffer.numel() * exchange.buffer.element_size() / 1e6
+        log.info("ulysses-p2p: %.0f MB of symmetric memory for calls of %s", megabytes, tuple(query.shape))
+        return exchange
+
+
+def _state() -> ExchangeState:
+    state = _INSTALLED.get("state")
+    if state is None:
+        raise RuntimeError("ulysses-p2p attention runs only after install_p2p(group)")
+    return state
+
+
+@torch.library.custom_op(OP_NAME, mutates_args=())
+def ulysses_p2p_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None
+) -> torch.Tensor:
+    """Ulysses attention for one rank's [B, S_local, H, D] Q, K and V; returns its [B, S_local, H, D] output.
+    An opaque operator to torch.compile: its exchange is set-up state and barriers that cannot be traced."""
+    state = _state()
+    return state.for_call(query).attention(query, key, value, scale, state.timeout_ms, state.remote)
+
+
+@ulysses_p2p_attention.register_fake
+def _(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None) -> torch.Tensor:
+    return query.new_empty(query.shape)
+
+
+def p2p_available(group: Any, device: str) -> tuple[bool, str]:
+    """Whether every rank of `group` can write into the others' memory: a collective set-up of a small
+    symmetric buffer, agreed on by all ranks (one rank failing must not leave the others expecting it)."""
+    import torch.distributed as dist
+
+    reason = ""
+    try:
+        probe = Exchange(group.group_name, torch.device(device), torch.bfloat16, 1024)
+        probe.handle.barrier(channel=0, timeout_ms=60_000)
+        torch.cuda.synchronize(device)
+    except Exception as exc:  # no P2P between the GPUs, or a PyTorch build without symmetric memory
+        reason = f"{type(exc).__name__}: {exc}"
+    failed = torch.tensor([1 if reason else 0], device=device)
+    dist.all_reduce(failed, group=group)
+    if failed.item():
+        return False, reason or "another rank of the group could not set up symmetric memory"
+    return True, ""
+
+
+# How the exchange runs; the benchmarks set them to compare (gpu_parallel_comm.py's p2p variants). On 2 H200s
+# (FLUX.1-dev, tier L, 1024², CUDA graphs) a step took 59.4 ms with copy kernels in one chunk, 62.5 with the
+# copy engine in one chunk and 60.4 in two (docs/bench/h200x2-parallel-comm-run11.json): the copy engine moves
+# the peers' shares more slowly than the kernels, more than pipelining by chunks of heads wins back.
+CHUNKS = 1
+TRANSPORT = "kernel"  # or "copy-engine"
+
+
+def install_p2p(group: Any, timeout_s: float) -> None:
+    """Make diffusers' context-parallel dispatch use `P2PUlyssesAttention` for Ulysses in this process
+    (diffusers looks the class up by name on every attention call); `timeout_s` bounds a barrier's wait for
+    a peer that stopped, after which the rank fails instead of hanging."""
+    from diffusers.models import attention_dispatch
+
+    from diffuserve.engine.ulysses import uninstall_fused_qkv
+
+    uninstall_fused_qkv()
+    _INSTALLED["state"] = ExchangeState(group.group_name, timeout_s, CHUNKS, TRANSPORT)
+    if "p2p" in _INSTALLED:
+        return
+    p2p = _p2p_class(attention_dispatch)
+    _INSTALLED["original"] = attention_dispatch.TemplatedUlyssesAttention
+    _INSTALLED["p2p"] = p2p
+    attention_dispatch.TemplatedUlyssesAttention = p2p
+
+
+def uninstall_p2p() -> None:
+    """Back to diffusers' own Ulysses (for comparisons in one process)."""
+    from diffusers.models import attention_dispatch
+
+    if "p2p" in _INSTALLED:
+        attention_dispatch.TemplatedUlyssesAttention = _INSTALLED.pop("original")
+        _INSTALLED.pop("p2p")
+
+
+def _p2p_class(attention_dispatch: Any) -> Any:
+    base = attention_dispatch.TemplatedUlyssesAttention
+    native = attention_dispatch._native_attention_forward_op
+
+    class P2PUlyssesAttention(base):  # type: ignore[misc, valid-type]
+        """diffusers' Ulysses with both exchanges done by `ulysses_p2p_attention`. Self-attention without a
+        mask on diffusers' native backend only; anything else takes diffusers' own path."""
+
+        @staticmethod
+        def forward(  # type: ignore[override]
+            ctx: Any,
+            query: torch.Tensor,
+            key: torch.Tensor,
+            value: torch.Tensor,
+            attn_mask: torch.Tensor | None,
+            dropout_p: float,
+            is_causal: bool,
+            scale: float | None,
+            enable_gqa: bool,
+            return_lse: bool,
+            forward_op: Any,
+            backward_op: Any,
+            _parallel_config: Any = None,
+        ) -> Any:
+            plain = attn_mask is None and not dropout_p and not is_causal and not return_lse
+            same = key.shape == query.shape and value.shape == query.shape
+            if not (plain and same and forward_op is native and query.is_cuda):
+                args = (
+                    attn_mask,
+                    dropout_p,
+                    is_causal,
+                    scale,
+                    enable_gqa,
+                    return_lse,
+                    forward_op,
+                    backward_op,
+                )
+                return base.forward(ctx, query, key, value, *args, _parallel_config=_parallel_config)
+            return torch.ops.diffuserve.ulysses_p2p_attention(query, key, value, scale)
+
+    return P2PUlyssesAttention
