@@ -6,7 +6,8 @@
 
 1. The collectives alone, per NCCL setting (each in a fresh pair of processes, since NCCL reads its
    environment once): all-to-all of one FLUX block's Q (7 MB each way at 1024²), of Q, K and V stacked, and
-   the all-gather of K and V that ring attention does instead.
+   the all-gather of K and V that ring attention does instead; on GPUs also one block's two exchanges as
+   ulysses-p2p writes them into the peers' memory, against NCCL's all-to-alls of the same bytes.
 2. The model, per variant (each in a fresh pair of ranks: the denoiser is split once per process):
    ulysses = diffusers' Ulysses (PARALLEL_ATTENTION=ulysses-diffusers: three all-to-alls for Q, K, V and one
    for the output); fused = the same with Q, K and V in one all-to-all (PARALLEL_ATTENTION=ulysses,
@@ -17,7 +18,10 @@
    (diffuserve.engine.graphs), which as the first variant also times one GPU alone with graphs;
    ulysses-graphs and ring-graphs = ulysses and ring with graphs; ulysses-, ring- and fused-overlap-graphs =
    the same with graphs and inductor's reordering; fused-autotune-graphs = fused-graphs with inductor's GEMM
-   autotuning (max_autotune_gemm).
+   autotuning (max_autotune_gemm); p2p and p2p-graphs = PARALLEL_ATTENTION=ulysses-p2p (the exchanges as
+   writes into the peers' memory, diffuserve.engine.ulysses_p2p, as it ships: by copy engine, two chunks of
+   heads) without and with graphs; p2p-kernel-graphs, p2p-kernel-chunks-graphs and p2p-engine-graphs = the
+   peers' shares by PyTorch's copy kernels in one chunk or two, or by copy engine in one chunk.
    For each: the median step, a whole call of --call-steps steps (latents out), graph breaks, the CPU time
    to enqueue one transformer call against the time until the GPU has run it (near equal where the CPU sets the
    pace), and from a profiled call, per step, the time some kernel computes, the time only a collective runs
@@ -65,6 +69,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "ring-overlap-graphs": {"attention": "ring", "overlap": True, "graphs": True},
     "fused-overlap-graphs": {"attention": "ulysses", "overlap": True, "graphs": True},
     "fused-autotune-graphs": {"attention": "ulysses", "autotune": True, "graphs": True},
+    "p2p": {"attention": "ulysses-p2p"},
+    "p2p-graphs": {"attention": "ulysses-p2p", "graphs": True},
+    "p2p-kernel-graphs": {"attention": "ulysses-p2p", "graphs": True, "p2p": ("kernel", 1)},
+    "p2p-kernel-chunks-graphs": {"attention": "ulysses-p2p", "graphs": True, "p2p": ("kernel", 2)},
+    "p2p-engine-graphs": {"attention": "ulysses-p2p", "graphs": True, "p2p": ("copy-engine", 1)},
 }
 NCCL_ENVS: dict[str, dict[str, str]] = {
     "default": {},
@@ -141,11 +150,84 @@ def collectives_rank(rank: int, args: argparse.Namespace, port: int, out: Path) 
             sync(device)
             times.append((time.perf_counter() - started) / 20 * 1e6)
         result[f"{name}_us"] = round(statistics.median(times), 1)
+    if device.startswith("cuda"):
+        result.update(p2p_exchange_us(args, device, tokens // args.ranks))
     if rank == 0:
         (out / "collectives.json").write_text(json.dumps(result))
     from diffuserve.engine.parallel import close_group
 
     close_group()
+
+
+def p2p_exchange_us(args: argparse.Namespace, device: str, local_tokens: int) -> dict[str, float]:
+    """ulysses-p2p's two exchanges of one block without the attention between them (Q, K and V written into
+    the peers' inboxes, barrier, the output written back, barrier, copy-out), the peers' shares by PyTorch's
+    copy kernels or by the copy engine, against NCCL's all-to-alls of the same bytes (Q, K and V stacked,
+    then the output); each replayed from a CUDA graph of 20 blocks."""
+    import torch
+    import torch.distributed as dist
+
+    from diffuserve.engine.ulysses_p2p import Exchange, copy, engine_copy, send_output, send_qkv
+
+    heads, dim = 24, 128
+    qkv = tuple(
+        torch.randn(1, local_tokens, heads, dim, device=device, dtype=torch.bfloat16) for _ in range(3)
+    )
+    exchange = Exchange(dist.group.WORLD.group_name, torch.device(device), torch.bfloat16, qkv[0].numel())
+    share = exchange.share
+    local_heads = heads // share.world
+    qkv_inboxes = exchange.inboxes((3, 1, local_tokens * share.world, local_heads, dim), 0)
+    out_inboxes = exchange.inboxes((1, local_tokens, heads, dim), 3 * exchange.capacity)
+    attention_out = torch.randn(
+        1, local_tokens * share.world, local_heads, dim, device=device, dtype=torch.bfloat16
+    )
+    peers = [rank for rank in range(share.world) if rank != share.rank]
+    every = slice(0, local_heads)
+    stacked = torch.randn(3 * qkv[0].numel(), device=device, dtype=torch.bfloat16)
+    stacked_out, single, single_out = (
+        torch.empty_like(stacked),
+        qkv[0].flatten(),
+        torch.empty_like(qkv[0]).flatten(),
+    )
+
+    def p2p(remote: Any) -> None:
+        send_qkv(share, qkv, qkv_inboxes, peers, every, remote)
+        send_qkv(share, qkv, qkv_inboxes, [share.rank], every, copy)
+        exchange.handle.barrier(channel=0, timeout_ms=60_000)
+        send_output(share, attention_out, out_inboxes, peers, every, remote)
+        send_output(share, attention_out, out_inboxes, [share.rank], every, copy)
+        exchange.handle.barrier(channel=0, timeout_ms=60_000)
+        out_inboxes[share.rank].clone()
+
+    def nccl() -> None:
+        dist.all_to_all_single(stacked_out, stacked)
+        dist.all_to_all_single(single_out, single)
+
+    cases = {
+        "p2p_exchange_kernel_graph_us": lambda: p2p(copy),
+        "p2p_exchange_engine_graph_us": lambda: p2p(engine_copy),
+        "nccl_exchange_graph_us": nccl,
+    }
+    timed: dict[str, float] = {}
+    for name, once in cases.items():
+        for _ in range(3):
+            once()
+        sync(device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(20):
+                once()
+        times = []
+        for _ in range(args.collective_repeats):
+            dist.barrier()
+            sync(device)
+            started = time.perf_counter()
+            graph.replay()
+            sync(device)
+            times.append((time.perf_counter() - started) / 20 * 1e6)
+        timed[name] = round(statistics.median(times), 1)
+        del graph
+    return timed
 
 
 # ---------------------------------------------------------------------------------------------------- model
@@ -290,7 +372,14 @@ def variant_rank(rank: int, args: argparse.Namespace, port: int, out: Path, name
             del hook
         torch._dynamo.reset()
     torch.distributed.barrier()
-    parallelize(loaded, args.ranks, options["attention"])
+    if options["attention"] == "ulysses-p2p":
+        from diffuserve.engine import ulysses_p2p
+
+        ulysses_p2p.TRANSPORT, ulysses_p2p.CHUNKS = options.get(
+            "p2p", (ulysses_p2p.TRANSPORT, ulysses_p2p.CHUNKS)
+        )
+        result["p2p"] = {"transport": ulysses_p2p.TRANSPORT, "chunks": ulysses_p2p.CHUNKS}
+    parallelize(loaded, args.ranks, options["attention"], timeout_s=60.0)
     group_hook = enable_cuda_graphs(model) if options.get("graphs") else None
     from torch._dynamo.utils import counters
 

@@ -33,14 +33,16 @@ sys.path.insert(0, str(ROOT / "src"))
 
 # In this order: cuDNN's attention kernels also carry "sm90" in their names.
 KINDS = {
-    "collective": ("nccl", "alltoall", "all_to_all", "allreduce", "all_reduce", "gloo"),
+    # symmetric_memory: ulysses-p2p's signal kernels, which wait for the peer as a collective does.
+    "collective": ("nccl", "alltoall", "all_to_all", "allreduce", "all_reduce", "gloo", "symmetric_memory"),
     "attention": ("flash", "fmha", "attention", "sdpa", "cudnn"),
     "matmul": ("gemm", "matmul", "cutlass", "scaled_mm", "xmma", "nvjet", "sm90", "addmm", "mm_"),
 }
 
 
 def kind_of(name: str) -> str:
-    lowered = name.lower()
+    # Inductor names the norm/rotary kernels that feed ulysses-p2p's operator after it: not attention.
+    lowered = name.lower().replace("ulysses_p2p_attention", "")
     for kind, marks in KINDS.items():
         if any(mark in lowered for mark in marks):
             return kind
@@ -216,7 +218,7 @@ def main() -> int:
     parser.add_argument("--cpu", action="store_true", help="gloo between CPU processes (a dry run)")
     parser.add_argument(
         "--attention",
-        default="ulysses-diffusers",
+        default="ulysses-p2p",
         help="PARALLEL_ATTENTION of the group; the default is what `auto` gives a group with CUDA graphs "
         "(this profile runs without them: a kernel's device time is the same)",
     )
