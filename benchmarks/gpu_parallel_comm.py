@@ -19,9 +19,10 @@
    ulysses-graphs and ring-graphs = ulysses and ring with graphs; ulysses-, ring- and fused-overlap-graphs =
    the same with graphs and inductor's reordering; fused-autotune-graphs = fused-graphs with inductor's GEMM
    autotuning (max_autotune_gemm); p2p and p2p-graphs = PARALLEL_ATTENTION=ulysses-p2p (the exchanges as
-   writes into the peers' memory, diffuserve.engine.ulysses_p2p, as it ships: by copy engine, two chunks of
-   heads) without and with graphs; p2p-kernel-graphs, p2p-kernel-chunks-graphs and p2p-engine-graphs = the
-   peers' shares by PyTorch's copy kernels in one chunk or two, or by copy engine in one chunk.
+   writes into the peers' memory, diffuserve.engine.ulysses_p2p) as it ships, without and with graphs;
+   p2p-kernel-graphs, p2p-kernel-chunks-graphs, p2p-engine-graphs and p2p-engine-chunks-graphs = the peers'
+   shares by PyTorch's copy kernels or by the copy engine, in one chunk of heads or two (run 11 ran
+   p2p-graphs while the copy engine in two chunks was the default).
    For each: the median step, a whole call of --call-steps steps (latents out), graph breaks, the CPU time
    to enqueue one transformer call against the time until the GPU has run it (near equal where the CPU sets the
    pace), and from a profiled call, per step, the time some kernel computes, the time only a collective runs
@@ -74,6 +75,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "p2p-kernel-graphs": {"attention": "ulysses-p2p", "graphs": True, "p2p": ("kernel", 1)},
     "p2p-kernel-chunks-graphs": {"attention": "ulysses-p2p", "graphs": True, "p2p": ("kernel", 2)},
     "p2p-engine-graphs": {"attention": "ulysses-p2p", "graphs": True, "p2p": ("copy-engine", 1)},
+    "p2p-engine-chunks-graphs": {"attention": "ulysses-p2p", "graphs": True, "p2p": ("copy-engine", 2)},
 }
 NCCL_ENVS: dict[str, dict[str, str]] = {
     "default": {},

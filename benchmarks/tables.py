@@ -281,9 +281,26 @@ def parallel() -> str:
     return table(header, rows)
 
 
+def reclassified(data: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Kernel time by kind, with the kinds of gpu_parallel_profile.py's `kind_of` as it is now: outputs from
+    before it knew ulysses-p2p counted its signal kernels as "other" and the norm/rotary kernels inductor
+    names after its operator as "attention" (moved from the listed kernels, which hold all of them)."""
+    from gpu_parallel_profile import kind_of
+
+    kinds = {run: dict(by_kind) for run, by_kind in data["device_ms_per_step_by_kind"].items()}
+    for name, listed, *times in data["kernels"]:
+        now = kind_of(name)
+        if now == listed:
+            continue
+        for run, ms in zip(("one_device", "share", "group"), times[0::2], strict=True):
+            kinds[run][listed] = kinds[run].get(listed, 0.0) - ms
+            kinds[run][now] = kinds[run].get(now, 0.0) + ms
+    return kinds
+
+
 def parallel_profile() -> str:
     data = load_json("h200x2-parallel-profile.json")
-    kinds = data["device_ms_per_step_by_kind"]
+    kinds = reclassified(data)
     one, share, group = kinds["one_device"], kinds["share"], kinds["group"]
     ranks = data["ranks"]
     # Outputs from before the profile recorded it ran with the then default, the stacked exchange.
@@ -369,6 +386,12 @@ COMM_VARIANTS = {
     "ulysses-overlap-graphs": "ulysses-diffusers + CUDA graphs + inductor overlap",
     "ring-overlap-graphs": "ring + CUDA graphs + inductor overlap",
 }
+# ulysses-p2p rows by how their exchange ran: runs 9 and 10 before their output recorded it.
+P2P_TRANSPORTS = {"kernel": "copy kernels", "copy-engine": "copy engine"}
+P2P_UNRECORDED = {
+    "h200x2-parallel-comm-run9.json": "2-byte copy kernels in the compute stream",
+    "h200x2-parallel-comm-run10.json": "16-byte copy kernels in the compute stream",
+}
 COMM_RUNS = (
     "h200x2-parallel-comm-run1.json",
     "h200x2-parallel-comm-run2.json",
@@ -378,10 +401,21 @@ COMM_RUNS = (
     "h200x2-parallel-comm-run6.json",
     "h200x2-parallel-comm-run7.json",
     "h200x2-parallel-comm-run8.json",
+    "h200x2-parallel-comm-run9.json",
+    "h200x2-parallel-comm-run10.json",
+    "h200x2-parallel-comm-run11.json",
 )
 
 
-def comm_label(variant: str, result: dict[str, Any]) -> str:
+def comm_label(variant: str, result: dict[str, Any], run: str = "") -> str:
+    if variant.startswith("p2p"):
+        p2p = result.get("p2p")
+        if p2p:
+            chunks = "one chunk" if p2p["chunks"] == 1 else f"{p2p['chunks']} chunks of heads"
+            how = f"{P2P_TRANSPORTS.get(p2p['transport'], p2p['transport'])} beside it, {chunks}"
+        else:
+            how = P2P_UNRECORDED.get(run, "?")
+        return f"ulysses-p2p ({how})" + (" + CUDA graphs" if "graphs" in variant else "")
     label = COMM_VARIANTS.get(variant, variant)
     if "overlap" in variant and not result.get("inductor_passes"):
         # Runs before the variants named inductor's passes set the flag alone, which runs none by default.
@@ -422,7 +456,7 @@ def parallel_comm() -> str:
             rows.append(
                 [
                     str(number),
-                    comm_label(variant, v),
+                    comm_label(variant, v, name),
                     f"{v['group_call_ms']:.0f}",
                     "–" if one_gpu is None else f"{v['group_call_ms'] / one_gpu:.2f}×",
                     f"{v['group_step_ms']:.1f}",
@@ -450,16 +484,25 @@ def parallel_comm() -> str:
 
 def parallel_collectives() -> str:
     rows = []
+
+    def us(result: dict[str, Any], key: str) -> str:
+        return f"{result[key]:.0f}" if key in result else "–"
+
     for number, name in enumerate(COMM_RUNS, start=1):
         for result in load_json(name)["collectives"].values():
             env = " ".join(f"{k}={v}" for k, v in result["env"].items()) or "(NCCL's defaults)"
+            # Run 9 timed ulysses-p2p's exchange with 2-byte copies under a key of its own.
+            kernels = result.get("p2p_exchange_kernel_graph_us", result.get("p2p_exchange_graph_us"))
             rows.append(
                 [
                     str(number),
                     env,
-                    f"{result['all_to_all_q_us']:.0f}",
-                    f"{result['all_to_all_qkv_us']:.0f}",
-                    f"{result['all_gather_kv_us']:.0f}",
+                    us(result, "all_to_all_q_us"),
+                    us(result, "all_to_all_qkv_us"),
+                    us(result, "all_gather_kv_us"),
+                    us(result, "nccl_exchange_graph_us"),
+                    "–" if kernels is None else f"{kernels:.0f}",
+                    us(result, "p2p_exchange_engine_graph_us"),
                 ]
             )
     header = [
@@ -468,6 +511,9 @@ def parallel_collectives() -> str:
         "all-to-all of Q µs",
         "all-to-all of Q, K, V µs",
         "all-gather of K, V µs",
+        "a block's two all-to-alls, graphed µs",
+        "a block's two p2p exchanges, copy kernels µs",
+        "the same, copy engine µs",
     ]
     return table(header, rows)
 
