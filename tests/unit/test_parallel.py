@@ -146,13 +146,13 @@ def _rank_runs_both_exchanges(rank: int, port: int, out) -> None:
 
     from torch.distributed import _functional_collectives as funcol
 
-    from diffuserve.engine.ulysses import install_fused_qkv, uninstall_fused_qkv
+    from diffuserve.engine.ulysses import install_fused_qkv, restore_ulysses
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         loaded = LoadedPipeline(build_tiny_flux(seed=0), TINY_FLUX, "cpu", torch.float32)
         parallelize(loaded, 2, "ulysses-diffusers")
-        for name, install in (("diffusers", uninstall_fused_qkv), ("fused", install_fused_qkv)):
+        for name, install in (("diffusers", restore_ulysses), ("fused", install_fused_qkv)):
             install()
             with mock.patch.object(funcol, "all_to_all_single", wraps=funcol.all_to_all_single) as spy:
                 latents = loaded.pipeline(
@@ -167,7 +167,7 @@ def _rank_runs_both_exchanges(rank: int, port: int, out) -> None:
                 ).images
             out[(rank, name)] = (latents, spy.call_count)
     finally:
-        uninstall_fused_qkv()
+        restore_ulysses()
         dist.destroy_process_group()
 
 

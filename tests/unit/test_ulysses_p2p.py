@@ -82,3 +82,21 @@ def test_the_operator_traces_with_its_output_shape() -> None:
         query = torch.empty(2, 16, 8, 4, dtype=torch.bfloat16)
         out = torch.ops.diffuserve.ulysses_p2p_attention(query, query, query, None)
     assert out.shape == query.shape and out.dtype == query.dtype and out.is_contiguous()
+
+
+def test_one_override_of_diffusers_ulysses_at_a_time() -> None:
+    from diffusers.models import attention_dispatch
+
+    from diffuserve.engine.ulysses import install_fused_qkv, install_ulysses, restore_ulysses
+    from diffuserve.engine.ulysses_p2p import _p2p_class
+
+    original = attention_dispatch.TemplatedUlyssesAttention
+    try:
+        install_fused_qkv()
+        install_ulysses("p2p", _p2p_class)
+        installed = attention_dispatch.TemplatedUlyssesAttention
+        # Derived from diffusers' own class, not from the override it replaced.
+        assert installed.__name__ == "P2PUlyssesAttention" and installed.__bases__ == (original,)
+    finally:
+        restore_ulysses()
+    assert attention_dispatch.TemplatedUlyssesAttention is original

@@ -91,8 +91,8 @@ def parallelize(
     `p2p_fallback` is what ulysses-p2p becomes where the GPUs cannot share memory (None: refuse)."""
     from diffusers import ContextParallelConfig
 
-    from diffuserve.engine.ulysses import install_fused_qkv, uninstall_fused_qkv
-    from diffuserve.engine.ulysses_p2p import install_p2p, uninstall_p2p
+    from diffuserve.engine.ulysses import install_fused_qkv, restore_ulysses
+    from diffuserve.engine.ulysses_p2p import install_p2p
 
     pipeline = loaded.pipeline
     model = denoiser_of(pipeline)
@@ -129,8 +129,7 @@ def parallelize(
         config = ContextParallelConfig(ring_degree=degree)
     else:
         # diffusers looks its Ulysses class up at every call: the override holds for this process.
-        uninstall_p2p()
-        uninstall_fused_qkv()
+        restore_ulysses()
         if mode == "ulysses":
             install_fused_qkv()
         elif mode == "ulysses-p2p":

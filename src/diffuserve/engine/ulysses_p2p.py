@@ -17,6 +17,7 @@ from diffuserve.engine.copy_engine import copy_rows
 log = logging.getLogger(__name__)
 
 OP_NAME = "diffuserve::ulysses_p2p_attention"
+# This process's exchange state, set by install_p2p.
 _INSTALLED: dict[str, Any] = {}
 
 
@@ -272,30 +273,13 @@ TRANSPORT = "kernel"  # or "copy-engine"
 
 
 def install_p2p(group: Any, timeout_s: float) -> None:
-    """Make diffusers' context-parallel dispatch use `P2PUlyssesAttention` for Ulysses in this process
-    (diffusers looks the class up by name on every attention call); `timeout_s` bounds a barrier's wait for
-    a peer that stopped, after which the rank fails instead of hanging."""
-    from diffusers.models import attention_dispatch
+    """Ulysses through `ulysses_p2p_attention` (`P2PUlyssesAttention`) from now on, in this process, for
+    `group`; `timeout_s` bounds a wait for a peer that stopped, after which the rank fails instead of
+    hanging."""
+    from diffuserve.engine.ulysses import install_ulysses
 
-    from diffuserve.engine.ulysses import uninstall_fused_qkv
-
-    uninstall_fused_qkv()
     _INSTALLED["state"] = ExchangeState(group.group_name, timeout_s, CHUNKS, TRANSPORT)
-    if "p2p" in _INSTALLED:
-        return
-    p2p = _p2p_class(attention_dispatch)
-    _INSTALLED["original"] = attention_dispatch.TemplatedUlyssesAttention
-    _INSTALLED["p2p"] = p2p
-    attention_dispatch.TemplatedUlyssesAttention = p2p
-
-
-def uninstall_p2p() -> None:
-    """Back to diffusers' own Ulysses (for comparisons in one process)."""
-    from diffusers.models import attention_dispatch
-
-    if "p2p" in _INSTALLED:
-        attention_dispatch.TemplatedUlyssesAttention = _INSTALLED.pop("original")
-        _INSTALLED.pop("p2p")
+    install_ulysses("p2p", _p2p_class)
 
 
 def _p2p_class(attention_dispatch: Any) -> Any:
