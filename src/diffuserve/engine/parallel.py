@@ -103,14 +103,6 @@ def parallelize(
         )
     check_attention(loaded, attention)
     mode = attention
-    p2p_group = None
-    if mode == "ulysses-p2p":
-        p2p_group, why = _p2p_group(loaded)
-        if p2p_group is None:
-            if p2p_fallback is None:
-                raise ParallelUnsupported(f"PARALLEL_ATTENTION=ulysses-p2p: {why}; use ulysses-diffusers")
-            log.warning("ulysses-p2p: %s; the group runs %s instead", why, p2p_fallback)
-            mode = p2p_fallback
     heads = getattr(model.config, "num_attention_heads", None)
     if mode != "ring" and isinstance(heads, int) and heads % degree:
         # Ulysses gives each rank a whole share of the attention heads.
@@ -122,6 +114,15 @@ def parallelize(
         raise ParallelUnsupported(
             f"PARALLEL={degree}: the {text_tokens} text tokens of {loaded.family.name} do not divide by {degree}"
         )
+    p2p_group = None
+    if mode == "ulysses-p2p":
+        # After the checks above, which refuse a model before any collective; this probe is one.
+        p2p_group, why = _p2p_group(loaded)
+        if p2p_group is None:
+            if p2p_fallback is None:
+                raise ParallelUnsupported(f"PARALLEL_ATTENTION=ulysses-p2p: {why}; use ulysses-diffusers")
+            log.warning("ulysses-p2p: %s; the group runs %s instead", why, p2p_fallback)
+            mode = p2p_fallback
     if mode == "ring":
         # Its cuDNN backend (the kernel native SDPA picks on an H200 anyway) returns the log-sum-exp that
         # ring needs; diffusers' native SDPA backend does not.
