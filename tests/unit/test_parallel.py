@@ -3,8 +3,8 @@ decisions that every rank takes alike from its own share of the tokens."""
 
 from __future__ import annotations
 
-import socket
 from dataclasses import replace
+from typing import Any
 
 import pytest
 import torch
@@ -23,6 +23,7 @@ from diffuserve.engine.tiers.cache import _relative_l1
 from diffuserve.errors import InvalidRequest
 from diffuserve.models.tiny_flux import build_tiny_flux
 from diffuserve.protocol import ASPECT_RATIOS, ImageGenerationRequest, dimensions_for_aspect
+from diffuserve.serving.worker_group import free_port
 from diffuserve.types import TINY_FLUX
 from tests.unit.test_protocol import FLUX
 
@@ -103,18 +104,21 @@ def _rank_falls_back(rank: int, port: int, out) -> None:
         dist.destroy_process_group()
 
 
-def test_p2p_falls_back_to_diffusers_ulysses_when_asked() -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+def _two_ranks(target: Any, *args: Any) -> dict[Any, Any]:
+    """Run `target(rank, port, *args, out)` in two processes that meet on a free port; what they put in
+    `out`."""
     out = torch_mp.Manager().dict()
-    torch_mp.spawn(_rank_falls_back, args=(port, out), nprocs=2)
+    torch_mp.spawn(target, args=(free_port(), *args, out), nprocs=2)
+    return dict(out)
+
+
+def test_p2p_falls_back_to_diffusers_ulysses_when_asked() -> None:
+    out = _two_ranks(_rank_falls_back)
     assert out[0] == out[1] == "TemplatedUlyssesAttention"
 
 
-def _rank_decides(
-    rank: int, world: int, port: int, current: torch.Tensor, reference: torch.Tensor, out
-) -> None:
+def _rank_decides(rank: int, port: int, current: torch.Tensor, reference: torch.Tensor, out) -> None:
+    world = 2
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         share = slice(rank * current.shape[1] // world, (rank + 1) * current.shape[1] // world)
@@ -132,11 +136,7 @@ def test_ranks_decide_on_the_whole_image_from_their_shares() -> None:
     current[0] += 0.05 * torch.randn(64, 8, generator=generator)
     current[1, 32:] += 0.5
     whole = torch.tensor(_relative_l1(current, reference))
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    out = torch_mp.Manager().dict()
-    torch_mp.spawn(_rank_decides, args=(2, port, current, reference, out), nprocs=2)
+    out = _two_ranks(_rank_decides, current, reference)
     assert torch.allclose(out[0], whole, rtol=1e-5) and torch.equal(out[0], out[1])
     assert out[0][1] > 0 and out[0][2] == 0
 
@@ -172,11 +172,7 @@ def _rank_runs_both_exchanges(rank: int, port: int, out) -> None:
 
 
 def test_one_exchange_for_q_k_and_v_gives_the_same_latents_as_diffusers_three() -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    out = torch_mp.Manager().dict()
-    torch_mp.spawn(_rank_runs_both_exchanges, args=(port, out), nprocs=2)
+    out = _two_ranks(_rank_runs_both_exchanges)
     for rank in (0, 1):
         reference, diffusers_calls = out[(rank, "diffusers")]
         latents, fused_calls = out[(rank, "fused")]
