@@ -178,8 +178,7 @@ def p2p_exchange_us(args: argparse.Namespace, device: str, local_tokens: int) ->
     exchange = Exchange(dist.group.WORLD.group_name, torch.device(device), torch.bfloat16, qkv[0].numel())
     share = exchange.share
     local_heads = heads // share.world
-    qkv_inboxes = exchange.inboxes((3, 1, local_tokens * share.world, local_heads, dim), 0)
-    out_inboxes = exchange.inboxes((1, local_tokens, heads, dim), 3 * exchange.capacity)
+    qkv_inboxes, out_inboxes = exchange.inboxes(qkv[0].shape)
     attention_out = torch.randn(
         1, local_tokens * share.world, local_heads, dim, device=device, dtype=torch.bfloat16
     )

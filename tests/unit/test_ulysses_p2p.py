@@ -100,3 +100,32 @@ def test_one_override_of_diffusers_ulysses_at_a_time() -> None:
     finally:
         restore_ulysses()
     assert attention_dispatch.TemplatedUlyssesAttention is original
+
+
+def test_a_calls_inboxes_fit_its_buffer_without_overlapping() -> None:
+    import math
+
+    from diffuserve.engine.ulysses_p2p import Exchange
+
+    class Handle:  # symmetric memory's get_buffer over plain per-rank buffers
+        def __init__(self, buffers: list[torch.Tensor]) -> None:
+            self.buffers = buffers
+
+        def get_buffer(
+            self, rank: int, shape: tuple[int, ...], dtype: torch.dtype, offset: int
+        ) -> torch.Tensor:
+            size = math.prod(shape)
+            assert offset + size <= self.buffers[rank].numel()
+            return self.buffers[rank][offset : offset + size].view(shape)
+
+    query_shape = torch.Size((1, 6, 4, 8))
+    exchange = Exchange.__new__(Exchange)
+    exchange.dtype, exchange.capacity = torch.float32, 2 * query_shape.numel()  # a larger call's buffer
+    exchange.share = Share(rank=0, world=2)
+    exchange.handle = Handle([torch.zeros(4 * exchange.capacity) for _ in range(2)])
+    qkv, out = exchange.inboxes(query_shape)
+    assert [x.shape for x in qkv] == [torch.Size((3, 1, 12, 2, 8))] * 2
+    assert [x.shape for x in out] == [query_shape] * 2
+    for rank in range(2):
+        qkv[rank].fill_(1.0)
+        assert not out[rank].any()

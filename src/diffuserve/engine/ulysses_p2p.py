@@ -135,7 +135,6 @@ class Exchange:
     ) -> None:
         import torch.distributed._symmetric_memory as symm_mem
 
-        self.group_name = group_name
         self.dtype = dtype
         # In elements of one rank's Q: its Q/K/V inbox holds 3 of them (the whole sequence at its share of
         # the heads), its output inbox 1.
@@ -148,8 +147,17 @@ class Exchange:
         # High priority: its signal kernels must not queue behind the attention's blocks.
         self.side = torch.cuda.Stream(device, priority=-1)
 
-    def inboxes(self, shape: tuple[int, ...], offset: int) -> list[torch.Tensor]:
-        return [self.handle.get_buffer(peer, shape, self.dtype, offset) for peer in range(self.share.world)]
+    def inboxes(self, query_shape: torch.Size) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Every rank's Q/K/V inbox ([3, B, S, H_local, D]) and output inbox ([B, S_local, H, D]) for a call
+        whose Q is `query_shape` ([B, S_local, H, D]), in rank order."""
+        batch, local_tokens, heads, dim = query_shape
+        world = self.share.world
+        qkv_shape = (3, batch, local_tokens * world, heads // world, dim)
+        out_shape = (batch, local_tokens, heads, dim)
+        ranks = range(world)
+        qkv = [self.handle.get_buffer(rank, qkv_shape, self.dtype, 0) for rank in ranks]
+        out = [self.handle.get_buffer(rank, out_shape, self.dtype, 3 * self.capacity) for rank in ranks]
+        return qkv, out
 
     def attention(
         self,
@@ -160,11 +168,9 @@ class Exchange:
         timeout_ms: int,
         remote: Copier = copy,
     ) -> torch.Tensor:
-        batch, local_tokens, heads, dim = query.shape
         share, handle, side = self.share, self.handle, self.side
-        local_heads = heads // share.world
-        qkv_inboxes = self.inboxes((3, batch, local_tokens * share.world, local_heads, dim), 0)
-        out_inboxes = self.inboxes((batch, local_tokens, heads, dim), 3 * self.capacity)
+        local_heads = query.shape[2] // share.world
+        qkv_inboxes, out_inboxes = self.inboxes(query.shape)
         peers = [rank for rank in range(share.world) if rank != share.rank]
         chunks = head_chunks(local_heads, self.chunks)
         main = torch.cuda.current_stream(query.device)
