@@ -22,7 +22,10 @@
    writes into the peers' memory, diffuserve.engine.ulysses_p2p) as it ships, without and with graphs;
    p2p-kernel-graphs, p2p-kernel-chunks-graphs, p2p-engine-graphs and p2p-engine-chunks-graphs = the peers'
    shares by PyTorch's copy kernels or by the copy engine, in one chunk of heads or two (run 11 ran
-   p2p-graphs while the copy engine in two chunks was the default).
+   p2p-graphs while the copy engine in two chunks was the default); ring-p2p-graphs = PARALLEL_ATTENTION=ring-p2p
+   (K and V written into the peers' memory by copy engine while each rank attends over its own,
+   diffuserve.engine.ring_p2p) with graphs, its attention by cuDNN as it ships; ring-p2p-flash-graphs = the
+   same with flash attention; ring-p2p-2ce-graphs = K and V on two copy streams at once.
    For each: the median step, a whole call of --call-steps steps (latents out), graph breaks, the CPU time
    to enqueue one transformer call against the time until the GPU has run it (near equal where the CPU sets the
    pace), and from a profiled call, per step, the time some kernel computes, the time only a collective runs
@@ -76,6 +79,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "p2p-kernel-chunks-graphs": {"attention": "ulysses-p2p", "graphs": True, "p2p": ("kernel", 2)},
     "p2p-engine-graphs": {"attention": "ulysses-p2p", "graphs": True, "p2p": ("copy-engine", 1)},
     "p2p-engine-chunks-graphs": {"attention": "ulysses-p2p", "graphs": True, "p2p": ("copy-engine", 2)},
+    "ring-p2p-graphs": {"attention": "ring-p2p", "graphs": True},
+    "ring-p2p-flash-graphs": {"attention": "ring-p2p", "graphs": True, "kernel": "flash"},
+    "ring-p2p-2ce-graphs": {"attention": "ring-p2p", "graphs": True, "streams": 2},
 }
 NCCL_ENVS: dict[str, dict[str, str]] = {
     "default": {},
@@ -380,6 +386,12 @@ def variant_rank(rank: int, args: argparse.Namespace, port: int, out: Path, name
             "p2p", (ulysses_p2p.TRANSPORT, ulysses_p2p.CHUNKS)
         )
         result["p2p"] = {"transport": ulysses_p2p.TRANSPORT, "chunks": ulysses_p2p.CHUNKS}
+    if options["attention"] == "ring-p2p":
+        from diffuserve.engine import ring_p2p
+
+        ring_p2p.KERNEL = options.get("kernel", ring_p2p.KERNEL)
+        ring_p2p.STREAMS = options.get("streams", ring_p2p.STREAMS)
+        result["ring_p2p"] = {"kernel": ring_p2p.KERNEL, "streams": ring_p2p.STREAMS}
     parallelize(loaded, args.ranks, options["attention"], timeout_s=60.0)
     group_hook = enable_cuda_graphs(model) if options.get("graphs") else None
     from torch._dynamo.utils import counters
@@ -407,7 +419,8 @@ def variant_rank(rank: int, args: argparse.Namespace, port: int, out: Path, name
         prof.export_chrome_trace(str(trace))
         # The profiled call has 1 more transformer call's worth of set-up; per step is close enough.
         result["profiled"] = timeline(trace, args.profile_steps)
-        trace.unlink()
+        if not args.keep_traces:
+            trace.unlink()
         (out / f"variant-{name}.json").write_text(json.dumps(result))
     if group_hook is not None:
         group_hook.release()  # NCCL's teardown hangs while a graph holds its collectives
@@ -462,6 +475,9 @@ def main() -> int:
         help="compile cache shared by the variants (kernels they have in common compile once)",
     )
     parser.add_argument("--one-device", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument(
+        "--keep-traces", action="store_true", help="keep rank 0's profiler trace of each variant in --out"
+    )
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     out = Path(args.out)

@@ -24,6 +24,7 @@ class Weights(StrChoice):
 class ParallelAttention(StrChoice):
     AUTO = "auto"
     RING = "ring"
+    RING_P2P = "ring-p2p"
     ULYSSES = "ulysses"
     ULYSSES_DIFFUSERS = "ulysses-diffusers"
     ULYSSES_P2P = "ulysses-p2p"

@@ -72,18 +72,19 @@ def test_models_that_cannot_split_are_refused_before_any_collective() -> None:
 
 
 def test_auto_attention_writes_into_peers_under_cuda_graphs_and_one_exchange_without() -> None:
-    assert resolve_attention("auto", graphs=True) == "ulysses-p2p"
+    assert resolve_attention("auto", graphs=True) == "ring-p2p"
     assert resolve_attention("auto", graphs=False) == "ulysses"
-    for chosen in ("ulysses", "ulysses-p2p", "ulysses-diffusers", "ring"):
+    for chosen in ("ulysses", "ulysses-p2p", "ulysses-diffusers", "ring", "ring-p2p"):
         assert resolve_attention(chosen, graphs=True) == chosen
         assert resolve_attention(chosen, graphs=False) == chosen
 
 
-def test_ring_only_where_its_attention_kernels_run() -> None:
+@pytest.mark.parametrize("ring", ["ring", "ring-p2p"])
+def test_ring_only_where_its_attention_kernels_run(ring: str) -> None:
     loaded = LoadedPipeline(build_tiny_flux(seed=0), TINY_FLUX, "cpu", torch.float32)
-    with pytest.raises(ParallelUnsupported, match="PARALLEL_ATTENTION=ring needs bf16 or fp16 on CUDA"):
-        parallelize(loaded, 2, "ring")
-    check_attention(LoadedPipeline(object(), TINY_FLUX, "cuda:0", torch.bfloat16), "ring")
+    with pytest.raises(ParallelUnsupported, match=f"PARALLEL_ATTENTION={ring} needs bf16 or fp16 on CUDA"):
+        parallelize(loaded, 2, ring)
+    check_attention(LoadedPipeline(object(), TINY_FLUX, "cuda:0", torch.bfloat16), ring)
 
 
 def test_p2p_needs_gpus_and_auto_falls_back_where_it_cannot_run() -> None:
@@ -146,13 +147,14 @@ def _rank_runs_both_exchanges(rank: int, port: int, out) -> None:
 
     from torch.distributed import _functional_collectives as funcol
 
-    from diffuserve.engine.ulysses import install_fused_qkv, restore_ulysses
+    from diffuserve.engine.dispatch_override import restore_overrides
+    from diffuserve.engine.ulysses import install_fused_qkv
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         loaded = LoadedPipeline(build_tiny_flux(seed=0), TINY_FLUX, "cpu", torch.float32)
         parallelize(loaded, 2, "ulysses-diffusers")
-        for name, install in (("diffusers", restore_ulysses), ("fused", install_fused_qkv)):
+        for name, install in (("diffusers", restore_overrides), ("fused", install_fused_qkv)):
             install()
             with mock.patch.object(funcol, "all_to_all_single", wraps=funcol.all_to_all_single) as spy:
                 latents = loaded.pipeline(
@@ -167,7 +169,7 @@ def _rank_runs_both_exchanges(rank: int, port: int, out) -> None:
                 ).images
             out[(rank, name)] = (latents, spy.call_count)
     finally:
-        restore_ulysses()
+        restore_overrides()
         dist.destroy_process_group()
 
 

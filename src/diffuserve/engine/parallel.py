@@ -51,29 +51,35 @@ def close_group() -> None:
             dist.destroy_process_group()
 
 
+RINGS = ("ring", "ring-p2p")
+P2P = ("ulysses-p2p", "ring-p2p")
+
+
 def check_attention(loaded: LoadedPipeline, attention: str) -> None:
-    """Ring merges each rank's partial attention by its log-sum-exp, which diffusers' cuDNN attention returns
-    for bf16/fp16 on CUDA only."""
+    """Ring merges each rank's partial attention by its log-sum-exp, which cuDNN attention returns for
+    bf16/fp16 on CUDA only."""
     import torch
 
     ring_runs = loaded.device.startswith("cuda") and loaded.dtype in (torch.bfloat16, torch.float16)
-    if attention == "ring" and not ring_runs:
+    if attention in RINGS and not ring_runs:
         raise ParallelUnsupported(
-            f"PARALLEL_ATTENTION=ring needs bf16 or fp16 on CUDA (this model runs {loaded.dtype} on "
+            f"PARALLEL_ATTENTION={attention} needs bf16 or fp16 on CUDA (this model runs {loaded.dtype} on "
             f"{loaded.device}); use ulysses"
         )
 
 
 def resolve_attention(setting: str, *, graphs: bool) -> str:
-    """PARALLEL_ATTENTION's `auto`: writes into the peers' memory (ulysses-p2p) where the denoiser's calls
-    replay as CUDA graphs, the one all-to-all for Q, K and V together where they do not. On 2 H200s
-    (FLUX.1-dev, tier L, 1024², with graphs) a step took 59.4-59.9 ms with ulysses-p2p against 64.6-66.0
-    with diffusers' three all-to-alls and 66.6-67.8 with the stacked one; ulysses-p2p's exchange is many
-    small copies, whose launches only graphs make cheap. Without graphs the CPU sets the pace, and there
-    the stacked exchange's fewer launches made it 69 ms a step against diffusers' 84."""
+    """PARALLEL_ATTENTION's `auto`: ring attention with K and V written into the peers' memory (ring-p2p)
+    where the denoiser's calls replay as CUDA graphs, the one all-to-all for Q, K and V together where they
+    do not. On 2 H200s (FLUX.1-dev, tier L, 1024², with graphs) a step took 57.3-58.7 ms with ring-p2p against
+    59.2-61.2 with ulysses-p2p in the same runs and 64.6-66.0 with diffusers' three all-to-alls: ring-p2p's
+    transfer runs while the rank attends over its own K and V, where Ulysses has to wait for its exchange
+    before and after the attention. Both p2p exchanges are copies and signals whose launches only graphs
+    make cheap. Without graphs the CPU sets the pace, and there the stacked exchange's fewer launches made
+    it 69 ms a step against diffusers' 84."""
     if setting != "auto":
         return setting
-    return "ulysses-p2p" if graphs else "ulysses"
+    return "ring-p2p" if graphs else "ulysses"
 
 
 def parallelize(
@@ -85,13 +91,16 @@ def parallelize(
     p2p_fallback: str | None = None,
 ) -> int:
     """Split the denoiser's sequence across `degree` ranks with diffusers' context parallelism; `attention` as
-    PARALLEL_ATTENTION says (ulysses, ulysses-p2p, ulysses-diffusers or ring). Returns the pixels per token
-    side, from which the server tells which sizes split evenly. Raises ParallelUnsupported for a model that
-    cannot. `timeout_s` bounds ulysses-p2p's wait for a peer (NCCL's collectives have the group's own);
-    `p2p_fallback` is what ulysses-p2p becomes where the GPUs cannot share memory (None: refuse)."""
+    PARALLEL_ATTENTION says (ulysses, ulysses-p2p, ulysses-diffusers, ring or ring-p2p). Returns the pixels
+    per token side, from which the server tells which sizes split evenly. Raises ParallelUnsupported for a
+    model that cannot. `timeout_s` bounds a p2p exchange's wait for a peer (NCCL's collectives have the
+    group's own); `p2p_fallback` is what a p2p choice becomes where the GPUs cannot share memory (None:
+    refuse)."""
     from diffusers import ContextParallelConfig
 
-    from diffuserve.engine.ulysses import install_fused_qkv, restore_ulysses
+    from diffuserve.engine.dispatch_override import restore_overrides
+    from diffuserve.engine.ring_p2p import install_ring_p2p
+    from diffuserve.engine.ulysses import install_fused_qkv
     from diffuserve.engine.ulysses_p2p import install_p2p
 
     pipeline = loaded.pipeline
@@ -104,7 +113,7 @@ def parallelize(
     check_attention(loaded, attention)
     mode = attention
     heads = getattr(model.config, "num_attention_heads", None)
-    if mode != "ring" and isinstance(heads, int) and heads % degree:
+    if mode not in RINGS and isinstance(heads, int) and heads % degree:
         # Ulysses gives each rank a whole share of the attention heads.
         raise ParallelUnsupported(
             f"PARALLEL={degree}: {name} has {heads} attention heads, which do not divide by {degree}"
@@ -115,22 +124,24 @@ def parallelize(
             f"PARALLEL={degree}: the {text_tokens} text tokens of {loaded.family.name} do not divide by {degree}"
         )
     p2p_group = None
-    if mode == "ulysses-p2p":
+    if mode in P2P:
         # After the checks above, which refuse a model before any collective; this probe is one.
         p2p_group, why = _p2p_group(loaded)
         if p2p_group is None:
             if p2p_fallback is None:
-                raise ParallelUnsupported(f"PARALLEL_ATTENTION=ulysses-p2p: {why}; use ulysses-diffusers")
-            log.warning("ulysses-p2p: %s; the group runs %s instead", why, p2p_fallback)
+                raise ParallelUnsupported(f"PARALLEL_ATTENTION={mode}: {why}; use ulysses-diffusers")
+            log.warning("%s: %s; the group runs %s instead", mode, why, p2p_fallback)
             mode = p2p_fallback
-    if mode == "ring":
+    # diffusers looks its Ulysses and ring classes up at every call: an override holds for this process.
+    restore_overrides()
+    if mode in RINGS:
         # Its cuDNN backend (the kernel native SDPA picks on an H200 anyway) returns the log-sum-exp that
         # ring needs; diffusers' native SDPA backend does not.
         model.set_attention_backend("_native_cudnn")
+        if mode == "ring-p2p":
+            install_ring_p2p(p2p_group, timeout_s)
         config = ContextParallelConfig(ring_degree=degree)
     else:
-        # diffusers looks its Ulysses class up at every call: the override holds for this process.
-        restore_ulysses()
         if mode == "ulysses":
             install_fused_qkv()
         elif mode == "ulysses-p2p":
@@ -151,11 +162,11 @@ def parallelize(
 
 
 def _p2p_group(loaded: LoadedPipeline) -> tuple[Any, str]:
-    """The group for ulysses-p2p once every rank has set up symmetric memory with the others, or None and
+    """The group for a p2p exchange once every rank has set up symmetric memory with the others, or None and
     why not."""
     import torch.distributed as dist
 
-    from diffuserve.engine.ulysses_p2p import p2p_available
+    from diffuserve.engine.symmetric import p2p_available
 
     if not loaded.device.startswith("cuda"):
         return None, f"it needs GPUs (this group runs on {loaded.device})"

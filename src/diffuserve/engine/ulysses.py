@@ -1,44 +1,17 @@
-"""Ulysses attention with one all-to-all for Q, K and V together instead of diffusers' three, and the override
-of diffusers' Ulysses class that installs it (or ulysses-p2p's) into its attention dispatch, which has no switch
-for another; PARALLEL_ATTENTION=auto uses this one where the group's denoiser does not run as CUDA graphs
+"""Ulysses attention with one all-to-all for Q, K and V together instead of diffusers' three
+(PARALLEL_ATTENTION=ulysses); `auto` uses it where the group's denoiser does not run as CUDA graphs
 (`diffuserve.engine.parallel.resolve_attention` says why)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
-# The override of diffusers' Ulysses class in force in this process: its name and diffusers' own class.
-_INSTALLED: dict[str, Any] = {}
-
-
-def install_ulysses(name: str, make: Callable[[Any], Any]) -> None:
-    """Make diffusers' context-parallel dispatch use the class `make(attention_dispatch)` builds for Ulysses
-    from now on, in this process, in place of any earlier override. diffusers looks the class up by name on
-    every attention call (it has no switch for another), so this is all it takes; `make` gets the module with
-    diffusers' own class in place, to derive from."""
-    from diffusers.models import attention_dispatch
-
-    if _INSTALLED.get("name") == name:
-        return
-    restore_ulysses()
-    _INSTALLED["original"] = attention_dispatch.TemplatedUlyssesAttention
-    attention_dispatch.TemplatedUlyssesAttention = make(attention_dispatch)
-    _INSTALLED["name"] = name
-
-
-def restore_ulysses() -> None:
-    """Back to diffusers' own Ulysses (three all-to-alls for Q, K and V)."""
-    from diffusers.models import attention_dispatch
-
-    if "original" in _INSTALLED:
-        attention_dispatch.TemplatedUlyssesAttention = _INSTALLED.pop("original")
-        _INSTALLED.pop("name", None)
+from diffuserve.engine.dispatch_override import ULYSSES, install_override
 
 
 def install_fused_qkv() -> None:
     """Ulysses with Q, K and V in one all-to-all (`FusedQKVUlyssesAttention`) from now on, in this process."""
-    install_ulysses("fused", _fused_class)
+    install_override(ULYSSES, "fused", _fused_class)
 
 
 def _fused_class(attention_dispatch: Any) -> Any:

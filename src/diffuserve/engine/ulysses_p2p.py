@@ -5,16 +5,15 @@ the re-layout kernels around an all-to-all go away with the collective (PARALLEL
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import torch
 
 from diffuserve.engine.copy_engine import copy_rows
-
-log = logging.getLogger(__name__)
+from diffuserve.engine.dispatch_override import ULYSSES, install_override
+from diffuserve.engine.symmetric import ExchangeCache, rendezvous
 
 OP_NAME = "diffuserve::ulysses_p2p_attention"
 # This process's exchange state, set by install_p2p.
@@ -133,16 +132,12 @@ class Exchange:
     def __init__(
         self, group_name: str, device: torch.device, dtype: torch.dtype, capacity: int, chunks: int = 1
     ) -> None:
-        import torch.distributed._symmetric_memory as symm_mem
-
         self.dtype = dtype
         # In elements of one rank's Q: its Q/K/V inbox holds 3 of them (the whole sequence at its share of
         # the heads), its output inbox 1.
         self.capacity = capacity
         self.chunks = chunks
-        self.buffer = symm_mem.empty(4 * capacity, dtype=dtype, device=device)
-        # A plain group name: torch 2.13 types it as c10d.GroupName, which older versions lack.
-        self.handle = symm_mem.rendezvous(self.buffer, cast(Any, group_name))
+        self.buffer, self.handle = rendezvous(group_name, 4 * capacity, dtype, device)
         self.share = Share(rank=self.handle.rank, world=self.handle.world_size)
         # High priority: its signal kernels must not queue behind the attention's blocks.
         self.side = torch.cuda.Stream(device, priority=-1)
@@ -202,31 +197,15 @@ class Exchange:
 
 
 class ExchangeState:
-    """This process's exchanges, one per size reached so far. A buffer is never freed while the process
-    serves: a captured CUDA graph keeps writing to the addresses it saw at capture. Sizes only grow, so the
-    buffers kept are few (a new one only for a call larger than every earlier one)."""
+    """This process's ulysses-p2p exchanges (one per size reached) and how they run."""
 
     def __init__(self, group_name: str, timeout_s: float, chunks: int, transport: str) -> None:
-        self.group_name = group_name
         self.timeout_ms = int(timeout_s * 1000)
-        self.chunks = chunks
         self.remote: Copier = engine_copy if transport == "copy-engine" else copy
-        self.exchanges: list[Exchange] = []
-
-    def for_call(self, query: torch.Tensor) -> Exchange:
-        for exchange in self.exchanges:
-            if exchange.dtype == query.dtype and exchange.capacity >= query.numel():
-                return exchange
-        if torch.cuda.is_current_stream_capturing():
-            # The buffer is a collective allocation; the CUDA graph hook then runs this call without a graph.
-            raise RuntimeError(
-                "ulysses-p2p: a new exchange buffer cannot be set up inside a CUDA graph capture"
-            )
-        exchange = Exchange(self.group_name, query.device, query.dtype, query.numel(), self.chunks)
-        self.exchanges.append(exchange)
-        megabytes = exchange.buffer.numel() * exchange.buffer.element_size() / 1e6
-        log.info("ulysses-p2p: %.0f MB of symmetric memory for calls of %s", megabytes, tuple(query.shape))
-        return exchange
+        self.exchanges = ExchangeCache(
+            "ulysses-p2p",
+            lambda query: Exchange(group_name, query.device, query.dtype, query.numel(), chunks),
+        )
 
 
 def _state() -> ExchangeState:
@@ -243,31 +222,12 @@ def ulysses_p2p_attention(
     """Ulysses attention for one rank's [B, S_local, H, D] Q, K and V; returns its [B, S_local, H, D] output.
     An opaque operator to torch.compile: its exchange is set-up state and barriers that cannot be traced."""
     state = _state()
-    return state.for_call(query).attention(query, key, value, scale, state.timeout_ms, state.remote)
+    return state.exchanges.for_call(query).attention(query, key, value, scale, state.timeout_ms, state.remote)
 
 
 @ulysses_p2p_attention.register_fake
 def _(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None) -> torch.Tensor:
     return query.new_empty(query.shape)
-
-
-def p2p_available(group: Any, device: str) -> tuple[bool, str]:
-    """Whether every rank of `group` can write into the others' memory: a collective set-up of a small
-    symmetric buffer, agreed on by all ranks (one rank failing must not leave the others expecting it)."""
-    import torch.distributed as dist
-
-    reason = ""
-    try:
-        probe = Exchange(group.group_name, torch.device(device), torch.bfloat16, 1024)
-        probe.handle.barrier(channel=0, timeout_ms=60_000)
-        torch.cuda.synchronize(device)
-    except Exception as exc:  # no P2P between the GPUs, or a PyTorch build without symmetric memory
-        reason = f"{type(exc).__name__}: {exc}"
-    failed = torch.tensor([1 if reason else 0], device=device)
-    dist.all_reduce(failed, group=group)
-    if failed.item():
-        return False, reason or "another rank of the group could not set up symmetric memory"
-    return True, ""
 
 
 # How the exchange runs; the benchmarks set them to compare (gpu_parallel_comm.py's p2p variants). On 2 H200s
@@ -282,10 +242,8 @@ def install_p2p(group: Any, timeout_s: float) -> None:
     """Ulysses through `ulysses_p2p_attention` (`P2PUlyssesAttention`) from now on, in this process, for
     `group`; `timeout_s` bounds a wait for a peer that stopped, after which the rank fails instead of
     hanging."""
-    from diffuserve.engine.ulysses import install_ulysses
-
     _INSTALLED["state"] = ExchangeState(group.group_name, timeout_s, CHUNKS, TRANSPORT)
-    install_ulysses("p2p", _p2p_class)
+    install_override(ULYSSES, "p2p", _p2p_class)
 
 
 def _p2p_class(attention_dispatch: Any) -> Any:
