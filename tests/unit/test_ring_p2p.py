@@ -63,6 +63,7 @@ def ring(world: int, capacity: int) -> tuple[list[RingExchange], Signals]:
             rank,
         )
         exchange.handle = Handle(rank, buffers, signals)
+        exchange.post_acks(1000)
         exchanges.append(exchange)
     return exchanges, signals
 
@@ -90,9 +91,6 @@ def test_every_rank_attends_over_every_ranks_keys_twice_in_a_row(world: int) -> 
             for rank in range(world)
         ]
         inboxes = exchanges[0].inboxes(shares[0][1].shape)
-        # The ranks' side streams run at once: each step of a call on every rank before the next step.
-        for exchange in exchanges:
-            exchange.post_acks(1000)
         for exchange, (_, rank_key, rank_value) in zip(exchanges, shares, strict=True):
             exchange.send(rank_key, rank_value, inboxes, 1000)
         for rank, (exchange, (rank_query, rank_key, rank_value)) in enumerate(

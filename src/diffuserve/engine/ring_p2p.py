@@ -13,8 +13,7 @@ from diffuserve.engine.dispatch_override import RING, install_override
 from diffuserve.engine.symmetric import ExchangeCache, rendezvous
 
 OP_NAME = "diffuserve::ring_p2p_attention"
-# Signal channels: ACK, a peer is done reading what this rank last wrote into its inbox; DATA, a peer's K and V
-# are in.
+# Signal channels: ACK, a peer has read what this rank last wrote into its inbox; DATA, a peer's K and V are in.
 ACK, DATA = 0, 1
 # The attention kernel, which gives the log-sum-exp the merge needs: "cudnn" (what SDPA picks on an H200 for
 # these shapes) or "flash"; the benchmarks set it to compare.
@@ -57,12 +56,11 @@ class RingExchange:
     """The symmetric buffers of one group for calls up to a size, and the exchange over them.
 
     Each rank's inbox holds a slot of K and V per source rank ([world, 2, B, H, S_local, D]). A call, on each
-    rank, on a side stream that first waits for the call's inputs (and so for every earlier attention of this
-    rank): tell each peer that its slot here is free again (ACK); for each peer, wait for the peer's ACK, copy
-    K and V into the peer's inbox by copy engine (a contiguous copy: no SMs taken from the attention beside
-    it) and signal the peer (DATA); wait for the peers' DATA. Meanwhile, on the attention's stream: attention
-    over its own K and V, then over each peer's K and V as it arrives. No signal kernel runs between the
-    attention kernels: the ACKs ride at the start of the next call's side work."""
+    rank: on a side stream, for each peer, wait until the peer has read this rank's slot of the last call
+    (ACK), copy K and V into it by copy engine (a contiguous copy: no SMs taken from the attention beside
+    it) and signal the peer (DATA), then wait there for the peers' DATA; meanwhile, attention over its own K
+    and V; then, peer by peer as each arrived, attention over the peer's K and V, and an ACK to each peer.
+    Each rank posts one ACK to each peer when the buffer is set up, so the first call's wait passes."""
 
     def __init__(
         self,
@@ -80,9 +78,10 @@ class RingExchange:
         self.rank = self.handle.rank
         # High priority: its signal kernels must not queue behind the attention's blocks.
         self.sides = [torch.cuda.Stream(device, priority=-1) for _ in range(STREAMS)]
+        self.post_acks(timeout_ms)
 
     def post_acks(self, timeout_ms: int) -> None:
-        """Tell each peer that its slot in this rank's inbox is free: nothing reads it any more."""
+        """Tell each peer that its slot in this rank's inbox is free (at set-up, and after each read)."""
         for peer in self.peers():
             self.handle.put_signal(peer, ACK, timeout_ms)
 
@@ -139,7 +138,7 @@ class RingExchange:
         arrivals: list[Any] | None = None,
     ) -> list[torch.Tensor]:
         """[out, lse] over each peer's K and V, once there (by `arrivals`, else by waiting for its signal
-        here)."""
+        here), then an ACK to every peer."""
         parts: list[torch.Tensor] = []
         for index, peer in enumerate(self.peers()):
             if arrivals is None:
@@ -147,6 +146,8 @@ class RingExchange:
             else:
                 torch.cuda.current_stream().wait_event(arrivals[index])
             parts += partial_attention(query, inbox[peer, 0], inbox[peer, 1], scale)
+        # After every read: a peer's next write cannot overtake an attention still reading its slot.
+        self.post_acks(timeout_ms)
         return parts
 
     def attention(
@@ -164,8 +165,6 @@ class RingExchange:
         side = self.sides[0]
         side.wait_stream(main)
         with torch.cuda.stream(side):
-            # After this rank's last reads of its inbox (the side stream waited for them): the slots are free.
-            self.post_acks(timeout_ms)
             self.send(key, value, inboxes, timeout_ms, self.sides)
             arrivals = self.arrivals(timeout_ms)
         parts = list(partial_attention(query, key, value, scale))
