@@ -404,7 +404,13 @@ COMM_RUNS = (
     "h200x2-parallel-comm-run9.json",
     "h200x2-parallel-comm-run10.json",
     "h200x2-parallel-comm-run11.json",
+    "h200x2-parallel-comm-run12.json",
+    "h200x2-parallel-comm-run13.json",
+    "h200x2-parallel-comm-run14.json",
 )
+# ring-p2p rows of the runs whose attention stream waited for the peers' K and V with a signal kernel of its
+# own (since run 14 the side stream waits and the attention stream waits on its event).
+RING_P2P_WAIT_IN_ATTENTION_STREAM = {"h200x2-parallel-comm-run12.json", "h200x2-parallel-comm-run13.json"}
 
 
 def comm_label(variant: str, result: dict[str, Any], run: str = "") -> str:
@@ -416,6 +422,16 @@ def comm_label(variant: str, result: dict[str, Any], run: str = "") -> str:
         else:
             how = P2P_UNRECORDED.get(run, "?")
         return f"ulysses-p2p ({how})" + (" + CUDA graphs" if "graphs" in variant else "")
+    if variant.startswith("ring-p2p"):
+        ring = result.get("ring_p2p", {})
+        streams = ring.get("streams", 1)
+        how = [
+            "cuDNN" if ring.get("kernel") == "cudnn" else "flash attention",
+            "one copy stream" if streams == 1 else f"{streams} copy streams",
+        ]
+        if run in RING_P2P_WAIT_IN_ATTENTION_STREAM:
+            how.append("waits in the attention stream")
+        return f"ring-p2p ({', '.join(how)})" + (" + CUDA graphs" if "graphs" in variant else "")
     label = COMM_VARIANTS.get(variant, variant)
     if "overlap" in variant and not result.get("inductor_passes"):
         # Runs before the variants named inductor's passes set the flag alone, which runs none by default.

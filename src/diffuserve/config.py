@@ -115,18 +115,20 @@ class Settings(EnvSettings):
         1,
         "PARALLEL",
         help="GPUs per worker: each worker becomes a group of this many devices running one pipeline with "
-        "Ulysses context parallelism (lower latency per image); DEVICES must divide into such groups",
+        "context parallelism (lower latency per image); DEVICES must divide into such groups",
         ge=1,
     )
     parallel_attention: ParallelAttention = setting(
         ParallelAttention.AUTO,
         "PARALLEL_ATTENTION",
-        help="how a group splits attention: ulysses-p2p (Ulysses whose exchanges write each rank's shares "
-        "straight into the peers' GPU memory, PyTorch's symmetric memory; CUDA only), ulysses (one NCCL "
-        "all-to-all for Q, K and V together, one for the output), ulysses-diffusers (diffusers' own Ulysses: "
-        "three all-to-alls for Q, K, V), ring (diffusers' ring attention, one all-gather of K and V per block; "
-        "bf16/fp16 on CUDA only); auto = ulysses-p2p where the denoiser runs as CUDA graphs (ulysses-diffusers "
-        "where the GPUs cannot share memory), else ulysses (the fastest in each case on 2 H200s)",
+        help="how a group splits attention: ring-p2p (ring attention whose K and V are copied straight into "
+        "the peers' GPU memory, PyTorch's symmetric memory, while each rank attends over its own; bf16/fp16 on "
+        "CUDA only), ulysses-p2p (Ulysses whose exchanges write each rank's shares straight into the peers' "
+        "GPU memory; CUDA only), ulysses (one NCCL all-to-all for Q, K and V together, one for the output), "
+        "ulysses-diffusers (diffusers' own Ulysses: three all-to-alls for Q, K, V), ring (diffusers' ring "
+        "attention, one all-gather of K and V per block; bf16/fp16 on CUDA only); auto = ring-p2p where the "
+        "denoiser runs as CUDA graphs (ulysses-diffusers where the GPUs cannot share memory), else ulysses "
+        "(the fastest in each case on 2 H200s)",
     )
     cuda_graphs: CudaGraphs = setting(
         CudaGraphs.AUTO,

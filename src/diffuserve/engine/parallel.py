@@ -1,5 +1,5 @@
 """Context parallelism for a worker group: join the group's process group and split the denoiser's attention
-across its devices with diffusers' own parallel API (Ulysses, `ContextParallelConfig`)."""
+across its devices with diffusers' own parallel API (ring or Ulysses, `ContextParallelConfig`)."""
 
 from __future__ import annotations
 
