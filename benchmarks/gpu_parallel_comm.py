@@ -29,9 +29,10 @@
    For each: the median step, a whole call of --call-steps steps (latents out), graph breaks, the CPU time
    to enqueue one transformer call against the time until the GPU has run it (near equal where the CPU sets the
    pace), and from a profiled call, per step, the time some kernel computes, the time only a collective runs
-   (communication not hidden) and the time no kernel runs at all (launch gaps). The first variant also times
-   the same steps on rank 0's GPU alone, before the split: the one-GPU figure of the same run (unless
-   --no-one-device).
+   (communication not hidden) and the time no kernel runs at all (launch gaps), with the kernels launched,
+   the device copies' time (copy engines run no kernel) and the 15 kernels that take the most time. The
+   first variant also times the same steps on rank 0's GPU alone, before the split: the one-GPU figure of
+   the same run (unless --no-one-device).
 Raw output: --out/comm.json.
 """
 
@@ -287,9 +288,11 @@ def enqueue_vs_run(
 
 def timeline(trace_path: Path, steps: int) -> dict[str, Any]:
     """From a profiler trace: per step, the time some compute kernel runs, the time only collectives run, and
-    the time no kernel runs; and the collectives' count and mean kernel time."""
+    the time no kernel runs; the collectives' count and mean kernel time; the kernels launched and the device
+    copies' time (copy engines: no kernel) per step; and the kernels that take the most time per step."""
     events = json.loads(trace_path.read_text()).get("traceEvents", [])
     kernels = [e for e in events if e.get("cat") == "kernel" and e.get("ph") == "X"]
+    copies = [e for e in events if e.get("cat") == "gpu_memcpy" and e.get("ph") == "X"]
     if not kernels:
         return {"kernels": 0}
 
@@ -316,6 +319,10 @@ def timeline(trace_path: Path, steps: int) -> dict[str, Any]:
     busy_compute = length(union(compute))
     per_step = 1000.0 * steps  # µs → ms per step
     comm_durations = [b - a for a, b in comm]
+    by_name: dict[str, list[float]] = {}
+    for e in kernels:
+        by_name.setdefault(e["name"][:100], []).append(float(e["dur"]))
+    top = sorted(by_name.items(), key=lambda item: -sum(item[1]))[:15]
     return {
         "gpu_span_ms_per_step": round((last - first) / per_step, 2),
         "compute_ms_per_step": round(busy_compute / per_step, 2),
@@ -324,6 +331,17 @@ def timeline(trace_path: Path, steps: int) -> dict[str, Any]:
         "collectives_per_step": round(len(comm) / steps, 1),
         "collective_kernel_mean_us": round(statistics.mean(comm_durations), 1) if comm else None,
         "collective_kernel_median_us": round(statistics.median(comm_durations), 1) if comm else None,
+        "kernels_per_step": round(len(kernels) / steps, 1),
+        "copies_ms_per_step": round(sum(float(e["dur"]) for e in copies) / per_step, 2),
+        "top_kernels": [
+            {
+                "name": name,
+                "ms_per_step": round(sum(durations) / per_step, 2),
+                "per_step": round(len(durations) / steps, 1),
+                "mean_us": round(statistics.mean(durations), 1),
+            }
+            for name, durations in top
+        ],
     }
 
 
