@@ -79,6 +79,17 @@ def test_auto_attention_writes_into_peers_under_cuda_graphs_and_one_exchange_wit
         assert resolve_attention(chosen, graphs=False) == chosen
 
 
+def test_only_ulysses_needs_the_heads_to_divide() -> None:
+    from diffuserve.engine.parallel import _check_heads
+
+    model = build_tiny_flux(seed=0).transformer  # 2 attention heads
+    for ring in ("ring", "ring-p2p"):
+        _check_heads(model, "tiny", ring, 4)  # ring splits only the tokens
+    for ulysses in ("ulysses", "ulysses-p2p", "ulysses-diffusers"):
+        with pytest.raises(ParallelUnsupported, match="2 attention heads, which do not divide by 4"):
+            _check_heads(model, "tiny", ulysses, 4)
+
+
 @pytest.mark.parametrize("ring", ["ring", "ring-p2p"])
 def test_ring_only_where_its_attention_kernels_run(ring: str) -> None:
     loaded = LoadedPipeline(build_tiny_flux(seed=0), TINY_FLUX, "cpu", torch.float32)

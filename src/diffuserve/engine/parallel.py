@@ -112,12 +112,7 @@ def parallelize(
         )
     check_attention(loaded, attention)
     mode = attention
-    heads = getattr(model.config, "num_attention_heads", None)
-    if mode not in RINGS and isinstance(heads, int) and heads % degree:
-        # Ulysses gives each rank a whole share of the attention heads.
-        raise ParallelUnsupported(
-            f"PARALLEL={degree}: {name} has {heads} attention heads, which do not divide by {degree}"
-        )
+    _check_heads(model, name, mode, degree)
     text_tokens = loaded.family.max_sequence_length
     if text_tokens and text_tokens % degree:
         raise ParallelUnsupported(
@@ -132,6 +127,8 @@ def parallelize(
                 raise ParallelUnsupported(f"PARALLEL_ATTENTION={mode}: {why}; use ulysses-diffusers")
             log.warning("%s: %s; the group runs %s instead", mode, why, p2p_fallback)
             mode = p2p_fallback
+            # Every rank got the probe's one answer: refusing the fallback here, they all refuse together.
+            _check_heads(model, name, mode, degree)
     # diffusers looks its Ulysses and ring classes up at every call: an override holds for this process.
     restore_overrides()
     if mode in RINGS:
@@ -159,6 +156,15 @@ def parallelize(
     pixels = token_pixels(pipeline)
     log.info("context parallel: %s over %d ranks; %d×%d pixels per token", mode, degree, pixels, pixels)
     return pixels
+
+
+def _check_heads(model: Any, name: str, mode: str, degree: int) -> None:
+    """Ulysses gives each rank a whole share of the attention heads; ring splits only the tokens."""
+    heads = getattr(model.config, "num_attention_heads", None)
+    if mode not in RINGS and isinstance(heads, int) and heads % degree:
+        raise ParallelUnsupported(
+            f"PARALLEL={degree}: {name} has {heads} attention heads, which do not divide by {degree}"
+        )
 
 
 def _p2p_group(loaded: LoadedPipeline) -> tuple[Any, str]:
