@@ -25,7 +25,7 @@
    p2p-graphs while the copy engine in two chunks was the default); ring-p2p-graphs = PARALLEL_ATTENTION=ring-p2p
    (K and V written into the peers' memory by copy engine while each rank attends over its own,
    diffuserve.engine.ring_p2p) with graphs, its attention by cuDNN as it ships; ring-p2p-flash-graphs = the
-   same with flash attention; ring-p2p-2ce-graphs = K and V on two copy streams at once.
+   same with flash attention (run 13 also put K and V on two copy streams, with the code of commit a96be77).
    For each: the median step, a whole call of --call-steps steps (latents out), graph breaks, the CPU time
    to enqueue one transformer call against the time until the GPU has run it (near equal where the CPU sets the
    pace), and from a profiled call, per step, the time some kernel computes, the time only a collective runs
@@ -82,7 +82,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "p2p-engine-chunks-graphs": {"attention": "ulysses-p2p", "graphs": True, "p2p": ("copy-engine", 2)},
     "ring-p2p-graphs": {"attention": "ring-p2p", "graphs": True},
     "ring-p2p-flash-graphs": {"attention": "ring-p2p", "graphs": True, "kernel": "flash"},
-    "ring-p2p-2ce-graphs": {"attention": "ring-p2p", "graphs": True, "streams": 2},
 }
 NCCL_ENVS: dict[str, dict[str, str]] = {
     "default": {},
@@ -408,8 +407,7 @@ def variant_rank(rank: int, args: argparse.Namespace, port: int, out: Path, name
         from diffuserve.engine import ring_p2p
 
         ring_p2p.KERNEL = options.get("kernel", ring_p2p.KERNEL)
-        ring_p2p.STREAMS = options.get("streams", ring_p2p.STREAMS)
-        result["ring_p2p"] = {"kernel": ring_p2p.KERNEL, "streams": ring_p2p.STREAMS}
+        result["ring_p2p"] = {"kernel": ring_p2p.KERNEL}
     parallelize(loaded, args.ranks, options["attention"], timeout_s=60.0)
     group_hook = enable_cuda_graphs(model) if options.get("graphs") else None
     from torch._dynamo.utils import counters

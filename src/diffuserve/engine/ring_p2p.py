@@ -18,8 +18,6 @@ ACK, DATA = 0, 1
 # The attention kernel, which gives the log-sum-exp the merge needs: "cudnn" (what SDPA picks on an H200 for
 # these shapes) or "flash"; the benchmarks set it to compare.
 KERNEL = "cudnn"
-# Copy streams for K and V: 2 puts them on two copy engines at once.
-STREAMS = 1
 # This process's exchanges and their timeout, set by install_ring_p2p.
 _INSTALLED: dict[str, Any] = {}
 
@@ -77,7 +75,7 @@ class RingExchange:
         self.buffer, self.handle = rendezvous(group_name, world * 2 * capacity, dtype, device)
         self.rank = self.handle.rank
         # High priority: its signal kernels must not queue behind the attention's blocks.
-        self.sides = [torch.cuda.Stream(device, priority=-1) for _ in range(STREAMS)]
+        self.side = torch.cuda.Stream(device, priority=-1)
         self.post_acks(timeout_ms)
 
     def post_acks(self, timeout_ms: int) -> None:
@@ -95,27 +93,15 @@ class RingExchange:
         return [self.handle.get_buffer(rank, shape, self.dtype, 0) for rank in range(self.world)]
 
     def send(
-        self,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        inboxes: list[torch.Tensor],
-        timeout_ms: int,
-        streams: list[Any] | None = None,
+        self, key: torch.Tensor, value: torch.Tensor, inboxes: list[torch.Tensor], timeout_ms: int
     ) -> None:
         """On the current stream: for each peer, wait for its ACK, copy K and V into its inbox and signal it.
-        With two `streams` (the first the current one), V's copy runs on the second, beside K's."""
-        second = streams[1] if streams and len(streams) > 1 else None
+        (K and V on two streams, so on two copy engines at once, gained nothing: one copy engine already
+        hides behind the attention, docs/bench/h200x2-parallel-comm-run13.json.)"""
         for peer in self.peers():
             self.handle.wait_signal(peer, ACK, timeout_ms)
-            if second is not None:
-                second.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(second):
-                    inboxes[peer][self.rank, 1].copy_(value)
-                inboxes[peer][self.rank, 0].copy_(key)
-                torch.cuda.current_stream().wait_stream(second)
-            else:
-                inboxes[peer][self.rank, 0].copy_(key)
-                inboxes[peer][self.rank, 1].copy_(value)
+            inboxes[peer][self.rank, 0].copy_(key)
+            inboxes[peer][self.rank, 1].copy_(value)
             self.handle.put_signal(peer, DATA, timeout_ms)
 
     def arrivals(self, timeout_ms: int) -> list[Any]:
@@ -162,14 +148,14 @@ class RingExchange:
         key, value = key.contiguous(), value.contiguous()  # a contiguous copy is one copy-engine transfer
         inboxes = self.inboxes(key.shape)
         main = torch.cuda.current_stream(query.device)
-        side = self.sides[0]
+        side = self.side
         side.wait_stream(main)
         with torch.cuda.stream(side):
-            self.send(key, value, inboxes, timeout_ms, self.sides)
+            self.send(key, value, inboxes, timeout_ms)
             arrivals = self.arrivals(timeout_ms)
         parts = list(partial_attention(query, key, value, scale))
         parts += self.receive(query, inboxes[self.rank], scale, timeout_ms, arrivals)
-        # K and V stay alive until here: the side streams read them, and the caller may free them after.
+        # K and V stay alive until here: the side stream reads them, and the caller may free them after.
         main.wait_stream(side)
         return parts
 
