@@ -407,6 +407,7 @@ COMM_RUNS = (
     "h200x2-parallel-comm-run12.json",
     "h200x2-parallel-comm-run13.json",
     "h200x2-parallel-comm-run14.json",
+    "h200x2-parallel-comm-run15.json",
 )
 # ring-p2p rows of the runs whose attention stream waited for the peers' K and V with a signal kernel of its
 # own (since run 14 the side stream waits and the attention stream waits on its event).
