@@ -12,15 +12,15 @@ import torch
 log = logging.getLogger(__name__)
 
 
-class Sized(Protocol):
-    """An exchange's buffer: calls of `dtype` whose tensor has up to `capacity` elements fit it."""
+class SymmetricExchange(Protocol):
+    """An exchange over a symmetric buffer: calls of `dtype` whose tensor has up to `capacity` elements fit it."""
 
     dtype: torch.dtype
     capacity: int
     buffer: torch.Tensor
 
 
-ExchangeT = TypeVar("ExchangeT", bound=Sized)
+ExchangeT = TypeVar("ExchangeT", bound=SymmetricExchange)
 
 
 class ExchangeCache(Generic[ExchangeT]):
