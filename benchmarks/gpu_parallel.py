@@ -5,8 +5,8 @@ worker groups that split each image across GPUs (PARALLEL=2 and, on a 4-GPU host
     python benchmarks/gpu_parallel.py --out $OUT --attention auto,ring   # two kinds of group
     python benchmarks/gpu_parallel.py --out /tmp/p --model-repo digits --devices cpu,cpu --size 32 --tier XL
 
-For each PARALLEL value (and for groups, each --attention way of splitting attention, PARALLEL_ATTENTION, and
-each --cuda-graphs setting, CUDA_GRAPHS), on the same devices, and with --one-worker also one one-GPU worker
+For each PARALLEL value (and for groups, each --attention way of splitting attention, PARALLEL_ATTENTION,
+each --cuda-graphs setting, CUDA_GRAPHS, and each --parallel-decode setting, PARALLEL_DECODE), on the same devices, and with --one-worker also one one-GPU worker
 on the first device (the baseline of throughput scaling): a cold `diffuserve serve` (its own empty cache dir, so each
 start compiles its own graphs), timed until every worker (group) is ready; one untimed request; then lone
 requests over HTTP one after another (round trip and the server's own split); then a closed loop (each user
@@ -43,6 +43,7 @@ def serve_args(args: argparse.Namespace, run: Run, cache_dir: str) -> list[str]:
     flags = ["--model-repo", args.model_repo, "--tier", args.tier, "--model-batch", str(args.model_batch)]
     flags += ["--devices", run.devices, "--parallel", str(run.parallel), "--cache-dir", cache_dir]
     flags += ["--parallel-attention", run.attention, "--cuda-graphs", run.graphs]
+    flags += ["--parallel-decode" if run.decode == "on" else "--no-parallel-decode"]
     if args.weights:
         flags += ["--weights", args.weights]
     return flags
@@ -74,12 +75,14 @@ def lone_requests(base: str, args: argparse.Namespace) -> list[dict[str, Any]]:
 
 @dataclass(frozen=True)
 class Run:
-    """One server of the comparison: its devices, PARALLEL, and for groups how they split and launch."""
+    """One server of the comparison: its devices, PARALLEL, and for groups how they split, launch and
+    decode."""
 
     devices: str
     parallel: int
     attention: str
     graphs: str = "auto"
+    decode: str = "on"
 
     @property
     def workers(self) -> int:
@@ -89,7 +92,7 @@ class Run:
     def label(self) -> str:
         if self.parallel == 1:
             return f"1x{self.workers}"
-        return f"{self.parallel}-{self.attention}-graphs-{self.graphs}"
+        return f"{self.parallel}-{self.attention}-graphs-{self.graphs}-decode-{self.decode}"
 
 
 def measure(args: argparse.Namespace, spec: Run) -> dict[str, Any]:
@@ -109,6 +112,7 @@ def measure(args: argparse.Namespace, spec: Run) -> dict[str, Any]:
             "parallel": parallel,
             "attention": None if parallel == 1 else spec.attention,
             "cuda_graphs": spec.graphs,
+            "parallel_decode": None if parallel == 1 else spec.decode,
             "devices": spec.devices,
             "worker_count": workers,
             "workers": [
@@ -126,9 +130,10 @@ def measure(args: argparse.Namespace, spec: Run) -> dict[str, Any]:
         if ok:
             run["lone_p50_ms"] = round(statistics.median(r["round_trip_ms"] for r in ok), 1)
             run["lone_min_ms"] = round(min(r["round_trip_ms"] for r in ok), 1)
-            run["lone_denoise_p50_ms"] = round(
-                statistics.median(r["timing"].get("denoise", 0) for r in ok), 1
-            )
+            for phase in ("denoise", "decode", "encode"):
+                run[f"lone_{phase}_p50_ms"] = round(
+                    statistics.median(r["timing"].get(phase, 0) for r in ok), 1
+                )
         run["closed_loop"] = closed_loop(server.base_url, args.users, args.per_user, args.size)
     return run
 
@@ -153,16 +158,17 @@ def compare(runs: list[dict[str, Any]], devices: int) -> None:
 
 def table(runs: list[dict[str, Any]], devices: int) -> str:
     rows = [
-        "| PARALLEL | attention | CUDA graphs | workers | lone request p50 ms | × PARALLEL=1 | "
-        "closed loop images/s | × PARALLEL=1 | × one worker | all ready s |",
-        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| PARALLEL | attention | CUDA graphs | joint decode | workers | lone request p50 ms | × PARALLEL=1 | "
+        "decode ms | closed loop images/s | × PARALLEL=1 | × one worker | all ready s |",
+        "|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for run in runs:
         loop = run["closed_loop"]
         rows.append(
             f"| {run['parallel']} | {run.get('attention') or '-'} | {run.get('cuda_graphs', 'auto')} | "
-            f"{run.get('worker_count', devices // run['parallel'])} | {run.get('lone_p50_ms')} | "
-            f"{run.get('lone_vs_parallel1')} | {loop['images_per_s']} | {run.get('throughput_vs_parallel1')} | "
+            f"{run.get('parallel_decode') or '-'} | {run.get('worker_count', devices // run['parallel'])} | "
+            f"{run.get('lone_p50_ms')} | {run.get('lone_vs_parallel1')} | {run.get('lone_decode_p50_ms')} | "
+            f"{loop['images_per_s']} | {run.get('throughput_vs_parallel1')} | "
             f"{run.get('throughput_vs_one_worker', '-')} | {run['all_ready_s']} |"
         )
     return "\n".join(rows)
@@ -193,6 +199,12 @@ def main() -> int:
         help="CUDA_GRAPHS values each group runs with, in turn, e.g. auto,off (auto: graphs for groups)",
     )
     parser.add_argument(
+        "--parallel-decode",
+        default="on",
+        help="PARALLEL_DECODE values each group runs with, in turn: on,off also measures the group whose "
+        "leader decodes alone",
+    )
+    parser.add_argument(
         "--one-worker",
         action="store_true",
         help="also serve with one one-GPU worker on the first device: the throughput scaling baseline",
@@ -220,12 +232,15 @@ def main() -> int:
     started = time.perf_counter()
     attentions = [a for a in args.attention.split(",") if a]
     graphs = [g for g in args.cuda_graphs.split(",") if g]
+    decodes = [d for d in args.parallel_decode.split(",") if d]
+    if set(decodes) - {"on", "off"}:
+        parser.error(f"--parallel-decode takes on and off, not {args.parallel_decode!r}")
     specs = [Run(args.devices.split(",")[0].strip(), 1, attentions[0])] if args.one_worker else []
     for parallel in values:
         if parallel == 1:
             specs.append(Run(args.devices, 1, attentions[0]))
             continue
-        specs += [Run(args.devices, parallel, a, g) for a in attentions for g in graphs]
+        specs += [Run(args.devices, parallel, a, g, d) for a in attentions for g in graphs for d in decodes]
     for spec in specs:
         results["runs"].append(measure(args, spec))
         compare(results["runs"], devices)

@@ -160,3 +160,13 @@ def sdk_client(server: ServerHandle) -> OpenAI:
     from openai import OpenAI
 
     return OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def spawn_ranks(world: int, target: Any, *args: Any) -> dict[Any, Any]:
+    """Run `target(rank, port, *args, out)` in `world` processes that meet on a free port (a gloo group
+    where the target starts one); what they put in the shared dict `out`."""
+    import torch.multiprocessing as torch_mp
+
+    out = torch_mp.Manager().dict()
+    torch_mp.spawn(target, args=(free_port(), *args, out), nprocs=world)
+    return dict(out)

@@ -130,6 +130,12 @@ class Settings(EnvSettings):
         "denoiser runs as CUDA graphs (ulysses-diffusers where the GPUs cannot share memory), else ulysses "
         "(the fastest in each case on 2 H200s)",
     )
+    parallel_decode: bool = setting(
+        True,
+        "PARALLEL_DECODE",
+        help="a group's ranks decode the latents together, each a band of the image's rows (DistVAE's patch "
+        "parallelism, for VAEs it has an adapter for); off = the leader decodes alone",
+    )
     cuda_graphs: CudaGraphs = setting(
         CudaGraphs.AUTO,
         "CUDA_GRAPHS",

@@ -9,7 +9,6 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as torch_mp
 
 from diffuserve.engine.loader import LoadedPipeline
 from diffuserve.engine.parallel import (
@@ -23,8 +22,8 @@ from diffuserve.engine.tiers.cache import _relative_l1
 from diffuserve.errors import InvalidRequest
 from diffuserve.models.tiny_flux import build_tiny_flux
 from diffuserve.protocol import ASPECT_RATIOS, ImageGenerationRequest, dimensions_for_aspect
-from diffuserve.serving.worker_group import free_port
 from diffuserve.types import TINY_FLUX
+from tests.helpers import spawn_ranks
 from tests.unit.test_protocol import FLUX
 
 GROUP_OF_2 = replace(FLUX, parallel=2, token_pixels=16)
@@ -117,11 +116,7 @@ def _rank_falls_back(rank: int, port: int, out) -> None:
 
 
 def _two_ranks(target: Any, *args: Any) -> dict[Any, Any]:
-    """Run `target(rank, port, *args, out)` in two processes that meet on a free port; what they put in
-    `out`."""
-    out = torch_mp.Manager().dict()
-    torch_mp.spawn(target, args=(free_port(), *args, out), nprocs=2)
-    return dict(out)
+    return spawn_ranks(2, target, *args)
 
 
 def test_p2p_falls_back_to_diffusers_ulysses_when_asked() -> None:

@@ -112,6 +112,8 @@ class Engine:
         self._encoder = BatchEncoder()
         self._gpu_jpeg = gpu_jpeg_encoder(device)
         self._graphs: CudaGraphHook | None = None
+        # Whether a group's ranks decode each batch's latents together (see `split_decode`).
+        self._joint_decode = False
         # Set after a CUDA error that leaves the device unusable: the worker then exits and is replaced.
         self.broken = False
 
@@ -153,6 +155,19 @@ class Engine:
                 p2p_fallback="ulysses-diffusers" if s.parallel_attention == "auto" else None,
             )
         log.info(why)
+        if self.group is not None:
+            from diffuserve.engine.split_decode import split_vae_decode
+
+            whole = (
+                split_vae_decode(self.loaded.pipeline, self.group.world_size)
+                if s.parallel_decode
+                else "PARALLEL_DECODE is off"
+            )
+            self._joint_decode = whole is None
+            log.info(
+                "VAE decode: %s",
+                "split by rows across the group" if whole is None else f"on the leader alone ({whole})",
+            )
         if graphs:
             self._capture_graphs()
         self._clock = DecodeClock(self.loaded.pipeline, self.device)
@@ -246,9 +261,10 @@ class Engine:
         kwargs.update(edit_kwargs(job))
         if "output_type" in accepted:
             # A tensor on the device: converting to uint8 there is nearly free, and only 1/4 of the bytes of a
-            # float32 copy (what diffusers' PIL output makes first) cross to the host. A group's follower only
-            # shares the denoiser's work: its images are the leader's to decode and send.
-            kwargs["output_type"] = "latent" if self._follower else "pt"
+            # float32 copy (what diffusers' PIL output makes first) cross to the host. A group's follower shares
+            # the denoiser's work, and the decode's where the ranks decode together; its images are the leader's
+            # to send.
+            kwargs["output_type"] = "latent" if self._follower and not self._joint_decode else "pt"
         if "guidance_scale" in accepted:
             kwargs["guidance_scale"] = job.guidance
         family = self.loaded.family

@@ -8,6 +8,19 @@ from typing import Any
 
 import numpy as np
 
+# The attribute by which a wrapper of a VAE's `decode` names what it wraps, so the undecorated decode can be
+# found again. (Not `__wrapped__`: diffusers' own decorators set that to the unbound function.)
+INNER_DECODE = "_diffuserve_inner"
+
+
+def plain_decode(vae: Any) -> Callable[..., Any]:
+    """The VAE's decode without this project's wrappers (the clock, a group's joint decode): what a decode
+    that is not the batch's final one (a preview) calls, on one rank, unclocked."""
+    decode: Callable[..., Any] = vae.decode
+    while (inner := getattr(decode, INNER_DECODE, None)) is not None:
+        decode = inner
+    return decode
+
 
 def to_uint8(images: Any) -> tuple[np.ndarray, Any]:
     """N×H×W×3 uint8 pixels in host memory from what a pipeline returned — a [0, 1] tensor (N×3×H×W, on any
@@ -50,8 +63,7 @@ class DecodeClock:
 
         timed_decode._diffuserve_clock = True  # type: ignore[attr-defined]
         # Previews decode through the original, so only the batch's final decode sets the mark.
-        # (Not `__wrapped__`: diffusers' own decorators set that to the unbound function.)
-        timed_decode._diffuserve_unclocked = decode  # type: ignore[attr-defined]
+        setattr(timed_decode, INNER_DECODE, decode)
         return timed_decode
 
     def _now(self) -> Any:

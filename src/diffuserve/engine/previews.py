@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from diffuserve.engine.edits import keep_outside_mask
-from diffuserve.engine.frames import to_uint8
+from diffuserve.engine.frames import plain_decode, to_uint8
 from diffuserve.types import BatchJob
 
 # From this size on (both sides, in pixels) a preview decodes the latents pooled 2×2 and scales the picture
@@ -118,8 +118,9 @@ class PreviewTaker:
             latents = latents * std_t / config.scaling_factor + mean_t
         else:
             latents = latents / config.scaling_factor + (getattr(config, "shift_factor", None) or 0.0)
-        # The undecorated decode: the batch's decode clock must only see the final decode.
-        decode = getattr(vae.decode, "_diffuserve_unclocked", vae.decode)
+        # The undecorated decode: the batch's decode clock must only see the final decode, and a group's joint
+        # decode needs every rank, where previews are the leader's alone.
+        decode = plain_decode(vae)
         images = decode(latents.to(vae.dtype), return_dict=False)[0]
         if pooled:
             images = torch.nn.functional.interpolate(images, size=(job.height, job.width), mode="bilinear")
