@@ -14,7 +14,7 @@ import torch.distributed as dist
 from diffusers import AutoencoderKL, AutoencoderTiny
 
 from diffuserve.engine.frames import DecodeClock, plain_decode
-from diffuserve.engine.split_decode import split_vae_decode
+from diffuserve.engine.split_decode import BandGroupNorm, split_vae_decode
 from tests.helpers import spawn_ranks
 
 
@@ -29,7 +29,7 @@ def tiny_vae() -> AutoencoderKL:
     ).eval()
 
 
-def _rank_decodes(rank: int, port: int, world: int, rows: int, out: Any) -> None:
+def _rank_decodes(rank: int, port: int, world: int, rows: int, fused_norms: bool, out: Any) -> None:
     # A short timeout: a decode that waited on a peer that never comes fails the test instead of hanging it.
     dist.init_process_group(
         "gloo",
@@ -44,7 +44,7 @@ def _rank_decodes(rank: int, port: int, world: int, rows: int, out: Any) -> None
         latents = torch.randn(2, 4, rows, 6, generator=torch.Generator().manual_seed(1))
         with torch.no_grad():
             whole = vae.decode(latents, return_dict=False)[0]
-            why = split_vae_decode(pipeline, world)
+            why = split_vae_decode(pipeline, world, fused_norms=fused_norms)
             DecodeClock(pipeline, "cpu")  # the engine's clock wraps the joint decode
             with mock.patch.object(dist, "all_reduce", wraps=dist.all_reduce) as reductions:
                 joint = vae.decode(latents, return_dict=False)[0]
@@ -57,9 +57,10 @@ def _rank_decodes(rank: int, port: int, world: int, rows: int, out: Any) -> None
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_ranks_decode_bands_that_make_the_whole_image(world: int) -> None:
-    out = spawn_ranks(world, _rank_decodes, world, 10)
+@pytest.mark.parametrize(("world", "fused_norms"), [(2, True), (3, True), (2, False)])
+def test_ranks_decode_bands_that_make_the_whole_image(world: int, fused_norms: bool) -> None:
+    # fused_norms: this project's BandGroupNorm (as it ships) or DistVAE's own group norms.
+    out = spawn_ranks(world, _rank_decodes, world, 10, fused_norms)
     whole = out[0][1]
     for rank in range(world):
         why, _, joint, reductions, decoder = out[rank]
@@ -73,11 +74,38 @@ def test_ranks_decode_bands_that_make_the_whole_image(world: int) -> None:
 
 
 def test_fewer_latent_rows_than_ranks_decode_whole_on_every_rank() -> None:
-    out = spawn_ranks(3, _rank_decodes, 3, 2)
+    out = spawn_ranks(3, _rank_decodes, 3, 2, True)
     for rank in range(3):
         why, whole, joint, reductions, _ = out[rank]
         assert why is None and reductions == 0
         assert torch.equal(joint, whole)
+
+
+def _rank_normalises(rank: int, port: int, out: Any) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        norm = torch.nn.GroupNorm(8, 32, eps=1e-6)
+        torch.nn.init.normal_(norm.weight)
+        torch.nn.init.normal_(norm.bias)
+        # Two images whose groups sit well off zero: the one-pass variance must still hold.
+        whole = torch.randn(2, 32, 7, 5, generator=torch.Generator().manual_seed(1)) * 3 + 5
+        band = whole[:, :, :4] if rank == 0 else whole[:, :, 4:]
+        norm.parallel_context = SimpleNamespace(group=dist.group.WORLD)  # as DistVAE's norms carry it
+        with torch.no_grad():
+            out[rank] = (
+                BandGroupNorm(norm)(band),
+                norm(whole)[:, :, :4] if rank == 0 else norm(whole)[:, :, 4:],
+            )
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_band_group_norm_is_the_whole_image_group_norm_of_its_rows() -> None:
+    out = spawn_ranks(2, _rank_normalises)
+    for rank in (0, 1):
+        band, expected = out[rank]
+        assert torch.allclose(band, expected, atol=1e-5, rtol=0), (band - expected).abs().max()
 
 
 def test_a_vae_without_an_adapter_keeps_its_decode() -> None:
