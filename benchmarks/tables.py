@@ -242,42 +242,76 @@ def tiers() -> str:
     return "\n\n".join(blocks)
 
 
+# The benchmark's runs on the code as it ships, newest first: the latest, then the one that also measured a
+# group whose leader decodes alone.
+PARALLEL_RUNS = ("h200x2-parallel.json", "h200x2-parallel-decode.json")
+
+
 def parallel() -> str:
-    data = load_json("h200x2-parallel.json")
     rows = []
-    for run in data["runs"]:
-        step_ms = (run["lone_denoise_p50_ms"]) / run["steps"]
-        graphs = "-" if run["parallel"] == 1 else run.get("cuda_graphs", "auto")
-        rows.append(
-            [
-                str(run["parallel"]),
-                run.get("attention") or "-",
-                graphs,
-                str(run.get("worker_count", len(run["workers"]))),
-                f"{run['lone_p50_ms']:.0f}",
-                f"{run['lone_vs_parallel1']:.2f}×",
-                f"{run['lone_denoise_p50_ms']:.0f} (≈ {step_ms:.0f} a step)",
-                f"{run['closed_loop']['images_per_s']:.3f}",
-                f"{run['throughput_vs_parallel1']:.2f}×",
-                f"{run['throughput_vs_one_worker']:.2f}×" if "throughput_vs_one_worker" in run else "–",
-                f"{run['all_ready_s']:.0f}",
-                str(run["lone_failures"] + run["closed_loop"]["failures"]),
-            ]
-        )
+    for name in PARALLEL_RUNS:
+        data = load_json(name)
+        rows += [parallel_row(data["env"]["date"].split()[1], run) for run in data["runs"]]
     header = [
+        "run (UTC)",
         "PARALLEL",
         "PARALLEL_ATTENTION",
         "CUDA_GRAPHS",
+        "PARALLEL_DECODE",
         "workers",
         "lone request p50 ms",
         "× PARALLEL=1 (2 workers)",
         "denoise ms (text encoders + 28 steps)",
+        "decode ms",
+        "WebP encode ms (noise)",
         "closed loop images/s",
         "× PARALLEL=1 (2 workers)",
         "× one worker",
         "cold start s",
         "failures",
     ]
+    return table(header, rows)
+
+
+def parallel_row(started: str, run: dict[str, Any]) -> list[str]:
+    step_ms = (run["lone_denoise_p50_ms"]) / run["steps"]
+    graphs = "-" if run["parallel"] == 1 else run.get("cuda_graphs", "auto")
+    return [
+        started,
+        str(run["parallel"]),
+        run.get("attention") or "-",
+        graphs,
+        run.get("parallel_decode") or "-",
+        str(run.get("worker_count", len(run["workers"]))),
+        f"{run['lone_p50_ms']:.0f}",
+        f"{run['lone_vs_parallel1']:.3f}×",
+        f"{run['lone_denoise_p50_ms']:.0f} (≈ {step_ms:.0f} a step)",
+        f"{run['lone_decode_p50_ms']:.0f}",
+        f"{run['lone_encode_p50_ms']:.0f}",
+        f"{run['closed_loop']['images_per_s']:.3f}",
+        f"{run['throughput_vs_parallel1']:.2f}×",
+        f"{run['throughput_vs_one_worker']:.2f}×" if "throughput_vs_one_worker" in run else "–",
+        f"{run['all_ready_s']:.0f}",
+        str(run["lone_failures"] + run["closed_loop"]["failures"]),
+    ]
+
+
+def split_decode() -> str:
+    data = load_json("h200x2-split-decode.json")
+    results = data["results"]
+    whole = results["whole"]["median_ms"]
+    rows = [
+        [
+            variant,
+            f"{result['median_ms']:.1f}",
+            f"{result['min_ms']:.1f}",
+            f"{result['median_ms'] / whole:.2f}×",
+            str(result["max_levels_from_first"]),
+            f"{result['mean_levels_from_first']:.2f}",
+        ]
+        for variant, result in results.items()
+    ]
+    header = ["variant", "decode median ms", "min ms", "× whole", "max levels from whole", "mean levels"]
     return table(header, rows)
 
 
@@ -550,6 +584,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "encoders": encoders,
     "tiers": tiers,
     "parallel": parallel,
+    "split-decode": split_decode,
     "parallel-profile": parallel_profile,
     "edits": edits,
     "parallel-comm": parallel_comm,
