@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import copy
 import itertools
-import logging
 from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from diffuserve.engine.frames import INNER_DECODE
-
-log = logging.getLogger(__name__)
 
 
 class BandGroupNorm(torch.nn.Module):
@@ -34,8 +32,6 @@ class BandGroupNorm(torch.nn.Module):
         self.group = norm.parallel_context.group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        import torch.distributed as dist
-
         batch, channels = x.shape[:2]
         grouped = x.reshape(batch, self.num_groups, -1)
         count = torch.full_like(grouped[:, :, 0], grouped.shape[-1], dtype=torch.float32)
@@ -81,7 +77,6 @@ def split_vae_decode(pipeline: Any, world_size: int, *, fused_norms: bool = True
     decode = getattr(vae, "decode", None)
     if vae is None or decode is None or world_size < 2:
         return "no VAE decode to split" if world_size > 1 else "one rank: nothing to split"
-    import torch.distributed as dist
     from distvae.vae import decoder_adapter_name, parallelize_decoder
 
     if decoder_adapter_name(vae) is None:
