@@ -6,8 +6,8 @@ worker groups that split each image across GPUs (PARALLEL=2 and, on a 4-GPU host
     python benchmarks/gpu_parallel.py --out /tmp/p --model-repo digits --devices cpu,cpu --size 32 --tier XL
 
 For each PARALLEL value (and for groups, each --attention way of splitting attention, PARALLEL_ATTENTION,
-each --cuda-graphs setting, CUDA_GRAPHS, and each --parallel-decode setting, PARALLEL_DECODE), on the same devices, and with --one-worker also one one-GPU worker
-on the first device (the baseline of throughput scaling): a cold `diffuserve serve` (its own empty cache dir, so each
+each --cuda-graphs setting, CUDA_GRAPHS, and each --parallel-decode setting, PARALLEL_DECODE), on the same
+devices, and with --one-worker also one one-GPU worker on the first device (the baseline of throughput scaling): a cold `diffuserve serve` (its own empty cache dir, so each
 start compiles its own graphs), timed until every worker (group) is ready; one untimed request; then lone
 requests over HTTP one after another (round trip and the server's own split); then a closed loop (each user
 sends its next request when its last is back). Every figure is given next to the PARALLEL=1 figure of the same

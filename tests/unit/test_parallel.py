@@ -4,7 +4,6 @@ decisions that every rank takes alike from its own share of the tokens."""
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any
 
 import pytest
 import torch
@@ -115,12 +114,8 @@ def _rank_falls_back(rank: int, port: int, out) -> None:
         dist.destroy_process_group()
 
 
-def _two_ranks(target: Any, *args: Any) -> dict[Any, Any]:
-    return spawn_ranks(2, target, *args)
-
-
 def test_p2p_falls_back_to_diffusers_ulysses_when_asked() -> None:
-    out = _two_ranks(_rank_falls_back)
+    out = spawn_ranks(2, _rank_falls_back)
     assert out[0] == out[1] == "TemplatedUlyssesAttention"
 
 
@@ -143,7 +138,7 @@ def test_ranks_decide_on_the_whole_image_from_their_shares() -> None:
     current[0] += 0.05 * torch.randn(64, 8, generator=generator)
     current[1, 32:] += 0.5
     whole = torch.tensor(_relative_l1(current, reference))
-    out = _two_ranks(_rank_decides, current, reference)
+    out = spawn_ranks(2, _rank_decides, current, reference)
     assert torch.allclose(out[0], whole, rtol=1e-5) and torch.equal(out[0], out[1])
     assert out[0][1] > 0 and out[0][2] == 0
 
@@ -180,7 +175,7 @@ def _rank_runs_both_exchanges(rank: int, port: int, out) -> None:
 
 
 def test_one_exchange_for_q_k_and_v_gives_the_same_latents_as_diffusers_three() -> None:
-    out = _two_ranks(_rank_runs_both_exchanges)
+    out = spawn_ranks(2, _rank_runs_both_exchanges)
     for rank in (0, 1):
         reference, diffusers_calls = out[(rank, "diffusers")]
         latents, fused_calls = out[(rank, "fused")]
