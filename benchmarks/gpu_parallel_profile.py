@@ -1,7 +1,8 @@
 """Where a context-parallel denoising step spends its time: one worker group's ranks, profiled on rank 0.
 
     python benchmarks/gpu_parallel_profile.py --out $OUT            # 2 GPUs, random FLUX.1-dev, tier L, 1024²
-    python benchmarks/gpu_parallel_profile.py --out /tmp/pp --model-repo digits --tier XL --size 32 --cpu
+    python benchmarks/gpu_parallel_profile.py --out /tmp/pp --model-repo digits --tier XL --size 32 --cpu \
+        --attention ulysses
 
 Each rank joins the group as a server's worker does (diffuserve.engine.parallel), builds the pipeline and
 applies the tier, splits the transformer as a group does (by default as PARALLEL_ATTENTION=auto does with CUDA
@@ -33,16 +34,22 @@ sys.path.insert(0, str(ROOT / "src"))
 
 # In this order: cuDNN's attention kernels also carry "sm90" in their names.
 KINDS = {
-    # symmetric_memory: ulysses-p2p's signal kernels, which wait for the peer as a collective does.
+    # symmetric_memory: the p2p exchanges' signal kernels, which wait for the peer as a collective does.
     "collective": ("nccl", "alltoall", "all_to_all", "allreduce", "all_reduce", "gloo", "symmetric_memory"),
     "attention": ("flash", "fmha", "attention", "sdpa", "cudnn"),
     "matmul": ("gemm", "matmul", "cutlass", "scaled_mm", "xmma", "nvjet", "sm90", "addmm", "mm_"),
 }
 
 
+# The p2p exchanges' custom operators, after which inductor may name the kernels next to them (it named
+# ulysses-p2p's norm/rotary kernels so): those kernels are not attention.
+P2P_OPERATORS = ("ulysses_p2p_attention", "ring_p2p_attention")
+
+
 def kind_of(name: str) -> str:
-    # Inductor names the norm/rotary kernels that feed ulysses-p2p's operator after it: not attention.
-    lowered = name.lower().replace("ulysses_p2p_attention", "")
+    lowered = name.lower()
+    for operator in P2P_OPERATORS:
+        lowered = lowered.replace(operator, "")
     for kind, marks in KINDS.items():
         if any(mark in lowered for mark in marks):
             return kind
@@ -218,9 +225,10 @@ def main() -> int:
     parser.add_argument("--cpu", action="store_true", help="gloo between CPU processes (a dry run)")
     parser.add_argument(
         "--attention",
-        default="ulysses-p2p",
+        default="ring-p2p",
         help="PARALLEL_ATTENTION of the group; the default is what `auto` gives a group with CUDA graphs "
-        "(this profile runs without them: a kernel's device time is the same)",
+        "(this profile runs without them: a kernel's device time is the same); ring-p2p and ulysses-p2p "
+        "need GPUs, so a --cpu dry run takes ulysses",
     )
     parser.add_argument(
         "--top", type=int, default=60, help="kernels listed, by the largest of the three times"
