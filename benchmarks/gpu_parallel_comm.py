@@ -39,6 +39,7 @@ Raw output: --out/comm.json.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -82,6 +83,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "p2p-engine-chunks-graphs": {"attention": "ulysses-p2p", "graphs": True, "p2p": ("copy-engine", 2)},
     "ring-p2p-graphs": {"attention": "ring-p2p", "graphs": True},
     "ring-p2p-flash-graphs": {"attention": "ring-p2p", "graphs": True, "kernel": "flash"},
+    "ring-p2p-traced-merge-graphs": {"attention": "ring-p2p", "graphs": True, "merge": "traced"},
+    "ring-p2p-combo-graphs": {"attention": "ring-p2p", "graphs": True, "inductor": {"combo_kernels": True}},
 }
 NCCL_ENVS: dict[str, dict[str, str]] = {
     "default": {},
@@ -321,7 +324,7 @@ def timeline(trace_path: Path, steps: int) -> dict[str, Any]:
     by_name: dict[str, list[float]] = {}
     for e in kernels:
         by_name.setdefault(e["name"][:100], []).append(float(e["dur"]))
-    top = sorted(by_name.items(), key=lambda item: -sum(item[1]))[:15]
+    top = sorted(by_name.items(), key=lambda item: -sum(item[1]))[:TOP_KERNELS]
     return {
         "gpu_span_ms_per_step": round((last - first) / per_step, 2),
         "compute_ms_per_step": round(busy_compute / per_step, 2),
@@ -341,7 +344,95 @@ def timeline(trace_path: Path, steps: int) -> dict[str, Any]:
             }
             for name, durations in top
         ],
+        "main_stream": stream_gaps(kernels, steps),
     }
+
+
+def stream_gaps(kernels: list[dict], steps: int) -> dict[str, Any]:
+    """Each stream's kernel time per step; for the stream that runs the most of it, its idle time between
+    kernels per step, by the kernel that ended before it and by the kernel that started after it (what the
+    stream waited on: a dependency on another stream, a peer, or a launch). Without CUDA graphs that is the
+    compute stream; a graph's replay spreads its kernels over streams of its own (one per block's worth in
+    the traces of run 16), so with graphs the busiest stream is the eager one around them."""
+    by_stream: dict[Any, list[dict]] = {}
+    for e in kernels:
+        by_stream.setdefault(e.get("tid"), []).append(e)
+    busy = {k: sum(float(e["dur"]) for e in v) for k, v in by_stream.items()}
+    main = max(busy, key=lambda k: busy[k])
+    ordered = sorted(by_stream[main], key=lambda e: float(e["ts"]))
+    after: Counter[str] = Counter()
+    before: Counter[str] = Counter()
+    gaps: list[float] = []
+    for prev, nxt in itertools.pairwise(ordered):
+        gap = float(nxt["ts"]) - (float(prev["ts"]) + float(prev["dur"]))
+        if gap <= 0:
+            continue
+        gaps.append(gap)
+        after[prev["name"][:90]] += gap
+        before[nxt["name"][:90]] += gap
+    per_step = 1000.0 * steps
+
+    def table(counter: Counter[str]) -> list[list[Any]]:
+        return [[name, round(us / per_step, 3)] for name, us in counter.most_common(TOP_GAPS)]
+
+    return {
+        "streams_busy_ms_per_step": {str(k): round(v / per_step, 2) for k, v in busy.items()},
+        "kernels_per_step": round(len(ordered) / steps, 1),
+        "busy_ms_per_step": round(busy[main] / per_step, 2),
+        "idle_ms_per_step": round(sum(gaps) / per_step, 2),
+        "idle_gaps_over_5us_per_step": round(sum(1 for g in gaps if g > 5) / steps, 1),
+        "idle_in_gaps_over_5us_ms_per_step": round(sum(g for g in gaps if g > 5) / per_step, 2),
+        "idle_before": table(before),
+        "idle_after": table(after),
+    }
+
+
+# The kernels and the idle time a profiled call's summary lists.
+TOP_KERNELS = 40
+TOP_GAPS = 15
+
+
+def profile_call(pipe: Any, loaded: Any, args: argparse.Namespace, device: str) -> Any:
+    """A profiled call of --profile-steps steps, kernels only on a GPU (CPU events would swell the trace and
+    slow the profiled call further)."""
+    import torch
+
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.startswith("cuda"):
+        activities = [torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        pipe(**call_kwargs(loaded, args.size, args.profile_steps))
+        sync(device)
+    return prof
+
+
+def summarise_trace(prof: Any, args: argparse.Namespace, out: Path, name: str) -> dict[str, Any]:
+    trace = out / f"trace-{name}.json"
+    prof.export_chrome_trace(str(trace))
+    # The profiled call has 1 more transformer call's worth of set-up; per step is close enough.
+    summary = timeline(trace, args.profile_steps)
+    if args.keep_traces:
+        subprocess.run(["gzip", "-f", str(trace)], check=False)
+    else:
+        trace.unlink()
+    return summary
+
+
+def inductor_kernels(cache_dir: str, pattern: str) -> str:
+    """The source of every Triton kernel inductor generated whose name holds `pattern`, from the compile
+    cache's output code (to read what a fused kernel does)."""
+    found: dict[str, str] = {}
+    for path in Path(cache_dir).rglob("*.py"):
+        text = path.read_text(errors="replace")
+        start = 0
+        while (index := text.find("async_compile.triton('", start)) >= 0:
+            name_end = text.find("'", index + 22)
+            name = text[index + 22 : name_end]
+            end = text.find("''')", name_end)
+            start = name_end if end < 0 else end
+            if pattern in name and name not in found:
+                found[name] = text[index:end]
+    return "\n\n".join(f"# {path}\n{source}" for path, source in sorted(found.items()))
 
 
 def variant_rank(rank: int, args: argparse.Namespace, port: int, out: Path, name: str) -> None:
@@ -360,6 +451,11 @@ def variant_rank(rank: int, args: argparse.Namespace, port: int, out: Path, name
 
         inductor_config.reorder_for_compute_comm_overlap = True
         inductor_config.reorder_for_compute_comm_overlap_passes = RECOMMENDED_PASSES
+    if options.get("inductor"):
+        import torch._inductor.config as inductor_config
+
+        for key, value in options["inductor"].items():
+            setattr(inductor_config, key, value)
     if options.get("autotune"):
         import torch._inductor.config as inductor_config
 
@@ -391,6 +487,9 @@ def variant_rank(rank: int, args: argparse.Namespace, port: int, out: Path, name
                 pipe, model, loaded, args, device, group=False
             )
             result["one_device_graphs_replays"] = hook.replays
+            result["one_device_graphs_profiled"] = summarise_trace(
+                profile_call(pipe, loaded, args, device), args, out, f"{name}-one-device"
+            )
             # The group's graphs must hold its collectives: the hook goes back on after the split.
             HookRegistry.check_if_exists_or_initialize(model).remove_hook(HOOK_NAME, recurse=False)
             del hook
@@ -407,7 +506,8 @@ def variant_rank(rank: int, args: argparse.Namespace, port: int, out: Path, name
         from diffuserve.engine import ring_p2p
 
         ring_p2p.KERNEL = options.get("kernel", ring_p2p.KERNEL)
-        result["ring_p2p"] = {"kernel": ring_p2p.KERNEL}
+        ring_p2p.MERGE = options.get("merge", ring_p2p.MERGE)
+        result["ring_p2p"] = {"kernel": ring_p2p.KERNEL, "merge": ring_p2p.MERGE}
     parallelize(loaded, args.ranks, options["attention"], timeout_s=60.0)
     group_hook = enable_cuda_graphs(model) if options.get("graphs") else None
     from torch._dynamo.utils import counters
@@ -423,20 +523,13 @@ def variant_rank(rank: int, args: argparse.Namespace, port: int, out: Path, name
     if group_hook is not None:
         result["group_graph_replays"] = group_hook.replays
         result["group_graphs_disabled"] = group_hook.disabled
-    # Kernels only on a GPU: CPU events would swell the trace and slow the profiled call further.
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if device.startswith("cuda"):
-        activities = [torch.profiler.ProfilerActivity.CUDA]
-    with torch.profiler.profile(activities=activities) as prof:
-        pipe(**call_kwargs(loaded, args.size, args.profile_steps))
-        sync(device)
+    prof = profile_call(pipe, loaded, args, device)
     if rank == 0:
-        trace = out / f"trace-{name}.json"
-        prof.export_chrome_trace(str(trace))
-        # The profiled call has 1 more transformer call's worth of set-up; per step is close enough.
-        result["profiled"] = timeline(trace, args.profile_steps)
-        if not args.keep_traces:
-            trace.unlink()
+        result["profiled"] = summarise_trace(prof, args, out, name)
+        if args.inductor_code:
+            code = inductor_kernels(args.cache_dir, args.inductor_code)
+            (out / f"kernels-{name}.py.txt").write_text(code)
+            result["inductor_kernels_found"] = code.count("async_compile.triton(")
         (out / f"variant-{name}.json").write_text(json.dumps(result))
     if group_hook is not None:
         group_hook.release()  # NCCL's teardown hangs while a graph holds its collectives
@@ -493,6 +586,11 @@ def main() -> int:
     parser.add_argument("--one-device", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument(
         "--keep-traces", action="store_true", help="keep rank 0's profiler trace of each variant in --out"
+    )
+    parser.add_argument(
+        "--inductor-code",
+        default="",
+        help="write the source of the Triton kernels inductor generated whose names hold this to --out",
     )
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()

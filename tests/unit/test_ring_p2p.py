@@ -121,3 +121,25 @@ def test_the_operator_traces_with_a_part_per_rank() -> None:
     for out, lse in zip(parts[::2], parts[1::2], strict=True):
         assert out.shape == query.shape and out.dtype == torch.bfloat16 and out.is_contiguous()
         assert lse.shape == (2, 8, 16) and lse.dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    ("have_triton", "head_dim", "expected"),
+    [(True, 128, True), (True, 64, True), (True, 96, False), (True, 8, False), (False, 128, False)],
+)
+def test_the_merge_kernel_takes_power_of_two_heads_where_triton_is(
+    monkeypatch: pytest.MonkeyPatch, have_triton: bool, head_dim: int, expected: bool
+) -> None:
+    from diffuserve.engine import ring_merge
+
+    monkeypatch.setattr(ring_merge, "HAVE_TRITON", have_triton)
+    assert ring_merge.mergeable(head_dim) is expected
+
+
+def test_merge_pair_without_triton_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    from diffuserve.engine import ring_merge
+
+    monkeypatch.setattr(ring_merge, "_kernel", lambda: None)
+    parts = [torch.zeros(1, 2, 4, 16), torch.zeros(1, 2, 4)] * 2
+    with pytest.raises(RuntimeError, match="Triton"):
+        ring_merge.merge_pair(*parts)

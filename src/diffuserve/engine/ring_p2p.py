@@ -10,14 +10,20 @@ from typing import Any
 import torch
 
 from diffuserve.engine.dispatch_override import RING, install_override
+from diffuserve.engine.ring_merge import merge_pair, mergeable
 from diffuserve.engine.symmetric import ExchangeCache, rendezvous
 
 OP_NAME = "diffuserve::ring_p2p_attention"
+MERGED_OP_NAME = "diffuserve::ring_p2p_merged_attention"
 # Signal channels: ACK, a peer has read what this rank last wrote into its inbox; DATA, a peer's K and V are in.
 ACK, DATA = 0, 1
 # The attention kernel, which gives the log-sum-exp the merge needs: "cudnn" (what SDPA picks on an H200 for
 # these shapes) or "flash"; the benchmarks set it to compare.
 KERNEL = "cudnn"
+# Where a group of two merges its two partial attentions: "kernel", inside the operator by one Triton kernel
+# (diffuserve.engine.ring_merge); "traced", by `merge` in traced code, which inductor fuses into the next
+# layer's fp8 quantisation. The benchmarks set it to compare.
+MERGE = "kernel"
 # This process's exchanges and their timeout, set by install_ring_p2p.
 _INSTALLED: dict[str, Any] = {}
 
@@ -190,6 +196,23 @@ def _(
     return parts
 
 
+@torch.library.custom_op(MERGED_OP_NAME, mutates_args=())
+def ring_p2p_merged_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None
+) -> torch.Tensor:
+    """Ring attention of one rank of a group of two, merged: [B, S, H, D] from its [B, H, S_local, D] Q, K
+    and V (`ring_p2p_attention` with the merge inside, by `merge_pair`)."""
+    state = _state()
+    exchange = state["exchanges"].for_call(key)
+    return merge_pair(*exchange.attention(query, key, value, scale, state["timeout_ms"]))
+
+
+@ring_p2p_merged_attention.register_fake
+def _(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None) -> torch.Tensor:
+    batch, heads, seq, _ = query.shape
+    return query.new_empty((batch, seq, heads, value.shape[-1]))
+
+
 def install_ring_p2p(group: Any, timeout_s: float) -> None:
     """Ring attention through `ring_p2p_attention` (`P2PRingAttention`) from now on, in this process, for
     `group`; `timeout_s` bounds a wait for a peer that stopped, after which the rank fails instead of
@@ -249,6 +272,8 @@ def _ring_class(attention_dispatch: Any) -> Any:
             world = _parallel_config.context_parallel_config.ring_degree
             # [B, S, H, D] -> [B, H, S, D], dense: in traced code, so inductor writes them that way at once.
             query, key, value = (x.transpose(1, 2).contiguous() for x in (query, key, value))
+            if world == 2 and MERGE == "kernel" and mergeable(query.shape[-1]):
+                return torch.ops.diffuserve.ring_p2p_merged_attention(query, key, value, scale)
             parts = torch.ops.diffuserve.ring_p2p_attention(query, key, value, scale, world)
             return merge(parts)
 
