@@ -25,14 +25,18 @@
    p2p-graphs while the copy engine in two chunks was the default); ring-p2p-graphs = PARALLEL_ATTENTION=ring-p2p
    (K and V written into the peers' memory by copy engine while each rank attends over its own,
    diffuserve.engine.ring_p2p) with graphs, its attention by cuDNN as it ships; ring-p2p-flash-graphs = the
-   same with flash attention (run 13 also put K and V on two copy streams, with the code of commit a96be77).
+   same with flash attention (run 13 also put K and V on two copy streams, with the code of commit a96be77);
+   ring-p2p-traced-merge-graphs = ring-p2p-graphs with the partial attentions merged in traced code (which
+   inductor fuses into the next layer) instead of by the merge kernel; ring-p2p-combo-graphs = ring-p2p-graphs
+   with inductor's combo kernels.
    For each: the median step, a whole call of --call-steps steps (latents out), graph breaks, the CPU time
    to enqueue one transformer call against the time until the GPU has run it (near equal where the CPU sets the
    pace), and from a profiled call, per step, the time some kernel computes, the time only a collective runs
    (communication not hidden) and the time no kernel runs at all (launch gaps), with the kernels launched,
-   the device copies' time (copy engines run no kernel) and the 15 kernels that take the most time. The
-   first variant also times the same steps on rank 0's GPU alone, before the split: the one-GPU figure of
-   the same run (unless --no-one-device).
+   the device copies' time (copy engines run no kernel), the 40 kernels that take the most time, each
+   stream's kernel time and the busiest stream's idle gaps. The first variant also times the same steps on
+   rank 0's GPU alone, before the split: the one-GPU figure of the same run (unless --no-one-device), and
+   with graphs profiles that GPU's graphed call too.
 Raw output: --out/comm.json.
 """
 
@@ -418,23 +422,6 @@ def summarise_trace(prof: Any, args: argparse.Namespace, out: Path, name: str) -
     return summary
 
 
-def inductor_kernels(cache_dir: str, pattern: str) -> str:
-    """The source of every Triton kernel inductor generated whose name holds `pattern`, from the compile
-    cache's output code (to read what a fused kernel does)."""
-    found: dict[str, str] = {}
-    for path in Path(cache_dir).rglob("*.py"):
-        text = path.read_text(errors="replace")
-        start = 0
-        while (index := text.find("async_compile.triton('", start)) >= 0:
-            name_end = text.find("'", index + 22)
-            name = text[index + 22 : name_end]
-            end = text.find("''')", name_end)
-            start = name_end if end < 0 else end
-            if pattern in name and name not in found:
-                found[name] = text[index:end]
-    return "\n\n".join(f"# {path}\n{source}" for path, source in sorted(found.items()))
-
-
 def variant_rank(rank: int, args: argparse.Namespace, port: int, out: Path, name: str) -> None:
     import torch
     from diffusers.hooks import HookRegistry
@@ -526,10 +513,6 @@ def variant_rank(rank: int, args: argparse.Namespace, port: int, out: Path, name
     prof = profile_call(pipe, loaded, args, device)
     if rank == 0:
         result["profiled"] = summarise_trace(prof, args, out, name)
-        if args.inductor_code:
-            code = inductor_kernels(args.cache_dir, args.inductor_code)
-            (out / f"kernels-{name}.py.txt").write_text(code)
-            result["inductor_kernels_found"] = code.count("async_compile.triton(")
         (out / f"variant-{name}.json").write_text(json.dumps(result))
     if group_hook is not None:
         group_hook.release()  # NCCL's teardown hangs while a graph holds its collectives
@@ -586,11 +569,6 @@ def main() -> int:
     parser.add_argument("--one-device", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument(
         "--keep-traces", action="store_true", help="keep rank 0's profiler trace of each variant in --out"
-    )
-    parser.add_argument(
-        "--inductor-code",
-        default="",
-        help="write the source of the Triton kernels inductor generated whose names hold this to --out",
     )
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -43,7 +43,7 @@ KINDS = {
 
 # The p2p exchanges' custom operators, after which inductor may name the kernels next to them (it named
 # ulysses-p2p's norm/rotary kernels so): those kernels are not attention.
-P2P_OPERATORS = ("ulysses_p2p_attention", "ring_p2p_attention")
+P2P_OPERATORS = ("ulysses_p2p_attention", "ring_p2p_merged_attention", "ring_p2p_attention")
 
 
 def kind_of(name: str) -> str:

@@ -242,9 +242,9 @@ def tiers() -> str:
     return "\n\n".join(blocks)
 
 
-# The benchmark's runs on the code as it ships, newest first: the latest, then the one that also measured a
-# group whose leader decodes alone.
-PARALLEL_RUNS = ("h200x2-parallel.json", "h200x2-parallel-decode.json")
+# The benchmark's runs on the code as it ships, in the order they ran: two alike, then one that also measured
+# a group whose leader decodes alone.
+PARALLEL_RUNS = ("h200x2-parallel.json", "h200x2-parallel-repeat.json", "h200x2-parallel-decode.json")
 
 
 def parallel() -> str:
@@ -442,7 +442,9 @@ COMM_RUNS = (
     "h200x2-parallel-comm-run13.json",
     "h200x2-parallel-comm-run14.json",
     "h200x2-parallel-comm-run15.json",
+    "h200x2-parallel-comm-run16.json",
 )
+RING_MERGES = {"traced": "merge in traced code", "kernel": "merge kernel"}
 # ring-p2p rows of the runs whose attention stream waited for the peers' K and V with a signal kernel of its
 # own (since run 14 the side stream waits and the attention stream waits on its event).
 RING_P2P_WAIT_IN_ATTENTION_STREAM = {"h200x2-parallel-comm-run12.json", "h200x2-parallel-comm-run13.json"}
@@ -466,7 +468,10 @@ def comm_label(variant: str, result: dict[str, Any], run: str = "") -> str:
         ]
         if run in RING_P2P_WAIT_IN_ATTENTION_STREAM:
             how.append("waits in the attention stream")
-        return f"ring-p2p ({', '.join(how)})" + (" + CUDA graphs" if "graphs" in variant else "")
+        # Runs before 16 merged the partial attentions in traced code (they did not record it).
+        how.append(RING_MERGES[ring.get("merge", "traced")])
+        extra = " + inductor combo kernels" if "combo" in variant else ""
+        return f"ring-p2p ({', '.join(how)})" + (" + CUDA graphs" if "graphs" in variant else "") + extra
     label = COMM_VARIANTS.get(variant, variant)
     if "overlap" in variant and not result.get("inductor_passes"):
         # Runs before the variants named inductor's passes set the flag alone, which runs none by default.
@@ -533,6 +538,53 @@ def parallel_comm() -> str:
     return table(header, rows)
 
 
+# Run 16's kernels by what runs them: names, not gpu_parallel_profile's kinds, which count inductor's
+# quantisation kernels (named after the _scaled_mm they feed) as matrix products.
+KERNEL_SOURCES = (
+    ("cuBLAS matrix products", ("nvjet", "xmma_gemm")),
+    ("cuDNN attention", ("cudnn_generated",)),
+    ("Triton (inductor's fused kernels, the merge)", ("triton_", "merge_pair_kernel")),
+    ("peer signals", ("symmetric_memory",)),
+)
+
+
+def kernel_source(name: str) -> str:
+    for source, marks in KERNEL_SOURCES:
+        if any(mark in name for mark in marks):
+            return source
+    return "the rest (PyTorch's own kernels)"
+
+
+def graphed_kernels() -> str:
+    """Run 16's profiled calls with CUDA graphs, one GPU and the group's variants: the listed kernels' time
+    per step by what runs them."""
+    data = load_json("h200x2-parallel-comm-run16.json")
+    variants = data["variants"]
+    first = next(iter(variants.values()))
+    calls = {"one GPU + CUDA graphs": first["one_device_graphs_profiled"]}
+    calls |= {comm_label(name, v): v["profiled"] for name, v in variants.items()}
+    sources = [source for source, _ in KERNEL_SOURCES] + ["the rest (PyTorch's own kernels)"]
+    rows = []
+    for label, profiled in calls.items():
+        by_source = dict.fromkeys(sources, 0.0)
+        for kernel in profiled["top_kernels"]:
+            by_source[kernel_source(kernel["name"])] += kernel["ms_per_step"]
+        rows.append(
+            [label]
+            + [f"{by_source[source]:.1f}" for source in sources]
+            + [f"{profiled['compute_ms_per_step']:.1f}", f"{profiled['kernels_per_step']:.0f}"]
+        )
+    header = [
+        "call",
+        *(f"{source} ms/step" for source in sources),
+        "some kernel runs ms/step",
+        "kernels/step",
+    ]
+    listed = len(first["one_device_graphs_profiled"]["top_kernels"])
+    intro = f"Run 16, the {listed} largest kernels of each profiled call, per step:\n\n"
+    return intro + table(header, rows)
+
+
 def parallel_collectives() -> str:
     rows = []
 
@@ -588,6 +640,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "parallel-profile": parallel_profile,
     "edits": edits,
     "parallel-comm": parallel_comm,
+    "graphed-kernels": graphed_kernels,
     "parallel-collectives": parallel_collectives,
     "comm-order": comm_order,
 }
