@@ -32,13 +32,9 @@ def merge_pair(
     merged = out0.new_empty((batch, seq, heads, head_dim))
     rows = batch * heads * seq
     block_rows = 16
-    grid = (triton_cdiv(rows, block_rows),)
+    grid = ((rows + block_rows - 1) // block_rows,)
     kernel[grid](out0, lse0, out1, lse1, merged, rows, seq, heads, HEAD_DIM=head_dim, ROWS=block_rows)
     return merged
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 @cache

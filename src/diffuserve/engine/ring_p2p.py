@@ -166,10 +166,15 @@ class RingExchange:
         return parts
 
 
-def _state() -> dict[str, Any]:
+def _partial_attentions(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None
+) -> list[torch.Tensor]:
+    """[out, lse] of this rank's Q over its own K and V, then over each peer's, through this process's
+    exchange for calls of this size."""
     if "exchanges" not in _INSTALLED:
         raise RuntimeError("ring-p2p attention runs only after install_ring_p2p(group)")
-    return _INSTALLED
+    exchange = _INSTALLED["exchanges"].for_call(key)
+    return exchange.attention(query, key, value, scale, _INSTALLED["timeout_ms"])
 
 
 @torch.library.custom_op(OP_NAME, mutates_args=())
@@ -180,9 +185,7 @@ def ring_p2p_attention(
     K and V, then over each of the `world` - 1 peers'. An opaque operator to torch.compile (its exchange is
     set-up state and barriers that cannot be traced); `merge` combines the parts in traced code, where
     inductor fuses it with the layers around it."""
-    state = _state()
-    exchange = state["exchanges"].for_call(key)
-    return exchange.attention(query, key, value, scale, state["timeout_ms"])
+    return _partial_attentions(query, key, value, scale)
 
 
 @ring_p2p_attention.register_fake
@@ -202,9 +205,7 @@ def ring_p2p_merged_attention(
 ) -> torch.Tensor:
     """Ring attention of one rank of a group of two, merged: [B, S, H, D] from its [B, H, S_local, D] Q, K
     and V (`ring_p2p_attention` with the merge inside, by `merge_pair`)."""
-    state = _state()
-    exchange = state["exchanges"].for_call(key)
-    return merge_pair(*exchange.attention(query, key, value, scale, state["timeout_ms"]))
+    return merge_pair(*_partial_attentions(query, key, value, scale))
 
 
 @ring_p2p_merged_attention.register_fake
