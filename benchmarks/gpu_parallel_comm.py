@@ -78,7 +78,13 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "ulysses-overlap-graphs": {"attention": "ulysses-diffusers", "overlap": True, "graphs": True},
     "ring-overlap-graphs": {"attention": "ring", "overlap": True, "graphs": True},
     "fused-overlap-graphs": {"attention": "ulysses", "overlap": True, "graphs": True},
-    "fused-autotune-graphs": {"attention": "ulysses", "autotune": True, "graphs": True},
+    # Inductor's GEMM choices (Triton templates against cuBLAS) benchmarked per shape at compile time, without
+    # max-autotune's own CUDA graphs (the hook captures its own).
+    "fused-autotune-graphs": {
+        "attention": "ulysses",
+        "inductor": {"max_autotune_gemm": True},
+        "graphs": True,
+    },
     "p2p": {"attention": "ulysses-p2p"},
     "p2p-graphs": {"attention": "ulysses-p2p", "graphs": True},
     "p2p-kernel-graphs": {"attention": "ulysses-p2p", "graphs": True, "p2p": ("kernel", 1)},
@@ -443,12 +449,6 @@ def variant_rank(rank: int, args: argparse.Namespace, port: int, out: Path, name
 
         for key, value in options["inductor"].items():
             setattr(inductor_config, key, value)
-    if options.get("autotune"):
-        import torch._inductor.config as inductor_config
-
-        # Benchmark inductor's GEMM choices (Triton templates against cuBLAS) per shape at compile time,
-        # without max-autotune's own CUDA graphs (the hook captures its own).
-        inductor_config.max_autotune_gemm = True
     weights = "pretrained" if args.model_repo == "digits" else "random"
     loaded = load_pipeline(args.model_repo, device=device, dtype_name="auto", weights=weights, hf_token=None)
     pipe = loaded.pipeline
