@@ -28,15 +28,18 @@
    same with flash attention (run 13 also put K and V on two copy streams, with the code of commit a96be77);
    ring-p2p-traced-merge-graphs = ring-p2p-graphs with the partial attentions merged in traced code (which
    inductor fuses into the next layer) instead of by the merge kernel; ring-p2p-combo-graphs = ring-p2p-graphs
-   with inductor's combo kernels.
+   with inductor's combo kernels; ring-p2p-per-step-modulation-graphs = ring-p2p-graphs with FLUX's AdaLN
+   modulation computed at each step (as before run 17) instead of from per-call tables
+   (diffuserve.engine.modulation); with --one-device-each one GPU alone is timed under each variant's settings.
    For each: the median step, a whole call of --call-steps steps (latents out), graph breaks, the CPU time
    to enqueue one transformer call against the time until the GPU has run it (near equal where the CPU sets the
    pace), and from a profiled call, per step, the time some kernel computes, the time only a collective runs
    (communication not hidden) and the time no kernel runs at all (launch gaps), with the kernels launched,
    the device copies' time (copy engines run no kernel), the 40 kernels that take the most time, each
    stream's kernel time and the busiest stream's idle gaps. The first variant also times the same steps on
-   rank 0's GPU alone, before the split: the one-GPU figure of the same run (unless --no-one-device), and
-   with graphs profiles that GPU's graphed call too.
+   rank 0's GPU alone, before the split: the one-GPU figure of the same run (unless --no-one-device; with
+   --one-device-each every variant does, under its own settings), and with graphs profiles that GPU's graphed
+   call too.
 Raw output: --out/comm.json.
 """
 
@@ -95,6 +98,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "ring-p2p-flash-graphs": {"attention": "ring-p2p", "graphs": True, "kernel": "flash"},
     "ring-p2p-traced-merge-graphs": {"attention": "ring-p2p", "graphs": True, "merge": "traced"},
     "ring-p2p-combo-graphs": {"attention": "ring-p2p", "graphs": True, "inductor": {"combo_kernels": True}},
+    "ring-p2p-per-step-modulation-graphs": {"attention": "ring-p2p", "graphs": True, "modulation": False},
 }
 NCCL_ENVS: dict[str, dict[str, str]] = {
     "default": {},
@@ -429,13 +433,16 @@ def summarise_trace(prof: Any, args: argparse.Namespace, out: Path, name: str) -
 
 
 def variant_rank(rank: int, args: argparse.Namespace, port: int, out: Path, name: str) -> None:
+    from dataclasses import replace
+
     import torch
     from diffusers.hooks import HookRegistry
 
     from diffuserve.engine.graphs import HOOK_NAME, enable_cuda_graphs
     from diffuserve.engine.loader import load_pipeline
+    from diffuserve.engine.modulation import ATTRIBUTE as MODULATION
     from diffuserve.engine.parallel import close_group, parallelize
-    from diffuserve.engine.tiers import Tier, apply_tier, denoiser_of
+    from diffuserve.engine.tiers import apply_recipe, denoiser_of, recipe_for
 
     options = VARIANTS[name]
     device = join(rank, args, port)
@@ -453,7 +460,8 @@ def variant_rank(rank: int, args: argparse.Namespace, port: int, out: Path, name
     loaded = load_pipeline(args.model_repo, device=device, dtype_name="auto", weights=weights, hf_token=None)
     pipe = loaded.pipeline
     pipe.set_progress_bar_config(disable=True)
-    apply_tier(pipe, Tier(args.tier), device=device, cache_dir=args.cache_dir)
+    recipe = replace(recipe_for(args.tier), step_modulation=options.get("modulation", True))
+    apply_recipe(pipe, recipe, device=device, cache_dir=args.cache_dir)
     model = denoiser_of(pipe)
     result: dict[str, Any] = {"variant": name, "ranks": args.ranks, "device": device, "tier": args.tier}
     if options.get("overlap"):
@@ -507,6 +515,9 @@ def variant_rank(rank: int, args: argparse.Namespace, port: int, out: Path, name
     result["group_step_ms"] = step_ms(pipe, loaded, args, device)
     result["group_call_ms"] = call_ms(pipe, loaded, args, device)
     result["group_enqueue"] = enqueue_vs_run(pipe, model, loaded, args, device, group=True)
+    tables = getattr(model, MODULATION, None)
+    if tables is not None:
+        result["modulation"] = {"lookups": tables.lookups, "computed": tables.computed}
     if group_hook is not None:
         result["group_graph_replays"] = group_hook.replays
         result["group_graphs_disabled"] = group_hook.disabled
@@ -535,6 +546,8 @@ def child(
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {args.child_timeout} s"}
     wall = round(time.perf_counter() - started, 1)
+    if args.keep_traces:  # with the traces, what the child printed: inductor's autotuning tables among it
+        (out / f"stderr-{what}.log").write_text(done.stderr[-1_000_000:])
     path = out / ("collectives.json" if what == "collectives" else f"variant-{what}.json")
     if done.returncode != 0 or not path.exists():
         return {"error": f"exit {done.returncode}", "stderr_tail": done.stderr[-3000:], "wall_s": wall}
@@ -568,7 +581,14 @@ def main() -> int:
     )
     parser.add_argument("--one-device", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument(
-        "--keep-traces", action="store_true", help="keep rank 0's profiler trace of each variant in --out"
+        "--one-device-each",
+        action="store_true",
+        help="time one GPU alone in every variant (for variants whose settings change one GPU's kernels too)",
+    )
+    parser.add_argument(
+        "--keep-traces",
+        action="store_true",
+        help="keep rank 0's profiler trace and the stderr of each variant in --out",
     )
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -609,7 +629,8 @@ def main() -> int:
             first = runs[0][1]
             runs.append((f"{first}+{best}", first, NCCL_ENVS[best]))
     for index, (label, name, env) in enumerate(runs):
-        results["variants"][label] = child(args, name, env, [] if index == 0 else ["--no-one-device"])
+        alone = index == 0 or args.one_device_each
+        results["variants"][label] = child(args, name, env, [] if alone else ["--no-one-device"])
         log(f"variant {label}: {json.dumps(results['variants'][label])}")
         save()
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from diffuserve.engine.modulation import enable_step_modulation
 from diffuserve.engine.tiers.cache import (
     StepCacheOptions,
     denoiser_of,
@@ -72,6 +73,8 @@ def apply_recipe(pipeline: Any, recipe: Recipe, *, device: str, cache_dir: str) 
             compile_repeated_blocks(model, notes, mode=recipe.compile_mode, options=recipe.compile_options)
         else:
             notes.append(f"torch.compile: skipped, {why}")
+    if recipe.step_modulation:
+        enable_step_modulation(pipeline, notes)
     if recipe.step_cache is not None:
         if supports_step_cache(model):
             enable_pipeline_step_cache(pipeline, recipe.step_cache)

@@ -41,6 +41,9 @@ class Recipe:
     # Passed to torch.compile through diffusers' compile_repeated_blocks; None keeps torch's default mode.
     compile_mode: str | None = None
     compile_options: dict[str, Any] | None = None
+    # FLUX's AdaLN modulation computed once per call for all its steps, looked up at each step
+    # (diffuserve.engine.modulation): the same products, batched.
+    step_modulation: bool = True
 
     def validate(self) -> None:
         if self.step_cache is not None:
@@ -57,7 +60,9 @@ class Recipe:
 
 # No attention-kernel choice in any tier: on the H100 (torch 2.11) PyTorch's default SDPA choice already ran
 # FLUX's attention (1×24×4608×128 bf16) in 0.41 ms, forcing cuDNN took 0.43 ms and FlashAttention-2 0.78 ms.
-_EXACT = "fused QKV projections, regional torch.compile of the repeated blocks"
+_EXACT = (
+    "fused QKV projections, regional torch.compile of the repeated blocks, AdaLN modulation once per call"
+)
 
 # Step-cache thresholds from benchmarks/calibrate_step_cache.py on the trained digits model (100 prompts, 28
 # steps, CPU fp32), raw output in docs/bench/step-cache-calibration.json: 0.08 (M's limits) reuses 11.3 of 28
@@ -70,6 +75,7 @@ RECIPES: dict[Tier, Recipe] = {
         fp8=False,
         compile=False,
         step_cache=None,
+        step_modulation=False,
         does="the pipeline as diffusers runs it, in its dtype (bf16 on GPU by default); no torch.compile, so "
         "no compile wait at start",
         costs="none (the reference the other tiers are measured against)",
