@@ -242,9 +242,9 @@ def tiers() -> str:
     return "\n\n".join(blocks)
 
 
-# The benchmark's runs on the code as it ships, in the order they ran: two alike, then one that also measured
-# a group whose leader decodes alone.
-PARALLEL_RUNS = ("h200x2-parallel.json", "h200x2-parallel-repeat.json", "h200x2-parallel-decode.json")
+# The benchmark's runs on the code as it ships (the AdaLN tables in), in the order they ran: the first also
+# measured one one-GPU worker, the throughput baseline.
+PARALLEL_RUNS = ("h200x2-parallel-tables.json", "h200x2-parallel-tables-repeat.json")
 
 
 def parallel() -> str:
@@ -290,7 +290,7 @@ def parallel_row(started: str, run: dict[str, Any]) -> list[str]:
         f"{run['lone_encode_p50_ms']:.0f}",
         f"{run['closed_loop']['images_per_s']:.3f}",
         f"{run['throughput_vs_parallel1']:.2f}×",
-        f"{run['throughput_vs_one_worker']:.2f}×" if "throughput_vs_one_worker" in run else "–",
+        f"{run['throughput_vs_one_worker']:.2f}×" if run.get("throughput_vs_one_worker") else "–",
         f"{run['all_ready_s']:.0f}",
         str(run["lone_failures"] + run["closed_loop"]["failures"]),
     ]
@@ -443,7 +443,15 @@ COMM_RUNS = (
     "h200x2-parallel-comm-run14.json",
     "h200x2-parallel-comm-run15.json",
     "h200x2-parallel-comm-run16.json",
+    "h200x2-parallel-comm-run17.json",
+    "h200x2-parallel-comm-run18.json",
 )
+# Runs that compared FLUX's AdaLN modulation from per-call tables with the products made at each step (all
+# runs before computed them at each step); run 17 filled the tables eagerly, run 18 as a CUDA graph.
+MODULATION_RUNS = {
+    "h200x2-parallel-comm-run17.json": "AdaLN tables filled eagerly",
+    "h200x2-parallel-comm-run18.json": "AdaLN tables",
+}
 RING_MERGES = {"traced": "merge in traced code", "kernel": "merge kernel"}
 # ring-p2p rows of the runs whose attention stream waited for the peers' K and V with a signal kernel of its
 # own (since run 14 the side stream waits and the attention stream waits on its event).
@@ -479,40 +487,58 @@ def comm_label(variant: str, result: dict[str, Any], run: str = "") -> str:
     return label
 
 
+def modulation_label(variant: str, run: str) -> str:
+    if run not in MODULATION_RUNS:
+        return ""
+    return " + AdaLN per step" if "per-step-modulation" in variant else f" + {MODULATION_RUNS[run]}"
+
+
+def one_gpu_rows(number: int, v: dict[str, Any], suffix: str) -> list[list[str]]:
+    """A variant's timing of one GPU alone (before the split, under the variant's settings)."""
+    one_gpu = v["one_device_call_ms"]
+    rows = [[str(number), "one GPU" + suffix, f"{one_gpu:.0f}", "1.00×", "", "", "", "", "", ""]]
+    if "one_device_graphs_call_ms" in v:
+        graphed = v["one_device_graphs_call_ms"]
+        enqueue = v["one_device_graphs_enqueue"]
+        rows.append(
+            [
+                str(number),
+                "one GPU + CUDA graphs" + suffix,
+                f"{graphed:.0f}",
+                f"{graphed / one_gpu:.2f}×",
+                f"{v['one_device_graphs_step_ms']:.1f}",
+                f"{enqueue['cpu_enqueue_ms']:.0f} / {enqueue['until_done_ms']:.0f}",
+                "",
+                "",
+                "",
+                "",
+            ]
+        )
+    return rows
+
+
 def parallel_comm() -> str:
     rows = []
     for number, name in enumerate(COMM_RUNS, start=1):
         data = load_json(name)
         variants = data["variants"]
-        # Runs that skipped the one-GPU timing (--no-one-device) have no baseline of their own.
+        # Runs that skipped the one-GPU timing (--no-one-device) have no baseline of their own; runs with
+        # --one-device-each have one per variant, the others one, in the first variant.
+        each = bool(data["args"].get("one_device_each"))
         first = next((v for v in variants.values() if "one_device_call_ms" in v), {})
-        one_gpu = first.get("one_device_call_ms")
-        if one_gpu is not None:
-            rows.append([str(number), "one GPU", f"{one_gpu:.0f}", "1.00×", "", "", "", "", "", ""])
-        if one_gpu is not None and "one_device_graphs_call_ms" in first:
-            graphed = first["one_device_graphs_call_ms"]
-            enqueue = first["one_device_graphs_enqueue"]
-            rows.append(
-                [
-                    str(number),
-                    "one GPU + CUDA graphs",
-                    f"{graphed:.0f}",
-                    f"{graphed / one_gpu:.2f}×",
-                    f"{first['one_device_graphs_step_ms']:.1f}",
-                    f"{enqueue['cpu_enqueue_ms']:.0f} / {enqueue['until_done_ms']:.0f}",
-                    "",
-                    "",
-                    "",
-                    "",
-                ]
-            )
+        if first and not each:
+            rows += one_gpu_rows(number, first, "")
         for variant, v in variants.items():
+            suffix = modulation_label(variant, name)
+            if each and "one_device_call_ms" in v:
+                rows += one_gpu_rows(number, v, suffix)
+            one_gpu = (v if each else first).get("one_device_call_ms")
             prof = v["profiled"]
             enqueue = v["group_enqueue"]
             rows.append(
                 [
                     str(number),
-                    comm_label(variant, v, name),
+                    comm_label(variant, v, name) + suffix,
                     f"{v['group_call_ms']:.0f}",
                     "–" if one_gpu is None else f"{v['group_call_ms'] / one_gpu:.2f}×",
                     f"{v['group_step_ms']:.1f}",
@@ -629,6 +655,20 @@ def comm_order() -> str:
     )
 
 
+def modulation_check() -> str:
+    data = load_json("h200-modulation-check.json")
+    rows = [
+        [call["prompt"], str(call["steps"]), str(call["max"]), f"{call['mean']:.2f}"]
+        for call in data["calls"]
+    ]
+    header = ["prompt", "steps", "max levels from per-step", "mean levels"]
+    return table(header, rows) + (
+        f"\n\nDenoiser calls served from the tables: {data['lookups']}, computed for themselves: "
+        f"{data['computed']}; fills held as CUDA graphs: {data['fill_graphs']}; denoiser graph replays: "
+        f"{data['replays']}."
+    )
+
+
 BLOCKS: dict[str, Callable[[], str]] = {
     "serving-tax": serving_tax,
     "serving-throughput": serving_throughput,
@@ -641,6 +681,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "edits": edits,
     "parallel-comm": parallel_comm,
     "graphed-kernels": graphed_kernels,
+    "modulation-check": modulation_check,
     "parallel-collectives": parallel_collectives,
     "comm-order": comm_order,
 }

@@ -85,10 +85,15 @@ class StepModulation:
         # The fill's CUDA graphs, per (steps, batch, dtypes, pooled shape); why they are off, if they are.
         self._fill_graphs: dict[tuple, Any] = {}
         self._fill_seen: set[tuple] = set()
-        self._fill_graphs_off: str | None = None
+        self.fill_graphs_off: str | None = None
         self._pool: Any = None
         self.lookups = 0
         self.computed = 0
+
+    @property
+    def captured_fills(self) -> int:
+        """How many fills are held as CUDA graphs."""
+        return len(self._fill_graphs)
 
     def pre_forward(self, model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         call = self.signature.bind_partial(model, *args, **kwargs).arguments
@@ -165,7 +170,7 @@ class StepModulation:
         from diffuserve.engine.graphs import CapturedCall
 
         given = inputs[1]
-        if not given.is_cuda or self._fill_graphs_off or torch.cuda.is_current_stream_capturing():
+        if not given.is_cuda or self.fill_graphs_off or torch.cuda.is_current_stream_capturing():
             self._write_tables(*inputs)
             return
         guidance, pooled = inputs[2], inputs[3]
@@ -181,8 +186,8 @@ class StepModulation:
             try:
                 captured = CapturedCall(self._write_tables, inputs, {}, self._pool)
             except Exception as exc:  # a product that syncs: the fill stays eager
-                self._fill_graphs_off = f"{type(exc).__name__}: {exc}"
-                log.warning("AdaLN tables: the fill runs without a CUDA graph (%s)", self._fill_graphs_off)
+                self.fill_graphs_off = f"{type(exc).__name__}: {exc}"
+                log.warning("AdaLN tables: the fill runs without a CUDA graph (%s)", self.fill_graphs_off)
                 self._write_tables(*inputs)
                 return
             self._fill_graphs[key] = captured
