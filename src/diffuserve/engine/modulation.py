@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 ATTRIBUTE = "_diffuserve_step_modulation"
 # Steps a table holds at first; a call with more steps grows it (it is read outside compiled code and graphs).
 MIN_STEPS = 32
-# Captured fills kept at once (step counts × batch sizes), the oldest dropped first.
+# Captured fills kept at once (one per batch size and table size), the oldest dropped first.
 MAX_FILL_GRAPHS = 16
 
 
@@ -82,9 +82,8 @@ class StepModulation:
         self._valid: bool | None = None
         # Steps of this call whose rows were copied in already: a second denoiser call there is computed.
         self._served: set[int] = set()
-        # The fill's CUDA graphs, per (steps, batch, dtypes, pooled shape); why they are off, if they are.
+        # The fill's CUDA graphs, per (table rows, batch, dtypes, pooled shape); why they are off, if they are.
         self._fill_graphs: dict[tuple, Any] = {}
-        self._fill_seen: set[tuple] = set()
         self.fill_graphs_off: str | None = None
         self._pool: Any = None
         self.lookups = 0
@@ -143,14 +142,18 @@ class StepModulation:
 
     def _fill(self, model: nn.Module, call: dict[str, Any], timesteps: torch.Tensor) -> None:
         """Every norm's rows for every step of the call that starts, from the values this call was given. On a
-        GPU the products run as a CUDA graph from the second call of a shape on: in eager mode their Python
-        (77 quantized products) kept the GPU waiting longer than the per-step products took."""
+        GPU the products run as a CUDA graph after the first call of a shape: in eager mode their Python (77
+        quantized products) kept the GPU waiting longer than the per-step products took."""
         timestep, pooled = call["timestep"], call["pooled_projections"]
         batch, steps = pooled.shape[0], len(timesteps)
         # The pipeline passes each step's timestep as t.expand(batch).to(latents' dtype) / 1000.
         given = timesteps.to(device=timestep.device, dtype=timestep.dtype) / 1000
         self._ensure_tables(steps, batch)
-        inputs = (model, given, call.get("guidance"), pooled, call["hidden_states"].dtype, steps, batch)
+        # Every row of the table, the last step repeated past the call's own: one fill shape (and one graph)
+        # per batch size serves every step count the table holds, so warm-up captures them all.
+        capacity = self.linears[0].table.shape[0]
+        padded = torch.cat([given, given[-1:].expand(capacity - steps)])
+        inputs = (model, padded, call.get("guidance"), pooled, call["hidden_states"].dtype, capacity, batch)
         self._run_fill(inputs)
         self._timesteps, self._pooled, self._given = timesteps, pooled, given
         self._valid = None
@@ -176,24 +179,22 @@ class StepModulation:
         guidance, pooled = inputs[2], inputs[3]
         key = (inputs[5], inputs[6], given.dtype, None if guidance is None else guidance.dtype, pooled.shape)
         captured = self._fill_graphs.get(key)
-        if captured is None:
-            if key not in self._fill_seen:  # the first call of a shape sets up lazily, never in a capture
-                self._fill_seen.add(key)
-                self._write_tables(*inputs)
-                return
-            if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
-            try:
-                captured = CapturedCall(self._write_tables, inputs, {}, self._pool)
-            except Exception as exc:  # a product that syncs: the fill stays eager
-                self.fill_graphs_off = f"{type(exc).__name__}: {exc}"
-                log.warning("AdaLN tables: the fill runs without a CUDA graph (%s)", self.fill_graphs_off)
-                self._write_tables(*inputs)
-                return
-            self._fill_graphs[key] = captured
-            while len(self._fill_graphs) > MAX_FILL_GRAPHS:
-                self._fill_graphs.pop(next(iter(self._fill_graphs)))
-        captured(inputs, {})
+        if captured is not None:
+            captured(inputs, {})
+            return
+        # A new shape: run it eagerly (what is set up lazily, never inside a capture, is set up here and the
+        # tables are filled), then capture it; a capture records kernels without running them.
+        self._write_tables(*inputs)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        try:
+            self._fill_graphs[key] = CapturedCall(self._write_tables, inputs, {}, self._pool)
+        except Exception as exc:  # a product that syncs: the fill stays eager
+            self.fill_graphs_off = f"{type(exc).__name__}: {exc}"
+            log.warning("AdaLN tables: the fill runs without a CUDA graph (%s)", self.fill_graphs_off)
+            return
+        while len(self._fill_graphs) > MAX_FILL_GRAPHS:
+            self._fill_graphs.pop(next(iter(self._fill_graphs)))
 
     def _write_tables(
         self,
