@@ -546,7 +546,7 @@ def child(
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {args.child_timeout} s"}
     wall = round(time.perf_counter() - started, 1)
-    if args.keep_traces:  # with the traces, what the child printed: inductor's autotuning tables among it
+    if args.keep_traces:  # with the traces, what the child printed (compile warnings, inductor's logs)
         (out / f"stderr-{what}.log").write_text(done.stderr[-1_000_000:])
     path = out / ("collectives.json" if what == "collectives" else f"variant-{what}.json")
     if done.returncode != 0 or not path.exists():

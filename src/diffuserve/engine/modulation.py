@@ -82,7 +82,7 @@ class StepModulation:
         self._valid: bool | None = None
         # Steps of this call whose rows were copied in already: a second denoiser call there is computed.
         self._served: set[int] = set()
-        # The fill's CUDA graphs, per (table rows, batch, dtypes, pooled shape); why they are off, if they are.
+        # The fill's CUDA graphs, per (table rows, dtypes, pooled shape); why they are off, if they are.
         self._fill_graphs: dict[tuple, Any] = {}
         self.fill_graphs_off: str | None = None
         self._pool: Any = None
@@ -177,7 +177,8 @@ class StepModulation:
             self._write_tables(*inputs)
             return
         guidance, pooled = inputs[2], inputs[3]
-        key = (inputs[5], inputs[6], given.dtype, None if guidance is None else guidance.dtype, pooled.shape)
+        # The table's rows and the pooled embedding's shape (its batch) make the fill's shape.
+        key = (inputs[5], given.dtype, None if guidance is None else guidance.dtype, pooled.shape)
         captured = self._fill_graphs.get(key)
         if captured is not None:
             captured(inputs, {})
