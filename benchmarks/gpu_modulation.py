@@ -2,11 +2,13 @@
 
     python benchmarks/gpu_modulation.py --out $OUT
 
-The trained digits model at tier XL (bf16, compiled) twice on one GPU: once with the modulation computed at
-each step (the tier without its tables), once with the tables (diffuserve.engine.modulation) and the denoiser
-replayed as CUDA graphs, as a group runs it. The same prompts and seeds, in a row with another step count in
-between (a table of another size): per image the largest and mean distance in 0-255 levels, with how many
-denoiser calls took their rows from the tables, how many computed them, and the graphs' replays.
+The trained digits model at tier XL (bf16, compiled) three times on one GPU: with the modulation computed at
+each step (the tier without its tables), with the tables (diffuserve.engine.modulation), and with the tables
+and the denoiser replayed as CUDA graphs, as a group runs it. The same prompts and seeds, in a row with another
+step count in between (a table of another size): per image the largest and mean distance in 0-255 levels from
+the per-step images (and the largest between the two tabled pipelines), with how many denoiser calls took their
+rows from the tables, how many computed them, and the graphs' replays. Then the last call's table against the
+same products made one row at a time: how many of its rows differ, and by how much at most.
 Raw output: --out/modulation.json.
 """
 
@@ -56,6 +58,28 @@ def image(pipe: Any, prompt: str, seed: int, steps: int) -> Any:
     return (out.images[0] * 255).round().astype(np.uint8)
 
 
+def rows_against_one_at_a_time(model: Any, tables: Any, steps: int) -> dict[str, Any]:
+    """The last call's table rows against each norm's product over that step's one row, as a step without
+    the tables makes it (eagerly here: the same product for the uncompiled norm)."""
+    import torch
+
+    from diffuserve.engine.modulation import _embedding
+
+    # The tables' own record of the call they hold: its timesteps as the pipeline passed them, its pooled
+    # embedding. The digits model takes no guidance.
+    given, pooled = tables._given, tables._pooled
+    differing, largest = 0, 0.0
+    with torch.no_grad():
+        for step in range(steps):
+            embedding = _embedding(model, given[step].expand(1), None, pooled, pooled.dtype)
+            for linear in tables.linears:
+                row = linear.compute(embedding)
+                gap = float((row.float() - linear.table[step, :1].float()).abs().max())
+                differing += gap > 0
+                largest = max(largest, gap)
+    return {"compared": steps * len(tables.linears), "differing": differing, "max_abs": largest}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -71,19 +95,28 @@ def main() -> int:
     from gpu_serving import environment
 
     per_step, _ = build(False, False, args.device, args.cache_dir)
+    without_graphs, _ = build(True, False, args.device, args.cache_dir)
     tabled, hook = build(True, True, args.device, args.cache_dir)
     calls = []
     for seed, (prompt, steps) in enumerate(CALLS):
         a = image(per_step, prompt, seed, steps).astype(int)
         b = image(tabled, prompt, seed, steps).astype(int)
+        c = image(without_graphs, prompt, seed, steps).astype(int)
         distance = np.abs(a - b)
         calls.append(
-            {"prompt": prompt, "steps": steps, "max": int(distance.max()), "mean": float(distance.mean())}
+            {
+                "prompt": prompt,
+                "steps": steps,
+                "max": int(distance.max()),
+                "mean": float(distance.mean()),
+                "max_tables_without_graphs": int(np.abs(b - c).max()),
+            }
         )
     tables = getattr(denoiser_of(tabled), ATTRIBUTE)
     result = {
         "env": environment(),
         "calls": calls,
+        "rows": rows_against_one_at_a_time(denoiser_of(tabled), tables, CALLS[-1][1]),
         "lookups": tables.lookups,
         "computed": tables.computed,
         "fill_graphs": tables.captured_fills,
