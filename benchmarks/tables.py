@@ -658,12 +658,27 @@ def comm_order() -> str:
 def modulation_check() -> str:
     data = load_json("h200-modulation-check.json")
     rows = [
-        [call["prompt"], str(call["steps"]), str(call["max"]), f"{call['mean']:.2f}"]
+        [
+            call["prompt"],
+            str(call["steps"]),
+            str(call["max"]),
+            f"{call['mean']:.2f}",
+            str(call["max_tables_without_graphs"]),
+        ]
         for call in data["calls"]
     ]
-    header = ["prompt", "steps", "max levels from per-step", "mean levels"]
+    header = [
+        "prompt",
+        "steps",
+        "max levels from per-step",
+        "mean levels",
+        "max levels, tables with graphs from without",
+    ]
+    compared = data["rows"]
     return table(header, rows) + (
-        f"\n\nDenoiser calls served from the tables: {data['lookups']}, computed for themselves: "
+        f"\n\nThe last call's table against the same products made one row at a time: "
+        f"{compared['differing']} of {compared['compared']} rows differ (at most {compared['max_abs']:g}). "
+        f"Denoiser calls served from the tables: {data['lookups']}, computed for themselves: "
         f"{data['computed']}; fills held as CUDA graphs: {data['fill_graphs']}; denoiser graph replays: "
         f"{data['replays']}."
     )
