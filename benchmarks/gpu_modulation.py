@@ -59,8 +59,8 @@ def image(pipe: Any, prompt: str, seed: int, steps: int) -> Any:
 
 
 def rows_against_one_at_a_time(model: Any, tables: Any, steps: int) -> dict[str, Any]:
-    """The last call's table rows against each norm's product over that step's one row, as a step without
-    the tables makes it (eagerly here: the same product for the uncompiled norm)."""
+    """The last call's table rows against each norm's product over that step's row alone, made eagerly as the
+    tables' own fallback makes a step's rows (the per-step pipeline makes it inside its compiled blocks)."""
     import torch
 
     from diffuserve.engine.modulation import _embedding
