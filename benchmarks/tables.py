@@ -572,13 +572,14 @@ KERNEL_SOURCES = (
     ("Triton (inductor's fused kernels, the merge)", ("triton_", "merge_pair_kernel")),
     ("peer signals", ("symmetric_memory",)),
 )
+OTHER_KERNELS = "the rest (PyTorch's own kernels)"
 
 
 def kernel_source(name: str) -> str:
     for source, marks in KERNEL_SOURCES:
         if any(mark in name for mark in marks):
             return source
-    return "the rest (PyTorch's own kernels)"
+    return OTHER_KERNELS
 
 
 def graphed_kernels() -> str:
@@ -589,7 +590,7 @@ def graphed_kernels() -> str:
     first = next(iter(variants.values()))
     calls = {"one GPU + CUDA graphs": first["one_device_graphs_profiled"]}
     calls |= {comm_label(name, v): v["profiled"] for name, v in variants.items()}
-    sources = [source for source, _ in KERNEL_SOURCES] + ["the rest (PyTorch's own kernels)"]
+    sources = [source for source, _ in KERNEL_SOURCES] + [OTHER_KERNELS]
     rows = []
     for label, profiled in calls.items():
         by_source = dict.fromkeys(sources, 0.0)

@@ -153,8 +153,11 @@ class StepModulation:
         # per batch size serves every step count the table holds, so warm-up captures them all.
         capacity = self.linears[0].table.shape[0]
         padded = torch.cat([given, given[-1:].expand(capacity - steps)])
-        inputs = (model, padded, call.get("guidance"), pooled, call["hidden_states"].dtype, capacity, batch)
-        self._run_fill(inputs)
+        guidance = call.get("guidance")
+        inputs = (model, padded, guidance, pooled, call["hidden_states"].dtype, capacity, batch)
+        # The table's rows and the pooled embedding's shape (its batch) make the fill's shape.
+        key = (capacity, padded.dtype, None if guidance is None else guidance.dtype, pooled.shape)
+        self._run_fill(inputs, key, padded.is_cuda)
         self._timesteps, self._pooled, self._given = timesteps, pooled, given
         self._valid = None
         self._served = set()
@@ -169,16 +172,13 @@ class StepModulation:
             linear.table = torch.empty(shape, device=linear.current.device, dtype=linear.current.dtype)
         self._fill_graphs.clear()  # they write into the tables they were captured with
 
-    def _run_fill(self, inputs: tuple) -> None:
+    def _run_fill(self, inputs: tuple, key: tuple, cuda: bool) -> None:
+        """`_write_tables(*inputs)`, replayed from the CUDA graph captured for `key` where there is one."""
         from diffuserve.engine.graphs import CapturedCall
 
-        given = inputs[1]
-        if not given.is_cuda or self.fill_graphs_off or torch.cuda.is_current_stream_capturing():
+        if not cuda or self.fill_graphs_off or torch.cuda.is_current_stream_capturing():
             self._write_tables(*inputs)
             return
-        guidance, pooled = inputs[2], inputs[3]
-        # The table's rows and the pooled embedding's shape (its batch) make the fill's shape.
-        key = (inputs[5], given.dtype, None if guidance is None else guidance.dtype, pooled.shape)
         captured = self._fill_graphs.get(key)
         if captured is not None:
             captured(inputs, {})
