@@ -45,7 +45,12 @@ lint: $(STAMP_DEV)
 	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/mypy
+	# The layers, the API's one door into serving, and no import cycle anywhere (pyproject.toml's contracts).
 	$(BIN)/lint-imports
+	# Small modules: no file in src/ over 400 lines.
+	@find src -name '*.py' | xargs wc -l | awk '$$2 != "total" && $$1 > 400 {print $$2 ": " $$1 " lines, over 400"; bad = 1} END {exit bad}'
+	# docs/benchmarks.md's tables are what the raw outputs under docs/bench/ give.
+	$(BIN)/python benchmarks/tables.py --check
 
 format: $(STAMP_DEV)
 	$(BIN)/ruff format src tests benchmarks

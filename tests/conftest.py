@@ -1,4 +1,5 @@
-"""Shared fixtures: one real server on the default built-in model for the integration tests."""
+"""Shared fixtures: one real server on the default built-in model, for the tests that need a real socket (the
+tutorial's curl and SDK calls, the playground in a browser)."""
 
 from __future__ import annotations
 

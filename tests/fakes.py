@@ -1,163 +1,115 @@
-"""Stand-in engine workers: worker_main's signature and message protocol, without torch or a model.
+"""A stand-in engine for the real worker loop (`worker_main`), without torch or a model.
 
-Each is a module-level function, so a spawned process can import it. The prompt steers a batch:
-`hold:<path>` answers once that file exists (the test decides when the worker is free again), `fail` answers
-with an error, `die` exits mid-batch without answering. Each image's bytes say what made it:
-`<prompt>|seed=<seed>|batch=<images in the batch>`.
+`FakeEngine` is what the pool's `engine_factory` makes in each spawned worker (a module-level class, so a spawned
+process can import it). Its model repo picks how it starts:
+- `fake`: ready at once;
+- `fake-slow-loading`: loads only once a file `loaded` exists in its cache dir (the test decides when the model
+  is in);
+- `fake-failing`: cannot load its model and says so;
+- `fake-crashing`: dies while loading without a word, as a segfault or the OOM killer would leave it;
+- `fake-flapping`: gets ready, then dies at once (and so does every replacement);
+- `fake-group-failing`: a group whose last rank cannot load; the others wait, as at a rendezvous;
+- `fake-rendezvous-race`: a group whose first start fails at the rendezvous (its port was taken), as
+  `join_group` reports it; the group started again serves (a marker under the cache dir remembers).
 
-Worker groups have their stand-ins too (`group_worker`, `group_failing_worker`): every rank gets every job; the
-leader answers. `die:<rank>` makes that rank exit; the leader then blocks, as it would inside a collective.
+The prompt steers a batch: `hold:<path>` answers once that file exists (the test decides when the worker is free
+again) or once its clients left, `fail` answers with an error, `die` exits mid-batch without answering, `die:<r>`
+makes group rank r exit (the leader then blocks, as it would inside a collective). Each image's bytes say what
+made it: `<prompt>|seed=<seed>|batch=<images in the batch>`, passed through the real encoder stage as an image
+the device encoded itself.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import time
-from multiprocessing.connection import Connection
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from diffuserve.config import Settings
-from diffuserve.types import (
-    TINY_FLUX,
-    BatchJob,
-    BatchResult,
-    DeviceFree,
-    EncodedImage,
-    GroupRank,
-    Shutdown,
-    WorkerFailed,
-    WorkerReady,
-)
+import numpy as np
+
+from diffuserve.engine.config import EngineConfig
+from diffuserve.engine.loader import model_info
+from diffuserve.engine.parallel.group import GroupJoinFailed
+from diffuserve.messages import BatchResult, DeviceBatch, GroupRank, StartupPhases
+from diffuserve.types import TINY_FLUX, BatchJob, ModelInfo
 
 HOLD_LIMIT_S = 30.0  # a test that forgets to release its worker fails instead of hanging
-MEDIA_TYPE = "application/octet-stream"  # the bytes are a description, not an image
 
 
-def fake_worker(worker_id: int, device: str, settings: Settings, conn: Connection) -> None:
-    """Ready at once, then one BatchResult per BatchJob (the protocol's original form)."""
-    _serve(worker_id, device, settings, conn, device_free=False)
+class FakeEngine:
+    def __init__(self, config: EngineConfig, device: str, group: GroupRank | None = None) -> None:
+        self.config, self.device, self.group = config, device, group
+        self.rank = group.rank if group is not None else 0
+        self.phases = StartupPhases()
+        self.broken = False
 
+    def load(self) -> ModelInfo:
+        mode, group = self.config.model_repo, self.group
+        if mode == "fake-failing":
+            raise OSError("no model at /nowhere")
+        if mode == "fake-crashing":
+            os._exit(3)
+        if mode == "fake-slow-loading":
+            _wait_for(Path(self.config.cache_dir) / "loaded", None)
+        if mode == "fake-group-failing" and group is not None:
+            if self.rank == group.world_size - 1:
+                raise RuntimeError(f"no room on {self.device}")
+            time.sleep(HOLD_LIMIT_S)
+        if mode == "fake-rendezvous-race" and group is not None and group.leader:
+            marker = Path(self.config.cache_dir) / "rendezvous"
+            if not marker.exists():
+                marker.touch()
+                raise GroupJoinFailed(
+                    f"DistNetworkError: The server socket has failed to listen on port {group.port}"
+                )
+        parallel = group.world_size if group is not None else 1
+        return model_info(self.config, TINY_FLUX, parallel=parallel)
 
-def device_free_worker(worker_id: int, device: str, settings: Settings, conn: Connection) -> None:
-    """As fake_worker, but sends DeviceFree before each BatchResult, as a pipelining worker does."""
-    _serve(worker_id, device, settings, conn, device_free=True)
+    def warmup(self) -> DeviceBatch | None:
+        return None
 
+    def save_compile_cache(self) -> None:
+        if self.config.model_repo == "fake-flapping":
+            # Dies just after the worker said it is ready.
+            threading.Timer(0.05, os._exit, args=(4,)).start()
 
-def failing_worker(worker_id: int, device: str, settings: Settings, conn: Connection) -> None:
-    """Cannot load its model and says so."""
-    conn.send(WorkerFailed(worker_id=worker_id, error="OSError: no model at /nowhere"))
-
-
-def crashing_worker(worker_id: int, device: str, settings: Settings, conn: Connection) -> None:
-    """Dies while loading without a word, as a segfault or the OOM killer would leave it."""
-    os._exit(3)
-
-
-def flapping_worker(worker_id: int, device: str, settings: Settings, conn: Connection) -> None:
-    """Gets ready, then dies at once: every replacement does the same."""
-    conn.send(_ready(worker_id, device, settings))
-    os._exit(4)
-
-
-def _serve(worker_id: int, device: str, settings: Settings, conn: Connection, *, device_free: bool) -> None:
-    conn.send(_ready(worker_id, device, settings))
-    while True:
-        try:
-            message = conn.recv()
-        except (EOFError, OSError):
-            return
-        if isinstance(message, Shutdown):
-            return
-        if isinstance(message, BatchJob):
-            result = _run(message)
-            if device_free:
-                conn.send(DeviceFree(batch_id=message.batch_id))
-            conn.send(result)
-
-
-def _run(job: BatchJob) -> BatchResult:
-    started = time.perf_counter()
-    _die_if_told(job, 0)
-    if any(item.prompt.startswith("die:") for item in job.items):
-        time.sleep(HOLD_LIMIT_S)  # a peer is gone: stuck, as a rank waiting for it in a collective would be
-    for item in job.items:
-        if item.prompt == "die":
-            os._exit(5)
-        if item.prompt.startswith("hold:"):
-            _wait_for(Path(item.prompt.removeprefix("hold:")))
-    if any(item.prompt == "fail" for item in job.items):
-        return BatchResult(batch_id=job.batch_id, error="RuntimeError: the fake engine was told to fail")
-    images = [
-        [
-            EncodedImage(f"{item.prompt}|seed={seed}|batch={job.num_images}".encode(), seed, MEDIA_TYPE)
+    def compute(
+        self, job: BatchJob, cancelled: Callable[[], bool] | None = None, on_preview: Any = None
+    ) -> DeviceBatch | BatchResult:
+        started = time.perf_counter()
+        prompts = [item.prompt for item in job.items]
+        if f"die:{self.rank}" in prompts or "die" in prompts:
+            os._exit(6 if "die" not in prompts else 5)
+        if any(prompt.startswith("die:") for prompt in prompts):
+            time.sleep(
+                HOLD_LIMIT_S
+            )  # a peer is gone: stuck, as a rank waiting for it in a collective would be
+        for prompt in prompts:
+            if prompt.startswith("hold:") and not _wait_for(Path(prompt.removeprefix("hold:")), cancelled):
+                return BatchResult(batch_id=job.batch_id, error="cancelled: every client of this batch left")
+        if "fail" in prompts:
+            return BatchResult(batch_id=job.batch_id, error="RuntimeError: the fake engine was told to fail")
+        described = [
+            f"{item.prompt}|seed={seed}|batch={job.num_images}".encode()
+            for item in job.items
             for seed in item.seeds
         ]
-        for item in job.items
-    ]
-    elapsed_ms = (time.perf_counter() - started) * 1000
-    return BatchResult(batch_id=job.batch_id, images=images, inference_ms=elapsed_ms, denoise_ms=elapsed_ms)
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        pixels = np.zeros((job.num_images, 1, 1, 3), dtype=np.uint8)
+        return DeviceBatch(job, pixels, elapsed_ms, 0.0, device_encoded=dict(enumerate(described)))
+
+    def close(self) -> None:
+        pass
 
 
-def _wait_for(path: Path) -> None:
+def _wait_for(path: Path, cancelled: Callable[[], bool] | None) -> bool:
+    """Whether the file appeared before the batch was cancelled (or the hold limit passed)."""
     deadline = time.monotonic() + HOLD_LIMIT_S
     while not path.exists() and time.monotonic() < deadline:
+        if cancelled is not None and cancelled():
+            return False
         time.sleep(0.005)
-
-
-def _ready(worker_id: int, device: str, settings: Settings) -> WorkerReady:
-    from diffuserve.engine.engine import model_info
-
-    model = model_info(settings, TINY_FLUX)
-    return WorkerReady(worker_id, os.getpid(), device, model, load_seconds=0.0, warmup_seconds=0.0)
-
-
-def group_worker(worker_id: int, device: str, settings: Settings, conn: Connection, rank: GroupRank) -> None:
-    """One rank of a stand-in group: the leader serves as device_free_worker does, followers only listen."""
-    if rank.leader:
-        _serve(worker_id, device, settings, conn, device_free=True)
-        return
-    while True:
-        try:
-            message = conn.recv()
-        except (EOFError, OSError):
-            return
-        if isinstance(message, Shutdown):
-            return
-        if isinstance(message, BatchJob):
-            _die_if_told(message, rank.rank)
-
-
-def group_failing_worker(
-    worker_id: int, device: str, settings: Settings, conn: Connection, rank: GroupRank
-) -> None:
-    """A group whose last rank cannot load its model; the leader waits for its peers, as at a rendezvous."""
-    if rank.rank == rank.world_size - 1:
-        conn.send(
-            WorkerFailed(worker_id=worker_id, error=f"rank {rank.rank}: RuntimeError: no room on {device}")
-        )
-        return
-    time.sleep(HOLD_LIMIT_S)
-
-
-def _die_if_told(job: BatchJob, rank: int) -> None:
-    if any(item.prompt == f"die:{rank}" for item in job.items):
-        os._exit(6)
-
-
-def group_rendezvous_race_worker(
-    worker_id: int, device: str, settings: Settings, conn: Connection, rank: GroupRank
-) -> None:
-    """A group whose first start fails at the rendezvous (its port was taken), as init_group reports it; the
-    started again group serves. The marker file under the settings' cache dir remembers the first start."""
-    marker = Path(settings.resolved_cache_dir) / f"rendezvous-{worker_id}"
-    if rank.leader and not marker.exists():
-        marker.touch()
-        conn.send(
-            WorkerFailed(
-                worker_id=worker_id,
-                error=f"rank 0: DistNetworkError: The server socket has failed to listen on port {rank.port}",
-                fatal=False,
-            )
-        )
-        return
-    group_worker(worker_id, device, settings, conn, rank)
+    return True

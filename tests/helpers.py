@@ -17,9 +17,11 @@ from PIL import Image
 
 from diffuserve.bench.server import SpawnedServer
 from diffuserve.bench.server import free_port as free_port  # re-exported for the tests
+from diffuserve.messages import BatchResult
+from diffuserve.types import BatchJob
 
 if TYPE_CHECKING:
-    from openai import OpenAI
+    from diffuserve.engine.config import EngineConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -133,33 +135,28 @@ def worker_processes(server_pid: int) -> list[int]:
     return workers
 
 
+def pixels_body(
+    seed: int, n: int = 1, steps: int | None = None, prompt: str = "the digit 3"
+) -> dict[str, Any]:
+    """A request for `n` images of consecutive seeds as PNG (bytes = pixels) in JSON."""
+    body: dict[str, Any] = {"prompt": prompt, "seed": seed, "n": n, "output_format": "png"}
+    body["response_format"] = "b64_json"
+    if steps is not None:
+        body["num_inference_steps"] = steps
+    return body
+
+
 def generate_pixels(
     server: ServerHandle, seed: int, n: int = 1, steps: int | None = None, prompt: str = "the digit 3"
 ) -> list[np.ndarray]:
     """`n` images for consecutive seeds over PNG (bytes = pixels), as int16 arrays ready to subtract."""
-    body: dict[str, Any] = {
-        "prompt": prompt,
-        "seed": seed,
-        "n": n,
-        "output_format": "png",
-        "response_format": "b64_json",
-    }
-    if steps is not None:
-        body["num_inference_steps"] = steps
+    body = pixels_body(seed, n, steps, prompt)
     response = httpx.post(f"{server.base_url}/v1/images/generations", json=body, timeout=120)
     assert response.status_code == 200, response.text
     return [
         np.asarray(decode_image(base64.b64decode(d["b64_json"])), dtype=np.int16)
         for d in response.json()["data"]
     ]
-
-
-def sdk_client(server: ServerHandle) -> OpenAI:
-    """The official OpenAI client pointed at `server` (no retries: a failure must show as it happened)."""
-    # Imported here: the GPU machines run tests/gpu through this module without the client installed.
-    from openai import OpenAI
-
-    return OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=120)
 
 
 def spawn_ranks(world: int, target: Any, *args: Any) -> dict[Any, Any]:
@@ -170,3 +167,19 @@ def spawn_ranks(world: int, target: Any, *args: Any) -> dict[Any, Any]:
     out = torch_mp.Manager().dict()
     torch_mp.spawn(target, args=(free_port(), *args, out), nprocs=world)
     return dict(out)
+
+
+def engine_config(**overrides: Any) -> EngineConfig:
+    """An EngineConfig of the built-in digits model, as the server would make it, with `overrides`."""
+    from diffuserve.engine.config import EngineConfig
+
+    fields: dict[str, Any] = {"model_repo": "digits", "model_name": "digits", "warmup": False, **overrides}
+    return EngineConfig(**fields)
+
+
+def run_engine(engine: Any, job: BatchJob) -> BatchResult:
+    """A batch through the engine and the worker's encoder, as a worker runs it."""
+    from diffuserve.serving.image_encoder import BatchEncoder
+
+    computed = engine.compute(job)
+    return computed if isinstance(computed, BatchResult) else BatchEncoder().encode_batch(computed)

@@ -10,37 +10,21 @@ from urllib.parse import urlsplit
 from pydantic import field_validator
 from pydantic_settings import NoDecode
 
+from diffuserve.engine.config import CudaGraphs, DType, ParallelAttention, Weights
 from diffuserve.envsettings import EnvSettings, setting
 from diffuserve.types import StrChoice, Tier
 
 DEFAULT_MODEL = "digits"
-
-
-class Weights(StrChoice):
-    PRETRAINED = "pretrained"
-    RANDOM = "random"
-
-
-class ParallelAttention(StrChoice):
-    AUTO = "auto"
-    RING = "ring"
-    RING_P2P = "ring-p2p"
-    ULYSSES = "ulysses"
-    ULYSSES_DIFFUSERS = "ulysses-diffusers"
-    ULYSSES_P2P = "ulysses-p2p"
-
-
-class CudaGraphs(StrChoice):
-    AUTO = "auto"
-    ON = "on"
-    OFF = "off"
-
-
-class DType(StrChoice):
-    AUTO = "auto"
-    BFLOAT16 = "bfloat16"
-    FLOAT16 = "float16"
-    FLOAT32 = "float32"
+__all__ = [
+    "DEFAULT_MODEL",
+    "CudaGraphs",
+    "DType",
+    "LogFormat",
+    "LogLevel",
+    "ParallelAttention",
+    "Settings",
+    "Weights",
+]
 
 
 class LogFormat(StrChoice):
@@ -121,14 +105,9 @@ class Settings(EnvSettings):
     parallel_attention: ParallelAttention = setting(
         ParallelAttention.AUTO,
         "PARALLEL_ATTENTION",
-        help="how a group splits attention: ring-p2p (ring attention whose K and V are copied straight into "
-        "the peers' GPU memory, PyTorch's symmetric memory, while each rank attends over its own; bf16/fp16 on "
-        "CUDA only), ulysses-p2p (Ulysses whose exchanges write each rank's shares straight into the peers' "
-        "GPU memory; CUDA only), ulysses (one NCCL all-to-all for Q, K and V together, one for the output), "
-        "ulysses-diffusers (diffusers' own Ulysses: three all-to-alls for Q, K, V), ring (diffusers' ring "
-        "attention, one all-gather of K and V per block; bf16/fp16 on CUDA only); auto = ring-p2p where the "
-        "denoiser runs as CUDA graphs (ulysses-diffusers where the GPUs cannot share memory), else ulysses "
-        "(the fastest in each case on 2 H200s)",
+        help="how a group splits attention: auto = ring attention whose K and V are written straight into the "
+        "peers' GPU memory (ring-p2p) where the denoiser replays as CUDA graphs in bf16/fp16 and the GPUs can "
+        "share memory, else diffusers' Ulysses; diffusers = diffusers' Ulysses always",
     )
     parallel_decode: bool = setting(
         True,
@@ -139,8 +118,8 @@ class Settings(EnvSettings):
     cuda_graphs: CudaGraphs = setting(
         CudaGraphs.AUTO,
         "CUDA_GRAPHS",
-        help="replay the denoiser's calls as captured CUDA graphs (tiers XL and L on CUDA): auto = for worker "
-        "groups, where the CPU's kernel launches set the pace; on = for one-GPU workers too; off = never",
+        help="replay the denoiser's calls as captured CUDA graphs: auto = in tiers XL and L on CUDA (the step "
+        "cache of M and S decides on the CPU at every step); off = never",
     )
     max_queue: int = setting(
         256, "MAX_QUEUE", help="most requests waiting; beyond it the server answers 429", ge=1
@@ -236,7 +215,7 @@ class Settings(EnvSettings):
         None,
         "IMAGE_STORE_DIR",
         help="folder keeping the images of response_format url answers (one server per folder)",
-        shown_default="$DIFFUSERVE_CACHE/images",
+        shown_default="$DIFFUSERVE_CACHE/images/port-$PORT",
     )
     image_store_max_bytes: int = setting(
         1 << 30,
@@ -259,7 +238,8 @@ class Settings(EnvSettings):
     warmup: bool = setting(
         True,
         "WARMUP",
-        help="warm up before ready: a full batch, and on a GPU one step at each smaller batch size",
+        help="warm up before ready: a full batch, and on a GPU one step at each smaller batch size (two where "
+        "CUDA graphs are on: the second captures)",
     )
     playground: bool = setting(
         True, "PLAYGROUND", help="serve the web playground at / and /playground; off for an API-only server"
@@ -297,9 +277,17 @@ class Settings(EnvSettings):
         return self.image_store_dir or os.path.join(self.resolved_cache_dir, "images", f"port-{self.port}")
 
     def export_hub_env(self) -> None:
-        """The hub library reads HF_HOME from the environment (also in the worker processes it spawns)."""
+        """The hub library reads HF_HOME and HF_TOKEN from the environment, in the worker processes too: a
+        token given as a flag goes there, the only way it reaches a worker."""
         if self.hf_home:
             os.environ["HF_HOME"] = self.hf_home
+        if self.hf_token:
+            os.environ["HF_TOKEN"] = self.hf_token
+
+
+# The env vars of settings that no worker may inherit: the server reads them once, then drops them from its
+# own environment before it starts any worker (a worker inherits the environment of the process that spawns it).
+SERVER_ONLY_SECRETS = Settings.env_of("api_keys")
 
 
 def add_settings_arguments(parser: argparse.ArgumentParser) -> None:

@@ -3,7 +3,7 @@ nothing of the project, so any layer may use it."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Any
 
@@ -180,6 +180,16 @@ class GenerationRequest:
         )
 
 
+# The JPEG/WebP quality when a client gives no output_compression.
+DEFAULT_QUALITY = 90
+
+
+def image_quality(compression: int | None) -> int:
+    """JPEG/WebP quality from OpenAI's output_compression: the same scale (100 = best), this server's default
+    when the client sends none; 0 is read as 1, the encoders' lowest."""
+    return DEFAULT_QUALITY if compression is None else max(1, compression)
+
+
 @dataclass
 class BatchItem:
     """One request's share of a batch, as sent to a worker."""
@@ -249,50 +259,22 @@ class EncodedImage:
 
 
 @dataclass
-class BatchResult:
-    """What a worker returns for a BatchJob: one image list per job item, in the job's order, or an error.
+class Completed:
+    """A request's images and where its time went (milliseconds), as the serving layer hands them to the API."""
 
-    Results are matched to requests by position, never by request id: ids come from clients and may repeat.
-    """
-
-    batch_id: int
-    images: list[list[EncodedImage]] = field(default_factory=list)
-    # The device's share: denoise (text encoders and the denoising loop) + decode (VAE, post-processing to
-    # uint8 on the device and the copy to host memory). Encoding runs after the device is free again.
-    inference_ms: float = 0.0
+    images: list[EncodedImage]
+    queue_ms: float
+    inference_ms: float  # the device's share: denoise + decode
+    batch_size: int
+    worker_id: int
     denoise_ms: float = 0.0
     decode_ms: float = 0.0
     encode_ms: float = 0.0
-    # Per job item: the prompt's tokens as the model's text encoder reads them (negative prompt included).
-    text_tokens: list[int] = field(default_factory=list)
-    error: str | None = None
-
-
-@dataclass
-class PartialImages:
-    """A preview of one job item's images, taken from the denoising loop while the batch runs (streaming).
-    Sent before the batch's BatchResult; `partial_index` counts from 0 for each item."""
-
-    batch_id: int
-    item_index: int
-    partial_index: int
-    images: list[EncodedImage]
-
-
-@dataclass
-class CancelBatch:
-    """Every client of a running batch has gone: the worker stops it at the next denoising step and answers
-    with an error result (nobody reads it), so its device takes the next batch sooner."""
-
-    batch_id: int
-
-
-@dataclass
-class DeviceFree:
-    """The worker's device finished a batch's compute: it takes the next job while this batch's images are
-    still being encoded. Its BatchResult follows; a worker that never sends this is freed by the result."""
-
-    batch_id: int
+    # Dispatch to delivery minus the device's and the encoder's time: the pipes both ways, and any wait for the
+    # encoder stage while it finished the previous batch.
+    transfer_ms: float = 0.0
+    # The prompt's text tokens as the model's text encoder reads them (for `usage`).
+    text_tokens: int = 0
 
 
 @dataclass
@@ -327,52 +309,3 @@ class ModelInfo:
     def splits(self, width: int, height: int) -> bool:
         """Whether a width×height image's tokens divide evenly across the worker group's devices."""
         return self.image_tokens(width, height) % self.parallel == 0
-
-
-@dataclass(frozen=True)
-class GroupRank:
-    """A worker group member's place in it, given at spawn: its rank among `devices` (rank 0 leads) and
-    where the group's ranks meet (a TCP port on 127.0.0.1 chosen by the server)."""
-
-    rank: int
-    devices: tuple[str, ...]
-    port: int
-    timeout_s: float
-
-    @property
-    def world_size(self) -> int:
-        return len(self.devices)
-
-    @property
-    def leader(self) -> bool:
-        return self.rank == 0
-
-
-@dataclass
-class WorkerReady:
-    worker_id: int
-    pid: int
-    device: str
-    model: ModelInfo
-    load_seconds: float
-    warmup_seconds: float
-    # time.monotonic() when the child's worker code began (after the interpreter and torch started), and how
-    # long each start-up phase took: import_s, load_s, tier_s, warmup_b<N>_s, compile_cache_save_s.
-    entered_at: float = 0.0
-    phases: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass
-class WorkerFailed:
-    """A worker could not start (bad model path, out of memory …); the message is shown to the operator.
-    `fatal`: starting again would fail the same way; false for a passing failure (a group's rendezvous) or a
-    group rank's failed batch."""
-
-    worker_id: int
-    error: str
-    fatal: bool = True
-
-
-@dataclass
-class Shutdown:
-    """Sent to a worker to make it exit cleanly."""

@@ -11,11 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from diffuserve.config import Settings
-from diffuserve.engine.previews import PreviewBatch
+from diffuserve.messages import DeviceBatch, PreviewBatch
 from diffuserve.models.digits.classifier import load_classifier
 from diffuserve.types import BatchItem, BatchJob, Task, Tier
-from tests.helpers import dynamo_config_restored
+from tests.helpers import dynamo_config_restored, engine_config
 
 pytestmark = [
     pytest.mark.gpu,
@@ -33,18 +32,13 @@ def _restored() -> Iterator[None]:
 def engine_for(tier: Tier, cache: Path) -> object:
     from diffuserve.engine.engine import Engine
 
-    engine = Engine(
-        Settings(
-            model_repo="digits", model_size=tier.value, model_batch=8, warmup=False, cache_dir=str(cache)
-        ),
-        "cuda:0",
-    )
+    engine = Engine(engine_config(tier=tier, max_batch=8, cache_dir=str(cache)), "cuda:0")
     engine.load()
     return engine
 
 
 def threes(engine: object) -> np.ndarray:
-    from diffuserve.engine.engine import DeviceBatch, Engine
+    from diffuserve.engine.engine import Engine
 
     assert isinstance(engine, Engine)
     items = [BatchItem("r", "the digit 3", None, [seed], "png", None) for seed in SEEDS]
@@ -55,8 +49,6 @@ def threes(engine: object) -> np.ndarray:
 
 @pytest.mark.parametrize("tier", [Tier.E, Tier.XL, Tier.L, Tier.M, Tier.S])
 def test_edits_and_previews_work_in_every_tier(tier: Tier, tmp_path: Path) -> None:
-    from diffuserve.engine.engine import DeviceBatch
-
     engine = engine_for(tier, tmp_path)
     sources = threes(engine)
     classifier = load_classifier()

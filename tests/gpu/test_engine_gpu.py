@@ -9,13 +9,13 @@ import threading
 import numpy as np
 import pytest
 import torch
+from benchmarks.common import photo_mosaic
 from PIL import Image
 
-from diffuserve.bench.content import photo_mosaic
-from diffuserve.config import Settings
-from diffuserve.engine.encode import encode_pixels
-from diffuserve.engine.encoder import gpu_jpeg_encoder
-from diffuserve.types import BatchItem, BatchJob
+from diffuserve.engine.frames import gpu_jpeg_encoder
+from diffuserve.serving.codecs import encode_pixels
+from diffuserve.types import BatchItem, BatchJob, Tier
+from tests.helpers import engine_config, run_engine
 
 pytestmark = [
     pytest.mark.gpu,
@@ -70,7 +70,7 @@ def engine() -> object:
     from diffuserve.engine.engine import Engine
 
     # Tier E: diffusers as it is, no compile, so the test measures the serving path and nothing else.
-    engine = Engine(Settings(model_repo="digits", model_size="E", model_batch=4, warmup=False), "cuda:0")
+    engine = Engine(engine_config(tier=Tier.E, max_batch=4), "cuda:0")
     engine.load()
     return engine
 
@@ -91,16 +91,16 @@ def test_same_seed_same_image_alone_or_in_a_batch_in_every_format(engine: object
     from diffuserve.engine.engine import Engine
 
     assert isinstance(engine, Engine)
-    batch = engine.run(job([(5, "png"), (6, "jpeg"), (7, "webp"), (8, "png")]))
+    batch = run_engine(engine, job([(5, "png"), (6, "jpeg"), (7, "webp"), (8, "png")]))
     assert batch.error is None
     for (seed, fmt), images in zip(
         [(5, "png"), (6, "jpeg"), (7, "webp"), (8, "png")], batch.images, strict=True
     ):
-        alone = engine.run(job([(seed, fmt)]))
+        alone = run_engine(engine, job([(seed, fmt)]))
         assert alone.error is None
         assert alone.images[0][0].data == images[0].data, f"seed {seed} {fmt} differs alone vs in a batch"
     # The GPU JPEG of an image is within JPEG noise of its lossless pixels.
-    png = decode(engine.run(job([(6, "png")])).images[0][0].data)
+    png = decode(run_engine(engine, job([(6, "png")])).images[0][0].data)
     jpeg = decode(batch.images[1][0].data)
     assert np.abs(png - jpeg).mean() < 8
 
@@ -109,7 +109,7 @@ def test_device_and_encode_times_are_reported(engine: object) -> None:
     from diffuserve.engine.engine import Engine
 
     assert isinstance(engine, Engine)
-    result = engine.run(job([(1, "webp"), (2, "png")]))
+    result = run_engine(engine, job([(1, "webp"), (2, "png")]))
     assert result.error is None
     assert result.denoise_ms > 0 and result.decode_ms > 0 and result.encode_ms > 0
     assert result.inference_ms == pytest.approx(result.denoise_ms + result.decode_ms)

@@ -1,4 +1,4 @@
-"""The ring's merge kernel on a GPU: it gives what the traced merge gives, in the layout the next layer
+"""The ring's merge kernel on a GPU: it gives what diffusers' ring formula gives, in the layout the next layer
 reads, for FLUX's attention shapes and an odd one."""
 
 from __future__ import annotations
@@ -13,9 +13,8 @@ pytestmark = [
 
 
 @pytest.mark.parametrize("shape", [(1, 24, 2304, 128), (2, 24, 2304, 128), (1, 3, 17, 64)])
-def test_merge_kernel_equals_the_traced_merge(shape: tuple[int, int, int, int]) -> None:
-    from diffuserve.engine.ring_merge import merge_pair, mergeable
-    from diffuserve.engine.ring_p2p import merge
+def test_merge_kernel_equals_the_ring_formula(shape: tuple[int, int, int, int]) -> None:
+    from diffuserve.engine.parallel.merge import merge, merge_pair, mergeable, ring_formula
 
     assert mergeable(shape[-1])
     generator = torch.Generator("cuda").manual_seed(0)
@@ -23,7 +22,8 @@ def test_merge_kernel_equals_the_traced_merge(shape: tuple[int, int, int, int]) 
     lse0, lse1 = (torch.randn(shape[:3], device="cuda", generator=generator) * 3 for _ in range(2))
 
     merged = merge_pair(out0, lse0, out1, lse1)
-    expected = merge([out0, lse0, out1, lse1])
+    expected = ring_formula([out0, lse0, out1, lse1])
+    assert torch.equal(merge([out0, lse0, out1, lse1]), merged), "a pair on CUDA merges by the kernel"
 
     assert merged.shape == expected.shape == (shape[0], shape[2], shape[1], shape[3])
     assert merged.is_contiguous() and merged.dtype == torch.bfloat16

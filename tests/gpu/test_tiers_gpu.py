@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 import torch
 
-from diffuserve.engine.tiers import Tier, apply_tier, fp8_available, save_compile_cache, step_cache_of
+from diffuserve.engine.tiers import Tier, apply_recipe, recipe_for, save_compile_cache, step_cache_of
+from diffuserve.engine.tiers.quantize import fp8_available
 from diffuserve.models.tiny_flux import build_tiny_flux
 from tests.helpers import dynamo_config_restored
 
@@ -60,7 +61,7 @@ def test_xl_is_within_bf16_noise_of_eager(tmp_path: Path) -> None:
     fp32 = generate(tiny(torch.float32))
     eager = generate(tiny(torch.bfloat16))
     pipe = tiny(torch.bfloat16)
-    notes = apply_tier(pipe, Tier.XL, device="cuda", cache_dir=str(tmp_path))
+    notes = apply_recipe(pipe, recipe_for(Tier.XL), device="cuda", cache_dir=str(tmp_path))
     assert any("torch.compile (regional" in n for n in notes)
     xl = generate(pipe)
     # The threshold is the bf16 noise floor itself: eager bf16's own distance from fp32 (plus a small margin).
@@ -71,7 +72,7 @@ def test_xl_is_within_bf16_noise_of_eager(tmp_path: Path) -> None:
 @pytest.mark.parametrize("tier", [Tier.L, Tier.M, Tier.S])
 def test_lossy_tiers_run_and_stay_finite(tier: Tier, tmp_path: Path) -> None:
     pipe = tiny(torch.bfloat16)
-    notes = "\n".join(apply_tier(pipe, tier, device="cuda", cache_dir=str(tmp_path)))
+    notes = "\n".join(apply_recipe(pipe, recipe_for(tier), device="cuda", cache_dir=str(tmp_path)))
     if fp8_available("cuda")[0]:
         assert "fp8 e4m3 row-wise" in notes
     images = generate(pipe)
@@ -82,7 +83,7 @@ def test_lossy_tiers_run_and_stay_finite(tier: Tier, tmp_path: Path) -> None:
 
 def test_compile_cache_is_saved_after_warmup(tmp_path: Path) -> None:
     pipe = tiny(torch.bfloat16)
-    apply_tier(pipe, Tier.XL, device="cuda", cache_dir=str(tmp_path))
+    apply_recipe(pipe, recipe_for(Tier.XL), device="cuda", cache_dir=str(tmp_path))
     generate(pipe, steps=2)
     path = save_compile_cache(str(tmp_path))
     assert path is not None and Path(path).stat().st_size > 0

@@ -1,5 +1,6 @@
 """Malformed or hostile edits (multipart and JSON) and streamed requests each get their 4xx envelope naming the
-field, before any of them reaches a worker; the server keeps serving edits and generations afterwards."""
+field, before any of them reaches a worker; the app (in process, on the built-in digits model) keeps serving
+edits and generations afterwards."""
 
 from __future__ import annotations
 
@@ -9,17 +10,20 @@ import re
 import struct
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 
 import httpx
 import numpy as np
 import pytest
+import pytest_asyncio
+from fastapi import FastAPI
 from PIL import Image
 
-from tests.helpers import ServerHandle, decode_image, start_server
+from tests.helpers import decode_image
+from tests.inprocess import EDITS, client_of, digits_settings, sample, served
+from tests.inprocess import URL as GENERATIONS
 
-EDITS = "/v1/images/edits"
-GENERATIONS = "/v1/images/generations"
+pytestmark = pytest.mark.asyncio(loop_scope="module")
 # Small limits so that modest test bodies cross them: a 400×400 picture has too many pixels, 3 MB is too large.
 MAX_INPUT_PIXELS = 100_000
 MAX_UPLOAD_BYTES = 2_000_000
@@ -27,14 +31,17 @@ MAX_UPLOAD_BYTES = 2_000_000
 BOMB_REFUSED_WITHIN_S = 2.0
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[ServerHandle]:
-    with start_server(
-        MODEL_REPO="digits",
-        MAX_INPUT_PIXELS=str(MAX_INPUT_PIXELS),
-        MAX_UPLOAD_BYTES=str(MAX_UPLOAD_BYTES),
-    ) as handle:
-        yield handle
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def app() -> AsyncIterator[FastAPI]:
+    app_settings = digits_settings(max_input_pixels=MAX_INPUT_PIXELS, max_upload_bytes=MAX_UPLOAD_BYTES)
+    async with served(app_settings) as app:
+        yield app
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    async with client_of(app, timeout=120) as client:
+        yield client
 
 
 def _encoded(image: Image.Image, image_format: str = "PNG") -> bytes:
@@ -111,7 +118,7 @@ class _Chunked:
     def __init__(self, size: int) -> None:
         self.size = size
 
-    def __iter__(self) -> Iterator[bytes]:
+    async def __aiter__(self) -> AsyncIterator[bytes]:
         for _ in range(self.size // 65536):
             yield b"\0" * 65536
 
@@ -203,17 +210,10 @@ STREAM_CASES: list[tuple[str, dict, int, str | None]] = [
 ]  # fmt: skip
 
 
-def _batches(server: ServerHandle) -> float:
-    """How many batches the workers have run, from /metrics."""
-    text = httpx.get(f"{server.base_url}/metrics", timeout=10).text
-    match = re.search(r"^diffuserve_batch_size_count (\S+)$", text, re.M)
-    assert match is not None, "no diffuserve_batch_size_count in /metrics"
-    return float(match.group(1))
-
-
 @pytest.fixture(scope="module")
-def batches_before(server: ServerHandle) -> float:
-    return _batches(server)
+def batches_before(app: FastAPI) -> float:
+    """How many batches the worker had run before the first bad request."""
+    return sample(app, "diffuserve_batch_size_count")
 
 
 def _assert_envelope(response: httpx.Response, status: int, param: str | None) -> None:
@@ -229,60 +229,56 @@ def _assert_envelope(response: httpx.Response, status: int, param: str | None) -
 
 
 @pytest.mark.parametrize(("case", "kwargs", "status", "param"), EDIT_CASES, ids=[c[0] for c in EDIT_CASES])
-def test_bad_edit_gets_openai_envelope(
-    server: ServerHandle, batches_before: float, case: str, kwargs: dict, status: int, param: str | None
+async def test_bad_edit_gets_openai_envelope(
+    client: httpx.AsyncClient, batches_before: float, case: str, kwargs: dict, status: int, param: str | None
 ) -> None:
     kwargs = dict(kwargs)
     headers = {"Accept": "application/json", **kwargs.pop("headers", {})}
-    response = httpx.post(f"{server.base_url}{EDITS}", headers=headers, timeout=30, **kwargs)
+    response = await client.post(EDITS, headers=headers, **kwargs)
     _assert_envelope(response, status, param)
 
 
 @pytest.mark.parametrize(
     ("case", "kwargs", "status", "param"), STREAM_CASES, ids=[c[0] for c in STREAM_CASES]
 )
-def test_bad_stream_gets_openai_envelope(
-    server: ServerHandle, batches_before: float, case: str, kwargs: dict, status: int, param: str | None
+async def test_bad_stream_gets_openai_envelope(
+    client: httpx.AsyncClient, batches_before: float, case: str, kwargs: dict, status: int, param: str | None
 ) -> None:
-    response = httpx.post(
-        f"{server.base_url}{GENERATIONS}", headers={"Accept": "application/json"}, timeout=30, **kwargs
-    )
+    response = await client.post(GENERATIONS, headers={"Accept": "application/json"}, **kwargs)
     _assert_envelope(response, status, param)
 
 
-def test_bomb_is_refused_from_its_header(server: ServerHandle) -> None:
+async def test_bomb_is_refused_from_its_header(client: httpx.AsyncClient) -> None:
     assert len(BOMB) < 200  # a few dozen bytes that claim 2.5 billion pixels
-    for _ in range(3):  # the first request of a connection pays for its setup
+    for _ in range(3):  # the first request pays for any lazy setup
         started = time.perf_counter()
-        response = httpx.post(f"{server.base_url}{EDITS}", timeout=30, **_form(BOMB))
+        response = await client.post(EDITS, **_form(BOMB))
         elapsed = time.perf_counter() - started
         _assert_envelope(response, 400, "image")
     assert elapsed < BOMB_REFUSED_WITHIN_S, f"{elapsed:.2f} s to refuse a bomb"
 
 
-def test_server_still_serves_after_abuse(server: ServerHandle, batches_before: float) -> None:
+async def test_server_still_serves_after_abuse(
+    app: FastAPI, client: httpx.AsyncClient, batches_before: float
+) -> None:
     # Runs after the tables: none of their requests reached a worker.
-    assert _batches(server) == batches_before
-    ready = httpx.get(f"{server.base_url}/health/ready", timeout=10)
+    assert sample(app, "diffuserve_batch_size_count") == batches_before
+    ready = await client.get("/health/ready")
     assert ready.status_code == 200, ready.text
     assert all(worker["restarts"] == 0 for worker in ready.json()["workers"])
 
-    edit = httpx.post(f"{server.base_url}{EDITS}", timeout=120, **_form(mask=GOOD_MASK, seed="1"))
+    edit = await client.post(EDITS, **_form(mask=GOOD_MASK, seed="1"))
     assert edit.status_code == 200, edit.text
     assert decode_image(edit.content).size == (32, 32)
-    json_edit = httpx.post(
-        f"{server.base_url}{EDITS}", timeout=120, **_json(response_format="b64_json", output_format="png")
-    )
+    json_edit = await client.post(EDITS, **_json(response_format="b64_json", output_format="png"))
     assert json_edit.status_code == 200, json_edit.text
     assert decode_image(base64.b64decode(json_edit.json()["data"][0]["b64_json"])).format == "PNG"
-    generation = httpx.post(f"{server.base_url}{GENERATIONS}", json=PROMPT, timeout=120)
+    generation = await client.post(GENERATIONS, json=PROMPT)
     assert generation.status_code == 200, generation.text
     assert generation.headers["content-type"] == "image/webp"
-    streamed = httpx.post(
-        f"{server.base_url}{GENERATIONS}", json={**PROMPT, "stream": True, "partial_images": 1}, timeout=120
-    )
+    streamed = await client.post(GENERATIONS, json={**PROMPT, "stream": True, "partial_images": 1})
     assert streamed.status_code == 200, streamed.text
     assert streamed.headers["content-type"].startswith("text/event-stream")
     events = re.findall(r"^event: (\S+)$", streamed.text, re.M)
     assert events == ["image_generation.partial_image", "image_generation.completed"]
-    assert httpx.get(f"{server.base_url}/health/ready", timeout=10).status_code == 200
+    assert (await client.get("/health/ready")).status_code == 200

@@ -1,35 +1,36 @@
-"""Image edits through the official `openai` SDK on the built-in digits model: image-to-image follows the
-prompt as far as `strength` lets it, inpainting changes only what the mask opens, and the JSON form agrees."""
+"""Image edits through the official `openai` SDK on the built-in digits model, served in process: image-to-image
+follows the prompt as far as `strength` lets it, inpainting changes only what the mask opens, and the JSON form
+agrees."""
 
 from __future__ import annotations
 
 import base64
 import io
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 
 import httpx
 import numpy as np
 import pytest
-from openai import OpenAI
+import pytest_asyncio
+from fastapi import FastAPI
+from openai import AsyncOpenAI
 from PIL import Image
 
 from diffuserve.models.digits.classifier import DigitClassifier, load_classifier
-from tests.helpers import ServerHandle, decode_image, generate_pixels, sdk_client, start_server
+from tests.helpers import decode_image
+from tests.inprocess import EDITS, digits_settings, generate_pixels, pixels, served
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 SEEDS = range(20)
 # The kept half of an inpainted image is the source's own pixels; a lossless PNG carries them exactly.
 KEPT_PIXEL_TOLERANCE = 0
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[ServerHandle]:
-    with start_server(MODEL_REPO="digits", MODEL_BATCH="8", BATCH_WAIT_MS="20") as handle:
-        yield handle
-
-
-@pytest.fixture(scope="module")
-def client(server: ServerHandle) -> OpenAI:
-    return sdk_client(server)
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def app() -> AsyncIterator[FastAPI]:
+    async with served(digits_settings()) as app:
+        yield app
 
 
 @pytest.fixture(scope="module")
@@ -37,13 +38,13 @@ def classifier() -> DigitClassifier:
     return load_classifier()
 
 
-@pytest.fixture(scope="module")
-def three(server: ServerHandle, classifier: DigitClassifier) -> bytes:
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def three(http: httpx.AsyncClient, classifier: DigitClassifier) -> bytes:
     """A generated 3 as PNG bytes (the first seed the classifier reads as 3)."""
     for seed in range(10):
-        pixels = generate_pixels(server, seed=seed, prompt="the digit 3")[0].astype(np.uint8)
-        if classifier.predict_images([Image.fromarray(pixels)])[0] == 3:
-            return _png(pixels)
+        drawn = (await generate_pixels(http, seed=seed, prompt="the digit 3"))[0].astype(np.uint8)
+        if classifier.predict_images([Image.fromarray(drawn)])[0] == 3:
+            return _png(drawn)
     raise AssertionError("the digits model drew no 3 in ten seeds")
 
 
@@ -53,37 +54,36 @@ def _png(pixels: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _pixels(b64: str | None) -> np.ndarray:
-    assert b64 is not None
-    return np.asarray(decode_image(base64.b64decode(b64)).convert("RGB"), dtype=np.int16)
-
-
-def _edit(client: OpenAI, image: bytes, strength: float, seed: int, **extra: object) -> np.ndarray:
-    result = client.images.edit(
+async def _edit(client: AsyncOpenAI, image: bytes, strength: float, seed: int, **extra: object) -> np.ndarray:
+    result = await client.images.edit(
         model="digits",
         image=("three.png", image, "image/png"),
         prompt="the digit 8",
         extra_body={"strength": strength, "seed": seed, "output_format": "png", **extra},
     )
     assert result.data is not None and len(result.data) == 1
-    return _pixels(result.data[0].b64_json)
+    return pixels(result.data[0].b64_json)
 
 
 def _reads(classifier: DigitClassifier, images: list[np.ndarray]) -> np.ndarray:
     return classifier.predict_images([Image.fromarray(image.astype(np.uint8)) for image in images])
 
 
-def test_a_strong_edit_follows_the_prompt(client: OpenAI, three: bytes, classifier: DigitClassifier) -> None:
-    read = _reads(classifier, [_edit(client, three, 0.9, seed) for seed in SEEDS])
+async def test_a_strong_edit_follows_the_prompt(
+    client: AsyncOpenAI, three: bytes, classifier: DigitClassifier
+) -> None:
+    read = _reads(classifier, [await _edit(client, three, 0.9, seed) for seed in SEEDS])
     assert (read == 8).mean() >= 0.8, read
 
 
-def test_a_light_edit_keeps_the_picture(client: OpenAI, three: bytes, classifier: DigitClassifier) -> None:
-    read = _reads(classifier, [_edit(client, three, 0.2, seed) for seed in SEEDS])
+async def test_a_light_edit_keeps_the_picture(
+    client: AsyncOpenAI, three: bytes, classifier: DigitClassifier
+) -> None:
+    read = _reads(classifier, [await _edit(client, three, 0.2, seed) for seed in SEEDS])
     assert (read == 3).mean() >= 0.8, read
 
 
-def test_inpainting_changes_only_what_the_mask_opens(client: OpenAI, three: bytes) -> None:
+async def test_inpainting_changes_only_what_the_mask_opens(client: AsyncOpenAI, three: bytes) -> None:
     source = np.asarray(decode_image(three).convert("RGB"), dtype=np.int16)
     height, width = source.shape[:2]
     alpha = np.full((height, width), 255, dtype=np.uint8)
@@ -94,7 +94,7 @@ def test_inpainting_changes_only_what_the_mask_opens(client: OpenAI, three: byte
     )
     changed = []
     for seed in range(4):
-        result = client.images.edit(
+        result = await client.images.edit(
             model="digits",
             image=("three.png", three, "image/png"),
             mask=("mask.png", mask.getvalue(), "image/png"),
@@ -102,15 +102,15 @@ def test_inpainting_changes_only_what_the_mask_opens(client: OpenAI, three: byte
             extra_body={"strength": 1.0, "seed": seed, "output_format": "png"},
         )
         assert result.data is not None
-        edited = _pixels(result.data[0].b64_json)
+        edited = pixels(result.data[0].b64_json)
         assert edited.shape == source.shape
         assert np.abs(edited[:, : width // 2] - source[:, : width // 2]).max() <= KEPT_PIXEL_TOLERANCE
         changed.append(np.abs(edited[:, width // 2 :] - source[:, width // 2 :]).mean())
     assert max(changed) > 5, "the masked half must be repainted"
 
 
-def test_the_json_form_with_data_urls_gives_the_same_image(
-    server: ServerHandle, client: OpenAI, three: bytes
+async def test_the_json_form_with_data_urls_gives_the_same_image(
+    http: httpx.AsyncClient, client: AsyncOpenAI, three: bytes
 ) -> None:
     body = {
         "model": "digits",
@@ -121,10 +121,10 @@ def test_the_json_form_with_data_urls_gives_the_same_image(
         "output_format": "png",
         "response_format": "b64_json",
     }
-    response = httpx.post(f"{server.base_url}/v1/images/edits", json=body, timeout=120)
+    response = await http.post(EDITS, json=body)
     assert response.status_code == 200, response.text
     payload = response.json()
-    assert np.array_equal(_pixels(payload["data"][0]["b64_json"]), _edit(client, three, 0.9, 5))
+    assert np.array_equal(pixels(payload["data"][0]["b64_json"]), await _edit(client, three, 0.9, 5))
     assert payload["size"] == "32x32" and payload["output_format"] == "png"
     usage = payload["usage"]
     # digits: a 4× VAE and FLUX's 2×2 packing make 8×8-pixel tokens: 16 per 32×32 picture, in and out.
@@ -133,9 +133,9 @@ def test_the_json_form_with_data_urls_gives_the_same_image(
     assert usage["total_tokens"] == usage["input_tokens"] + usage["output_tokens"]
 
 
-def test_several_pictures_are_edited_in_turn(client: OpenAI, three: bytes) -> None:
+async def test_several_pictures_are_edited_in_turn(client: AsyncOpenAI, three: bytes) -> None:
     blank = _png(np.full((32, 32, 3), 0, dtype=np.uint8))
-    result = client.images.edit(
+    result = await client.images.edit(
         model="digits",
         image=[("a.png", three, "image/png"), ("b.png", blank, "image/png")],
         prompt="the digit 8",
@@ -143,21 +143,23 @@ def test_several_pictures_are_edited_in_turn(client: OpenAI, three: bytes) -> No
         extra_body={"strength": 0.2, "seed": 11, "output_format": "png"},
     )
     assert result.data is not None and len(result.data) == 2
-    first, second = (_pixels(item.b64_json) for item in result.data)
+    first, second = (pixels(item.b64_json) for item in result.data)
     # Output i starts from picture i mod 2: the second stays near black, the first keeps the 3's ink.
     assert second.mean() < first.mean()
 
 
-def test_an_edit_can_answer_with_urls(server: ServerHandle, client: OpenAI, three: bytes) -> None:
+async def test_an_edit_can_answer_with_urls(
+    http: httpx.AsyncClient, client: AsyncOpenAI, three: bytes
+) -> None:
     arguments: dict = {
         "model": "digits",
         "image": ("three.png", three, "image/png"),
         "prompt": "the digit 8",
         "extra_body": {"strength": 0.9, "seed": 3, "output_format": "png"},
     }
-    linked = client.images.edit(response_format="url", **arguments)
-    inline = client.images.edit(response_format="b64_json", **arguments)
+    linked = await client.images.edit(response_format="url", **arguments)
+    inline = await client.images.edit(response_format="b64_json", **arguments)
     assert linked.data is not None and inline.data is not None and linked.data[0].url is not None
-    downloaded = httpx.get(linked.data[0].url, timeout=30)
+    downloaded = await http.get(linked.data[0].url)
     assert downloaded.status_code == 200 and downloaded.headers["content-type"] == "image/png"
     assert downloaded.content == base64.b64decode(inline.data[0].b64_json or "")

@@ -1,4 +1,5 @@
-"""Readiness while loading, clear start-up failures, bearer tokens, workers that die with their server."""
+"""A real `diffuserve serve` process: clear start-up failures and their exit codes, workers that die with their
+server, and no API key in any worker's environment or command line."""
 
 from __future__ import annotations
 
@@ -7,12 +8,19 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 
-from tests.helpers import ROOT, child_pids, free_port, process_alive, server_handle, start_server
-
-URL = "/v1/images/generations"
+from tests.helpers import (
+    ROOT,
+    ServerHandle,
+    child_pids,
+    free_port,
+    process_alive,
+    start_server,
+    worker_processes,
+)
 
 
 def run_serve(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -25,49 +33,6 @@ def run_serve(*args: str, env: dict[str, str] | None = None) -> subprocess.Compl
         cwd=ROOT,
         env=env,
     )
-
-
-def test_ready_is_503_while_loading_then_200_and_auth_applies() -> None:
-    handle = server_handle(API_KEYS="key-one,key-two")
-    try:
-        handle.start()
-        first_status = None
-        deadline = time.monotonic() + 30
-        while first_status is None and time.monotonic() < deadline:
-            try:
-                first_status = httpx.get(f"{handle.base_url}/health/ready", timeout=2).status_code
-            except httpx.TransportError:
-                time.sleep(0.05)
-        early = httpx.post(
-            f"{handle.base_url}{URL}",
-            json={"prompt": "x"},
-            headers={"Authorization": "Bearer key-one"},
-            timeout=5,
-        )
-        assert first_status == 503, "readiness must be 503 before the worker has loaded"
-        assert early.status_code == 503
-        assert early.json()["error"]["code"] == "model_not_ready"
-        handle.wait_ready()
-        assert httpx.get(f"{handle.base_url}/v2/health/ready", timeout=5).status_code == 200
-
-        # Health needs no key; everything else does.
-        assert httpx.get(f"{handle.base_url}/health/live", timeout=5).status_code == 200
-        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic key-one"}):
-            response = httpx.get(f"{handle.base_url}/v1/models", headers=headers, timeout=5)
-            assert response.status_code == 401
-            assert response.json()["error"]["type"] == "authentication_error"
-        assert httpx.get(f"{handle.base_url}/metrics", timeout=5).status_code == 401
-        assert httpx.post(f"{handle.base_url}{URL}", json={"prompt": "x"}, timeout=5).status_code == 401
-        for key in ("key-one", "key-two"):
-            ok = httpx.post(
-                f"{handle.base_url}{URL}",
-                json={"prompt": "x"},
-                headers={"Authorization": f"Bearer {key}"},
-                timeout=60,
-            )
-            assert ok.status_code == 200
-    finally:
-        handle.stop()
 
 
 def test_missing_local_model_exits_nonzero_with_message(tmp_path) -> None:
@@ -99,13 +64,46 @@ def test_model_that_fails_to_load_in_the_worker_stops_the_server(tmp_path) -> No
     assert "acme/not-a-model" in result.stderr
 
 
+def ready_workers(handle: ServerHandle, headers: dict[str, str]) -> list[int]:
+    """The pids of the workers that are up (readiness shows pids only to a valid key, where keys are set)."""
+    ready = httpx.get(f"{handle.base_url}/health/ready", headers=headers, timeout=5).json()
+    return [worker["pid"] for worker in ready["workers"] if worker["state"] in ("idle", "busy")]
+
+
+def test_no_worker_gets_an_api_key_in_its_environment_or_command_line() -> None:
+    """Keys from both env vars and the flag: the server uses them, its workers never see any of them."""
+    in_env, in_alias, in_flag = "sk-env-key-never-in-a-worker", "sk-alias-never-in-a-worker", "sk-flag-key-7"
+    with start_server(
+        ["--api-key", in_flag], DEVICES="cpu,cpu", API_KEYS=in_env, AUTH_TOKEN=in_alias
+    ) as handle:
+        assert handle.process is not None
+        key = {"Authorization": f"Bearer {in_flag}"}
+        url = f"{handle.base_url}/v1/models"
+        assert httpx.get(url, timeout=5).status_code == 401  # the keys are live: the server checks them
+        assert httpx.get(url, headers=key, timeout=5).status_code == 200
+        deadline = time.monotonic() + 120
+        while len(started := ready_workers(handle, key)) < 2:  # ready means one worker is; wait for both
+            assert time.monotonic() < deadline, handle.log_tail()
+            time.sleep(0.1)
+        workers = worker_processes(handle.process.pid)
+        assert sorted(workers) == sorted(started), (workers, started)
+        for pid in workers:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            # What the worker inherited is there to see (the server's other settings), the keys are not.
+            assert b"DEVICES=cpu,cpu" in environ and b"spawn_main" in cmdline
+            told = b"\0".join(environ) + cmdline
+            leaked = [secret for secret in (in_env, in_alias, in_flag) if secret.encode() in told]
+            assert not leaked, f"worker {pid} was given {leaked}"
+
+
 def test_kill_9_of_the_server_leaves_no_worker_alive() -> None:
     """A server killed outright runs no cleanup; its workers must still be gone within 5 s."""
     with start_server(DEVICES="cpu,cpu") as handle:
         assert handle.process is not None
         server_pid = handle.process.pid
         deadline = time.monotonic() + 120
-        while len(workers := handle.worker_pids()) < 2:  # ready means one worker is; wait for both
+        while len(workers := ready_workers(handle, {})) < 2:  # ready means one worker is; wait for both
             assert time.monotonic() < deadline, handle.log_tail()
             time.sleep(0.1)
         children = child_pids(server_pid)

@@ -1,5 +1,5 @@
-"""schemathesis against the served /openapi.json on the built-in model: every generated request, valid or
-not, gets a non-5xx answer, errors in the OpenAI envelope, responses as the document declares them.
+"""schemathesis against the app's /openapi.json, in process on the built-in model: every generated request,
+valid or not, gets a non-5xx answer, errors in the OpenAI envelope, responses as the document declares them.
 
 schemathesis' positive_data_acceptance check is left out: the document states each field's own limits,
 not the rules between fields that the route enforces with a 400 naming the field (sizes that are multiples
@@ -11,22 +11,43 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
 
+import pytest
 import schemathesis
+from fastapi import FastAPI
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis.checks import negative_data_rejection, positive_data_acceptance
 from schemathesis.generation.modes import GenerationMode
+from schemathesis.python import asgi
 
-from tests.helpers import ServerHandle
+from diffuserve.api.app import build_app
+from tests.inprocess import digits_settings
 
 # Examples per operation and mode: about 300 requests in 10 s (hypothesis stops early on simple operations).
 EXAMPLES = 100
 BUDGET_S = 90
 
 
-def test_every_generated_request_gets_a_documented_non_5xx_answer(server: ServerHandle) -> None:
-    schema = schemathesis.openapi.from_url(f"{server.base_url}/openapi.json")
+@pytest.fixture
+def app(tmp_path: Path) -> Iterator[FastAPI]:
+    """The app, its lifespan run by schemathesis on the event loop it calls the app on (its ASGI client starts
+    an app's lifespan at the first request and keeps it); stopped here, workers and all."""
+    app = build_app(digits_settings(image_store_dir=str(tmp_path)))
+    try:
+        yield app
+    finally:
+        asgi.shutdown_lifespans()
+
+
+def test_every_generated_request_gets_a_documented_non_5xx_answer(app: FastAPI) -> None:
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+    deadline = time.monotonic() + 120
+    while not app.state.service.ready:  # the worker loads on the app's own loop, in schemathesis' thread
+        assert time.monotonic() < deadline, "the worker never became ready"
+        time.sleep(0.05)
     operations = [result.ok() for result in schema.get_all_operations()]
     assert len(operations) >= 8
     statuses: Counter[int] = Counter()

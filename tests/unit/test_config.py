@@ -9,7 +9,7 @@ import pickle
 import pytest
 
 from diffuserve.config import DType, LogFormat, Settings, Weights, add_settings_arguments, settings_from_args
-from diffuserve.engine.naming import served_model_name
+from diffuserve.serving.engine_config import served_model_name
 from diffuserve.types import Tier
 
 

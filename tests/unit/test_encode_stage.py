@@ -7,8 +7,8 @@ import time
 from multiprocessing import Pipe
 from typing import Any
 
+from diffuserve.messages import BatchResult, DeviceFree
 from diffuserve.serving.encode_stage import EncodeStage, LockedSender
-from diffuserve.types import BatchResult, DeviceFree
 
 
 def test_batches_are_encoded_and_sent_in_order_and_close_flushes() -> None:

@@ -7,11 +7,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from benchmarks.common import noise_picture, photo_mosaic
 from PIL import Image
 
-from diffuserve.bench.content import noise_picture, photo_mosaic
-from diffuserve.engine.encode import encode_pixels, encode_png
-from diffuserve.engine.encoder import BatchEncoder, gpu_jpeg_encoder
+from diffuserve.engine.frames import gpu_jpeg_encoder
+from diffuserve.serving.codecs import encode_pixels, encode_png
+from diffuserve.serving.image_encoder import BatchEncoder
 
 
 def decoded(data: bytes) -> np.ndarray:

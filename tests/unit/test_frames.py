@@ -1,16 +1,16 @@
-"""The device-side uint8 conversion gives diffusers' own pixels; the decode clock splits a call's time."""
+"""The device-side uint8 conversion gives diffusers' own pixels; the step marks split a call's time."""
 
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import numpy as np
 import torch
 from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 
-from diffuserve.engine.frames import DecodeClock, to_uint8
+from diffuserve.engine.calls import StepMarks, step_callback
+from diffuserve.engine.frames import to_uint8
 
 
 def test_tensor_conversion_matches_diffusers_pil_output() -> None:
@@ -36,28 +36,13 @@ def test_numpy_and_pil_outputs_convert_too() -> None:
     assert np.array_equal(to_uint8(pils)[0], pixels)
 
 
-class FakeVae:
-    def decode(self, latents: Any) -> Any:
-        time.sleep(0.02)
-        return latents
-
-
-class FakePipeline:
-    def __init__(self) -> None:
-        self.vae = FakeVae()
-
-    def __call__(self) -> None:
+def test_decode_time_runs_from_the_last_step_end_to_the_pixels_in_host_memory() -> None:
+    marks = StepMarks(cuda=False)
+    assert marks.since_last_step_ms() == 0.0, "no step ended yet"
+    callback = step_callback(marks, None, None)
+    tensors = {"latents": torch.zeros(1)}
+    for step in range(3):
         time.sleep(0.01)
-        self.vae.decode(None)
-
-
-def test_decode_clock_times_from_the_vae_call_and_wraps_once() -> None:
-    pipe = FakePipeline()
-    clock = DecodeClock(pipe, "cpu")
-    DecodeClock(pipe, "cpu")  # a second clock on the same pipeline must not wrap the wrapper
-    assert getattr(pipe.vae.decode, "_diffuserve_clock", False)
-    clock.start()
-    assert clock.decode_ms(clock.finished()) == 0.0, "nothing decoded yet"
-    pipe()
-    ms = clock.decode_ms(clock.finished())
-    assert 15 <= ms < 1000
+        assert callback(None, step, None, tensors) is tensors
+    time.sleep(0.02)  # the decode
+    assert 15 <= marks.since_last_step_ms() < 1000

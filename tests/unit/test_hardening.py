@@ -1,23 +1,27 @@
-"""Hostile input in process: escaped and bounded log text, integers of any length, the drain, readiness
-without a key, 405's Allow header and the protected OpenAPI document."""
+"""Hostile input in process: escaped and bounded log text, integers of any length, the drain, readiness (503
+while the model loads; without a key), bearer keys, 405's Allow header, the protected OpenAPI document, and no
+API key in what a worker is told."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import json
 import logging
+import pickle
 from collections.abc import AsyncIterator
-from functools import partial
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
 import pytest_asyncio
 from fastapi import FastAPI
 
-import diffuserve.api.app as app_module
 from diffuserve.api.app import build_app
 from diffuserve.api.drain import Drain
+from diffuserve.config import Settings
+from diffuserve.engine.config import EngineConfig
 from diffuserve.errors import InvalidRequest, ShuttingDown
 from diffuserve.logs import JsonFormatter, TextFormatter, safe_text
 from diffuserve.protocol import (
@@ -27,9 +31,9 @@ from diffuserve.protocol import (
     decode_json,
     describe_unknown_fields,
 )
-from diffuserve.serving.service import GenerationService
+from diffuserve.serving.engine_config import engine_config
 from tests import fakes
-from tests.unit.test_inprocess_app import JSON, URL, client_of, settings, until
+from tests.inprocess import JSON, URL, client_of, sample, served, settings, until
 
 KEY = {"Authorization": "Bearer secret"}
 ON_SERVED_LOOP = pytest.mark.asyncio(loop_scope="module")
@@ -130,13 +134,8 @@ async def test_drain_lets_quick_work_finish_and_fails_slow_work() -> None:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def keyed() -> AsyncIterator[FastAPI]:
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(
-            app_module, "GenerationService", partial(GenerationService, worker_target=fakes.fake_worker)
-        )
-        app = build_app(settings(api_keys=["secret"]))
-    async with app.router.lifespan_context(app):
-        await until(lambda: app.state.service.ready)
+    # Bodies up to 64 KiB: a 5000-digit integer must reach the parser, not the size check.
+    async with served(settings(api_keys=["secret"], max_body_bytes=65536), fakes.FakeEngine) as app:
         yield app
 
 
@@ -150,6 +149,22 @@ async def test_readiness_shows_worker_pids_only_with_a_valid_key(keyed: FastAPI)
             assert workers and all("pid" not in w and "pids" not in w for w in workers)
         private = await client.get("/health/ready", headers=KEY)
         assert all(isinstance(w["pid"], int) for w in private.json()["workers"])
+
+
+@ON_SERVED_LOOP
+async def test_a_5000_digit_integer_is_a_400_naming_the_field_and_counted(
+    keyed: FastAPI, caplog: pytest.LogCaptureFixture
+) -> None:
+    before = sample(keyed, "diffuserve_requests_total", status="400")
+    async with client_of(keyed) as client:
+        for field in ("seed", "n", "num_inference_steps"):
+            body = b'{"prompt": "x", "%s": %s}' % (field.encode(), b"7" * 5000)
+            headers = {**JSON, **KEY, "Content-Type": "application/json"}
+            response = await client.post(URL, content=body, headers=headers)
+            assert response.status_code == 400, response.text
+            assert response.json()["error"]["param"] == field
+    assert sample(keyed, "diffuserve_requests_total", status="400") == before + 3
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
 
 
 @ON_SERVED_LOOP
@@ -218,3 +233,57 @@ def test_the_servers_own_multiline_text_keeps_its_lines_but_arguments_are_escape
     assert formatter.format(record).endswith("Traceback:\n  line a\\nb\n  7")
     wrong_type = logging.LogRecord("x", logging.INFO, __file__, 1, "%d items", ("3\n",), None)
     assert "\n" not in formatter.format(wrong_type)
+
+
+# ---- readiness while the model loads, and bearer keys ------------------------------------------------
+
+
+async def test_ready_is_503_while_loading_then_200_and_auth_applies(tmp_path: Path) -> None:
+    keys = {"Authorization": "Bearer key-one"}
+    # The stand-in loads its model only once `loaded` exists in its cache dir: the test decides when.
+    slow = settings(api_keys=["key-one", "key-two"], model_repo="fake-slow-loading", cache_dir=str(tmp_path))
+    async with served_loading(slow) as app, client_of(app) as client:
+        ready = await client.get("/health/ready")
+        early = await client.post(URL, json={"prompt": "x"}, headers={**JSON, **keys})
+        assert ready.status_code == 503, "readiness must be 503 before the worker has loaded"
+        assert early.status_code == 503 and early.json()["error"]["code"] == "model_not_ready"
+        (tmp_path / "loaded").touch()
+        await until(lambda: app.state.service.ready)
+        assert (await client.get("/health/ready")).status_code == 200
+        assert (await client.get("/v2/health/ready")).status_code == 200
+
+        # Health needs no key; everything else does.
+        assert (await client.get("/health/live")).status_code == 200
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic key-one"}):
+            response = await client.get("/v1/models", headers=headers)
+            assert response.status_code == 401
+            assert response.json()["error"]["type"] == "authentication_error"
+        assert (await client.get("/metrics")).status_code == 401
+        assert (await client.post(URL, json={"prompt": "x"})).status_code == 401
+        for key in ("key-one", "key-two"):
+            ok = await client.post(URL, json={"prompt": "x"}, headers={"Authorization": f"Bearer {key}"})
+            assert ok.status_code == 200
+
+
+@asynccontextmanager
+async def served_loading(app_settings: Settings) -> AsyncIterator[FastAPI]:
+    """The app with its lifespan running, before its worker is ready (`served` waits for that)."""
+    app = build_app(app_settings, engine_factory=fakes.FakeEngine)
+    async with app.router.lifespan_context(app):
+        assert not app.state.service.ready
+        yield app
+
+
+# ---- what a worker is told ----------------------------------------------------------------------------
+
+
+def test_a_worker_is_told_no_api_key_nor_hub_token() -> None:
+    secrets = ("sk-never-in-a-worker-0001", "sk-never-in-a-worker-0002", "hf_never_in_a_worker")
+    app_settings = Settings.from_env({}, api_keys=list(secrets[:2]), hf_token=secrets[2])
+    assert app_settings.api_keys == list(secrets[:2])
+    # What the pool pickles for each worker process it spawns.
+    told = pickle.dumps(engine_config(app_settings))
+    assert not [secret for secret in secrets if secret.encode() in told]
+    # Nor could it be: the worker's config has no field for a key or a token.
+    fields = {field.name for field in dataclasses.fields(EngineConfig)}
+    assert not {name for name in fields if "key" in name or "token" in name or "auth" in name}, fields

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import io
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from diffuserve.api.auth import BearerAuth
 from diffuserve.api.deps import wants_json
-from diffuserve.engine.encode import encode_image
 from diffuserve.errors import Unauthorized
+from diffuserve.serving.codecs import encode_pixels
 from diffuserve.serving.worker_handle import resolve_devices
 
 
@@ -42,8 +43,8 @@ def test_response_format_rule(response_format: str | None, headers: dict, expect
 
 @pytest.mark.parametrize("fmt", ["png", "jpeg", "webp"])
 def test_encode_round_trip(fmt: str) -> None:
-    image = Image.new("RGB", (32, 16), (200, 10, 10))
-    data = encode_image(image, fmt, compression=20)
+    pixels = np.full((16, 32, 3), (200, 10, 10), dtype=np.uint8)
+    data = encode_pixels(pixels, fmt, compression=20)
     decoded = Image.open(io.BytesIO(data))
     assert decoded.format == fmt.upper()
     assert decoded.size == (32, 16)

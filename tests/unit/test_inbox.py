@@ -6,8 +6,9 @@ from __future__ import annotations
 import time
 from multiprocessing import Pipe
 
+from diffuserve.messages import CancelBatch, Shutdown
 from diffuserve.serving.inbox import Inbox
-from diffuserve.types import BatchJob, CancelBatch, Shutdown
+from diffuserve.types import BatchJob
 
 
 def job(batch_id: int) -> BatchJob:

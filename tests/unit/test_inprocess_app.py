@@ -1,15 +1,14 @@
 """The app in this process (httpx's ASGITransport) over a stand-in engine worker: the error mapper, and the
-service's splitting, cancellation, deadlines and client disconnects as the routes drive them."""
+service's splitting, cancellation, deadlines (504), backpressure (429 with Retry-After) and client disconnects
+(499) as the routes drive them."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -20,56 +19,14 @@ from fastapi import FastAPI
 from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
 
-import diffuserve.api.app as app_module
 from diffuserve.api.app import build_app
-from diffuserve.config import Settings
 from diffuserve.errors import DiffuserveError, QueueFull
 from diffuserve.serving.service import GenerationService
 from tests import fakes
+from tests.inprocess import JSON, URL, Exchange, client_of, envelope, sample, served, settings, until
 
-URL = "/v1/images/generations"
-JSON = {"Accept": "application/json"}
 # The served app and its worker live for the whole module; its tests run on the module's event loop.
 ON_SERVED_LOOP = pytest.mark.asyncio(loop_scope="module")
-
-
-def settings(**overrides: Any) -> Settings:
-    base: dict[str, Any] = {
-        "model_name": "fake",
-        "model_batch": 2,
-        "max_queue": 2,
-        "batch_wait_ms": 0.0,
-        "devices": "cpu",
-        "cpu_threads": 1,
-        "request_timeout": 10.0,
-        "max_body_bytes": 4096,
-    }
-    return Settings(**{**base, **overrides})
-
-
-def client_of(app: FastAPI) -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver")
-
-
-async def until(condition: Callable[[], object], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.005)
-
-
-def envelope(response: httpx.Response, status: int, code: str | None) -> dict[str, Any]:
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    assert error["code"] == code
-    assert "Traceback" not in response.text
-    assert response.headers["x-request-id"]
-    return dict(error)
-
-
-def sample(app: FastAPI, name: str, **labels: str) -> float:
-    return app.state.metrics.registry.get_sample_value(name, labels) or 0.0
 
 
 # ---- the error mapper, on an app whose workers never start ----------------------------------------------
@@ -183,26 +140,20 @@ def _with_dependencies(dependant: Dependant) -> Iterator[Dependant]:
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def served() -> AsyncIterator[FastAPI]:
-    """build_app's own wiring and lifespan, with worker_main swapped for the stand-in."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(
-            app_module, "GenerationService", partial(GenerationService, worker_target=fakes.fake_worker)
-        )
-        app = build_app(settings())
-    async with app.router.lifespan_context(app):
+async def served_app() -> AsyncIterator[FastAPI]:
+    """build_app's own wiring and lifespan, its workers running the real loop around a stand-in engine."""
+    async with served(settings(), fakes.FakeEngine) as app:
         service: GenerationService = app.state.service
-        await until(lambda: service.ready)
         yield app
         # Every test leaves the service as it found it: nothing queued, nothing running.
         assert not service.scheduler.queue and not service.scheduler.in_flight
 
 
 @pytest_asyncio.fixture(loop_scope="module")
-async def client(served: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
-    async with client_of(served) as client:
+async def client(served_app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    async with client_of(served_app) as client:
         yield client
-    scheduler = served.state.service.scheduler
+    scheduler = served_app.state.service.scheduler
     assert not scheduler.queue and not scheduler.in_flight
 
 
@@ -236,15 +187,15 @@ async def test_one_image_as_bytes_and_as_json(client: httpx.AsyncClient) -> None
 
 @ON_SERVED_LOOP
 async def test_n_above_model_batch_runs_as_parts_with_consecutive_seeds(
-    served: FastAPI, client: httpx.AsyncClient
+    served_app: FastAPI, client: httpx.AsyncClient
 ) -> None:
-    batches_before = sample(served, "diffuserve_batch_size_count")
+    batches_before = sample(served_app, "diffuserve_batch_size_count")
     response = await client.post(URL, json={"prompt": "five", "n": 5, "seed": 100}, headers=JSON)
     # MODEL_BATCH is 2: parts of 2, 2 and 1 images, seeds continuing across them, in order.
     assert images_of(response) == [
         (100 + i, f"five|seed={100 + i}|batch={2 if i < 4 else 1}") for i in range(5)
     ]
-    assert sample(served, "diffuserve_batch_size_count") == batches_before + 3
+    assert sample(served_app, "diffuserve_batch_size_count") == batches_before + 3
     assert response.headers["x-batch-size"] == "2"
 
 
@@ -256,84 +207,70 @@ async def test_a_failed_batch_is_a_500_envelope(client: httpx.AsyncClient) -> No
 
 @ON_SERVED_LOOP
 async def test_a_cancelled_request_leaves_the_queue_before_it_runs(
-    served: FastAPI, client: httpx.AsyncClient, tmp_path: Path
+    served_app: FastAPI, client: httpx.AsyncClient, tmp_path: Path
 ) -> None:
-    scheduler = served.state.service.scheduler
-    batches_before = sample(served, "diffuserve_batch_size_count")
-    async with held_worker(served, client, tmp_path):
+    scheduler = served_app.state.service.scheduler
+    batches_before = sample(served_app, "diffuserve_batch_size_count")
+    async with held_worker(served_app, client, tmp_path):
         waiting = asyncio.create_task(client.post(URL, json={"prompt": "never run"}, headers=JSON))
         await until(lambda: scheduler.queue)
         waiting.cancel()
         with pytest.raises(asyncio.CancelledError):
             await waiting
         assert not scheduler.queue
-    assert sample(served, "diffuserve_batch_size_count") == batches_before + 1  # the held batch alone
+    assert sample(served_app, "diffuserve_batch_size_count") == batches_before + 1  # the held batch alone
 
 
 @ON_SERVED_LOOP
 async def test_a_passed_deadline_is_a_504_and_leaves_the_queue(
-    served: FastAPI, client: httpx.AsyncClient, tmp_path: Path
+    served_app: FastAPI, client: httpx.AsyncClient, tmp_path: Path
 ) -> None:
-    async with held_worker(served, client, tmp_path):
-        late = await client.post(URL, json={"prompt": "late"}, headers={**JSON, "X-Request-Timeout": "0.2"})
+    async with held_worker(served_app, client, tmp_path):
+        started = time.monotonic()
+        late = await client.post(URL, json={"prompt": "late"}, headers={**JSON, "X-Request-Timeout": "0.5"})
+        waited = time.monotonic() - started
         envelope(late, 504, "deadline_exceeded")
-        assert not served.state.service.scheduler.queue
+        assert waited < 5, f"the 504 came {waited:.1f} s after a 0.5 s deadline"
+        assert not served_app.state.service.scheduler.queue
     bad = await client.post(URL, json={"prompt": "x"}, headers={**JSON, "X-Request-Timeout": "soon"})
     assert envelope(bad, 400, "invalid_value")["param"] == "X-Request-Timeout"
 
 
 @ON_SERVED_LOOP
 async def test_a_full_queue_is_a_429_with_retry_after(
-    served: FastAPI, client: httpx.AsyncClient, tmp_path: Path
+    served_app: FastAPI, client: httpx.AsyncClient, tmp_path: Path
 ) -> None:
-    scheduler = served.state.service.scheduler
-    async with held_worker(served, client, tmp_path):
+    scheduler = served_app.state.service.scheduler
+    async with held_worker(served_app, client, tmp_path):
         queued = [
-            asyncio.create_task(client.post(URL, json={"prompt": f"q{i}"}, headers=JSON)) for i in range(2)
+            asyncio.create_task(client.post(URL, json={"prompt": f"q{i}", "seed": i}, headers=JSON))
+            for i in range(2)
         ]
         await until(lambda: len(scheduler.queue) == 2)  # MAX_QUEUE
         refused = await client.post(URL, json={"prompt": "one too many"}, headers=JSON)
-        envelope(refused, 429, "queue_full")
+        assert envelope(refused, 429, "queue_full")["type"] == "rate_limit_error"
         assert int(refused.headers["retry-after"]) >= 1
-        for task in queued:
-            task.cancel()
-        await asyncio.gather(*queued, return_exceptions=True)
+    # The refusal cost the queued requests nothing: once the worker is free they are served.
+    assert [(await task).status_code for task in queued] == [200, 200]
 
 
 @ON_SERVED_LOOP
 async def test_a_client_that_disconnects_before_its_batch_is_dropped(
-    served: FastAPI, client: httpx.AsyncClient, tmp_path: Path
+    served_app: FastAPI, client: httpx.AsyncClient, tmp_path: Path
 ) -> None:
-    # httpx's ASGITransport cannot hang up mid-request, so this one talks ASGI itself.
-    scheduler = served.state.service.scheduler
-    batches_before = sample(served, "diffuserve_batch_size_count")
-    dropped_before = sample(served, "diffuserve_requests_total", model="fake", status="499")
-    hang_up = asyncio.Event()
-    sent: list[dict[str, Any]] = []
-    body = json.dumps({"prompt": "gone"}).encode()
-    messages = [{"type": "http.request", "body": body, "more_body": False}]
-
-    async def receive() -> dict[str, Any]:
-        if messages:
-            return messages.pop()
-        await hang_up.wait()
-        return {"type": "http.disconnect"}
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-
-    scope = {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-        "path": URL, "raw_path": URL.encode(), "query_string": b"", "root_path": "",
-        "headers": [(b"content-type", b"application/json"), (b"accept", b"application/json")],
-        "client": ("127.0.0.1", 50000), "server": ("testserver", 80),
-    }  # fmt: skip
-    async with held_worker(served, client, tmp_path):
-        call = asyncio.create_task(served(scope, receive, send))
+    scheduler = served_app.state.service.scheduler
+    batches_before = sample(served_app, "diffuserve_batch_size_count")
+    images_before = sample(served_app, "diffuserve_images_generated_total", model="fake")
+    dropped_before = sample(served_app, "diffuserve_requests_total", model="fake", status="499")
+    gone = Exchange(served_app, URL, {"prompt": "gone"}, JSON)
+    async with held_worker(served_app, client, tmp_path):
+        call = gone.start()
         await until(lambda: scheduler.queue)
-        hang_up.set()
+        gone.hang_up.set()  # the client leaves while its request still waits behind the held batch
         await asyncio.wait_for(call, 5)
         assert not scheduler.queue
-    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 499
-    assert sample(served, "diffuserve_requests_total", model="fake", status="499") == dropped_before + 1
-    assert sample(served, "diffuserve_batch_size_count") == batches_before + 1  # the held batch alone
+    assert gone.status == 499
+    assert sample(served_app, "diffuserve_requests_total", model="fake", status="499") == dropped_before + 1
+    # Only the held batch ran, and only its image was generated: the dropped request never reached a worker.
+    assert sample(served_app, "diffuserve_batch_size_count") == batches_before + 1
+    assert sample(served_app, "diffuserve_images_generated_total", model="fake") == images_before + 1

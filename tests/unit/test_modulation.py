@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffusers import FluxImg2ImgPipeline
 
-from diffuserve.engine.modulation import StepLinear, enable_step_modulation, norm_linears
+from diffuserve.engine.tiers.modulation import ROWS_HOOK, TABLES_HOOK, enable_step_modulation, norm_linears
 from diffuserve.models.tiny_flux import TinyFluxConfig, build_tiny_flux
 
 
@@ -16,6 +16,11 @@ from diffuserve.models.tiny_flux import TinyFluxConfig, build_tiny_flux
 def _no_grad() -> Any:
     with torch.no_grad():
         yield
+
+
+def step_modulation_of(model: Any) -> Any:
+    registry = getattr(model, "_diffusers_hook", None)
+    return registry.get_hook(TABLES_HOOK) if registry is not None else None
 
 
 def flux(guidance: bool = True) -> Any:
@@ -45,9 +50,9 @@ def test_every_norm_of_a_flux_transformer_is_found_and_only_those() -> None:
     # Two double blocks with two norms each, two single blocks, the output norm.
     assert len(linears) == 2 * 2 + 2 + 1
     assert norm_linears(pipe.vae) is None
-    notes: list[str] = []
-    assert enable_step_modulation(pipe, notes) is not None
-    assert all(isinstance(linear, StepLinear) for linear in linears)
+    assert enable_step_modulation(pipe) is not None
+    assert all(linear._diffusers_hook.get_hook(ROWS_HOOK) is not None for linear in linears)
+    assert enable_step_modulation(pipe) is step_modulation_of(pipe.transformer), "installed once"
     # Parameters keep their names: state dicts load as before.
     assert set(pipe.transformer.state_dict()) == set(flux().transformer.state_dict())
 
@@ -55,7 +60,7 @@ def test_every_norm_of_a_flux_transformer_is_found_and_only_those() -> None:
 @pytest.mark.parametrize("guidance", [True, False])
 def test_calls_in_a_row_give_the_images_of_the_plain_model(guidance: bool) -> None:
     plain, tabled = flux(guidance), flux(guidance)
-    tables = enable_step_modulation(tabled, [])
+    tables = enable_step_modulation(tabled)
     assert tables is not None
     # Other prompts, step counts, batch sizes and guidance one after the other: no call sees another's rows.
     calls: list[tuple[list[str], int, dict[str, Any]]] = [
@@ -76,7 +81,7 @@ def test_calls_in_a_row_give_the_images_of_the_plain_model(guidance: bool) -> No
 def test_a_second_call_in_a_step_is_computed_for_itself() -> None:
     """True CFG calls the denoiser again with the negative prompt's embedding in every step."""
     plain, tabled = flux(), flux()
-    tables = enable_step_modulation(tabled, [])
+    tables = enable_step_modulation(tabled)
     assert tables is not None
     extra = {"negative_prompt": ["blurry"], "true_cfg_scale": 2.0, "guidance_scale": 3.5}
     expected = generate(plain, ["a 7"], 5, **extra)
@@ -87,7 +92,7 @@ def test_a_second_call_in_a_step_is_computed_for_itself() -> None:
 
 def test_an_edit_pipeline_made_from_it_starts_later_in_the_table() -> None:
     plain, tabled = flux(), flux()
-    enable_step_modulation(tabled, [])
+    enable_step_modulation(tabled)
     picture = torch.rand(1, 3, 32, 32)
     results = []
     for pipe in (plain, tabled):
@@ -99,7 +104,7 @@ def test_an_edit_pipeline_made_from_it_starts_later_in_the_table() -> None:
 
 def test_a_pipeline_that_passes_timesteps_otherwise_is_computed_at_each_step() -> None:
     plain, tabled = flux(), flux()
-    tables = enable_step_modulation(tabled, [])
+    tables = enable_step_modulation(tabled)
     assert tables is not None
     # As if the pipeline converted each step's timestep its own way: both models get the same timesteps.
     cls = type(tabled.transformer)
@@ -119,11 +124,12 @@ def test_a_pipeline_that_passes_timesteps_otherwise_is_computed_at_each_step() -
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_the_reference_tier_leaves_the_norms_alone() -> None:
-    from diffuserve.engine.tiers import Tier, apply_tier
+def test_the_engine_installs_the_tables_in_every_tier_but_the_reference() -> None:
+    from diffuserve.engine.engine import Engine
+    from diffuserve.types import Tier
+    from tests.helpers import engine_config
 
-    pipe = flux()
-    apply_tier(pipe, Tier.E, device="cpu", cache_dir="/tmp/unused")
-    assert not any(isinstance(m, StepLinear) for m in pipe.transformer.modules())
-    apply_tier(flux_l := flux(), Tier.L, device="cpu", cache_dir="/tmp/unused")
-    assert any(isinstance(m, StepLinear) for m in flux_l.transformer.modules())
+    for tier, tabled in ((Tier.E, False), (Tier.L, True)):
+        engine = Engine(engine_config(tier=tier, max_batch=1), "cpu")
+        engine.load()
+        assert (step_modulation_of(engine.pipeline.transformer) is not None) is tabled

@@ -9,14 +9,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from diffuserve.engine.config import ParallelAttention
 from diffuserve.engine.loader import LoadedPipeline
-from diffuserve.engine.parallel import (
-    ParallelUnsupported,
-    check_attention,
-    parallelize,
-    resolve_attention,
-    token_pixels,
-)
+from diffuserve.engine.parallel import context
+from diffuserve.engine.parallel.context import ParallelUnsupported, parallelize, ring_p2p_runs, token_pixels
 from diffuserve.engine.tiers.cache import _relative_l1
 from diffuserve.errors import InvalidRequest
 from diffuserve.models.tiny_flux import build_tiny_flux
@@ -69,37 +65,33 @@ def test_models_that_cannot_split_are_refused_before_any_collective() -> None:
     assert token_pixels(pipeline) == 4
 
 
-def test_auto_attention_writes_into_peers_under_cuda_graphs_and_one_exchange_without() -> None:
-    assert resolve_attention("auto", graphs=True) == "ring-p2p"
-    assert resolve_attention("auto", graphs=False) == "ulysses"
-    for chosen in ("ulysses", "ulysses-p2p", "ulysses-diffusers", "ring", "ring-p2p"):
-        assert resolve_attention(chosen, graphs=True) == chosen
-        assert resolve_attention(chosen, graphs=False) == chosen
+def test_ring_p2p_runs_in_bf16_on_cuda_under_graphs_unless_told_otherwise() -> None:
+    gpu = LoadedPipeline(object(), TINY_FLUX, "cuda:0", torch.bfloat16)
+    assert ring_p2p_runs(gpu, ParallelAttention.AUTO, graphs=True) == (True, "")
+    runs, why = ring_p2p_runs(gpu, ParallelAttention.AUTO, graphs=False)
+    assert not runs and "CUDA graphs" in why
+    runs, why = ring_p2p_runs(gpu, ParallelAttention.DIFFUSERS, graphs=True)
+    assert not runs and why == "PARALLEL_ATTENTION=diffusers"
+    for device, dtype in (("cpu", torch.bfloat16), ("cuda:0", torch.float32)):
+        runs, why = ring_p2p_runs(
+            LoadedPipeline(object(), TINY_FLUX, device, dtype), ParallelAttention.AUTO, graphs=True
+        )
+        assert not runs and "needs bf16 or fp16 on CUDA" in why
 
 
-def test_only_ulysses_needs_the_heads_to_divide() -> None:
-    from diffuserve.engine.parallel import _check_heads
+def test_where_the_gpus_cannot_share_memory_ulysses_needs_the_heads_to_divide(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """ring-p2p splits only the tokens; its fallback, Ulysses, gives each rank a whole share of the heads."""
+    from diffuserve.engine.parallel import ring_p2p
 
-    model = build_tiny_flux(seed=0).transformer  # 2 attention heads
-    for ring in ("ring", "ring-p2p"):
-        _check_heads(model, "tiny", ring, 4)  # ring splits only the tokens
-    for ulysses in ("ulysses", "ulysses-p2p", "ulysses-diffusers"):
-        with pytest.raises(ParallelUnsupported, match="2 attention heads, which do not divide by 4"):
-            _check_heads(model, "tiny", ulysses, 4)
-
-
-@pytest.mark.parametrize("ring", ["ring", "ring-p2p"])
-def test_ring_only_where_its_attention_kernels_run(ring: str) -> None:
-    loaded = LoadedPipeline(build_tiny_flux(seed=0), TINY_FLUX, "cpu", torch.float32)
-    with pytest.raises(ParallelUnsupported, match=f"PARALLEL_ATTENTION={ring} needs bf16 or fp16 on CUDA"):
-        parallelize(loaded, 2, ring)
-    check_attention(LoadedPipeline(object(), TINY_FLUX, "cuda:0", torch.bfloat16), ring)
-
-
-def test_p2p_needs_gpus_and_auto_falls_back_where_it_cannot_run() -> None:
-    loaded = LoadedPipeline(build_tiny_flux(seed=0), TINY_FLUX, "cpu", torch.float32)
-    with pytest.raises(ParallelUnsupported, match=r"ulysses-p2p: it needs GPUs .*; use ulysses-diffusers"):
-        parallelize(loaded, 2, "ulysses-p2p")
+    monkeypatch.setattr(context, "ring_p2p_runs", lambda *_, **__: (True, ""))
+    monkeypatch.setattr(ring_p2p, "p2p_available", lambda *_: (False, "no peer access"))
+    loaded = LoadedPipeline(build_tiny_flux(seed=0), TINY_FLUX, "cuda:0", torch.bfloat16)  # 2 heads
+    with pytest.raises(
+        ParallelUnsupported, match=r"2 attention heads, which do not divide by 4 \(no peer access\)"
+    ):
+        parallelize(loaded, 4, graphs=True)
 
 
 def _rank_falls_back(rank: int, port: int, out) -> None:
@@ -108,15 +100,18 @@ def _rank_falls_back(rank: int, port: int, out) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         loaded = LoadedPipeline(build_tiny_flux(seed=0), TINY_FLUX, "cpu", torch.float32)
-        parallelize(loaded, 2, "ulysses-p2p", p2p_fallback="ulysses-diffusers")
-        out[rank] = attention_dispatch.TemplatedUlyssesAttention.__name__
+        pixels, attention = parallelize(loaded, 2, ParallelAttention.AUTO, graphs=True)
+        out[rank] = (pixels, attention, attention_dispatch.TemplatedRingAttention.__name__)
     finally:
         dist.destroy_process_group()
 
 
-def test_p2p_falls_back_to_diffusers_ulysses_when_asked() -> None:
+def test_a_group_on_cpu_runs_diffusers_ulysses_and_says_why() -> None:
     out = spawn_ranks(2, _rank_falls_back)
-    assert out[0] == out[1] == "TemplatedUlyssesAttention"
+    for rank in (0, 1):
+        pixels, attention, ring_class = out[rank]
+        assert pixels == 4 and attention.startswith("diffusers' Ulysses (ring-p2p needs bf16 or fp16 on CUDA")
+        assert ring_class == "TemplatedRingAttention", "diffusers' own ring is left alone"
 
 
 def _rank_decides(rank: int, port: int, current: torch.Tensor, reference: torch.Tensor, out) -> None:
@@ -141,45 +136,3 @@ def test_ranks_decide_on_the_whole_image_from_their_shares() -> None:
     out = spawn_ranks(2, _rank_decides, current, reference)
     assert torch.allclose(out[0], whole, rtol=1e-5) and torch.equal(out[0], out[1])
     assert out[0][1] > 0 and out[0][2] == 0
-
-
-def _rank_runs_both_exchanges(rank: int, port: int, out) -> None:
-    from unittest import mock
-
-    from torch.distributed import _functional_collectives as funcol
-
-    from diffuserve.engine.dispatch_override import restore_overrides
-    from diffuserve.engine.ulysses import install_fused_qkv
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        loaded = LoadedPipeline(build_tiny_flux(seed=0), TINY_FLUX, "cpu", torch.float32)
-        parallelize(loaded, 2, "ulysses-diffusers")
-        for name, install in (("diffusers", restore_overrides), ("fused", install_fused_qkv)):
-            install()
-            with mock.patch.object(funcol, "all_to_all_single", wraps=funcol.all_to_all_single) as spy:
-                latents = loaded.pipeline(
-                    prompt=["the digit 3"],
-                    height=32,
-                    width=32,
-                    num_inference_steps=2,
-                    guidance_scale=TINY_FLUX.default_guidance,
-                    max_sequence_length=TINY_FLUX.max_sequence_length,
-                    generator=[torch.Generator().manual_seed(5)],
-                    output_type="latent",
-                ).images
-            out[(rank, name)] = (latents, spy.call_count)
-    finally:
-        restore_overrides()
-        dist.destroy_process_group()
-
-
-def test_one_exchange_for_q_k_and_v_gives_the_same_latents_as_diffusers_three() -> None:
-    out = spawn_ranks(2, _rank_runs_both_exchanges)
-    for rank in (0, 1):
-        reference, diffusers_calls = out[(rank, "diffusers")]
-        latents, fused_calls = out[(rank, "fused")]
-        # Same bytes in the same layout reach the attention: the result is identical, not merely close.
-        assert torch.equal(latents, reference)
-        # Per attention: Q, K, V and the output (4), against one for Q, K and V and one for the output.
-        assert diffusers_calls == 2 * fused_calls > 0

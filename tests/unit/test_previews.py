@@ -8,10 +8,12 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from diffuserve.config import Settings
-from diffuserve.engine.engine import DeviceBatch, Engine
-from diffuserve.engine.previews import PreviewBatch, preview_steps
+from diffuserve.engine.engine import Engine
+from diffuserve.engine.previews import preview_steps
+from diffuserve.messages import DeviceBatch, PreviewBatch
+from diffuserve.serving.image_encoder import BatchEncoder
 from diffuserve.types import BatchItem, BatchJob, Task
+from tests.helpers import engine_config
 
 
 @pytest.mark.parametrize(
@@ -34,7 +36,7 @@ def test_previews_are_spread_evenly_and_never_the_last_step(
 
 @pytest.fixture(scope="module")
 def engine() -> Iterator[Engine]:
-    engine = Engine(Settings(model_repo="digits", warmup=False), "cpu")
+    engine = Engine(engine_config(), "cpu")
     engine.load()
     yield engine
 
@@ -62,7 +64,7 @@ def test_each_item_gets_its_own_previews_and_the_final_image_is_unchanged(engine
     final = computed.pixels[0].astype(int)
     errors = [np.abs(p.pixels[0].astype(int) - final).mean() for p in previews]
     assert errors == sorted(errors, reverse=True) and errors[-1] < 20
-    messages = engine.encode_previews(taken[0])
+    messages = BatchEncoder().encode_previews(taken[0])
     assert [(m.item_index, m.partial_index, len(m.images)) for m in messages] == [(0, 0, 1)]
 
 
@@ -108,7 +110,7 @@ def test_text_tokens_are_counted_with_the_models_tokenizer(engine: Engine) -> No
 def test_large_previews_decode_pooled_latents_at_the_full_size() -> None:
     """From 512² on, a preview decodes the latents pooled 2×2 (a quarter of the VAE's work) and is scaled back
     to the request's size."""
-    engine = Engine(Settings(model_repo="tiny-random", warmup=False), "cpu")
+    engine = Engine(engine_config(model_repo="tiny-random"), "cpu")
     engine.load()
     job = BatchJob(5, 512, 256, 3, 0.0, [item("a b", [1], previews=1)])
     assert min(job.width, job.height) < 512  # below the threshold: the plain decode

@@ -5,11 +5,14 @@ stand-in for their signals; the symmetric memory itself needs GPUs)."""
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from diffuserve.engine.ring_p2p import ACK, DATA, RingExchange, merge, partial_attention
+from diffuserve.engine.parallel import merge as ring_merge
+from diffuserve.engine.parallel.merge import merge
+from diffuserve.engine.parallel.ring_p2p import ACK, DATA, RingExchange, install_ring_p2p, partial_attention
 
 
 def full_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -111,16 +114,27 @@ def test_a_rank_reads_the_peers_in_ring_order() -> None:
     assert [exchange.peers() for exchange in exchanges] == [[1, 2, 3], [2, 3, 0], [3, 0, 1], [0, 1, 2]]
 
 
-def test_the_operator_traces_with_a_part_per_rank() -> None:
+def test_the_operator_traces_with_the_merged_layout() -> None:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode():
         query = torch.empty(2, 8, 16, 4, dtype=torch.bfloat16)
-        parts = torch.ops.diffuserve.ring_p2p_attention(query, query, query, None, 3)
-    assert len(parts) == 6
-    for out, lse in zip(parts[::2], parts[1::2], strict=True):
-        assert out.shape == query.shape and out.dtype == torch.bfloat16 and out.is_contiguous()
-        assert lse.shape == (2, 8, 16) and lse.dtype == torch.float32
+        out = torch.ops.diffuserve.ring_p2p_attention(query, query, query, None)
+    assert out.shape == (2, 16, 8, 4) and out.dtype == torch.bfloat16
+
+
+def test_diffusers_ring_is_overridden_once_by_a_subclass_of_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    from diffusers.models import attention_dispatch
+
+    original = attention_dispatch.TemplatedRingAttention
+    monkeypatch.setattr(attention_dispatch, "TemplatedRingAttention", original)
+    group = SimpleNamespace(group_name="g")
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda _group: 2)
+    install_ring_p2p(group, 1.0)
+    installed = attention_dispatch.TemplatedRingAttention
+    install_ring_p2p(group, 1.0)  # a second install keeps the one override
+    assert attention_dispatch.TemplatedRingAttention is installed
+    assert installed is not original and installed.__mro__[1] is original
 
 
 @pytest.mark.parametrize(
@@ -130,16 +144,30 @@ def test_the_operator_traces_with_a_part_per_rank() -> None:
 def test_the_merge_kernel_takes_power_of_two_heads_where_triton_is(
     monkeypatch: pytest.MonkeyPatch, have_triton: bool, head_dim: int, expected: bool
 ) -> None:
-    from diffuserve.engine import ring_merge
-
     monkeypatch.setattr(ring_merge, "HAVE_TRITON", have_triton)
     assert ring_merge.mergeable(head_dim) is expected
 
 
 def test_merge_pair_without_triton_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
-    from diffuserve.engine import ring_merge
-
     monkeypatch.setattr(ring_merge, "_kernel", lambda: None)
     parts = [torch.zeros(1, 2, 4, 16), torch.zeros(1, 2, 4)] * 2
     with pytest.raises(RuntimeError, match="Triton"):
         ring_merge.merge_pair(*parts)
+
+
+def test_attention_the_ring_does_not_take_goes_to_diffusers_own_with_every_argument() -> None:
+    from diffuserve.engine.parallel.ring_p2p import _ring_class
+
+    seen: list[tuple] = []
+
+    class DiffusersRing:
+        @staticmethod
+        def forward(ctx: object, *args: object) -> str:
+            seen.append(args)
+            return "diffusers"
+
+    ring = _ring_class(DiffusersRing)
+    query = torch.zeros(1, 4, 2, 8)  # on the CPU: not ring-p2p's
+    rest = (None, 0.0, False, 0.5, False, False, "forward_op", "backward_op", "config")
+    assert ring.forward(None, query, query, query, *rest) == "diffusers"
+    assert seen == [(query, query, query, *rest)]

@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 import pytest
 
 from diffuserve.errors import GenerationFailed, QueueFull, WorkerCrashed
+from diffuserve.messages import BatchResult
 from diffuserve.serving.scheduler import Scheduler
-from diffuserve.types import BatchJob, BatchResult, EncodedImage, GenerationRequest
+from diffuserve.types import BatchJob, EncodedImage, GenerationRequest
 
 
 @dataclass

@@ -13,8 +13,8 @@ import torch
 import torch.distributed as dist
 from diffusers import AutoencoderKL, AutoencoderTiny
 
-from diffuserve.engine.frames import DecodeClock, plain_decode
-from diffuserve.engine.split_decode import BandGroupNorm, split_vae_decode
+from diffuserve.engine.frames import plain_decode
+from diffuserve.engine.parallel.split_decode import BandGroupNorm, split_vae_decode
 from tests.helpers import spawn_ranks
 
 
@@ -29,7 +29,7 @@ def tiny_vae() -> AutoencoderKL:
     ).eval()
 
 
-def _rank_decodes(rank: int, port: int, world: int, rows: int, fused_norms: bool, out: Any) -> None:
+def _rank_decodes(rank: int, port: int, world: int, rows: int, out: Any) -> None:
     # A short timeout: a decode that waited on a peer that never comes fails the test instead of hanging it.
     dist.init_process_group(
         "gloo",
@@ -44,11 +44,21 @@ def _rank_decodes(rank: int, port: int, world: int, rows: int, fused_norms: bool
         latents = torch.randn(2, 4, rows, 6, generator=torch.Generator().manual_seed(1))
         with torch.no_grad():
             whole = vae.decode(latents, return_dict=False)[0]
-            why = split_vae_decode(pipeline, world, fused_norms=fused_norms)
-            DecodeClock(pipeline, "cpu")  # the engine's clock wraps the joint decode
-            with mock.patch.object(dist, "all_reduce", wraps=dist.all_reduce) as reductions:
+            why = split_vae_decode(pipeline, world)
+            forward = BandGroupNorm.forward
+            with (
+                mock.patch.object(dist, "all_reduce", wraps=dist.all_reduce) as reductions,
+                mock.patch.object(BandGroupNorm, "forward", autospec=True, side_effect=forward) as norms,
+            ):
                 joint = vae.decode(latents, return_dict=False)[0]
-            out[rank] = (why, whole, joint, reductions.call_count, type(vae.decoder).__name__)
+            out[rank] = (
+                why,
+                whole,
+                joint,
+                reductions.call_count,
+                type(vae.decoder).__name__,
+                norms.call_count,
+            )
             dist.barrier()
             if rank == 0:  # a preview: the leader alone, while its peer only waits at the barrier below
                 out["alone"] = plain_decode(vae)(latents, return_dict=False)[0]
@@ -57,26 +67,26 @@ def _rank_decodes(rank: int, port: int, world: int, rows: int, fused_norms: bool
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize(("world", "fused_norms"), [(2, True), (3, True), (2, False)])
-def test_ranks_decode_bands_that_make_the_whole_image(world: int, fused_norms: bool) -> None:
-    # fused_norms: this project's BandGroupNorm (as it ships) or DistVAE's own group norms.
-    out = spawn_ranks(world, _rank_decodes, world, 10, fused_norms)
+@pytest.mark.parametrize("world", [2, 3])
+def test_ranks_decode_bands_that_make_the_whole_image(world: int) -> None:
+    out = spawn_ranks(world, _rank_decodes, world, 10)
     whole = out[0][1]
     for rank in range(world):
-        why, _, joint, reductions, decoder = out[rank]
+        why, _, joint, reductions, decoder, _ = out[rank]
         assert why is None
         # Group norm statistics summed across ranks: fp32 arithmetic in another order, nothing more.
         assert torch.allclose(joint, whole, atol=1e-5, rtol=0), (joint - whole).abs().max()
         assert torch.equal(joint, out[0][2]), "every rank ends with the same image"
         assert reductions > 0, "the decode ran split (its group norms reduce across the ranks)"
         assert decoder == "Decoder", "the plain decoder is back after the joint decode"
+        assert out[rank][5] == reductions, "each group norm is one BandGroupNorm: one reduction each"
     assert torch.equal(out["alone"], whole), "a preview decodes whole, on the leader alone"
 
 
 def test_fewer_latent_rows_than_ranks_decode_whole_on_every_rank() -> None:
-    out = spawn_ranks(3, _rank_decodes, 3, 2, True)
+    out = spawn_ranks(3, _rank_decodes, 3, 2)
     for rank in range(3):
-        why, whole, joint, reductions, _ = out[rank]
+        why, whole, joint, reductions, _, _ = out[rank]
         assert why is None and reductions == 0
         assert torch.equal(joint, whole)
 

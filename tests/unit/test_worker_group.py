@@ -15,12 +15,13 @@ import pytest
 
 from diffuserve.config import Settings
 from diffuserve.errors import WorkerCrashed
+from diffuserve.messages import BatchResult, GroupRank, WorkerFailed
 from diffuserve.serving.scheduler import Scheduler
-from diffuserve.serving.worker_group import GroupTarget, free_port, plan_groups
+from diffuserve.serving.worker_group import free_port, plan_groups
 from diffuserve.serving.worker_handle import WorkerState
 from diffuserve.serving.worker_process import follow_batches, serve_batches
 from diffuserve.serving.workers import WorkerPool
-from diffuserve.types import BatchItem, BatchJob, BatchResult, GenerationRequest, GroupRank, WorkerFailed
+from diffuserve.types import BatchItem, BatchJob, GenerationRequest
 from tests import fakes
 from tests.unit.test_worker_pool import Events, until
 
@@ -28,15 +29,18 @@ DEVICES = ["fake:0", "fake:1", "fake:2", "fake:3"]
 
 
 @asynccontextmanager
-async def running_groups(target: GroupTarget) -> AsyncIterator[tuple[WorkerPool, Events]]:
+async def running_groups(
+    repo: str = "fake", devices: list[str] = DEVICES, **settings: object
+) -> AsyncIterator[tuple[WorkerPool, Events]]:
+    """Groups of two real rank processes running the real worker loop around a FakeEngine."""
     events = Events()
     pool = WorkerPool(
-        Settings(model_name="fake", model_batch=2, parallel=2),
-        DEVICES,
+        Settings(model_repo=repo, model_name="fake", model_batch=2, parallel=2, **settings),  # type: ignore[arg-type]
+        devices,
         Scheduler(max_batch=2, max_queue=8, batch_wait_s=0.0),
         on_fatal=events.fatal.append,
         on_restart=lambda: events.restarts.append(time.monotonic()),
-        group_target=target,
+        engine_factory=fakes.FakeEngine,
     )
     pool.start()
     try:
@@ -81,7 +85,7 @@ def test_group_rank_and_port() -> None:
 
 
 async def test_each_group_is_one_slot_and_serves() -> None:
-    async with running_groups(fakes.group_worker) as (pool, _):
+    async with running_groups() as (pool, _):
         await until(lambda: pool.alive == 2)
         described = pool.describe()
         assert [w["devices"] for w in described] == [["fake:0", "fake:1"], ["fake:2", "fake:3"]]
@@ -92,7 +96,7 @@ async def test_each_group_is_one_slot_and_serves() -> None:
 
 
 async def test_a_dead_follower_fails_the_batch_at_once_and_its_group_is_replaced() -> None:
-    async with running_groups(fakes.group_worker) as (pool, events):
+    async with running_groups() as (pool, events):
         await until(lambda: pool.alive == 2)
         pool.scheduler.idle.pop(1)  # the batch goes to group 0
         first = pool.workers[0]
@@ -121,7 +125,7 @@ async def test_a_dead_follower_fails_the_batch_at_once_and_its_group_is_replaced
 
 
 async def test_a_rank_that_cannot_load_stops_the_server_with_its_reason() -> None:
-    async with running_groups(fakes.group_failing_worker) as (pool, events):
+    async with running_groups("fake-group-failing") as (pool, events):
         await until(lambda: events.fatal)
         assert re.search(
             r"could not load the model: rank 1: RuntimeError: no room on fake:[13]", events.fatal[0]
@@ -133,25 +137,13 @@ async def test_a_rank_that_cannot_load_stops_the_server_with_its_reason() -> Non
 async def test_a_group_whose_rendezvous_failed_is_started_again(tmp_path: Path) -> None:
     """A port taken between the server's pick and rank 0's bind is not the model's fault: the group starts
     again and serves, with no fatal error."""
-    events = Events()
-    pool = WorkerPool(
-        Settings(model_name="fake", model_batch=2, parallel=2, cache_dir=str(tmp_path)),
-        DEVICES[:2],
-        Scheduler(max_batch=2, max_queue=8, batch_wait_s=0.0),
-        on_fatal=events.fatal.append,
-        on_restart=lambda: events.restarts.append(time.monotonic()),
-        group_target=fakes.group_rendezvous_race_worker,
-    )
-    pool.start()
-    try:
+    async with running_groups("fake-rendezvous-race", DEVICES[:2], cache_dir=str(tmp_path)) as (pool, events):
         await until(
             lambda: pool.workers[0].state == WorkerState.IDLE and pool.workers[0].failures_in_a_row == 1
         )
         assert not events.fatal and len(events.restarts) == 1
         done = await asyncio.wait_for(pool.scheduler.submit(request("again")).future, 10)
         assert done.images[0].data == b"again|seed=7|batch=1"
-    finally:
-        await pool.stop(timeout=5.0)
 
 
 class FailingEngine:
@@ -162,9 +154,6 @@ class FailingEngine:
     def compute(self, job: BatchJob, cancelled: object = None, on_preview: object = None) -> BatchResult:
         assert cancelled is None, "a group's ranks must never stop a batch on their own"
         return BatchResult(batch_id=job.batch_id, error="RuntimeError: boom")
-
-    def encode(self, batch: object) -> BatchResult:
-        raise AssertionError("a failed batch is never encoded")
 
 
 @pytest.mark.parametrize("index", [0, 1], ids=["leader", "follower"])

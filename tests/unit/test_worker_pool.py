@@ -16,7 +16,7 @@ from diffuserve.config import Settings
 from diffuserve.errors import WorkerCrashed
 from diffuserve.serving.scheduler import Scheduler
 from diffuserve.serving.worker_handle import WorkerState
-from diffuserve.serving.workers import WorkerPool, WorkerTarget
+from diffuserve.serving.workers import WorkerPool
 from diffuserve.types import GenerationRequest
 from tests import fakes
 
@@ -34,16 +34,18 @@ class Events:
 
 
 @asynccontextmanager
-async def running_pool(target: WorkerTarget) -> AsyncIterator[tuple[WorkerPool, Events]]:
+async def running_pool(repo: str = "fake") -> AsyncIterator[tuple[WorkerPool, Events]]:
+    """A pool of one real worker process running the real worker loop around a FakeEngine (`repo` picks how
+    it starts: see tests/fakes.py)."""
     events = Events()
     scheduler = Scheduler(max_batch=2, max_queue=8, batch_wait_s=0.0)
     pool = WorkerPool(
-        Settings(model_name="fake", model_batch=2),
+        Settings(model_repo=repo, model_name="fake", model_batch=2),
         [DEVICE],
         scheduler,
         on_fatal=events.fatal.append,
         on_restart=lambda: events.restarts.append(time.monotonic()),
-        worker_target=target,
+        engine_factory=fakes.FakeEngine,
     )
     spawn = pool._spawn
 
@@ -73,12 +75,8 @@ def request(prompt: str, n: int = 1, seed: int = 7) -> GenerationRequest:
     )  # fmt: skip
 
 
-@pytest.mark.parametrize(
-    "target", [fakes.fake_worker, fakes.device_free_worker], ids=["result-only", "device-free"]
-)
-async def test_a_batch_round_trip(target: WorkerTarget) -> None:
-    # A worker may or may not announce DeviceFree before its BatchResult; the pool serves both.
-    async with running_pool(target) as (pool, _):
+async def test_a_batch_round_trip() -> None:
+    async with running_pool() as (pool, _):
         await until(lambda: pool.alive == 1)
         assert pool.model is not None and pool.model.name == "fake"
         for seed in (10, 20):  # a second batch: the worker went back to idle after the first
@@ -89,7 +87,7 @@ async def test_a_batch_round_trip(target: WorkerTarget) -> None:
 
 
 async def test_a_worker_that_dies_after_ready_fails_its_batch_and_is_replaced(tmp_path: Path) -> None:
-    async with running_pool(fakes.fake_worker) as (pool, events):
+    async with running_pool() as (pool, events):
         await until(lambda: pool.alive == 1)
         first = pool.workers[0]
         assert first.pid is not None
@@ -114,7 +112,7 @@ async def test_a_worker_that_dies_after_ready_fails_its_batch_and_is_replaced(tm
 
 
 async def test_restart_back_off_grows_while_a_worker_keeps_dying() -> None:
-    async with running_pool(fakes.flapping_worker) as (pool, events):
+    async with running_pool("fake-flapping") as (pool, events):
         await until(lambda: len(events.spawns) == 3)
         # Each replacement waits longer than the last: 0.5 s, then 1 s (0.5 × 2^failures in a row).
         gaps = [spawn - died for died, spawn in zip(events.restarts, events.spawns[1:], strict=False)]
@@ -125,7 +123,7 @@ async def test_restart_back_off_grows_while_a_worker_keeps_dying() -> None:
 
 
 async def test_a_worker_that_reports_a_load_failure_makes_the_pool_fatal_at_once() -> None:
-    async with running_pool(fakes.failing_worker) as (pool, events):
+    async with running_pool("fake-failing") as (pool, events):
         await until(lambda: events.fatal)
         assert "could not load the model" in events.fatal[0]
         assert "OSError: no model at /nowhere" in events.fatal[0]
@@ -135,7 +133,7 @@ async def test_a_worker_that_reports_a_load_failure_makes_the_pool_fatal_at_once
 
 
 async def test_a_worker_that_never_gets_ready_makes_the_pool_fatal_after_its_attempts() -> None:
-    async with running_pool(fakes.crashing_worker) as (pool, events):
+    async with running_pool("fake-crashing") as (pool, events):
         await until(lambda: events.fatal)
         assert len(events.spawns) == 3  # MAX_START_ATTEMPTS
         assert "exited with code 3" in events.fatal[0]

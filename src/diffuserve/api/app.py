@@ -20,10 +20,16 @@ from diffuserve.api.metrics import Metrics
 from diffuserve.api.middleware import RequestContextMiddleware
 from diffuserve.api.routes import health, image_files, images, metrics, models, playground
 from diffuserve.config import Settings
-from diffuserve.serving.service import GenerationService
+from diffuserve.serving.service import EngineFactory, GenerationService, load_engine
 
 
-def build_app(settings: Settings, *, on_fatal: Callable[[str], None] | None = None) -> FastAPI:
+def build_app(
+    settings: Settings,
+    *,
+    on_fatal: Callable[[str], None] | None = None,
+    engine_factory: EngineFactory = load_engine,
+) -> FastAPI:
+    """`engine_factory` makes each worker's engine (tests run the real workers around a stand-in engine)."""
     registry = Metrics()
     service = GenerationService(
         settings,
@@ -32,8 +38,9 @@ def build_app(settings: Settings, *, on_fatal: Callable[[str], None] | None = No
         on_alive_changed=registry.workers_alive.set,
         on_restart=registry.worker_restarts.inc,
         on_watchdog=registry.watchdog_kills.inc,
+        engine_factory=engine_factory,
     )
-    for worker_id, devices in enumerate(service.pool.slots):
+    for worker_id, devices in enumerate(service.worker_slots):
         registry.worker_devices.labels(str(worker_id), ",".join(devices)).set(len(devices))
 
     @asynccontextmanager
@@ -61,7 +68,7 @@ def build_app(settings: Settings, *, on_fatal: Callable[[str], None] | None = No
     )
     app.state.settings = settings
     app.state.service = service
-    registry.registry.register(WorkerStateCollector(service.pool.describe))
+    registry.registry.register(WorkerStateCollector(service.describe_workers))
     registry.registry.register(GpuCollector())
     app.state.metrics = registry
     app.state.auth = BearerAuth(settings.api_keys)

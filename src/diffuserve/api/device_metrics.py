@@ -9,7 +9,7 @@ from typing import Any
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from diffuserve.serving.worker_handle import WorkerState
+from diffuserve.serving.service import WorkerState
 
 log = logging.getLogger(__name__)
 

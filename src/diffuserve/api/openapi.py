@@ -44,7 +44,7 @@ IMAGES_ROUTE_DOC: dict[str, Any] = {
                 "content": {
                     "application/json": {"schema": ImagesResponse.model_json_schema()},
                     **{f"image/{fmt}": _IMAGE_BYTES for fmt in OUTPUT_FORMATS},
-                    # OpenAI's image stream events (see README, Streaming); errors after the start are events too.
+                    # OpenAI's image stream events (docs/api.md, Streaming); errors after the start are events too.
                     "text/event-stream": {"schema": _STREAM_EVENT},
                 },
             }

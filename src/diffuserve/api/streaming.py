@@ -17,9 +17,8 @@ from diffuserve.api.errors import error_body
 from diffuserve.errors import ClientClosed, DiffuserveError, GenerationFailed
 from diffuserve.protocol.generation import ImageGenerationRequest
 from diffuserve.protocol.usage import usage_for
-from diffuserve.serving.scheduler import Completed
 from diffuserve.serving.service import ClientGone
-from diffuserve.types import EncodedImage, GenerationRequest, ModelInfo
+from diffuserve.types import Completed, EncodedImage, GenerationRequest, ModelInfo
 
 log = logging.getLogger(__name__)
 

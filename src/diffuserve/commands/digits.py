@@ -64,7 +64,7 @@ def register(subparsers: Any) -> None:
 
     showcase = subparsers.add_parser(
         "digits-showcase",
-        help="write the README's edit and streaming-preview figures through a running server's Images API",
+        help="write the docs' edit and streaming-preview figures through a running server's Images API",
     )
     showcase.add_argument("--base-url", required=True, help="server to call, e.g. http://127.0.0.1:8000")
     showcase.add_argument("--api-key", default="none")
@@ -133,9 +133,9 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _grid(args: argparse.Namespace) -> int:
+    from diffuserve.commands.digits_figures import write_grid
     from diffuserve.extras import require_extra
     from diffuserve.models.digits.evaluate import parse_seeds
-    from diffuserve.models.digits.grid import write_grid
 
     if not args.base_url and not args.local:
         print("give --base-url of a running server, or --local to use the pipeline directly", file=sys.stderr)
@@ -148,8 +148,7 @@ def _grid(args: argparse.Namespace) -> int:
 
 
 def _showcase(args: argparse.Namespace) -> int:
-    from diffuserve.models.digits.grid import compose_grid
-    from diffuserve.models.digits.showcase import edit_rows, preview_rows
+    from diffuserve.commands.digits_figures import compose_grid, edit_rows, preview_rows
 
     for out, rows in (
         (args.edits_out, edit_rows(args.base_url, seeds=range(3), api_key=args.api_key)),

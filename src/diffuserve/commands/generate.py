@@ -35,7 +35,10 @@ def run(args: argparse.Namespace) -> int:
     from diffuserve.engine.engine import Engine
     from diffuserve.engine.loader import ModelLoadError
     from diffuserve.errors import InvalidRequest
+    from diffuserve.messages import BatchResult
     from diffuserve.protocol import ImageGenerationRequest
+    from diffuserve.serving.engine_config import engine_config
+    from diffuserve.serving.image_encoder import BatchEncoder
     from diffuserve.serving.worker_handle import resolve_devices
     from diffuserve.types import BatchJob
 
@@ -50,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
         settings = Settings.from_env(
             model_repo=args.model_repo, model_size=args.tier, weights=args.weights, model_batch=1
         )
-        engine = Engine(settings, resolve_devices(args.device)[0])
+        settings.export_hub_env()
+        engine = Engine(engine_config(settings), resolve_devices(args.device)[0])
         model = engine.load()
         body = ImageGenerationRequest.parse(
             {
@@ -75,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     job = BatchJob.of(0, [request])
     started = time.perf_counter()
-    result = engine.run(job)
+    computed = engine.compute(job)
+    result = computed if isinstance(computed, BatchResult) else BatchEncoder(threads=1).encode_batch(computed)
     if result.error:
         print(f"diffuserve generate: {result.error}", file=sys.stderr)
         return 1

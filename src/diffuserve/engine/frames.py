@@ -1,12 +1,19 @@
-"""A pipeline's output as uint8 pixels in host memory, converted on the device, with the decode step timed."""
+"""A pipeline's output as uint8 pixels in host memory, converted on the device; JPEGs encoded on the GPU
+(nvJPEG) where the worker has one; the VAE's plain decode under a group's joint one."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+
+from diffuserve.types import image_quality
+
+log = logging.getLogger(__name__)
+
+GpuJpegEncoder = Callable[[Any, Sequence[int], Sequence[int | None]], dict[int, bytes]]
 
 # The attribute by which a wrapper of a VAE's `decode` names what it wraps, so the undecorated decode can be
 # found again. (Not `__wrapped__`: diffusers' own decorators set that to the unbound function.)
@@ -14,12 +21,9 @@ INNER_DECODE = "_diffuserve_inner"
 
 
 def plain_decode(vae: Any) -> Callable[..., Any]:
-    """The VAE's decode without this project's wrappers (the clock, a group's joint decode): what a decode
-    that is not the batch's final one (a preview) calls, on one rank, unclocked."""
-    decode: Callable[..., Any] = vae.decode
-    while (inner := getattr(decode, INNER_DECODE, None)) is not None:
-        decode = inner
-    return decode
+    """The VAE's decode without a group's joint decode around it: what a preview, decoded by the leader
+    alone, calls."""
+    return getattr(vae.decode, INNER_DECODE, vae.decode)  # type: ignore[no-any-return]
 
 
 def to_uint8(images: Any) -> tuple[np.ndarray, Any]:
@@ -40,54 +44,34 @@ def to_uint8(images: Any) -> tuple[np.ndarray, Any]:
     return np.stack([np.asarray(image.convert("RGB")) for image in images]), None
 
 
-class DecodeClock:
-    """Marks when the pipeline starts decoding latents, by wrapping its VAE's `decode`, so a batch's time splits
-    into denoise (text encoders and the denoising loop) and decode (VAE, post-processing, copy to host).
+def gpu_jpeg_encoder(device: str) -> GpuJpegEncoder | None:
+    """torchvision's nvJPEG encoder for a CUDA worker, or None where it can't run (CPU, no torchvision); a
+    torchvision without GPU encoding fails once, and the CPU encodes JPEGs from then on."""
+    if not device.startswith("cuda"):
+        return None
+    try:
+        import torch
+        from torchvision.io import encode_jpeg
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    broken: list[str] = []
 
-    On CUDA the mark is an event on the stream, so reading it costs no synchronisation; elsewhere a host clock.
-    """
+    def encode(pixels: Any, indices: Sequence[int], compressions: Sequence[int | None]) -> dict[int, bytes]:
+        # One call per quality (the encoder takes one); the copy to the host waits for the encoder's stream.
+        by_quality: dict[int, list[int]] = {}
+        for index, compression in zip(indices, compressions, strict=True):
+            by_quality.setdefault(image_quality(compression), []).append(index)
+        out: dict[int, bytes] = {}
+        try:
+            for quality, group in [] if broken else by_quality.items():
+                encoded = encode_jpeg([pixels[i].contiguous() for i in group], quality=quality)
+                out.update((i, data.cpu().numpy().tobytes()) for i, data in zip(group, encoded, strict=True))
+        except RuntimeError as exc:
+            log.warning("GPU JPEG encoding failed (%s); encoding JPEGs on the CPU from now on", exc)
+            broken.append(str(exc))
+            return {}
+        return out
 
-    def __init__(self, pipeline: Any, device: str) -> None:
-        self.cuda = device.startswith("cuda")
-        self._mark: Any = None
-        vae = getattr(pipeline, "vae", None)
-        decode = getattr(vae, "decode", None)
-        if vae is not None and decode is not None and not getattr(decode, "_diffuserve_clock", False):
-            vae.decode = self._wrap(decode)
-
-    def _wrap(self, decode: Callable[..., Any]) -> Callable[..., Any]:
-        def timed_decode(*args: Any, **kwargs: Any) -> Any:
-            if self._mark is None:  # tiled or sliced decoding calls in several times: the first one counts
-                self._mark = self._now()
-            return decode(*args, **kwargs)
-
-        timed_decode._diffuserve_clock = True  # type: ignore[attr-defined]
-        # Previews decode through the original, so only the batch's final decode sets the mark.
-        setattr(timed_decode, INNER_DECODE, decode)
-        return timed_decode
-
-    def _now(self) -> Any:
-        if self.cuda:
-            import torch
-
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return time.perf_counter()
-
-    def start(self) -> None:
-        self._mark = None
-
-    def decode_ms(self, finished: Any) -> float:
-        """Milliseconds from the decode mark to `finished` (an event recorded after the host copy, or a
-        perf_counter value); 0 when the pipeline never decoded (a latent output, or no VAE)."""
-        if self._mark is None:
-            return 0.0
-        if self.cuda:
-            finished.synchronize()
-            return float(self._mark.elapsed_time(finished))
-        return (finished - self._mark) * 1000
-
-    def finished(self) -> Any:
-        """A mark after the batch's pixels reached the host (the copy in `to_uint8` synchronises)."""
-        return self._now()
+    return encode

@@ -1,4 +1,5 @@
-"""Pipeline loading: built-in ids, local diffusers folders and hub repo ids, on the right device and dtype."""
+"""Pipeline loading (built-in ids, local diffusers folders, hub repo ids) on the right device and dtype, the known
+family it belongs to (defaults live in diffuserve.types), and what the server is told of the loaded model."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from diffuserve.engine.families import detect_family
+from diffuserve.engine.config import EngineConfig
 from diffuserve.models.registry import BUILTIN_MODELS, is_builtin
-from diffuserve.types import GENERIC, TINY_FLUX, Family
+from diffuserve.types import FLUX_DEV, FLUX_SCHNELL, GENERIC, SDXL, TINY_FLUX, Family, ModelInfo, Task
 
 log = logging.getLogger(__name__)
 
@@ -42,18 +43,6 @@ def check_model_source(repo: str, weights: str = "pretrained") -> None:
         raise ModelLoadError(f"{repo!r} is not a diffusers pipeline folder (no model_index.json)")
 
 
-def default_cpu_threads(repo: str, cpu_workers: int, cores: int) -> int:
-    """Torch threads for a CPU worker when the operator set none.
-
-    The built-in models' ops are too small to split: one thread was faster on 2 cores (server inference p50
-    48.6-51.6 ms against 54.1-60.3 with two, idle machine; 30.7 against 52.2 ms busy) and leaves a core to the
-    API process. Other models share the cores among the CPU workers.
-    """
-    if is_builtin(repo):
-        return 1
-    return max(1, cores // max(1, cpu_workers))
-
-
 def resolve_dtype(name: str, device: str) -> Any:
     import torch
 
@@ -63,9 +52,9 @@ def resolve_dtype(name: str, device: str) -> Any:
     return getattr(torch, name)
 
 
-def load_pipeline(
-    repo: str, *, device: str, dtype_name: str, weights: str, hf_token: str | None
-) -> LoadedPipeline:
+def load_pipeline(repo: str, *, device: str, dtype_name: str, weights: str) -> LoadedPipeline:
+    """The pipeline on `device` in its dtype. A gated hub repo's token comes from HF_TOKEN in the environment,
+    which the hub library reads itself."""
     import torch
 
     dtype = resolve_dtype(dtype_name, device)
@@ -80,9 +69,7 @@ def load_pipeline(
         from diffusers import DiffusionPipeline
 
         try:
-            pipeline = DiffusionPipeline.from_pretrained(
-                os.path.expanduser(repo), torch_dtype=dtype, token=hf_token
-            )
+            pipeline = DiffusionPipeline.from_pretrained(os.path.expanduser(repo), torch_dtype=dtype)
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"could not load model {repo!r}: {exc}") from exc
     if getattr(pipeline, "dtype", dtype) != dtype:
@@ -118,4 +105,51 @@ def _sized_for(pipeline: Any, family: Family) -> Family:
     native = max(step, native // step * step)
     return replace(
         family, size_multiple=max(8, step), native_size=native, min_size=max(family.min_size, step)
+    )
+
+
+def detect_family(pipeline_class: str, repo: str, guidance_embeds: bool | None = None) -> Family:
+    """Pick defaults from the pipeline class and repo name; FLUX dev vs schnell by the guidance embedding."""
+    lowered = repo.lower()
+    if pipeline_class.startswith("Flux"):
+        if "schnell" in lowered:
+            return FLUX_SCHNELL
+        if "dev" in lowered:
+            return FLUX_DEV
+        return FLUX_DEV if guidance_embeds else FLUX_SCHNELL
+    if pipeline_class.startswith("StableDiffusionXL"):
+        return SDXL
+    return GENERIC
+
+
+def model_info(
+    config: EngineConfig,
+    family: Family,
+    accepted: set[str] | None = None,
+    *,
+    parallel: int = 1,
+    token_pixels: int = 1,
+    edit_tasks: tuple[Task, ...] = (),
+) -> ModelInfo:
+    """The model's limits and defaults, for the server's validation; `accepted` is what the pipeline's
+    `__call__` takes (a negative prompt only where it takes one)."""
+    return ModelInfo(
+        name=config.model_name,
+        family=family.name,
+        repo=config.model_repo,
+        tier=config.tier,
+        default_steps=family.default_steps,
+        default_guidance=family.default_guidance,
+        native_width=family.native_size,
+        native_height=family.native_size,
+        size_multiple=family.size_multiple,
+        min_size=family.min_size,
+        max_size=family.max_size,
+        max_steps=family.max_steps,
+        supports_negative_prompt=family.supports_negative_prompt
+        and (accepted is None or "negative_prompt" in accepted),
+        max_batch=config.max_batch,
+        parallel=parallel,
+        token_pixels=token_pixels,
+        edit_tasks=edit_tasks,
     )

@@ -3,37 +3,19 @@ the requests that asked for partial images."""
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
-
-import numpy as np
 
 from diffuserve.engine.edits import keep_outside_mask
 from diffuserve.engine.frames import plain_decode, to_uint8
+from diffuserve.messages import Preview, PreviewBatch
 from diffuserve.types import BatchJob
 
 # From this size on (both sides, in pixels) a preview decodes the latents pooled 2×2 and scales the picture
 # back up: a quarter of the VAE's work, for a preview that is only a little softer.
 POOLED_PREVIEW_MIN_SIDE = 512
-
-
-@dataclass
-class Preview:
-    """One job item's preview: its images' pixels (n×H×W×3 uint8) after some denoising step."""
-
-    item_index: int
-    partial_index: int
-    pixels: np.ndarray
-
-
-@dataclass
-class PreviewBatch:
-    """The previews a batch took at one step, waiting for the encoder stage."""
-
-    job: BatchJob
-    previews: list[Preview] = field(default_factory=list)
 
 
 def preview_steps(total: int, wanted: int) -> list[int]:
@@ -53,11 +35,10 @@ class PreviewTaker:
         self.sink = sink
         self._previous: Any = None
         self._taken = [0] * len(job.items)
-        rows, start = [], 0
-        for item in job.items:
-            rows.append(list(range(start, start + len(item.seeds))))
-            start += len(item.seeds)
-        self._rows = rows
+        ends = list(itertools.accumulate(len(item.seeds) for item in job.items))
+        self._rows = [
+            list(range(end - len(item.seeds), end)) for end, item in zip(ends, job.items, strict=True)
+        ]
 
     @property
     def wanted(self) -> bool:
@@ -118,10 +99,8 @@ class PreviewTaker:
             latents = latents * std_t / config.scaling_factor + mean_t
         else:
             latents = latents / config.scaling_factor + (getattr(config, "shift_factor", None) or 0.0)
-        # The undecorated decode: the batch's decode clock must only see the final decode, and a group's joint
-        # decode needs every rank, where previews are the leader's alone.
-        decode = plain_decode(vae)
-        images = decode(latents.to(vae.dtype), return_dict=False)[0]
+        # Not a group's joint decode, which needs every rank: previews are the leader's alone.
+        images = plain_decode(vae)(latents.to(vae.dtype), return_dict=False)[0]
         if pooled:
             images = torch.nn.functional.interpolate(images, size=(job.height, job.width), mode="bilinear")
         images = pipeline.image_processor.postprocess(images, output_type="pt")

@@ -7,7 +7,8 @@ import threading
 from multiprocessing.connection import Connection
 from typing import Any
 
-from diffuserve.types import BatchJob, CancelBatch
+from diffuserve.messages import CancelBatch
+from diffuserve.types import BatchJob
 
 
 class Inbox:

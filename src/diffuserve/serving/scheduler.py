@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from diffuserve.errors import GenerationFailed, QueueFull, WorkerCrashed
-from diffuserve.types import BatchJob, BatchResult, EncodedImage, GenerationRequest, PartialImages
+from diffuserve.messages import BatchResult, PartialImages
+from diffuserve.types import BatchJob, Completed, EncodedImage, GenerationRequest
 
 log = logging.getLogger(__name__)
 
@@ -31,25 +32,6 @@ class SchedulerObserver(Protocol):
     def queue_depth(self, depth: int) -> None: ...
 
     def batch_started(self, images: int, waits_s: list[float]) -> None: ...
-
-
-@dataclass
-class Completed:
-    """A request's images and where its time went (milliseconds)."""
-
-    images: list[EncodedImage]
-    queue_ms: float
-    inference_ms: float  # the device's share: denoise + decode
-    batch_size: int
-    worker_id: int
-    denoise_ms: float = 0.0
-    decode_ms: float = 0.0
-    encode_ms: float = 0.0
-    # Dispatch to delivery minus the device's and the encoder's time: the pipes both ways, and any wait for the
-    # encoder stage while it finished the previous batch.
-    transfer_ms: float = 0.0
-    # The prompt's text tokens as the model's text encoder reads them (for `usage`).
-    text_tokens: int = 0
 
 
 # Called with (partial_index, index of the first image in the client's request, the preview's images).

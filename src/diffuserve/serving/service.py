@@ -9,13 +9,24 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from diffuserve.config import Settings
-from diffuserve.engine.naming import model_slug, served_model_name
 from diffuserve.errors import DeadlineExceeded, ModelNotFound, NotReady, QueueFull
-from diffuserve.serving.scheduler import Completed, PartialSink, Pending, Scheduler, SchedulerObserver
-from diffuserve.serving.worker_handle import resolve_devices
-from diffuserve.serving.worker_process import worker_main
-from diffuserve.serving.workers import WorkerPool, WorkerTarget
-from diffuserve.types import GenerationRequest, ModelInfo
+from diffuserve.serving.engine_config import model_slug, served_model_name
+from diffuserve.serving.scheduler import PartialSink, Pending, Scheduler, SchedulerObserver
+from diffuserve.serving.worker_handle import WorkerState, resolve_devices
+from diffuserve.serving.worker_process import EngineFactory, load_engine
+from diffuserve.serving.workers import WorkerPool
+from diffuserve.types import Completed, GenerationRequest, ModelInfo
+
+# What the API layer may use of the serving layer is this module: its service and these names.
+__all__ = [
+    "ClientGone",
+    "EngineFactory",
+    "GenerationService",
+    "PartialSink",
+    "SchedulerObserver",
+    "WorkerState",
+    "load_engine",
+]
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +45,7 @@ class GenerationService:
         on_alive_changed: Callable[[int], None] | None = None,
         on_restart: Callable[[], None] | None = None,
         on_watchdog: Callable[[], None] | None = None,
-        worker_target: WorkerTarget = worker_main,
+        engine_factory: EngineFactory = load_engine,
     ) -> None:
         self.settings = settings
         self.name = served_model_name(settings)
@@ -55,7 +66,7 @@ class GenerationService:
             on_alive_changed=on_alive_changed,
             on_restart=on_restart,
             on_watchdog=on_watchdog,
-            worker_target=worker_target,
+            engine_factory=engine_factory,
         )
         self.started_at = time.time()
 
@@ -74,6 +85,20 @@ class GenerationService:
     @property
     def ready(self) -> bool:
         return self.pool.model is not None and self.pool.alive > 0
+
+    @property
+    def model(self) -> ModelInfo | None:
+        """The served model's limits and defaults, once a worker has loaded it."""
+        return self.pool.model
+
+    @property
+    def worker_slots(self) -> list[tuple[str, ...]]:
+        """Each worker's devices: one, or a group's, leader first."""
+        return self.pool.slots
+
+    def describe_workers(self) -> list[dict[str, Any]]:
+        """Each worker's id, devices, pid(s), state, restarts and start-up phases (the readiness body)."""
+        return self.pool.describe()
 
     def model_for(self, requested: str | None) -> ModelInfo:
         """The served model a request names (by name or alias), or the only one when it names none."""

@@ -9,11 +9,7 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
-from diffuserve.config import Settings
-from diffuserve.types import GroupRank
-
-# The body of one rank's process: group_worker_main, or a stand-in in tests.
-GroupTarget = Callable[[int, str, Settings, Connection, GroupRank], None]
+from diffuserve.messages import GroupRank
 
 # How long a rank waits in a collective for a hung peer before it fails (and its group is replaced). Long
 # enough for the ranks of a cold start to compile the same graphs at slightly different speeds.

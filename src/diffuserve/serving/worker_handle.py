@@ -9,9 +9,10 @@ from enum import Enum
 from multiprocessing.connection import Connection
 from typing import Any
 
+from diffuserve.messages import WorkerReady
 from diffuserve.serving.outbox import Outbox
 from diffuserve.serving.worker_group import GroupProcess
-from diffuserve.types import BatchJob, WorkerReady
+from diffuserve.types import BatchJob
 
 
 def resolve_devices(spec: str) -> list[str]:
@@ -100,7 +101,7 @@ class WorkerProcess:
         worker's own (import, load, tier, warm-up per batch size, compile-cache save), then ready in total."""
         assert self.ready is not None
         phases = {"spawn": self.ready.entered_at - self.started_at} if self.ready.entered_at else {}
-        phases.update({name.removesuffix("_s"): value for name, value in self.ready.phases.items()})
+        phases.update(self.ready.phases.named())
         if self.ready_at is not None:
             phases["total"] = self.ready_at - self.started_at
         return {name: round(value, 2) for name, value in phases.items()}

@@ -5,131 +5,113 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import threading
 import time
+from collections.abc import Callable
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from diffuserve.config import Settings
+from diffuserve.engine.config import EngineConfig
 from diffuserve.logs import configure_logging
-from diffuserve.serving.encode_stage import EncodeStage, LockedSender
-from diffuserve.serving.inbox import Inbox
-from diffuserve.types import (
-    BatchJob,
+from diffuserve.messages import (
     BatchResult,
     DeviceFree,
     GroupRank,
+    PreviewBatch,
     Shutdown,
     WorkerFailed,
     WorkerReady,
 )
+from diffuserve.serving.encode_stage import EncodeStage, LockedSender
+from diffuserve.serving.image_encoder import BatchEncoder
+from diffuserve.serving.inbox import Inbox
+from diffuserve.types import BatchJob
+
+if TYPE_CHECKING:
+    from diffuserve.engine.engine import Engine
+
+log = logging.getLogger("diffuserve.worker")
+
+# What makes a worker's engine from its config, device and group place: `load_engine`, or a stand-in in tests.
+# It is pickled into the spawned process, so it must be a module-level function or class.
+EngineFactory = Callable[[EngineConfig, str, "GroupRank | None"], Any]
 
 
-def worker_main(worker_id: int, device: str, settings: Settings, conn: Connection) -> None:
-    """Entry point of the child process (spawned, so no CUDA or thread state is inherited)."""
-    entered_at = time.monotonic()
-    _prepare(device, settings, role=f"worker-{worker_id}")
-    engine = _start_engine(worker_id, device, settings, conn, entered_at)
-    if engine is not None:
-        serve_batches(engine, conn, worker_id)
+def load_engine(config: EngineConfig, device: str, group: GroupRank | None) -> Engine:
+    from diffuserve.engine.engine import Engine
+
+    return Engine(config, device, group)
 
 
-def group_worker_main(
-    worker_id: int, device: str, settings: Settings, conn: Connection, rank: GroupRank
+def worker_main(
+    worker_id: int,
+    device: str,
+    config: EngineConfig,
+    conn: Connection,
+    group: GroupRank | None = None,
+    make_engine: EngineFactory = load_engine,
 ) -> None:
-    """Entry point of one rank of a worker group. Every rank receives every job from the server and makes
-    the same pipeline call (the denoiser's collectives need them all); only the leader (rank 0) answers."""
+    """Entry point of the child process (spawned, so no CUDA or thread state is inherited). In a worker group
+    every rank receives every job from the server and makes the same pipeline call (the denoiser's
+    collectives need them all); only the leader (rank 0) answers."""
     entered_at = time.monotonic()
-    log = _prepare(device, settings, role=f"worker-{worker_id}.{rank.rank}")
-    from diffuserve.engine.parallel import close_group, init_group
-
-    try:
-        init_group(rank, device)
-    except Exception as exc:
-        log.exception("worker %d rank %d could not join its group", worker_id, rank.rank)
-        # Not the model's fault: the port the server picked may have been taken before rank 0 bound it, or a
-        # peer went; the server starts the group again (a few times) rather than giving up.
-        error = f"rank {rank.rank}: {type(exc).__name__}: {exc}"
-        conn.send(WorkerFailed(worker_id=worker_id, error=error, fatal=False))
-        return
-    engine = _start_engine(worker_id, device, settings, conn, entered_at, rank)
+    role = f"worker-{worker_id}" if group is None else f"worker-{worker_id}.{group.rank}"
+    configure_logging(config.log_format, config.log_level, role=role)
+    # Ctrl-C in a terminal reaches the whole process group; the parent decides when workers stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    engine = _start_engine(worker_id, device, config, conn, entered_at, group, make_engine)
     if engine is None:
         return
-    if rank.leader:
-        serve_batches(engine, conn, worker_id, rank)
+    if group is None or group.leader:
+        serve_batches(engine, conn, worker_id, group)
     else:
-        follow_batches(engine, conn, worker_id, rank)
-    if engine.broken:
+        follow_batches(engine, conn, worker_id, group)
+    if engine.broken and group is not None:
         # Peers may be stuck in a collective with this rank: no goodbye to them, the server kills the group.
         os._exit(1)
     engine.close()
-    close_group()
-
-
-def _prepare(device: str, settings: Settings, role: str) -> logging.Logger:
-    configure_logging(settings.log_format, settings.log_level, role=role)
-    # Ctrl-C in a terminal reaches the whole process group; the parent decides when workers stop.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if device.startswith("cuda"):
-        import torch
-
-        torch.cuda.set_device(device)
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    # Loading bars are for terminals; in a server log they are noise between the structured lines.
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.disable_progress_bar()
-    # Even disabled, diffusers' progress bars create tqdm's multiprocessing lock, a named semaphore that a
-    # killed worker can never remove (the resource tracker then warns of a leak). One process needs no more
-    # than a thread lock.
-    import tqdm
-
-    tqdm.tqdm.set_lock(threading.RLock())
-    return logging.getLogger("diffuserve.worker")
 
 
 def _start_engine(
     worker_id: int,
     device: str,
-    settings: Settings,
+    config: EngineConfig,
     conn: Connection,
     entered_at: float,
-    rank: GroupRank | None = None,
+    group: GroupRank | None,
+    make_engine: EngineFactory,
 ) -> Any:
     """Load and warm up; the worker (or a group's leader) then reports ready. None when it could not start,
     after telling the server why."""
-    from diffuserve.engine.engine import Engine
+    from diffuserve.engine.parallel.group import GroupJoinFailed
 
-    log = logging.getLogger("diffuserve.worker")
     imported_s = time.monotonic() - entered_at
-    engine = Engine(settings, device, rank)
     try:
-        started = time.perf_counter()
+        engine = make_engine(config, device, group)
         info = engine.load()
-        load_seconds = time.perf_counter() - started
-        warmup_seconds = engine.warmup() if settings.warmup else 0.0
-        started = time.perf_counter()
-        _save_compile_cache(settings)
-        engine.phases["compile_cache_save_s"] = time.perf_counter() - started
+        full_batch = engine.warmup() if config.warmup else None
+        if full_batch is not None:  # every format once, so no request waits for an encoder to load
+            BatchEncoder().encode_batch(full_batch)
+        engine.save_compile_cache()
     except Exception as exc:
         log.exception("worker %d could not start", worker_id)
-        where = f"rank {rank.rank}: " if rank is not None else ""
-        conn.send(WorkerFailed(worker_id=worker_id, error=f"{where}{type(exc).__name__}: {exc}"))
+        where = f"rank {group.rank}: " if group is not None else ""
+        # A rank that could not meet its peers is not the model's fault: the port the server picked may have
+        # been taken before rank 0 bound it, or a peer went; the server starts the group again (a few times).
+        fatal = not isinstance(exc, GroupJoinFailed)
+        conn.send(WorkerFailed(worker_id, f"{where}{type(exc).__name__}: {exc}", fatal=fatal))
         return None
-    if rank is not None and not rank.leader:
-        return engine
-    log.info(
-        "worker %d ready on %s (load %.1fs, warm-up %.1fs)", worker_id, device, load_seconds, warmup_seconds
-    )
-    phases = {"import_s": imported_s, **engine.phases}
-    conn.send(
-        WorkerReady(worker_id, os.getpid(), device, info, load_seconds, warmup_seconds, entered_at, phases)
-    )
+    engine.phases.import_s = imported_s
+    if group is None or group.leader:
+        phases = engine.phases
+        warmup_s = sum(phases.warmup_s.values())
+        log.info(
+            "worker %d ready on %s (load %.1fs, warm-up %.1fs)", worker_id, device, phases.load_s, warmup_s
+        )
+        conn.send(WorkerReady(worker_id, os.getpid(), device, info, entered_at, phases))
     return engine
 
 
-def serve_batches(engine: Any, conn: Connection, worker_id: int, rank: GroupRank | None = None) -> None:
+def serve_batches(engine: Any, conn: Connection, worker_id: int, group: GroupRank | None = None) -> None:
     """The device loop: compute a batch, tell the parent the device is free, hand the batch to the encoder
     stage, take the next. Encoding never holds the device up; results may follow DeviceFree by a little.
     A batch whose clients have all gone stops at its next denoising step (CancelBatch), except in a group,
@@ -137,9 +119,9 @@ def serve_batches(engine: Any, conn: Connection, worker_id: int, rank: GroupRank
 
     A group's leader answers a failed batch by leaving instead: the batch fails with its error when the server
     tears the group down, and no other batch is handed to a group that is going away."""
-    log = logging.getLogger("diffuserve.worker")
     sender = LockedSender(conn)
-    stage: EncodeStage[Any] = EncodeStage(lambda batch: _encode(engine, batch), sender.send)
+    encoder = BatchEncoder()
+    stage: EncodeStage[Any] = EncodeStage(lambda batch: _encode(encoder, batch), sender.send)
     inbox = Inbox(conn)
     while True:
         message = inbox.get()
@@ -151,12 +133,12 @@ def serve_batches(engine: Any, conn: Connection, worker_id: int, rank: GroupRank
         if not isinstance(message, BatchJob):
             continue
         batch_id = message.batch_id
-        cancelled = None if rank is not None else (lambda batch_id=batch_id: inbox.cancelled(batch_id))
+        cancelled = None if group is not None else (lambda batch_id=batch_id: inbox.cancelled(batch_id))
         computed = engine.compute(message, cancelled=cancelled, on_preview=stage.submit)
         inbox.forget(batch_id)
-        if isinstance(computed, BatchResult) and rank is not None:
+        if isinstance(computed, BatchResult) and group is not None:
             stage.close()
-            sender.send(_rank_failed(worker_id, rank, computed))
+            sender.send(_rank_failed(worker_id, group, computed))
             return
         if isinstance(computed, BatchResult):  # the batch failed on the device, or was cancelled
             sender.send(computed)
@@ -172,16 +154,14 @@ def serve_batches(engine: Any, conn: Connection, worker_id: int, rank: GroupRank
             return
 
 
-def _encode(engine: Any, batch: Any) -> list[Any]:
+def _encode(encoder: BatchEncoder, batch: Any) -> list[Any]:
     """The encoder stage's work: a step's previews (PreviewBatch) or a finished batch (DeviceBatch)."""
-    from diffuserve.engine.previews import PreviewBatch
-
     if isinstance(batch, PreviewBatch):
-        return list(engine.encode_previews(batch))
-    return [engine.encode(batch)]
+        return list(encoder.encode_previews(batch))
+    return [encoder.encode_batch(batch)]
 
 
-def follow_batches(engine: Any, conn: Connection, worker_id: int, rank: GroupRank) -> None:
+def follow_batches(engine: Any, conn: Connection, worker_id: int, group: GroupRank) -> None:
     """A group follower's loop: the same pipeline call as the leader for every job, whose images are the
     leader's to send; this rank only does its share of the denoiser's work."""
     while True:
@@ -194,16 +174,9 @@ def follow_batches(engine: Any, conn: Connection, worker_id: int, rank: GroupRan
         if isinstance(message, BatchJob):
             computed = engine.compute(message)
             if isinstance(computed, BatchResult):
-                conn.send(_rank_failed(worker_id, rank, computed))
+                conn.send(_rank_failed(worker_id, group, computed))
                 return
 
 
-def _rank_failed(worker_id: int, rank: GroupRank, result: BatchResult) -> WorkerFailed:
-    return WorkerFailed(worker_id=worker_id, error=f"rank {rank.rank}: {result.error}", fatal=False)
-
-
-def _save_compile_cache(settings: Settings) -> None:
-    from diffuserve.engine.tiers import save_compile_cache
-
-    # Persists what warm-up compiled (nothing on CPU); a failed write is logged there, never fatal.
-    save_compile_cache(settings.resolved_cache_dir)
+def _rank_failed(worker_id: int, group: GroupRank, result: BatchResult) -> WorkerFailed:
+    return WorkerFailed(worker_id=worker_id, error=f"rank {group.rank}: {result.error}", fatal=False)

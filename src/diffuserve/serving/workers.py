@@ -14,39 +14,35 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any, cast
 
-from diffuserve.config import Settings
-from diffuserve.engine.loader import default_cpu_threads
+from diffuserve.config import SERVER_ONLY_SECRETS, Settings
+from diffuserve.engine.config import EngineConfig
+from diffuserve.messages import (
+    BatchResult,
+    CancelBatch,
+    DeviceFree,
+    GroupRank,
+    PartialImages,
+    Shutdown,
+    WorkerFailed,
+    WorkerReady,
+)
+from diffuserve.models.registry import is_builtin
+from diffuserve.serving.engine_config import engine_config
 from diffuserve.serving.parent_death import die_with_parent
 from diffuserve.serving.scheduler import Scheduler
 from diffuserve.serving.watchdog import BatchLimits
 from diffuserve.serving.worker_group import (
     GroupConnection,
     GroupProcess,
-    GroupTarget,
     exit_reason,
     plan_groups,
     start_ranks,
 )
 from diffuserve.serving.worker_handle import WorkerProcess, WorkerState
-from diffuserve.serving.worker_process import group_worker_main, worker_main
-from diffuserve.types import (
-    BatchItem,
-    BatchJob,
-    BatchResult,
-    CancelBatch,
-    DeviceFree,
-    GroupRank,
-    ModelInfo,
-    PartialImages,
-    Shutdown,
-    WorkerFailed,
-    WorkerReady,
-)
+from diffuserve.serving.worker_process import EngineFactory, load_engine, worker_main
+from diffuserve.types import BatchItem, BatchJob, ModelInfo
 
 log = logging.getLogger(__name__)
-
-# The body of a worker process: worker_main, or a stand-in engine in tests.
-WorkerTarget = Callable[[int, str, Settings, Connection], None]
 
 RESTART_BACKOFF_MAX_S = 30.0
 # How often the watchdog looks at the running batches.
@@ -70,10 +66,12 @@ class WorkerPool:
         on_alive_changed: Callable[[int], None] | None = None,
         on_restart: Callable[[], None] | None = None,
         on_watchdog: Callable[[], None] | None = None,
-        worker_target: WorkerTarget = worker_main,
-        group_target: GroupTarget = group_worker_main,
+        engine_factory: EngineFactory = load_engine,
     ) -> None:
         self.settings = settings
+        # All a worker is told (never `settings`: it holds the API keys).
+        self.engine_config: EngineConfig = engine_config(settings)
+        self.engine_factory = engine_factory
         self.on_watchdog = on_watchdog
         # Per worker slot: how long its batches may run (a replacement inherits what its slot learned).
         self.limits: dict[int, BatchLimits] = {}
@@ -81,8 +79,6 @@ class WorkerPool:
         self.devices = devices
         # One slot per worker: a device, or a group of PARALLEL devices that runs one pipeline.
         self.slots = plan_groups(devices, settings.parallel)
-        self.worker_target = worker_target
-        self.group_target = group_target
         self.scheduler = scheduler
         self.on_fatal = on_fatal
         self.on_alive_changed = on_alive_changed
@@ -98,6 +94,9 @@ class WorkerPool:
     # ---- lifecycle ------------------------------------------------------------------------------------
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        # A worker inherits this process's environment: the API keys, read into the settings already, go first.
+        for name in SERVER_ONLY_SECRETS:
+            os.environ.pop(name, None)
         for worker_id, slot in enumerate(self.slots):
             if len(slot) == 1:
                 self._spawn(worker_id, slot[0], failures_in_a_row=0)
@@ -139,7 +138,7 @@ class WorkerPool:
         env_threads = self._cpu_threads(device)
         process = self._ctx.Process(
             target=_child_entry,
-            args=(worker_id, device, self.settings, child_conn, env_threads, self.worker_target),
+            args=(worker_id, device, self.engine_config, child_conn, env_threads, None, self.engine_factory),
             name=f"diffuserve-worker-{worker_id}",
             daemon=True,
         )
@@ -164,7 +163,8 @@ class WorkerPool:
         """One process per device, started together; they meet on a fresh port and the pool sees one worker."""
 
         def args_for(rank: GroupRank, device: str, conn: Connection) -> tuple[Any, ...]:
-            return worker_id, device, self.settings, conn, self._cpu_threads(device), self.group_target, rank
+            threads = self._cpu_threads(device)
+            return worker_id, device, self.engine_config, conn, threads, rank, self.engine_factory
 
         name = f"diffuserve-worker-{worker_id}"
         group, conns = start_ranks(self._ctx, devices, args_for, entry=_child_entry, name=name)
@@ -206,8 +206,12 @@ class WorkerPool:
             return None
         if self.settings.cpu_threads:
             return self.settings.cpu_threads
+        # The built-in models' ops are too small to split: one thread is faster, and leaves a core to the API
+        # process (docs/design/serving.md). Other models share the cores among the CPU workers.
+        if is_builtin(self.settings.model_repo):
+            return 1
         cpu_workers = sum(1 for d in self.devices if d == "cpu")
-        return default_cpu_threads(self.settings.model_repo, cpu_workers, len(os.sched_getaffinity(0)))
+        return max(1, len(os.sched_getaffinity(0)) // cpu_workers)
 
     def _reader(self, worker: WorkerProcess) -> None:
         """Runs in a thread: blocking reads from the pipe, each message handed to the event loop."""
@@ -314,7 +318,7 @@ class WorkerPool:
     def _learn_from_warmup(self, worker_id: int, ready: WorkerReady) -> None:
         """The full warm-up batch (native size, default steps) is the first measure of a worker's speed."""
         info = ready.model
-        seconds = ready.phases.get(f"warmup_b{info.max_batch}_s")
+        seconds = ready.phases.warmup_s.get(info.max_batch)
         if seconds:
             items = [BatchItem("warmup", "", None, list(range(info.max_batch)), "png", None)]
             job = BatchJob(-1, info.native_width, info.native_height, info.default_steps, 0.0, items)
@@ -369,11 +373,11 @@ class WorkerPool:
 def _child_entry(
     worker_id: int,
     device: str,
-    settings: Settings,
+    config: EngineConfig,
     conn: Connection,
     cpu_threads: int | None,
-    target: WorkerTarget | GroupTarget = worker_main,
-    rank: GroupRank | None = None,
+    group: GroupRank | None,
+    make_engine: EngineFactory,
 ) -> None:
     parent = mp.parent_process()
     if parent is not None and parent.pid is not None:
@@ -388,7 +392,4 @@ def _child_entry(
         import torch
 
         torch.set_num_threads(cpu_threads)
-    if rank is None:
-        cast(WorkerTarget, target)(worker_id, device, settings, conn)
-    else:
-        cast(GroupTarget, target)(worker_id, device, settings, conn, rank)
+    worker_main(worker_id, device, config, conn, group, make_engine)

@@ -23,7 +23,7 @@ async def ready(request: Request) -> JSONResponse:
     """Open to all, but worker PIDs are shown only to callers the API itself would let in."""
     service = service_of(request)
     draining = request.app.state.drain.draining
-    workers = service.pool.describe()
+    workers = service.describe_workers()
     if not _authorised(request):
         workers = [
             {key: value for key, value in worker.items() if key not in ("pid", "pids")} for worker in workers

@@ -28,9 +28,8 @@ from diffuserve.errors import ClientClosed, DiffuserveError, InvalidRequest
 from diffuserve.protocol import ImageData, ImageGenerationRequest, ImagesResponse
 from diffuserve.protocol.edits import ImageEditRequest
 from diffuserve.protocol.usage import usage_for
-from diffuserve.serving.scheduler import Completed
 from diffuserve.serving.service import ClientGone
-from diffuserve.types import GenerationRequest, ModelInfo
+from diffuserve.types import Completed, GenerationRequest, ModelInfo
 
 router = APIRouter(dependencies=[Depends(require_auth)])
 # Edits whose pictures are decoded at the same time; the others wait their turn.

@@ -14,7 +14,7 @@ router = APIRouter(dependencies=[Depends(require_auth)])
 def _card(request: Request) -> ModelCard:
     service = service_of(request)
     card = ModelCard(id=service.name, created=int(service.started_at), root=service.settings.model_repo)
-    model = service.pool.model
+    model = service.model
     if model is not None:
         card.supports_negative_prompt = model.supports_negative_prompt
         card.default_size = f"{model.native_width}x{model.native_height}"

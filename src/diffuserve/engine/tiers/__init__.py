@@ -1,20 +1,12 @@
-"""Acceleration tiers S/M/L/XL: named recipes applied to a loaded pipeline (compile, fp8, step caching)."""
+"""Acceleration tiers S/M/L/XL: named recipes applied to a loaded pipeline (fused QKV, fp8, compile, step
+cache) as diffusers' hooks and APIs; the engine adds CUDA graphs and the AdaLN tables around a group's split."""
 
 from __future__ import annotations
 
 import logging
 from typing import Any
 
-from diffuserve.engine.modulation import enable_step_modulation
-from diffuserve.engine.tiers.cache import (
-    StepCacheOptions,
-    denoiser_of,
-    disable_step_cache,
-    enable_pipeline_step_cache,
-    enable_step_cache,
-    step_cache_of,
-    supports_step_cache,
-)
+from diffuserve.engine.tiers.cache import denoiser_of, enable_step_cache, step_cache_of
 from diffuserve.engine.tiers.compile import (
     artifact_key,
     compile_available,
@@ -23,8 +15,8 @@ from diffuserve.engine.tiers.compile import (
     save_compile_cache,
 )
 from diffuserve.engine.tiers.kernels import fuse_qkv
-from diffuserve.engine.tiers.quantize import fp8_available, quantize_fp8
-from diffuserve.engine.tiers.recipes import RECIPES, Recipe, Tier, recipe_for
+from diffuserve.engine.tiers.quantize import quantize_fp8
+from diffuserve.engine.tiers.recipes import RECIPES, Recipe, StepCacheOptions, Tier, recipe_for
 
 log = logging.getLogger(__name__)
 
@@ -34,12 +26,7 @@ __all__ = [
     "StepCacheOptions",
     "Tier",
     "apply_recipe",
-    "apply_tier",
     "denoiser_of",
-    "disable_step_cache",
-    "enable_pipeline_step_cache",
-    "enable_step_cache",
-    "fp8_available",
     "recipe_for",
     "save_compile_cache",
     "step_cache_of",
@@ -47,14 +34,20 @@ __all__ = [
 
 
 def apply_recipe(pipeline: Any, recipe: Recipe, *, device: str, cache_dir: str) -> list[str]:
-    """Apply a recipe in place; techniques without a kernel on `device` are skipped and say so, never fail."""
+    """Apply a recipe in place; techniques without a kernel on `device` are skipped and say so, never fail.
+    Returns human-readable notes of what was (and was not) applied, also logged."""
     model = denoiser_of(pipeline)
     if model is None:
-        return [
-            recipe.describe(),
-            f"{type(pipeline).__name__} has no transformer or UNet: nothing applied",
-        ]
-    notes = [recipe.describe(str(model.dtype).removeprefix("torch."))]
+        notes = [recipe.describe(), f"{type(pipeline).__name__} has no transformer or UNet: nothing applied"]
+    else:
+        notes = [recipe.describe(str(model.dtype).removeprefix("torch."))]
+        _apply(pipeline, model, recipe, device, cache_dir, notes)
+    for note in notes:
+        log.info(note)
+    return notes
+
+
+def _apply(pipeline: Any, model: Any, recipe: Recipe, device: str, cache_dir: str, notes: list[str]) -> None:
     if recipe.fuse_qkv:
         fuse_qkv(model, notes)
     # Quantize before compiling, so the compiled graphs see the fp8 weights.
@@ -62,7 +55,7 @@ def apply_recipe(pipeline: Any, recipe: Recipe, *, device: str, cache_dir: str) 
         # Measured on the H100 (SDXL, 1024², batch 1): the UNet's matmuls are too small for dynamic fp8 to pay
         # (67 ms/step vs 42 bf16 compiled), and its output went non-finite; FLUX's large matmuls gain 25 %.
         notes.append(
-            "fp8: skipped for UNet models (slower than bf16 at batch 1 on H100, see docs/benchmarks.md)"
+            "fp8: skipped for UNet models (slower than bf16 at batch 1 on H100, see docs/design/tiers.md)"
         )
     elif recipe.fp8:
         quantize_fp8(model, device, notes)
@@ -70,27 +63,18 @@ def apply_recipe(pipeline: Any, recipe: Recipe, *, device: str, cache_dir: str) 
         ok, why = compile_available(device)
         if ok:
             configure_compile_cache(cache_dir, artifact_key(pipeline, recipe.tier.value), notes)
-            compile_repeated_blocks(model, notes, mode=recipe.compile_mode, options=recipe.compile_options)
+            compile_repeated_blocks(model, notes)
         else:
             notes.append(f"torch.compile: skipped, {why}")
-    if recipe.step_modulation:
-        enable_step_modulation(pipeline, notes)
-    if recipe.step_cache is not None:
-        if supports_step_cache(model):
-            enable_pipeline_step_cache(pipeline, recipe.step_cache)
-            opts = recipe.step_cache
-            notes.append(
-                f"step cache: threshold {opts.threshold}, first {opts.warmup_steps} step(s) always computed, "
-                f"at most {opts.max_consecutive} reused in a row"
-            )
-        else:
-            notes.append(f"step cache: skipped, {type(model).__name__} is neither FLUX-style nor a UNet")
-    return notes
-
-
-def apply_tier(pipeline: Any, tier: Tier, *, device: str, cache_dir: str) -> list[str]:
-    """Apply a tier's recipe in place; returns human-readable notes of what was (and was not) applied."""
-    notes = apply_recipe(pipeline, recipe_for(tier), device=device, cache_dir=cache_dir)
-    for note in notes:
-        log.info(note)
-    return notes
+    if recipe.step_cache is None:
+        return
+    try:
+        enable_step_cache(model, recipe.step_cache)
+    except ValueError as exc:
+        notes.append(f"step cache: skipped ({exc})")
+        return
+    opts = recipe.step_cache
+    notes.append(
+        f"step cache: threshold {opts.threshold}, first {opts.warmup_steps} step(s) always computed, "
+        f"at most {opts.max_consecutive} reused in a row"
+    )

@@ -1,11 +1,8 @@
-"""First-block step caching as diffusers hooks on a FLUX transformer or SDXL UNet, decided per sample.
+"""First-block step caching as diffusers hooks on a FLUX-style transformer, decided per sample.
 
 Each denoising step runs the model's first block, then compares how much that block's output changed since the
-last step that was computed in full. Below the threshold the rest of the model is skipped:
-- FLUX (`transformer_blocks` + `single_transformer_blocks`): the remaining blocks' residual from the last full
-  step is added to this step's first-block output (first-block cache, residual reuse);
-- UNet (`down_blocks` …): the whole model output of the last full step is reused (a coarser approximation, since
-  a UNet's output is no residual of its first block).
+last step that was computed in full. Below the threshold the rest of the blocks are skipped: their residual from
+the last full step is added to this step's first-block output (first-block cache, residual reuse).
 
 diffusers' own `FirstBlockCacheConfig` decides once for the whole batch, so an image would depend on its batch
 mates; here every sample decides alone: a step is skipped only when every sample may skip it, otherwise the
@@ -14,8 +11,8 @@ compiled graph (`torch.compiler.disable`), between the regionally compiled block
 
 State lives in a stateful `ModelHook` on the denoiser, one stream per diffusers cache context ("cond",
 "uncond"); diffusers resets stateful hooks after every pipeline call (`maybe_free_model_hooks`). A stream also
-restarts when its timestep does not fall (a new generation on a bare model, a UNet whose pipeline resets no
-hooks, or a call that stopped half-way), so no generation ever reads another's cache.
+restarts when its timestep does not fall (a new generation on a bare model, or a call that stopped half-way), so
+no generation ever reads another's cache.
 """
 
 from __future__ import annotations
@@ -36,7 +33,7 @@ log = logging.getLogger(__name__)
 _ROOT_HOOK = "diffuserve_step_cache"
 _HEAD_HOOK = "diffuserve_step_cache_head"
 _BLOCK_HOOK = "diffuserve_step_cache_block"
-# SDXL's pipeline names no cache context (its guidance runs as one batched call): calls share one stream.
+# A pipeline that names no cache context: its calls share one stream.
 _DEFAULT_CONTEXT = CacheContext("default")
 
 
@@ -66,9 +63,7 @@ class _Stream(BaseState):
         self.timestep: float | None = None
         self.step = 0
         self.reference: torch.Tensor | None = None  # first-block signal of the last full step
-        self.cached: tuple[torch.Tensor, ...] | None = (
-            None  # residuals (FLUX) or output (UNet), last full step
-        )
+        self.cached: tuple[torch.Tensor, ...] | None = None  # the blocks' residuals, last full step
         self.consecutive: list[int] = []
 
 
@@ -81,17 +76,14 @@ class _Streams(StateManager):
 
 
 def _relative_l1(current: torch.Tensor, reference: torch.Tensor, group: Any = None) -> list[float]:
+    """Per sample: mean |current - reference| over mean |reference|. In a context-parallel group each rank
+    holds an equal share of the tokens, so the ratio of the sums over every share is the whole image's: every
+    rank takes the same decision."""
     dims = tuple(range(1, current.ndim))
-    if group is None:
-        diff = (current.float() - reference.float()).abs().mean(dim=dims)
-        scale = reference.float().abs().mean(dim=dims).clamp_min(1e-12)
-        return (diff / scale).tolist()
-    # Context parallel: each rank holds an equal share of the tokens, so the ratio of the sums over every
-    # share is the ratio of the means over the whole image, and every rank takes the same decision.
-    sums = torch.stack(
-        [(current.float() - reference.float()).abs().sum(dim=dims), reference.float().abs().sum(dim=dims)]
-    )
-    torch.distributed.all_reduce(sums, group=group)
+    difference = (current.float() - reference.float()).abs().sum(dim=dims)
+    sums = torch.stack([difference, reference.float().abs().sum(dim=dims)])
+    if group is not None:
+        torch.distributed.all_reduce(sums, group=group)
     return (sums[0] / sums[1].clamp_min(1e-12)).tolist()
 
 
@@ -222,40 +214,20 @@ def _signature_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Signature:
     )
 
 
-class _UNetHit(Exception):
-    """Raised after the first down block when every sample reuses the cache: nothing else needs computing."""
-
-
 class _RootHook(ModelHook):
-    """On the denoiser: opens each call's stream; for a UNet, answers from the cache when every sample hits."""
+    """On the denoiser: opens each call's stream."""
 
     _is_stateful = True
 
-    def __init__(self, cache: StepCache, unet: bool) -> None:
+    def __init__(self, cache: StepCache) -> None:
         super().__init__()
         self.cache = cache
         self.streams = cache.streams  # found by diffusers' `cache_context`, which sets the context on it
-        self.unet = unet
 
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        original = self.fn_ref.original_forward
-        if torch.is_grad_enabled():  # training: no caching
-            return original(*args, **kwargs)
-        self.cache.begin_call(_timestep_of(args, kwargs), _signature_of(args, kwargs))
-        if not self.unet:
-            return original(*args, **kwargs)
-        return_dict = kwargs.get("return_dict", True)
-        try:
-            out = original(*args, **kwargs)
-        except _UNetHit:
-            (sample,) = self.cache.cached
-        else:
-            (sample,) = self.cache.store((out.sample if return_dict else out[0],))
-        if return_dict:
-            from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
-
-            return UNet2DConditionOutput(sample=sample)
-        return (sample,)
+        if not torch.is_grad_enabled():  # training: no caching
+            self.cache.begin_call(_timestep_of(args, kwargs), _signature_of(args, kwargs))
+        return self.fn_ref.original_forward(*args, **kwargs)
 
     def reset_state(self, module: nn.Module) -> nn.Module:
         self.cache.reset()
@@ -300,47 +272,22 @@ class _FluxBlockHook(ModelHook):
         return first_encoder + res_encoder, first_hidden + res_hidden
 
 
-class _UNetHeadHook(ModelHook):
-    def __init__(self, cache: StepCache) -> None:
-        super().__init__()
-        self.cache = cache
-
-    def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        out = self.fn_ref.original_forward(*args, **kwargs)
-        if not torch.is_grad_enabled() and self.cache.decide(out[0]):
-            raise _UNetHit
-        return out
-
-
 def _register(module: nn.Module, hook: ModelHook, name: str) -> None:
     HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, name)
 
 
-def supports_step_cache(model: nn.Module) -> bool:
-    flux_like = isinstance(getattr(model, "transformer_blocks", None), nn.ModuleList) and isinstance(
-        getattr(model, "single_transformer_blocks", None), nn.ModuleList
-    )
-    unet_like = isinstance(getattr(model, "down_blocks", None), nn.ModuleList) and hasattr(model, "up_blocks")
-    return flux_like or unet_like
-
-
 def enable_step_cache(model: Any, options: StepCacheOptions) -> StepCache:
-    """Register the step cache's hooks on a FLUX transformer or a UNet; raises ValueError for other models."""
+    """Register the step cache's hooks on a FLUX-style transformer (double and single blocks); raises
+    ValueError for other models."""
+    blocks = [*getattr(model, "transformer_blocks", ()), *getattr(model, "single_transformer_blocks", ())]
+    if not hasattr(model, "single_transformer_blocks") or len(blocks) < 2:
+        raise ValueError(f"no step cache for {type(model).__name__}: it needs FLUX-style transformer blocks")
     disable_step_cache(model)
     cache = StepCache(options)
-    if isinstance(getattr(model, "single_transformer_blocks", None), nn.ModuleList):
-        blocks = [*model.transformer_blocks, *model.single_transformer_blocks]
-        if len(blocks) < 2:
-            raise ValueError("a step cache needs at least two transformer blocks")
-        _register(blocks[0], _FluxHeadHook(cache), _HEAD_HOOK)
-        for i, block in enumerate(blocks[1:], start=2):
-            _register(block, _FluxBlockHook(cache, last=i == len(blocks)), _BLOCK_HOOK)
-        _register(model, _RootHook(cache, unet=False), _ROOT_HOOK)
-    elif isinstance(getattr(model, "down_blocks", None), nn.ModuleList) and len(model.down_blocks):
-        _register(model.down_blocks[0], _UNetHeadHook(cache), _HEAD_HOOK)
-        _register(model, _RootHook(cache, unet=True), _ROOT_HOOK)
-    else:
-        raise ValueError(f"no step cache for {type(model).__name__}: needs FLUX-style blocks or a UNet")
+    _register(blocks[0], _FluxHeadHook(cache), _HEAD_HOOK)
+    for i, block in enumerate(blocks[1:], start=2):
+        _register(block, _FluxBlockHook(cache, last=i == len(blocks)), _BLOCK_HOOK)
+    _register(model, _RootHook(cache), _ROOT_HOOK)
     # Registering block hooks stales the registry's cached list of children that `cache_context` walks.
     HookRegistry.check_if_exists_or_initialize(model).invalidate_child_registries_cache()
     return cache
@@ -369,8 +316,3 @@ def step_cache_of(model: nn.Module) -> StepCache | None:
 def denoiser_of(pipeline: Any) -> Any:
     """The model that runs every step: a pipeline's transformer or UNet."""
     return getattr(pipeline, "transformer", None) or getattr(pipeline, "unet", None)
-
-
-def enable_pipeline_step_cache(pipeline: Any, options: StepCacheOptions) -> StepCache:
-    """Attach a step cache to the pipeline's denoiser; no generation sees another's cache (see the module doc)."""
-    return enable_step_cache(denoiser_of(pipeline), options)

@@ -22,14 +22,12 @@ RECOMPILE_LIMIT = 64
 def compile_available(device: str) -> tuple[bool, str]:
     """Inductor's GPU kernels need CUDA and Triton; on CPU the served models don't gain enough to pay the
     minutes of compilation on a laptop, so the CPU path stays eager."""
-    if not device.startswith("cuda"):
-        return False, f"no torch.compile on {device} (compiled only for CUDA)"
-    if not torch.cuda.is_available():
-        return False, "no CUDA device visible"
     from torch.utils._triton import has_triton
 
-    if not has_triton():
-        return False, "Triton is not installed"
+    if not device.startswith("cuda"):
+        return False, f"no torch.compile on {device} (compiled only for CUDA)"
+    if not torch.cuda.is_available() or not has_triton():
+        return False, "no CUDA device visible" if not torch.cuda.is_available() else "Triton is not installed"
     return True, ""
 
 
@@ -68,20 +66,19 @@ def configure_compile_cache(cache_dir: str, key: str, notes: list[str]) -> None:
             setattr(dynamo_config, name, max(getattr(dynamo_config, name), value))
     _ARTIFACT_KEY = key
     path = root / f"{key}.bin"
-    if path.exists():
-        try:
-            info = torch.compiler.load_cache_artifacts(path.read_bytes())
-        except Exception as exc:  # a stale or foreign file must not stop the server; it is rebuilt on save
-            notes.append(f"compile cache {path.name}: not loaded ({type(exc).__name__}: {exc})")
-        else:
-            if info is None:
-                # torch logs and returns None for a file it cannot read (corrupt, or from another version).
-                notes.append(f"compile cache {path.name}: not loaded (unreadable); rebuilt on save")
-            else:
-                kinds = ", ".join(f"{len(keys)} {kind}" for kind, keys in sorted(info.artifacts.items()))
-                notes.append(f"compile cache: loaded {kinds or 'no'} artefacts from {path}")
-    else:
+    if not path.exists():
         notes.append(f"compile cache: none yet at {path} (first start compiles; saved after warm-up)")
+        return
+    try:
+        info = torch.compiler.load_cache_artifacts(path.read_bytes())
+    except Exception as exc:  # a stale or foreign file must not stop the server; it is rebuilt on save
+        notes.append(f"compile cache {path.name}: not loaded ({type(exc).__name__}: {exc})")
+        return
+    if info is None:  # torch logs and returns None for a file it cannot read (corrupt, another version)
+        notes.append(f"compile cache {path.name}: not loaded (unreadable); rebuilt on save")
+        return
+    kinds = ", ".join(f"{len(keys)} {kind}" for kind, keys in sorted(info.artifacts.items()))
+    notes.append(f"compile cache: loaded {kinds or 'no'} artefacts from {path}")
 
 
 def save_compile_cache(cache_dir: str) -> str | None:
@@ -109,9 +106,7 @@ def save_compile_cache(cache_dir: str) -> str | None:
     return str(path)
 
 
-def compile_repeated_blocks(
-    model: nn.Module, notes: list[str], *, mode: str | None = None, options: dict[str, Any] | None = None
-) -> bool:
+def compile_repeated_blocks(model: nn.Module, notes: list[str]) -> bool:
     """diffusers' regional compilation: each repeated block class compiles once (the 57 FLUX blocks share two
     graphs), so warm-up costs seconds per graph instead of minutes for the whole model, for nearly the same
     speed. Static shapes (`dynamic=False`): each served batch size gets its own kernels at warm-up."""
@@ -120,20 +115,13 @@ def compile_repeated_blocks(
     if not names or compile_blocks is None:
         notes.append(f"torch.compile: skipped, {type(model).__name__} declares no repeated blocks")
         return False
-    kwargs: dict[str, Any] = {"dynamic": False}
-    if mode is not None:
-        kwargs["mode"] = mode
-    if options is not None:
-        kwargs["options"] = options
     try:
-        compile_blocks(**kwargs)
+        compile_blocks(dynamic=False)
     except ValueError as exc:  # diffusers: none of the declared block classes is in this model
         notes.append(f"torch.compile: skipped ({exc})")
         return False
     count = sum(type(module).__name__ in names for module in model.modules())
-    how = f", mode {mode}" if mode else ""
-    how += f", options {options}" if options else ""
     notes.append(
-        f"torch.compile (regional, diffusers compile_repeated_blocks{how}): {count} blocks of {', '.join(names)}"
+        f"torch.compile (regional, diffusers compile_repeated_blocks): {count} blocks of {', '.join(names)}"
     )
     return True

@@ -69,24 +69,6 @@ class EvalResult:
         return "\n".join(lines)
 
 
-def quality_inputs(per_class: int) -> tuple[list[int], list[str], dict[str, Any]]:
-    """The quality runs' fixed inputs (tier benchmarks, step-cache calibration): `per_class` prompts per digit
-    in the evaluation phrasings, and the pipeline arguments every tier shares (tensor output, served size)."""
-    from diffuserve.models.digits.prompts import eval_prompt
-
-    digits = [d for d in range(10) for _ in range(per_class)]
-    prompts = [eval_prompt(d, i) for i, d in enumerate(digits)]
-    kwargs = {
-        "prompt": prompts,
-        "height": TINY_FLUX.native_size,
-        "width": TINY_FLUX.native_size,
-        "guidance_scale": TINY_FLUX.default_guidance,
-        "max_sequence_length": TINY_FLUX.max_sequence_length,
-        "output_type": "pt",
-    }
-    return digits, prompts, kwargs
-
-
 def generate_row(pipe: Any, prompts: list[str], *, seed: int, steps: int, size: int) -> list[Any]:
     """One image per prompt, all from the same seed, with the built-in family's guidance and text length."""
     import torch

@@ -1,13 +1,20 @@
-"""Malformed or hostile requests each get the right 4xx envelope; the server keeps serving."""
+"""Malformed or hostile requests each get the right 4xx envelope from the app in process (its worker the stand-in
+engine: none of these reaches it); the app keeps serving."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import httpx
 import pytest
+import pytest_asyncio
+from fastapi import FastAPI
 
-from tests.helpers import ServerHandle
+from tests import fakes
+from tests.inprocess import URL, client_of, sample, served, settings
 
-URL = "/v1/images/generations"
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
 GOOD = {"prompt": "the digit 1"}
 
 # (case id, request kwargs for httpx, expected status, expected `param` or None)
@@ -58,12 +65,27 @@ CASES: list[tuple[str, dict, int, str | None]] = [
 ]  # fmt: skip
 
 
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def app() -> AsyncIterator[FastAPI]:
+    """The server's own limits (bodies up to 1 MiB, 10 images a request), the stand-in engine's model."""
+    async with served(settings(model_batch=8, max_queue=64, max_body_bytes=1 << 20), fakes.FakeEngine) as app:
+        yield app
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    async with client_of(app, timeout=30) as client:
+        yield client
+
+
 @pytest.mark.parametrize(("case", "kwargs", "status", "param"), CASES, ids=[c[0] for c in CASES])
-def test_bad_request_gets_openai_envelope(
-    server: ServerHandle, case: str, kwargs: dict, status: int, param: str | None
+async def test_bad_request_gets_openai_envelope(
+    app: FastAPI, client: httpx.AsyncClient, case: str, kwargs: dict, status: int, param: str | None
 ) -> None:
+    kwargs = dict(kwargs)
     headers = {"Accept": "application/json", **kwargs.pop("headers", {})}
-    response = httpx.post(f"{server.base_url}{URL}", headers=headers, timeout=30, **kwargs)
+    batches_before = sample(app, "diffuserve_batch_size_count")
+    response = await client.post(URL, headers=headers, **kwargs)
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
@@ -71,6 +93,7 @@ def test_bad_request_gets_openai_envelope(
     assert error["type"] in {"invalid_request_error"}
     if param is not None:
         assert error["param"] == param, error
+    assert sample(app, "diffuserve_batch_size_count") == batches_before, "a refused request reached a worker"
 
 
 # Image URL ids a client made up: (case id, path, expected status, expected code). None touches the filesystem:
@@ -92,10 +115,10 @@ CONTENT_CASES: list[tuple[str, str, int, str]] = [
 
 
 @pytest.mark.parametrize(("case", "path", "status", "code"), CONTENT_CASES, ids=[c[0] for c in CONTENT_CASES])
-def test_made_up_image_ids_get_a_404_envelope(
-    server: ServerHandle, case: str, path: str, status: int, code: str
+async def test_made_up_image_ids_get_a_404_envelope(
+    client: httpx.AsyncClient, case: str, path: str, status: int, code: str
 ) -> None:
-    response = httpx.get(f"{server.base_url}{path}", timeout=30)
+    response = await client.get(path)
     assert response.status_code == status, response.text
     assert response.headers["content-type"] == "application/json"
     error = response.json()["error"]
@@ -104,19 +127,19 @@ def test_made_up_image_ids_get_a_404_envelope(
     assert len(error["message"]) < 300  # a long id is cut, not echoed whole
 
 
-def test_unknown_route_and_method_are_json(server: ServerHandle) -> None:
-    missing = httpx.get(f"{server.base_url}/v1/nope", timeout=10)
+async def test_unknown_route_and_method_are_json(client: httpx.AsyncClient) -> None:
+    missing = await client.get("/v1/nope")
     assert missing.status_code == 404
     assert missing.json()["error"]["code"] == "not_found"
-    wrong_method = httpx.get(f"{server.base_url}{URL}", timeout=10)
+    wrong_method = await client.get(URL)
     assert wrong_method.status_code == 405
     assert wrong_method.json()["error"]["type"] == "invalid_request_error"
 
 
-def test_server_still_serves_after_abuse(server: ServerHandle) -> None:
-    response = httpx.post(f"{server.base_url}{URL}", json=GOOD, timeout=60)
+async def test_server_still_serves_after_abuse(client: httpx.AsyncClient) -> None:
+    response = await client.post(URL, json=GOOD)
     assert response.status_code == 200
     assert response.headers["content-type"] == "image/webp"
-    stored = httpx.post(f"{server.base_url}{URL}", json={**GOOD, "response_format": "url"}, timeout=60)
+    stored = await client.post(URL, json={**GOOD, "response_format": "url"})
     assert stored.status_code == 200, stored.text
-    assert httpx.get(stored.json()["data"][0]["url"], timeout=10).status_code == 200
+    assert (await client.get(stored.json()["data"][0]["url"])).status_code == 200

@@ -1,4 +1,4 @@
-"""Image encoding (webp/png/jpeg) of uint8 pixel arrays, done in the worker off the device's critical path."""
+"""Image codecs (WebP, PNG, JPEG) for uint8 pixel arrays, run by the worker's encoder stage off the device's path."""
 
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ from concurrent.futures import Executor
 import numpy as np
 from PIL import Image
 
+from diffuserve.types import image_quality
+
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
-DEFAULT_QUALITY = 90
 # libwebp's effort 0-6. Pillow's default 4 took 211 ms at 1024² on the H100 host and 2 took 53 ms, for a file
-# no larger; see docs/benchmarks.md (encoders) for the measured choice between the fast efforts.
+# no larger; docs/design/serving.md has the measured choice between the fast efforts.
 WEBP_METHOD = 0
 # zlib level when the client gives no output_compression: the fastest that still compresses.
 DEFAULT_PNG_LEVEL = 1
@@ -37,22 +38,11 @@ def encode_pixels(
         return encode_png(pixels, DEFAULT_PNG_LEVEL, pool=pool)
     if output_format not in ("jpeg", "webp"):
         raise ValueError(f"unsupported output_format {output_format!r}")
-    quality = quality_for(compression)
+    quality = image_quality(compression)
     extra = {"method": WEBP_METHOD} if output_format == "webp" else {}
     buffer = io.BytesIO()
     Image.fromarray(pixels, "RGB").save(buffer, format=output_format.upper(), quality=quality, **extra)
     return buffer.getvalue()
-
-
-def quality_for(compression: int | None) -> int:
-    """JPEG/WebP quality from OpenAI's output_compression: the same scale (100 = best), this server's default
-    when the client sends none; 0 is read as 1, the encoders' lowest."""
-    return DEFAULT_QUALITY if compression is None else max(1, compression)
-
-
-def encode_image(image: Image.Image, output_format: str, compression: int | None = None) -> bytes:
-    """Encode a PIL image (pipelines that return PIL images, the CLI)."""
-    return encode_pixels(np.asarray(image.convert("RGB")), output_format, compression)
 
 
 def encode_png(pixels: np.ndarray, level: int, *, pool: Executor | None = None) -> bytes:

@@ -8,9 +8,11 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from typing import Any
 
-from diffusers.hooks import ModelHook
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from diffuserve.engine.tiers import Recipe
+from diffuserve.engine.tiers.recipes import Recipe
 
 log = logging.getLogger(__name__)
 
@@ -18,17 +20,13 @@ HOOK_NAME = "diffuserve_cuda_graphs"
 # Graphs kept at once (batch sizes × image sizes), least recently used dropped first. They share one memory
 # pool, so more graphs cost little memory; the bound is for a server that sees many odd sizes.
 MAX_GRAPHS = 16
-# Call shapes remembered as seen once (compiled) but not captured yet.
-MAX_SEEN = 64
 
 _LEAF_TYPES = (bool, int, float, str, type(None))
 
 
-def graphs_wanted(setting: str, *, device: str, recipe: Recipe, group: bool) -> tuple[bool, str]:
-    """Whether to capture the denoiser, and why (or why not) in words for the start-up log.
-
-    `auto` turns graphs on for worker groups only: there the ranks wait for the CPU to enqueue ~60 ms of
-    kernels and collectives per step, while one GPU alone is busy longer than its CPU and gains nothing."""
+def graphs_wanted(setting: str, *, device: str, recipe: Recipe) -> tuple[bool, str]:
+    """Whether to capture the denoiser (`auto`: wherever it can), and why (or why not) in words for the
+    start-up log."""
     if setting == "off":
         return False, "CUDA graphs: off (CUDA_GRAPHS=off)"
     if not device.startswith("cuda"):
@@ -38,16 +36,13 @@ def graphs_wanted(setting: str, *, device: str, recipe: Recipe, group: bool) -> 
     if recipe.step_cache is not None:
         # Its skip decision reads a GPU value on the CPU at every step: nothing a graph can hold.
         return False, f"CUDA graphs: not with tier {recipe.tier.value}'s step cache"
-    if setting == "auto" and not group:
-        return False, "CUDA graphs: off for a one-GPU worker (CUDA_GRAPHS=auto turns them on for groups)"
     return True, f"CUDA graphs: on (one graph per batch and image size, at most {MAX_GRAPHS})"
 
 
 def enable_cuda_graphs(model: Any) -> CudaGraphHook:
     """Wrap the denoiser's forward: the first call of a shape runs as usual (it compiles), the second captures
-    a graph, later ones replay it. Outermost hook, so a group's split and gather of the sequence are inside."""
-    from diffusers.hooks import HookRegistry
-
+    a graph, later ones replay it. Registered after a group's split, so the split and gather of the sequence
+    are inside the graph."""
     hook = CudaGraphHook()
     HookRegistry.check_if_exists_or_initialize(model).register_hook(hook, HOOK_NAME)
     return hook
@@ -56,9 +51,6 @@ def enable_cuda_graphs(model: Any) -> CudaGraphHook:
 def call_key(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Hashable | None:
     """What a captured graph depends on: each tensor's shape, stride, dtype and device, every other value
     itself, and the call's structure. None when a value cannot be part of a key (the call then runs eagerly)."""
-    import torch
-    from torch.utils._pytree import tree_flatten
-
     leaves, spec = tree_flatten((args, kwargs))
     parts: list[Hashable] = [str(spec)]
     for leaf in leaves:
@@ -75,9 +67,6 @@ class CapturedCall:
     """One captured forward: static input tensors to copy each call's inputs into, and its static outputs."""
 
     def __init__(self, forward: Callable[..., Any], args: tuple, kwargs: dict[str, Any], pool: Any) -> None:
-        import torch
-        from torch.utils._pytree import tree_flatten, tree_unflatten
-
         leaves, spec = tree_flatten((args, kwargs))
         self.inputs = [leaf.clone() if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
         static_args, static_kwargs = tree_unflatten(self.inputs, spec)
@@ -89,9 +78,6 @@ class CapturedCall:
         self.outputs, self.output_spec = tree_flatten(output)
 
     def __call__(self, args: tuple, kwargs: dict[str, Any]) -> Any:
-        import torch
-        from torch.utils._pytree import tree_flatten, tree_unflatten
-
         leaves, _ = tree_flatten((args, kwargs))
         for static, given in zip(self.inputs, leaves, strict=True):
             if isinstance(static, torch.Tensor):
@@ -109,14 +95,12 @@ class CudaGraphHook(ModelHook):  # type: ignore[misc]
     def __init__(self) -> None:
         super().__init__()
         self.graphs: OrderedDict[Hashable, CapturedCall] = OrderedDict()
-        self.seen: OrderedDict[Hashable, None] = OrderedDict()
+        self.seen: set[Hashable] = set()  # call shapes run once (compiled), not captured yet
         self.pool: Any = None
         self.disabled: str | None = None
         self.replays = 0
 
     def new_forward(self, module: Any, *args: Any, **kwargs: Any) -> Any:
-        import torch
-
         forward = self.fn_ref.original_forward
         # Inside someone else's capture (another graph around this call) the call is simply recorded there.
         capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
@@ -129,9 +113,8 @@ class CudaGraphHook(ModelHook):  # type: ignore[misc]
         if captured is None:
             if key not in self.seen:
                 # First call of this shape: compile and lazy set-up happen here, never inside a capture.
-                self.seen[key] = None
-                while len(self.seen) > MAX_SEEN:
-                    self.seen.popitem(last=False)
+                self.seen = set() if len(self.seen) >= 4 * MAX_GRAPHS else self.seen
+                self.seen.add(key)
                 return forward(*args, **kwargs)
             captured = self._capture(forward, key, args, kwargs)
             if captured is None:
@@ -142,8 +125,6 @@ class CudaGraphHook(ModelHook):  # type: ignore[misc]
 
     def release(self) -> None:
         """Drop every graph (and its memory); later calls capture again."""
-        import torch
-
         self.graphs.clear()
         self.seen.clear()
         self.pool = None
@@ -153,17 +134,14 @@ class CudaGraphHook(ModelHook):  # type: ignore[misc]
     def _capture(
         self, forward: Callable[..., Any], key: Hashable, args: tuple, kwargs: dict[str, Any]
     ) -> CapturedCall | None:
-        import torch
-
-        if self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()
+        self.pool = self.pool or torch.cuda.graph_pool_handle()
         try:
             captured = CapturedCall(forward, args, kwargs, self.pool)
         except Exception as exc:  # a model with a CPU sync in its forward: it keeps running eagerly
             self.disabled = f"{type(exc).__name__}: {exc}"
             log.warning("CUDA graphs: capture failed, the denoiser runs without them (%s)", self.disabled)
             return None
-        self.seen.pop(key, None)
+        self.seen.discard(key)
         self.graphs[key] = captured
         while len(self.graphs) > MAX_GRAPHS:
             self.graphs.popitem(last=False)

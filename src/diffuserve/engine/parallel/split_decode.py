@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -51,20 +50,7 @@ class BandGroupNorm(torch.nn.Module):
         return out.view_as(x)
 
 
-def fuse_band_norms(decoder: torch.nn.Module) -> int:
-    """Replace each of DistVAE's group norms in a split decoder by a `BandGroupNorm`; how many."""
-    from distvae.models.layers.normalization import PatchGroupNorm
-
-    replaced = 0
-    for parent in list(decoder.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, PatchGroupNorm):
-                setattr(parent, name, BandGroupNorm(child))
-                replaced += 1
-    return replaced
-
-
-def split_vae_decode(pipeline: Any, world_size: int, *, fused_norms: bool = True) -> str | None:
+def split_vae_decode(pipeline: Any, world_size: int) -> str | None:
     """Make the pipeline's `vae.decode` a joint decode of the group's process group: every rank decodes one
     band of rows (DistVAE's `parallelize_decoder`: each 3×3 convolution takes its neighbours' edge rows, each
     group norm the whole group's statistics) and all of them end with the whole image. Returns why the decode
@@ -89,17 +75,15 @@ def split_vae_decode(pipeline: Any, world_size: int, *, fused_norms: bool = True
     try:
         parallelize_decoder(vae, dist.group.WORLD)
         split = vae.decoder
-        if fused_norms:
-            fuse_band_norms(split)
     finally:
         vae.decoder = plain
-    vae.decode = _joint_decode(vae, decode, plain, split, world_size)
-    return None
+    from distvae.models.layers.normalization import PatchGroupNorm
 
+    for parent in list(split.modules()):  # DistVAE's group norms -> BandGroupNorm
+        for name, child in list(parent.named_children()):
+            if isinstance(child, PatchGroupNorm):
+                setattr(parent, name, BandGroupNorm(child))
 
-def _joint_decode(
-    vae: Any, decode: Callable[..., Any], plain: Any, split: Any, world_size: int
-) -> Callable[..., Any]:
     def joint_decode(*args: Any, **kwargs: Any) -> Any:
         latents = args[0] if args else kwargs.get("z")
         # Fewer latent rows than ranks leave a rank without a band: every rank decodes the whole image
@@ -113,4 +97,5 @@ def _joint_decode(
             vae.decoder = plain
 
     setattr(joint_decode, INNER_DECODE, decode)
-    return joint_decode
+    vae.decode = joint_decode
+    return None

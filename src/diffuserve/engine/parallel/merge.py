@@ -1,9 +1,10 @@
-"""Two ranks' partial attentions merged by their log-sum-exp in one Triton kernel, written straight into the
-[B, S, H, D] layout the next layer reads (ring-p2p's merge on CUDA, for a group of two)."""
+"""Ring attention's partial attentions merged by their log-sum-exp into the [B, S, H, D] layout the next layer
+reads: a group of two on CUDA in one Triton kernel, any other group by diffusers' ring formula."""
 
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Sequence
 from functools import cache
 from typing import Any
 
@@ -17,6 +18,24 @@ def mergeable(head_dim: int) -> bool:
     """Whether `merge_pair` takes CUDA partial outputs of this head dimension: with Triton, and a power of two
     (the kernel reads a head's row as one block)."""
     return HAVE_TRITON and head_dim >= 16 and head_dim & (head_dim - 1) == 0
+
+
+def merge(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The attention over every rank's K and V from the partial ones, `parts` = [out, lse, out, lse, ...]
+    (outputs [B, H, S, D] contiguous, log-sum-exps [B, H, S] float32). Returns [B, S, H, D]."""
+    if len(parts) == 4 and parts[0].is_cuda and mergeable(parts[0].shape[-1]):
+        return merge_pair(*parts)
+    return ring_formula(parts)
+
+
+def ring_formula(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """`merge` by diffusers' ring formula, in float32, one part after the other."""
+    out, lse = parts[0].float(), parts[1].unsqueeze(-1)
+    for index in range(2, len(parts), 2):
+        part_out, part_lse = parts[index].float(), parts[index + 1].unsqueeze(-1)
+        out = out - torch.sigmoid(part_lse - lse) * (out - part_out)
+        lse = lse - torch.nn.functional.logsigmoid(lse - part_lse)
+    return out.to(parts[0].dtype).transpose(1, 2)
 
 
 def merge_pair(

@@ -1,0 +1,51 @@
+"""What a worker's engine is told: the model and how to run it (never the server's settings or secrets)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from diffuserve.types import StrChoice, Tier
+
+
+class Weights(StrChoice):
+    PRETRAINED = "pretrained"
+    RANDOM = "random"
+
+
+class DType(StrChoice):
+    AUTO = "auto"
+    BFLOAT16 = "bfloat16"
+    FLOAT16 = "float16"
+    FLOAT32 = "float32"
+
+
+class CudaGraphs(StrChoice):
+    AUTO = "auto"
+    OFF = "off"
+
+
+class ParallelAttention(StrChoice):
+    AUTO = "auto"
+    DIFFUSERS = "diffusers"
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything the engine and its worker process use, built by the serving layer from the settings."""
+
+    model_repo: str
+    # The name clients use for this model (the server resolved it from MODEL_NAME or the repo, tier and batch).
+    model_name: str
+    tier: Tier = Tier.XL
+    max_batch: int = 4
+    weights: Weights = Weights.PRETRAINED
+    dtype: DType = DType.AUTO
+    # Compile caches and other artefacts of this model.
+    cache_dir: str = "~/.cache/diffuserve"
+    warmup: bool = True
+    cuda_graphs: CudaGraphs = CudaGraphs.AUTO
+    parallel_attention: ParallelAttention = ParallelAttention.AUTO
+    parallel_decode: bool = True
+    # How the worker process logs: as the server does.
+    log_format: str = "text"
+    log_level: str = "info"

@@ -1,0 +1,157 @@
+"""The typed messages between the server and its worker processes (IPC structs, as SGLang's io_struct): what a
+worker is given at spawn, what crosses the pipe each way, and what the engine hands its worker's encoder stage."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from diffuserve.types import BatchJob, EncodedImage, ModelInfo
+
+
+@dataclass
+class BatchResult:
+    """What a worker returns for a BatchJob: one image list per job item, in the job's order, or an error.
+
+    Results are matched to requests by position, never by request id: ids come from clients and may repeat.
+    """
+
+    batch_id: int
+    images: list[list[EncodedImage]] = field(default_factory=list)
+    # The device's share: denoise (text encoders and the denoising loop) + decode (VAE, post-processing to
+    # uint8 on the device and the copy to host memory). Encoding runs after the device is free again.
+    inference_ms: float = 0.0
+    denoise_ms: float = 0.0
+    decode_ms: float = 0.0
+    encode_ms: float = 0.0
+    # Per job item: the prompt's tokens as the model's text encoder reads them (negative prompt included).
+    text_tokens: list[int] = field(default_factory=list)
+    error: str | None = None
+
+
+@dataclass
+class PartialImages:
+    """A preview of one job item's images, taken from the denoising loop while the batch runs (streaming).
+    Sent before the batch's BatchResult; `partial_index` counts from 0 for each item."""
+
+    batch_id: int
+    item_index: int
+    partial_index: int
+    images: list[EncodedImage]
+
+
+@dataclass
+class CancelBatch:
+    """Every client of a running batch has gone: the worker stops it at the next denoising step and answers
+    with an error result (nobody reads it), so its device takes the next batch sooner."""
+
+    batch_id: int
+
+
+@dataclass
+class DeviceFree:
+    """The worker's device finished a batch's compute: it takes the next job while this batch's images are
+    still being encoded. Its BatchResult follows; a worker that never sends this is freed by the result."""
+
+    batch_id: int
+
+
+@dataclass(frozen=True)
+class GroupRank:
+    """A worker group member's place in it, given at spawn: its rank among `devices` (rank 0 leads) and
+    where the group's ranks meet (a TCP port on 127.0.0.1 chosen by the server)."""
+
+    rank: int
+    devices: tuple[str, ...]
+    port: int
+    timeout_s: float
+
+    @property
+    def world_size(self) -> int:
+        return len(self.devices)
+
+    @property
+    def leader(self) -> bool:
+        return self.rank == 0
+
+
+@dataclass
+class StartupPhases:
+    """Seconds of a worker's start-up phases once its code began (after the interpreter started): importing
+    torch and diffusers, loading the model, applying its tier, each warm-up batch size, saving the compile
+    cache."""
+
+    import_s: float = 0.0
+    load_s: float = 0.0
+    tier_s: float = 0.0
+    warmup_s: dict[int, float] = field(default_factory=dict)  # by batch size
+    compile_cache_save_s: float = 0.0
+
+    def named(self) -> dict[str, float]:
+        """`import`, `load`, `tier`, `warmup_b<N>` (largest batch first), `compile_cache_save`."""
+        named = {"import": self.import_s, "load": self.load_s, "tier": self.tier_s}
+        named.update({f"warmup_b{size}": s for size, s in sorted(self.warmup_s.items(), reverse=True)})
+        named["compile_cache_save"] = self.compile_cache_save_s
+        return named
+
+
+@dataclass
+class WorkerReady:
+    worker_id: int
+    pid: int
+    device: str
+    model: ModelInfo
+    # time.monotonic() when the child's worker code began (after the interpreter started), and the phases since.
+    entered_at: float = 0.0
+    phases: StartupPhases = field(default_factory=StartupPhases)
+
+
+@dataclass
+class WorkerFailed:
+    """A worker could not start (bad model path, out of memory …); the message is shown to the operator.
+    `fatal`: starting again would fail the same way; false for a passing failure (a group's rendezvous) or a
+    group rank's failed batch."""
+
+    worker_id: int
+    error: str
+    fatal: bool = True
+
+
+@dataclass
+class Shutdown:
+    """Sent to a worker to make it exit cleanly."""
+
+
+@dataclass
+class DeviceBatch:
+    """A batch once the device is done with it: uint8 pixels in host memory, ready for the encoder stage."""
+
+    job: BatchJob
+    pixels: Any  # N×H×W×3 uint8 numpy array, in the job's image order
+    denoise_ms: float
+    decode_ms: float
+    # Images the device encoded itself (nvJPEG), by position in the batch, with the time that took.
+    device_encoded: dict[int, bytes] = field(default_factory=dict)
+    device_encode_ms: float = 0.0
+    text_tokens: list[int] = field(default_factory=list)
+
+    @property
+    def inference_ms(self) -> float:
+        return self.denoise_ms + self.decode_ms
+
+
+@dataclass
+class Preview:
+    """One job item's preview: its images' pixels (n×H×W×3 uint8 numpy array) after some denoising step."""
+
+    item_index: int
+    partial_index: int
+    pixels: Any
+
+
+@dataclass
+class PreviewBatch:
+    """The previews a batch took at one step, waiting for the encoder stage."""
+
+    job: BatchJob
+    previews: list[Preview] = field(default_factory=list)
