@@ -1,48 +1,32 @@
-"""Pipeline time of the built-in digits model on CPU: one 32×32 image and a batch of 8 at the serving defaults."""
+"""The built-in digits model on CPU: pipeline time of one 32×32 image and of a batch of 8 at the serving
+defaults, per torch thread count, and prompt-following accuracy per step count (`diffuserve eval digits`'s
+measure: 20 seeds × 10 digits, judged by the shipped classifier).
+
+    python benchmarks/cpu_digits.py --out docs/bench      # writes cpu-digits.json (~2 minutes on 2 cores)
+"""
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
 import statistics
 import time
 
+import torch
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+from common import environment, log, out_dir, write_json
+from diffuserve.models.digits.classifier import load_classifier
+from diffuserve.models.digits.evaluate import evaluate
+from diffuserve.models.registry import BUILTIN_MODELS
+from diffuserve.types import TINY_FLUX
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument(
-        "--threads", type=int, nargs="+", default=[1, 2], help="torch thread counts to measure"
-    )
-    parser.add_argument("--repeats", type=int, default=30)
-    parser.add_argument("--warmup", type=int, default=3)
-    args = parser.parse_args()
-
-    import diffusers
-    import torch
-
-    from diffuserve.models.registry import BUILTIN_MODELS
-    from diffuserve.types import TINY_FLUX
-
-    pipe = BUILTIN_MODELS["digits"]()
-    pipe.set_progress_bar_config(disable=True)
+def timings(pipe: object, threads: list[int], repeats: int, warmup: int) -> list[dict[str, float]]:
     size = TINY_FLUX.native_size
 
     def run(batch: int) -> float:
         started = time.perf_counter()
-        pipe(
+        pipe(  # type: ignore[operator]
             prompt=[f"the digit {i % 10}" for i in range(batch)],
             num_inference_steps=TINY_FLUX.default_steps,
             guidance_scale=TINY_FLUX.default_guidance,
@@ -54,37 +38,58 @@ def main() -> None:
         )
         return (time.perf_counter() - started) * 1000
 
-    load = os.getloadavg()
-    print(
-        f"digits model, {size}×{size}, {TINY_FLUX.default_steps} steps, output_type=pil; "
-        f"{_cpu_name()}, {os.cpu_count()} cores; torch {torch.__version__}, diffusers {diffusers.__version__}; "
-        f"{datetime.date.today().isoformat()}; load average at start {load[0]:.1f}"
-    )
-    print()
-    print(
-        "| threads | 1 image, median ms | p90 ms | batch of 8, median ms | per image ms | batch 8 / 1 image |"
-    )
-    print("|---|---|---|---|---|---|")
-    for threads in args.threads:
-        torch.set_num_threads(threads)
-        # Interleaved, so a change in the machine's load hits both sizes alike.
+    rows = []
+    for count in threads:
+        torch.set_num_threads(count)
         one: list[float] = []
         eight: list[float] = []
-        for _ in range(args.warmup):
+        for _ in range(warmup):
             run(1)
             run(8)
-        for _ in range(args.repeats):
+        load_before = os.getloadavg()[0]
+        for _ in range(repeats):  # interleaved, so a change in the machine's load hits both sizes alike
             one.append(run(1))
             eight.append(run(8))
-        one_med, eight_med = statistics.median(one), statistics.median(eight)
-        p90 = statistics.quantiles(one, n=10)[-1]
-        print(
-            f"| {threads} | {one_med:.1f} | {p90:.1f} | {eight_med:.1f} | {eight_med / 8:.1f} | "
-            f"{eight_med / one_med:.2f}× |"
+        rows.append(
+            {
+                "threads": count,
+                "one_median_ms": statistics.median(one),
+                "one_p90_ms": statistics.quantiles(one, n=10)[-1],
+                "eight_median_ms": statistics.median(eight),
+                "load_before": load_before,
+                "load_after": os.getloadavg()[0],
+            }
         )
-    print()
-    print(f"load average at end {os.getloadavg()[0]:.1f}")
+        log(f"timing: {rows[-1]}")
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--threads", default="1,2", help="torch thread counts to time")
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", default="2,3,4,6,8", help="step counts for the accuracy")
+    parser.add_argument("--seeds", type=int, default=20, help="seeds per step count (10 digits each)")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    out = out_dir(args.out)
+    pipe = BUILTIN_MODELS["digits"]()
+    pipe.set_progress_bar_config(disable=True)
+    threads = [int(t) for t in args.threads.split(",")]
+    data = {"environment": environment(), "timing": timings(pipe, threads, args.repeats, args.warmup)}
+    torch.set_num_threads(1)
+    classifier = load_classifier()
+    data["accuracy"] = []
+    for steps in (int(s) for s in args.steps.split(",")):
+        result = evaluate(pipe, classifier, range(args.seeds), steps=steps)
+        data["accuracy"].append({"steps": steps, "images": result.total, "accuracy": result.accuracy})
+        log(f"accuracy at {steps} steps: {result.accuracy:.3f}")
+    write_json(out / "cpu-digits.json", data)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -2,50 +2,46 @@
 worker groups that split each image across GPUs (PARALLEL=2 and, on a 4-GPU host, 4: latency).
 
     python benchmarks/gpu_parallel.py --out $OUT      # 2 GPUs: random FLUX.1-dev, tier L, 1024², 28 steps
-    python benchmarks/gpu_parallel.py --out $OUT --attention auto,ring   # two kinds of group
+    python benchmarks/gpu_parallel.py --out $OUT --attention auto,diffusers   # two kinds of group
     python benchmarks/gpu_parallel.py --out /tmp/p --model-repo digits --devices cpu,cpu --size 32 --tier XL
 
-For each PARALLEL value (and for groups, each --attention way of splitting attention, PARALLEL_ATTENTION,
-each --cuda-graphs setting, CUDA_GRAPHS, and each --parallel-decode setting, PARALLEL_DECODE), on the same
-devices, and with --one-worker also one one-GPU worker on the first device (the baseline of throughput scaling): a cold `diffuserve serve` (its own empty cache dir, so each
-start compiles its own graphs), timed until every worker (group) is ready; one untimed request; then lone
-requests over HTTP one after another (round trip and the server's own split); then a closed loop (each user
-sends its next request when its last is back). Every figure is given next to the PARALLEL=1 figure of the same
-run. MODEL_BATCH=1 keeps the warm-up to one compiled batch size; the two cold starts with compile (about 60-80 s
-each on an H200) take most of the run, which is sized to end within 7 minutes on 2 × H200. Raw output:
+For each PARALLEL value and each --cuda-graphs setting (CUDA_GRAPHS), and for groups each --attention way of
+splitting attention (PARALLEL_ATTENTION) and each --parallel-decode setting (PARALLEL_DECODE), on the same
+devices, and with --one-worker also one one-GPU worker on the first device (the baseline of throughput
+scaling): a cold `diffuserve serve` (its own empty cache dir, so each start compiles its own graphs), timed
+until every worker (group) is ready; one untimed request; then lone requests over HTTP one after another (round
+trip and the server's own split); then a closed loop (each user sends its next request when its last is back).
+Every figure is given next to the PARALLEL=1 figure of the same run (with the same CUDA_GRAPHS where measured).
+MODEL_BATCH=1 keeps the warm-up to one compiled batch size; the cold starts with compile (about 60-80 s each on
+an H200) take most of the run, which is sized to end within 7 minutes on 2 × H200. Raw output:
 --out/parallel.json; the table: --out/parallel.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+import httpx
 
-import httpx  # noqa: E402
+from common import PROMPT, ROOT, closed_loop, environment, log, median, out_dir, post, write_json
+from diffuserve.bench.server import SpawnedServer
 
-from diffuserve.bench.server import SpawnedServer  # noqa: E402
-from gpu_serving import PROMPT, closed_loop, environment, log, post  # noqa: E402
+ATTENTION = ("auto", "diffusers")  # PARALLEL_ATTENTION
+CUDA_GRAPHS = ("auto", "off")
+PARALLEL_DECODE = ("on", "off")
 
 
 def serve_args(args: argparse.Namespace, run: Run, cache_dir: str) -> list[str]:
-    flags = ["--model-repo", args.model_repo, "--tier", args.tier, "--model-batch", str(args.model_batch)]
-    flags += ["--devices", run.devices, "--parallel", str(run.parallel), "--cache-dir", cache_dir]
-    flags += ["--parallel-attention", run.attention, "--cuda-graphs", run.graphs]
+    flags = ["--model-repo", args.model_repo, "--weights", args.weights, "--tier", args.tier]
+    flags += ["--model-batch", str(args.model_batch), "--cache-dir", cache_dir, "--cuda-graphs", run.graphs]
+    flags += ["--devices", run.devices, "--parallel", str(run.parallel)]
+    flags += ["--parallel-attention", run.attention]
     flags += ["--parallel-decode" if run.decode == "on" else "--no-parallel-decode"]
-    if args.weights:
-        flags += ["--weights", args.weights]
     return flags
 
 
@@ -75,8 +71,8 @@ def lone_requests(base: str, args: argparse.Namespace) -> list[dict[str, Any]]:
 
 @dataclass(frozen=True)
 class Run:
-    """One server of the comparison: its devices, PARALLEL, and for groups how they split, launch and
-    decode."""
+    """One server of the comparison: its devices, PARALLEL, CUDA_GRAPHS, and for groups how they split
+    attention and decode."""
 
     devices: str
     parallel: int
@@ -91,7 +87,7 @@ class Run:
     @property
     def label(self) -> str:
         if self.parallel == 1:
-            return f"1x{self.workers}"
+            return f"1x{self.workers}-graphs-{self.graphs}"
         return f"{self.parallel}-{self.attention}-graphs-{self.graphs}-decode-{self.decode}"
 
 
@@ -99,7 +95,7 @@ def measure(args: argparse.Namespace, spec: Run) -> dict[str, Any]:
     parallel, workers, label = spec.parallel, spec.workers, spec.label
     cache_dir = tempfile.mkdtemp(prefix=f"diffuserve-cache-p{label}-")
     server = SpawnedServer(
-        Path(args.out) / f"server-parallel{label}.log",
+        args.out / f"server-parallel{label}.log",
         env={"PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])},
         ready_timeout=args.ready_timeout,
         serve_args=serve_args(args, spec, cache_dir),
@@ -128,22 +124,23 @@ def measure(args: argparse.Namespace, spec: Run) -> dict[str, Any]:
         run["lone"] = lone
         run["lone_failures"] = len(lone) - len(ok)
         if ok:
-            run["lone_p50_ms"] = round(statistics.median(r["round_trip_ms"] for r in ok), 1)
+            run["lone_p50_ms"] = round(median([r["round_trip_ms"] for r in ok]), 1)
             run["lone_min_ms"] = round(min(r["round_trip_ms"] for r in ok), 1)
             for phase in ("denoise", "decode", "encode"):
-                run[f"lone_{phase}_p50_ms"] = round(
-                    statistics.median(r["timing"].get(phase, 0) for r in ok), 1
-                )
+                run[f"lone_{phase}_p50_ms"] = round(median([r["timing"].get(phase, 0) for r in ok]), 1)
         run["closed_loop"] = closed_loop(server.base_url, args.users, args.per_user, args.size)
     return run
 
 
 def compare(runs: list[dict[str, Any]], devices: int) -> None:
-    """Each run's figures as a ratio of the PARALLEL=1 run's on all devices (the one-GPU-worker baseline), and
-    the throughput of every run next to that of one one-GPU worker where one was measured."""
-    base = next((r for r in runs if r["parallel"] == 1 and r["worker_count"] == devices), None)
-    single = next((r for r in runs if r["parallel"] == 1 and r["worker_count"] == 1), None)
+    """Each run's figures as a ratio of the PARALLEL=1 run's on all devices (the one-GPU-worker baseline, with
+    the same CUDA_GRAPHS where one was measured), and the throughput of every run next to that of one one-GPU
+    worker where one was measured."""
     for run in runs:
+        ones = [r for r in runs if r["parallel"] == 1]
+        ones.sort(key=lambda r: r["cuda_graphs"] != run["cuda_graphs"])  # the same setting first
+        base = next((r for r in ones if r["worker_count"] == devices), None)
+        single = next((r for r in ones if r["worker_count"] == 1), None)
         if single is not None and single["closed_loop"]["images_per_s"]:
             rate = run["closed_loop"]["images_per_s"] / single["closed_loop"]["images_per_s"]
             run["throughput_vs_one_worker"] = round(rate, 3)
@@ -178,9 +175,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
+    parser.add_argument("--out", default=None)
     parser.add_argument("--model-repo", default="black-forest-labs/FLUX.1-dev")
-    parser.add_argument("--weights", default="random", help="random, or pretrained")
+    parser.add_argument("--weights", choices=["random", "pretrained"], default="random")
     parser.add_argument("--tier", default="L")
     parser.add_argument("--model-batch", type=int, default=1)
     parser.add_argument("--devices", default="0,1", help="the same devices for every PARALLEL value")
@@ -190,13 +187,14 @@ def main() -> int:
     parser.add_argument(
         "--attention",
         default="auto",
-        help="PARALLEL_ATTENTION values each group runs with, in turn, e.g. auto,ulysses (auto: the server's "
-        "default)",
+        help="PARALLEL_ATTENTION values each group runs with, in turn: auto (the server's default), diffusers, "
+        "or auto,diffusers",
     )
     parser.add_argument(
         "--cuda-graphs",
         default="auto",
-        help="CUDA_GRAPHS values each group runs with, in turn, e.g. auto,off (auto: graphs for groups)",
+        help="CUDA_GRAPHS values every server runs with, in turn: auto (the default: graphs in tiers XL and L "
+        "on CUDA), off, or auto,off",
     )
     parser.add_argument(
         "--parallel-decode",
@@ -215,30 +213,34 @@ def main() -> int:
     parser.add_argument("--per-user", type=int, default=3, help="requests each closed-loop user sends")
     parser.add_argument("--ready-timeout", type=float, default=300)
     args = parser.parse_args()
-    if args.weights == "pretrained":
-        args.weights = ""
+    attentions = [a for a in args.attention.split(",") if a]
+    graphs = [g for g in args.cuda_graphs.split(",") if g]
+    decodes = [d for d in args.parallel_decode.split(",") if d]
+    for name, values, known in (
+        ("--attention", attentions, ATTENTION),
+        ("--cuda-graphs", graphs, CUDA_GRAPHS),
+        ("--parallel-decode", decodes, PARALLEL_DECODE),
+    ):
+        if not values or set(values) - set(known):
+            parser.error(f"{name} takes {', '.join(known)} (comma-separated), not {','.join(values)!r}")
     devices = len([d for d in args.devices.split(",") if d.strip()])
     if args.parallel:
         values = [int(v) for v in args.parallel.split(",")]
     else:
         values = [p for p in (1, 2, 4) if p <= devices and devices % p == 0]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    results: dict[str, Any] = {"args": vars(args), "env": environment(), "runs": []}
+    args.out = out_dir(args.out)
+    results: dict[str, Any] = {"args": {**vars(args), "out": str(args.out)}, "environment": environment()}
+    results["runs"] = []
 
     def save() -> None:
-        (out / "parallel.json").write_text(json.dumps(results, indent=1))
+        write_json(args.out / "parallel.json", results)
 
     started = time.perf_counter()
-    attentions = [a for a in args.attention.split(",") if a]
-    graphs = [g for g in args.cuda_graphs.split(",") if g]
-    decodes = [d for d in args.parallel_decode.split(",") if d]
-    if set(decodes) - {"on", "off"}:
-        parser.error(f"--parallel-decode takes on and off, not {args.parallel_decode!r}")
-    specs = [Run(args.devices.split(",")[0].strip(), 1, attentions[0])] if args.one_worker else []
+    first = args.devices.split(",")[0].strip()
+    specs = [Run(first, 1, attentions[0], g) for g in graphs] if args.one_worker else []
     for parallel in values:
         if parallel == 1:
-            specs.append(Run(args.devices, 1, attentions[0]))
+            specs += [Run(args.devices, 1, attentions[0], g) for g in graphs]
             continue
         specs += [Run(args.devices, parallel, a, g, d) for a in attentions for g in graphs for d in decodes]
     for spec in specs:
@@ -247,10 +249,10 @@ def main() -> int:
         save()
     results["wall_s"] = round(time.perf_counter() - started, 1)
     save()
-    (out / "parallel.md").write_text(table(results["runs"], devices) + "\n")
+    (args.out / "parallel.md").write_text(table(results["runs"], devices) + "\n")
     log(f"done in {results['wall_s']} s:\n" + table(results["runs"], devices))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -1,14 +1,13 @@
 """The VAE decode of one image on one GPU against the same decode split by rows across a group's GPUs
-(diffuserve.engine.split_decode, DistVAE's patch parallelism), measured in one run.
+(diffuserve.engine.parallel.split_decode, DistVAE's patch parallelism), measured in one run.
 
-    python benchmarks/gpu_split_decode.py --out $OUT            # 2 GPUs: random FLUX VAE in bf16, 1024²
+    python benchmarks/gpu_split_decode.py --out $OUT --reps 20    # 2 GPUs: random FLUX VAE in bf16, 1024²
     python benchmarks/gpu_split_decode.py --out /tmp/d --cpu --size 128 --reps 2   # two CPU processes, gloo
 
-Variants, each timed on every rank (CUDA events around `vae.decode` of the latents, the ranks meeting at a
-barrier before each decode): whole = rank 0 decodes alone (the group with PARALLEL_DECODE=off); joint = the
-group's decode as it ships (DistVAE's convolutions and this project's group norms, `BandGroupNorm`);
-joint-distvae = DistVAE's own group norms; and with -channels-last the same with the VAE's weights in
-channels-last memory format. Each variant's pixels (0-255 levels, as served) are compared with whole's.
+Two variants, each timed on every rank (CUDA events around `vae.decode` of the latents, the ranks meeting at a
+barrier before each decode): whole = rank 0 decodes alone (a group with PARALLEL_DECODE=off); joint = the
+group's decode as it ships (`split_vae_decode`: DistVAE's convolutions and this project's group norms). The
+joint decode's pixels (0-255 levels, as served) are compared with whole's.
 Raw output: --out/split_decode.json.
 """
 
@@ -17,20 +16,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import statistics
-import sys
-from pathlib import Path
+import time
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+from common import environment, log, median, out_dir, write_json
+from diffuserve.serving.worker_group import free_port
 
-from diffuserve.serving.worker_group import free_port  # noqa: E402
-from gpu_serving import environment, log  # noqa: E402
-
-VARIANTS = ("whole", "joint", "joint-distvae", "whole-channels-last", "joint-channels-last")
+VARIANTS = ("whole", "joint")  # the first is the pixels' reference
 
 
 def levels(images: Any) -> Any:
@@ -43,7 +35,7 @@ def rank_main(rank: int, world: int, port: int, args: argparse.Namespace, out: A
     import torch.distributed as dist
 
     from diffuserve.engine.frames import plain_decode
-    from diffuserve.engine.split_decode import split_vae_decode
+    from diffuserve.engine.parallel.split_decode import split_vae_decode
     from diffuserve.models.architectures import FLUX_VAE, build_vae
 
     device = "cpu" if args.cpu else f"cuda:{rank}"
@@ -81,8 +73,6 @@ def rank_main(rank: int, world: int, port: int, args: argparse.Namespace, out: A
                 end.synchronize()
                 elapsed = start.elapsed_time(end)
             else:
-                import time
-
                 began = time.perf_counter()
                 images = decode(latents, return_dict=False)[0]
                 elapsed = (time.perf_counter() - began) * 1000
@@ -91,19 +81,13 @@ def rank_main(rank: int, world: int, port: int, args: argparse.Namespace, out: A
         return times, images
 
     with torch.no_grad():
-        for variant in args.variants:
-            if variant.endswith("channels-last") != getattr(vae, "_bench_channels_last", False):
-                channels_last = variant.endswith("channels-last")
-                vae.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-                vae._bench_channels_last = channels_last
-            if variant.startswith("whole"):
+        for variant in VARIANTS:
+            if variant == "whole":
                 times, images = timed(plain_decode(vae), alone=True)
             else:
-                pipeline = type("Pipeline", (), {"vae": vae})()
-                why = split_vae_decode(pipeline, world, fused_norms=variant != "joint-distvae")
+                why = split_vae_decode(type("Pipeline", (), {"vae": vae})(), world)
                 assert why is None, why
                 times, images = timed(vae.decode, alone=False)
-                vae.decode = plain_decode(vae)  # the next variant starts from the plain decode again
             if rank != 0:
                 continue
             pixels = levels(images)
@@ -111,7 +95,7 @@ def rank_main(rank: int, world: int, port: int, args: argparse.Namespace, out: A
                 reference = pixels
             difference = (pixels - reference).abs()
             results[variant] = {
-                "median_ms": round(statistics.median(times), 2),
+                "median_ms": round(median(times), 2),
                 "min_ms": round(min(times), 2),
                 "ms": [round(t, 2) for t in times],
                 "max_levels_from_first": int(difference.max()),
@@ -130,30 +114,26 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
+    parser.add_argument("--out", default=None)
     parser.add_argument("--size", type=int, default=1024, help="image side in pixels")
     parser.add_argument("--world", type=int, default=2, help="ranks (GPUs)")
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="the first is the pixels' reference")
     parser.add_argument(
         "--cpu", action="store_true", help="CPU processes over gloo (a dry run of the script)"
     )
     args = parser.parse_args()
-    args.variants = [v for v in args.variants.split(",") if v]
-    if set(args.variants) - set(VARIANTS):
-        parser.error(f"variants are {', '.join(VARIANTS)}")
+    out = out_dir(args.out)
+    args.out = str(out)
     import torch.multiprocessing as torch_mp
 
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
     shared = torch_mp.Manager().dict()
     torch_mp.spawn(rank_main, args=(args.world, free_port(), args, shared), nprocs=args.world)
-    result = {"args": vars(args), "env": environment(), "results": shared.get("results", {})}
-    (out_dir / "split_decode.json").write_text(json.dumps(result, indent=1))
+    result = {"args": vars(args), "environment": environment(), "results": shared.get("results", {})}
+    write_json(out / "split_decode.json", result)
     log(json.dumps(result["results"], indent=1))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())
