@@ -41,7 +41,6 @@ def run(args: argparse.Namespace) -> int:
     from diffuserve.logs import configure_logging
 
     configure_logging(settings.log_format, settings.log_level)
-    settings.export_hub_env()
     try:
         check_model_source(settings.model_repo, settings.weights)
     except ModelLoadError as exc:

@@ -23,7 +23,7 @@ def served_model_name(settings: Settings) -> str:
 
 def engine_config(settings: Settings) -> EngineConfig:
     """Only what the engine and its worker process use: no API keys, no hub token (the hub library reads
-    that from the environment, where `Settings.export_hub_env` puts it), no HTTP limits."""
+    that from the environment, where the worker pool puts it before its first spawn), no HTTP limits."""
     return EngineConfig(
         model_repo=settings.model_repo,
         model_name=served_model_name(settings),

@@ -94,9 +94,11 @@ class WorkerPool:
     # ---- lifecycle ------------------------------------------------------------------------------------
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        # A worker inherits this process's environment: the API keys, read into the settings already, go first.
+        # A worker inherits this process's environment, so it is shaped here, once: the API keys, read into the
+        # settings already, go; the hub's folder and token, which the hub library reads there, come in.
         for name in SERVER_ONLY_SECRETS:
             os.environ.pop(name, None)
+        self.settings.export_hub_env()
         for worker_id, slot in enumerate(self.slots):
             if len(slot) == 1:
                 self._spawn(worker_id, slot[0], failures_in_a_row=0)
