@@ -67,6 +67,13 @@ class Settings(EnvSettings):
         Tier.XL,
         "MODEL_SIZE",
         help="acceleration tier (E = exact, no compile; XL = exact, compiled)",
+    model_devices: Annotated[list[str], NoDecode] = setting(
+        list,
+        "MODEL_DEVICES",
+        help="a model's own devices, MODEL=DEVICES (flux=0,1); ';'-separated (the flag may repeat); a model "
+        "not named here runs on DEVICES, beside the others",
+        separator=";",
+    )
         flags=("--tier",),
     )
     weights: Weights = setting(
@@ -220,7 +227,8 @@ class Settings(EnvSettings):
     image_store_max_bytes: int = setting(
         1 << 30,
         "IMAGE_STORE_MAX_BYTES",
-        help="most bytes of images the store keeps; beyond it the oldest are deleted first",
+        help="most disk bytes (blocks) of images the store keeps; no image younger than its TTL is deleted, so "
+        "a url answer that does not fit is refused with 507 (b64_json still works)",
         ge=1,
     )
     image_url_ttl_seconds: float = setting(
@@ -232,8 +240,9 @@ class Settings(EnvSettings):
     public_url: str = setting(
         "",
         "PUBLIC_URL",
-        help="the server's public base URL (https://host[:port][/prefix]) for image URLs; empty = built from "
-        "each request's X-Forwarded-Proto/-Host/-Prefix headers, else its Host header",
+        help="the server's public base URL (https://host[:port][/prefix]) for image URLs; set it on an exposed "
+        "server; empty = built from each request's X-Forwarded-Proto/-Host/-Prefix headers (believed only from "
+        "FORWARDED_ALLOW_IPS), else its Host header",
     )
     warmup: bool = setting(
         True,

@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
+from diffuserve.api.http_protocol import PROBE_CONNECTIONS
 from tests.helpers import ServerHandle, start_server
 
 URL = "/v1/images/generations"
@@ -156,8 +157,22 @@ def test_half_sent_headers_are_cut_off_at_the_header_deadline(
 
 
 def test_connections_beyond_the_cap_get_503_and_are_closed(hostile_server: ServerHandle) -> None:
+    """Beyond the cap, PROBE_CONNECTIONS more connections serve health probes only (anything else is 503,
+    and each closes after its answer); past those a new connection is answered 503 at once and closed."""
     held = [connect(hostile_server) for _ in range(MAX_CONNECTIONS)]
     try:
+        time.sleep(0.2)
+        with connect(hostile_server) as probe:
+            probe.sendall(b"GET /health/live HTTP/1.1\r\nHost: test\r\n\r\n")
+            raw, took = read_all(probe, 3)
+        status, body = status_and_body(raw)
+        assert status == 200 and body == {"status": "alive"} and took < 1
+        with connect(hostile_server) as other:
+            other.sendall(b"GET /v1/models HTTP/1.1\r\nHost: test\r\n\r\n")
+            raw, took = read_all(other, 3)
+        status, body = status_and_body(raw)
+        assert status == 503 and body["error"]["code"] == "too_many_connections" and took < 1
+        held += [connect(hostile_server) for _ in range(PROBE_CONNECTIONS)]
         time.sleep(0.2)
         with connect(hostile_server) as extra:
             raw, took = read_all(extra, 3)

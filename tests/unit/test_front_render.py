@@ -186,3 +186,13 @@ def test_gate_gives_up_after_timeout() -> None:
     )  # fmt: skip
     assert result.returncode == 1
     assert "not ready after" in result.stdout
+
+
+def test_nginx_writes_its_own_forwarded_headers_never_the_clients(env: pytest.MonkeyPatch) -> None:
+    """The host and scheme the server writes into image URLs come from the connection nginx accepted: a
+    client's X-Forwarded-Host/-Proto/-Prefix are replaced (an empty value drops the header)."""
+    nginx = render(FrontConfig.from_env(front_port=18080, server_port=18081)).nginx_conf.read_text()
+    assert "proxy_set_header X-Forwarded-Proto $scheme;" in nginx
+    assert "proxy_set_header X-Forwarded-Host $http_host;" in nginx
+    assert 'proxy_set_header X-Forwarded-Prefix "";' in nginx
+    assert "$http_x_forwarded_host" not in nginx and "$http_x_forwarded_proto" not in nginx

@@ -1,15 +1,18 @@
 """Hostile input in process: escaped and bounded log text, integers of any length, the drain, readiness (503
-while the model loads; without a key), bearer keys, 405's Allow header, the protected OpenAPI document, and no
-API key in what a worker is told."""
+while the model loads; without a key), bearer keys, 405's Allow header, the protected OpenAPI document, no API
+key in what a worker is told, outcomes nobody awaits, and pictures checked from their headers."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
+import gc
 import io
 import json
 import logging
 import pickle
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -17,9 +20,11 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 from fastapi import FastAPI
+from PIL import ExifTags, Image
 
 from diffuserve.api.app import build_app
 from diffuserve.api.drain import Drain
+from diffuserve.api.edit_body import JSON_IN_THREAD_BYTES, _from_json, _from_large_json
 from diffuserve.config import Settings
 from diffuserve.engine.config import EngineConfig
 from diffuserve.errors import InvalidRequest, ShuttingDown
@@ -30,6 +35,15 @@ from diffuserve.protocol import (
     ImageGenerationRequest,
     decode_json,
     describe_unknown_fields,
+)
+from diffuserve.protocol.pictures import (
+    MAX_ASPECT_RATIO,
+    MAX_JPEG_SCANS,
+    MAX_SIDE,
+    DecodeStopped,
+    fit_picture,
+    jpeg_scans,
+    open_picture,
 )
 from diffuserve.serving.engine_config import engine_config
 from tests import fakes
@@ -287,3 +301,121 @@ def test_a_worker_is_told_no_api_key_nor_hub_token() -> None:
     # Nor could it be: the worker's config has no field for a key or a token.
     fields = {field.name for field in dataclasses.fields(EngineConfig)}
     assert not {name for name in fields if "key" in name or "token" in name or "auth" in name}, fields
+
+
+# ---- outcomes nobody awaits -------------------------------------------------------------------------------
+
+
+async def test_work_that_fails_as_its_request_leaves_is_not_reported_as_never_retrieved() -> None:
+    """A hang-up seen twice: the generation ends in failure (its client is gone) in the same turn of the loop
+    in which the stream cancels the request. asyncio must not log "Task exception was never retrieved"."""
+    reported: list[dict] = []
+    loop = asyncio.get_running_loop()
+    saved = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _, context: reported.append(context))
+    try:
+
+        async def fails() -> None:
+            raise RuntimeError("the client is gone")
+
+        request = asyncio.ensure_future(Drain().run(fails()))
+        await asyncio.sleep(0)  # the request starts its work and waits on it
+        await asyncio.sleep(0)  # the work fails; the request's wake-up is only scheduled
+        request.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await request
+        del request
+        gc.collect()
+        await asyncio.sleep(0)
+    finally:
+        loop.set_exception_handler(saved)
+    assert not [c for c in reported if "never retrieved" in str(c.get("message"))], reported
+
+
+# ---- pictures: checked from their headers -----------------------------------------------------------------
+
+
+def _jpeg(size: tuple[int, int], **save: object) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (10, 120, 200)).save(buffer, "JPEG", **save)
+    return buffer.getvalue()
+
+
+def _repeat_last_scan(data: bytes, times: int) -> bytes:
+    ends, at = [], 2
+    while data[at + 1] != 0xD9:
+        marker = data[at + 1]
+        at += 2 + int.from_bytes(data[at + 2 : at + 4], "big")
+        if marker == 0xDA:
+            at = data.find(b"\xff", at)
+            while data[at + 1] == 0 or 0xD0 <= data[at + 1] <= 0xD7:
+                at = data.find(b"\xff", at + 2)
+            ends.append(at)
+    return data[: ends[-1]] + data[ends[-2] : ends[-1]] * times + data[ends[-1] :]
+
+
+def test_jpeg_scans_are_counted_by_walking_the_segments() -> None:
+    assert jpeg_scans(_jpeg((64, 48)), 1000) == 1
+    progressive = _jpeg((64, 48), progressive=True)
+    assert jpeg_scans(progressive, 1000) == 10  # libjpeg's progressive script for colour
+    assert jpeg_scans(_repeat_last_scan(progressive, 500), 1000) == 510
+    assert jpeg_scans(_repeat_last_scan(progressive, 500), MAX_JPEG_SCANS) == MAX_JPEG_SCANS + 1
+    # Marker bytes inside metadata are not scans.
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, "JPEG", comment=b"\xff\xda" * 100)
+    assert jpeg_scans(buffer.getvalue(), 1000) == 1
+
+
+def test_a_scan_bomb_is_refused_before_decoding() -> None:
+    bomb = _repeat_last_scan(_jpeg((256, 256), progressive=True), MAX_JPEG_SCANS)
+    with pytest.raises(InvalidRequest, match="scans") as refused:
+        open_picture(bomb, "image[1]", 1 << 24)
+    assert refused.value.param == "image[1]"
+    fine = _repeat_last_scan(_jpeg((256, 256), progressive=True), 5)
+    assert open_picture(fine, "image", 1 << 24).size == (256, 256)
+
+
+@pytest.mark.parametrize(
+    ("size", "words"),
+    [((1, 4096), f"at most {MAX_ASPECT_RATIO}:1"), ((MAX_SIDE + 8, 1100), f"at most {MAX_SIDE} pixels")],
+)
+def test_thin_and_long_pictures_are_refused_from_their_header(size: tuple[int, int], words: str) -> None:
+    buffer = io.BytesIO()
+    Image.new("L", size).save(buffer, "PNG")
+    with pytest.raises(InvalidRequest, match=words):
+        open_picture(buffer.getvalue(), "image", 1 << 24)
+
+
+def test_pictures_decode_straight_to_the_output_size_upright() -> None:
+    # A JPEG taken sideways: stored 400x200, shown 200x400 (EXIF orientation 6).
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = 6
+    picture = open_picture(_jpeg((400, 200), exif=exif.tobytes()), "image", 1 << 24)
+    assert picture.size == (200, 400)
+    fitted = fit_picture(picture, 48, 96)
+    assert fitted.shape == (96, 48, 3)
+    # libjpeg decoded at 1/4 of the size (100x50, the nearest scale at least the output's), not at 400x200.
+    assert picture.image.size == (100, 50)
+
+
+def test_a_decoding_called_off_stops_at_its_next_read() -> None:
+    stop = threading.Event()
+    picture = open_picture(_jpeg((512, 512), progressive=True), "image", 1 << 24, stop)
+    stop.set()
+    with pytest.raises(DecodeStopped):
+        fit_picture(picture, 64, 64)
+
+
+def test_a_large_json_edit_body_decodes_off_the_loop_as_a_small_one_does() -> None:
+    picture = base64.b64encode(_jpeg((64, 64))).decode()
+    payload = {
+        "prompt": "x",
+        "images": [{"image_url": f"data:image/jpeg;base64,{picture}"}],
+        "pad": "y" * 300_000,
+    }
+    raw = json.dumps(payload).encode()
+    assert len(raw) > JSON_IN_THREAD_BYTES
+    large, small = _from_large_json(raw), _from_json(decode_json(raw))
+    assert large.fields == small.fields and large.pictures == small.pictures
+    with pytest.raises(InvalidRequest, match="not valid JSON"):
+        _from_large_json(raw[:-1])

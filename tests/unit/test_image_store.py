@@ -1,4 +1,5 @@
-"""The image store behind response_format "url": ids, atomic files, expiry, the byte bound, restarts."""
+"""The image store behind response_format "url": ids, atomic files, expiry, a bound in disk blocks that refuses
+rather than evicts, reservations, owners, restarts."""
 
 from __future__ import annotations
 
@@ -9,8 +10,17 @@ from pathlib import Path
 
 import pytest
 
-from diffuserve.api.image_store import ID_PATTERN, STALE_TEMP_SECONDS, TEMP_PREFIX, ImageStore, valid_id
+from diffuserve.api.image_store import (
+    ID_PATTERN,
+    STALE_TEMP_SECONDS,
+    TEMP_PREFIX,
+    ImageStore,
+    StoreFull,
+    valid_id,
+)
 from diffuserve.types import EncodedImage
+
+OWNER_A, OWNER_B = "0123456789abcdef", "fedcba9876543210"
 
 
 class Clock:
@@ -29,6 +39,22 @@ def store_at(root: Path, clock: Clock, max_bytes: int = 1 << 20, ttl: float = 60
     return ImageStore(root, max_bytes=max_bytes, ttl_seconds=ttl, clock=clock)
 
 
+def disk(path: Path) -> int:
+    """What a file takes on disk, as the store counts it."""
+    stat = path.stat()
+    return max(stat.st_blocks * 512, stat.st_size)
+
+
+@pytest.fixture
+def block(tmp_path: Path) -> int:
+    """The disk bytes of a small file on the file system of the tests' folders (4096 on ext4)."""
+    probe = tmp_path / "probe"
+    probe.write_bytes(b"x")
+    size = disk(probe)
+    probe.unlink()
+    return size
+
+
 def test_put_then_get_keeps_bytes_and_content_type(tmp_path: Path) -> None:
     store = store_at(tmp_path, Clock())
     ids = store.put_sync([image(10, "image/png", 1), image(20, "image/webp", 2), image(5, "image/jpeg", 3)])
@@ -42,7 +68,8 @@ def test_put_then_get_keeps_bytes_and_content_type(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         [f"{ids[0]}.png", f"{ids[1]}.webp", f"{ids[2]}.jpeg"]
     )  # no temp file left behind
-    assert store.total_bytes == 35
+    # Disk blocks, not bytes: 35 bytes of images take three blocks.
+    assert store.total_bytes == sum(disk(path) for path in tmp_path.iterdir()) >= 35
 
 
 def test_ids_are_unguessable_tokens(tmp_path: Path) -> None:
@@ -99,9 +126,9 @@ def test_expired_images_answer_none_and_their_files_go(tmp_path: Path) -> None:
     assert store.get_sync(second) is not None
     clock.now += 31
     # A put sweeps what expired even if nobody asks for it again.
-    store.put_sync([image(1)])
+    [third] = store.put_sync([image(1)])
     assert not list(tmp_path.glob(f"{second}.*"))
-    assert len(store) == 1 and store.total_bytes == 1
+    assert len(store) == 1 and store.total_bytes == disk(tmp_path / f"{third}.png")
 
 
 def test_sweep_deletes_every_expired_image(tmp_path: Path) -> None:
@@ -112,36 +139,85 @@ def test_sweep_deletes_every_expired_image(tmp_path: Path) -> None:
     store.put_sync([image(4)])
     clock.now += 6
     assert store.sweep() == 2
-    assert len(list(tmp_path.iterdir())) == 1 and store.total_bytes == 4
+    [left] = list(tmp_path.iterdir())
+    assert store.total_bytes == disk(left)
 
 
-def test_byte_bound_evicts_oldest_first(tmp_path: Path) -> None:
+def test_a_put_that_does_not_fit_is_refused_and_no_promised_image_goes(tmp_path: Path, block: int) -> None:
     clock = Clock()
-    store = store_at(tmp_path, clock, max_bytes=100)
-    ids = []
-    for seed in range(5):
-        clock.now += 1
-        ids += store.put_sync([image(30, seed=seed)])
-    # 150 bytes put, 100 allowed: the two oldest went, the three newest stayed.
-    assert [store.get_sync(i) is not None for i in ids] == [False, False, True, True, True]
-    assert store.total_bytes == 90
-    assert len(list(tmp_path.iterdir())) == 3
+    store = store_at(tmp_path, clock, max_bytes=3 * block, ttl=60)
+    kept = store.put_sync([image(30), image(30)])
+    with pytest.raises(StoreFull) as refused:
+        store.put_sync([image(30), image(30)])
+    assert refused.value.needed == 2 * block and refused.value.free == block
+    # Nothing of the refused put was written, and every promised image still answers.
+    assert len(list(tmp_path.iterdir())) == 2 and all(store.get_sync(i) for i in kept)
+    assert store.put_sync([image(30)])  # what fits still goes in
+    clock.now += 60  # once the first ones expire, their room is free again
+    assert len(store.put_sync([image(30), image(30)])) == 2
 
 
-def test_an_answer_larger_than_the_bound_is_kept_whole_until_the_next_put(tmp_path: Path) -> None:
-    store = store_at(tmp_path, Clock(), max_bytes=50)
+def test_an_answer_larger_than_the_bound_is_refused_whole(tmp_path: Path, block: int) -> None:
+    store = store_at(tmp_path, Clock(), max_bytes=2 * block)
     old = store.put_sync([image(10)])
-    big = store.put_sync([image(40), image(40)])
-    # Its fresh URLs all work; everything older made room first.
-    assert store.get_sync(old[0]) is None
-    assert all(store.get_sync(i) is not None for i in big)
-    later = store.put_sync([image(10)])
-    assert [store.get_sync(i) is not None for i in [*big, *later]] == [False, True, True]
+    with pytest.raises(StoreFull):
+        store.put_sync([image(10), image(10)])
+    assert store.get_sync(old[0]) is not None and len(list(tmp_path.iterdir())) == 1
 
 
-def test_a_restart_counts_and_expires_the_files_already_there(tmp_path: Path) -> None:
+def test_the_bound_counts_disk_blocks_not_bytes(tmp_path: Path, block: int) -> None:
+    # Ten 1-byte images are 10 bytes, but ten blocks on disk: a bound of five blocks takes five.
+    store = store_at(tmp_path, Clock(), max_bytes=5 * block)
+    for _ in range(5):
+        store.put_sync([image(1)])
+    with pytest.raises(StoreFull):
+        store.put_sync([image(1)])
+    assert store.total_bytes == 5 * block
+
+
+def test_a_reservation_holds_room_until_its_images_take_it(tmp_path: Path, block: int) -> None:
+    store = store_at(tmp_path, Clock(), max_bytes=4 * block)
+    # 32x32 pixels at an uncompressed 3 bytes each (nothing learnt yet): one block per image.
+    first = store.reserve_sync(2, 32 * 32, "image/png")
+    assert first.size == 2 * block
+    second = store.reserve_sync(2, 32 * 32, "image/png")
+    with pytest.raises(StoreFull):
+        store.reserve_sync(1, 32 * 32, "image/png")  # the room is promised, though no file exists yet
+    ids = store.put_sync([image(100), image(100)], reservation=first)
+    assert first.size == 0 and len(ids) == 2
+    second.release()
+    second.release()  # twice is harmless
+    assert store.reserve_sync(2, 32 * 32, "image/png").size == 2 * block
+
+
+def test_a_reserved_put_may_not_take_more_room_than_is_free(tmp_path: Path, block: int) -> None:
+    store = store_at(tmp_path, Clock(), max_bytes=2 * block)
+    small = store.reserve_sync(1, 10, "image/png")  # one block held
+    with pytest.raises(StoreFull):
+        store.put_sync([image(10), image(10), image(10)], reservation=small)
+    assert small.size == 0 and store.total_bytes == 0 and not list(tmp_path.iterdir())
+
+
+def test_an_image_answers_only_to_its_owner(tmp_path: Path) -> None:
     clock = Clock()
-    first_run = store_at(tmp_path, clock, max_bytes=100, ttl=60)
+    store = store_at(tmp_path, clock)
+    [mine] = store.put_sync([image(5, seed=7)], owner=OWNER_A)
+    [nobodys] = store.put_sync([image(5, seed=8)])
+    assert store.get_sync(mine, OWNER_B) is None and store.get_sync(mine) is None
+    got = store.get_sync(mine, OWNER_A)
+    assert got is not None and got.data == b"\x07" * 5
+    assert store.get_sync(nobodys, OWNER_A) is None and store.get_sync(nobodys) is not None
+    assert (tmp_path / f"{mine}.{OWNER_A}.png").exists()
+    # The owner is in the file's name: a restart keeps it.
+    restarted = store_at(tmp_path, clock)
+    assert restarted.get_sync(mine, OWNER_B) is None and restarted.get_sync(mine, OWNER_A) is not None
+    with pytest.raises(ValueError, match="hexadecimal"):
+        store.put_sync([image(1)], owner="../../x")
+
+
+def test_a_restart_counts_and_expires_the_files_already_there(tmp_path: Path, block: int) -> None:
+    clock = Clock()
+    first_run = store_at(tmp_path, clock, max_bytes=3 * block, ttl=60)
     old = first_run.put_sync([image(30)])
     clock.now += 40
     recent = first_run.put_sync([image(30)])
@@ -156,25 +232,27 @@ def test_a_restart_counts_and_expires_the_files_already_there(tmp_path: Path) ->
     os.utime(fresh_temp, (clock.now,) * 2)
 
     clock.now += 29  # `old` is now 70 s old: past its 60 s
-    second_run = store_at(tmp_path, clock, max_bytes=100, ttl=60)
+    second_run = store_at(tmp_path, clock, max_bytes=3 * block, ttl=60)
     assert second_run.get_sync(old[0]) is None
     got = second_run.get_sync(recent[0])
     assert got is not None and got.data == b"\x00" * 30 and got.expires_in == pytest.approx(30)
-    assert second_run.total_bytes == 60
+    assert second_run.total_bytes == 2 * block
     assert not stale_temp.exists() and fresh_temp.exists()
     assert (tmp_path / "notes.txt").exists()  # files not named like the store's are left alone
-    # The restored files count toward the bound: 60 + 60 > 100 evicts the older restored one.
-    new = second_run.put_sync([image(30), image(30)])
-    assert [second_run.get_sync(i) is not None for i in [*recent, *new]] == [False, True, True, True]
+    # The restored files count toward the bound: one more block fits, two do not.
+    with pytest.raises(StoreFull):
+        second_run.put_sync([image(30), image(30)])
+    assert second_run.put_sync([image(30)])
+    assert all(second_run.get_sync(i) is not None for i in recent)
 
 
-def test_a_restart_with_a_smaller_bound_evicts_at_once(tmp_path: Path) -> None:
+def test_a_restart_with_a_smaller_bound_deletes_the_oldest_at_once(tmp_path: Path, block: int) -> None:
     clock = Clock()
     ids = []
     for _ in range(3):
         clock.now += 1
         ids += store_at(tmp_path, clock).put_sync([image(40)])
-    smaller = store_at(tmp_path, clock, max_bytes=50)
+    smaller = store_at(tmp_path, clock, max_bytes=block)
     assert [smaller.get_sync(i) is not None for i in ids] == [False, False, True]
 
 

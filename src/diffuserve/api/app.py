@@ -12,9 +12,11 @@ from fastapi import FastAPI
 from diffuserve import __version__
 from diffuserve.api import openapi
 from diffuserve.api.auth import BearerAuth
+from diffuserve.api.body_budget import BodyBudget
 from diffuserve.api.device_metrics import GpuCollector, WorkerStateCollector
 from diffuserve.api.drain import Drain
 from diffuserve.api.errors import install_error_handlers
+from diffuserve.api.forwarded import TrustedForwarding
 from diffuserve.api.image_store import ImageStore
 from diffuserve.api.metrics import Metrics
 from diffuserve.api.middleware import RequestContextMiddleware
@@ -73,6 +75,7 @@ def build_app(
     app.state.metrics = registry
     app.state.auth = BearerAuth(settings.api_keys)
     app.state.drain = Drain()
+    app.state.body_budget = BodyBudget(settings.max_body_memory_bytes)
     app.state.image_store = ImageStore(
         settings.resolved_image_store_dir,
         max_bytes=settings.image_store_max_bytes,
@@ -84,4 +87,6 @@ def build_app(
     if settings.playground:
         app.include_router(playground.router)
     app.add_middleware(RequestContextMiddleware)
+    # Outermost: forwarded headers are dropped (untrusted peer) or applied before anything reads them.
+    app.add_middleware(TrustedForwarding, trusted=settings.forwarded_allow_ips)
     return app

@@ -51,6 +51,10 @@ class Drain:
                 task.cancel()  # our own cancellation, or the drain's: the work must not outlive its request
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
+            elif not task.cancelled():
+                # Done as we were cancelled (a hang-up seen by both): its outcome goes unread, so mark it read,
+                # or asyncio logs "Task exception was never retrieved" with a traceback.
+                task.exception()
         if task.cancelled():
             raise ShuttingDown("the server shut down before this request finished")
         return task.result()

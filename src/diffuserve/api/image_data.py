@@ -7,14 +7,27 @@ from collections.abc import Sequence
 
 from starlette.requests import Request
 
-from diffuserve.api.image_store import ImageStore
+from diffuserve.api.image_store import ImageStore, Reservation, StoreFull
 from diffuserve.api.public_url import base_url
 from diffuserve.config import Settings
 from diffuserve.errors import DiffuserveError
 from diffuserve.protocol import ImageData
-from diffuserve.types import EncodedImage
+from diffuserve.types import EncodedImage, GenerationRequest
 
 CONTENT_PATH = "/v1/images/{image_id}/content"
+
+
+def store_full(exc: StoreFull, store: ImageStore) -> DiffuserveError:
+    """507 Insufficient Storage: the store cannot keep the images without deleting images whose URLs are still
+    valid."""
+    error = DiffuserveError(
+        f"the image store has no room for these images ({exc.needed} bytes, {max(exc.free, 0)} free of "
+        f"{store.max_bytes}) until older image URLs expire (at most {store.ttl_seconds:g} s); ask for "
+        "response_format 'b64_json', or retry later",
+        code="image_store_full",
+    )
+    error.status = 507
+    return error
 
 
 def image_store_of(request: Request) -> ImageStore:
@@ -26,12 +39,32 @@ def content_url(base: str, image_id: str) -> str:
     return base + CONTENT_PATH.format(image_id=image_id)
 
 
+def owner_of(request: Request) -> str:
+    """The tag of the API key of the request: an image URL answers only to the key that made it."""
+    return str(request.app.state.auth.owner_tag(request.headers.get("authorization")))
+
+
+async def reserve_room(request: Request, generation: GenerationRequest) -> Reservation:
+    """Room in the image store for a `url` answer, before it is generated: a full store is a 507 now, not after
+    the work is done."""
+    store = image_store_of(request)
+    media_type = f"image/{generation.output_format}"
+    try:
+        return await store.reserve(generation.n, generation.width * generation.height, media_type)
+    except StoreFull as exc:
+        raise store_full(exc, store) from None
+
+
 async def image_data(
-    request: Request, images: Sequence[EncodedImage], response_format: str | None
+    request: Request,
+    images: Sequence[EncodedImage],
+    response_format: str | None,
+    reservation: Reservation | None = None,
 ) -> list[ImageData]:
     """One entry per image, in order, each with its seed. `response_format` "url": the images go to the image
-    store and each entry has `url`, an absolute link to `GET /v1/images/{id}/content` (PUBLIC_URL, else the
-    request's forwarded or Host headers) valid for IMAGE_URL_TTL_SECONDS; anything else: `b64_json`."""
+    store (in `reservation`'s room) and each entry has `url`, an absolute link to `GET /v1/images/{id}/content`
+    (PUBLIC_URL, else the request's forwarded or Host headers) valid for IMAGE_URL_TTL_SECONDS to the same API
+    key; anything else: `b64_json`."""
     if response_format != "url":
         return [
             ImageData(b64_json=base64.b64encode(image.data).decode("ascii"), seed=image.seed)
@@ -40,8 +73,11 @@ async def image_data(
     settings: Settings = request.app.state.settings
     # Before storing anything: a malformed forwarded header is the client's 400, and no file is left behind.
     base = base_url(request, settings.public_url)
+    store = image_store_of(request)
     try:
-        ids = await image_store_of(request).put(images)
+        ids = await store.put(images, owner_of(request), reservation)
+    except StoreFull as exc:
+        raise store_full(exc, store) from None
     except OSError as exc:
         raise DiffuserveError(
             f"the image store could not keep the images ({exc.strerror or type(exc).__name__}); "

@@ -1,10 +1,12 @@
-"""The image store behind `response_format: "url"`: one file per image in a folder, unguessable ids, expiry by
-age and a byte bound that deletes the oldest first."""
+"""The image store behind `response_format: "url"`: one file per image in a folder, unguessable ids, images kept
+for their whole lifetime, a bound in disk bytes that refuses new images rather than delete promised ones, and
+images answered only to the key that made them."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
 import os
 import re
@@ -24,6 +26,10 @@ log = logging.getLogger(__name__)
 # secrets.token_urlsafe(24): 32 characters of the URL-safe base64 alphabet, 192 random bits.
 ID_BYTES = 24
 ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{32}")
+# The tag of the key that made an image (auth.owner_tag): 16 hex digits, in the file's name between id and type.
+OWNER_PATTERN = re.compile(r"[0-9a-f]{16}")
+# What a file is assumed to take on disk before it is written (then its real blocks are counted).
+BLOCK_BYTES = 4096
 SUFFIXES = {"image/png": ".png", "image/jpeg": ".jpeg", "image/webp": ".webp"}
 MEDIA_TYPES = {suffix: media_type for media_type, suffix in SUFFIXES.items()}
 TEMP_PREFIX = ".tmp-"
@@ -44,21 +50,61 @@ class StoredImage:
     expires_in: float  # seconds left before the image's URL answers 404
 
 
+class StoreFull(Exception):
+    """The images do not fit in the bound without deleting images whose URLs are still promised."""
+
+    def __init__(self, needed: int, free: int) -> None:
+        super().__init__(f"{needed} bytes needed, {free} free")
+        self.needed = needed
+        self.free = free
+
+
+@dataclass
+class Reservation:
+    """Room held in a store for an answer's images until they are put (which takes it over) or it is released."""
+
+    store: ImageStore
+    size: int
+    pixels: int
+    media_type: str
+
+    def release(self) -> None:
+        if self.size:
+            self.store._release(self)
+
+
 @dataclass
 class _Entry:
     suffix: str
-    size: int
+    size: int  # bytes on disk: its blocks
     stored_at: float
+    owner: str = ""
+
+    def name(self, image_id: str) -> str:
+        return f"{image_id}.{self.owner}{self.suffix}" if self.owner else f"{image_id}{self.suffix}"
+
+
+def _estimate(size: int) -> int:
+    return -(-size // BLOCK_BYTES) * BLOCK_BYTES
+
+
+def _disk_bytes(stat: os.stat_result) -> int:
+    # Blocks, which is what fills a disk (a 100-byte file takes 4 KiB); never less than the bytes, should a
+    # file system report no blocks for small or compressed files.
+    return max(stat.st_blocks * 512, stat.st_size)
 
 
 class ImageStore:
-    """Files `<id>.<ext>` under `root`; the extension keeps the content type. The folder belongs to one server
-    process: its index (in memory, rebuilt from the folder on first use, so files left by an earlier run count
-    toward the bound and expire by their mtime) is the truth about which ids exist.
+    """Files `<id>.<ext>` (`<id>.<owner>.<ext>` for an image made with an API key) under `root`; the extension
+    keeps the content type. The folder belongs to one server process: its index (in memory, rebuilt from the
+    folder on first use, so files left by an earlier run count toward the bound and expire by their mtime) is
+    the truth about which ids exist.
 
-    Expired images are deleted when asked for and on every put; beyond `max_bytes` the oldest go first, but
-    never the images of the put that overflowed (a fresh URL must work), so one answer larger than the bound
-    is kept whole until the next put. The async methods run the file I/O in a thread, off the event loop.
+    Expired images are deleted when asked for, on every put and by the periodic sweep. An image is never
+    deleted before its lifetime: a put that does not fit in `max_bytes` (counted in disk blocks, with room
+    reserved for puts under way) raises StoreFull and keeps nothing. Only a restart with a smaller bound
+    deletes the oldest images of the earlier run. The async methods run the file I/O in a thread, off the
+    event loop.
     """
 
     def __init__(
@@ -76,7 +122,9 @@ class ImageStore:
         self._lock = threading.Lock()
         self._entries: OrderedDict[str, _Entry] = OrderedDict()  # oldest first
         self._bytes = 0
+        self._reserved = 0  # room held by puts still writing their files
         self._opened = False
+        self._bytes_per_pixel: dict[str, float] = {}  # the most seen, by media type: for reservations
 
     @property
     def total_bytes(self) -> int:
@@ -85,50 +133,90 @@ class ImageStore:
     def __len__(self) -> int:
         return len(self._entries)
 
-    async def put(self, images: Sequence[EncodedImage]) -> list[str]:
-        """Keep `images`; their new ids, in order."""
-        return await asyncio.to_thread(self.put_sync, images)
+    async def reserve(self, count: int, pixels: int, media_type: str) -> Reservation:
+        """Room for `count` images of `pixels` pixels each, held until put or released: asked before an answer
+        is generated, so a full store refuses it before any work is spent on it. StoreFull when it does not
+        fit."""
+        return await asyncio.to_thread(self.reserve_sync, count, pixels, media_type)
 
-    async def get(self, image_id: str) -> StoredImage | None:
-        """The image, or None when the id is malformed, unknown, expired or evicted."""
+    async def put(
+        self, images: Sequence[EncodedImage], owner: str = "", reservation: Reservation | None = None
+    ) -> list[str]:
+        """Keep `images` for `owner` (a key's tag; "" without keys), in the room of `reservation` if any; their
+        new ids, in order. StoreFull when they do not fit."""
+        return await asyncio.to_thread(self.put_sync, images, owner, reservation)
+
+    async def get(self, image_id: str, owner: str = "") -> StoredImage | None:
+        """The image, or None when the id is malformed, unknown, expired or another owner's."""
         if not valid_id(image_id):
             return None
-        return await asyncio.to_thread(self.get_sync, image_id)
+        return await asyncio.to_thread(self.get_sync, image_id, owner)
 
-    def put_sync(self, images: Sequence[EncodedImage]) -> list[str]:
+    def reserve_sync(self, count: int, pixels: int, media_type: str) -> Reservation:
+        # Bytes per pixel: the most seen for this type so far, else an uncompressed RGB image's 3.
+        per_image = _estimate(int(pixels * self._bytes_per_pixel.get(media_type, 3.0)))
+        reservation = Reservation(self, count * per_image, pixels, media_type)
+        with self._lock:
+            self._open_locked()
+            self._expire_locked(self._clock())
+            if reservation.size > self._free_locked():
+                raise StoreFull(reservation.size, self._free_locked())
+            self._reserved += reservation.size
+        return reservation
+
+    def put_sync(
+        self, images: Sequence[EncodedImage], owner: str = "", reservation: Reservation | None = None
+    ) -> list[str]:
         for image in images:
             if image.media_type not in SUFFIXES:
                 raise ValueError(f"the image store keeps {', '.join(SUFFIXES)}, not {image.media_type}")
+        if owner and not OWNER_PATTERN.fullmatch(owner):
+            raise ValueError("an owner is 16 hexadecimal digits")
+        estimate = sum(_estimate(len(image.data)) for image in images)
+        now = self._clock()
         with self._lock:
             self._open_locked()
-        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        now = self._clock()
-        written: list[tuple[str, str, int]] = []
+            self._expire_locked(now)
+            if reservation is not None:  # its room becomes this put's, with no gap another put could take
+                self._reserved -= reservation.size
+                reservation.size = 0
+            if estimate > self._free_locked():
+                raise StoreFull(estimate, self._free_locked())
+            self._reserved += estimate
+        written: list[tuple[str, _Entry]] = []
         try:
+            self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
             for image in images:
                 image_id = secrets.token_urlsafe(ID_BYTES)
-                suffix = SUFFIXES[image.media_type]
-                self._write(self.root / f"{image_id}{suffix}", image.data, now)
-                written.append((image_id, suffix, len(image.data)))
+                entry = _Entry(SUFFIXES[image.media_type], 0, now, owner)
+                entry.size = self._write(self.root / entry.name(image_id), image.data, now)
+                written.append((image_id, entry))
+            with self._lock:
+                self._reserved -= estimate
+                estimate = 0
+                size = sum(entry.size for _, entry in written)
+                if size > self._free_locked():  # more blocks than estimated, and no room for them
+                    raise StoreFull(size, self._free_locked())
+                for image_id, entry in written:
+                    self._entries[image_id] = entry
+                    self._bytes += entry.size
+                if reservation is not None and written:
+                    self._learn_locked(reservation, size / len(written))
         except BaseException:
-            for image_id, suffix, _ in written:
-                _unlink(self.root / f"{image_id}{suffix}")
+            with self._lock:
+                self._reserved -= estimate
+            for image_id, entry in written:
+                _unlink(self.root / entry.name(image_id))
             raise
-        with self._lock:
-            self._expire_locked(now)
-            for image_id, suffix, size in written:
-                self._entries[image_id] = _Entry(suffix, size, now)
-                self._bytes += size
-            self._evict_locked(keep=len(written))
-        return [image_id for image_id, _, _ in written]
+        return [image_id for image_id, _ in written]
 
-    def get_sync(self, image_id: str) -> StoredImage | None:
+    def get_sync(self, image_id: str, owner: str = "") -> StoredImage | None:
         if not valid_id(image_id):
             return None
         with self._lock:
             self._open_locked()
             entry = self._entries.get(image_id)
-            if entry is None:
+            if entry is None or not hmac.compare_digest(entry.owner, owner):
                 return None
             age = self._clock() - entry.stored_at
             if age >= self.ttl_seconds:
@@ -136,7 +224,7 @@ class ImageStore:
                 return None
         try:
             # Outside the lock: a file deleted meanwhile (evicted, or by hand) is simply gone.
-            data = (self.root / f"{image_id}{entry.suffix}").read_bytes()
+            data = (self.root / entry.name(image_id)).read_bytes()
         except FileNotFoundError:
             with self._lock:
                 if self._entries.get(image_id) is entry:
@@ -163,7 +251,8 @@ class ImageStore:
             self._expire_locked(self._clock())
             return before - len(self._entries)
 
-    def _write(self, path: Path, data: bytes, stored_at: float) -> None:
+    def _write(self, path: Path, data: bytes, stored_at: float) -> int:
+        """Writes `data` to `path`; the bytes it takes on disk."""
         # Temp file + rename: a reader sees the whole image or no file, never a part. mkstemp's 0600 keeps
         # the images private to the server's user. No fsync: these files live minutes and a crash loses
         # nothing a client cannot generate again.
@@ -171,12 +260,15 @@ class ImageStore:
         try:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
+                handle.flush()
+                size = _disk_bytes(os.fstat(handle.fileno()))
             # The mtime is the image's age across restarts: set it from the store's clock.
             os.utime(temp, (stored_at, stored_at))
             os.replace(temp, path)
         except BaseException:
             _unlink(Path(temp))
             raise
+        return size
 
     def _open_locked(self) -> None:
         if self._opened:
@@ -188,10 +280,16 @@ class ImageStore:
         except FileNotFoundError:
             items = []  # a folder that does not exist yet holds nothing: the first put creates it
         for item in items:
-            image_id, dot, extension = item.name.partition(".")
-            suffix = dot + extension
+            image_id, _, rest = item.name.partition(".")
+            owner, _, extension = rest.rpartition(".")
+            suffix = "." + extension
             temp = item.name.startswith(TEMP_PREFIX)
-            if not temp and (not valid_id(image_id) or suffix not in MEDIA_TYPES):
+            ours = (
+                valid_id(image_id)
+                and suffix in MEDIA_TYPES
+                and (not owner or OWNER_PATTERN.fullmatch(owner) is not None)
+            )
+            if not temp and not ours:
                 continue  # not ours: left alone, not counted
             try:
                 stat = item.stat(follow_symlinks=False)
@@ -202,13 +300,18 @@ class ImageStore:
                 if self._clock() - stat.st_mtime > STALE_TEMP_SECONDS:
                     _unlink(Path(item.path))
             elif item.is_file(follow_symlinks=False):
-                found.append((stat.st_mtime, image_id, _Entry(suffix, stat.st_size, stat.st_mtime)))
+                found.append(
+                    (stat.st_mtime, image_id, _Entry(suffix, _disk_bytes(stat), stat.st_mtime, owner))
+                )
         for _, image_id, entry in sorted(found, key=lambda row: row[0]):
             self._entries[image_id] = entry
             self._bytes += entry.size
         self._opened = True
         self._expire_locked(self._clock())
-        self._evict_locked(keep=0)
+        # Only here may a live image go: an earlier run's, when the bound has been lowered since.
+        while self._bytes > self.max_bytes and self._entries:
+            self._remove_locked(next(iter(self._entries)))
+
         if found:
             log.info(
                 "image store %s: %d image(s) of an earlier run, %d kept (%d bytes)",
@@ -226,14 +329,23 @@ class ImageStore:
                 break
             self._remove_locked(image_id)
 
-    def _evict_locked(self, keep: int) -> None:
-        while self._bytes > self.max_bytes and len(self._entries) > keep:
-            self._remove_locked(next(iter(self._entries)))
+    def _free_locked(self) -> int:
+        return self.max_bytes - self._bytes - self._reserved
+
+    def _learn_locked(self, reservation: Reservation, size_per_image: float) -> None:
+        if reservation.pixels > 0:
+            seen = self._bytes_per_pixel.get(reservation.media_type, 0.0)
+            self._bytes_per_pixel[reservation.media_type] = max(seen, size_per_image / reservation.pixels)
+
+    def _release(self, reservation: Reservation) -> None:
+        with self._lock:
+            self._reserved -= reservation.size
+            reservation.size = 0
 
     def _remove_locked(self, image_id: str) -> None:
         entry = self._entries.pop(image_id)
         self._bytes -= entry.size
-        _unlink(self.root / f"{image_id}{entry.suffix}")
+        _unlink(self.root / entry.name(image_id))
 
 
 def _unlink(path: Path) -> None:

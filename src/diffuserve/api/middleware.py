@@ -16,6 +16,9 @@ from diffuserve.errors import DiffuserveError
 log = logging.getLogger("diffuserve.access")
 REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 QUIET_PATHS = ("/health", "/v2/health", "/metrics")
+# Key in the request's scope state of the status the request ended with, where it is not the one its answer
+# began with: a stream answered 200 whose client left is counted 499, and logged so.
+FINAL_STATUS_KEY = "final_status"
 
 
 class RequestContextMiddleware:
@@ -58,7 +61,7 @@ class RequestContextMiddleware:
                 "request_id": request_id,
                 "method": scope.get("method"),
                 "path": path,
-                "status": status,
+                "status": state.get(FINAL_STATUS_KEY, status),
                 "total_ms": round((time.perf_counter() - started) * 1000, 1),
             }
             for key in ("model", "n", "batch_size", "queue_ms", "inference_ms", "encode_ms"):

@@ -1,4 +1,5 @@
-"""uvicorn's server with a graceful drain on SIGTERM/SIGINT before it shuts down."""
+"""uvicorn's server with a graceful drain on SIGTERM/SIGINT before it shuts down, and the app's connection
+limits applied to its protocol."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ from types import FrameType
 from typing import Any
 
 import uvicorn
+from prometheus_client import Counter
 
 from diffuserve.api.drain import Drain
+from diffuserve.api.http_protocol import GuardedHttpProtocol
 
 log = logging.getLogger("diffuserve.serve")
 
@@ -22,6 +25,7 @@ class DrainingServer(uvicorn.Server):
     exits 0."""
 
     def __init__(self, config: uvicorn.Config, drain: Drain, drain_timeout: float) -> None:
+        apply_app_limits(config)
         super().__init__(config)
         self.drain = drain
         self.drain_timeout = drain_timeout
@@ -52,3 +56,23 @@ class DrainingServer(uvicorn.Server):
             await self.drain.drain(self.drain_timeout)
         finally:
             self.should_exit = True
+
+
+def apply_app_limits(config: uvicorn.Config) -> None:
+    """What uvicorn must do for the app's settings: the guarded protocol's send deadline (each cut-off counted in
+    the app's metrics), and no forwarded-header handling of its own: the app applies X-Forwarded-* itself, from
+    FORWARDED_ALLOW_IPS, where it can still see the proxy's address (api/forwarded.py)."""
+    state: Any = getattr(config.app, "state", None)
+    settings = getattr(state, "settings", None)
+    if state is None or settings is None:
+        return
+    config.proxy_headers = False
+    if isinstance(config.http, type) and issubclass(config.http, GuardedHttpProtocol):
+        send_timeouts = Counter(
+            "diffuserve_send_timeouts",
+            "Connections closed because their client accepted no byte of a response for SEND_TIMEOUT s",
+            registry=state.metrics.registry,
+        )
+        config.http = config.http.configured(
+            send_timeout=settings.send_timeout, on_send_timeout=send_timeouts.inc
+        )

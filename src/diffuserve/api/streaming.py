@@ -7,11 +7,12 @@ import asyncio
 import base64
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
 import orjson
 from fastapi.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from diffuserve.api.errors import error_body
 from diffuserve.errors import ClientClosed, DiffuserveError, GenerationFailed
@@ -30,6 +31,28 @@ def event(name: str, payload: dict[str, Any]) -> bytes:
     return b"event: " + name.encode() + b"\ndata: " + orjson.dumps(payload) + b"\n\n"
 
 
+class EventStream(StreamingResponse):
+    """A StreamingResponse that closes its event generator however the response ends: a client that leaves
+    while a send is pending leaves the generator suspended at a `yield`, and its outcome (the metrics, the
+    status in the access log) would otherwise be settled only when the garbage collector gets to it."""
+
+    def __init__(self, events: AsyncGenerator[bytes, None]) -> None:
+        super().__init__(events, media_type="text/event-stream", headers=STREAM_HEADERS)
+        self._events = events
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._events.aclose()
+
+
+def _read_outcome(work: asyncio.Future[Any]) -> None:
+    # A stream left early never reads its work's outcome; read here so asyncio logs no "never retrieved".
+    if not work.cancelled():
+        work.exception()
+
+
 class ImageStream:
     """One streamed request: previews queue here as the batch sends them, and `events` turns them, then the
     outcome of `work`, into the event stream. `kind` is OpenAI's event prefix: image_generation or image_edit."""
@@ -42,21 +65,25 @@ class ImageStream:
         generation: GenerationRequest,
         model: ModelInfo,
         finished: Callable[[Completed | None, int], None],
+        delivered: Callable[[], Awaitable[bool]] | None = None,
     ) -> None:
         self.kind = kind
         self.body = body
         self.generation = generation
         self.model = model
         self._finished = finished
+        self._delivered = delivered
         self._partials: asyncio.Queue[tuple[int, int, list[EncodedImage]]] = asyncio.Queue()
 
     def on_partial(self, partial_index: int, first_image: int, images: list[EncodedImage]) -> None:
         self._partials.put_nowait((partial_index, first_image, images))
 
     def response(self, work: asyncio.Future[Completed]) -> StreamingResponse:
-        return StreamingResponse(self.events(work), media_type="text/event-stream", headers=STREAM_HEADERS)
+        work.add_done_callback(_read_outcome)
+        return EventStream(self.events(work))
 
-    async def events(self, work: asyncio.Future[Completed]) -> AsyncIterator[bytes]:
+    async def events(self, work: asyncio.Future[Completed]) -> AsyncGenerator[bytes, None]:
+        """The events; the status counted is 200 only once the last one went out to a client still there."""
         status = 500
         completed: Completed | None = None
         getter: asyncio.Future[Any] | None = None
@@ -84,18 +111,21 @@ class ImageStream:
                 failed = GenerationFailed("generation failed; the server log has the details")
                 yield event("error", {"type": "error", **error_body(failed)})
                 return
-            status = 200
             for index, image in enumerate(completed.images):
                 yield self._completed_event(index, image, completed)
-        except asyncio.CancelledError:
-            # The server cancels the stream when its client hangs up: a 499 as for any request left.
+            # Sent is not received: the server's buffers take a whole answer from a client that reads nothing.
+            delivered = await self._delivered() if self._delivered is not None else True
+            status = 200 if delivered else ClientClosed.status
+        except (asyncio.CancelledError, GeneratorExit):
+            # Cancelled when the client hangs up, closed when it left while a send was pending: a 499 as for
+            # any request left.
             status = ClientClosed.status
             raise
         finally:
             if getter is not None:
                 getter.cancel()
             work.cancel()  # a client gone mid-stream frees its place in the queue or its batch
-            self._finished(completed, 200 if completed is not None else status)
+            self._finished(completed, status)
 
     def _common(self) -> dict[str, Any]:
         g = self.generation

@@ -4,6 +4,7 @@ decoded pictures into a GenerationRequest carrying its EditInput."""
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -11,7 +12,7 @@ from pydantic import Field, ValidationError
 
 from diffuserve.errors import InvalidRequest
 from diffuserve.protocol.generation import ImageGenerationRequest, _to_invalid_request
-from diffuserve.protocol.pictures import decode_mask, decode_picture, fit_mask, fit_picture, size_for_picture
+from diffuserve.protocol.pictures import fit_mask, fit_picture, open_mask, open_picture, size_for_picture
 from diffuserve.types import EditInput, GenerationRequest, ModelInfo, Task
 
 MAX_EDIT_IMAGES = 16
@@ -45,12 +46,14 @@ class ImageEditRequest(ImageGenerationRequest):
         mask: bytes | None,
         max_pixels: int,
         max_cost: float = 0.0,
+        stop: threading.Event | None = None,
     ) -> GenerationRequest:
         """The edit in the engine's units: output size (the first picture's unless one is named), the pictures
         and mask decoded and fitted to it, and at least one denoising step whatever the strength. `uploads`:
-        each picture's field name and bytes. Everything that needs no decoding is checked first, and the
-        pictures are decoded one at a time, each dropped once fitted, so a request holds at most one picture
-        at its full size."""
+        each picture's field name and bytes. Everything that needs no decoding is checked first, every picture's
+        header next, then the pictures are decoded one at a time, each straight to the output size, so a
+        request holds at most one picture at its full size. Setting `stop` ends the decoding early
+        (DecodeStopped)."""
         task = Task.INPAINT if mask is not None else Task.IMAGE_TO_IMAGE
         if task not in model.edit_tasks:
             raise InvalidRequest(
@@ -74,21 +77,20 @@ class ImageEditRequest(ImageGenerationRequest):
             )
         strength = self.strength if self.strength is not None else DEFAULT_STRENGTH[task]
         steps = self._steps_for(strength, model)
-        first = decode_picture(uploads[0][1], uploads[0][0], max_pixels)
-        first_w, first_h = first.size
-        repaint = decode_mask(mask, "mask", max_pixels) if mask is not None else None
-        if repaint is not None and repaint.shape != (first_h, first_w):
+        pictures = [open_picture(data, param, max_pixels, stop) for param, data in uploads]
+        first_w, first_h = pictures[0].size
+        repaint = open_mask(mask, "mask", max_pixels, stop) if mask is not None else None
+        if repaint is not None and repaint.size != (first_w, first_h):
+            mask_w, mask_h = repaint.size
             raise InvalidRequest(
-                f"the mask is {repaint.shape[1]}x{repaint.shape[0]} but the image is {first_w}x{first_h}: they "
-                "must match",
+                f"the mask is {mask_w}x{mask_h} but the image is {first_w}x{first_h}: they must match",
                 param="mask",
             )
         width, height = self.resolve_size(model, default=size_for_picture(first_w, first_h, model))
         generation = self._generation(request_id, model, width, height, steps, max_cost)
-        fitted = [fit_picture(first, width, height)]
-        del first
-        for param, data in uploads[1:]:
-            fitted.append(fit_picture(decode_picture(data, param, max_pixels), width, height))
+        fitted = []
+        while pictures:  # each picture's file and pixels are let go once it is fitted
+            fitted.append(fit_picture(pictures.pop(0), width, height))
         generation.edit = EditInput(
             images=fitted,
             mask=fit_mask(repaint, width, height) if repaint is not None else None,

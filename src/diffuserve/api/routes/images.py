@@ -4,6 +4,7 @@ bytes or an event stream."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -11,6 +12,8 @@ from dataclasses import dataclass
 import orjson
 from fastapi import APIRouter, Depends, Request, Response
 
+from diffuserve.api.body_budget import hold_body
+from diffuserve.api.decoding import decode_off_loop
 from diffuserve.api.deps import (
     read_json_body,
     request_timeout,
@@ -21,7 +24,10 @@ from diffuserve.api.deps import (
     wants_json,
 )
 from diffuserve.api.edit_body import read_edit_body
-from diffuserve.api.image_data import image_data
+from diffuserve.api.http_protocol import DELIVERED_KEY
+from diffuserve.api.image_data import image_data, reserve_room
+from diffuserve.api.image_store import Reservation
+from diffuserve.api.middleware import FINAL_STATUS_KEY
 from diffuserve.api.openapi import EDITS_ROUTE_DOC, IMAGES_ROUTE_DOC
 from diffuserve.api.streaming import ImageStream
 from diffuserve.errors import ClientClosed, DiffuserveError, InvalidRequest
@@ -32,8 +38,6 @@ from diffuserve.serving.service import ClientGone
 from diffuserve.types import Completed, GenerationRequest, ModelInfo
 
 router = APIRouter(dependencies=[Depends(require_auth)])
-# Edits whose pictures are decoded at the same time; the others wait their turn.
-_decoding = asyncio.Semaphore(2)
 
 
 @dataclass
@@ -50,9 +54,10 @@ class Accepted:
 async def create_image(request: Request) -> Response:
     async def accept(model_for: Callable[[str | None], ModelInfo]) -> Accepted:
         settings = settings_of(request)
-        body = ImageGenerationRequest.parse(
-            await read_json_body(request, settings.max_body_bytes, settings.body_timeout)
-        )
+        with hold_body(request, settings.max_body_bytes):
+            body = ImageGenerationRequest.parse(
+                await read_json_body(request, settings.max_body_bytes, settings.body_timeout)
+            )
         model = model_for(body.model)
         generation = body.to_generation(
             request_id=request.state.request_id,
@@ -70,26 +75,27 @@ async def create_image(request: Request) -> Response:
 async def edit_image(request: Request) -> Response:
     async def accept(model_for: Callable[[str | None], ModelInfo]) -> Accepted:
         settings = settings_of(request)
-        received = await read_edit_body(request, settings.max_upload_bytes, settings.body_timeout)
-        body = (ImageEditRequest.parse_form if received.form else ImageEditRequest.parse)(received.fields)
-        assert isinstance(body, ImageEditRequest)
-        model = model_for(body.model)
+        # The body's bytes count against the server's budget until its pictures are decoded and fitted.
+        with hold_body(request, settings.max_upload_bytes):
+            received = await read_edit_body(request, settings.max_upload_bytes, settings.body_timeout)
+            body = (ImageEditRequest.parse_form if received.form else ImageEditRequest.parse)(received.fields)
+            assert isinstance(body, ImageEditRequest)
+            model = model_for(body.model)
 
-        def decode_and_fit() -> GenerationRequest:
-            # Decoding and resizing megapixel pictures takes milliseconds of CPU: off the event loop.
-            return body.to_edit(
-                request_id=request.state.request_id,
-                model=model,
-                max_images=settings.max_images_per_request,
-                uploads=received.pictures,
-                mask=received.mask,
-                max_pixels=settings.max_input_pixels,
-                max_cost=settings.max_request_cost,
-            )
+            def decode_and_fit(stop: threading.Event) -> GenerationRequest:
+                return body.to_edit(
+                    request_id=request.state.request_id,
+                    model=model,
+                    max_images=settings.max_images_per_request,
+                    uploads=received.pictures,
+                    mask=received.mask,
+                    max_pixels=settings.max_input_pixels,
+                    max_cost=settings.max_request_cost,
+                    stop=stop,
+                )
 
-        # A few edits decode at once: each holds one full-size picture at a time, so this bounds the memory.
-        async with _decoding:
-            return Accepted(body, model, await asyncio.to_thread(decode_and_fit))
+            generation = await decode_off_loop(request, decode_and_fit, request_timeout(request, settings))
+            return Accepted(body, model, generation)
 
     return await _answer(request, "image_edit", accept)
 
@@ -101,6 +107,7 @@ async def _answer(request: Request, kind: str, accept: Callable[..., Awaitable[A
     drain = request.app.state.drain
     started = time.perf_counter()
     model_label = "-"
+    reservation: Reservation | None = None
 
     def count(status: int) -> None:
         metrics.requests.labels(model_label, str(status)).inc()
@@ -128,11 +135,18 @@ async def _answer(request: Request, kind: str, accept: Callable[..., Awaitable[A
             return _stream(
                 request, kind, accepted, timeout, lambda done, status: _finish(request, done, status, count)
             )
+        if accepted.body.response_format == "url":
+            # Room in the image store first: a full store refuses the answer before it is generated.
+            reservation = await reserve_room(request, generation)
         done = await drain.run(
             service.generate(generation, timeout=timeout, disconnected=lambda: wait_for_disconnect(request))
         )
         # Inside the try: an image store failure is counted as the status the client sees.
-        data = await image_data(request, done.images, accepted.body.response_format) if as_json else None
+        data = (
+            await image_data(request, done.images, accepted.body.response_format, reservation)
+            if as_json
+            else None
+        )
     except DiffuserveError as exc:
         count(exc.status)
         raise
@@ -142,6 +156,9 @@ async def _answer(request: Request, kind: str, accept: Callable[..., Awaitable[A
     except Exception:
         count(500)
         raise
+    finally:
+        if reservation is not None:
+            reservation.release()  # a no-op once the images took its room
     _finish(request, done, 200, count)
     return _response(request, accepted, done, data, started)
 
@@ -155,7 +172,12 @@ def _stream(
 ) -> Response:
     service, drain = service_of(request), request.app.state.drain
     stream = ImageStream(
-        kind=kind, body=accepted.body, generation=accepted.generation, model=accepted.model, finished=finished
+        kind=kind,
+        body=accepted.body,
+        generation=accepted.generation,
+        model=accepted.model,
+        finished=finished,
+        delivered=request.scope["state"].get(DELIVERED_KEY),
     )
     # Queued now, so a full queue is still a 429 answer rather than an error event.
     pendings = service.submit(accepted.generation, stream.on_partial)
@@ -167,6 +189,7 @@ def _stream(
 
 def _finish(request: Request, done: Completed | None, status: int, count: Callable[[int], None]) -> None:
     count(status)
+    request.scope["state"][FINAL_STATUS_KEY] = status  # the access log's status: a stream's may not be 200
     if done is None:
         return
     metrics, state = request.app.state.metrics, request.state
