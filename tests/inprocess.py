@@ -36,7 +36,7 @@ def settings(**overrides: Any) -> Settings:
     """A small server over the stand-in engine (tests/fakes.py): two images a batch, two requests queued, no
     batch window, bodies up to 4 KiB. The machine's own env vars (MODEL_REPO, API_KEYS …) are ignored."""
     base: dict[str, Any] = {
-        "model_repo": "fake",
+        "models": ["fake"],
         "model_name": "fake",
         "model_batch": 2,
         "max_queue": 2,
@@ -52,7 +52,7 @@ def settings(**overrides: Any) -> Settings:
 def digits_settings(**overrides: Any) -> Settings:
     """The built-in digits model on one CPU worker of one thread, batches of up to 8 images."""
     base: dict[str, Any] = {
-        "model_repo": "digits",
+        "models": ["digits"],
         "devices": "cpu",
         "cpu_threads": 1,
         "model_batch": 8,

@@ -14,6 +14,7 @@ from diffuserve.extras import MissingExtra, require_extra
 # `needs_extra` when the command needs an optional dependency group (see diffuserve.extras).
 COMMAND_MODULES = [
     "diffuserve.commands.serve",
+    "diffuserve.commands.pull",
     "diffuserve.commands.generate",
     "diffuserve.commands.models",
     "diffuserve.deploy.cli",

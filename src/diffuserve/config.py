@@ -7,11 +7,12 @@ import os
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
-from pydantic import field_validator
+from pydantic import field_validator, model_validator
 from pydantic_settings import NoDecode
 
 from diffuserve.engine.config import CudaGraphs, DType, ParallelAttention, Weights
 from diffuserve.envsettings import EnvSettings, setting
+from diffuserve.model_specs import ModelSpec, parse_model_devices, parse_models
 from diffuserve.types import StrChoice, Tier
 
 DEFAULT_MODEL = "digits"
@@ -50,23 +51,22 @@ def split_keys(raw: Any) -> Any:
 class Settings(EnvSettings):
     """Everything the server needs to start. A new setting is one line: `name: type = setting(default, "ENV", help=…)`."""
 
-    model_repo: str = setting(
-        DEFAULT_MODEL,
+    models: Annotated[list[str], NoDecode] = setting(
+        lambda: [DEFAULT_MODEL],
+        "MODELS",
         "MODEL_REPO",
-        help="built-in model id (digits, tiny-random), hub repo id or local diffusers folder",
-        min_length=1,
+        help="the served models, each [NAME=]REPO: a built-in id (digits, tiny-random), a hub repo id or a "
+        "local diffusers folder; comma-separated (the flag may repeat; `diffuserve serve A B` also works)",
+        flags=("--model-repo",),
+        flag="--model",
+        shown_default=DEFAULT_MODEL,
     )
     model_name: str | None = setting(
         None,
         "MODEL_NAME",
-        help="name clients use in `model` / X-Model-Name",
+        help="name clients use in `model` / X-Model-Name, for a server of one model (several: NAME=REPO)",
         shown_default="derived from repo, tier and batch",
     )
-    model_batch: int = setting(4, "MODEL_BATCH", help="most images one batch may hold", ge=1)
-    model_size: Tier = setting(
-        Tier.XL,
-        "MODEL_SIZE",
-        help="acceleration tier (E = exact, no compile; XL = exact, compiled)",
     model_devices: Annotated[list[str], NoDecode] = setting(
         list,
         "MODEL_DEVICES",
@@ -74,6 +74,11 @@ class Settings(EnvSettings):
         "not named here runs on DEVICES, beside the others",
         separator=";",
     )
+    model_batch: int = setting(4, "MODEL_BATCH", help="most images one batch may hold", ge=1)
+    model_size: Tier = setting(
+        Tier.XL,
+        "MODEL_SIZE",
+        help="acceleration tier (E = exact, no compile; XL = exact, compiled)",
         flags=("--tier",),
     )
     weights: Weights = setting(
@@ -253,13 +258,66 @@ class Settings(EnvSettings):
     playground: bool = setting(
         True, "PLAYGROUND", help="serve the web playground at / and /playground; off for an API-only server"
     )
+    send_timeout: float = setting(
+        30.0,
+        "SEND_TIMEOUT",
+        help="seconds a client may accept no byte of a response it is being sent before its connection is "
+        "closed (counted in diffuserve_send_timeouts_total)",
+        gt=0,
+    )
+    forwarded_allow_ips: str = setting(
+        "127.0.0.1,::1",
+        "FORWARDED_ALLOW_IPS",
+        help="comma-separated addresses or networks (CIDR) of the proxies whose X-Forwarded-For/-Proto/-Host/"
+        "-Prefix headers are trusted (* = any); from other clients they are ignored",
+        min_length=1,
+    )
+    max_body_memory_bytes: int = setting(
+        256 << 20,
+        "MAX_BODY_MEMORY_BYTES",
+        help="most bytes of request bodies held at once across all requests; beyond it 429 with Retry-After "
+        "(413 for one body larger than all of it)",
+        ge=1,
+    )
     log_format: LogFormat = setting(LogFormat.TEXT, "LOG_FORMAT", help="json: one JSON object per line")
     log_level: LogLevel = setting(LogLevel.INFO, "LOG_LEVEL", help="least severe level logged")
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "models", mode="before")
     @classmethod
     def _split_keys(cls, value: Any) -> Any:
         return split_keys(value)
+
+    @field_validator("model_devices", mode="before")
+    @classmethod
+    def _split_placements(cls, value: Any) -> Any:
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list):
+            return value
+        return [part.strip() for item in items for part in str(item).split(";") if part.strip()]
+
+    @model_validator(mode="after")
+    def _check_models(self) -> Settings:
+        try:
+            specs = parse_models(self.models)
+        except ValueError as exc:
+            raise ValueError(f"MODELS (--model): {exc}") from None
+        if self.model_name and len(specs) > 1:
+            raise ValueError(
+                "MODEL_NAME (--model-name) names the model of a one-model server; with several, write NAME=REPO"
+            )
+        try:
+            parse_model_devices(self.model_devices)
+        except ValueError as exc:
+            raise ValueError(f"MODEL_DEVICES (--model-devices): {exc}") from None
+        return self
+
+    @property
+    def model_specs(self) -> list[ModelSpec]:
+        """The served models, in the order given (the first is the one a request without `model` gets)."""
+        specs = parse_models(self.models)
+        if self.model_name:
+            return [ModelSpec(repo=specs[0].repo, name=self.model_name)]
+        return specs
 
     @field_validator("public_url")
     @classmethod

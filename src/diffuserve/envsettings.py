@@ -27,6 +27,7 @@ def setting(
     flag: str | None = None,
     flags: tuple[str, ...] = (),
     shown_default: str | None = None,
+    separator: str = ",",
     **constraints: Any,
 ) -> Any:
     """One setting: its default, every env var that sets it (first found wins; none given: the model's
@@ -37,6 +38,8 @@ def setting(
         extra["flag"] = flag
     if shown_default is not None:
         extra["shown_default"] = shown_default
+    if separator != ",":
+        extra["separator"] = separator  # how a list's items are joined in its env var
     factory = default if callable(default) else None
     return Field(
         **({"default_factory": factory} if factory else {"default": default}),
@@ -147,7 +150,8 @@ class EnvSettings(BaseSettings):
             value = getattr(self, name)
             if value is None or value == "":
                 continue
-            out[type(self).env_of(name)[0]] = _env_text(value)
+            separator = _extra(type(self).model_fields[name]).get("separator", ",")
+            out[type(self).env_of(name)[0]] = _env_text(value, separator)
         return out
 
 
@@ -214,11 +218,11 @@ def _shown_default(info: FieldInfo) -> str:
     return _env_text(value)
 
 
-def _env_text(value: Any) -> str:
+def _env_text(value: Any, separator: str = ",") -> str:
     if isinstance(value, enum.Enum):
         return str(value.value)
     if isinstance(value, bool):
         return "1" if value else "0"
     if isinstance(value, (list, tuple)):
-        return ",".join(str(v) for v in value)
+        return separator.join(str(v) for v in value)
     return str(value)

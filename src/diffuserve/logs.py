@@ -108,7 +108,7 @@ def configure_logging(log_format: str = "text", level: str = "info", role: str =
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     # Libraries that chat at INFO during loading drown the request lines.
-    for noisy in ("httpx", "urllib3", "filelock"):
+    for noisy in ("httpx", "httpx2", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # diffusers/transformers warn at import about optional backends (torchvision …) that we never use, and
     # write their warnings through handlers of their own, past our escaping: one of them quotes the part

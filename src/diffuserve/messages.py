@@ -107,6 +107,15 @@ class WorkerReady:
 
 
 @dataclass
+class WorkerPhase:
+    """A starting worker's progress, for readiness: `loading` (weights to the device, the tier applied), then
+    `warming` (the first batches, which compile where the tier compiles)."""
+
+    worker_id: int
+    phase: str
+
+
+@dataclass
 class WorkerFailed:
     """A worker could not start (bad model path, out of memory …); the message is shown to the operator.
     `fatal`: starting again would fail the same way; false for a passing failure (a group's rendezvous) or a

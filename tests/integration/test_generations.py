@@ -75,7 +75,7 @@ def _assert_close(a: np.ndarray, b: np.ndarray) -> None:
 async def _blocked(app: FastAPI, client: httpx.AsyncClient, bodies: list[dict]) -> list[httpx.Response]:
     """`bodies` sent at once while a request of another size holds the worker: they queue and share a batch."""
     blocker = asyncio.create_task(client.post(URL, json=BLOCKER))
-    await until(lambda: app.state.service.scheduler.in_flight)
+    await until(lambda: app.state.service.service_for(None).scheduler.in_flight)
     results = await asyncio.gather(*(client.post(URL, json=body) for body in bodies))
     assert (await blocker).status_code == 200
     return list(results)
@@ -325,7 +325,7 @@ async def test_server_timing_splits_the_request_into_its_phases(client: httpx.As
 async def test_a_batch_whose_client_left_stops_and_frees_the_worker(
     app: FastAPI, client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    scheduler = app.state.service.scheduler
+    scheduler = app.state.service.service_for(None).scheduler
     finished: list[BatchResult] = []
     batch_finished = scheduler.batch_finished
 

@@ -55,13 +55,43 @@ def test_bad_setting_exits_nonzero() -> None:
     assert "MODEL_SIZE" in result.stderr
 
 
-def test_model_that_fails_to_load_in_the_worker_stops_the_server(tmp_path) -> None:
-    """A hub id that cannot be fetched fails inside the worker; the server exits 1 instead of looping."""
+def test_model_that_cannot_be_pulled_stops_the_server(tmp_path) -> None:
+    """A hub id that is not in the cache, with the hub out of reach: the server exits 1 instead of looping."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path), "PORT": str(free_port())}
     result = run_serve("--model-repo", "acme/not-a-model", env=env)
     assert result.returncode == 1
-    assert "could not load the model" in result.stderr
-    assert "acme/not-a-model" in result.stderr
+    assert "could not pull the model" in result.stderr
+    assert "acme/not-a-model is not (completely) in the hub cache" in result.stderr
+
+
+def test_a_gpu_asked_of_a_machine_without_one_exits_in_one_line() -> None:
+    result = run_serve("--devices", "cuda:0", env={**os.environ, "PORT": str(free_port())})
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "diffuserve serve: cuda:0 asked for, but this machine has no NVIDIA GPU; use DEVICES=cpu"
+    )
+    assert "Traceback" not in result.stderr
+
+
+def test_a_model_that_cannot_load_fails_in_one_line_without_a_traceback(tmp_path) -> None:
+    """A pipeline whose class is not an image pipeline: the worker's exception reaches the log as one line (its
+    traceback only at LOG_LEVEL=debug), and the server exits 1 at the first failure instead of starting the
+    worker again, while the other model was loading fine."""
+    folder = tmp_path / "not-an-image-model"
+    folder.mkdir()
+    (folder / "model_index.json").write_text(
+        '{"_class_name": "AudioLDM2Pipeline", "_diffusers_version": "0.42.1"}'
+    )
+    env = {**os.environ, "PORT": str(free_port())}
+    result = run_serve("tiny-random", f"broken={folder}", env=env)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    failures = [line for line in result.stderr.splitlines() if "could not load the model broken" in line]
+    assert len(failures) == 2, result.stderr  # the log's line and the exit message
+    assert "AudioLDM2Pipeline" in failures[-1]
+    assert "starting a replacement" not in result.stderr
+    debug = run_serve("--log-level", "debug", f"broken={folder}", env=env)
+    assert debug.returncode == 1 and "Traceback" in debug.stderr
 
 
 def ready_workers(handle: ServerHandle, headers: dict[str, str]) -> list[int]:

@@ -43,7 +43,7 @@ def test_readiness_shows_one_group_of_two_devices(group: ServerHandle) -> None:
     (worker,) = group.ready()["workers"]
     assert worker["devices"] == ["cpu", "cpu"] and len(set(worker["pids"])) == 2
     metrics = httpx.get(f"{group.base_url}/metrics", timeout=5).text
-    assert 'diffuserve_worker_devices{devices="cpu,cpu",worker="0"} 2.0' in metrics
+    assert 'diffuserve_worker_devices{devices="cpu,cpu",model="digits-s-bs4",worker="0"} 2.0' in metrics
 
 
 def test_group_images_match_one_worker_within_fp32_noise(

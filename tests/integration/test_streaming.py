@@ -148,7 +148,7 @@ async def test_a_client_leaving_mid_stream_frees_its_batch(
 ) -> None:
     """The stream's first preview comes a quarter of the way through a long run; the client then hangs up and
     the worker stops the batch at its next step instead of finishing it for nobody."""
-    scheduler = app.state.service.scheduler
+    scheduler = app.state.service.service_for(None).scheduler
     finished: list[BatchResult] = []
     batch_finished = scheduler.batch_finished
 

@@ -106,7 +106,10 @@ def test_a_mistyped_boolean_is_an_error_naming_the_variable(
         ({"max_images_per_request": 0}, "MAX_IMAGES_PER_REQUEST"),
         ({"cpu_threads": -1}, "CPU_THREADS"),
         ({"request_timeout": 0}, "REQUEST_TIMEOUT"),
-        ({"model_repo": ""}, "MODEL_REPO"),
+        ({"models": [""]}, "MODELS"),
+        ({"models": ["a=digits", "a=tiny-random"]}, "MODELS"),
+        ({"models": ["digits", "tiny-random"], "model_name": "x"}, "MODEL_NAME"),
+        ({"model_devices": ["digits"]}, "MODEL_DEVICES"),
     ],
 )
 def test_invalid_settings_name_the_setting(overrides: dict, message: str) -> None:

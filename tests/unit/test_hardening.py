@@ -221,7 +221,7 @@ async def test_drain_refuses_new_generations_and_fails_the_held_one(keyed: FastA
         held = asyncio.create_task(
             client.post(URL, json={"prompt": f"hold:{release}"}, headers={**JSON, **KEY})
         )
-        await until(lambda: keyed.state.service.scheduler.in_flight)
+        await until(lambda: keyed.state.service.service_for(None).scheduler.in_flight)
         draining = asyncio.create_task(keyed.state.drain.drain(0.3))
         await until(lambda: keyed.state.drain.draining)
         ready = await client.get("/health/ready")
@@ -255,11 +255,16 @@ def test_the_servers_own_multiline_text_keeps_its_lines_but_arguments_are_escape
 async def test_ready_is_503_while_loading_then_200_and_auth_applies(tmp_path: Path) -> None:
     keys = {"Authorization": "Bearer key-one"}
     # The stand-in loads its model only once `loaded` exists in its cache dir: the test decides when.
-    slow = settings(api_keys=["key-one", "key-two"], model_repo="fake-slow-loading", cache_dir=str(tmp_path))
+    slow = settings(api_keys=["key-one", "key-two"], models=["fake-slow-loading"], cache_dir=str(tmp_path))
     async with served_loading(slow) as app, client_of(app) as client:
         ready = await client.get("/health/ready")
         early = await client.post(URL, json={"prompt": "x"}, headers={**JSON, **keys})
         assert ready.status_code == 503, "readiness must be 503 before the worker has loaded"
+        await until(lambda: app.state.service.describe_workers()[0].get("phase") == "loading")
+        loading = (await client.get("/health/ready")).json()
+        assert loading["models"] == [
+            {"name": "fake", "repo": "fake-slow-loading", "devices": ["cpu"], "status": "loading"}
+        ]
         assert early.status_code == 503 and early.json()["error"]["code"] == "model_not_ready"
         (tmp_path / "loaded").touch()
         await until(lambda: app.state.service.ready)

@@ -146,14 +146,17 @@ async def served_app() -> AsyncIterator[FastAPI]:
         service: GenerationService = app.state.service
         yield app
         # Every test leaves the service as it found it: nothing queued, nothing running.
-        assert not service.scheduler.queue and not service.scheduler.in_flight
+        assert (
+            not service.service_for(None).scheduler.queue
+            and not service.service_for(None).scheduler.in_flight
+        )
 
 
 @pytest_asyncio.fixture(loop_scope="module")
 async def client(served_app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
     async with client_of(served_app) as client:
         yield client
-    scheduler = served_app.state.service.scheduler
+    scheduler = served_app.state.service.service_for(None).scheduler
     assert not scheduler.queue and not scheduler.in_flight
 
 
@@ -162,7 +165,7 @@ async def held_worker(app: FastAPI, client: httpx.AsyncClient, tmp_path: Path) -
     """The only worker busy with a batch until the block ends; that request must then succeed."""
     release = tmp_path / "release"
     task = asyncio.create_task(client.post(URL, json={"prompt": f"hold:{release}"}, headers=JSON))
-    await until(lambda: app.state.service.scheduler.in_flight)
+    await until(lambda: app.state.service.service_for(None).scheduler.in_flight)
     try:
         yield
     finally:
@@ -209,7 +212,7 @@ async def test_a_failed_batch_is_a_500_envelope(client: httpx.AsyncClient) -> No
 async def test_a_cancelled_request_leaves_the_queue_before_it_runs(
     served_app: FastAPI, client: httpx.AsyncClient, tmp_path: Path
 ) -> None:
-    scheduler = served_app.state.service.scheduler
+    scheduler = served_app.state.service.service_for(None).scheduler
     batches_before = sample(served_app, "diffuserve_batch_size_count")
     async with held_worker(served_app, client, tmp_path):
         waiting = asyncio.create_task(client.post(URL, json={"prompt": "never run"}, headers=JSON))
@@ -231,7 +234,7 @@ async def test_a_passed_deadline_is_a_504_and_leaves_the_queue(
         waited = time.monotonic() - started
         envelope(late, 504, "deadline_exceeded")
         assert waited < 5, f"the 504 came {waited:.1f} s after a 0.5 s deadline"
-        assert not served_app.state.service.scheduler.queue
+        assert not served_app.state.service.service_for(None).scheduler.queue
     bad = await client.post(URL, json={"prompt": "x"}, headers={**JSON, "X-Request-Timeout": "soon"})
     assert envelope(bad, 400, "invalid_value")["param"] == "X-Request-Timeout"
 
@@ -240,7 +243,7 @@ async def test_a_passed_deadline_is_a_504_and_leaves_the_queue(
 async def test_a_full_queue_is_a_429_with_retry_after(
     served_app: FastAPI, client: httpx.AsyncClient, tmp_path: Path
 ) -> None:
-    scheduler = served_app.state.service.scheduler
+    scheduler = served_app.state.service.service_for(None).scheduler
     async with held_worker(served_app, client, tmp_path):
         queued = [
             asyncio.create_task(client.post(URL, json={"prompt": f"q{i}", "seed": i}, headers=JSON))
@@ -258,7 +261,7 @@ async def test_a_full_queue_is_a_429_with_retry_after(
 async def test_a_client_that_disconnects_before_its_batch_is_dropped(
     served_app: FastAPI, client: httpx.AsyncClient, tmp_path: Path
 ) -> None:
-    scheduler = served_app.state.service.scheduler
+    scheduler = served_app.state.service.service_for(None).scheduler
     batches_before = sample(served_app, "diffuserve_batch_size_count")
     images_before = sample(served_app, "diffuserve_images_generated_total", model="fake")
     dropped_before = sample(served_app, "diffuserve_requests_total", model="fake", status="499")

@@ -38,7 +38,10 @@ async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
     async with client_of(app, timeout=60) as client:
         yield client
     # Each test leaves a ready worker behind for the next.
-    await until(lambda: app.state.service.ready and not app.state.service.scheduler.in_flight, timeout=60)
+    await until(
+        lambda: app.state.service.ready and not app.state.service.service_for(None).scheduler.in_flight,
+        timeout=60,
+    )
 
 
 def worker_pid(app: FastAPI) -> int:
@@ -51,7 +54,7 @@ async def test_killed_worker_fails_only_its_requests_and_is_replaced(
 ) -> None:
     restarts_before = sample(app, "diffuserve_worker_restarts_total")
     held = asyncio.create_task(client.post(URL, json={"prompt": f"hold:{tmp_path / 'never'}"}, headers=JSON))
-    await until(lambda: app.state.service.scheduler.in_flight)
+    await until(lambda: app.state.service.service_for(None).scheduler.in_flight)
     victim = worker_pid(app)
     killed_at = time.monotonic()
     os.kill(victim, signal.SIGKILL)

@@ -358,3 +358,43 @@ def test_local_tokens_never_reach_the_image_or_function_env(clean_env: pytest.Mo
         assert value not in seen, f"{key} from the deploying shell leaked into the app"
     for env in recorder.image_env:
         assert not set(env) & set(fake), "token variables must come from modal.Secret, not the image"
+
+
+@pytest.mark.filterwarnings("ignore:The prefetch function is executing locally")
+def test_prefetch_pulls_through_the_hub_and_commits_the_volume(
+    clean_env: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The prefetch step's own code, run locally: hub.pull fetches (with the secret's token and a progress log),
+    and the Volume is committed even when the pull fails, so a second run resumes the parts it kept."""
+    import types
+
+    import diffuserve.hub
+
+    set_plan(clean_env, ModalPlan(model_repo="org/model"))
+    clean_env.setenv("HF_TOKEN", "hf_from_secret")
+    app = load_app()
+    commits: list[int] = []
+    clean_env.setattr(app, "hf_cache", types.SimpleNamespace(commit=lambda: commits.append(1)))
+    clean_env.setattr(app, "COMPILE_CACHE", str(tmp_path / "compile"))
+    calls: list[tuple[str, str | None]] = []
+
+    def fake_pull(
+        repo: str, *, revision: str | None = None, token: str | None = None, progress: Any = None
+    ) -> Path:
+        calls.append((repo, token))
+        assert callable(progress)
+        return Path("/cache/huggingface/hub/models--org--model/snapshots/abc")
+
+    clean_env.setattr(diffuserve.hub, "pull", fake_pull)
+    assert app.prefetch.local() == (
+        "org/model cached at /cache/huggingface/hub/models--org--model/snapshots/abc on volume diffuserve-hf-cache"
+    )
+    assert calls == [("org/model", "hf_from_secret")] and commits == [1]
+
+    def failing_pull(repo: str, **kwargs: Any) -> Path:
+        raise diffuserve.hub.PullError("disk full")
+
+    clean_env.setattr(diffuserve.hub, "pull", failing_pull)
+    with pytest.raises(diffuserve.hub.PullError):
+        app.prefetch.local()
+    assert commits == [1, 1]

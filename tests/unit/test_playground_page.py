@@ -61,7 +61,7 @@ def test_page_loads_nothing_from_elsewhere_and_stays_small() -> None:
 
 
 def test_page_needs_no_key_and_names_nothing_of_the_server() -> None:
-    http = client(api_keys=[KEY], model_repo="digits", model_name="private-model-name")
+    http = client(api_keys=[KEY], models=["digits"], model_name="private-model-name")
     page = http.get("/")
     assert page.status_code == 200
     # Byte for byte the files on disk: nothing of the server (model, keys, settings) is filled in.

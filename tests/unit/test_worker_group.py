@@ -35,7 +35,7 @@ async def running_groups(
     """Groups of two real rank processes running the real worker loop around a FakeEngine."""
     events = Events()
     pool = WorkerPool(
-        Settings(model_repo=repo, model_name="fake", model_batch=2, parallel=2, **settings),  # type: ignore[arg-type]
+        Settings(models=[repo], model_name="fake", model_batch=2, parallel=2, **settings),  # type: ignore[arg-type]
         devices,
         Scheduler(max_batch=2, max_queue=8, batch_wait_s=0.0),
         on_fatal=events.fatal.append,
@@ -128,7 +128,7 @@ async def test_a_rank_that_cannot_load_stops_the_server_with_its_reason() -> Non
     async with running_groups("fake-group-failing") as (pool, events):
         await until(lambda: events.fatal)
         assert re.search(
-            r"could not load the model: rank 1: RuntimeError: no room on fake:[13]", events.fatal[0]
+            r"could not load the model fake: rank 1: RuntimeError: no room on fake:[13]", events.fatal[0]
         )
         await until(lambda: not any(w.process.is_alive() for w in pool.workers.values()))
         assert pool.alive == 0 and not events.restarts

@@ -40,7 +40,7 @@ async def running_pool(repo: str = "fake") -> AsyncIterator[tuple[WorkerPool, Ev
     events = Events()
     scheduler = Scheduler(max_batch=2, max_queue=8, batch_wait_s=0.0)
     pool = WorkerPool(
-        Settings(model_repo=repo, model_name="fake", model_batch=2),
+        Settings(models=[repo], model_name="fake", model_batch=2),
         [DEVICE],
         scheduler,
         on_fatal=events.fatal.append,

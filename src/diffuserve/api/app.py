@@ -35,15 +35,15 @@ def build_app(
     registry = Metrics()
     service = GenerationService(
         settings,
-        observer=registry,
+        observer_for=registry.observer_for,
         on_fatal=on_fatal,
         on_alive_changed=registry.workers_alive.set,
         on_restart=registry.worker_restarts.inc,
         on_watchdog=registry.watchdog_kills.inc,
         engine_factory=engine_factory,
     )
-    for worker_id, devices in enumerate(service.worker_slots):
-        registry.worker_devices.labels(str(worker_id), ",".join(devices)).set(len(devices))
+    for worker_id, model, devices in service.worker_slots:
+        registry.worker_devices.labels(str(worker_id), ",".join(devices), model).set(len(devices))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -66,7 +66,9 @@ class Metrics:
         self.batch_size = Histogram(
             "diffuserve_batch_size", "Images per batch sent to a worker", buckets=BATCH_BUCKETS, registry=r
         )
-        self.queue_depth_gauge = Gauge("diffuserve_queue_depth", "Requests waiting for a worker", registry=r)
+        self.queue_depth_gauge = Gauge(
+            "diffuserve_queue_depth", "Requests waiting for a worker", ["model"], registry=r
+        )
         self.images = Counter(
             "diffuserve_images_generated", "Images generated and returned", ["model"], registry=r
         )
@@ -76,7 +78,7 @@ class Metrics:
         self.worker_devices = Gauge(
             "diffuserve_worker_devices",
             "Devices of each worker (a worker group runs one pipeline on several)",
-            ["worker", "devices"],
+            ["worker", "devices", "model"],
             registry=r,
         )
         self.worker_restarts = Counter(
@@ -88,14 +90,25 @@ class Metrics:
             registry=r,
         )
 
-    # SchedulerObserver
-    def queue_depth(self, depth: int) -> None:
-        self.queue_depth_gauge.set(depth)
-
-    def batch_started(self, images: int, waits_s: list[float]) -> None:
-        self.batch_size.observe(images)
-        for wait in waits_s:
-            self.queue_seconds.observe(wait)
+    def observer_for(self, model: str) -> ModelObserver:
+        """The hooks of one model's scheduler (a SchedulerObserver): its queue depth is its own."""
+        return ModelObserver(self, model)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class ModelObserver:
+    """A SchedulerObserver for one model: the queue depth labelled with it; batches and waits pooled."""
+
+    def __init__(self, metrics: Metrics, model: str) -> None:
+        self.metrics, self.model = metrics, model
+        metrics.queue_depth_gauge.labels(model).set(0)
+
+    def queue_depth(self, depth: int) -> None:
+        self.metrics.queue_depth_gauge.labels(self.model).set(depth)
+
+    def batch_started(self, images: int, waits_s: list[float]) -> None:
+        self.metrics.batch_size.observe(images)
+        for wait in waits_s:
+            self.metrics.queue_seconds.observe(wait)

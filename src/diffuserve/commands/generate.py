@@ -51,7 +51,10 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         settings = Settings.from_env(
-            model_repo=args.model_repo, model_size=args.tier, weights=args.weights, model_batch=1
+            models=[args.model_repo] if args.model_repo else None,
+            model_size=args.tier,
+            weights=args.weights,
+            model_batch=1,
         )
         settings.export_hub_env()
         engine = Engine(engine_config(settings), resolve_devices(args.device)[0])

@@ -7,7 +7,7 @@ import logging
 import sys
 from typing import TYPE_CHECKING, Any
 
-from diffuserve.config import add_settings_arguments, settings_from_args
+from diffuserve.config import Settings, add_settings_arguments, settings_from_args
 
 if TYPE_CHECKING:
     from diffuserve.api.server import DrainingServer
@@ -19,15 +19,29 @@ def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "serve",
         help="start the OpenAI-compatible server",
-        description="Start the server. Every flag also reads an environment variable (shown in brackets).",
+        description="Start the server on one or more models (default: the built-in digits model). Every flag "
+        "also reads an environment variable (shown in brackets).",
+    )
+    parser.add_argument(
+        "positional_models",
+        nargs="*",
+        metavar="MODEL",
+        help="models to serve, each [NAME=]REPO (as --model; both may be given)",
     )
     add_settings_arguments(parser)
     parser.set_defaults(func=run)
 
 
+def settings_for(args: argparse.Namespace) -> Settings:
+    """The settings of `serve`'s command line: models given as arguments come first, then `--model` ones."""
+    if args.positional_models:
+        args.models = [*args.positional_models, *(args.models or [])]
+    return settings_from_args(args)
+
+
 def run(args: argparse.Namespace) -> int:
     try:
-        settings = settings_from_args(args)
+        settings = settings_for(args)
     except ValueError as exc:
         print(f"diffuserve serve: {exc}", file=sys.stderr)
         return 2
@@ -42,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
 
     configure_logging(settings.log_format, settings.log_level)
     try:
-        check_model_source(settings.model_repo, settings.weights)
+        for spec in settings.model_specs:
+            check_model_source(spec.repo, settings.weights)
     except ModelLoadError as exc:
         print(f"diffuserve serve: {exc}", file=sys.stderr)
         return 2
@@ -70,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=5,
     )
     server = DrainingServer(config, app.state.drain, settings.drain_timeout)
-    log.info("serving %s on http://%s:%d", app.state.service.name, settings.host, settings.port)
+    log.info("serving %s on http://%s:%d", ", ".join(app.state.service.models), settings.host, settings.port)
     server.run()
     fatal = app.state.service.fatal_error
     if fatal:

@@ -156,19 +156,25 @@ def serve() -> None:
 )
 def prefetch() -> str:
     """Download the model's weights into the Volume once and commit them, so serving containers (however many
-    start at once) only read the cache and never race to write the same files."""
+    start at once) only read the cache and never race to write the same files. A run cut short leaves its
+    finished files and partial files on the Volume: running it again resumes."""
+    import logging
+
     from diffuserve.models.registry import is_builtin
 
     if is_builtin(PLAN.model_repo):
         return f"{PLAN.model_repo} is built in: nothing to download"
-    from diffusers import DiffusionPipeline
-
     from diffuserve.config import Settings
+    from diffuserve.hub import log_progress, pull
 
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     # The server's own reading of HF_TOKEN / HUGGINGFACE_ACCESS_TOKEN (from the Modal secret).
     token = Settings.from_env().hf_token
-    # The same file selection `from_pretrained` makes, without loading anything onto a GPU.
-    path = DiffusionPipeline.download(PLAN.model_repo, token=token)
-    os.makedirs(COMPILE_CACHE, exist_ok=True)
-    hf_cache.commit()
+    # Only the files the pipeline loads (the same selection as `diffuserve pull`), checked complete.
+    try:
+        path = pull(PLAN.model_repo, token=token, progress=log_progress(PLAN.model_repo, interval_s=10))
+    finally:
+        # Whatever was fetched, parts included, stays on the Volume for the next run to resume.
+        os.makedirs(COMPILE_CACHE, exist_ok=True)
+        hf_cache.commit()
     return f"{PLAN.model_repo} cached at {path} on volume {PLAN.volume}"

@@ -36,6 +36,9 @@ class EngineConfig:
     model_repo: str
     # The name clients use for this model (the server resolved it from MODEL_NAME or the repo, tier and batch).
     model_name: str
+    # A hub model's folder in the cache, found by the server once it is there: the weights are read from it
+    # without asking the hub again (a worker restarts while the hub is down). None: load `model_repo` itself.
+    model_path: str | None = None
     tier: Tier = Tier.XL
     max_batch: int = 4
     weights: Weights = Weights.PRETRAINED

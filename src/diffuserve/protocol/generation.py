@@ -324,6 +324,7 @@ class ModelCard(BaseModel):
     owned_by: str = "diffuserve"
     root: str | None = None
     # Extensions for clients that build a form (the playground); null until a worker has loaded the model.
+    family: str | None = None
     supports_negative_prompt: bool | None = None
     default_size: str | None = None
     default_steps: int | None = None

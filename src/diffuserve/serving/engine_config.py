@@ -1,32 +1,31 @@
-"""The engine's config made from the server's settings, and the model's served name: all a worker is told."""
+"""The engine's config made from the server's settings, and a model's served name: all a worker is told."""
 
 from __future__ import annotations
 
-import re
-
 from diffuserve.config import Settings
 from diffuserve.engine.config import EngineConfig
+from diffuserve.model_specs import ModelSpec, model_slug
+
+__all__ = ["engine_config", "model_slug", "served_model_name"]
 
 
-def model_slug(repo: str) -> str:
-    """`black-forest-labs/FLUX.1-dev` → `flux-1-dev`; a local folder → its name."""
-    base = repo.rstrip("/").split("/")[-1]
-    return re.sub(r"[^a-z0-9]+", "-", base.lower()).strip("-") or "model"
+def served_model_name(settings: Settings, spec: ModelSpec | None = None) -> str:
+    """The name clients use: given (NAME=REPO or MODEL_NAME), or `<slug>-<tier>-bs<batch>` like
+    `flux-1-dev-s-bs4`. `spec` defaults to the first served model."""
+    spec = spec or settings.model_specs[0]
+    if spec.name:
+        return spec.name
+    return f"{model_slug(spec.repo)}-{settings.model_size.lower()}-bs{settings.model_batch}"
 
 
-def served_model_name(settings: Settings) -> str:
-    """The name clients use: explicit, or `<slug>-<tier>-bs<batch>` like `flux-1-dev-s-bs4`."""
-    if settings.model_name:
-        return settings.model_name
-    return f"{model_slug(settings.model_repo)}-{settings.model_size.lower()}-bs{settings.model_batch}"
-
-
-def engine_config(settings: Settings) -> EngineConfig:
+def engine_config(settings: Settings, spec: ModelSpec | None = None) -> EngineConfig:
     """Only what the engine and its worker process use: no API keys, no hub token (the hub library reads
-    that from the environment, where the worker pool puts it before its first spawn), no HTTP limits."""
+    that from the environment, where the worker pool puts it before its first spawn), no HTTP limits.
+    `spec` defaults to the first served model."""
+    spec = spec or settings.model_specs[0]
     return EngineConfig(
-        model_repo=settings.model_repo,
-        model_name=served_model_name(settings),
+        model_repo=spec.repo,
+        model_name=served_model_name(settings, spec),
         tier=settings.model_size,
         max_batch=settings.model_batch,
         weights=settings.weights,

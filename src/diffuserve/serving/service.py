@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from diffuserve.config import Settings
 from diffuserve.errors import DeadlineExceeded, ModelNotFound, NotReady, QueueFull
-from diffuserve.serving.engine_config import model_slug, served_model_name
-from diffuserve.serving.scheduler import PartialSink, Pending, Scheduler, SchedulerObserver
-from diffuserve.serving.worker_handle import WorkerState, resolve_devices
+from diffuserve.serving.engine_config import engine_config
+from diffuserve.serving.model_service import ModelService
+from diffuserve.serving.placement import place_models
+from diffuserve.serving.scheduler import PartialSink, Pending, SchedulerObserver
+from diffuserve.serving.worker_handle import WorkerState
 from diffuserve.serving.worker_process import EngineFactory, load_engine
-from diffuserve.serving.workers import WorkerPool
 from diffuserve.types import Completed, GenerationRequest, ModelInfo
 
 # What the API layer may use of the serving layer is this module: its service and these names.
@@ -22,13 +22,12 @@ __all__ = [
     "ClientGone",
     "EngineFactory",
     "GenerationService",
+    "ModelService",
     "PartialSink",
     "SchedulerObserver",
     "WorkerState",
     "load_engine",
 ]
-
-log = logging.getLogger(__name__)
 
 
 class ClientGone(Exception):
@@ -36,10 +35,12 @@ class ClientGone(Exception):
 
 
 class GenerationService:
+    """Every served model's scheduler and workers behind one facade; a request reaches its model by name."""
+
     def __init__(
         self,
         settings: Settings,
-        observer: SchedulerObserver | None = None,
+        observer_for: Callable[[str], SchedulerObserver] | None = None,
         *,
         on_fatal: Callable[[str], None] | None = None,
         on_alive_changed: Callable[[int], None] | None = None,
@@ -47,66 +48,98 @@ class GenerationService:
         on_watchdog: Callable[[], None] | None = None,
         engine_factory: EngineFactory = load_engine,
     ) -> None:
+        """`observer_for(name)` gives the metrics hooks of one model's scheduler. Raises ValueError (with the
+        numbers) when the models do not fit their devices."""
         self.settings = settings
-        self.name = served_model_name(settings)
-        self.aliases = {self.name, settings.model_repo, model_slug(settings.model_repo)}
-        self.scheduler = Scheduler(
-            max_batch=settings.model_batch,
-            max_queue=settings.max_queue,
-            batch_wait_s=settings.batch_wait_ms / 1000,
-            observer=observer,
-        )
         self.fatal_error: str | None = None
         self._on_fatal = on_fatal
-        self.pool = WorkerPool(
-            settings,
-            resolve_devices(settings.devices),
-            self.scheduler,
-            on_fatal=self._fatal,
-            on_alive_changed=on_alive_changed,
-            on_restart=on_restart,
-            on_watchdog=on_watchdog,
-            engine_factory=engine_factory,
-        )
+        self._on_alive_changed = on_alive_changed
+        placement = place_models(settings)
+        cpu_workers = sum(1 for devices in placement.values() for device in devices if device == "cpu")
+        self.models: dict[str, ModelService] = {}
+        first_worker_id = 0
+        for spec, devices in placement.items():
+            service = ModelService(
+                settings,
+                spec,
+                devices,
+                observer=observer_for(engine_config(settings, spec).model_name) if observer_for else None,
+                on_fatal=self._fatal,
+                on_alive_changed=self._alive_changed,
+                on_restart=on_restart,
+                on_watchdog=on_watchdog,
+                engine_factory=engine_factory,
+                first_worker_id=first_worker_id,
+                cpu_workers=cpu_workers,
+            )
+            first_worker_id += len(service.pool.slots)
+            self.models[service.name] = service
+        self._by_alias = _aliases(list(self.models.values()))
+        self._starting: list[asyncio.Task[None]] = []
         self.started_at = time.time()
 
     async def start(self) -> None:
-        self.pool.start()
+        """Each model pulls (where it must) and starts its workers; the server answers health probes meanwhile."""
+        self.settings.export_hub_env()  # the hub library reads the cache folder and token from there
+        self._starting = [asyncio.create_task(service.start()) for service in self.models.values()]
 
     async def stop(self) -> None:
-        await self.pool.stop()
+        # A pull still running stops at its next progress report (its thread cannot be cancelled from here).
+        await asyncio.gather(*(service.stop() for service in self.models.values()))
+        await asyncio.gather(*self._starting, return_exceptions=True)
 
     def _fatal(self, message: str) -> None:
-        self.fatal_error = message
-        log.error("%s", message)
+        # One model that can never load stops the server: it would otherwise stay unready for ever.
+        self.fatal_error = self.fatal_error or message
         if self._on_fatal is not None:
             self._on_fatal(message)
 
+    def _alive_changed(self) -> None:
+        if self._on_alive_changed is not None:
+            self._on_alive_changed(sum(service.pool.alive for service in self.models.values()))
+
+    @property
+    def name(self) -> str:
+        """The first model's name: what a request that names no model gets."""
+        return next(iter(self.models))
+
     @property
     def ready(self) -> bool:
-        return self.pool.model is not None and self.pool.alive > 0
+        """Every model has a worker loaded: a front that routes by readiness never sends a request to a
+        server that would answer 503 for one of its models."""
+        return all(service.ready for service in self.models.values())
 
     @property
-    def model(self) -> ModelInfo | None:
-        """The served model's limits and defaults, once a worker has loaded it."""
-        return self.pool.model
-
-    @property
-    def worker_slots(self) -> list[tuple[str, ...]]:
-        """Each worker's devices: one, or a group's, leader first."""
-        return self.pool.slots
+    def worker_slots(self) -> list[tuple[int, str, tuple[str, ...]]]:
+        """Each worker's id, model and devices (one, or a group's, leader first)."""
+        return [
+            (worker_id, service.name, slot)
+            for service in self.models.values()
+            for worker_id, slot in service.pool.slots.items()
+        ]
 
     def describe_workers(self) -> list[dict[str, Any]]:
-        """Each worker's id, devices, pid(s), state, restarts and start-up phases (the readiness body)."""
-        return self.pool.describe()
+        """Each worker's id, model, devices, pid(s), state, restarts and start-up phases (the readiness body)."""
+        return [worker for service in self.models.values() for worker in service.describe_workers()]
+
+    def describe_models(self) -> list[dict[str, Any]]:
+        """Each model's name, repo, devices and state (downloading, loading, ready or failed)."""
+        return [service.describe() for service in self.models.values()]
+
+    def service_for(self, requested: str | None) -> ModelService:
+        """The served model a request names (by name or alias), or the first one when it names none."""
+        if requested is None:
+            return next(iter(self.models.values()))
+        service = self._by_alias.get(requested)
+        if service is None:
+            raise ModelNotFound(
+                f"model {requested!r} is not served here; available: {', '.join(self.models)}", param="model"
+            )
+        return service
 
     def model_for(self, requested: str | None) -> ModelInfo:
-        """The served model a request names (by name or alias), or the only one when it names none."""
-        if requested is not None and requested not in self.aliases:
-            raise ModelNotFound(
-                f"model {requested!r} is not served here; available: {self.name}", param="model"
-            )
-        model = self.pool.model
+        """The limits and defaults of the model a request names (see `service_for`)."""
+        model = self.service_for(requested).model
         # Once a worker has loaded the model, requests queue even while a dead worker is being replaced:
         # they start as soon as the replacement is ready (or hit their deadline).
         if model is None:
@@ -131,13 +164,14 @@ class GenerationService:
         A request of more images than MODEL_BATCH runs as several parts (consecutive seeds), so no batch
         exceeds the size the workers warmed up for; the answer waits for every part.
         """
+        scheduler = self.models[request.model].scheduler
         pendings: list[Pending] = []
         try:
-            for part in request.split(self.scheduler.max_batch):
-                pendings.append(self.scheduler.submit(part, on_partial))
+            for part in request.split(scheduler.max_batch):
+                pendings.append(scheduler.submit(part, on_partial))
         except QueueFull:
             for pending in pendings:
-                self.scheduler.cancel(pending)
+                scheduler.cancel(pending)
             raise
         return pendings
 
@@ -170,9 +204,20 @@ class GenerationService:
             return _combine([p.future.result() for p in pendings])
         finally:
             for pending in pendings:
-                self.scheduler.cancel(pending)
+                self.models[pending.request.model].scheduler.cancel(pending)
             if disconnect_task is not None:
                 disconnect_task.cancel()
+
+
+def _aliases(services: list[ModelService]) -> dict[str, ModelService]:
+    """Alias → model; an alias two models share (two copies of one repo) names neither, only their names do."""
+    owners: dict[str, list[ModelService]] = {}
+    for service in services:
+        for alias in service.aliases:
+            owners.setdefault(alias, []).append(service)
+    by_alias = {alias: found[0] for alias, found in owners.items() if len(found) == 1}
+    by_alias.update({service.name: service for service in services})
+    return by_alias
 
 
 def _combine(parts: list[Completed]) -> Completed:

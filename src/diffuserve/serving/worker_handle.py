@@ -69,6 +69,8 @@ class WorkerProcess:
     replacements: int = 0
     ready_at: float | None = None
     watchdog_fired: bool = False
+    # While starting: `spawning` (a fresh interpreter importing torch), then the worker's own WorkerPhase.
+    phase: str = "spawning"
     # A worker group's devices, rank 0 (the leader) first; empty for a one-device worker.
     devices: tuple[str, ...] = ()
     outbox: Outbox = field(init=False, repr=False)
@@ -89,6 +91,8 @@ class WorkerProcess:
             "state": self.state.value,
             "restarts": self.replacements,
         }
+        if self.state == WorkerState.STARTING:
+            described["phase"] = self.phase
         if isinstance(self.process, GroupProcess):
             described["devices"] = list(self.devices)
             described["pids"] = self.process.pids

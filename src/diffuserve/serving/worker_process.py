@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import multiprocessing as mp
 import os
 import signal
 import time
@@ -19,11 +20,13 @@ from diffuserve.messages import (
     PreviewBatch,
     Shutdown,
     WorkerFailed,
+    WorkerPhase,
     WorkerReady,
 )
 from diffuserve.serving.encode_stage import EncodeStage, LockedSender
 from diffuserve.serving.image_encoder import BatchEncoder
 from diffuserve.serving.inbox import Inbox
+from diffuserve.serving.parent_death import die_with_parent
 from diffuserve.types import BatchJob
 
 if TYPE_CHECKING:
@@ -86,14 +89,19 @@ def _start_engine(
 
     imported_s = time.monotonic() - entered_at
     try:
+        check_device(device)
+        conn.send(WorkerPhase(worker_id, "loading"))
         engine = make_engine(config, device, group)
         info = engine.load()
+        if config.warmup:
+            conn.send(WorkerPhase(worker_id, "warming"))
         full_batch = engine.warmup() if config.warmup else None
         if full_batch is not None:  # every format once, so no request waits for an encoder to load
             BatchEncoder().encode_batch(full_batch)
         engine.save_compile_cache()
     except Exception as exc:
-        log.exception("worker %d could not start", worker_id)
+        # The server logs why, in one line, and stops; the traceback is for debugging a bug, not for operators.
+        log.debug("worker %d could not start", worker_id, exc_info=True)
         where = f"rank {group.rank}: " if group is not None else ""
         # A rank that could not meet its peers is not the model's fault: the port the server picked may have
         # been taken before rank 0 bound it, or a peer went; the server starts the group again (a few times).
@@ -109,6 +117,25 @@ def _start_engine(
         )
         conn.send(WorkerReady(worker_id, os.getpid(), device, info, entered_at, phases))
     return engine
+
+
+class NoDevice(RuntimeError):
+    """The worker's device does not exist here (a CUDA device asked of a CPU-only machine or torch build)."""
+
+
+def check_device(device: str) -> None:
+    """Fail in one line, before any model is loaded, when `device` is a GPU this process cannot use."""
+    if not device.startswith("cuda"):
+        return
+    import torch
+
+    if torch.version.cuda is None:
+        raise NoDevice(f"{device} asked for, but torch {torch.__version__} is a CPU build; use DEVICES=cpu")
+    if not torch.cuda.is_available():
+        raise NoDevice(f"{device} asked for, but torch sees no CUDA device here; use DEVICES=cpu")
+    index = torch.device(device).index or 0
+    if index >= torch.cuda.device_count():
+        raise NoDevice(f"{device} asked for, but only {torch.cuda.device_count()} CUDA device(s) are visible")
 
 
 def serve_batches(engine: Any, conn: Connection, worker_id: int, group: GroupRank | None = None) -> None:
@@ -180,3 +207,30 @@ def follow_batches(engine: Any, conn: Connection, worker_id: int, group: GroupRa
 
 def _rank_failed(worker_id: int, group: GroupRank, result: BatchResult) -> WorkerFailed:
     return WorkerFailed(worker_id=worker_id, error=f"rank {group.rank}: {result.error}", fatal=False)
+
+
+def child_entry(
+    worker_id: int,
+    device: str,
+    config: EngineConfig,
+    conn: Connection,
+    cpu_threads: int | None,
+    group: GroupRank | None,
+    make_engine: EngineFactory,
+) -> None:
+    """What a spawned worker process runs first: tie its life to the server's, size torch's CPU threads, then
+    `worker_main`."""
+    parent = mp.parent_process()
+    if parent is not None and parent.pid is not None:
+        # First of all: a server killed outright (OOM killer, kill -9) runs no cleanup, and a worker left
+        # behind would keep its GPU memory from the server that replaces it.
+        die_with_parent(parent.pid)
+    if cpu_threads is not None:
+        # Idle OpenMP threads would otherwise spin for a while after each op and take the cores the API
+        # process needs to answer; measured: about half the per-request overhead on 2 cores. Set before
+        # torch (and its OpenMP runtime) is imported; an operator's own setting wins.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        import torch
+
+        torch.set_num_threads(cpu_threads)
+    worker_main(worker_id, device, config, conn, group, make_engine)

@@ -24,11 +24,11 @@ from diffuserve.messages import (
     PartialImages,
     Shutdown,
     WorkerFailed,
+    WorkerPhase,
     WorkerReady,
 )
 from diffuserve.models.registry import is_builtin
 from diffuserve.serving.engine_config import engine_config
-from diffuserve.serving.parent_death import die_with_parent
 from diffuserve.serving.scheduler import Scheduler
 from diffuserve.serving.watchdog import BatchLimits
 from diffuserve.serving.worker_group import (
@@ -39,7 +39,7 @@ from diffuserve.serving.worker_group import (
     start_ranks,
 )
 from diffuserve.serving.worker_handle import WorkerProcess, WorkerState
-from diffuserve.serving.worker_process import EngineFactory, load_engine, worker_main
+from diffuserve.serving.worker_process import EngineFactory, child_entry, load_engine
 from diffuserve.types import BatchItem, BatchJob, ModelInfo
 
 log = logging.getLogger(__name__)
@@ -67,10 +67,17 @@ class WorkerPool:
         on_restart: Callable[[], None] | None = None,
         on_watchdog: Callable[[], None] | None = None,
         engine_factory: EngineFactory = load_engine,
+        config: EngineConfig | None = None,
+        first_worker_id: int = 0,
+        cpu_workers: int | None = None,
     ) -> None:
+        """`config` is the model's (default: the first served model's); worker ids start at
+        `first_worker_id`, so the pools of several models number their workers apart; `cpu_workers` is the
+        number of CPU workers of every pool, which share the cores."""
         self.settings = settings
         # All a worker is told (never `settings`: it holds the API keys).
-        self.engine_config: EngineConfig = engine_config(settings)
+        self.engine_config: EngineConfig = config or engine_config(settings)
+        self.label = self.engine_config.model_name  # names the model in the pool's log lines
         self.engine_factory = engine_factory
         self.on_watchdog = on_watchdog
         # Per worker slot: how long its batches may run (a replacement inherits what its slot learned).
@@ -78,7 +85,11 @@ class WorkerPool:
         scheduler.on_abandoned = self._cancel_batch
         self.devices = devices
         # One slot per worker: a device, or a group of PARALLEL devices that runs one pipeline.
-        self.slots = plan_groups(devices, settings.parallel)
+        self.slots = {
+            first_worker_id + index: slot
+            for index, slot in enumerate(plan_groups(devices, settings.parallel))
+        }
+        self.cpu_workers = cpu_workers if cpu_workers is not None else sum(1 for d in devices if d == "cpu")
         self.scheduler = scheduler
         self.on_fatal = on_fatal
         self.on_alive_changed = on_alive_changed
@@ -99,7 +110,7 @@ class WorkerPool:
         for name in SERVER_ONLY_SECRETS:
             os.environ.pop(name, None)
         self.settings.export_hub_env()
-        for worker_id, slot in enumerate(self.slots):
+        for worker_id, slot in self.slots.items():
             if len(slot) == 1:
                 self._spawn(worker_id, slot[0], failures_in_a_row=0)
             else:
@@ -139,7 +150,7 @@ class WorkerPool:
         parent_conn, child_conn = self._ctx.Pipe(duplex=True)
         env_threads = self._cpu_threads(device)
         process = self._ctx.Process(
-            target=_child_entry,
+            target=child_entry,
             args=(worker_id, device, self.engine_config, child_conn, env_threads, None, self.engine_factory),
             name=f"diffuserve-worker-{worker_id}",
             daemon=True,
@@ -169,7 +180,7 @@ class WorkerPool:
             return worker_id, device, self.engine_config, conn, threads, rank, self.engine_factory
 
         name = f"diffuserve-worker-{worker_id}"
-        group, conns = start_ranks(self._ctx, devices, args_for, entry=_child_entry, name=name)
+        group, conns = start_ranks(self._ctx, devices, args_for, entry=child_entry, name=name)
         worker = WorkerProcess(
             worker_id=worker_id,
             device=",".join(devices),
@@ -210,10 +221,9 @@ class WorkerPool:
             return self.settings.cpu_threads
         # The built-in models' ops are too small to split: one thread is faster, and leaves a core to the API
         # process (docs/design/serving.md). Other models share the cores among the CPU workers.
-        if is_builtin(self.settings.model_repo):
+        if is_builtin(self.engine_config.model_repo):
             return 1
-        cpu_workers = sum(1 for d in self.devices if d == "cpu")
-        return max(1, len(os.sched_getaffinity(0)) // cpu_workers)
+        return max(1, len(os.sched_getaffinity(0)) // max(1, self.cpu_workers))
 
     def _reader(self, worker: WorkerProcess) -> None:
         """Runs in a thread: blocking reads from the pipe, each message handed to the event loop."""
@@ -254,13 +264,17 @@ class WorkerPool:
             worker.ready = message
             worker.ready_at = time.monotonic()
             self._learn_from_warmup(worker.worker_id, message)
-            log.info("worker %d start-up phases (s): %s", worker.worker_id, worker.start_phases())
+            log.info(
+                "worker %d (%s) start-up phases (s): %s", worker.worker_id, self.label, worker.start_phases()
+            )
             worker.pid = message.pid
             worker.state = WorkerState.IDLE
             self.model = self.model or message.model
             self._ever_ready = True
             self._alive_changed()
             self.scheduler.worker_idle(worker)
+        elif isinstance(message, WorkerPhase):
+            worker.phase = message.phase
         elif isinstance(message, WorkerFailed):
             # In a group, the first rank to fail says why; its peers' errors follow from it.
             if worker.failure is None:
@@ -295,9 +309,12 @@ class WorkerPool:
             # The model cannot load at all (bad path, gated repo, a crash while loading …): restarting
             # would loop forever while the server stays unready. A passing failure (a group whose rendezvous
             # port was taken) gets MAX_START_ATTEMPTS.
-            self.on_fatal(f"worker {worker.worker_id} could not load the model: {reason}")
+            self.on_fatal(f"worker {worker.worker_id} could not load the model {self.label}: {reason}")
             return
-        log.error("worker %d (pid %s) died: %s; starting a replacement", worker.worker_id, worker.pid, reason)
+        log.error(
+            "worker %d (%s, pid %s) died: %s; starting a replacement", worker.worker_id, self.label, worker.pid,
+            reason,
+        )  # fmt: skip
         ran_for = time.monotonic() - worker.started_at
         delay = (
             0.0 if ran_for > STABLE_AFTER_S else min(RESTART_BACKOFF_MAX_S, 0.5 * 2**worker.failures_in_a_row)
@@ -370,28 +387,3 @@ class WorkerPool:
     def _alive_changed(self) -> None:
         if self.on_alive_changed is not None:
             self.on_alive_changed(self.alive)
-
-
-def _child_entry(
-    worker_id: int,
-    device: str,
-    config: EngineConfig,
-    conn: Connection,
-    cpu_threads: int | None,
-    group: GroupRank | None,
-    make_engine: EngineFactory,
-) -> None:
-    parent = mp.parent_process()
-    if parent is not None and parent.pid is not None:
-        # First of all: a server killed outright (OOM killer, kill -9) runs no cleanup, and a worker left
-        # behind would keep its GPU memory from the server that replaces it.
-        die_with_parent(parent.pid)
-    if cpu_threads is not None:
-        # Idle OpenMP threads would otherwise spin for a while after each op and take the cores the API
-        # process needs to answer; measured: about half the per-request overhead on 2 cores. Set before
-        # torch (and its OpenMP runtime) is imported; an operator's own setting wins.
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-        import torch
-
-        torch.set_num_threads(cpu_threads)
-    worker_main(worker_id, device, config, conn, group, make_engine)

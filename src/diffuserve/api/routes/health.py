@@ -31,6 +31,7 @@ async def ready(request: Request) -> JSONResponse:
     body = {
         "status": "draining" if draining else "ready" if service.ready else "loading",
         "model": service.name,
+        "models": service.describe_models(),
         "workers": workers,
     }
     if service.fatal_error:

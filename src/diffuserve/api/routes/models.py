@@ -1,21 +1,21 @@
-"""`GET /v1/models` in OpenAI list shape, and one model by id."""
+"""`GET /v1/models` in OpenAI list shape (every served model), and one model by id or alias."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
 
 from diffuserve.api.deps import require_auth, service_of
-from diffuserve.errors import ModelNotFound
 from diffuserve.protocol import ModelCard, ModelList
+from diffuserve.serving.service import GenerationService, ModelService
 
 router = APIRouter(dependencies=[Depends(require_auth)])
 
 
-def _card(request: Request) -> ModelCard:
-    service = service_of(request)
-    card = ModelCard(id=service.name, created=int(service.started_at), root=service.settings.model_repo)
-    model = service.model
+def _card(service: GenerationService, served: ModelService) -> ModelCard:
+    card = ModelCard(id=served.name, created=int(service.started_at), root=served.spec.repo)
+    model = served.model
     if model is not None:
+        card.family = model.family
         card.supports_negative_prompt = model.supports_negative_prompt
         card.default_size = f"{model.native_width}x{model.native_height}"
         card.default_steps = model.default_steps
@@ -26,11 +26,11 @@ def _card(request: Request) -> ModelCard:
 @router.get("/v1/models")
 @router.get("/models", include_in_schema=False)
 async def list_models(request: Request) -> ModelList:
-    return ModelList(data=[_card(request)])
+    service = service_of(request)
+    return ModelList(data=[_card(service, served) for served in service.models.values()])
 
 
 @router.get("/v1/models/{model_id:path}")
 async def get_model(model_id: str, request: Request) -> ModelCard:
-    if model_id not in service_of(request).aliases:
-        raise ModelNotFound(f"model {model_id!r} is not served here", param="model")
-    return _card(request)
+    service = service_of(request)
+    return _card(service, service.service_for(model_id))  # ModelNotFound (404) names the served ones
