@@ -1,10 +1,15 @@
 """The acceleration tiers as the server runs them (the engine's own set-up: recipe, CUDA graphs) against plain
-diffusers eager (tier E), on random-weight FLUX.1/SDXL; then one lone request per tier through `diffuserve
-serve`; or each tier's quality on the trained digits model.
+diffusers eager (tier E), on the random-weight real architecture of any served family; then one lone request
+per tier through `diffuserve serve`; or each tier's quality on the trained digits model.
 
     python benchmarks/gpu_tiers.py --model flux-dev --tiers E,XL,L --batches 1 --repeats 3   # pipeline calls
+    python benchmarks/gpu_tiers.py --models all --tiers family --steps 4 --repeats 1          # every family, ≈ 9 min
     python benchmarks/gpu_tiers.py --model flux-dev --phase server --tiers L                 # over HTTP
     python benchmarks/gpu_tiers.py --model digits                                            # quality per tier
+
+`--tiers family` runs E, XL and L where the family has L. Each row records the components' parameter counts,
+ms/step (median between step ends) and s/image; `--budget-s` stops starting new models once spent, so a run
+of every family ends inside one device call (the rows written so far are kept).
 
 A tier may name a setting after a slash, `L/CUDA_GRAPHS=off`, to measure what a technique gives. Random weights
 have the released models' architectures, so time and memory are the real models'; their images are noise.
@@ -29,9 +34,16 @@ from diffuserve.engine.config import CudaGraphs, DType, EngineConfig, Weights
 from diffuserve.types import Tier
 
 MODELS = {
-    "flux-dev": ("black-forest-labs/FLUX.1-dev", 28, 3.5, 512),
-    "flux-schnell": ("black-forest-labs/FLUX.1-schnell", 4, 0.0, 256),
-    "sdxl": ("stabilityai/stable-diffusion-xl-base-1.0", 30, 5.0, None),
+    "flux-dev": "black-forest-labs/FLUX.1-dev",
+    "flux-schnell": "black-forest-labs/FLUX.1-schnell",
+    "flux-kontext": "black-forest-labs/FLUX.1-Kontext-dev",
+    "flux2-klein": "black-forest-labs/FLUX.2-klein-4B",
+    "sd35-large": "stabilityai/stable-diffusion-3.5-large",
+    "sd35-medium": "stabilityai/stable-diffusion-3.5-medium",
+    "qwen-image": "Qwen/Qwen-Image",
+    "qwen-image-edit": "Qwen/Qwen-Image-Edit",
+    "z-image-turbo": "Tongyi-MAI/Z-Image-Turbo",
+    "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
 }
 PROMPTS = ["a photo of a red fox in the snow", "an astronaut riding a horse on the moon", "a bowl of ramen"]
 
@@ -50,21 +62,16 @@ def config_for(variant: str, repo: str, weights: Weights, max_batch: int, cache_
     return config
 
 
-def call_kwargs(model: str, batch: int, steps: int, size: int) -> dict[str, Any]:
-    _, _, guidance, text_tokens = MODELS[model]
-    kwargs: dict[str, Any] = {
-        "prompt": [PROMPTS[i % len(PROMPTS)] for i in range(batch)],
-        "height": size,
-        "width": size,
-        "num_inference_steps": steps,
-        "guidance_scale": guidance,
-        # One CPU generator per image, as the engine does.
-        "generator": [torch.Generator("cpu").manual_seed(1000 + i) for i in range(batch)],
-        "output_type": "pt",
-    }
-    if text_tokens:
-        kwargs["max_sequence_length"] = text_tokens
-    return kwargs
+def call_kwargs(engine: Any, batch: int, steps: int, size: int) -> dict[str, Any]:
+    """The family's call as the engine makes it (guidance argument, true CFG's negative prompt, text length),
+    at the family's default guidance; one CPU generator per image."""
+    from diffuserve.engine.calls import pipeline_kwargs
+    from diffuserve.types import BatchItem, BatchJob, Task
+
+    family = engine.loaded.family
+    items = [BatchItem("b", PROMPTS[i % len(PROMPTS)], None, [1000 + i], "png", None) for i in range(batch)]
+    job = BatchJob(0, size, size, steps, family.default_guidance, items)
+    return pipeline_kwargs(job, family, engine._accepted_by[Task.GENERATE], "pt")
 
 
 def timed_call(pipe: Any, kwargs: dict[str, Any]) -> dict[str, float]:
@@ -97,36 +104,38 @@ def timed_call(pipe: Any, kwargs: dict[str, Any]) -> dict[str, float]:
     }
 
 
-def measure(args: argparse.Namespace, variant: str) -> dict[str, Any]:
+def measure(args: argparse.Namespace, model: str, variant: str) -> dict[str, Any]:
     from diffuserve.engine.engine import Engine
+    from diffuserve.models.random_weights import count_params
+    from diffuserve.types import Task
 
-    repo, steps, _, _ = MODELS[args.model]
-    steps = args.steps or steps
-    row: dict[str, Any] = {
-        "model": args.model,
-        "tier": variant,
-        "steps": steps,
-        "size": args.size,
-        "runs": [],
-    }
+    row: dict[str, Any] = {"model": model, "tier": variant, "size": args.size, "runs": []}
     started = time.perf_counter()
-    config = config_for(variant, repo, Weights.RANDOM, max(args.batches), args.cache_dir)
+    config = config_for(variant, MODELS[model], Weights.RANDOM, max(args.batches), args.cache_dir)
     engine = Engine(config, "cuda:0")
-    engine.load()
+    info = engine.load()
     row["load_s"] = time.perf_counter() - started
-    pipe = engine.pipeline
+    row["family"], row["steps"] = info.family, args.steps or info.default_steps
+    pipe = engine._pipelines[Task.GENERATE]
+    # As loaded by this tier (fp8 and fused QKV change what is stored; tier E's are the released counts).
+    row["params"] = {
+        name: count_params(part)
+        for name, part in pipe.components.items()
+        if isinstance(part, torch.nn.Module)
+    }
     for batch in sorted(args.batches, reverse=True):
-        # Two short calls per batch size, as the server's warm-up: the first compiles, the second captures.
+        # The server's warm-up: one short call (E), or two (the first compiles, the second captures graphs).
         started = time.perf_counter()
-        for _ in range(2):
-            pipe(**call_kwargs(args.model, batch, 2, args.size))
+        for _ in range(1 if variant.startswith("E") else 2):
+            pipe(**call_kwargs(engine, batch, 1, args.size))
         torch.cuda.synchronize()
         row[f"warmup_b{batch}_s"] = time.perf_counter() - started
     for batch in args.batches:
         for _ in range(args.repeats):
-            run = {"batch": batch, **timed_call(pipe, call_kwargs(args.model, batch, steps, args.size))}
+            run = {"batch": batch, **timed_call(pipe, call_kwargs(engine, batch, row["steps"], args.size))}
+            run["s_per_image"] = run["s"] / batch
             row["runs"].append(run)
-            log(f"{args.model} {variant}: {json.dumps(run)}")
+            log(f"{model} {variant}: {json.dumps(run)}")
     graphs = engine._graphs
     row["graph_replays"] = graphs.replays if graphs is not None else 0
     engine.close()
@@ -139,18 +148,35 @@ def free_gpu() -> None:
     torch.cuda.empty_cache()
 
 
+def tiers_of(model: str, wanted: list[str]) -> list[str]:
+    """`family`: E, XL, and L where the family has it; else the tiers asked for."""
+    from diffuserve.engine.loader import detect_family
+    from diffuserve.models.random_weights import arch_for_repo
+    from diffuserve.types import FAMILIES
+
+    if wanted != ["family"]:
+        return wanted
+    family = FAMILIES.get(arch_for_repo(MODELS[model])) or detect_family("", MODELS[model])
+    return [tier for tier in ("E", "XL", "L") if tier in family.tiers]
+
+
 def run_pipelines(args: argparse.Namespace) -> None:
-    path = args.out / f"tiers-{args.model}.jsonl"
-    for variant in args.tiers:
-        free_gpu()
-        try:
-            row = measure(args, variant)
-        except Exception as exc:  # one tier failing must not lose the others' numbers
-            row = {"model": args.model, "tier": variant, "error": f"{type(exc).__name__}: {exc}"}
-            log(f"{variant} failed: {row['error']}")
-        row["environment"] = args.environment
-        with path.open("a") as fh:
-            fh.write(json.dumps(row) + "\n")
+    started = time.perf_counter()
+    for model in args.models:
+        path = args.out / f"tiers-{model}.jsonl"
+        for variant in tiers_of(model, args.tiers):
+            if time.perf_counter() - started > args.budget_s:
+                log(f"budget of {args.budget_s:.0f} s spent: {model} {variant} not run")
+                continue
+            free_gpu()
+            try:
+                row = measure(args, model, variant)
+            except Exception as exc:  # one tier failing must not lose the others' numbers
+                row = {"model": model, "tier": variant, "error": f"{type(exc).__name__}: {exc}"}
+                log(f"{model} {variant} failed: {row['error']}")
+            row["environment"] = args.environment
+            with path.open("a") as fh:
+                fh.write(json.dumps(row) + "\n")
 
 
 def run_server(args: argparse.Namespace) -> None:
@@ -159,7 +185,7 @@ def run_server(args: argparse.Namespace) -> None:
 
     from diffuserve.bench.server import SpawnedServer
 
-    repo = MODELS[args.model][0]
+    repo = MODELS[args.model]
     path = args.out / f"server-{args.model}.jsonl"
     for variant in args.tiers:
         tier, _, setting = variant.partition("/")
@@ -257,17 +283,33 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", choices=[*MODELS, "digits"], required=True)
+    parser.add_argument("--model", choices=[*MODELS, "digits"], help="one model (server and digits phases)")
+    parser.add_argument(
+        "--models", default=None, help=f"pipeline phase: comma-separated, or all ({','.join(MODELS)})"
+    )
+    parser.add_argument("--budget-s", type=float, default=540.0, help="no new model/tier starts after this")
     parser.add_argument("--phase", choices=["pipeline", "server"], default="pipeline")
-    parser.add_argument("--tiers", default="E,XL,L", help="tiers, each maybe with /CUDA_GRAPHS=off")
+    parser.add_argument(
+        "--tiers",
+        default="E,XL,L",
+        help="tiers, each maybe with /CUDA_GRAPHS=off; `family`: E, XL (+ L where it has L)",
+    )
     parser.add_argument("--batches", default="1", help="batch sizes, e.g. 1,4")
     parser.add_argument("--size", type=int, default=1024)
-    parser.add_argument("--steps", type=int, default=None, help="default: the model's (28 / 4 / 30)")
+    parser.add_argument("--steps", type=int, default=None, help="default: the family's default steps")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--per-class", type=int, default=10, help="digits: prompts per digit")
     parser.add_argument("--out", default=None)
     parser.add_argument("--cache-dir", default="/tmp/diffuserve-bench-cache")
     args = parser.parse_args()
+    names = args.models or args.model
+    if not names:
+        parser.error("give --model or --models")
+    args.models = list(MODELS) if names == "all" else names.split(",")
+    unknown = [m for m in args.models if m not in MODELS and m != "digits"]
+    if unknown:
+        parser.error(f"unknown models {unknown}; known: {', '.join(MODELS)}")
+    args.model = args.models[0]
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU")
     args.out = out_dir(args.out)

@@ -165,6 +165,56 @@ def tiers(*names: str) -> str:
     return "\n\n".join(out)
 
 
+def families(*names: str) -> str:
+    """One row per model family: its denoiser's size, and each tier's step against eager E of the same run."""
+    rows = []
+    envs: set[tuple[str, str]] = set()
+    for name in names:
+        results = load(name)
+        # Batch 1 of each tier that ran (a failed tier's row has no runs).
+        medians = {r["tier"]: _medians(results, r["tier"])[0] for r in results if "runs" in r}
+        first = results[0]
+        where, software, date = run_line(first["environment"]).split("; ")[:3]
+        envs.add((f"{where}; {software}", date))
+        params = first.get("params", {})  # runs before the benchmark recorded parameter counts have none
+        denoiser = params.get("transformer") or params.get("unet")
+        eager = medians["E"]
+
+        def step(tier: str, eager: dict[str, float] = eager, medians: dict = medians) -> str:
+            run = medians.get(tier)
+            if run is None:
+                return "-"
+            if tier == "E":
+                return f"{run['ms_per_step']:.0f}"
+            return f"{run['ms_per_step']:.0f} ({eager['ms_per_step'] / run['ms_per_step']:.2f}×)"
+
+        peaks = "/".join(f"{medians[t]['peak_gib']:.0f}" for t in ("E", "L") if t in medians)
+        rows.append(
+            [
+                first["model"],
+                f"{denoiser / 1e9:.2f} B" if denoiser else "-",
+                step("E"),
+                step("XL"),
+                step("L"),
+                f"{eager['first_step_ms']:.0f}",
+                f"{eager['decode_ms']:.0f}",
+                peaks,
+            ]
+        )
+    header = [
+        "family",
+        "denoiser",
+        "E ms/step",
+        "XL ms/step (vs E)",
+        "L ms/step (vs E)",
+        "text + 1st step ms (E)",
+    ]
+    header += ["decode ms (E)", "peak GiB E/L"]
+    setups = sorted({setup for setup, _ in envs})
+    dates = ", ".join(sorted(date for _, date in envs))
+    return f"{' · '.join(setups)}; runs of {dates}.\n\n" + table(header, rows)
+
+
 def warmup_key(batch: float) -> str:
     return f"warmup_b{int(batch)}_s"
 
@@ -290,11 +340,26 @@ def split_decode(name: str) -> str:
     return table(header, rows)
 
 
+# The families' tier runs, in the table's order (FLUX.1 first: the runs of the tiers block above).
+FAMILY_RUNS = (
+    "flux-dev",
+    "flux-schnell",
+    "flux-kontext",
+    "flux2-klein",
+    "sd35-large",
+    "sd35-medium",
+    "qwen-image",
+    "qwen-image-edit",
+    "z-image-turbo",
+    "sdxl",
+)
+
 # Each block: the function that makes it and the raw file(s) under docs/bench/ it reads.
 BLOCKS: dict[str, tuple[Callable[..., str], tuple[str, ...]]] = {
     "cpu-digits": (cpu_digits, ("cpu-digits.json",)),
     "cpu-sweep": (cpu_sweep, ("cpu-sweep-summary.json",)),
     "tiers": (tiers, ("h100-tiers-flux-dev.jsonl", "h100-tiers-flux-schnell.jsonl")),
+    "families": (families, tuple(f"h100-tiers-{name}.jsonl" for name in FAMILY_RUNS)),
     "digits-quality": (digits_quality, ("h100-digits-quality.json",)),
     "encoders": (encoders, ("h200-profile.json",)),
     "parallel-group": (parallel_group, ("h200x2-parallel-tables.json",)),

@@ -48,6 +48,8 @@ class Tier(StrChoice):
 
 @dataclass(frozen=True)
 class Family:
+    """What differs per model family, keyed by its pipeline class; the engine reads this, never the name."""
+
     name: str
     default_steps: int
     default_guidance: float
@@ -58,16 +60,75 @@ class Family:
     min_size: int
     max_size: int
     max_steps: int = 200
+    pipeline: str = ""  # the `_class_name` of its model_index.json ("": matched by no class)
+    # Families sharing a class: a word of the repo id, else a (config key, value) of the denoiser.
+    repo_hint: str = ""
+    variant: tuple[str, Any] | None = None
+    denoiser: str = "transformer"  # the component that runs every step: "transformer" or "unet"
+    tiers: tuple[str, ...] = ("E", "XL", "L", "M", "S")
+    flux_hooks: bool = False  # FLUX.1's AdaLN tables, step cache (M/S) and ring attention
+    cuda_graphs: bool = True  # the denoiser's call is capturable (checked per family)
+    fused_qkv: bool = True
+    blocks: tuple[str, ...] = ()  # repeated blocks to compile/quantize where the model declares none
+    # Linears kept out of fp8 (L), by a part of their name: those that see only the prompt's tokens, whose few
+    # rows cuBLASLt's fp8 kernels may not take (Qwen's txt_mlp down projection has no algorithm at 13 rows).
+    fp8_skip: tuple[str, ...] = ()
+    # The prompt's token count varies from call to call (no padding to a fixed length): compiled with dynamic
+    # sizes, or every new prompt length would compile again.
+    varying_text: bool = False
+    # "auto": diffusers' image-to-image and inpainting via from_pipe; a class: the family's own edit pipeline
+    # (pictures in, no strength, no mask); None: no edits.
+    edit: str | None = "auto"
+    text_pipeline: str | None = None  # text-to-image through this class, where the loaded one only edits
+    guidance_kwarg: str = "guidance_scale"
+    empty_negative: str | None = None  # the negative prompt true CFG needs when the client sends none
+    # Latent layout for previews: "latents" (B×C×h×w), "packed" (FLUX.1's 2×2 tokens), "packed-frames" (Qwen:
+    # packed, a frame axis), "patchified" (FLUX.2: 2×2 patches in channels, batch-normed); "auto"; None: none.
+    previews: str | None = "auto"
 
 
-FLUX_SCHNELL = Family("flux-schnell", 4, 0.0, 256, False, 1024, 16, 256, 2048)
-FLUX_DEV = Family("flux-dev", 28, 3.5, 512, False, 1024, 16, 256, 2048)
-SDXL = Family("sdxl", 30, 5.0, None, True, 1024, 8, 256, 2048)
+_FLUX = {"pipeline": "FluxPipeline", "flux_hooks": True, "previews": "packed"}
+_NEW = {"tiers": ("E", "XL", "L"), "edit": None}  # E, XL (compile) and L (fp8) on a transformer
+# FLUX.1 and SDXL: reference/architectures.md. FLUX.1 Kontext: model card (guidance_scale=2.5), diffusers' 28
+# steps. SD3.5: model cards (large 28 steps 3.5, medium 40 steps 4.5), T5 max_sequence_length 256 (pipeline).
+# Qwen-Image(-Edit): model cards (50 steps, true_cfg_scale 4.0, negative_prompt " "), pipeline's 512 tokens,
+# 1328² the card's 1:1 size. Z-Image-Turbo: model card (8 DiT forwards, guidance 0). FLUX.2 klein 4B: model
+# card (4 steps, guidance 1.0, step-distilled). CUDA graphs off where capture is not verified on a GPU.
+FLUX_SCHNELL = Family("flux-schnell", 4, 0.0, 256, False, 1024, 16, 256, 2048, **_FLUX, repo_hint="schnell", variant=("guidance_embeds", False))  # type: ignore[arg-type]  # fmt: skip
+FLUX_DEV = Family("flux-dev", 28, 3.5, 512, False, 1024, 16, 256, 2048, **_FLUX, repo_hint="dev", variant=("guidance_embeds", True))  # type: ignore[arg-type]  # fmt: skip
+FLUX_KONTEXT = Family("flux-kontext", 28, 2.5, 512, False, 1024, 16, 256, 2048, **{**_FLUX, "pipeline": "FluxKontextPipeline"}, edit="FluxKontextPipeline")  # type: ignore[arg-type]  # fmt: skip
+SDXL = Family("sdxl", 30, 5.0, None, True, 1024, 8, 256, 2048, pipeline="StableDiffusionXLPipeline", denoiser="unet", tiers=("E", "XL", "L"), previews="latents")  # fmt: skip
+# No fused QKV on SD3.5: diffusers' fused SD3 processor skips the RMS QK-norm (its output differed from eager).
+_SD3 = {
+    **_NEW,
+    "pipeline": "StableDiffusion3Pipeline",
+    "blocks": ("JointTransformerBlock",),
+    "previews": "latents",
+    "fused_qkv": False,
+}
+SD35_LARGE = Family("sd35-large", 28, 3.5, 256, True, 1024, 16, 256, 2048, **_SD3, repo_hint="large", variant=("num_layers", 38))  # type: ignore[arg-type]  # fmt: skip
+SD35_MEDIUM = Family("sd35-medium", 40, 4.5, 256, True, 1024, 16, 256, 2048, **_SD3, repo_hint="medium", variant=("num_layers", 24))  # type: ignore[arg-type]  # fmt: skip
+_QWEN = {**_NEW, "cuda_graphs": False, "guidance_kwarg": "true_cfg_scale", "empty_negative": " ", "previews": "packed-frames", "fp8_skip": ("txt_mlp",), "varying_text": True}  # fmt: skip
+QWEN_IMAGE = Family("qwen-image", 50, 4.0, 512, True, 1328, 16, 256, 2048, pipeline="QwenImagePipeline", **_QWEN)  # type: ignore[arg-type]  # fmt: skip
+QWEN_IMAGE_EDIT = Family("qwen-image-edit", 50, 4.0, 512, True, 1024, 16, 256, 2048, pipeline="QwenImageEditPipeline", **{**_QWEN, "edit": "QwenImageEditPipeline"}, text_pipeline="QwenImagePipeline")  # type: ignore[arg-type]  # fmt: skip
+Z_IMAGE_TURBO = Family("z-image-turbo", 8, 0.0, 512, False, 1024, 16, 256, 2048, pipeline="ZImagePipeline", cuda_graphs=False, previews="latents", varying_text=True, **_NEW)  # type: ignore[arg-type]  # fmt: skip
+FLUX2_KLEIN = Family("flux2-klein", 4, 1.0, 512, False, 1024, 16, 256, 2048, pipeline="Flux2KleinPipeline", cuda_graphs=False, previews="patchified", **_NEW)  # type: ignore[arg-type]  # fmt: skip
 GENERIC = Family("generic", 30, 7.5, None, True, 512, 8, 64, 2048)
 # The built-in models: 32×32 digits, small enough for a laptop CPU.
-TINY_FLUX = Family("tiny-flux", 4, 0.0, 16, False, 32, 16, 16, 256)
+TINY_FLUX = Family("tiny-flux", 4, 0.0, 16, False, 32, 16, 16, 256, **_FLUX)  # type: ignore[arg-type]
 
-FAMILIES = {f.name: f for f in (FLUX_SCHNELL, FLUX_DEV, SDXL, GENERIC, TINY_FLUX)}
+FAMILIES = {
+    f.name: f
+    for f in (
+        FLUX_SCHNELL, FLUX_DEV, FLUX_KONTEXT, SDXL, SD35_LARGE, SD35_MEDIUM, QWEN_IMAGE, QWEN_IMAGE_EDIT,
+        Z_IMAGE_TURBO, FLUX2_KLEIN, GENERIC, TINY_FLUX,
+    )
+}  # fmt: skip
+# Pipeline class → its families, in the order they are told apart.
+FAMILIES_BY_CLASS: dict[str, list[Family]] = {}
+for _family in FAMILIES.values():
+    if _family.pipeline and _family is not TINY_FLUX:
+        FAMILIES_BY_CLASS.setdefault(_family.pipeline, []).append(_family)
 
 
 class Task(StrChoice):
@@ -301,6 +362,11 @@ class ModelInfo:
     token_pixels: int = 1
     # The edit pipelines diffusers has for this model (image-to-image, inpainting).
     edit_tasks: tuple[Task, ...] = ()
+    # Whether an edit's strength applies: False where the model's own edit pipeline takes the picture as a
+    # condition (FLUX.1 Kontext, Qwen-Image-Edit) and always runs every step.
+    edit_strength: bool = True
+    # Whether partial images can be sent while streaming (False: the API should refuse partial_images).
+    previews: bool = True
 
     def image_tokens(self, width: int, height: int) -> int:
         """The denoiser's positions for one width×height image (its image tokens in `usage`)."""

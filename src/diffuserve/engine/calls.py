@@ -31,15 +31,20 @@ def pipeline_kwargs(job: BatchJob, family: Family, accepted: set[str], output_ty
         "num_inference_steps": job.steps,
         "generator": generators,
     }
-    kwargs.update(edit_kwargs(job))
+    kwargs.update(edit_kwargs(job, accepted))
     if "output_type" in accepted:
         kwargs["output_type"] = output_type
-    if "guidance_scale" in accepted:
-        kwargs["guidance_scale"] = job.guidance
+    if family.guidance_kwarg in accepted:  # Qwen-Image's true_cfg_scale, everyone else's guidance_scale
+        kwargs[family.guidance_kwarg] = job.guidance
     if family.max_sequence_length and "max_sequence_length" in accepted:
         kwargs["max_sequence_length"] = family.max_sequence_length
-    if any(item.negative_prompt for item in job.items):
-        kwargs["negative_prompt"] = [item.negative_prompt or "" for item in job.items for _ in item.seeds]
+    if "max_area" in accepted:  # FLUX.1 Kontext rescales its output to this area (diffusers' default 1024²)
+        kwargs["max_area"] = job.width * job.height
+    # True CFG (Qwen-Image) runs only with a negative prompt: the family's empty one stands in for a client's.
+    true_cfg = family.empty_negative is not None and job.guidance > 1
+    if true_cfg or any(item.negative_prompt for item in job.items):
+        empty = family.empty_negative or ""
+        kwargs["negative_prompt"] = [item.negative_prompt or empty for item in job.items for _ in item.seeds]
     return kwargs
 
 

@@ -8,16 +8,46 @@ from typing import Any
 
 import numpy as np
 
-from diffuserve.types import BatchJob, Task
+from diffuserve.types import BatchJob, Family, Task
 
 log = logging.getLogger(__name__)
 
 
-def edit_pipelines(pipeline: Any) -> dict[Task, Any]:
-    """The edit pipelines diffusers maps this pipeline's class to (FLUX, SDXL and the built-in models have
+def _made_from(pipeline: Any, class_name: str) -> Any:
+    """The loaded pipeline where it is of `class_name`, else that pipeline made from its components (sharing
+    weights). Not `from_pipe`: given no dtype, diffusers 0.42's casts every shared module to float32, which
+    doubled Qwen-Image-Edit's 54 GB on an 80 GB H100 (out of memory at load)."""
+    import inspect
+
+    import diffusers
+
+    if type(pipeline).__name__ == class_name:
+        made = pipeline
+    else:
+        made_class = getattr(diffusers, class_name)
+        takes = set(inspect.signature(made_class.__init__).parameters)
+        made = made_class(**{name: part for name, part in pipeline.components.items() if name in takes})
+    made.set_progress_bar_config(disable=True)
+    return made
+
+
+def text_pipeline(pipeline: Any, family: Family) -> Any:
+    """What serves text-to-image: the loaded pipeline, or for an edit-only class (Qwen-Image-Edit) the family's
+    text-to-image class made from it."""
+    return _made_from(pipeline, family.text_pipeline) if family.text_pipeline else pipeline
+
+
+def edit_pipelines(pipeline: Any, family: Family | None = None) -> dict[Task, Any]:
+    """The edit pipelines of this family: its own (FLUX.1 Kontext, Qwen-Image-Edit: image-to-image with the
+    picture as a condition), or those diffusers maps the class to (FLUX, SDXL and the built-in models have
     both); a family without one serves no such edits, and the API refuses them."""
     from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
 
+    edit = family.edit if family is not None else "auto"
+    if edit is None:
+        return {}
+    if edit != "auto":
+        return {Task.IMAGE_TO_IMAGE: _made_from(pipeline, edit)}
     found: dict[Task, Any] = {}
     for task, auto in (
         (Task.IMAGE_TO_IMAGE, AutoPipelineForImage2Image),
@@ -33,8 +63,9 @@ def edit_pipelines(pipeline: Any) -> dict[Task, Any]:
     return found
 
 
-def edit_kwargs(job: BatchJob) -> dict[str, Any]:
-    """The pictures, masks and strength of an edit job, as diffusers' edit pipelines take them."""
+def edit_kwargs(job: BatchJob, accepted: set[str] | None = None) -> dict[str, Any]:
+    """The pictures, masks and strength of an edit job, as diffusers' edit pipelines take them (those of them
+    the pipeline's `__call__` takes: a conditioning edit such as Kontext's has no strength)."""
     from PIL import Image
 
     if job.task is Task.GENERATE:
@@ -48,7 +79,7 @@ def edit_kwargs(job: BatchJob) -> dict[str, Any]:
     if job.task is Task.INPAINT:
         masks = [item.mask for item in job.items for _ in item.seeds]
         kwargs["mask_image"] = [Image.fromarray(mask, "L") for mask in masks if mask is not None]
-    return kwargs
+    return {k: v for k, v in kwargs.items() if accepted is None or k in accepted}
 
 
 def keep_outside_mask(images: Any, job: BatchJob, rows: list[int] | None = None) -> Any:

@@ -22,9 +22,9 @@ from diffuserve.engine.calls import (
     text_tokens,
 )
 from diffuserve.engine.config import EngineConfig
-from diffuserve.engine.edits import edit_pipelines, keep_outside_mask
+from diffuserve.engine.edits import edit_pipelines, keep_outside_mask, text_pipeline
 from diffuserve.engine.frames import gpu_jpeg_encoder, to_uint8
-from diffuserve.engine.loader import LoadedPipeline, load_pipeline, model_info
+from diffuserve.engine.loader import LoadedPipeline, check_tier, load_pipeline, model_info
 from diffuserve.engine.previews import PreviewTaker
 from diffuserve.messages import BatchResult, DeviceBatch, GroupRank, PreviewBatch, StartupPhases
 from diffuserve.types import BatchItem, BatchJob, ModelInfo, Task
@@ -73,14 +73,17 @@ class Engine:
             join_group(self.group, self.device)
         c = self.config
         started = time.perf_counter()
-        self.loaded = load_pipeline(c.model_repo, device=self.device, dtype_name=c.dtype, weights=c.weights)
+        self.loaded = load_pipeline(
+            c.model_repo, device=self.device, dtype_name=c.dtype, weights=c.weights, path=c.model_path
+        )
+        check_tier(self.loaded.family, c.tier)
         self.phases.load_s = time.perf_counter() - started
         started = time.perf_counter()
         parallel, pixels = self._accelerate(self.loaded)
         self.phases.tier_s = time.perf_counter() - started
-        pipeline = self.loaded.pipeline
+        pipeline, family = self.loaded.pipeline, self.loaded.family
         # After the tier and the group: the edit pipelines share the (compiled, quantized, split) denoiser.
-        self._pipelines = {Task.GENERATE: pipeline, **edit_pipelines(pipeline)}
+        self._pipelines = {Task.GENERATE: text_pipeline(pipeline, family), **edit_pipelines(pipeline, family)}
         self._accepted_by = {
             task: set(inspect.signature(p.__call__).parameters) for task, p in self._pipelines.items()
         }
@@ -101,10 +104,10 @@ class Engine:
         from diffuserve.engine.tiers.graphs import enable_cuda_graphs, graphs_wanted
         from diffuserve.engine.tiers.modulation import enable_step_modulation
 
-        c, pipeline = self.config, loaded.pipeline
+        c, pipeline, family = self.config, loaded.pipeline, loaded.family
         recipe = recipe_for(c.tier)
-        apply_recipe(pipeline, recipe, device=self.device, cache_dir=c.cache_dir)
-        graphs, why = graphs_wanted(c.cuda_graphs, device=self.device, recipe=recipe)
+        apply_recipe(pipeline, recipe, device=self.device, cache_dir=c.cache_dir, family=family)
+        graphs, why = graphs_wanted(c.cuda_graphs, device=self.device, recipe=recipe, family=family)
         log.info(why)
         parallel, pixels = 1, token_pixels(pipeline)
         if self.group is not None:
@@ -125,7 +128,7 @@ class Engine:
         if graphs and model is not None:
             # After the group's split, so the graphs hold its collectives too.
             self._graphs = enable_cuda_graphs(model)
-        if recipe.step_modulation:
+        if recipe.step_modulation and family.flux_hooks:
             enable_step_modulation(pipeline)
         return parallel, pixels
 
@@ -191,8 +194,11 @@ class Engine:
             output_type = "latent" if self._follower and not self._joint_decode else "pt"
             accepted = self._accepted_by[job.task]
             kwargs = pipeline_kwargs(job, self.loaded.family, accepted, output_type)
+            layout = self.loaded.family.previews
             previews = (
-                None if on_preview is None or self._follower else PreviewTaker(pipeline, job, on_preview)
+                None
+                if on_preview is None or self._follower or layout is None
+                else PreviewTaker(pipeline, job, on_preview, layout)
             )
             if "callback_on_step_end" in accepted:
                 wanted = previews if previews is not None and previews.wanted else None

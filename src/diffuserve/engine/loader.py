@@ -3,17 +3,24 @@ family it belongs to (defaults live in diffuserve.types), and what the server is
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from diffuserve.engine.config import EngineConfig
 from diffuserve.models.registry import BUILTIN_MODELS, is_builtin
-from diffuserve.types import FLUX_DEV, FLUX_SCHNELL, GENERIC, SDXL, TINY_FLUX, Family, ModelInfo, Task
+from diffuserve.types import FAMILIES_BY_CLASS, GENERIC, TINY_FLUX, Family, ModelInfo, Task
 
 log = logging.getLogger(__name__)
+
+# Pipeline classes that make something other than pictures: refused, not served as generic text-to-image.
+NOT_IMAGE = re.compile(r"Video|Audio|Music|Speech|Wan|LTX|Mochi|Allegro|Latte|AnimateDiff|I2V|T2V|Dance")
+# The built-in models on the tiny FLUX (the digits sizes); the other built-ins are tiny versions of a family.
+TINY_FLUX_MODELS = ("tiny-random", "digits")
 
 
 class ModelLoadError(RuntimeError):
@@ -52,44 +59,130 @@ def resolve_dtype(name: str, device: str) -> Any:
     return getattr(torch, name)
 
 
-def load_pipeline(repo: str, *, device: str, dtype_name: str, weights: str) -> LoadedPipeline:
-    """The pipeline on `device` in its dtype. A gated hub repo's token comes from HF_TOKEN in the environment,
-    which the hub library reads itself."""
+def load_pipeline(
+    repo: str, *, device: str, dtype_name: str, weights: str, path: str | None = None
+) -> LoadedPipeline:
+    """The pipeline on `device` in its dtype, read from `path` where given (a hub model's folder in the cache),
+    else from `repo`. A gated hub repo's token comes from HF_TOKEN in the environment, which the hub library
+    reads itself."""
     import torch
 
     dtype = resolve_dtype(dtype_name, device)
     check_model_source(repo, weights)
-    if weights == "random" and not is_builtin(repo):
-        from diffuserve.models.random_weights import build_random_pipeline
-
-        pipeline = build_random_pipeline(repo, device=device, dtype=dtype)
-    elif is_builtin(repo):
-        pipeline = BUILTIN_MODELS[repo]()
-    else:
-        from diffusers import DiffusionPipeline
-
-        try:
-            pipeline = DiffusionPipeline.from_pretrained(os.path.expanduser(repo), torch_dtype=dtype)
-        except (OSError, ValueError) as exc:
-            raise ModelLoadError(f"could not load model {repo!r}: {exc}") from exc
-    if getattr(pipeline, "dtype", dtype) != dtype:
-        pipeline.to(dtype=dtype)
-    pipeline.to(device)
+    try:
+        pipeline = _build_or_load(repo, device=device, dtype=dtype, weights=weights, path=path)
+        if getattr(pipeline, "dtype", dtype) != dtype:
+            pipeline.to(dtype=dtype)
+        pipeline.to(device)
+    except torch.OutOfMemoryError as exc:
+        raise ModelLoadError(_out_of_memory(repo, device, dtype, weights)) from exc
     pipeline.set_progress_bar_config(disable=True)
     family = _family_of(pipeline, repo)
     torch.set_grad_enabled(False)
     return LoadedPipeline(pipeline=pipeline, family=family, device=device, dtype=dtype)
 
 
-def _family_of(pipeline: Any, repo: str) -> Family:
+def _build_or_load(repo: str, *, device: str, dtype: Any, weights: str, path: str | None) -> Any:
+    if weights == "random" and not is_builtin(repo):
+        from diffuserve.models.random_weights import build_random_pipeline
+
+        try:
+            return build_random_pipeline(repo, device=device, dtype=dtype)
+        except ValueError as exc:
+            raise ModelLoadError(str(exc)) from exc
     if is_builtin(repo):
+        return BUILTIN_MODELS[repo]()
+    from diffusers import DiffusionPipeline
+
+    path = path or os.path.expanduser(repo)
+    refuse_non_image(_declared_class(path) or "")
+    try:
+        return DiffusionPipeline.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"could not load model {repo!r}: {exc}") from exc
+
+
+def _declared_class(path: str) -> str | None:
+    """The `_class_name` of a pipeline's model_index.json (a local folder, or the hub's small file), before
+    any weights are fetched; None where it cannot be read (loading then says why)."""
+    try:
+        if Path(path).is_dir():
+            return str(json.loads((Path(path) / "model_index.json").read_text())["_class_name"])
+        from diffusers import DiffusionPipeline
+
+        return str(DiffusionPipeline.load_config(path)["_class_name"])
+    except Exception:  # unreadable or offline: from_pretrained reports the real problem
+        return None
+
+
+def supported_families() -> str:
+    return ", ".join(f"{f.name} ({f.pipeline})" for fs in FAMILIES_BY_CLASS.values() for f in fs)
+
+
+def refuse_non_image(pipeline_class: str) -> None:
+    if NOT_IMAGE.search(pipeline_class):
+        raise ModelLoadError(
+            f"{pipeline_class} does not make images; diffuserve serves {supported_families()}, and other "
+            "diffusers text-to-image pipelines with generic defaults"
+        )
+
+
+def check_tier(family: Family, tier: str) -> None:
+    """A tier the family has no technique for is refused at load, never silently served as another."""
+    if family.tiers and str(tier) not in family.tiers:
+        raise ModelLoadError(
+            f"tier {tier} is not available for {family.name} (its tiers: {', '.join(family.tiers)})"
+        )
+
+
+def _out_of_memory(repo: str, device: str, dtype: Any, weights: str) -> str:
+    """One line for a load that ran out of device memory: what the model needs, where that is known (random
+    weights: the reference counts), and what the device had free once the failed load was released."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    need = ""
+    if weights == "random" and not is_builtin(repo):
+        from diffuserve.models.random_weights import EXPECTED_PARAMS, arch_for_repo
+
+        params = sum(EXPECTED_PARAMS[arch_for_repo(repo)].values())
+        need = f"needs ≈ {params * torch.tensor([], dtype=dtype).element_size() / 2**30:.1f} GiB, "
+    free = ""
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        free = f"device has {torch.cuda.mem_get_info(torch.device(device))[0] / 2**30:.1f} GiB free"
+    return f"model {repo!r} does not fit on {device}: {need}{free or 'out of memory'}"
+
+
+def _family_of(pipeline: Any, repo: str) -> Family:
+    name = type(pipeline).__name__
+    if is_builtin(repo) and repo in TINY_FLUX_MODELS:
         return TINY_FLUX
-    transformer = getattr(pipeline, "transformer", None)
-    guidance = getattr(getattr(transformer, "config", None), "guidance_embeds", None)
-    family = detect_family(type(pipeline).__name__, repo, guidance)
+    refuse_non_image(name)
+    config = getattr(
+        getattr(pipeline, "transformer", None) or getattr(pipeline, "unet", None), "config", None
+    )
+    family = detect_family(name, repo, dict(config) if config is not None else None)
+    if is_builtin(repo):
+        return _tiny(family, pipeline)
     if family is GENERIC:
         family = _sized_for(pipeline, family)
     return family
+
+
+def _tiny(family: Family, pipeline: Any) -> Family:
+    """A built-in tiny version of a family: its abilities, small sizes and short prompts."""
+    sized = _sized_for(pipeline, family)
+    step = sized.size_multiple
+    return replace(
+        sized,
+        name=f"tiny-{family.name}",
+        native_size=max(step, 64 // step * step),
+        max_size=256,
+        max_sequence_length=min(family.max_sequence_length, 32) if family.max_sequence_length else None,
+    )
 
 
 def _sized_for(pipeline: Any, family: Family) -> Family:
@@ -108,18 +201,22 @@ def _sized_for(pipeline: Any, family: Family) -> Family:
     )
 
 
-def detect_family(pipeline_class: str, repo: str, guidance_embeds: bool | None = None) -> Family:
-    """Pick defaults from the pipeline class and repo name; FLUX dev vs schnell by the guidance embedding."""
-    lowered = repo.lower()
-    if pipeline_class.startswith("Flux"):
-        if "schnell" in lowered:
-            return FLUX_SCHNELL
-        if "dev" in lowered:
-            return FLUX_DEV
-        return FLUX_DEV if guidance_embeds else FLUX_SCHNELL
-    if pipeline_class.startswith("StableDiffusionXL"):
-        return SDXL
-    return GENERIC
+def detect_family(pipeline_class: str, repo: str, denoiser_config: dict[str, Any] | None = None) -> Family:
+    """The family of a pipeline class (FAMILIES_BY_CLASS); where several share it, a word of the repo id
+    (FLUX.1 "schnell"/"dev", SD3.5 "large"/"medium"), else the denoiser's config (FLUX.1's guidance
+    embedding, SD3.5's depth) tells them apart. Unknown classes: GENERIC."""
+    candidates = FAMILIES_BY_CLASS.get(pipeline_class)
+    if not candidates:
+        return GENERIC
+    words = re.split(r"[^a-z0-9]+", repo.lower())
+    for family in candidates:
+        if family.repo_hint and family.repo_hint in words:
+            return family
+    config = denoiser_config or {}
+    for family in candidates:
+        if family.variant is not None and config.get(family.variant[0]) == family.variant[1]:
+            return family
+    return candidates[-1]
 
 
 def model_info(
@@ -152,4 +249,6 @@ def model_info(
         parallel=parallel,
         token_pixels=token_pixels,
         edit_tasks=edit_tasks,
+        edit_strength=family.edit in (None, "auto"),
+        previews=family.previews is not None,
     )

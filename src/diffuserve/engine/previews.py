@@ -29,8 +29,14 @@ class PreviewTaker:
     """Called at each denoising step's end (after the pipeline's own update of the latents): at a step some
     item previews, it estimates the clean latents, decodes the rows of those items and hands them over."""
 
-    def __init__(self, pipeline: Any, job: BatchJob, sink: Callable[[PreviewBatch], None]) -> None:
+    def __init__(
+        self, pipeline: Any, job: BatchJob, sink: Callable[[PreviewBatch], None], layout: str = "auto"
+    ) -> None:
         self.pipeline = pipeline
+        # How the family lays out its latents (Family.previews); "auto": FLUX-packed where the pipeline packs.
+        self.layout = (
+            layout if layout != "auto" else "packed" if hasattr(pipeline, "_unpack_latents") else "latents"
+        )
         self.job = job
         self.sink = sink
         self._previous: Any = None
@@ -84,24 +90,42 @@ class PreviewTaker:
 
         pipeline, job = self.pipeline, self.job
         vae = pipeline.vae
-        latents = latents[rows]
-        if hasattr(pipeline, "_unpack_latents"):  # FLUX packs 2×2 latent patches into each token
-            latents = pipeline._unpack_latents(latents, job.height, job.width, pipeline.vae_scale_factor)
+        latents = self._vae_latents(latents[rows])
         pooled = min(job.width, job.height) >= POOLED_PREVIEW_MIN_SIDE
         if pooled:
             latents = torch.nn.functional.avg_pool2d(latents, 2)
-        config = vae.config
+        frames = self.layout == "packed-frames"  # Qwen's video VAE decodes B×C×frames×h×w
+        decoder_input = latents.unsqueeze(2) if frames else latents
+        # Not a group's joint decode, which needs every rank: previews are the leader's alone.
+        images = plain_decode(vae)(decoder_input.to(vae.dtype), return_dict=False)[0]
+        images = images[:, :, 0] if frames else images
+        if pooled:
+            images = torch.nn.functional.interpolate(images, size=(job.height, job.width), mode="bilinear")
+        images = pipeline.image_processor.postprocess(images, output_type="pt")
+        return keep_outside_mask(images, job, rows)
+
+    def _vae_latents(self, latents: Any) -> Any:
+        """B×C×h×w latents in the VAE's own scale, from the denoiser's layout."""
+        import torch
+
+        pipeline, job, layout = self.pipeline, self.job, self.layout
+        scale = int(pipeline.vae_scale_factor)
+        if layout == "patchified":  # FLUX.2: tokens of 2×2 patches, batch-normed; undone as its pipeline does
+            rows, cols = job.height // (scale * 2), job.width // (scale * 2)
+            latents = latents.reshape(latents.shape[0], rows, cols, -1).permute(0, 3, 1, 2)
+            bn = pipeline.vae.bn
+            bn_mean = bn.running_mean.view(1, -1, 1, 1).to(latents.device, latents.dtype)
+            bn_std = torch.sqrt(bn.running_var.view(1, -1, 1, 1) + pipeline.vae.config.batch_norm_eps)
+            return pipeline._unpatchify_latents(latents * bn_std.to(latents.device, latents.dtype) + bn_mean)
+        if layout in ("packed", "packed-frames"):
+            latents = pipeline._unpack_latents(latents, job.height, job.width, scale)
+        if layout == "packed-frames":
+            latents = latents[:, :, 0]
+        config = pipeline.vae.config
         mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
         if mean is not None and std is not None:
             shape = (1, len(mean), 1, 1)
             mean_t = torch.tensor(mean).view(shape).to(latents.device, latents.dtype)
             std_t = torch.tensor(std).view(shape).to(latents.device, latents.dtype)
-            latents = latents * std_t / config.scaling_factor + mean_t
-        else:
-            latents = latents / config.scaling_factor + (getattr(config, "shift_factor", None) or 0.0)
-        # Not a group's joint decode, which needs every rank: previews are the leader's alone.
-        images = plain_decode(vae)(latents.to(vae.dtype), return_dict=False)[0]
-        if pooled:
-            images = torch.nn.functional.interpolate(images, size=(job.height, job.width), mode="bilinear")
-        images = pipeline.image_processor.postprocess(images, output_type="pt")
-        return keep_outside_mask(images, job, rows)
+            return latents * std_t / getattr(config, "scaling_factor", 1.0) + mean_t
+        return latents / config.scaling_factor + (getattr(config, "shift_factor", None) or 0.0)

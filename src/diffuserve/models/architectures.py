@@ -1,4 +1,5 @@
-"""Pipeline architectures from configs: one builder for the tiny built-in FLUX and the real FLUX.1 / SDXL."""
+"""Pipeline architectures from configs: the shared encoders and VAE, and the builders of FLUX.1 (also Kontext)
+and SDXL, for the tiny built-in FLUX and the real models alike."""
 
 from __future__ import annotations
 
@@ -93,9 +94,9 @@ T5_XXL = T5Spec(
         "feed_forward_proj": "gated-gelu",
     }
 )
-_BIG_VAE = {"block_out_channels": (128, 256, 512, 512), "layers_per_block": 2, "sample_size": 1024}
-FLUX_VAE = VaeSpec(16, scaling_factor=0.3611, shift_factor=0.1159, quant_conv=False, **_BIG_VAE)  # type: ignore[arg-type]
-SDXL_VAE = VaeSpec(4, scaling_factor=0.13025, shift_factor=None, quant_conv=True, **_BIG_VAE)  # type: ignore[arg-type]
+BIG_VAE = {"block_out_channels": (128, 256, 512, 512), "layers_per_block": 2, "sample_size": 1024}
+FLUX_VAE = VaeSpec(16, scaling_factor=0.3611, shift_factor=0.1159, quant_conv=False, **BIG_VAE)  # type: ignore[arg-type]
+SDXL_VAE = VaeSpec(4, scaling_factor=0.13025, shift_factor=None, quant_conv=True, **BIG_VAE)  # type: ignore[arg-type]
 _FLUX_TRANSFORMER = {
     "patch_size": 1,
     "in_channels": 64,
@@ -130,6 +131,9 @@ FLUX_SCHNELL = PipelineSpec(
     vae=FLUX_VAE,
     scheduler=_FLUX_SCHEDULER,
 )
+# black-forest-labs/FLUX.1-Kontext-dev: transformer/config.json and scheduler/scheduler_config.json are FLUX.1-dev's
+# (12 B, guidance embedding); the pipeline (FluxKontextPipeline) adds the picture's tokens to the sequence.
+FLUX_KONTEXT = FLUX_DEV
 SDXL = PipelineSpec(
     denoiser={
         "sample_size": 128,
@@ -223,11 +227,14 @@ def build_flux(
     words: list[str] | None = None,
     device: str | None = None,
     dtype: torch.dtype | None = None,
+    pipeline_class: str = "FluxPipeline",
 ) -> Any:
-    """A FluxPipeline with random weights (seed torch first), built on `device` in `dtype` when given.
+    """A FluxPipeline (or FLUX.1 Kontext's FluxKontextPipeline: the same components) with random weights (seed
+    torch first), built on `device` in `dtype` when given.
 
     Tokenizers are the project's word-level ones (no download); the pipelines pad to the real lengths."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    import diffusers
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 
     if not isinstance(spec.second_encoder, T5Spec):
         raise ValueError("a FLUX pipeline's second text encoder is a T5")
@@ -236,7 +243,7 @@ def build_flux(
         clip, t5, vae = build_clip(spec.clip), build_t5(spec.second_encoder), build_vae(spec.vae)
         transformer = FluxTransformer2DModel(**spec.denoiser).eval()
     # Schedulers stay outside: their tables must be float32 on the CPU, as from_pretrained makes them.
-    return FluxPipeline(
+    return getattr(diffusers, pipeline_class)(
         scheduler=FlowMatchEulerDiscreteScheduler(**spec.scheduler),
         vae=vae,
         text_encoder=clip,

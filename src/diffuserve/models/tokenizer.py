@@ -1,8 +1,8 @@
-"""Word-level tokenizers for the built-in models, built in code (no download): a CLIP-style and a T5-style one."""
+"""Word-level tokenizers built in code (no download): CLIP-, T5- and Qwen-style ones with the real padded lengths."""
 
 from __future__ import annotations
 
-from tokenizers import Tokenizer, normalizers, pre_tokenizers
+from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import WordLevel
 from tokenizers.processors import TemplateProcessing
 from transformers import PreTrainedTokenizerFast
@@ -63,3 +63,48 @@ def build_t5_tokenizer(vocab: dict[str, int], max_length: int = 512) -> PreTrain
         eos_token="</s>",
         unk_token="<unk>",
     )
+
+
+# Qwen's chat markers, atomic as in the real vocabulary; the pipelines pad with <|endoftext|>.
+QWEN_SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+    "<|video_pad|>", "<think>", "</think>",
+]  # fmt: skip
+# Qwen3's own template, reduced to what the pipelines ask of it: one user turn, the assistant's header, and
+# the empty thinking block that `enable_thinking=False` adds (FLUX.2 klein; Z-Image keeps thinking on).
+QWEN3_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}"
+    "{% endif %}"
+)
+
+
+def build_qwen_tokenizer(vocab: dict[str, int], max_length: int = 131072) -> PreTrainedTokenizerFast:
+    """A Qwen-style word-level tokenizer: chat markers atomic, each newline and punctuation mark a token of its
+    own (as Qwen's BPE splits them), so a prompt template has the token count the pipelines expect: Qwen-Image
+    drops the first 34 tokens of its template, exactly its system prefix."""
+    vocab = dict(vocab)
+    for token in [*QWEN_SPECIAL_TOKENS, "\n"]:
+        vocab.setdefault(token, len(vocab))
+    tokenizer = Tokenizer(WordLevel(vocab=vocab, unk_token="<unk>"))
+    tokenizer.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(r"[^\S\n]+"), behavior="removed"),
+            pre_tokenizers.Split("\n", behavior="isolated"),
+            # English contractions and runs of punctuation are one token each, as in Qwen's pre-tokenizer.
+            pre_tokenizers.Split(Regex(r"'(?:s|t|re|ve|m|ll|d)|[^\w\s]+"), behavior="isolated"),
+            pre_tokenizers.Digits(individual_digits=True),
+        ]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        model_max_length=max_length,
+        pad_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+        unk_token="<unk>",
+        additional_special_tokens=QWEN_SPECIAL_TOKENS[1:],
+    )
+    fast.chat_template = QWEN3_CHAT_TEMPLATE
+    return fast

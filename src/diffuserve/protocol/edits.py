@@ -76,6 +76,9 @@ class ImageEditRequest(ImageGenerationRequest):
                 param=uploads[self.n][0],
             )
         strength = self.strength if self.strength is not None else DEFAULT_STRENGTH[task]
+        if not model.edit_strength:
+            # A conditioning edit (FLUX.1 Kontext, Qwen-Image-Edit) runs every step from noise: no strength.
+            strength = 1.0
         steps = self._steps_for(strength, model)
         pictures = [open_picture(data, param, max_pixels, stop) for param, data in uploads]
         first_w, first_h = pictures[0].size

@@ -28,6 +28,8 @@ def ring_p2p_runs(loaded: LoadedPipeline, setting: ParallelAttention, *, graphs:
 
     if setting is ParallelAttention.DIFFUSERS:
         return False, "PARALLEL_ATTENTION=diffusers"
+    if not loaded.family.flux_hooks:
+        return False, f"ring-p2p runs on FLUX.1 alone, not {loaded.family.name}"
     if not loaded.device.startswith("cuda") or loaded.dtype not in (torch.bfloat16, torch.float16):
         return False, f"ring-p2p needs bf16 or fp16 on CUDA, not {loaded.dtype} on {loaded.device}"
     if not graphs:

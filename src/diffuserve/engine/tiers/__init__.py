@@ -4,6 +4,7 @@ cache) as diffusers' hooks and APIs; the engine adds CUDA graphs and the AdaLN t
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Any
 
 from diffuserve.engine.tiers.cache import denoiser_of, enable_step_cache, step_cache_of
@@ -17,6 +18,7 @@ from diffuserve.engine.tiers.compile import (
 from diffuserve.engine.tiers.kernels import fuse_qkv
 from diffuserve.engine.tiers.quantize import quantize_fp8
 from diffuserve.engine.tiers.recipes import RECIPES, Recipe, StepCacheOptions, Tier, recipe_for
+from diffuserve.types import Family
 
 log = logging.getLogger(__name__)
 
@@ -33,21 +35,47 @@ __all__ = [
 ]
 
 
-def apply_recipe(pipeline: Any, recipe: Recipe, *, device: str, cache_dir: str) -> list[str]:
-    """Apply a recipe in place; techniques without a kernel on `device` are skipped and say so, never fail.
-    Returns human-readable notes of what was (and was not) applied, also logged."""
+def apply_recipe(
+    pipeline: Any, recipe: Recipe, *, device: str, cache_dir: str, family: Family | None = None
+) -> list[str]:
+    """Apply a recipe in place, only what fits the family (fused QKV where verified, the step cache on FLUX.1
+    alone); techniques without a kernel on `device` are skipped and say so, never fail. Returns
+    human-readable notes of what was (and was not) applied, also logged."""
     model = denoiser_of(pipeline)
     if model is None:
         notes = [recipe.describe(), f"{type(pipeline).__name__} has no transformer or UNet: nothing applied"]
     else:
         notes = [recipe.describe(str(model.dtype).removeprefix("torch."))]
-        _apply(pipeline, model, recipe, device, cache_dir, notes)
+        if family is not None:
+            recipe = _fitted(recipe, family, notes)
+            if family.blocks and not getattr(model, "_repeated_blocks", None):
+                # What compile and fp8 work on, where the model class declares no repeated blocks (SD3).
+                model._repeated_blocks = list(family.blocks)
+        _apply(pipeline, model, recipe, device, cache_dir, notes, family)
     for note in notes:
         log.info(note)
     return notes
 
 
-def _apply(pipeline: Any, model: Any, recipe: Recipe, device: str, cache_dir: str, notes: list[str]) -> None:
+def _fitted(recipe: Recipe, family: Family, notes: list[str]) -> Recipe:
+    if recipe.fuse_qkv and not family.fused_qkv:
+        notes.append(f"fused QKV: skipped, not verified for {family.name}")
+        recipe = replace(recipe, fuse_qkv=False)
+    if recipe.step_cache is not None and not family.flux_hooks:
+        notes.append(f"step cache: skipped, FLUX.1's alone (not {family.name})")
+        recipe = replace(recipe, step_cache=None)
+    return recipe
+
+
+def _apply(
+    pipeline: Any,
+    model: Any,
+    recipe: Recipe,
+    device: str,
+    cache_dir: str,
+    notes: list[str],
+    family: Family | None,
+) -> None:
     if recipe.fuse_qkv:
         fuse_qkv(model, notes)
     # Quantize before compiling, so the compiled graphs see the fp8 weights.
@@ -58,12 +86,12 @@ def _apply(pipeline: Any, model: Any, recipe: Recipe, device: str, cache_dir: st
             "fp8: skipped for UNet models (slower than bf16 at batch 1 on H100, see docs/design/tiers.md)"
         )
     elif recipe.fp8:
-        quantize_fp8(model, device, notes)
+        quantize_fp8(model, device, notes, family.fp8_skip if family else ())
     if recipe.compile:
         ok, why = compile_available(device)
         if ok:
             configure_compile_cache(cache_dir, artifact_key(pipeline, recipe.tier.value), notes)
-            compile_repeated_blocks(model, notes)
+            compile_repeated_blocks(model, notes, varying_text=bool(family and family.varying_text))
         else:
             notes.append(f"torch.compile: skipped, {why}")
     if recipe.step_cache is None:

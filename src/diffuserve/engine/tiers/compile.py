@@ -106,22 +106,30 @@ def save_compile_cache(cache_dir: str) -> str | None:
     return str(path)
 
 
-def compile_repeated_blocks(model: nn.Module, notes: list[str]) -> bool:
+def compile_repeated_blocks(model: nn.Module, notes: list[str], *, varying_text: bool = False) -> bool:
     """diffusers' regional compilation: each repeated block class compiles once (the 57 FLUX blocks share two
     graphs), so warm-up costs seconds per graph instead of minutes for the whole model, for nearly the same
-    speed. Static shapes (`dynamic=False`): each served batch size gets its own kernels at warm-up."""
+    speed. Static shapes (`dynamic=False`): each served batch size gets its own kernels at warm-up. Where the
+    prompt's token count varies from call to call (`varying_text`: Qwen-Image pads no prompt), static shapes
+    would compile again for every new length: there dynamo's automatic dynamic shapes mark a size that changed
+    as symbolic, one recompile in all."""
     names = list(getattr(model, "_repeated_blocks", None) or [])
     compile_blocks = getattr(model, "compile_repeated_blocks", None)
     if not names or compile_blocks is None:
         notes.append(f"torch.compile: skipped, {type(model).__name__} declares no repeated blocks")
         return False
+    if varying_text:
+        dynamo_config: Any = torch._dynamo.config
+        dynamo_config.automatic_dynamic_shapes = True
     try:
-        compile_blocks(dynamic=False)
+        compile_blocks(dynamic=None if varying_text else False)
     except ValueError as exc:  # diffusers: none of the declared block classes is in this model
         notes.append(f"torch.compile: skipped ({exc})")
         return False
     count = sum(type(module).__name__ in names for module in model.modules())
+    shapes = ", sizes that change made dynamic (the prompt's length varies)" if varying_text else ""
     notes.append(
         f"torch.compile (regional, diffusers compile_repeated_blocks): {count} blocks of {', '.join(names)}"
+        + shapes
     )
     return True

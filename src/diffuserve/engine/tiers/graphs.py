@@ -13,6 +13,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from diffuserve.engine.tiers.recipes import Recipe
+from diffuserve.types import Family
 
 log = logging.getLogger(__name__)
 
@@ -24,9 +25,13 @@ MAX_GRAPHS = 16
 _LEAF_TYPES = (bool, int, float, str, type(None))
 
 
-def graphs_wanted(setting: str, *, device: str, recipe: Recipe) -> tuple[bool, str]:
+def graphs_wanted(
+    setting: str, *, device: str, recipe: Recipe, family: Family | None = None
+) -> tuple[bool, str]:
     """Whether to capture the denoiser (`auto`: wherever it can), and why (or why not) in words for the
     start-up log."""
+    if family is not None and not family.cuda_graphs:
+        return False, f"CUDA graphs: off for {family.name} (capture of its denoiser is not verified)"
     if setting == "off":
         return False, "CUDA graphs: off (CUDA_GRAPHS=off)"
     if not device.startswith("cuda"):

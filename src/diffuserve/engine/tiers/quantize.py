@@ -26,17 +26,19 @@ def fp8_available(device: str) -> tuple[bool, str]:
     return True, ""
 
 
-def _quantizable_linears(model: nn.Module) -> set[int]:
+def _quantizable_linears(model: nn.Module, skip: tuple[str, ...] = ()) -> set[int]:
     """Linear layers inside the repeated blocks: they hold nearly all FLOPs; embedders and the output
-    projection keep the pipeline's dtype (small, and the most sensitive to rounding)."""
+    projection keep the pipeline's dtype (small, and the most sensitive to rounding). Names containing a part
+    of `skip` are left out too."""
     names = set(getattr(model, "_repeated_blocks", None) or [])
     chosen: set[int] = set()
     for module in model.modules():
         if type(module).__name__ not in names:
             continue
-        for child in module.modules():
+        for name, child in module.named_modules():
             if (
                 isinstance(child, nn.Linear)
+                and not any(part in name for part in skip)
                 and child.weight.numel() > 0
                 # _scaled_mm wants both matrix sides in multiples of 16.
                 and child.in_features % 16 == 0
@@ -46,7 +48,7 @@ def _quantizable_linears(model: nn.Module) -> set[int]:
     return chosen
 
 
-def quantize_fp8(model: nn.Module, device: str, notes: list[str]) -> bool:
+def quantize_fp8(model: nn.Module, device: str, notes: list[str], skip: tuple[str, ...] = ()) -> bool:
     """Dynamic fp8 (e4m3) row-wise quantization in place. Only pays off when compiled: torchao's eager path
     quantizes activations in separate kernels (measured 403 ms/step eager vs 110 compiled on FLUX.1-dev)."""
     ok, why = fp8_available(device)
@@ -55,7 +57,7 @@ def quantize_fp8(model: nn.Module, device: str, notes: list[str]) -> bool:
         return False
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 
-    chosen = _quantizable_linears(model)
+    chosen = _quantizable_linears(model, skip)
     if not chosen:
         notes.append(
             f"fp8: skipped, no quantizable linear layers in {type(model).__name__}'s repeated blocks"
