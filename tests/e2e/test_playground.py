@@ -24,7 +24,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
-from tests.helpers import ROOT, ServerHandle
+from tests.helpers import ROOT, ServerHandle, start_server
 
 try:  # the front's own fixture; its module skips itself where nginx or supervisord is missing
     from tests.e2e.test_deploy_stack import API_KEY, Stack, stack  # noqa: F401 (stack is a fixture)
@@ -170,7 +170,8 @@ def check_same_image_as_api(
     posts = [r for r in requests if r["method"] == "POST" and r["url"].endswith(GENERATIONS)]
     assert len(posts) == 1, posts
     sent = json.loads(posts[0]["postData"])
-    assert sent == EXPECTED_BODY
+    # The page names the model it read from /v1/models, so a server of several models answers with that one.
+    assert sent == {**EXPECTED_BODY, "model": sent.get("model")} and sent["model"]
     result_images(driver, 1)
     in_page = pixels(
         downloaded(driver, driver.find_element(By.CSS_SELECTOR, "#result-images .card"), downloads)
@@ -275,6 +276,31 @@ def test_page_generates_the_apis_image(server: ServerHandle, browser: WebDriver,
 
 
 @needs_chromium
+def test_page_picks_among_several_models(browser: WebDriver, tmp_path: Path) -> None:
+    """A server of two models: the page lists both, and asks the one picked for its images."""
+    with start_server(MODELS="digits,tiny-random", IMAGE_STORE_DIR=str(tmp_path / "store")) as server:
+        browser.get(f"{server.base_url}/")
+        wait_for(browser, lambda d: status(d) == "ready", "the page to read the models from /v1/models", 60)
+        picker = Select(browser.find_element(By.ID, "model-select"))
+        assert browser.find_element(By.ID, "model-select").is_displayed()
+        assert [o.text for o in picker.options] == ["digits-xl-bs4", "tiny-random-xl-bs4"]
+        picker.select_by_value("tiny-random-xl-bs4")
+        wait_for(
+            browser, lambda d: d.find_element(By.ID, "model-status").text == "tiny-random-xl-bs4", "the pick"
+        )
+        network_log(browser)  # only what follows
+        fill_and_generate(browser)
+        result_images(browser, 1)
+        posts = [r for r in network_log(browser) if r["method"] == "POST" and r["url"].endswith(GENERATIONS)]
+        sent = json.loads(posts[0]["postData"])
+        assert sent["model"] == "tiny-random-xl-bs4"
+        # The answer came from that model: the timing panel shows the response's x-model header.
+        timing = browser.find_element(By.ID, "timing").text
+        assert "tiny-random-xl-bs4" in timing and "digits" not in timing, timing
+        assert console_errors(browser) == []
+
+
+@needs_chromium
 @pytest.mark.skipif(bool(FRONT_MISSING), reason=FRONT_MISSING)
 def test_page_through_the_front_with_a_key(stack: Stack, browser: WebDriver, tmp_path: Path) -> None:
     browser.get(f"{stack.public}/playground")
@@ -353,6 +379,7 @@ def test_previews_arrive_then_the_apis_image(
     assert posts[0]["headers"]["Accept"] == "text/event-stream"
     sent = json.loads(posts[0]["postData"])
     assert sent == {
+        "model": "digits-xl-bs8",
         "prompt": "the digit 2",
         "n": 1,
         "output_format": "png",
@@ -483,6 +510,7 @@ def test_page_edits_a_generated_image_with_a_painted_mask(
     fields = dict(forms[0]["fields"])
     image, mask = fields.pop("image"), fields.pop("mask")
     assert fields == {
+        "model": "digits-xl-bs8",
         "prompt": "the digit 8",
         "n": "1",
         "output_format": "png",

@@ -47,11 +47,19 @@ async function loadModel() {
     setStatus("error", `models: HTTP ${response.status}`);
     return;
   }
-  const card = ((await response.json()).data || [])[0];
-  if (!card) {
+  const cards = (await response.json()).data || [];
+  if (!cards.length) {
     setStatus("error", "no model served");
     return;
   }
+  // A server of several models: the page asks the one picked here (the first by default).
+  const picker = $("model-select");
+  if (picker.options.length !== cards.length) {
+    picker.replaceChildren(...cards.map((one) => new Option(one.id, one.id)));
+  }
+  picker.hidden = cards.length < 2;
+  const card = cards.find((one) => one.id === picker.value) || cards[0];
+  picker.value = card.id;
   state.card = card;
   if (card.supports_negative_prompt == null) {
     setStatus("loading", `${card.id} loading…`);
@@ -99,6 +107,7 @@ function formFields() {
     output_format: $("format").value,
     response_format: "b64_json",
   };
+  if (state.card) fields.model = state.card.id;
   if (!$("negative-box").hidden && $("negative-prompt").value.trim()) {
     fields.negative_prompt = $("negative-prompt").value.trim();
   }
@@ -260,6 +269,7 @@ function init() {
     sessionStorage.setItem(KEY_STORE, $("api-key").value.trim());
     loadModel();
   });
+  $("model-select").addEventListener("change", loadModel);
   $("size").addEventListener("change", () => {
     $("custom-size").hidden = $("size").value !== "custom";
   });
