@@ -130,7 +130,8 @@ async def _answer(request: Request, kind: str, accept: Callable[..., Awaitable[A
                 "n > 1 returns several images: ask for JSON with response_format 'b64_json'", param="n"
             )
         request.state.model, request.state.n = model_label, generation.n
-        timeout = request_timeout(request, settings)
+        # One deadline for the whole request: an edit's decoding has already spent part of it.
+        timeout = max(0.001, request_timeout(request, settings) - (time.perf_counter() - started))
         if streamed:
             return _stream(
                 request, kind, accepted, timeout, lambda done, status: _finish(request, done, status, count)
