@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from tests.fake_hub import FakeHub, serve_fake_hub, tiny_pipeline_folder
-from tests.helpers import server_handle, start_server
+from tests.helpers import free_port, server_handle, start_server
 
 
 @pytest.fixture(scope="session")
@@ -158,3 +158,21 @@ def test_serve_pulls_a_model_missing_from_the_cache_with_progress_in_readiness(
     with start_server(["tiny/flux"], **down) as again:
         assert httpx.get(f"{again.base_url}/health/ready", timeout=5).json()["models"][0]["status"] == "ready"
         assert "pulling" not in again.log_path.read_text()
+
+
+def test_serve_of_a_repo_the_hub_does_not_have_exits_in_one_line(fake_hub: FakeHub, tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
+    env.update(HF_HOME=str(tmp_path), HF_ENDPOINT=fake_hub.url, HF_HUB_DISABLE_XET="1", DEVICES="cpu")
+    result = subprocess.run(
+        [sys.executable, "-m", "diffuserve", "serve", "--port", str(free_port()), "tiny/missing"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "diffuserve serve: could not pull the model missing-xl-bs4: tiny/missing not found on the hub; check the "
+        "id (a private repo also needs HF_TOKEN)"
+    )
