@@ -31,20 +31,10 @@ import torch
 
 from common import ROOT, environment, log, out_dir, write_json
 from diffuserve.engine.config import CudaGraphs, DType, EngineConfig, Weights
+from diffuserve.models.random_weights import RELEASED_REPOS
 from diffuserve.types import Tier
 
-MODELS = {
-    "flux-dev": "black-forest-labs/FLUX.1-dev",
-    "flux-schnell": "black-forest-labs/FLUX.1-schnell",
-    "flux-kontext": "black-forest-labs/FLUX.1-Kontext-dev",
-    "flux2-klein": "black-forest-labs/FLUX.2-klein-4B",
-    "sd35-large": "stabilityai/stable-diffusion-3.5-large",
-    "sd35-medium": "stabilityai/stable-diffusion-3.5-medium",
-    "qwen-image": "Qwen/Qwen-Image",
-    "qwen-image-edit": "Qwen/Qwen-Image-Edit",
-    "z-image-turbo": "Tongyi-MAI/Z-Image-Turbo",
-    "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
-}
+MODELS = RELEASED_REPOS
 PROMPTS = ["a photo of a red fox in the snow", "an astronaut riding a horse on the moon", "a bowl of ramen"]
 
 

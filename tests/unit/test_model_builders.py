@@ -9,6 +9,7 @@ import torch
 from diffuserve.models.random_weights import (
     EXPECTED_PARAMS,
     PUBLISHED_PARAMS,
+    RELEASED_REPOS,
     arch_for_repo,
     build_random_pipeline,
     count_params,
@@ -16,18 +17,7 @@ from diffuserve.models.random_weights import (
 )
 from diffuserve.models.tokenizer import build_qwen_tokenizer, build_vocab
 
-REPOS = {
-    "flux-kontext": "black-forest-labs/FLUX.1-Kontext-dev",
-    "flux2-klein": "black-forest-labs/FLUX.2-klein-4B",
-    "sd35-large": "stabilityai/stable-diffusion-3.5-large",
-    "sd35-medium": "stabilityai/stable-diffusion-3.5-medium",
-    "qwen-image": "Qwen/Qwen-Image",
-    "qwen-image-edit": "Qwen/Qwen-Image-Edit",
-    "z-image-turbo": "Tongyi-MAI/Z-Image-Turbo",
-    "flux-dev": "black-forest-labs/FLUX.1-dev",
-    "flux-schnell": "black-forest-labs/FLUX.1-schnell",
-    "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
-}
+REPOS = RELEASED_REPOS
 PIPELINES = {
     "flux-kontext": "FluxKontextPipeline",
     "flux2-klein": "Flux2KleinPipeline",

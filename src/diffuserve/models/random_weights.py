@@ -56,12 +56,20 @@ _REPO_PATTERNS: list[tuple[str, str]] = [
     (r"z-image-turbo", "z-image-turbo"),
     (r"xl", "sdxl"),
 ]
-EXAMPLE_REPOS = (
-    "black-forest-labs/FLUX.1-dev, black-forest-labs/FLUX.1-schnell, black-forest-labs/FLUX.1-Kontext-dev, "
-    "black-forest-labs/FLUX.2-klein-4B, stabilityai/stable-diffusion-3.5-large, "
-    "stabilityai/stable-diffusion-3.5-medium, Qwen/Qwen-Image, Qwen/Qwen-Image-Edit, Tongyi-MAI/Z-Image-Turbo, "
-    "stabilityai/stable-diffusion-xl-base-1.0"
-)
+# The released repo of each architecture --weights random builds (its examples, the benchmarks' models).
+RELEASED_REPOS: dict[str, str] = {
+    "flux-dev": "black-forest-labs/FLUX.1-dev",
+    "flux-schnell": "black-forest-labs/FLUX.1-schnell",
+    "flux-kontext": "black-forest-labs/FLUX.1-Kontext-dev",
+    "flux2-klein": "black-forest-labs/FLUX.2-klein-4B",
+    "sd35-large": "stabilityai/stable-diffusion-3.5-large",
+    "sd35-medium": "stabilityai/stable-diffusion-3.5-medium",
+    "qwen-image": "Qwen/Qwen-Image",
+    "qwen-image-edit": "Qwen/Qwen-Image-Edit",
+    "z-image-turbo": "Tongyi-MAI/Z-Image-Turbo",
+    "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
+}
+EXAMPLE_REPOS = ", ".join(RELEASED_REPOS.values())
 
 
 def arch_for_repo(repo: str) -> str:
