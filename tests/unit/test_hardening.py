@@ -260,7 +260,7 @@ async def test_ready_is_503_while_loading_then_200_and_auth_applies(tmp_path: Pa
         ready = await client.get("/health/ready")
         early = await client.post(URL, json={"prompt": "x"}, headers={**JSON, **keys})
         assert ready.status_code == 503, "readiness must be 503 before the worker has loaded"
-        await until(lambda: app.state.service.describe_workers()[0].get("phase") == "loading")
+        await until(lambda: [w.get("phase") for w in app.state.service.describe_workers()] == ["loading"])
         loading = (await client.get("/health/ready")).json()
         assert loading["models"] == [
             {"name": "fake", "repo": "fake-slow-loading", "devices": ["cpu"], "status": "loading"}

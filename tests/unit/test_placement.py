@@ -75,3 +75,15 @@ def test_a_gpu_asked_of_a_machine_without_one_is_refused_in_one_line() -> None:
         ValueError, match=r"^cuda:0 asked for, but this machine has no NVIDIA GPU; use DEVICES=cpu$"
     ):
         place_models(settings, gpus_present=False)
+
+
+def test_random_weights_are_sized_from_the_released_configs() -> None:
+    settings = Settings.from_env(
+        {}, models=["Qwen/Qwen-Image", "black-forest-labs/FLUX.1-dev"], weights="random", devices="0"
+    )
+    qwen = estimate_weight_bytes(ModelSpec("Qwen/Qwen-Image"), settings, "cuda:0")
+    assert qwen is not None and 53 * GIB < qwen < 54 * GIB  # 28.85 B parameters in bf16
+    with pytest.raises(
+        ValueError, match=r"^the models do not fit cuda:0: qwen-image-xl-bs4 ≈ 53\.\d GiB \+ flux"
+    ):
+        place_models(settings, capacity=lambda device: 80 * GIB, gpus_present=True)

@@ -75,33 +75,40 @@ class ModelService:
             cpu_workers=cpu_workers,
         )
 
-    async def start(self) -> None:
-        """Pull the model first where it comes from the hub and is not in the cache yet (its progress in the
-        log and in readiness), then start the workers; a pull that fails stops the server in one line."""
-        if needs_pull(self.spec.repo, self.config.weights):
-            self.phase = "downloading"
-            report = log_progress(self.name, logger=log)
+    @property
+    def needs_pull(self) -> bool:
+        return needs_pull(self.spec.repo, self.config.weights)
 
-            def progress(done: PullProgress) -> None:
-                if self.stopping.is_set():
-                    raise DownloadCancelled(
-                        self.spec.repo
-                    )  # the pull stops; its partial files stay for a resume
-                self.download = done
-                report(done)
+    async def pull(self) -> bool:
+        """Pull the model where it comes from the hub and is not in the cache yet, its progress in the log and
+        in readiness. False when it failed (the server stops, in one line) or the server is stopping."""
+        if not self.needs_pull:
+            return True
+        self.phase = "downloading"
+        report = log_progress(self.name, logger=log)
 
-            log.info("%s is not in the hub cache: pulling %s", self.name, self.spec.repo)
-            try:
-                await asyncio.to_thread(pull, self.spec.repo, token=self.hf_token, progress=progress)
-            except (PullError, DownloadCancelled) as exc:
-                if not self.stopping.is_set():  # else: stopped on purpose, not a failure
-                    self._fatal(f"could not pull the model {self.name}: {exc}")
-                return
+        def progress(done: PullProgress) -> None:
+            if self.stopping.is_set():
+                raise DownloadCancelled(self.spec.repo)  # the pull stops; its partial files stay for a resume
+            self.download = done
+            report(done)
+
+        log.info("%s is not in the hub cache: pulling %s", self.name, self.spec.repo)
+        try:
+            await asyncio.to_thread(pull, self.spec.repo, token=self.hf_token, progress=progress)
+        except (PullError, DownloadCancelled) as exc:
+            if not self.stopping.is_set():  # else: stopped on purpose, not a failure
+                self._fatal(f"could not pull the model {self.name}: {exc}")
+            return False
+        return not self.stopping.is_set()
+
+    def start_workers(self) -> None:
+        """Start the workers; a hub model's are told its folder in the cache, so they never ask the hub."""
         if self.stopping.is_set():
             return
         if HUB_ID.fullmatch(self.spec.repo) and self.config.weights != "random":
             snapshot = cached_snapshot(self.spec.repo)
-            if snapshot is not None:  # workers read the cache's folder: no hub round trip at each (re)start
+            if snapshot is not None:
                 self.pool.engine_config = replace(self.pool.engine_config, model_path=str(snapshot))
         self.phase = "loading"
         self.pool.start()

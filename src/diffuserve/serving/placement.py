@@ -13,6 +13,7 @@ from pathlib import Path
 from diffuserve.config import Settings
 from diffuserve.model_specs import ModelSpec, parse_model_devices
 from diffuserve.models.registry import DIGITS_DIR
+from diffuserve.models.released import EXPECTED_PARAMS, arch_for_repo
 from diffuserve.serving.engine_config import served_model_name
 from diffuserve.serving.worker_handle import resolve_devices
 
@@ -45,7 +46,7 @@ def place_models(
     take more than WEIGHTS_SHARE of its memory (only models whose size can be known beforehand count), and
     when a GPU is asked of a machine that has none."""
     weight_bytes = weight_bytes or (lambda spec, device: estimate_weight_bytes(spec, settings, device))
-    capacity = capacity or device_memory
+    capacity = capacity or device_memory_of
     specs = settings.model_specs
     names = {spec: served_model_name(settings, spec) for spec in specs}
     own = parse_model_devices(settings.model_devices)
@@ -65,16 +66,19 @@ def place_models(
         gpus_present = bool(glob.glob("/dev/nvidia[0-9]*"))
     if gpus and not gpus_present:
         raise ValueError(f"{gpus[0]} asked for, but this machine has no NVIDIA GPU; use DEVICES=cpu")
-    _check_fit(placement, names, weight_bytes, capacity)
+    check_fit(placement, names, weight_bytes, capacity)
     return placement
 
 
-def _check_fit(
+def check_fit(
     placement: dict[ModelSpec, list[str]],
     names: dict[ModelSpec, str],
     weight_bytes: Callable[[ModelSpec, str], int | None],
-    capacity: Callable[[str], int | None],
+    capacity: Callable[[str], int | None] | None = None,
 ) -> None:
+    """Raises ValueError, with each model's size and the device's memory, when the weights of the models a
+    device holds would take more than WEIGHTS_SHARE of it (models of unknown size are not counted)."""
+    memory_of = capacity or device_memory_of
     on_device: dict[str, list[tuple[str, int]]] = {}
     for spec, devices in placement.items():
         for device in dict.fromkeys(devices):
@@ -82,7 +86,7 @@ def _check_fit(
             if size is not None:
                 on_device.setdefault(device, []).append((names[spec], size))
     for device, sized in on_device.items():
-        total, room = sum(size for _, size in sized), capacity(device)
+        total, room = sum(size for _, size in sized), memory_of(device)
         if room is None:
             continue
         shown = " + ".join(f"{name} {size / GIB:.1f} GiB" for name, size in sized)
@@ -98,18 +102,21 @@ def _check_fit(
 
 
 def estimate_weight_bytes(spec: ModelSpec, settings: Settings, device: str) -> int | None:
-    """The model's weights in memory, from its safetensors headers (exact parameter counts, at the dtype it
-    will run in); None when the files are not on disk yet (a hub model still to be pulled, random weights)."""
-    folder = _local_folder(spec.repo, settings)
-    if folder is None:
-        return None
-    params = stored = 0
-    for path in folder.rglob("*.safetensors"):
-        for dtype, count in _tensor_sizes(path):
-            params += count
-            stored += count * _DTYPE_BYTES.get(dtype, 2)
-    if not params:
-        return None
+    """The model's weights in memory at the dtype it will run in: random weights from the released config's
+    parameter counts, files on disk from their safetensors headers (exact counts); None where neither is known
+    (a hub model still to be pulled, an unknown architecture)."""
+    if settings.weights == "random":
+        try:
+            params = int(sum(EXPECTED_PARAMS[arch_for_repo(spec.repo)].values()))
+        except (ValueError, KeyError):
+            return None
+    else:
+        folder = _local_folder(spec.repo, settings)
+        if folder is None:
+            return None
+        params = sum(count for path in folder.rglob("*.safetensors") for count in _tensor_counts(path))
+        if not params:
+            return None
     if settings.dtype == "auto":
         # bf16 on a GPU, fp32 on the CPU (engine.loader.resolve_dtype)
         return params * (2 if device.startswith("cuda") else 4)
@@ -117,8 +124,6 @@ def estimate_weight_bytes(spec: ModelSpec, settings: Settings, device: str) -> i
 
 
 def _local_folder(repo: str, settings: Settings) -> Path | None:
-    if settings.weights == "random":
-        return None
     if repo == "digits":
         return DIGITS_DIR
     path = Path(repo).expanduser()
@@ -138,26 +143,26 @@ def _hub_cache(settings: Settings) -> str | None:
     return os.path.join(settings.hf_home, "hub") if settings.hf_home else None
 
 
-def _tensor_sizes(path: Path) -> list[tuple[str, int]]:
-    """(dtype, element count) of every tensor in a safetensors file, from its JSON header alone."""
+def _tensor_counts(path: Path) -> list[int]:
+    """The element count of every tensor in a safetensors file, from its JSON header alone."""
     try:
         with path.open("rb") as file:
             (length,) = struct.unpack("<Q", file.read(8))
             header = json.loads(file.read(length))
     except (OSError, ValueError, struct.error):
         return []
-    sizes = []
+    counts = []
     for name, entry in header.items():
         if name == "__metadata__":
             continue
         count = 1
         for dim in entry.get("shape", []):
             count *= int(dim)
-        sizes.append((str(entry.get("dtype", "BF16")), count))
-    return sizes
+        counts.append(count)
+    return counts
 
 
-def device_memory(device: str) -> int | None:
+def device_memory_of(device: str) -> int | None:
     """Total memory of a device in bytes: the GPU's (NVML, no CUDA context in this process), else the host's."""
     if device == "cpu":
         try:

@@ -11,7 +11,7 @@ from diffuserve.config import Settings
 from diffuserve.errors import DeadlineExceeded, ModelNotFound, NotReady, QueueFull
 from diffuserve.serving.engine_config import engine_config
 from diffuserve.serving.model_service import ModelService
-from diffuserve.serving.placement import place_models
+from diffuserve.serving.placement import check_fit, estimate_weight_bytes, place_models
 from diffuserve.serving.scheduler import PartialSink, Pending, SchedulerObserver
 from diffuserve.serving.worker_handle import WorkerState
 from diffuserve.serving.worker_process import EngineFactory, load_engine
@@ -79,9 +79,28 @@ class GenerationService:
         self.started_at = time.time()
 
     async def start(self) -> None:
-        """Each model pulls (where it must) and starts its workers; the server answers health probes meanwhile."""
+        """Pull the models not in the cache (the server answers health probes meanwhile), check again that the
+        set fits its devices now that every size is known, then start every model's workers."""
         self.settings.export_hub_env()  # the hub library reads the cache folder and token from there
-        self._starting = [asyncio.create_task(service.start()) for service in self.models.values()]
+        self._starting = [asyncio.create_task(self._start())]
+
+    async def _start(self) -> None:
+        services = list(self.models.values())
+        pulled = any(service.needs_pull for service in services)
+        if not all(await asyncio.gather(*(service.pull() for service in services))):
+            return
+        if pulled:
+            try:
+                check_fit(
+                    {service.spec: service.devices for service in services},
+                    {service.spec: service.name for service in services},
+                    lambda spec, device: estimate_weight_bytes(spec, self.settings, device),
+                )
+            except ValueError as exc:
+                self._fatal(str(exc))
+                return
+        for service in services:
+            service.start_workers()
 
     async def stop(self) -> None:
         # A pull still running stops at its next progress report (its thread cannot be cancelled from here).
