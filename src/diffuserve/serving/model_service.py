@@ -119,8 +119,7 @@ class ModelService:
 
     def _fatal(self, message: str) -> None:
         self.fatal_error = message
-        log.error("%s", message)
-        self._on_fatal(message)
+        self._on_fatal(message)  # the server logs it and stops
 
     @property
     def ready(self) -> bool:

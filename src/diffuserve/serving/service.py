@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -28,6 +29,9 @@ __all__ = [
     "WorkerState",
     "load_engine",
 ]
+
+
+log = logging.getLogger(__name__)
 
 
 class ClientGone(Exception):
@@ -110,6 +114,7 @@ class GenerationService:
     def _fatal(self, message: str) -> None:
         # One model that can never load stops the server: it would otherwise stay unready for ever.
         self.fatal_error = self.fatal_error or message
+        log.error("%s", message)
         if self._on_fatal is not None:
             self._on_fatal(message)
 
