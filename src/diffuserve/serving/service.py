@@ -10,7 +10,7 @@ from typing import Any
 
 from diffuserve.config import Settings
 from diffuserve.errors import DeadlineExceeded, ModelNotFound, NotReady, QueueFull
-from diffuserve.serving.engine_config import engine_config
+from diffuserve.serving.engine_config import served_model_name
 from diffuserve.serving.model_service import ModelService
 from diffuserve.serving.placement import check_fit, estimate_weight_bytes, place_models
 from diffuserve.serving.scheduler import PartialSink, Pending, SchedulerObserver
@@ -67,7 +67,7 @@ class GenerationService:
                 settings,
                 spec,
                 devices,
-                observer=observer_for(engine_config(settings, spec).model_name) if observer_for else None,
+                observer=observer_for(served_model_name(settings, spec)) if observer_for else None,
                 on_fatal=self._fatal,
                 on_alive_changed=self._alive_changed,
                 on_restart=on_restart,
@@ -79,14 +79,14 @@ class GenerationService:
             first_worker_id += len(service.pool.slots)
             self.models[service.name] = service
         self._by_alias = _aliases(list(self.models.values()))
-        self._starting: list[asyncio.Task[None]] = []
+        self._starting: asyncio.Task[None] | None = None
         self.started_at = time.time()
 
     async def start(self) -> None:
         """Pull the models not in the cache (the server answers health probes meanwhile), check again that the
         set fits its devices now that every size is known, then start every model's workers."""
         self.settings.export_hub_env()  # the hub library reads the cache folder and token from there
-        self._starting = [asyncio.create_task(self._start())]
+        self._starting = asyncio.create_task(self._start())
 
     async def _start(self) -> None:
         services = list(self.models.values())
@@ -109,7 +109,8 @@ class GenerationService:
     async def stop(self) -> None:
         # A pull still running stops at its next progress report (its thread cannot be cancelled from here).
         await asyncio.gather(*(service.stop() for service in self.models.values()))
-        await asyncio.gather(*self._starting, return_exceptions=True)
+        if self._starting is not None:
+            await asyncio.gather(self._starting, return_exceptions=True)
 
     def _fatal(self, message: str) -> None:
         # One model that can never load stops the server: it would otherwise stay unready for ever.
