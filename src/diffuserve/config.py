@@ -134,7 +134,7 @@ class Settings(EnvSettings):
         "cache of M and S decides on the CPU at every step); off = never",
     )
     max_queue: int = setting(
-        256, "MAX_QUEUE", help="most requests waiting; beyond it the server answers 429", ge=1
+        256, "MAX_QUEUE", help="most requests waiting for each model; beyond it the server answers 429", ge=1
     )
     batch_wait_ms: float = setting(
         5.0,
