@@ -1,5 +1,6 @@
 """FLUX's AdaLN modulation for all of a call's steps in one batched product per norm, looked up at each step:
-a diffusers hook on the denoiser fills the call's tables, one on each norm's `linear` returns the step's rows.
+a diffusers hook on the denoiser fills the call's tables, a torch forward hook on each norm's `linear` returns
+the step's rows.
 
 The modulation (each block's shift, scale and gate) depends only on the timestep, the guidance and the pooled
 text embedding. At one row a product reads its whole weight for a few kilobytes: 77 such products a step for
@@ -25,28 +26,50 @@ from diffuserve.engine.tiers.graphs import CapturedCall
 
 log = logging.getLogger(__name__)
 
-TABLES_HOOK, ROWS_HOOK = "diffuserve_step_modulation", "diffuserve_step_modulation_rows"
+TABLES_HOOK = "diffuserve_step_modulation"
+# The buffer on each norm's linear that holds the current step's rows.
+ROWS_BUFFER = "step_modulation_rows"
 # Steps a table holds at first; a call with more steps grows it. Captured fills kept, oldest dropped first.
 MIN_STEPS, MAX_FILL_GRAPHS = 32, 16
 
 
-class StepRows(ModelHook):  # type: ignore[misc]
-    """On a norm's `linear`: its output is `current`, the step's rows the denoiser's hook put there, so the
-    one-row product is gone from the forward, the compiled blocks and the CUDA graphs."""
+class StepRows:
+    """On a norm's `linear`: its output is replaced by `current`, the step's rows the denoiser's hook put there.
+
+    A torch forward hook (one module-level function for every norm) and a buffer, not a diffusers hook: diffusers
+    gives each hooked module its own `functools.partial` forward, and dynamo guards on that object's identity,
+    so the regionally compiled blocks recompiled once per block instance (57 for FLUX.1, past the recompile
+    limit). Compiled, the linear's now unused product is dead code and is dropped from the graph."""
 
     def __init__(self, linear: nn.Linear) -> None:
-        super().__init__()
+        self.linear = linear
         # A quantized weight (torchao's fp8 tensors) reports the dtype its products return in.
         dtype = linear.bias.dtype if linear.bias is not None else linear.weight.dtype
-        self.current = torch.zeros(0, linear.out_features, device=linear.weight.device, dtype=dtype)
+        linear.register_buffer(
+            ROWS_BUFFER,
+            torch.zeros(0, linear.out_features, device=linear.weight.device, dtype=dtype),
+            persistent=False,
+        )
+        self.handle = linear.register_forward_hook(_looked_up)
         self.table = self.current.new_empty(0, 0, linear.out_features)
 
-    def new_forward(self, module: nn.Module, input: torch.Tensor) -> torch.Tensor:
-        return self.current[: input.shape[0]]
+    @property
+    def current(self) -> torch.Tensor:
+        rows: torch.Tensor = getattr(self.linear, ROWS_BUFFER)
+        return rows
+
+    @current.setter
+    def current(self, rows: torch.Tensor) -> None:
+        setattr(self.linear, ROWS_BUFFER, rows)
 
     def compute(self, embedding: torch.Tensor) -> torch.Tensor:
-        """The product itself, as the norm computes it: linear(silu(embedding))."""
-        return self.fn_ref.original_forward(nn.functional.silu(embedding))  # type: ignore[no-any-return]
+        """The product itself, as the norm computes it: linear(silu(embedding)) (`forward` skips the hook)."""
+        return self.linear.forward(nn.functional.silu(embedding))  # type: ignore[no-any-return]
+
+
+def _looked_up(module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
+    rows: torch.Tensor = getattr(module, ROWS_BUFFER)
+    return rows[: args[0].shape[0]]
 
 
 def norm_linears(model: nn.Module) -> list[nn.Linear] | None:
@@ -212,10 +235,7 @@ def enable_step_modulation(pipeline: Any) -> StepModulation | None:
     registry = HookRegistry.check_if_exists_or_initialize(model)
     if isinstance(existing := registry.get_hook(TABLES_HOOK), StepModulation):
         return existing
-    rows = []
-    for linear in linears:
-        rows.append(StepRows(linear))
-        HookRegistry.check_if_exists_or_initialize(linear).register_hook(rows[-1], ROWS_HOOK)
+    rows = [StepRows(linear) for linear in linears]
     tables = StepModulation(model, rows, scheduler)
     registry.register_hook(tables, TABLES_HOOK)
     log.info("AdaLN tables: %d modulation products computed once per call, looked up per step", len(linears))
