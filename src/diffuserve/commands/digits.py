@@ -1,4 +1,4 @@
-"""The digits model's commands: `train-digits`, `eval digits`, `digits-grid` and `digits-showcase`."""
+"""The digits model's commands: `train-digits`, `train-digits-lora`, `eval digits`, `digits-grid`, `digits-showcase`."""
 
 from __future__ import annotations
 
@@ -29,6 +29,25 @@ def register(subparsers: Any) -> None:
     )
     train.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
     train.set_defaults(func=_train, needs_extra="digits")
+
+    lora = subparsers.add_parser(
+        "train-digits-lora",
+        help='train the digits model\'s "mirror" LoRA (fixed seed, CPU) and save it into the package',
+        description="Train a LoRA on the frozen digits model that draws every digit mirrored left-right, "
+        "then measure it with the digit classifier, with and without the adapter.",
+    )
+    lora.add_argument("--seed", type=int, default=0)
+    lora.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1)")
+    lora.add_argument("--steps", type=int, default=None, help="training steps (default 1500)")
+    lora.add_argument("--rank", type=int, default=None, help="LoRA rank, alpha equal to it (default 4)")
+    lora.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="folder for mirror.safetensors and mirror.json (default: the package's digits/loras)",
+    )
+    lora.add_argument("--eval-seeds", type=int, default=20, help="seeds × 10 digits to evaluate on (0: none)")
+    lora.set_defaults(func=_train_lora, needs_extra="digits")
 
     evaluate = subparsers.add_parser(
         "eval",
@@ -97,6 +116,28 @@ def _train(args: argparse.Namespace) -> int:
     print(f"trained in {record['train_seconds']:.0f} s ({cfg.threads} thread(s))")
     if result is not None:
         print(result.report())
+    return 0
+
+
+def _train_lora(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from diffuserve.models.digits.lora_evaluate import report
+    from diffuserve.models.digits.lora_train import LORA_DIR, LoraTrainConfig, train_mirror
+
+    out = LORA_DIR if args.out is None else args.out
+    if out.exists() and not out.is_dir():
+        print(f"diffuserve train-digits-lora: --out {out} exists and is not a folder", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    overrides = {"threads": args.threads, "steps": args.steps, "rank": args.rank, "lora_alpha": args.rank}
+    cfg = replace(LoraTrainConfig(seed=args.seed), **{k: v for k, v in overrides.items() if v is not None})
+    record = train_mirror(cfg, out, eval_seeds=max(0, args.eval_seeds))
+    print(
+        f"trained in {record['train_seconds']:.0f} s ({cfg.threads} thread(s)), {record['weights_bytes']} bytes"
+    )
+    if "evaluation" in record:
+        print(report(record["evaluation"]))
     return 0
 
 
