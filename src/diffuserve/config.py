@@ -10,10 +10,11 @@ from urllib.parse import urlsplit
 from pydantic import field_validator, model_validator
 from pydantic_settings import NoDecode
 
+from diffuserve.choices import LogFormat, LogLevel, LoraBatching
 from diffuserve.engine.config import CudaGraphs, DType, ParallelAttention, Weights
 from diffuserve.envsettings import EnvSettings, setting
-from diffuserve.model_specs import ModelSpec, parse_model_devices, parse_models
-from diffuserve.types import StrChoice, Tier
+from diffuserve.model_specs import ModelSpec, parse_model_devices, parse_models, parse_named_paths
+from diffuserve.types import Tier
 
 DEFAULT_MODEL = "digits"
 __all__ = [
@@ -22,22 +23,11 @@ __all__ = [
     "DType",
     "LogFormat",
     "LogLevel",
+    "LoraBatching",
     "ParallelAttention",
     "Settings",
     "Weights",
 ]
-
-
-class LogFormat(StrChoice):
-    TEXT = "text"
-    JSON = "json"
-
-
-class LogLevel(StrChoice):
-    DEBUG = "debug"
-    INFO = "info"
-    WARNING = "warning"
-    ERROR = "error"
 
 
 def split_keys(raw: Any) -> Any:
@@ -279,10 +269,39 @@ class Settings(EnvSettings):
         "(413 for one body larger than all of it)",
         ge=1,
     )
+    lora_dir: str | None = setting(
+        None,
+        "LORA_DIR",
+        help="folder of adapters (diffusers' LoRA files) requests name in `loras` (docs/loras.md)",
+    )
+    loras: Annotated[list[str], NoDecode] = setting(
+        list,
+        "LORAS",
+        help="adapters read at start, NAME=PATH, comma-separated (the flag may repeat)",
+        flag="--lora",
+    )
+    lora_max_rank: int = setting(
+        64, "LORA_MAX_RANK", help="most rank a request's adapters add up to in one layer", ge=1, le=1024
+    )
+    lora_slots: int = setting(
+        0,
+        "LORA_SLOTS",
+        help="adapter sets each worker holds ready (0 = MODEL_BATCH + 1; one stays empty)",
+        ge=0,
+    )
+    lora_cache_mb: int = setting(
+        1024, "LORA_CACHE_MB", help="most MiB of adapter weights each worker keeps on its device", ge=1
+    )
+    lora_batching: LoraBatching = setting(
+        LoraBatching.MIXED,
+        "LORA_BATCHING",
+        help="mixed: one batch runs requests of different adapters, each image with its own; split: a batch "
+        "holds one adapter set",
+    )
     log_format: LogFormat = setting(LogFormat.TEXT, "LOG_FORMAT", help="json: one JSON object per line")
     log_level: LogLevel = setting(LogLevel.INFO, "LOG_LEVEL", help="least severe level logged")
 
-    @field_validator("api_keys", "models", mode="before")
+    @field_validator("api_keys", "models", "loras", mode="before")
     @classmethod
     def _split_keys(cls, value: Any) -> Any:
         return split_keys(value)
@@ -309,7 +328,18 @@ class Settings(EnvSettings):
             parse_model_devices(self.model_devices)
         except ValueError as exc:
             raise ValueError(f"MODEL_DEVICES (--model-devices): {exc}") from None
+        self.lora_paths  # noqa: B018 (a malformed NAME=PATH fails here, at start)
+        if self.lora_slots and self.lora_slots < self.model_batch + 1:
+            raise ValueError(
+                f"LORA_SLOTS (--lora-slots) {self.lora_slots} is below MODEL_BATCH + 1 ({self.model_batch + 1}): "
+                "a batch of different adapters needs a slot per image and an empty one"
+            )
         return self
+
+    @property
+    def lora_paths(self) -> dict[str, str]:
+        """The adapters read at start, name → path."""
+        return parse_named_paths(self.loras, "LORAS (--lora)")
 
     @property
     def model_specs(self) -> list[ModelSpec]:

@@ -26,6 +26,9 @@ class BatchResult:
     encode_ms: float = 0.0
     # Per job item: the prompt's tokens as the model's text encoder reads them (negative prompt included).
     text_tokens: list[int] = field(default_factory=list)
+    # The batch's adapters: those read from their files (name → seconds) and those found in the cache.
+    adapter_loads: dict[str, float] = field(default_factory=dict)
+    adapter_hits: list[str] = field(default_factory=list)
     error: str | None = None
 
 
@@ -143,6 +146,8 @@ class DeviceBatch:
     device_encoded: dict[int, bytes] = field(default_factory=dict)
     device_encode_ms: float = 0.0
     text_tokens: list[int] = field(default_factory=list)
+    adapter_loads: dict[str, float] = field(default_factory=dict)
+    adapter_hits: list[str] = field(default_factory=list)
 
     @property
     def inference_ms(self) -> float:

@@ -61,3 +61,14 @@ def parse_model_devices(entries: list[str]) -> dict[str, str]:
             raise ValueError(f"{entry!r} is not MODEL=DEVICES (e.g. flux=0,1)")
         placement[model.strip()] = devices.strip()
     return placement
+
+
+def parse_named_paths(items: list[str], setting: str) -> dict[str, str]:
+    """`NAME=PATH` items (adapters read at start) → name → path; a malformed one names its setting."""
+    paths: dict[str, str] = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise ValueError(f"{setting}: {item!r} is not NAME=PATH")
+        paths[name.strip()] = path.strip()
+    return paths

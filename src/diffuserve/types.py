@@ -3,7 +3,7 @@ nothing of the project, so any layer may use it."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any
 
@@ -167,6 +167,15 @@ class BatchKey:
     strength: float = 1.0
 
 
+@dataclass(frozen=True)
+class LoraUse:
+    """One adapter a request applies: the name the client gave, its file, and the client's scale."""
+
+    name: str
+    path: str
+    scale: float = 1.0
+
+
 @dataclass
 class GenerationRequest:
     """One validated client request, in the units the engine uses."""
@@ -188,6 +197,8 @@ class GenerationRequest:
     partial_images: int = 0
     # Where this request's first image sits in the client's request (a part of a split request starts later).
     first_image: int = 0
+    # The adapters (LoRA) applied to this request's images, in the client's order.
+    loras: tuple[LoraUse, ...] = ()
 
     @property
     def seeds(self) -> list[int]:
@@ -219,6 +230,7 @@ class GenerationRequest:
             init_images=self._init_images(),
             mask=self.edit.mask if self.edit is not None else None,
             partial_images=self.partial_images,
+            loras=self.loras,
         )
 
     def _init_images(self) -> list[Any] | None:
@@ -265,6 +277,7 @@ class BatchItem:
     init_images: list[Any] | None = None
     mask: Any | None = None
     partial_images: int = 0
+    loras: tuple[LoraUse, ...] = ()
 
 
 @dataclass
@@ -367,6 +380,10 @@ class ModelInfo:
     edit_strength: bool = True
     # Whether partial images can be sent while streaming (False: the API should refuse partial_images).
     previews: bool = True
+    # Adapters: the most rank a request's adapters may add up to per layer (0: this server takes none), and
+    # the layers they may change, name → (in, out) features.
+    lora_max_rank: int = 0
+    lora_targets: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def image_tokens(self, width: int, height: int) -> int:
         """The denoiser's positions for one width×height image (its image tokens in `usage`)."""

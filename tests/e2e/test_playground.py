@@ -301,6 +301,36 @@ def test_page_picks_among_several_models(browser: WebDriver, tmp_path: Path) -> 
 
 
 @needs_chromium
+def test_page_applies_an_adapter_the_model_takes(browser: WebDriver, tmp_path: Path) -> None:
+    """A server with the digits model's shipped adapter: the page lists it under the model, sends it with its
+    scale, and shows the API's image for that body (not the plain one)."""
+    from diffuserve.models.digits.lora_train import MIRROR_WEIGHTS
+
+    with start_server(LORAS=f"mirror={MIRROR_WEIGHTS}", IMAGE_STORE_DIR=str(tmp_path / "store")) as server:
+        browser.get(f"{server.base_url}/")
+        wait_for(browser, lambda d: status(d) == "ready", "the page to read the model from /v1/models", 60)
+        wait_for(browser, lambda d: d.find_element(By.ID, "lora-box").is_displayed(), "the adapter list")
+        picker = Select(browser.find_element(By.ID, "lora"))
+        assert [o.text for o in picker.options] == ["none", "mirror (rank 4)"]
+        picker.select_by_value("mirror")
+        scale = browser.find_element(By.ID, "lora-scale")
+        scale.clear()
+        scale.send_keys("0.9")
+        network_log(browser)  # only what follows
+        fill_and_generate(browser)
+        result_images(browser, 1)
+        posts = [r for r in network_log(browser) if r["method"] == "POST" and r["url"].endswith(GENERATIONS)]
+        sent = json.loads(posts[0]["postData"])
+        assert sent["loras"] == [{"name": "mirror", "scale": 0.9}]
+        card = browser.find_element(By.CSS_SELECTOR, "#result-images .card")
+        in_page = pixels(downloaded(browser, card, tmp_path / "downloads"))
+        assert np.array_equal(in_page, pixels(api_image(server.base_url, sent)))
+        plain = {key: value for key, value in sent.items() if key != "loras"}
+        assert not np.array_equal(in_page, pixels(api_image(server.base_url, plain)))
+        assert console_errors(browser) == []
+
+
+@needs_chromium
 @pytest.mark.skipif(bool(FRONT_MISSING), reason=FRONT_MISSING)
 def test_page_through_the_front_with_a_key(stack: Stack, browser: WebDriver, tmp_path: Path) -> None:
     browser.get(f"{stack.public}/playground")

@@ -90,6 +90,31 @@ class Metrics:
             registry=r,
         )
 
+        self.adapter_requests = Counter(
+            "diffuserve_adapter_requests",
+            "Requests that applied an adapter (LoRA), by adapter",
+            ["model", "adapter"],
+            registry=r,
+        )
+        self.adapter_loads = Counter(
+            "diffuserve_adapter_loads",
+            "Adapters read from their files into a worker's cache (a cache miss), by adapter",
+            ["model", "adapter"],
+            registry=r,
+        )
+        self.adapter_cache_hits = Counter(
+            "diffuserve_adapter_cache_hits",
+            "Batches that found an adapter in their worker's cache, by adapter",
+            ["model", "adapter"],
+            registry=r,
+        )
+        self.adapter_load_seconds = Histogram(
+            "diffuserve_adapter_load_seconds",
+            "Time to read an adapter's file into a worker's cache",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+
     def observer_for(self, model: str) -> ModelObserver:
         """The hooks of one model's scheduler (a SchedulerObserver): its queue depth is its own."""
         return ModelObserver(self, model)
@@ -112,3 +137,10 @@ class ModelObserver:
         self.metrics.batch_size.observe(images)
         for wait in waits_s:
             self.metrics.queue_seconds.observe(wait)
+
+    def adapters_used(self, loaded: dict[str, float], hits: list[str]) -> None:
+        for name, seconds in loaded.items():
+            self.metrics.adapter_loads.labels(self.model, name).inc()
+            self.metrics.adapter_load_seconds.observe(seconds)
+        for name in hits:
+            self.metrics.adapter_cache_hits.labels(self.model, name).inc()

@@ -49,6 +49,12 @@ class EngineConfig:
     cuda_graphs: CudaGraphs = CudaGraphs.AUTO
     parallel_attention: ParallelAttention = ParallelAttention.AUTO
     parallel_decode: bool = True
+    # Adapters (LoRA): the most rank per layer (0: none), the slots per layer (0: MODEL_BATCH + 1), the bytes of
+    # adapter weights kept on the device, and the files read into that cache at start.
+    lora_max_rank: int = 0
+    lora_slots: int = 0
+    lora_cache_bytes: int = 2**30
+    lora_preload: tuple[str, ...] = ()
     # How the worker process logs: as the server does.
     log_format: str = "text"
     log_level: str = "info"

@@ -54,6 +54,9 @@ class Engine:
         self._tokenizer: Any = None
         self._gpu_jpeg = gpu_jpeg_encoder(device)
         self._graphs: Any = None
+        # Per-request adapters (LoRA), where the server takes them.
+        self.adapters: Any = None
+        self._lora_targets: dict[str, tuple[int, int]] = {}
         # Whether a group's ranks decode each batch's latents together (see `parallel.split_decode`).
         self._joint_decode = False
         # Set after a CUDA error that leaves the device unusable: the worker then exits and is replaced.
@@ -93,6 +96,9 @@ class Engine:
         self.info = model_info(
             c, self.loaded.family, accepted, parallel=parallel, token_pixels=pixels, edit_tasks=edits
         )
+        if self.adapters is not None:
+            self.info.lora_max_rank = c.lora_max_rank
+            self.info.lora_targets = self._lora_targets
         return self.info
 
     def _accelerate(self, loaded: LoadedPipeline) -> tuple[int, int]:
@@ -106,7 +112,15 @@ class Engine:
 
         c, pipeline, family = self.config, loaded.pipeline, loaded.family
         recipe = recipe_for(c.tier)
+        model = denoiser_of(pipeline)
+        if c.lora_max_rank > 0 and model is not None:
+            # Before the tier: fusing QKV empties the separate projections whose shapes adapters name.
+            from diffuserve.engine.lora import lora_targets
+
+            self._lora_targets = lora_targets(model, family.blocks)
         apply_recipe(pipeline, recipe, device=self.device, cache_dir=c.cache_dir, family=family)
+        if self._lora_targets:
+            self._install_adapters(model)
         graphs, why = graphs_wanted(c.cuda_graphs, device=self.device, recipe=recipe, family=family)
         log.info(why)
         parallel, pixels = 1, token_pixels(pipeline)
@@ -124,13 +138,27 @@ class Engine:
                 "VAE decode: %s",
                 f"on the leader alone ({whole})" if whole else "split by rows across the group",
             )
-        model = denoiser_of(pipeline)
         if graphs and model is not None:
             # After the group's split, so the graphs hold its collectives too.
             self._graphs = enable_cuda_graphs(model)
         if recipe.step_modulation and family.flux_hooks:
             enable_step_modulation(pipeline)
         return parallel, pixels
+
+    def _install_adapters(self, model: Any) -> None:
+        """After the tier (its fused and quantized layers carry the adapters), before compile first runs."""
+        from diffuserve.engine.lora import EngineAdapters
+
+        c = self.config
+        self.adapters = EngineAdapters(
+            model,
+            self._lora_targets,
+            max_rank=c.lora_max_rank,
+            slots=c.lora_slots or c.max_batch + 1,
+            max_batch=c.max_batch,
+            cache_bytes=c.lora_cache_bytes,
+        )
+        self.adapters.preload(c.lora_preload)
 
     def close(self) -> None:
         """Release the CUDA graphs, then leave the group: NCCL's teardown waits for ever on a communicator
@@ -194,6 +222,7 @@ class Engine:
             output_type = "latent" if self._follower and not self._joint_decode else "pt"
             accepted = self._accepted_by[job.task]
             kwargs = pipeline_kwargs(job, self.loaded.family, accepted, output_type)
+            adapters = self.adapters.prepare(job) if self.adapters is not None else None
             layout = self.loaded.family.previews
             previews = (
                 None
@@ -216,6 +245,8 @@ class Engine:
             decode_ms = min(decode_ms, inference_ms)
             batch = DeviceBatch(job, pixels, inference_ms - decode_ms, decode_ms)
             batch.text_tokens = text_tokens(self._tokenizer, job, self.loaded.family.max_sequence_length)
+            if adapters is not None:
+                batch.adapter_loads, batch.adapter_hits = adapters.loaded, adapters.hits
             if on_device is not None:
                 self._encode_on_device(batch, on_device)
             return batch

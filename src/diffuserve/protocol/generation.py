@@ -17,6 +17,7 @@ from pydantic import (
     Field,
     SerializerFunctionWrapHandler,
     ValidationError,
+    field_validator,
     model_serializer,
     model_validator,
 )
@@ -74,6 +75,21 @@ def decode_json(raw: bytes) -> Any:
         raise InvalidRequest("the request body is nested too deeply to be a valid request") from None
 
 
+MAX_LORAS = 4
+MAX_LORA_SCALE = 4.0
+
+
+class LoraRequest(BaseModel):
+    """One adapter of a request's `loras`: a name (LORA_DIR's, or one read at start), an optional file in a
+    folder, and its strength (1 = as trained, 0 = off, negative = away from it)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: str = Field(min_length=1, max_length=200)
+    scale: float = Field(default=1.0, ge=-MAX_LORA_SCALE, le=MAX_LORA_SCALE, allow_inf_nan=False)
+    weight_name: str | None = Field(default=None, min_length=1, max_length=200)
+
+
 class ImageGenerationRequest(BaseModel):
     """`POST /v1/images/generations` body. Strict types: "4" is not a number. Unknown fields are logged."""
 
@@ -103,6 +119,31 @@ class ImageGenerationRequest(BaseModel):
     guidance_scale: float | None = Field(default=None, ge=0.0, le=MAX_GUIDANCE, allow_inf_nan=False)
     num_inference_steps: int | None = Field(default=None, ge=1)
     negative_prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
+    loras: list[LoraRequest] | None = Field(default=None, max_length=MAX_LORAS)
+
+    @field_validator("loras", mode="before")
+    @classmethod
+    def _loras_from_text(cls, value: Any) -> Any:
+        """A multipart form sends `loras` as JSON text; a JSON body may too."""
+        if isinstance(value, str):
+            try:
+                return json.loads(value)
+            except (ValueError, RecursionError):  # RecursionError: "[[[[…" deeper than the parser goes
+                raise ValueError("must be a JSON list of {name, scale, weight_name} objects") from None
+        return value
+
+    @field_validator("loras")
+    @classmethod
+    def _distinct_loras(cls, value: list[LoraRequest] | None) -> list[LoraRequest] | None:
+        seen = [(lora.name, lora.weight_name) for lora in value or []]
+        if len(set(seen)) != len(seen):
+            raise ValueError("an adapter is named twice; give each once, with the scale you want")
+        return value
+
+    @property
+    def adapters(self) -> list[tuple[str, str | None, float]]:
+        """The adapters asked for: name, file in its folder (or None), scale."""
+        return [(lora.name, lora.weight_name, lora.scale) for lora in self.loras or []]
 
     @classmethod
     def parse(cls, payload: Any) -> ImageGenerationRequest:

@@ -6,7 +6,12 @@ from diffuserve.config import Settings
 from diffuserve.engine.config import EngineConfig
 from diffuserve.model_specs import ModelSpec, model_slug
 
-__all__ = ["engine_config", "model_slug", "served_model_name"]
+__all__ = ["adapters_enabled", "engine_config", "model_slug", "served_model_name"]
+
+
+def adapters_enabled(settings: Settings) -> bool:
+    """Requests may name adapters where LORA_DIR or an adapter read at start is given."""
+    return bool(settings.lora_dir or settings.loras)
 
 
 def served_model_name(settings: Settings, spec: ModelSpec | None = None) -> str:
@@ -35,6 +40,10 @@ def engine_config(settings: Settings, spec: ModelSpec | None = None) -> EngineCo
         cuda_graphs=settings.cuda_graphs,
         parallel_attention=settings.parallel_attention,
         parallel_decode=settings.parallel_decode,
+        lora_max_rank=settings.lora_max_rank if adapters_enabled(settings) else 0,
+        lora_slots=settings.lora_slots,
+        lora_cache_bytes=settings.lora_cache_mb * 2**20,
+        lora_preload=tuple(settings.lora_paths.values()),
         log_format=settings.log_format.value,
         log_level=settings.log_level.value,
     )

@@ -72,6 +72,8 @@ class BatchEncoder:
             decode_ms=batch.decode_ms,
             encode_ms=(time.perf_counter() - started) * 1000 + batch.device_encode_ms,
             text_tokens=batch.text_tokens,
+            adapter_loads=batch.adapter_loads,
+            adapter_hits=batch.adapter_hits,
         )
         cursor = 0
         for item in job.items:

@@ -11,7 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from diffuserve.config import Settings
+from diffuserve.config import LoraBatching, Settings
 from diffuserve.hub import PullError, cached_snapshot, is_cached, pull
 from diffuserve.hub.progress import DownloadCancelled, PullProgress, log_progress
 from diffuserve.model_specs import ModelSpec
@@ -53,6 +53,7 @@ class ModelService:
             max_queue=settings.max_queue,
             batch_wait_s=settings.batch_wait_ms / 1000,
             observer=observer,
+            split_adapters=settings.lora_batching is LoraBatching.SPLIT,
         )
         self.fatal_error: str | None = None
         self._on_fatal = on_fatal

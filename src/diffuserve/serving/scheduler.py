@@ -33,6 +33,8 @@ class SchedulerObserver(Protocol):
 
     def batch_started(self, images: int, waits_s: list[float]) -> None: ...
 
+    def adapters_used(self, loaded: dict[str, float], hits: list[str]) -> None: ...
+
 
 # Called with (partial_index, index of the first image in the client's request, the preview's images).
 PartialSink = Callable[[int, int, list[EncodedImage]], None]
@@ -70,6 +72,9 @@ class Scheduler:
     # Called with (worker id, batch id) when every request of a running batch has gone: the pool asks the
     # worker to stop it at its next step.
     on_abandoned: Callable[[int, int], None] | None = None
+    # Whether a batch holds one adapter set only (LORA_BATCHING=split); otherwise each image row of a batch
+    # applies its own request's adapters.
+    split_adapters: bool = False
     queue: list[Pending] = field(default_factory=list, init=False)
     idle: dict[int, WorkerSlot] = field(default_factory=dict, init=False)
     in_flight: dict[int, InFlight] = field(default_factory=dict, init=False)
@@ -190,6 +195,8 @@ class Scheduler:
         self._batch_seconds_ema = elapsed if ema is None else 0.8 * ema + 0.2 * elapsed
 
     def _deliver(self, flight: InFlight, result: BatchResult) -> None:
+        if self.observer is not None and (result.adapter_loads or result.adapter_hits):
+            self.observer.adapters_used(result.adapter_loads, result.adapter_hits)
         if result.error is None and len(result.images) != len(flight.pendings):
             result.error = f"worker returned {len(result.images)} results for {len(flight.pendings)} requests"
         for index, pending in enumerate(flight.pendings):
@@ -237,14 +244,17 @@ class Scheduler:
                 return
             self._start(group)
 
+    def _key(self, request: GenerationRequest) -> object:
+        return (request.batch_key, request.loras) if self.split_adapters else request.batch_key
+
     def _compatible_group(self, head: Pending) -> list[Pending]:
-        key = head.request.batch_key
+        key = self._key(head.request)
         group = [head]
         images = head.request.n
         for pending in self.queue[1:]:
             if images >= self.max_batch:
                 break
-            if pending.request.batch_key == key and images + pending.request.n <= self.max_batch:
+            if self._key(pending.request) == key and images + pending.request.n <= self.max_batch:
                 group.append(pending)
                 images += pending.request.n
         return group

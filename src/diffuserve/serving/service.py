@@ -10,13 +10,14 @@ from typing import Any
 
 from diffuserve.config import Settings
 from diffuserve.errors import DeadlineExceeded, ModelNotFound, NotReady, QueueFull
+from diffuserve.serving.adapters import AdapterResolver
 from diffuserve.serving.engine_config import served_model_name
 from diffuserve.serving.model_service import ModelService
 from diffuserve.serving.placement import check_fit, estimate_weight_bytes, place_models
 from diffuserve.serving.scheduler import PartialSink, Pending, SchedulerObserver
 from diffuserve.serving.worker_handle import WorkerState
 from diffuserve.serving.worker_process import EngineFactory, load_engine
-from diffuserve.types import Completed, GenerationRequest, ModelInfo
+from diffuserve.types import Completed, GenerationRequest, LoraUse, ModelInfo
 
 # What the API layer may use of the serving layer is this module: its service and these names.
 __all__ = [
@@ -79,6 +80,8 @@ class GenerationService:
             first_worker_id += len(service.pool.slots)
             self.models[service.name] = service
         self._by_alias = _aliases(list(self.models.values()))
+        self.adapters = AdapterResolver(settings)
+        self.adapters.check_preloaded()
         self._starting: asyncio.Task[None] | None = None
         self.started_at = time.time()
 
@@ -170,6 +173,20 @@ class GenerationService:
         if model is None:
             raise NotReady("the model is still loading; retry shortly (see /health/ready)")
         return model
+
+    async def resolve_adapters(
+        self, model: ModelInfo, wanted: list[tuple[str, str | None, float]]
+    ) -> tuple[LoraUse, ...]:
+        """The adapters a request names, found and checked against its model (InvalidRequest naming `loras`
+        otherwise); their files are read off the event loop."""
+        if not wanted:
+            return ()
+        return await asyncio.to_thread(self.adapters.resolve, model, wanted)
+
+    def describe_adapters(self) -> list[dict[str, Any]]:
+        """Every adapter a request may name, and which served models take it (blocking: reads headers)."""
+        loaded = [service.model for service in self.models.values() if service.model is not None]
+        return self.adapters.describe(loaded)
 
     async def generate(
         self,

@@ -123,6 +123,9 @@ async def _answer(request: Request, kind: str, accept: Callable[..., Awaitable[A
         drain.refuse_if_draining()
         accepted = await accept(model_for)
         generation = accepted.generation
+        generation.loras = await service.resolve_adapters(accepted.model, accepted.body.adapters)
+        for use in generation.loras:
+            metrics.adapter_requests.labels(model_label, use.name).inc()
         streamed = bool(accepted.body.stream)
         as_json = streamed or wants_json(accepted.body.response_format, request.headers)
         if not as_json and generation.n > 1:

@@ -1,6 +1,10 @@
-"""`GET /v1/models` in OpenAI list shape (every served model), and one model by id or alias."""
+"""`GET /v1/models` in OpenAI list shape (every served model), one model by id or alias, and `GET /v1/loras`
+(the adapters requests may name)."""
 
 from __future__ import annotations
+
+import asyncio
+from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 
@@ -34,3 +38,12 @@ async def list_models(request: Request) -> ModelList:
 async def get_model(model_id: str, request: Request) -> ModelCard:
     service = service_of(request)
     return _card(service, service.service_for(model_id))  # ModelNotFound (404) names the served ones
+
+
+@router.get("/v1/loras")
+@router.get("/loras", include_in_schema=False)
+async def list_loras(request: Request) -> dict[str, Any]:
+    """The adapters a request may name in `loras`: id, rank, layers, bytes and the models that take each
+    (those loaded so far); an unusable file is listed with its error."""
+    service = service_of(request)
+    return {"object": "list", "data": await asyncio.to_thread(service.describe_adapters)}

@@ -68,9 +68,30 @@ async function loadModel() {
   }
   setStatus("ready", card.id);
   $("negative-box").hidden = !card.supports_negative_prompt;
+  loadAdapters(card.id);
   $("steps").placeholder = `default ${card.default_steps}`;
   $("guidance").placeholder = `default ${card.default_guidance}`;
   showDefaults();
+}
+
+// The adapters (GET /v1/loras) the picked model takes; the box stays hidden on a server without any.
+async function loadAdapters(model) {
+  let listed = [];
+  try {
+    const response = await fetch("v1/loras", { headers: authHeaders({ Accept: "application/json" }) });
+    if (response.ok) listed = (await response.json()).data || [];
+  } catch {
+    listed = [];
+  }
+  const usable = listed.filter((one) => (one.models || []).includes(model));
+  const picker = $("lora");
+  const kept = picker.value;
+  picker.replaceChildren(
+    new Option("none", ""),
+    ...usable.map((one) => new Option(`${one.id} (rank ${one.rank})`, one.id)),
+  );
+  picker.value = usable.some((one) => one.id === kept) ? kept : "";
+  $("lora-box").hidden = usable.length === 0;
 }
 
 class FormError extends Error {
@@ -110,6 +131,11 @@ function formFields() {
   if (state.card) fields.model = state.card.id;
   if (!$("negative-box").hidden && $("negative-prompt").value.trim()) {
     fields.negative_prompt = $("negative-prompt").value.trim();
+  }
+  if (!$("lora-box").hidden && $("lora").value) {
+    const scale = optionalNumber("lora-scale", "Scale", Number) ?? 1;
+    if (scale < -4 || scale > 4) throw new FormError("Scale must be from -4 to 4.", "lora-scale");
+    fields.loras = [{ name: $("lora").value, scale }];
   }
   const size = $("size").value;
   if (size === "custom") {
@@ -158,7 +184,10 @@ async function buildRequest() {
   form.append("image", editor.blob, editor.name);
   const mask = await maskBlob();
   if (mask) form.append("mask", mask, "mask.png");
-  for (const [name, value] of Object.entries(fields)) form.append(name, String(value));
+  // A list (loras) travels as JSON text, which the server reads from a form.
+  for (const [name, value] of Object.entries(fields)) {
+    form.append(name, typeof value === "object" ? JSON.stringify(value) : String(value));
+  }
   if (seed !== undefined) form.append("seed", seed);
   // No Content-Type: the browser writes it with the form's boundary.
   return { ...request, url: "v1/images/edits", body: form, headers: accept };
