@@ -340,6 +340,45 @@ def split_decode(name: str) -> str:
     return table(header, rows)
 
 
+def loras(name: str) -> str:
+    """Adapters per request (gpu_lora.py): diffuserve with adapters off and on at each tier, and diffusers'
+    compiled hotswap, from one run's rows."""
+    rows = []
+    for row in load(name):
+        lone, loop = row["lone_s"], row.get("closed_loop", {})
+        hotswap = row["tier"] == "diffusers-hotswap"
+        setup = (
+            "diffusers + compile, hotswap"
+            if hotswap
+            else f"diffuserve {row['tier']}, adapters {row['adapters']}"
+        )
+        swap = row.get("swap_s") if hotswap else [ms / 1000 for ms in row.get("swap_ms", [])]
+        rows.append(
+            [
+                setup,
+                " / ".join(
+                    f"{lone[k]:.3f}" if k in lone else "—" for k in ("no_adapter", "same_adapter", "swapping")
+                ),
+                f"{median(swap) * 1000:.0f} ms" if swap else "—",
+                str(row["recompiles"]) if "recompiles" in row else "—",
+                " / ".join(
+                    f"{loop[k]['images_per_s']:.3f}" if k in loop else "—"
+                    for k in ("no_adapter", "split", "mixed")
+                ),
+            ]
+        )
+    header = [
+        "setup",
+        "lone request, s: no adapter / adapter / alternating",
+        "swap",
+        "recompiles",
+        "8 users, img/s: no adapter / 4 adapters split / mixed",
+    ]
+    first = load(name)[0]
+    where = f"FLUX.1-dev, random weights, {first['size']}², {first['steps']} steps. "
+    return table(header, rows) + "\n\n" + where + run_line(first["environment"])
+
+
 # The families' tier runs, in the table's order (FLUX.1 first: the runs of the tiers block above).
 FAMILY_RUNS = (
     "flux-dev",
@@ -364,6 +403,7 @@ BLOCKS: dict[str, tuple[Callable[..., str], tuple[str, ...]]] = {
     "encoders": (encoders, ("h200-profile.json",)),
     "parallel-group": (parallel_group, ("h200x2-parallel-tables.json",)),
     "split-decode": (split_decode, ("h200x2-split-decode.json",)),
+    "loras": (loras, ("h100-lora-flux-dev.jsonl",)),
 }
 
 
