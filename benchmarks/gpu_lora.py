@@ -4,7 +4,8 @@ with none. The engine as a worker runs it (tier recipe, CUDA graphs, warm-up) on
 architecture, with random adapters of several ranks on every adaptable layer; the load comes from the
 server's own Scheduler in this process (its batching rules, no HTTP).
 
-    python benchmarks/gpu_lora.py --model flux-dev --tiers XL,L --out $OUT      # ≈ 6 min on an H100
+    python benchmarks/gpu_lora.py --model flux-dev --tiers XL --baseline --out $OUT   # ≈ 5 min on an H100
+    python benchmarks/gpu_lora.py --model flux-dev --tiers "" --hotswap --out $OUT    # diffusers hotswap alone
     python benchmarks/gpu_lora.py --model digits --device cpu --tiers E --size 32 --ranks 4,8,16,2 --out /tmp/l
 
 Output (--out, else $OUT): lora-<model>.jsonl, one row per tier.
