@@ -20,6 +20,8 @@ import json
 import tempfile
 import threading
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -317,34 +319,27 @@ def main() -> int:
     out = out_dir(args.out)
     env = environment()
     with tempfile.TemporaryDirectory() as folder:
+        runs: list[tuple[str, Callable[[], dict[str, Any]], dict[str, Any]]] = []
         if args.hotswap:
+            runs.append(
+                ("hotswap", lambda: measure_hotswap(args, Path(folder)), {"tier": "diffusers-hotswap"})
+            )
+        for tier in [tier for tier in args.tiers.split(",") if tier]:
+            if args.baseline:
+                runs.append(
+                    (
+                        f"{tier} adapters off",
+                        partial(measure_without, args, tier),
+                        {"tier": tier, "adapters": "off"},
+                    )
+                )
+            runs.append((tier, partial(measure, args, tier, Path(folder)), {"tier": tier, "adapters": "on"}))
+        for name, run, identity in runs:
             try:
-                row = measure_hotswap(args, Path(folder))
-            except Exception as exc:
-                row = {
-                    "model": args.model,
-                    "tier": "diffusers-hotswap",
-                    "error": f"{type(exc).__name__}: {exc}",
-                }
-                log(f"hotswap failed: {row['error']}")
-            row["environment"] = env
-            with (out / f"lora-{args.model}.jsonl").open("a") as fh:
-                fh.write(json.dumps(row) + "\n")
-            torch._dynamo.reset()
-            gc.collect()
-        runs = [
-            (tier, off)
-            for tier in args.tiers.split(",")
-            if tier
-            for off in ((True, False) if args.baseline else (False,))
-        ]
-        for tier, off in runs:
-            try:
-                row = measure_without(args, tier) if off else measure(args, tier, Path(folder))
-            except Exception as exc:  # one tier failing must not lose the other's numbers
-                row = {"model": args.model, "tier": tier, "adapters": "off" if off else "on"}
-                row["error"] = f"{type(exc).__name__}: {exc}"
-                log(f"{tier} failed: {row['error']}")
+                row = run()
+            except Exception as exc:  # one run failing must not lose the others' numbers
+                row = {"model": args.model, **identity, "error": f"{type(exc).__name__}: {exc}"}
+                log(f"{name} failed: {row['error']}")
             row["environment"] = env
             with (out / f"lora-{args.model}.jsonl").open("a") as fh:
                 fh.write(json.dumps(row) + "\n")

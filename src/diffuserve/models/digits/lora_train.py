@@ -16,8 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from diffuserve.models.digits.data import ink_to_pixels, load_digits_ink
-from diffuserve.models.digits.prompts import random_prompt, random_unconditional_prompt
-from diffuserve.models.digits.train import MAX_SEQUENCE_LENGTH, PACKAGE_DIR, _lr_factor, encode_prompts
+from diffuserve.models.digits.train import PACKAGE_DIR, FlowBatches, _lr_factor
 from diffuserve.models.registry import DIGITS_DIR
 
 if TYPE_CHECKING:
@@ -109,7 +108,6 @@ def train_lora(
 ) -> list[float]:
     """train.py's flow matching (x_σ = (1-σ)·x0 + σ·ε, predict ε - x0) on the adapter's weights alone."""
     import torch
-    import torch.nn.functional as F
 
     generator = torch.Generator().manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
@@ -123,45 +121,13 @@ def train_lora(
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg.steps, cfg.warmup_steps))
 
-    n, c, h, w = latents.shape
-    packed_all = pipe._pack_latents(latents, n, c, h, w)
-    by_digit = [torch.from_numpy(np.flatnonzero(labels == d)) for d in range(10)]
-    n_prompts = cfg.batch // cfg.prompt_repeats
-    batch = n_prompts * cfg.prompt_repeats
-    img_ids = pipe._prepare_latent_image_ids(batch, h // 2, w // 2, torch.device("cpu"), latents.dtype)
-    text_ids = torch.zeros(MAX_SEQUENCE_LENGTH, 3)
+    batches = FlowBatches.of(
+        pipe, latents, labels, cfg.batch, cfg.prompt_repeats, cfg.uncond_prob, cfg.sigma_one_prob
+    )
     history: list[float] = []
     recent: list[float] = []
     for step in range(cfg.steps):
-        prompts: list[str] = []
-        chosen: list[torch.Tensor] = []
-        for _ in range(n_prompts):
-            if rng.random() < cfg.uncond_prob:
-                prompts.append(random_unconditional_prompt(rng))
-                chosen.append(torch.randint(0, n, (cfg.prompt_repeats,), generator=generator))
-            else:
-                digit = rng.randrange(10)
-                prompts.append(random_prompt(digit, rng))
-                pool = by_digit[digit]
-                chosen.append(pool[torch.randint(0, len(pool), (cfg.prompt_repeats,), generator=generator)])
-        with torch.no_grad():  # frozen encoders: no graph to keep
-            sequence, pooled = encode_prompts(pipe, prompts, MAX_SEQUENCE_LENGTH)
-        x0 = packed_all[torch.cat(chosen)]
-        noise = torch.randn(x0.shape, generator=generator)
-        sigma = torch.rand(batch, generator=generator)
-        sigma = torch.where(torch.rand(batch, generator=generator) < cfg.sigma_one_prob, 1.0, sigma)
-        s = sigma[:, None, None]
-        pred = pipe.transformer(
-            hidden_states=(1.0 - s) * x0 + s * noise,
-            timestep=sigma,
-            guidance=None,
-            pooled_projections=pooled.repeat_interleave(cfg.prompt_repeats, dim=0),
-            encoder_hidden_states=sequence.repeat_interleave(cfg.prompt_repeats, dim=0),
-            txt_ids=text_ids,
-            img_ids=img_ids,
-            return_dict=False,
-        )[0]
-        loss = F.mse_loss(pred, noise - x0)
+        loss = batches.loss(rng, generator, train_encoders=False)  # frozen encoders: no graph to keep
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

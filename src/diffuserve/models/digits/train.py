@@ -180,6 +180,90 @@ def encode_prompts(
     return sequence, pooled
 
 
+@dataclass
+class FlowBatches:
+    """train_flow's objective on random batches: prompts drawn per digit (a few unconditional), each over
+    `repeats` images of its digit, noised to a random σ; the loss is the transformer's error on ε - x0. Draws
+    from the given generators in a fixed order, so a seed gives the same batches."""
+
+    pipe: Any
+    packed: Any
+    by_digit: list[Any]
+    n_prompts: int
+    repeats: int
+    uncond_prob: float
+    sigma_one_prob: float
+    img_ids: Any
+    text_ids: Any
+
+    @classmethod
+    def of(
+        cls,
+        pipe: FluxPipeline,
+        latents: torch.Tensor,
+        labels: np.ndarray,
+        batch: int,
+        repeats: int,
+        uncond_prob: float,
+        sigma_one_prob: float,
+    ) -> FlowBatches:
+        import torch
+
+        n, c, h, w = latents.shape
+        prompts = batch // repeats
+        img_ids = pipe._prepare_latent_image_ids(
+            prompts * repeats, h // 2, w // 2, torch.device("cpu"), latents.dtype
+        )
+        return cls(
+            pipe,
+            pipe._pack_latents(latents, n, c, h, w),
+            [torch.from_numpy(np.flatnonzero(labels == d)) for d in range(10)],
+            prompts,
+            repeats,
+            uncond_prob,
+            sigma_one_prob,
+            img_ids,
+            torch.zeros(MAX_SEQUENCE_LENGTH, 3),
+        )
+
+    def loss(
+        self, rng: random.Random, generator: torch.Generator, *, train_encoders: bool = True
+    ) -> torch.Tensor:
+        import torch
+        import torch.nn.functional as F
+
+        prompts: list[str] = []
+        chosen: list[torch.Tensor] = []
+        for _ in range(self.n_prompts):
+            if rng.random() < self.uncond_prob:
+                prompts.append(random_unconditional_prompt(rng))
+                chosen.append(torch.randint(0, len(self.packed), (self.repeats,), generator=generator))
+            else:
+                digit = rng.randrange(10)
+                prompts.append(random_prompt(digit, rng))
+                pool = self.by_digit[digit]
+                chosen.append(pool[torch.randint(0, len(pool), (self.repeats,), generator=generator)])
+        with torch.set_grad_enabled(train_encoders and torch.is_grad_enabled()):
+            sequence, pooled = encode_prompts(self.pipe, prompts, MAX_SEQUENCE_LENGTH)
+        x0 = self.packed[torch.cat(chosen)]
+        batch = len(x0)
+        noise = torch.randn(x0.shape, generator=generator)
+        sigma = torch.rand(batch, generator=generator)
+        sigma = torch.where(torch.rand(batch, generator=generator) < self.sigma_one_prob, 1.0, sigma)
+        s = sigma[:, None, None]
+        pred = self.pipe.transformer(
+            hidden_states=(1.0 - s) * x0 + s * noise,
+            timestep=sigma,
+            guidance=None,
+            pooled_projections=pooled.repeat_interleave(self.repeats, dim=0),
+            encoder_hidden_states=sequence.repeat_interleave(self.repeats, dim=0),
+            txt_ids=self.text_ids,
+            img_ids=self.img_ids,
+            return_dict=False,
+        )[0]
+        return F.mse_loss(pred, noise - x0)
+
+
 def train_flow(
     pipe: FluxPipeline,
     latents: torch.Tensor,
@@ -190,7 +274,6 @@ def train_flow(
     """Rectified flow: x_σ = (1-σ)·x0 + σ·ε, the transformer predicts ε - x0 (FluxPipeline's sign and
     σ = timestep/1000 convention). Both text encoders train jointly with the transformer."""
     import torch
-    import torch.nn.functional as F
 
     rng = random.Random(cfg.seed)
     modules = [pipe.transformer, pipe.text_encoder, pipe.text_encoder_2]
@@ -201,45 +284,13 @@ def train_flow(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg.flow_steps, cfg.warmup_steps))
     ema = _Ema(params, cfg.ema_decay)
 
-    n, c, h, w = latents.shape
-    packed_all = pipe._pack_latents(latents, n, c, h, w)
-    by_digit = [torch.from_numpy(np.flatnonzero(labels == d)) for d in range(10)]
-    n_prompts = cfg.flow_batch // cfg.prompt_repeats
-    batch = n_prompts * cfg.prompt_repeats
-    img_ids = pipe._prepare_latent_image_ids(batch, h // 2, w // 2, torch.device("cpu"), latents.dtype)
-    text_ids = torch.zeros(MAX_SEQUENCE_LENGTH, 3)
+    batches = FlowBatches.of(
+        pipe, latents, labels, cfg.flow_batch, cfg.prompt_repeats, cfg.uncond_prob, cfg.sigma_one_prob
+    )
     history: list[float] = []
     recent: list[float] = []
     for step in range(cfg.flow_steps):
-        prompts: list[str] = []
-        chosen: list[torch.Tensor] = []
-        for _ in range(n_prompts):
-            if rng.random() < cfg.uncond_prob:
-                prompts.append(random_unconditional_prompt(rng))
-                chosen.append(torch.randint(0, n, (cfg.prompt_repeats,), generator=generator))
-            else:
-                digit = rng.randrange(10)
-                prompts.append(random_prompt(digit, rng))
-                pool = by_digit[digit]
-                chosen.append(pool[torch.randint(0, len(pool), (cfg.prompt_repeats,), generator=generator)])
-        sequence, pooled = encode_prompts(pipe, prompts, MAX_SEQUENCE_LENGTH)
-        x0 = packed_all[torch.cat(chosen)]
-        noise = torch.randn(x0.shape, generator=generator)
-        sigma = torch.rand(batch, generator=generator)
-        sigma = torch.where(torch.rand(batch, generator=generator) < cfg.sigma_one_prob, 1.0, sigma)
-        s = sigma[:, None, None]
-        x_t = (1.0 - s) * x0 + s * noise
-        pred = pipe.transformer(
-            hidden_states=x_t,
-            timestep=sigma,
-            guidance=None,
-            pooled_projections=pooled.repeat_interleave(cfg.prompt_repeats, dim=0),
-            encoder_hidden_states=sequence.repeat_interleave(cfg.prompt_repeats, dim=0),
-            txt_ids=text_ids,
-            img_ids=img_ids,
-            return_dict=False,
-        )[0]
-        loss = F.mse_loss(pred, noise - x0)
+        loss = batches.loss(rng, generator)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
