@@ -12,6 +12,7 @@ import torch
 from diffuserve.models.digits.classifier import load_classifier
 from diffuserve.models.digits.data import images_to_ink, ink_to_features, ink_to_pixels, load_digits_ink
 from diffuserve.models.digits.evaluate import evaluate, parse_seeds
+from diffuserve.models.digits.flow import MAX_SEQUENCE_LENGTH, encode_prompts
 from diffuserve.models.digits.prompts import (
     DIGITS_VOCAB_WORDS,
     EVAL_PHRASINGS,
@@ -19,14 +20,7 @@ from diffuserve.models.digits.prompts import (
     digit_prompt,
     random_prompt,
 )
-from diffuserve.models.digits.train import (
-    DIGITS_MODEL,
-    MAX_SEQUENCE_LENGTH,
-    PIPELINE_DIR,
-    OutDirError,
-    check_out_dir,
-    encode_prompts,
-)
+from diffuserve.models.digits.train import DIGITS_MODEL, PIPELINE_DIR, OutDirError, check_out_dir
 from diffuserve.models.registry import BUILTIN_MODELS
 from diffuserve.models.tokenizer import NUMBER_WORDS, UNK_ID
 from diffuserve.types import TINY_FLUX

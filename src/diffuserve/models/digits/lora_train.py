@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from diffuserve.models.digits.data import ink_to_pixels, load_digits_ink
-from diffuserve.models.digits.train import PACKAGE_DIR, FlowBatches, _lr_factor
+from diffuserve.models.digits.flow import FlowBatches, lr_factor
+from diffuserve.models.digits.train import PACKAGE_DIR
 from diffuserve.models.registry import DIGITS_DIR
 
 if TYPE_CHECKING:
@@ -119,7 +120,7 @@ def train_lora(
     params = [p for p in pipe.transformer.parameters() if p.requires_grad]
     pipe.transformer.train()
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg.steps, cfg.warmup_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.steps, cfg.warmup_steps))
 
     batches = FlowBatches.of(
         pipe, latents, labels, cfg.batch, cfg.prompt_repeats, cfg.uncond_prob, cfg.sigma_one_prob
