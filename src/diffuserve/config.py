@@ -277,7 +277,8 @@ class Settings(EnvSettings):
     loras: Annotated[list[str], NoDecode] = setting(
         list,
         "LORAS",
-        help="adapters read at start, NAME=PATH, comma-separated (the flag may repeat)",
+        help="adapters read at start, NAME=PATH or NAME=org/repo (pulled from the hub), comma-separated (the flag "
+        "may repeat)",
         flag="--lora",
     )
     lora_max_rank: int = setting(

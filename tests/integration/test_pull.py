@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -14,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from diffuserve.models.digits.lora_train import MIRROR_WEIGHTS
 from tests.fake_hub import FakeHub, serve_fake_hub, tiny_pipeline_folder
 from tests.helpers import free_port, server_handle, start_server
 
@@ -32,6 +34,13 @@ def fake_hub(pipeline_folder: Path, tmp_path_factory: pytest.TempPathFactory) ->
         server.add_repo("tiny/flux", folder)
         server.add_repo("tiny/gated", folder, gated_token="hf_right")
         server.add_repo("tiny/bare", bare)
+        adapter = tmp_path_factory.mktemp("adapter")
+        shutil.copyfile(MIRROR_WEIGHTS, adapter / "pytorch_lora_weights.safetensors")
+        server.add_repo("tiny/mirror-lora", adapter)
+        two = tmp_path_factory.mktemp("two-adapters")
+        for name in ("a.safetensors", "b.safetensors"):
+            shutil.copyfile(MIRROR_WEIGHTS, two / name)
+        server.add_repo("tiny/two-loras", two)
         yield server
 
 
@@ -175,4 +184,57 @@ def test_serve_of_a_repo_the_hub_does_not_have_exits_in_one_line(fake_hub: FakeH
     assert result.stderr.strip().splitlines()[-1] == (
         "diffuserve serve: could not pull the model missing-xl-bs4: tiny/missing not found on the hub; check the "
         "id (a private repo also needs HF_TOKEN)"
+    )
+
+
+def test_serve_pulls_an_adapter_named_at_start_from_the_hub(fake_hub: FakeHub, tmp_path: Path) -> None:
+    """`--lora NAME=org/repo`: the adapter's file comes into the hub cache through the models' pull code before
+    the workers start, requests apply it, and a restart with the hub out of reach reads it from the cache."""
+    env = {"HF_HOME": str(tmp_path), "HF_ENDPOINT": fake_hub.url, "HF_HUB_DISABLE_XET": "1", "DEVICES": "cpu"}
+    body = {"prompt": "the digit 3", "seed": 5, "output_format": "png"}
+
+    def images(base_url: str) -> tuple[bytes, bytes]:
+        url = f"{base_url}/v1/images/generations"
+        plain = httpx.post(url, json=body, timeout=60)
+        adapted = httpx.post(url, json={**body, "loras": [{"name": "mirror"}]}, timeout=60)
+        assert plain.status_code == adapted.status_code == 200, adapted.text
+        return plain.content, adapted.content
+
+    with start_server(["--lora", "mirror=tiny/mirror-lora"], **env) as server:
+        plain, adapted = images(server.base_url)
+        assert plain != adapted
+        listed = httpx.get(f"{server.base_url}/v1/loras", timeout=5).json()["data"]
+        assert [(a["id"], a["rank"]) for a in listed] == [("mirror", 4)]
+        assert "adapter mirror: pulling tiny/mirror-lora" in server.log_path.read_text()
+    down = {**env, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "1"}
+    with start_server(["--lora", "mirror=tiny/mirror-lora"], **down) as again:
+        assert images(again.base_url) == (plain, adapted)
+
+
+def test_serve_with_an_adapter_repo_of_several_files_exits_in_one_line(
+    fake_hub: FakeHub, tmp_path: Path
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
+    env.update(HF_HOME=str(tmp_path), HF_ENDPOINT=fake_hub.url, HF_HUB_DISABLE_XET="1", DEVICES="cpu")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "diffuserve",
+            "serve",
+            "--port",
+            str(free_port()),
+            "--lora",
+            "x=tiny/two-loras",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "diffuserve serve: could not pull an adapter: tiny/two-loras holds 2 .safetensors files (a.safetensors, "
+        "b.safetensors): name one as REPO/FILE"
     )

@@ -10,7 +10,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from diffuserve.loras import catalog as catalog_module
-from diffuserve.loras.catalog import AdapterNotFound, LoraCatalog
+from diffuserve.loras.catalog import AdapterNotFound, LoraCatalog, hub_ref
 from diffuserve.loras.files import AdapterError, AdapterLayout
 
 Q = "transformer_blocks.0.attn.to_q"
@@ -231,3 +231,37 @@ def test_names_lists_those_read_at_start_then_lora_dirs(loras: Path, tmp_path: P
 def test_names_without_lora_dir_or_with_a_missing_one(tmp_path: Path) -> None:
     assert LoraCatalog(None, {"a": "/x.safetensors"}).names() == ["a"]
     assert LoraCatalog(str(tmp_path / "missing"), {}).names() == []
+
+
+@pytest.mark.parametrize(
+    ("path", "ref"),
+    [
+        ("org/repo", ("org/repo", None)),
+        ("org/repo/sub/x.safetensors", ("org/repo", "sub/x.safetensors")),
+        ("org/repo/x.bin", None),
+        ("/abs/x.safetensors", None),
+        ("x.safetensors", None),
+    ],
+)
+def test_a_start_path_that_is_no_file_here_and_reads_as_a_repo_is_a_hub_adapter(
+    path: str, ref: tuple[str, str | None] | None
+) -> None:
+    assert hub_ref(path) == ref
+
+
+def test_a_local_file_wins_over_a_repo_of_the_same_name(loras: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    adapter(loras / "org" / "repo")
+    monkeypatch.chdir(loras)
+    assert hub_ref("org/repo") is None
+
+
+def test_a_hub_adapter_is_listed_and_refused_until_pulled(tmp_path: Path) -> None:
+    path = adapter(tmp_path / "pulled.safetensors")
+    catalog = LoraCatalog(None, {"ink": "org/ink-lora"})
+    assert catalog.enabled and catalog.hub == {"ink": ("org/ink-lora", None)}
+    assert catalog.names() == ["ink"]
+    with pytest.raises(AdapterNotFound, match="still being downloaded from org/ink-lora"):
+        catalog.resolve("ink")
+    catalog.provide("ink", path)
+    assert catalog.resolve("ink").layout.path == str(path)
+    assert catalog.names() == ["ink"]

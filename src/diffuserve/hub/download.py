@@ -1,4 +1,5 @@
-"""`pull`: a pipeline's files from the hub into its cache, a few at a time, resuming parts, checked loadable."""
+"""`pull` and `pull_adapter`: a pipeline's files (or an adapter's file) from the hub into its cache, a few at a time,
+resuming parts; a pipeline checked loadable."""
 
 from __future__ import annotations
 
@@ -124,6 +125,72 @@ def _pull(
             f"{repo} at {commit[:12]} is not a complete pipeline after download; missing: {', '.join(missing)}"
         )
     return snapshot
+
+
+# diffusers' file name for an adapter saved with save_lora_weights.
+ADAPTER_FILE = "pytorch_lora_weights.safetensors"
+
+
+def pull_adapter(
+    repo: str,
+    filename: str | None = None,
+    *,
+    revision: str | None = None,
+    token: str | None = None,
+    progress: Callable[[PullProgress], None] | None = None,
+) -> Path:
+    """Download one adapter file of the hub repo `repo` into the hub cache (the same resumable, reported
+    download as a pipeline's) and return its path there. Without `filename`: diffusers' default name, else
+    the repo's only .safetensors file. Raises PullError with a one-line message."""
+    if offline():
+        snapshot = cached_snapshot(repo, revision)
+        found = snapshot / filename if snapshot is not None and filename else None
+        if found is None and snapshot is not None:
+            present = [p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*.safetensors")]
+            found = snapshot / _adapter_file(repo, present) if present else None
+        if found is not None and found.is_file():
+            return found
+        raise PullError(f"adapter {repo} is not in the hub cache {cache_dir()} and HF_HUB_OFFLINE is set")
+    from huggingface_hub import HfApi, get_token
+
+    sent = token or get_token() or False
+    try:
+        info = HfApi(endpoint=hub_endpoint()).model_info(
+            repo, revision=revision, files_metadata=True, token=sent
+        )
+        siblings = {s.rfilename: s for s in info.siblings or []}
+        name = filename or _adapter_file(repo, list(siblings))
+        if name not in siblings:
+            raise PullError(f"{repo} has no file {name!r}")
+        sizes = {name: siblings[name].size or 0}
+        lfs = siblings[name].lfs
+        sha256 = {name: lfs.sha256} if lfs is not None else {}
+        cache = cache_dir()
+        tracker = ProgressTracker(repo, progress, bytes_total=sizes[name], files_total=1)
+        _check_disk(cache, sizes[name])
+        # The branch, not the commit: the library records the branch's commit, which offline starts read.
+        job = _Pull(repo, revision or "main", hub_endpoint(), cache, sent, sizes, sha256, tracker)
+        _download_all(job, [name])
+    except PullError:
+        raise
+    except Exception as exc:
+        raise explain(exc, repo, revision, token_sent=bool(sent)) from exc
+    snapshot = cached_snapshot(repo, revision)
+    if snapshot is None or not (snapshot / name).is_file():
+        raise PullError(f"{repo}: {name} is not in the hub cache after its download")
+    return snapshot / name
+
+
+def _adapter_file(repo: str, names: list[str]) -> str:
+    if ADAPTER_FILE in names:
+        return ADAPTER_FILE
+    weights = sorted(name for name in names if name.endswith(".safetensors"))
+    if len(weights) == 1:
+        return weights[0]
+    if not weights:
+        raise PullError(f"{repo} holds no .safetensors file: not an adapter repo")
+    listed = ", ".join(weights[:4]) + (", …" if len(weights) > 4 else "")
+    raise PullError(f"{repo} holds {len(weights)} .safetensors files ({listed}): name one as REPO/FILE")
 
 
 def _download_all(job: _Pull, names: list[str]) -> None:

@@ -17,6 +17,16 @@ DEFAULT_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 # A name under LORA_DIR: path parts of letters, digits, '_', '-' and '.', never '..' or a leading '/'.
 _NAME = re.compile(r"[A-Za-z0-9_][\w.-]*(/[A-Za-z0-9_][\w.-]*)*")
 MAX_NAME_CHARS = 200
+# `--lora NAME=org/repo` or `NAME=org/repo/file.safetensors`, where no such file is here: a hub adapter.
+_HUB_REF = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:/(?P<file>[\w./-]+\.safetensors))?")
+
+
+def hub_ref(path: str) -> tuple[str, str | None] | None:
+    """(repo, file or None) where `path` names a hub repo rather than a file or folder on this machine."""
+    if Path(path).expanduser().exists():
+        return None
+    match = _HUB_REF.fullmatch(path)
+    return (match["repo"], match["file"]) if match else None
 
 
 class AdapterNotFound(AdapterError):
@@ -34,22 +44,34 @@ class LoraCatalog:
 
     def __init__(self, directory: str | None, preloaded: dict[str, str]) -> None:
         self.directory = Path(directory).expanduser().resolve() if directory else None
-        self.preloaded = {name: Path(path).expanduser().resolve() for name, path in preloaded.items()}
+        # Hub adapters join `preloaded` once pulled (`provide`); until then a request naming one is told so.
+        self.hub = {name: ref for name, path in preloaded.items() if (ref := hub_ref(path)) is not None}
+        self.preloaded = {
+            name: Path(path).expanduser().resolve()
+            for name, path in preloaded.items()
+            if name not in self.hub
+        }
         self._layouts: dict[Path, tuple[tuple[int, int], AdapterLayout]] = {}
         self._lock = threading.Lock()
 
     @property
     def enabled(self) -> bool:
-        return self.directory is not None or bool(self.preloaded)
+        return self.directory is not None or bool(self.preloaded) or bool(self.hub)
 
     def resolve(self, name: str, weight_name: str | None = None) -> ResolvedAdapter:
         """The adapter a request names; AdapterError (a 400 for `loras`) when it is unknown or unusable."""
         path = self.path_of(name, weight_name)
         return ResolvedAdapter(name if weight_name is None else f"{name}:{weight_name}", self.layout(path))
 
+    def provide(self, name: str, path: Path) -> None:
+        """A hub adapter named at start, now in the hub cache at `path`."""
+        self.preloaded[name] = path
+
     def path_of(self, name: str, weight_name: str | None = None) -> Path:
         if weight_name is None and name in self.preloaded:
             return self.preloaded[name]
+        if weight_name is None and name in self.hub:
+            raise AdapterNotFound(f"adapter {name!r} is still being downloaded from {self.hub[name][0]}")
         if self.directory is None:
             known = ", ".join(sorted(self.preloaded)) or "none"
             raise AdapterNotFound(
@@ -95,7 +117,7 @@ class LoraCatalog:
 
     def names(self) -> list[str]:
         """The adapters a request can name: those loaded at start, then LORA_DIR's files (without suffix)."""
-        found = list(self.preloaded)
+        found = list(dict.fromkeys([*self.preloaded, *self.hub]))
         if self.directory is not None and self.directory.is_dir():
             for root, dirs, files in os.walk(self.directory):
                 dirs[:] = sorted(d for d in dirs if not d.startswith("."))

@@ -3,15 +3,19 @@ the model, so that a bad adapter is the client's 400 and never reaches a worker.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
 from diffuserve.config import Settings
 from diffuserve.errors import InvalidRequest
+from diffuserve.hub import log_progress, pull_adapter
 from diffuserve.loras.catalog import LoraCatalog
 from diffuserve.loras.files import AdapterError, check_layout, read_layout
 from diffuserve.serving.engine_config import adapters_enabled
 from diffuserve.types import LoraUse, ModelInfo
+
+log = logging.getLogger(__name__)
 
 
 class AdapterResolver:
@@ -27,6 +31,24 @@ class AdapterResolver:
                 read_layout(path)
             except AdapterError as exc:
                 raise ValueError(f"LORAS (--lora): adapter {name!r} ({path}): {exc}") from None
+
+    def pull_hub(self, token: str | None) -> None:
+        """Download the hub adapters named at start into the hub cache (the models' pull code: resumed, offline
+        from the cache) and check each; raises PullError or ValueError naming the one that failed."""
+        for name, (repo, filename) in self.catalog.hub.items():
+            log.info("adapter %s: pulling %s", name, repo + (f"/{filename}" if filename else ""))
+            path = pull_adapter(
+                repo, filename, token=token, progress=log_progress(f"adapter {name}", logger=log)
+            )
+            try:
+                read_layout(path, check_values=True)
+            except AdapterError as exc:
+                raise ValueError(f"LORAS (--lora): adapter {name!r} ({repo}): {exc}") from None
+            self.catalog.provide(name, path)
+
+    def preloaded_paths(self) -> tuple[str, ...]:
+        """The files of the adapters named at start that are here (hub ones once pulled), for the workers."""
+        return tuple(str(path) for path in self.catalog.preloaded.values())
 
     def resolve(
         self, model: ModelInfo, wanted: Sequence[tuple[str, str | None, float]]

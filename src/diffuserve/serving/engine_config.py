@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from diffuserve.config import Settings
 from diffuserve.engine.config import EngineConfig
+from diffuserve.loras.catalog import hub_ref
 from diffuserve.model_specs import ModelSpec, model_slug
 
 __all__ = ["adapters_enabled", "engine_config", "model_slug", "served_model_name"]
@@ -43,7 +44,8 @@ def engine_config(settings: Settings, spec: ModelSpec | None = None) -> EngineCo
         lora_max_rank=settings.lora_max_rank if adapters_enabled(settings) else 0,
         lora_slots=settings.lora_slots,
         lora_cache_bytes=settings.lora_cache_mb * 2**20,
-        lora_preload=tuple(settings.lora_paths.values()),
+        # Hub adapters are added once pulled (GenerationService's start).
+        lora_preload=tuple(path for path in settings.lora_paths.values() if hub_ref(path) is None),
         log_format=settings.log_format.value,
         log_level=settings.log_level.value,
     )

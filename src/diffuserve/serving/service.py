@@ -6,10 +6,12 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 
 from diffuserve.config import Settings
 from diffuserve.errors import DeadlineExceeded, ModelNotFound, NotReady, QueueFull
+from diffuserve.hub import PullError
 from diffuserve.serving.adapters import AdapterResolver
 from diffuserve.serving.engine_config import served_model_name
 from diffuserve.serving.model_service import ModelService
@@ -93,6 +95,17 @@ class GenerationService:
 
     async def _start(self) -> None:
         services = list(self.models.values())
+        if self.adapters.catalog.hub:
+            # Before any worker starts: the workers read the adapters named at start into their caches.
+            try:
+                await asyncio.to_thread(self.adapters.pull_hub, self.settings.hf_token)
+            except (PullError, ValueError) as exc:
+                self._fatal(f"could not pull an adapter: {exc}")
+                return
+            for service in services:
+                service.pool.engine_config = replace(
+                    service.pool.engine_config, lora_preload=self.adapters.preloaded_paths()
+                )
         pulled = any(service.needs_pull for service in services)
         if not all(await asyncio.gather(*(service.pull() for service in services))):
             return
