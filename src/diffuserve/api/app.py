@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -24,6 +25,23 @@ from diffuserve.api.routes import health, image_files, images, metrics, models, 
 from diffuserve.config import Settings
 from diffuserve.serving.service import EngineFactory, GenerationService, load_engine
 
+log = logging.getLogger(__name__)
+
+
+def ready_line(settings: Settings) -> str:
+    """Where a user goes once the server is ready: the API's base URL and the playground's."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(settings.host, settings.host)
+    base = (
+        settings.public_url.rstrip("/")
+        if settings.public_url
+        else f"http://{_bracketed(host)}:{settings.port}"
+    )
+    return f"API {base}/v1" + (f" · playground {base}/" if settings.playground else "")
+
+
+def _bracketed(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
 
 def build_app(
     settings: Settings,
@@ -33,11 +51,20 @@ def build_app(
 ) -> FastAPI:
     """`engine_factory` makes each worker's engine (tests run the real workers around a stand-in engine)."""
     registry = Metrics()
+    announced = False
+
+    def alive_changed(count: int) -> None:
+        nonlocal announced
+        registry.workers_alive.set(count)
+        if not announced and service.ready:  # the one line that says where to go, once every model is ready
+            announced = True
+            log.info("ready: %s", ready_line(settings))
+
     service = GenerationService(
         settings,
         observer_for=registry.observer_for,
         on_fatal=on_fatal,
-        on_alive_changed=registry.workers_alive.set,
+        on_alive_changed=alive_changed,
         on_restart=registry.worker_restarts.inc,
         on_watchdog=registry.watchdog_kills.inc,
         engine_factory=engine_factory,
@@ -84,6 +111,7 @@ def build_app(
     install_error_handlers(app)
     for module in (health, images, image_files, models, metrics, openapi):
         app.include_router(module.router)
+    app.include_router(openapi.docs_router)
     if settings.playground:
         app.include_router(playground.router)
     app.add_middleware(RequestContextMiddleware)

@@ -6,7 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
 
 from diffuserve.api.deps import require_auth
 from diffuserve.protocol import OUTPUT_FORMATS, ErrorResponse, ImageGenerationRequest, ImagesResponse
@@ -104,8 +105,17 @@ IMAGE_CONTENT_ROUTE_DOC: dict[str, Any] = {
 }
 
 router = APIRouter(include_in_schema=False, dependencies=[Depends(require_auth)])
+# The docs page itself is open (it holds nothing of the server); the document it loads keeps the API's auth.
+docs_router = APIRouter(include_in_schema=False)
 
 
 @router.get("/openapi.json")
 async def openapi_document(request: Request) -> JSONResponse:
     return JSONResponse(request.app.openapi())
+
+
+@docs_router.get("/docs")
+async def docs_page() -> HTMLResponse:
+    """FastAPI's Swagger UI (its script and style from their CDN) over this server's document, by a relative URL
+    so that it works behind a prefix. With API keys set the document needs a key, which the page cannot send."""
+    return get_swagger_ui_html(openapi_url="openapi.json", title="diffuserve API")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import socket
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -39,11 +41,32 @@ def settings_for(args: argparse.Namespace) -> Settings:
     return settings_from_args(args)
 
 
+def port_taken(host: str, port: int) -> str | None:
+    """Why the server could not bind `host:port` (one line naming PORT), or None: checked before the workers
+    start, where uvicorn would otherwise fail after them with a bare `[Errno 98]`."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(
+            socket.SOL_SOCKET, socket.SO_REUSEADDR, 1
+        )  # as uvicorn binds: TIME_WAIT is no conflict
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return f"port {port} on {host} is taken; set PORT (or --port) to a free one"
+            return f"cannot listen on {host}:{port} ({exc.strerror}); check HOST and PORT"
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         settings = settings_for(args)
     except ValueError as exc:
         print(f"diffuserve serve: {exc}", file=sys.stderr)
+        return 2
+    taken = port_taken(settings.host, settings.port)
+    if taken:
+        print(f"diffuserve serve: {taken}", file=sys.stderr)
         return 2
 
     import uvicorn
@@ -85,7 +108,12 @@ def run(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=5,
     )
     server = DrainingServer(config, app.state.drain, settings.drain_timeout)
-    log.info("serving %s on http://%s:%d", ", ".join(app.state.service.models), settings.host, settings.port)
+    log.info(
+        "starting %s on %s:%d; a `ready:` line follows once it answers",
+        ", ".join(app.state.service.models),
+        settings.host,
+        settings.port,
+    )
     server.run()
     fatal = app.state.service.fatal_error
     if fatal:

@@ -255,9 +255,9 @@ def _literal(value: object) -> str:
 
 def _check_modal_ready() -> None:
     if importlib.util.find_spec("modal") is None:
-        raise PlanError(
-            "the modal package is not installed: pip install 'diffuserve[deploy]' (or pip install modal)"
-        )
+        from diffuserve.extras import install_command
+
+        raise PlanError(f"the modal package is not installed: {install_command('deploy')}")
     from modal.config import config
 
     if not (config.get("token_id") and config.get("token_secret")):

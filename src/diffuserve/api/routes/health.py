@@ -1,10 +1,16 @@
-"""Liveness and readiness (also at KServe's /v2 paths); readiness is 503 until a worker is loaded and warm."""
+"""Liveness and readiness (also at KServe's /v2 paths, and readiness at vLLM's `/health`); readiness is 503 until
+a worker is loaded and warm. `/version`: the server's and its libraries' versions."""
 
 from __future__ import annotations
+
+import contextlib
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as package_version
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from diffuserve import __version__
 from diffuserve.api.deps import service_of
 from diffuserve.errors import Unauthorized
 
@@ -19,6 +25,7 @@ async def live() -> dict[str, str]:
 
 @router.get("/health/ready")
 @router.get("/v2/health/ready")
+@router.get("/health")
 async def ready(request: Request) -> JSONResponse:
     """Open to all, but worker PIDs are shown only to callers the API itself would let in."""
     service = service_of(request)
@@ -37,6 +44,16 @@ async def ready(request: Request) -> JSONResponse:
     if service.fatal_error:
         body["status"], body["error"] = "failed", service.fatal_error
     return JSONResponse(body, status_code=200 if service.ready and not draining else 503)
+
+
+@router.get("/version")
+async def version() -> dict[str, str]:
+    """As vLLM and LocalAI answer it; the libraries read from their installed metadata, nothing imported."""
+    found = {"version": __version__}
+    for package in ("torch", "diffusers", "transformers"):
+        with contextlib.suppress(PackageNotFoundError):
+            found[package] = package_version(package)
+    return found
 
 
 def _authorised(request: Request) -> bool:

@@ -22,7 +22,9 @@ def fp8_available(device: str) -> tuple[bool, str]:
     try:
         import torchao  # noqa: F401
     except ImportError:
-        return False, "torchao is not installed (pip install 'diffuserve[gpu]')"
+        from diffuserve.extras import install_command
+
+        return False, f"torchao is not installed ({install_command('gpu')})"
     return True, ""
 
 
