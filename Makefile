@@ -11,12 +11,13 @@ export PORT
 .PHONY: install serve test test-fast lint format train-digits train-digits-lora eval-digits clean
 
 # torch's CPU build comes from pip first (it lies on this machine's disk, and it keeps a CUDA build out),
-# then uv installs the rest: it resolves and installs in seconds where pip takes a minute.
+# then uv installs the rest: it resolves and installs in seconds where pip takes a minute. A half-made venv
+# (no pip) from an interrupted run is made again rather than reused.
 $(BASE):
-	# A half-made venv (no pip) from an interrupted run is made again rather than reused.
-	test -x $(BIN)/pip || { rm -rf $(VENV) && $(PYTHON) -m venv $(VENV); }
+	@echo "diffuserve: installing into $(VENV), once (≈ 40 s): torch (CPU build) and uv, then the package"
+	@test -x $(BIN)/pip || { rm -rf $(VENV) && $(PYTHON) -m venv $(VENV); }
 	$(BIN)/python -m pip install -q "torch==2.13.0" "uv>=0.5"
-	touch $(BASE)
+	@touch $(BASE)
 
 # `make serve` needs only the runtime; `make test`/`make lint` (and the digits targets) install `.[dev]`,
 # which brings every extra but gpu: bench, digits, deploy. Bytecode is compiled once here (uv skips it by
@@ -24,11 +25,12 @@ $(BASE):
 # otherwise compile transformers and diffusers again, ≈ 3 s of a digits worker's 6 s start on 2 cores.
 $(STAMP): pyproject.toml $(BASE)
 	$(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python -e .
-	touch $(STAMP)
+	@touch $(STAMP)
 
 $(STAMP_DEV): pyproject.toml $(BASE)
+	@echo "diffuserve: installing the test and lint tools and every extra but gpu into $(VENV)"
 	$(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python -e ".[dev]"
-	touch $(STAMP) $(STAMP_DEV)
+	@touch $(STAMP) $(STAMP_DEV)
 
 install: $(STAMP_DEV)
 

@@ -20,8 +20,8 @@ INSTALL_BUDGET_S = 180
 WARM_BUDGET_S = 15
 
 
-def _serve_until_answered(clone: Path, budget: float) -> float:
-    """Run `make serve` in the clone; seconds until the first generation answers 200."""
+def _serve_until_answered(clone: Path, budget: float) -> tuple[float, str]:
+    """Run `make serve` in the clone; seconds until the first generation answers 200, and its output."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "PYTEST"))}
     env.update(PORT=str(port), PATH=os.defpath + ":" + env.get("PATH", ""))
@@ -40,7 +40,9 @@ def _serve_until_answered(clone: Path, budget: float) -> float:
                     timeout=10,
                 )
                 if response.status_code == 200:
-                    return time.monotonic() - started
+                    return time.monotonic() - started, (clone / f"serve-{port}.log").read_text(
+                        errors="replace"
+                    )
             time.sleep(0.25)
         raise AssertionError(
             f"make serve did not answer within {budget}s:\n"
@@ -62,10 +64,13 @@ def _serve_until_answered(clone: Path, budget: float) -> float:
 def test_make_serve_on_a_fresh_clone(tmp_path: Path) -> None:
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True, timeout=120)
-    cold = _serve_until_answered(clone, INSTALL_BUDGET_S)
+    cold, output = _serve_until_answered(clone, INSTALL_BUDGET_S)
+    # The install says what it does before its first quiet minute; the server says where to go once ready.
+    assert output.splitlines()[0].startswith("diffuserve: installing into .venv, once"), output
+    assert "ready: API http://127.0.0.1:" in output, output
     # Start-up time once installed is mostly importing torch and diffusers in the worker: best of two
     # starts, so one slow moment of a shared machine does not decide it.
-    warm = min(_serve_until_answered(clone, budget) for budget in (60, 60))
+    warm = min(_serve_until_answered(clone, budget)[0] for budget in (60, 60))
     print(
         f"make serve: first request answered {cold:.1f}s after the command (install included), {warm:.1f}s once installed"
     )
