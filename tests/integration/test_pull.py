@@ -236,5 +236,5 @@ def test_serve_with_an_adapter_repo_of_several_files_exits_in_one_line(
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
         "diffuserve serve: could not pull an adapter: tiny/two-loras holds 2 .safetensors files (a.safetensors, "
-        "b.safetensors): name one as REPO/FILE"
+        "b.safetensors): name one as REPO:FILE"
     )

@@ -237,8 +237,10 @@ def test_names_without_lora_dir_or_with_a_missing_one(tmp_path: Path) -> None:
     ("path", "ref"),
     [
         ("org/repo", ("org/repo", None)),
-        ("org/repo/sub/x.safetensors", ("org/repo", "sub/x.safetensors")),
-        ("org/repo/x.bin", None),
+        ("org/repo:sub/x.safetensors", ("org/repo", "sub/x.safetensors")),
+        ("org/repo/sub/x.safetensors", None),  # a missing file, not a repo
+        ("loras/style.safetensors", None),
+        ("org/repo:x.bin", None),
         ("/abs/x.safetensors", None),
         ("x.safetensors", None),
     ],

@@ -98,7 +98,7 @@ class Engine:
         )
         if self.adapters is not None:
             self.info.lora_max_rank = c.lora_max_rank
-            self.info.lora_targets = self._lora_targets
+            self.info.lora_targets = self.adapters.targets  # those a layer hosts, as adapters name them
         return self.info
 
     def _accelerate(self, loaded: LoadedPipeline) -> tuple[int, int]:

@@ -190,7 +190,7 @@ def _adapter_file(repo: str, names: list[str]) -> str:
     if not weights:
         raise PullError(f"{repo} holds no .safetensors file: not an adapter repo")
     listed = ", ".join(weights[:4]) + (", …" if len(weights) > 4 else "")
-    raise PullError(f"{repo} holds {len(weights)} .safetensors files ({listed}): name one as REPO/FILE")
+    raise PullError(f"{repo} holds {len(weights)} .safetensors files ({listed}): name one as REPO:FILE")
 
 
 def _download_all(job: _Pull, names: list[str]) -> None:

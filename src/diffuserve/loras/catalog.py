@@ -17,13 +17,14 @@ DEFAULT_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 # A name under LORA_DIR: path parts of letters, digits, '_', '-' and '.', never '..' or a leading '/'.
 _NAME = re.compile(r"[A-Za-z0-9_][\w.-]*(/[A-Za-z0-9_][\w.-]*)*")
 MAX_NAME_CHARS = 200
-# `--lora NAME=org/repo` or `NAME=org/repo/file.safetensors`, where no such file is here: a hub adapter.
-_HUB_REF = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:/(?P<file>[\w./-]+\.safetensors))?")
+# `--lora NAME=org/repo` or `NAME=org/repo:file.safetensors`, where no such file is here: a hub adapter. A
+# value ending in .safetensors without the colon is a file path, never a repo: a missing file stays an error.
+_HUB_REF = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?::(?P<file>[\w./-]+\.safetensors))?")
 
 
 def hub_ref(path: str) -> tuple[str, str | None] | None:
     """(repo, file or None) where `path` names a hub repo rather than a file or folder on this machine."""
-    if Path(path).expanduser().exists():
+    if Path(path).expanduser().exists() or (path.endswith(SUFFIX) and ":" not in path):
         return None
     match = _HUB_REF.fullmatch(path)
     return (match["repo"], match["file"]) if match else None

@@ -36,7 +36,7 @@ class AdapterResolver:
         """Download the hub adapters named at start into the hub cache (the models' pull code: resumed, offline
         from the cache) and check each; raises PullError or ValueError naming the one that failed."""
         for name, (repo, filename) in self.catalog.hub.items():
-            log.info("adapter %s: pulling %s", name, repo + (f"/{filename}" if filename else ""))
+            log.info("adapter %s: pulling %s", name, repo + (f":{filename}" if filename else ""))
             path = pull_adapter(
                 repo, filename, token=token, progress=log_progress(f"adapter {name}", logger=log)
             )

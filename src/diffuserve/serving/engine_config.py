@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from diffuserve.config import Settings
 from diffuserve.engine.config import EngineConfig
 from diffuserve.loras.catalog import hub_ref
@@ -45,7 +47,11 @@ def engine_config(settings: Settings, spec: ModelSpec | None = None) -> EngineCo
         lora_slots=settings.lora_slots,
         lora_cache_bytes=settings.lora_cache_mb * 2**20,
         # Hub adapters are added once pulled (GenerationService's start).
-        lora_preload=tuple(path for path in settings.lora_paths.values() if hub_ref(path) is None),
+        lora_preload=tuple(
+            str(Path(path).expanduser().resolve())
+            for path in settings.lora_paths.values()
+            if hub_ref(path) is None
+        ),
         log_format=settings.log_format.value,
         log_level=settings.log_level.value,
     )

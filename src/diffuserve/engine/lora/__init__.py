@@ -16,7 +16,11 @@ from diffuserve.types import BatchJob
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AdapterReport", "EngineAdapters", "lora_targets"]
+__all__ = ["AdapterReport", "AdapterUnavailable", "EngineAdapters", "lora_targets"]
+
+
+class AdapterUnavailable(RuntimeError):
+    """An adapter a request names cannot be used by the time its batch runs (its file changed or went)."""
 
 
 @dataclass
@@ -43,12 +47,14 @@ class EngineAdapters:
         cache_bytes: int,
     ) -> None:
         host_layers = hosts(model, targets)
-        # A pipeline with classifier-free guidance in one call runs each image twice (negative, positive).
-        self.slots = LoraSlots(host_layers, slots, max_rank, max_rows=2 * max_batch)
+        # A pipeline with classifier-free guidance in one call runs each image twice (negative, positive), an
+        # instruct-style one three times: the row buffer has room for four.
+        self.slots = LoraSlots(host_layers, slots, max_rank, max_rows=4 * max_batch)
+        self.targets = {part: targets[part] for part in self.slots.parts}
         weight = host_layers[0].module.weight if host_layers else None
         dtype = getattr(model, "dtype", torch.float32)
         device = weight.device if weight is not None else torch.device("cpu")
-        self.cache = AdapterCache(cache_bytes, device, dtype)
+        self.cache = AdapterCache(cache_bytes, device, dtype, self.targets, max_rank)
         log.info(
             "adapters: %d layers, rank up to %d, %d slots (%.0f MiB on %s)",
             len(host_layers),
@@ -72,15 +78,23 @@ class EngineAdapters:
         for item in job.items:
             adapters = []
             for use in item.loras:
-                identity, adapter, hit = self.cache.get(use.path)
-                loaded[identity] = adapter
-                if hit:
-                    report.hits.append(use.name)
-                else:
+                try:
+                    identity, adapter, hit = self.cache.get(use.path)
+                except (OSError, ValueError) as exc:  # AdapterError is a ValueError
+                    # Checked when the request came; the file changed or went since. Its name, not its path.
+                    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+                    raise AdapterUnavailable(f"adapter {use.name!r} cannot be read now: {reason}") from None
+                if identity not in loaded and hit and use.name not in report.hits:
+                    report.hits.append(use.name)  # once per batch, as the metric counts
+                elif not hit:
                     report.loaded[use.name] = adapter.load_s
+                loaded[identity] = adapter
                 adapters.append((identity, use.scale))
             per_item.append(tuple(adapters))
         per_image = [adapters for item, adapters in zip(job.items, per_item, strict=True) for _ in item.seeds]
-        report.slots_written = self.slots.place(per_image, loaded)
+        try:
+            report.slots_written = self.slots.place(per_image, loaded)
+        except ValueError as exc:
+            raise AdapterUnavailable(str(exc)) from None
         report.seconds = time.perf_counter() - started
         return report

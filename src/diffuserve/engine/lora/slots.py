@@ -158,16 +158,40 @@ class LoraSlots:
                 missing.append(adapters)
             else:
                 indices[adapters] = slot
+        for adapters in missing:
+            self._check_fits(adapters, loaded)
         busy = set(indices.values())
         for adapters in missing:
             slot = self.table.claim(adapters, busy)
-            self._write(slot, adapters, loaded)
+            try:
+                self._write(slot, adapters, loaded)
+            except BaseException:
+                del self.table.held[slot]  # half written: no set may be found there
+                raise
             busy.add(slot)
             indices[adapters] = slot
         pattern = torch.tensor([indices[key] for key in per_image], dtype=torch.long)
         repeats = -(-self.rows.numel() // max(1, len(per_image)))
         self.rows.copy_(pattern.repeat(repeats)[: self.rows.numel()], non_blocking=True)
         return len(missing)
+
+    @property
+    def parts(self) -> set[str]:
+        """The adaptable layers as adapters name them (before fusing), each hosted here."""
+        return set(self._part_of)
+
+    def _check_fits(self, adapters: AdapterSet, loaded: dict[str, LoadedAdapter]) -> None:
+        """A set's adapters fit the slots: layers hosted here, ranks adding up to at most the slots' rank."""
+        ranks: dict[str, int] = {}
+        for name, _ in adapters:
+            for module, (down, _up) in loaded[name].modules.items():
+                if module not in self._part_of:
+                    raise ValueError(f"an adapter changes {module!r}, which no layer of this model hosts")
+                ranks[module] = ranks.get(module, 0) + down.shape[0]
+                if ranks[module] > self.rank:
+                    raise ValueError(
+                        f"the adapters' ranks add up to {ranks[module]} in {module!r}, above {self.rank}"
+                    )
 
     def _write(self, slot: int, adapters: AdapterSet, loaded: dict[str, LoadedAdapter]) -> None:
         """The set's A matrices stacked along the rank of each part, its B matrices beside them times the

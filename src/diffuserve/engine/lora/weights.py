@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from diffuserve.loras.files import read_layout
+from diffuserve.loras.files import check_layout, read_layout
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,16 @@ class AdapterCache:
     """Least recently used adapters out first once their bytes pass `max_bytes`. Keyed by file path, size and
     modification time, so a changed file is read again."""
 
-    def __init__(self, max_bytes: int, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        max_bytes: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        targets: dict[str, tuple[int, int]],
+        max_rank: int,
+    ) -> None:
+        # What the layers take: the server checked the file when the request came, but it may have changed since.
+        self.targets, self.max_rank = targets, max_rank
         self.max_bytes = max_bytes
         self.device = device
         self.dtype = dtype
@@ -64,6 +73,7 @@ class AdapterCache:
 
         started = time.perf_counter()
         layout = read_layout(Path(path))
+        check_layout(layout, self.targets, self.max_rank)
         modules: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         with safe_open(path, framework="pt", device="cpu") as file:
             for name, module in layout.modules.items():
