@@ -4,12 +4,13 @@ the model, so that a bad adapter is the client's 400 and never reaches a worker.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Sequence
 from typing import Any
 
 from diffuserve.config import Settings
 from diffuserve.errors import InvalidRequest
-from diffuserve.hub import log_progress, pull_adapter
+from diffuserve.hub import DownloadCancelled, PullProgress, log_progress, pull_adapter
 from diffuserve.loras.catalog import LoraCatalog
 from diffuserve.loras.files import AdapterError, check_layout, read_layout
 from diffuserve.serving.engine_config import adapters_enabled
@@ -32,14 +33,20 @@ class AdapterResolver:
             except AdapterError as exc:
                 raise ValueError(f"LORAS (--lora): adapter {name!r} ({path}): {exc}") from None
 
-    def pull_hub(self, token: str | None) -> None:
+    def pull_hub(self, token: str | None, stop: threading.Event) -> None:
         """Download the hub adapters named at start into the hub cache (the models' pull code: resumed, offline
-        from the cache) and check each; raises PullError or ValueError naming the one that failed."""
+        from the cache) and check each; raises PullError or ValueError naming the one that failed. Once `stop`
+        is set (the server is stopping) the download ends at its next report, its part kept for a resume."""
         for name, (repo, filename) in self.catalog.hub.items():
             log.info("adapter %s: pulling %s", name, repo + (f":{filename}" if filename else ""))
-            path = pull_adapter(
-                repo, filename, token=token, progress=log_progress(f"adapter {name}", logger=log)
-            )
+            report = log_progress(f"adapter {name}", logger=log)
+
+            def progress(done: PullProgress, repo: str = repo, report: Any = report) -> None:
+                if stop.is_set():
+                    raise DownloadCancelled(repo)
+                report(done)
+
+            path = pull_adapter(repo, filename, token=token, progress=progress)
             try:
                 read_layout(path, check_values=True)
             except AdapterError as exc:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -11,7 +12,7 @@ from typing import Any
 
 from diffuserve.config import Settings
 from diffuserve.errors import DeadlineExceeded, ModelNotFound, NotReady, QueueFull
-from diffuserve.hub import PullError
+from diffuserve.hub import DownloadCancelled, PullError
 from diffuserve.serving.adapters import AdapterResolver
 from diffuserve.serving.engine_config import served_model_name
 from diffuserve.serving.model_service import ModelService
@@ -85,6 +86,7 @@ class GenerationService:
         self.adapters = AdapterResolver(settings)
         self.adapters.check_preloaded()
         self._starting: asyncio.Task[None] | None = None
+        self._stopping = threading.Event()  # read by the pulls' threads
         self.started_at = time.time()
 
     async def start(self) -> None:
@@ -98,9 +100,10 @@ class GenerationService:
         if self.adapters.catalog.hub:
             # Before any worker starts: the workers read the adapters named at start into their caches.
             try:
-                await asyncio.to_thread(self.adapters.pull_hub, self.settings.hf_token)
-            except (PullError, ValueError) as exc:
-                self._fatal(f"could not pull an adapter: {exc}")
+                await asyncio.to_thread(self.adapters.pull_hub, self.settings.hf_token, self._stopping)
+            except (PullError, ValueError, DownloadCancelled) as exc:
+                if not self._stopping.is_set():  # else: stopped on purpose, not a failure
+                    self._fatal(f"could not pull an adapter: {exc}")
                 return
             for service in services:
                 service.pool.engine_config = replace(
@@ -123,6 +126,7 @@ class GenerationService:
             service.start_workers()
 
     async def stop(self) -> None:
+        self._stopping.set()
         # A pull still running stops at its next progress report (its thread cannot be cancelled from here).
         await asyncio.gather(*(service.stop() for service in self.models.values()))
         if self._starting is not None:
