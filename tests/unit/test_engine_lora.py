@@ -133,3 +133,10 @@ def test_a_file_changed_after_the_check_fails_its_batch_in_one_message(eager: An
     save_random_adapter(path, targets, rank=4, seed=1, std=0.2)
     shutil.copystat(MIRROR_WEIGHTS, path)  # another version of the file: read again
     assert np.array_equal(pixels(eager, (5, (late,))), before), "the slots hold what they held before"
+
+
+def test_an_adapter_named_at_start_for_another_model_is_not_read_ahead(eager: Any, tmp_path: Path) -> None:
+    other = save_random_adapter(tmp_path / "other.safetensors", {"blocks.0.mlp": (5, 7)}, rank=4)
+    eager.adapters.preload((str(other), str(MIRROR_WEIGHTS)))  # no error: the engine stays loadable
+    paths = [key[0] for key in eager.adapters.cache._held]
+    assert str(MIRROR_WEIGHTS) in paths and str(other) not in paths

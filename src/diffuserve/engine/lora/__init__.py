@@ -65,8 +65,14 @@ class EngineAdapters:
         )
 
     def preload(self, paths: tuple[str, ...]) -> None:
+        """The adapters named at start, into the cache; one this model cannot take (another model's, where a
+        server has several) is left out: a request naming it gets the server's 400."""
         for path in paths:
-            _, adapter, _ = self.cache.get(path)
+            try:
+                _, adapter, _ = self.cache.get(path)
+            except (OSError, ValueError) as exc:
+                log.info("adapter %s not read ahead for this model: %s", path, exc)
+                continue
             log.info("adapter %s read in %.0f ms", path, adapter.load_s * 1000)
 
     def prepare(self, job: BatchJob) -> AdapterReport:
