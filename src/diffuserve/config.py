@@ -14,6 +14,7 @@ from diffuserve.choices import LogFormat, LogLevel, LoraBatching
 from diffuserve.engine.config import CudaGraphs, DType, ParallelAttention, Weights
 from diffuserve.envsettings import EnvSettings, setting
 from diffuserve.model_specs import ModelSpec, parse_model_devices, parse_models, parse_named_paths
+from diffuserve.setting_groups import SETTING_GROUPS
 from diffuserve.types import Tier
 
 DEFAULT_MODEL = "digits"
@@ -390,7 +391,7 @@ SERVER_ONLY_SECRETS = Settings.env_of("api_keys")
 
 def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per setting (`--model-repo`, `--port` …); each defaults to None so the env var shows through."""
-    Settings.add_arguments(parser)
+    Settings.add_arguments(parser, SETTING_GROUPS)
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:

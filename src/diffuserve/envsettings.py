@@ -6,7 +6,7 @@ import argparse
 import enum
 import types
 import typing
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any, ClassVar
@@ -117,23 +117,31 @@ class EnvSettings(BaseSettings):
         return [extra.get("flag") or "--" + name.replace("_", "-"), *extra.get("flags", [])]
 
     @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser | Any) -> None:
-        """One flag per field, each defaulting to None so the env var shows through; help names env and default."""
+    def add_arguments(
+        cls, parser: argparse.ArgumentParser | Any, groups: Mapping[str, Sequence[str]] | None = None
+    ) -> None:
+        """One flag per field, each defaulting to None so the env var shows through; help names env and default.
+        `groups`: section title → field names, the sections `--help` shows them in (the rest after them)."""
+        section: dict[str, Any] = {}
+        for title, names in (groups or {}).items():
+            group = parser.add_argument_group(title)
+            section.update(dict.fromkeys(names, group))
         for name, info in cls.model_fields.items():
+            target = section.get(name, parser)
             kind = _plain_type(info.annotation)
             env = ", ".join(cls.env_of(name))
             help_text = f"{info.description or ''} [env {env}; default {_shown_default(info)}]"
             common: dict[str, Any] = {"dest": name, "default": None, "help": help_text.replace("%", "%%")}
             flags = cls.flag_names(name)
             if kind is bool:
-                parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **common)
+                target.add_argument(*flags, action=argparse.BooleanOptionalAction, **common)
             elif typing.get_origin(kind) is list:
-                parser.add_argument(*flags, action="append", metavar="VALUE", **common)
+                target.add_argument(*flags, action="append", metavar="VALUE", **common)
             elif isinstance(kind, type) and issubclass(kind, enum.Enum):
                 metavar = "{" + ",".join(str(member.value) for member in kind) + "}"
-                parser.add_argument(*flags, metavar=metavar, **common)
+                target.add_argument(*flags, metavar=metavar, **common)
             else:
-                parser.add_argument(*flags, **common)
+                target.add_argument(*flags, **common)
 
     @classmethod
     def from_args(

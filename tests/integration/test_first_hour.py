@@ -15,6 +15,7 @@ import pytest
 
 from diffuserve.cli import main
 from tests.helpers import free_port, server_free_env, start_server
+from tests.inprocess import URL, client_of, digits_settings, served
 
 
 def test_serve_digits_logs_one_ready_line_with_both_urls() -> None:
@@ -37,6 +38,16 @@ def test_serve_digits_logs_one_ready_line_with_both_urls() -> None:
         assert set(version) >= {"version", "torch", "diffusers"}
         docs = httpx.get(f"{server.base_url}/docs", timeout=5)
         assert docs.status_code == 200 and "swagger-ui" in docs.text and "openapi.json" in docs.text
+
+
+async def test_a_misspelt_field_is_named_in_a_header() -> None:
+    """Unknown fields stay allowed (clients send fields this server does not use), and are named back."""
+    async with served(digits_settings()) as app, client_of(app, timeout=60) as client:
+        misspelt = await client.post(URL, json={"prompt": "the digit 7", "sede": 5, "Größe": 1})
+        assert misspelt.status_code == 200
+        assert misspelt.headers["x-ignored-fields"] == "Gr\\xf6\\xdfe, sede"
+        clean = await client.post(URL, json={"prompt": "the digit 7", "seed": 5})
+        assert clean.status_code == 200 and "x-ignored-fields" not in clean.headers
 
 
 def test_a_taken_port_is_one_line_naming_port() -> None:

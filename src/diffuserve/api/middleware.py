@@ -16,6 +16,15 @@ from diffuserve.errors import DiffuserveError
 log = logging.getLogger("diffuserve.access")
 REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 QUIET_PATHS = ("/health", "/v2/health", "/metrics")
+# Where a route leaves the body's unknown field names (request.state.ignored_fields) for the response header.
+IGNORED_FIELDS_KEY = "ignored_fields"
+
+
+def ascii_header(text: str) -> str:
+    """`text` as a header value: non-ASCII escaped (`\u00e9`), control characters already escaped by safe_text."""
+    return text.encode("ascii", "backslashreplace").decode("ascii")
+
+
 # Key in the request's scope state of the status the request ended with, where it is not the one its answer
 # began with: a stream answered 200 whose client left is counted 499, and logged so.
 FINAL_STATUS_KEY = "final_status"
@@ -43,7 +52,10 @@ class RequestContextMiddleware:
             nonlocal status, response_started
             if message["type"] == "http.response.start":
                 status, response_started = message["status"], True
-                MutableHeaders(scope=message).append("x-request-id", request_id)
+                headers = MutableHeaders(scope=message)
+                headers.append("x-request-id", request_id)
+                if state.get(IGNORED_FIELDS_KEY):
+                    headers.append("x-ignored-fields", state[IGNORED_FIELDS_KEY])
             await send(message)
 
         try:

@@ -27,12 +27,13 @@ from diffuserve.api.edit_body import read_edit_body
 from diffuserve.api.http_protocol import DELIVERED_KEY
 from diffuserve.api.image_data import image_data, reserve_room
 from diffuserve.api.image_store import Reservation
-from diffuserve.api.middleware import FINAL_STATUS_KEY
+from diffuserve.api.middleware import FINAL_STATUS_KEY, ascii_header
 from diffuserve.api.openapi import EDITS_ROUTE_DOC, IMAGES_ROUTE_DOC
 from diffuserve.api.streaming import ImageStream
 from diffuserve.errors import ClientClosed, DiffuserveError, InvalidRequest
 from diffuserve.protocol import ImageData, ImageGenerationRequest, ImagesResponse
 from diffuserve.protocol.edits import ImageEditRequest
+from diffuserve.protocol.generation import describe_unknown_fields
 from diffuserve.protocol.usage import usage_for
 from diffuserve.serving.service import ClientGone
 from diffuserve.types import Completed, GenerationRequest, ModelInfo
@@ -122,6 +123,10 @@ async def _answer(request: Request, kind: str, accept: Callable[..., Awaitable[A
     try:
         drain.refuse_if_draining()
         accepted = await accept(model_for)
+        if accepted.body.model_extra:  # a misspelt field must not pass unnoticed: named in a header too
+            request.state.ignored_fields = ascii_header(
+                describe_unknown_fields(list(accepted.body.model_extra))
+            )
         generation = accepted.generation
         generation.loras = await service.resolve_adapters(accepted.model, accepted.body.adapters)
         for use in generation.loras:
