@@ -54,21 +54,23 @@ def parse_models(entries: list[str]) -> list[ModelSpec]:
 
 def parse_model_devices(entries: list[str]) -> dict[str, str]:
     """`NAME=DEVICES` entries (`flux=0,1`, `sdxl=cuda:2`) → {model: devices}; the model is any of its aliases."""
-    placement: dict[str, str] = {}
-    for entry in entries:
-        model, sep, devices = entry.partition("=")
-        if not sep or not model.strip() or not devices.strip():
-            raise ValueError(f"{entry!r} is not MODEL=DEVICES (e.g. flux=0,1)")
-        placement[model.strip()] = devices.strip()
-    return placement
+    return _named_values(entries, "MODEL=DEVICES (e.g. flux=0,1)")
 
 
 def parse_named_paths(items: list[str], setting: str) -> dict[str, str]:
     """`NAME=PATH` items (adapters read at start) → name → path; a malformed one names its setting."""
-    paths: dict[str, str] = {}
+    try:
+        return _named_values(items, "NAME=PATH")
+    except ValueError as exc:
+        raise ValueError(f"{setting}: {exc}") from None
+
+
+def _named_values(items: list[str], form: str) -> dict[str, str]:
+    """`NAME=VALUE` items → {name: value}, both stripped; one without either side is a ValueError."""
+    found: dict[str, str] = {}
     for item in items:
-        name, sep, path = item.partition("=")
-        if not sep or not name.strip() or not path.strip():
-            raise ValueError(f"{setting}: {item!r} is not NAME=PATH")
-        paths[name.strip()] = path.strip()
-    return paths
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip() or not value.strip():
+            raise ValueError(f"{item!r} is not {form}")
+        found[name.strip()] = value.strip()
+    return found

@@ -56,7 +56,6 @@ class Engine:
         self._graphs: Any = None
         # Per-request adapters (LoRA), where the server takes them.
         self.adapters: Any = None
-        self._lora_targets: dict[str, tuple[int, int]] = {}
         # Whether a group's ranks decode each batch's latents together (see `parallel.split_decode`).
         self._joint_decode = False
         # Set after a CUDA error that leaves the device unusable: the worker then exits and is replaced.
@@ -113,14 +112,15 @@ class Engine:
         c, pipeline, family = self.config, loaded.pipeline, loaded.family
         recipe = recipe_for(c.tier)
         model = denoiser_of(pipeline)
+        targets: dict[str, tuple[int, int]] = {}
         if c.lora_max_rank > 0 and model is not None:
             # Before the tier: fusing QKV empties the separate projections whose shapes adapters name.
             from diffuserve.engine.lora import lora_targets
 
-            self._lora_targets = lora_targets(model, family.blocks)
+            targets = lora_targets(model, family.blocks)
         apply_recipe(pipeline, recipe, device=self.device, cache_dir=c.cache_dir, family=family)
-        if self._lora_targets:
-            self._install_adapters(model)
+        if targets:
+            self._install_adapters(model, targets)
         graphs, why = graphs_wanted(c.cuda_graphs, device=self.device, recipe=recipe, family=family)
         log.info(why)
         parallel, pixels = 1, token_pixels(pipeline)
@@ -145,14 +145,14 @@ class Engine:
             enable_step_modulation(pipeline)
         return parallel, pixels
 
-    def _install_adapters(self, model: Any) -> None:
+    def _install_adapters(self, model: Any, targets: dict[str, tuple[int, int]]) -> None:
         """After the tier (its fused and quantized layers carry the adapters), before compile first runs."""
         from diffuserve.engine.lora import EngineAdapters
 
         c = self.config
         self.adapters = EngineAdapters(
             model,
-            self._lora_targets,
+            targets,
             max_rank=c.lora_max_rank,
             slots=c.lora_slots or c.max_batch + 1,
             max_batch=c.max_batch,

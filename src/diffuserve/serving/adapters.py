@@ -48,7 +48,7 @@ class AdapterResolver:
 
             path = pull_adapter(repo, filename, token=token, progress=progress)
             try:
-                read_layout(path, check_values=True)
+                self.catalog.layout(path)  # read and checked once: the requests that name it find it cached
             except AdapterError as exc:
                 raise ValueError(f"LORAS (--lora): adapter {name!r} ({repo}): {exc}") from None
             self.catalog.provide(name, path)

@@ -42,8 +42,6 @@ class AdapterCache:
         self.device = device
         self.dtype = dtype
         self._held: OrderedDict[tuple[str, int, int], LoadedAdapter] = OrderedDict()
-        self.hits = 0
-        self.loads = 0
 
     @property
     def nbytes(self) -> int:
@@ -58,10 +56,8 @@ class AdapterCache:
         adapter = self._held.get(key)
         if adapter is not None:
             self._held.move_to_end(key)
-            self.hits += 1
             return identity, adapter, True
         adapter = self._load(path)
-        self.loads += 1
         self._held[key] = adapter
         while self.nbytes > self.max_bytes and len(self._held) > 1:
             evicted, _ = self._held.popitem(last=False)
