@@ -53,6 +53,8 @@ lint: $(STAMP_DEV)
 	@find src -name '*.py' | xargs wc -l | awk '$$2 != "total" && $$1 > 400 {print $$2 ": " $$1 " lines, over 400"; bad = 1} END {exit bad}'
 	# docs/benchmarks.md's tables are what the raw outputs under docs/bench/ give.
 	$(BIN)/python benchmarks/tables.py --check
+	# The Dockerfile (the manifests under deploy/kubernetes/ are checked by tests/unit/test_kubernetes_manifests.py).
+	$(BIN)/hadolint Dockerfile
 
 format: $(STAMP_DEV)
 	$(BIN)/ruff format src tests benchmarks

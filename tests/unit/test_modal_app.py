@@ -330,9 +330,8 @@ SECRET_PATTERNS = [
 
 def test_deploy_folder_holds_no_secret_or_account_name() -> None:
     files = [p for p in DEPLOY_DIR.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
-    assert {"modal_app.py", "start.sh", "nginx.conf", "supervisord.conf", "Dockerfile"} <= {
-        p.name for p in files
-    }
+    # The Dockerfile lives at the repository's root (it builds from the whole checkout), not in the package.
+    assert {"modal_app.py", "start.sh", "nginx.conf", "supervisord.conf"} <= {p.name for p in files}
     for path in files:
         text = path.read_text()
         for pattern in SECRET_PATTERNS:
