@@ -394,6 +394,50 @@ FAMILY_RUNS = (
 )
 
 # Each block: the function that makes it and the raw file(s) under docs/bench/ it reads.
+def priorities(*names: str) -> str:
+    """Interactive latency behind a backlog of batch jobs, per schedule, one table per run."""
+    labels = {
+        "priorities": "priorities + preemption (default)",
+        "no-preemption": "priorities, `PREEMPT=false`",
+        "fifo": "one class (first come, first served)",
+    }
+    parts = []
+    for name in names:
+        data = load(name)
+        job = ", ".join(f"{k} {v}" for k, v in data["job"].items())
+        rows = [
+            [
+                labels[row["schedule"]],
+                f"{row['idle_p95_s'] * 1000:.0f}",
+                f"{row['loaded_p50_s'] * 1000:.0f}",
+                f"{row['loaded_p95_s'] * 1000:.0f}",
+                f"**{row['p95_ratio']:.1f}×**",
+                f"{row['jobs_succeeded']}/{data['jobs']} in {row['backlog_s']:.1f} s",
+                str(row["preempted_requests"]),
+            ]
+            for row in data["schedules"]
+        ]
+        parts.append(
+            f"{data['model']} on {data['devices']} (tier {data['tier']}, MODEL_BATCH {data['batch']}): "
+            f"{data['jobs']} batch jobs of {job}; one interactive request a second, {data['requests']} of them. "
+            + run_line(data["environment"])
+            + "\n\n"
+            + table(
+                [
+                    "schedule",
+                    "idle p95 (ms)",
+                    "loaded p50 (ms)",
+                    "loaded p95 (ms)",
+                    "p95 loaded / idle",
+                    "batch jobs done",
+                    "preempted",
+                ],
+                rows,
+            )
+        )
+    return "\n\n".join(parts)
+
+
 BLOCKS: dict[str, tuple[Callable[..., str], tuple[str, ...]]] = {
     "cpu-digits": (cpu_digits, ("cpu-digits.json",)),
     "cpu-sweep": (cpu_sweep, ("cpu-sweep-summary.json",)),
@@ -404,6 +448,7 @@ BLOCKS: dict[str, tuple[Callable[..., str], tuple[str, ...]]] = {
     "parallel-group": (parallel_group, ("h200x2-parallel-tables.json",)),
     "split-decode": (split_decode, ("h200x2-split-decode.json",)),
     "loras": (loras, ("h100-lora-flux-dev.jsonl",)),
+    "priorities": (priorities, ("cpu-priorities-digits.json",)),
 }
 
 

@@ -77,7 +77,11 @@ class FakeEngine:
             threading.Timer(0.05, os._exit, args=(4,)).start()
 
     def compute(
-        self, job: BatchJob, cancelled: Callable[[], bool] | None = None, on_preview: Any = None
+        self,
+        job: BatchJob,
+        cancelled: Callable[[], bool] | None = None,
+        on_preview: Any = None,
+        on_step: Callable[[int], None] | None = None,
     ) -> DeviceBatch | BatchResult:
         started = time.perf_counter()
         prompts = [item.prompt for item in job.items]

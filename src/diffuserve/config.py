@@ -12,7 +12,8 @@ from pydantic_settings import NoDecode
 
 from diffuserve.choices import LogFormat, LogLevel, LoraBatching
 from diffuserve.engine.config import CudaGraphs, DType, ParallelAttention, Weights
-from diffuserve.envsettings import EnvSettings, setting
+from diffuserve.envsettings import setting
+from diffuserve.job_settings import JobSettings
 from diffuserve.model_specs import ModelSpec, parse_model_devices, parse_models, parse_named_paths
 from diffuserve.setting_groups import SETTING_GROUPS
 from diffuserve.types import Tier
@@ -39,7 +40,7 @@ def split_keys(raw: Any) -> Any:
     return [key.strip() for item in items for key in str(item).split(",") if key.strip()]
 
 
-class Settings(EnvSettings):
+class Settings(JobSettings):
     """Everything the server needs to start. A new setting is one line: `name: type = setting(default, "ENV", help=…)`."""
 
     models: Annotated[list[str], NoDecode] = setting(
@@ -386,7 +387,12 @@ class Settings(EnvSettings):
 
 # The env vars of settings that no worker may inherit: the server reads them once, then drops them from its
 # own environment before it starts any worker (a worker inherits the environment of the process that spawns it).
-SERVER_ONLY_SECRETS = Settings.env_of("api_keys")
+# JOBS_DB may be a URL with a password in it.
+SERVER_ONLY_SECRETS = (
+    *Settings.env_of("api_keys"),
+    *Settings.env_of("webhook_secret"),
+    *Settings.env_of("jobs_db"),
+)
 
 
 def add_settings_arguments(parser: argparse.ArgumentParser) -> None:

@@ -193,7 +193,9 @@ def describe_errors(cls: type[EnvSettings], exc: ValidationError) -> str:
         env = cls.env_of(field)
         label = f"{'/'.join(env)} ({flag})"
         got = error.get("input")
-        shown = "" if got is None or isinstance(got, dict) else f", got {got!r}"
+        # A secret's value is never echoed into a terminal or a log, even a malformed one.
+        secret = any(word in field for word in ("secret", "token", "key"))
+        shown = "" if got is None or isinstance(got, dict) or secret else f", got {got!r}"
         parts.append(f"{label}: {message}{shown}")
     return "; ".join(parts)
 

@@ -17,6 +17,10 @@ class DiffuserveError(Exception):
         if code is not None:
             self.code = code
 
+    def envelope(self) -> dict[str, dict[str, str | None]]:
+        """The OpenAI error body: {"error": {message, type, param, code}}."""
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
 
 class InvalidRequest(DiffuserveError):
     status = 400
@@ -48,6 +52,22 @@ class ImageNotFound(DiffuserveError):
     status = 404
     type = "invalid_request_error"
     code = "image_not_found"
+
+
+class JobNotFound(DiffuserveError):
+    """A job id that is unknown, expired, or another API key's."""
+
+    status = 404
+    type = "invalid_request_error"
+    code = "job_not_found"
+
+
+class JobFinished(DiffuserveError):
+    """A cancel for a job that already ended."""
+
+    status = 409
+    type = "invalid_request_error"
+    code = "job_finished"
 
 
 class MethodNotAllowed(DiffuserveError):

@@ -44,6 +44,16 @@ class PartialImages:
 
 
 @dataclass
+class StepProgress:
+    """A running batch finished denoising step `step` of `steps` (sent only for batches whose requests asked
+    for progress: jobs, and streams with `progress`)."""
+
+    batch_id: int
+    step: int
+    steps: int
+
+
+@dataclass
 class CancelBatch:
     """Every client of a running batch has gone: the worker stops it at the next denoising step and answers
     with an error result (nobody reads it), so its device takes the next batch sooner."""

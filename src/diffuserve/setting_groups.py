@@ -38,5 +38,18 @@ SETTING_GROUPS: dict[str, tuple[str, ...]] = {
         "watchdog_min_seconds",
         "drain_timeout",
     ),
+    "jobs, webhooks and priorities": (
+        "jobs_db",
+        "job_ttl_seconds",
+        "max_jobs",
+        "job_timeout",
+        "webhook_secret",
+        "webhook_allow_private",
+        "webhook_attempts",
+        "webhook_backoff_seconds",
+        "webhook_timeout",
+        "priority_aging_seconds",
+        "preempt",
+    ),
     "logging": ("log_format", "log_level"),
 }

@@ -1,49 +1,16 @@
-"""Typed messages and model families shared by every layer (API → serving → engine → models); imports
-nothing of the project, so any layer may use it."""
+"""Typed messages and model families shared by every layer (API → serving → engine → models); imports only
+diffuserve.enums (whose choices it re-exports), so any layer may use it."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from enum import Enum
 from typing import Any
 
-
-class StrChoice(str, Enum):
-    """A setting's fixed set of string values: compares and prints as its value, read case-insensitively."""
-
-    def __str__(self) -> str:
-        # The value in f-strings and logs ("S", not "Tier.S"), on every Python version.
-        return str(self.value)
-
-    @classmethod
-    def _missing_(cls, value: object) -> StrChoice | None:
-        if isinstance(value, str):
-            for member in cls:
-                if member.value.lower() == value.strip().lower():
-                    return member
-        return None
-
-
-class Tier(StrChoice):
-    """Acceleration tiers. E: exact, nothing applied (no torch.compile). XL: exact (compiled).
-    L: near-lossless. M: between. S: fastest."""
-
-    E = "E"
-    XL = "XL"
-    L = "L"
-    M = "M"
-    S = "S"
-
-    @classmethod
-    def parse(cls, value: str | Tier) -> Tier:
-        if isinstance(value, Tier):
-            return value
-        try:
-            return cls(str(value))
-        except ValueError:
-            raise ValueError(
-                f"tier must be one of {', '.join(t.value for t in cls)}, got {value!r}"
-            ) from None
+# Re-exported: every layer takes them from here.
+from diffuserve.enums import JobState as JobState
+from diffuserve.enums import Priority as Priority
+from diffuserve.enums import StrChoice as StrChoice
+from diffuserve.enums import Tier as Tier
 
 
 @dataclass(frozen=True)
@@ -199,6 +166,9 @@ class GenerationRequest:
     first_image: int = 0
     # The adapters (LoRA) applied to this request's images, in the client's order.
     loras: tuple[LoraUse, ...] = ()
+    priority: Priority = Priority.DEFAULT
+    # Whether its worker reports each denoising step (jobs, and streams that asked for progress).
+    report_progress: bool = False
 
     @property
     def seeds(self) -> list[int]:
@@ -231,6 +201,7 @@ class GenerationRequest:
             mask=self.edit.mask if self.edit is not None else None,
             partial_images=self.partial_images,
             loras=self.loras,
+            report_progress=self.report_progress,
         )
 
     def _init_images(self) -> list[Any] | None:
@@ -278,6 +249,7 @@ class BatchItem:
     mask: Any | None = None
     partial_images: int = 0
     loras: tuple[LoraUse, ...] = ()
+    report_progress: bool = False
 
 
 @dataclass
@@ -301,6 +273,11 @@ class BatchJob:
     @property
     def num_images(self) -> int:
         return sum(len(item.seeds) for item in self.items)
+
+    @property
+    def reports_progress(self) -> bool:
+        """Whether a request of this batch wants to hear of each denoising step."""
+        return any(item.report_progress for item in self.items)
 
     @property
     def denoising_steps(self) -> int:

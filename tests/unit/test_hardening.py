@@ -24,7 +24,7 @@ from PIL import ExifTags, Image
 
 from diffuserve.api.app import build_app
 from diffuserve.api.drain import Drain
-from diffuserve.api.edit_body import JSON_IN_THREAD_BYTES, _from_json, _from_large_json
+from diffuserve.api.edit_body import JSON_IN_THREAD_BYTES, _from_large_json, edit_body_from_json
 from diffuserve.config import Settings
 from diffuserve.engine.config import EngineConfig
 from diffuserve.errors import InvalidRequest, ShuttingDown
@@ -420,7 +420,7 @@ def test_a_large_json_edit_body_decodes_off_the_loop_as_a_small_one_does() -> No
     }
     raw = json.dumps(payload).encode()
     assert len(raw) > JSON_IN_THREAD_BYTES
-    large, small = _from_large_json(raw), _from_json(decode_json(raw))
+    large, small = _from_large_json(raw), edit_body_from_json(decode_json(raw))
     assert large.fields == small.fields and large.pictures == small.pictures
     with pytest.raises(InvalidRequest, match="not valid JSON"):
         _from_large_json(raw[:-1])

@@ -69,7 +69,7 @@ async def test_every_error_class_maps_to_its_status_and_envelope() -> None:
                 }
             assert ("www-authenticate" in response.headers) == (cls.status == 401)
             statuses.add(response.status_code)
-    assert statuses == {400, 401, 404, 405, 408, 413, 415, 429, 499, 500, 503, 504}
+    assert statuses == {400, 401, 404, 405, 408, 409, 413, 415, 429, 499, 500, 503, 504}
 
 
 async def test_an_unexpected_exception_is_a_bare_500_envelope() -> None:

@@ -182,11 +182,16 @@ async def test_observer_sees_batch_sizes_and_depth() -> None:
     seen: dict[str, list] = {"sizes": [], "depths": []}
 
     class Observer:
-        def queue_depth(self, depth: int) -> None:
+        def queue_depth(self, depth: int, by_priority: dict) -> None:
             seen["depths"].append(depth)
+            assert sum(by_priority.values()) == depth
 
-        def batch_started(self, images: int, waits_s: list[float]) -> None:
+        def batch_started(self, images: int, waits_s: list[float], priorities: list) -> None:
             seen["sizes"].append(images)
+            assert len(priorities) == len(waits_s)
+
+        def preempted(self, requests: int) -> None:
+            pass
 
         def adapters_used(self, loaded: dict[str, float], hits: list[str]) -> None:
             pass

@@ -151,7 +151,9 @@ class FailingEngine:
 
     broken = True
 
-    def compute(self, job: BatchJob, cancelled: object = None, on_preview: object = None) -> BatchResult:
+    def compute(
+        self, job: BatchJob, cancelled: object = None, on_preview: object = None, on_step: object = None
+    ) -> BatchResult:
         assert cancelled is None, "a group's ranks must never stop a batch on their own"
         return BatchResult(batch_id=job.batch_id, error="RuntimeError: boom")
 

@@ -19,9 +19,10 @@ from diffuserve.api.drain import Drain
 from diffuserve.api.errors import install_error_handlers
 from diffuserve.api.forwarded import TrustedForwarding
 from diffuserve.api.image_store import ImageStore
-from diffuserve.api.metrics import Metrics
+from diffuserve.api.job_service import make_job_manager
+from diffuserve.api.metrics import JobMetrics, Metrics
 from diffuserve.api.middleware import RequestContextMiddleware
-from diffuserve.api.routes import health, image_files, images, metrics, models, playground
+from diffuserve.api.routes import health, image_files, images, jobs, metrics, models, playground
 from diffuserve.config import Settings
 from diffuserve.serving.service import EngineFactory, GenerationService, load_engine
 
@@ -75,6 +76,7 @@ def build_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await service.start()
+        await app.state.jobs.start()
         sweeper = asyncio.create_task(app.state.image_store.sweep_forever())
         try:
             yield
@@ -82,6 +84,7 @@ def build_app(
             sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await sweeper
+            await app.state.jobs.stop()
             await service.stop()
 
     # No docs pages, and the document is served by a route of our own: with API keys set, every route but
@@ -108,8 +111,9 @@ def build_app(
         max_bytes=settings.image_store_max_bytes,
         ttl_seconds=settings.image_url_ttl_seconds,
     )
+    app.state.jobs = make_job_manager(settings, service, app.state.image_store, JobMetrics(registry))
     install_error_handlers(app)
-    for module in (health, images, image_files, models, metrics, openapi):
+    for module in (health, images, jobs, image_files, models, metrics, openapi):
         app.include_router(module.router)
     app.include_router(openapi.docs_router)
     if settings.playground:

@@ -48,7 +48,7 @@ async def read_edit_body(request: Request, limit: int, timeout: float) -> EditBo
     if media_type == "application/json" or media_type.endswith("+json"):
         raw = await read_body(request, limit, timeout)
         if len(raw) <= JSON_IN_THREAD_BYTES:
-            return _from_json(decode_json(raw))
+            return edit_body_from_json(decode_json(raw))
         return await asyncio.to_thread(_from_large_json, raw)
     raise UnsupportedMediaType(
         f"Content-Type must be multipart/form-data or application/json, got {content_type or 'none'!r}",
@@ -113,10 +113,10 @@ def _from_large_json(raw: bytes) -> EditBody:
         payload = orjson.loads(raw)  # several times faster than json on megabytes of base64 text
     except orjson.JSONDecodeError:
         payload = decode_json(raw)  # raises the same 400 a small body gets
-    return _from_json(payload)
+    return edit_body_from_json(payload)
 
 
-def _from_json(payload: Any) -> EditBody:
+def edit_body_from_json(payload: Any) -> EditBody:
     if not isinstance(payload, dict):
         raise InvalidRequest("the request body must be a JSON object")
     fields = dict(payload)

@@ -18,7 +18,7 @@ from diffuserve.errors import (
 
 
 def error_body(error: DiffuserveError) -> dict[str, dict[str, str | None]]:
-    return {"error": {"message": error.message, "type": error.type, "param": error.param, "code": error.code}}
+    return error.envelope()
 
 
 def error_response(error: DiffuserveError, headers: dict[str, str] | None = None) -> JSONResponse:

@@ -5,14 +5,16 @@ from __future__ import annotations
 import base64
 from collections.abc import Sequence
 
+import orjson
 from starlette.requests import Request
 
 from diffuserve.api.image_store import ImageStore, Reservation, StoreFull
 from diffuserve.api.public_url import base_url
 from diffuserve.config import Settings
 from diffuserve.errors import DiffuserveError
-from diffuserve.protocol import ImageData
-from diffuserve.types import EncodedImage, GenerationRequest
+from diffuserve.protocol import ImageData, ImagesResponse
+from diffuserve.protocol.usage import usage_for
+from diffuserve.types import EncodedImage, GenerationRequest, ModelInfo
 
 CONTENT_PATH = "/v1/images/{image_id}/content"
 
@@ -55,6 +57,32 @@ async def reserve_room(request: Request, generation: GenerationRequest) -> Reser
         raise store_full(exc, store) from None
 
 
+def b64_image_data(images: Sequence[EncodedImage]) -> list[ImageData]:
+    return [
+        ImageData(b64_json=base64.b64encode(image.data).decode("ascii"), seed=image.seed) for image in images
+    ]
+
+
+def answer_body(
+    model: ModelInfo,
+    generation: GenerationRequest,
+    quality: str | None,
+    data: list[ImageData],
+    text_tokens: int,
+) -> bytes:
+    """The JSON answer of an images request (orjson: a few MB of base64 serialise in about a millisecond,
+    several times faster than json)."""
+    payload = ImagesResponse(
+        data=data,
+        model=model.name,
+        output_format=generation.output_format,
+        size=f"{generation.width}x{generation.height}",
+        quality=quality or "auto",
+        usage=usage_for(generation, model, text_tokens),
+    )
+    return orjson.dumps(payload.model_dump())
+
+
 async def image_data(
     request: Request,
     images: Sequence[EncodedImage],
@@ -66,16 +94,23 @@ async def image_data(
     (PUBLIC_URL, else the request's forwarded or Host headers) valid for IMAGE_URL_TTL_SECONDS to the same API
     key; anything else: `b64_json`."""
     if response_format != "url":
-        return [
-            ImageData(b64_json=base64.b64encode(image.data).decode("ascii"), seed=image.seed)
-            for image in images
-        ]
+        return b64_image_data(images)
     settings: Settings = request.app.state.settings
     # Before storing anything: a malformed forwarded header is the client's 400, and no file is left behind.
     base = base_url(request, settings.public_url)
-    store = image_store_of(request)
+    return await stored_image_data(image_store_of(request), images, owner_of(request), base, reservation)
+
+
+async def stored_image_data(
+    store: ImageStore,
+    images: Sequence[EncodedImage],
+    owner: str,
+    base: str,
+    reservation: Reservation | None = None,
+) -> list[ImageData]:
+    """The images put in the store for `owner`, each entry a URL under `base`."""
     try:
-        ids = await store.put(images, owner_of(request), reservation)
+        ids = await store.put(images, owner, reservation)
     except StoreFull as exc:
         raise store_full(exc, store) from None
     except OSError as exc:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from diffuserve.types import JobState, Priority
+
 LATENCY_BUCKETS = (
     0.001,
     0.0025,
@@ -69,6 +71,36 @@ class Metrics:
         self.queue_depth_gauge = Gauge(
             "diffuserve_queue_depth", "Requests waiting for a worker", ["model"], registry=r
         )
+        self.queue_depth_by_priority = Gauge(
+            "diffuserve_queue_depth_by_priority",
+            "Requests waiting for a worker, by priority class",
+            ["model", "priority"],
+            registry=r,
+        )
+        self.priority_queue_seconds = Histogram(
+            "diffuserve_priority_queue_seconds",
+            "Time a request waited before its batch started, by priority class",
+            ["priority"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.preempted = Counter(
+            "diffuserve_preempted_requests",
+            "Requests of batch priority whose running batch was stopped for an interactive request",
+            registry=r,
+        )
+        self.jobs = Gauge(
+            "diffuserve_jobs", "Unfinished jobs by state: queued, running", ["state"], registry=r
+        )
+        self.jobs_finished = Counter(
+            "diffuserve_jobs_finished", "Jobs that reached a final state, by state", ["state"], registry=r
+        )
+        self.webhooks = Counter(
+            "diffuserve_webhook_deliveries",
+            "Webhook delivery attempts by outcome: delivered, retried (the receiver failed), given_up",
+            ["outcome"],
+            registry=r,
+        )
         self.images = Counter(
             "diffuserve_images_generated", "Images generated and returned", ["model"], registry=r
         )
@@ -123,6 +155,27 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+class JobMetrics:
+    """A JobObserver: jobs by state, finished jobs and webhook deliveries."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+        for state in JobState:
+            if not state.final:
+                metrics.jobs.labels(state.value).set(0)
+
+    def job_moved(self, old: str | None, new: str | None, final: bool) -> None:
+        if old is not None:
+            self.metrics.jobs.labels(old).dec()
+        if new is not None and not final:
+            self.metrics.jobs.labels(new).inc()
+        if new is not None and final:
+            self.metrics.jobs_finished.labels(new).inc()
+
+    def webhook(self, outcome: str) -> None:
+        self.metrics.webhooks.labels(outcome).inc()
+
+
 class ModelObserver:
     """A SchedulerObserver for one model: the queue depth labelled with it; batches and waits pooled."""
 
@@ -130,13 +183,19 @@ class ModelObserver:
         self.metrics, self.model = metrics, model
         metrics.queue_depth_gauge.labels(model).set(0)
 
-    def queue_depth(self, depth: int) -> None:
+    def queue_depth(self, depth: int, by_priority: dict[Priority, int]) -> None:
         self.metrics.queue_depth_gauge.labels(self.model).set(depth)
+        for priority, count in by_priority.items():
+            self.metrics.queue_depth_by_priority.labels(self.model, priority.value).set(count)
 
-    def batch_started(self, images: int, waits_s: list[float]) -> None:
+    def batch_started(self, images: int, waits_s: list[float], priorities: list[Priority]) -> None:
         self.metrics.batch_size.observe(images)
-        for wait in waits_s:
+        for wait, priority in zip(waits_s, priorities, strict=True):
             self.metrics.queue_seconds.observe(wait)
+            self.metrics.priority_queue_seconds.labels(priority.value).observe(wait)
+
+    def preempted(self, requests: int) -> None:
+        self.metrics.preempted.inc(requests)
 
     def adapters_used(self, loaded: dict[str, float], hits: list[str]) -> None:
         for name, seconds in loaded.items():

@@ -1,5 +1,6 @@
 """`stream: true`: server-sent events as OpenAI sends them — partial images while the batch denoises, then
-one completed event per image (with `usage`), or one `error` event."""
+one completed event per image (with `usage`), or one `error` event; with `progress: true`, `progress` events
+(queue position, then each denoising step) beside them."""
 
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ log = logging.getLogger(__name__)
 
 # Headers for an event stream: no caching, and no buffering in nginx (or it would hold the previews back).
 STREAM_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+# How often a queued stream that asked for progress looks at its queue position.
+POSITION_POLL_S = 0.25
 
 
 def event(name: str, payload: dict[str, Any]) -> bytes:
@@ -73,10 +76,17 @@ class ImageStream:
         self.model = model
         self._finished = finished
         self._delivered = delivered
-        self._partials: asyncio.Queue[tuple[int, int, list[EncodedImage]]] = asyncio.Queue()
+        # Previews (partial index, first image, images) and steps (step, steps) in the order they came.
+        self._partials: asyncio.Queue[tuple[int, int, list[EncodedImage]] | tuple[int, int]] = asyncio.Queue()
+        # Set by the route when the client asked for progress: the request's queue position (None once it runs).
+        self.position: Callable[[], int | None] | None = None
+        self._last_position: int | None = None
 
     def on_partial(self, partial_index: int, first_image: int, images: list[EncodedImage]) -> None:
         self._partials.put_nowait((partial_index, first_image, images))
+
+    def on_progress(self, step: int, steps: int) -> None:
+        self._partials.put_nowait((step, steps))
 
     def response(self, work: asyncio.Future[Completed]) -> StreamingResponse:
         work.add_done_callback(_read_outcome)
@@ -89,14 +99,19 @@ class ImageStream:
         getter: asyncio.Future[Any] | None = None
         try:
             while True:
-                getter = asyncio.ensure_future(self._partials.get())
+                if (queued := self._position_event()) is not None:
+                    yield queued
+                if getter is None or getter.done():
+                    getter = asyncio.ensure_future(self._partials.get())
                 watched: set[asyncio.Future[Any]] = {getter, work}
-                await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
-                if not getter.done():
+                timeout = POSITION_POLL_S if self.position is not None else None
+                await asyncio.wait(watched, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    yield self._queued_event(getter.result())
+                elif work.done():
                     break
-                yield self._partial_events(*getter.result())
             while not self._partials.empty():  # previews that came in just before the result
-                yield self._partial_events(*self._partials.get_nowait())
+                yield self._queued_event(self._partials.get_nowait())
             try:
                 completed = work.result()
             except ClientGone:
@@ -126,6 +141,24 @@ class ImageStream:
                 getter.cancel()
             work.cancel()  # a client gone mid-stream frees its place in the queue or its batch
             self._finished(completed, status)
+
+    def _queued_event(self, item: tuple[int, int, list[EncodedImage]] | tuple[int, int]) -> bytes:
+        if len(item) == 2:
+            step, steps = item
+            name = f"{self.kind}.progress"
+            return event(name, {"type": name, "status": "running", "step": step, "steps": steps})
+        return self._partial_events(*item)
+
+    def _position_event(self) -> bytes | None:
+        """A `progress` event with the queue position, when it changed since the last one (None once running)."""
+        if self.position is None:
+            return None
+        position = self.position()
+        if position is None or position == self._last_position:
+            return None
+        self._last_position = position
+        name = f"{self.kind}.progress"
+        return event(name, {"type": name, "status": "queued", "queue_position": position})
 
     def _common(self) -> dict[str, Any]:
         g = self.generation

@@ -78,12 +78,17 @@ class StepMarks:
 
 
 def step_callback(
-    marks: StepMarks, cancelled: Callable[[], bool] | None, previews: PreviewTaker | None
+    marks: StepMarks,
+    cancelled: Callable[[], bool] | None,
+    previews: PreviewTaker | None,
+    on_step: Callable[[int], None] | None = None,
 ) -> Callable[..., dict[str, Any]]:
-    """The pipeline's step-end callback: stop a batch nobody waits for, take the previews asked for, and mark
-    the step's end."""
+    """The pipeline's step-end callback: report the step (counted from 1) where asked, stop a batch nobody
+    waits for, take the previews asked for, and mark the step's end."""
 
     def on_step_end(_pipeline: Any, step: int, _timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+        if on_step is not None:
+            on_step(step + 1)
         if cancelled is not None and cancelled():
             raise BatchCancelled()
         if previews is not None:

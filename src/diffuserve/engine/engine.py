@@ -205,10 +205,12 @@ class Engine:
         job: BatchJob,
         cancelled: Callable[[], bool] | None = None,
         on_preview: Callable[[PreviewBatch], None] | None = None,
+        on_step: Callable[[int], None] | None = None,
     ) -> DeviceBatch | BatchResult:
         """The device's part of a batch; a failure comes back as a BatchResult with its error. `cancelled` is
         asked at every denoising step: once it says yes, the batch stops there. `on_preview` receives the
-        previews of the items that asked for partial images, while the batch runs."""
+        previews of the items that asked for partial images, while the batch runs; `on_step` each finished
+        denoising step, counted from 1."""
         assert self.loaded is not None
         started = time.perf_counter()
         marks = StepMarks(self.device.startswith("cuda"))
@@ -231,7 +233,7 @@ class Engine:
             )
             if "callback_on_step_end" in accepted:
                 wanted = previews if previews is not None and previews.wanted else None
-                kwargs["callback_on_step_end"] = step_callback(marks, cancelled, wanted)
+                kwargs["callback_on_step_end"] = step_callback(marks, cancelled, wanted, on_step)
             images = pipeline(**kwargs).images
             if len(images) != job.num_images:
                 raise RuntimeError(f"pipeline returned {len(images)} images for {job.num_images} requested")

@@ -25,7 +25,7 @@ from pydantic import (
 from diffuserve.errors import InvalidRequest
 from diffuserve.logs import safe_text
 from diffuserve.protocol.usage import Usage
-from diffuserve.types import GenerationRequest, ModelInfo
+from diffuserve.types import GenerationRequest, ModelInfo, Priority
 
 log = logging.getLogger("diffuserve.protocol")
 
@@ -120,6 +120,9 @@ class ImageGenerationRequest(BaseModel):
     num_inference_steps: int | None = Field(default=None, ge=1)
     negative_prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
     loras: list[LoraRequest] | None = Field(default=None, max_length=MAX_LORAS)
+    priority: Literal["interactive", "default", "batch"] | None = None
+    # With `stream`: queue position and denoising steps as `progress` events beside the partial images.
+    progress: bool | None = None
 
     @field_validator("loras", mode="before")
     @classmethod
@@ -216,6 +219,8 @@ class ImageGenerationRequest(BaseModel):
             output_compression=self.output_compression,
             negative_prompt=negative,
             partial_images=(self.partial_images or 0) if self.stream else 0,
+            priority=Priority(self.priority or "default"),
+            report_progress=bool(self.stream and self.progress),
         )
 
     def resolve_size(self, model: ModelInfo, default: tuple[int, int] | None = None) -> tuple[int, int]:

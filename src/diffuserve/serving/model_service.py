@@ -16,6 +16,7 @@ from diffuserve.hub import PullError, cached_snapshot, is_cached, pull
 from diffuserve.hub.progress import DownloadCancelled, PullProgress, log_progress
 from diffuserve.model_specs import ModelSpec
 from diffuserve.serving.engine_config import engine_config
+from diffuserve.serving.priorities import PriorityRules
 from diffuserve.serving.scheduler import Scheduler, SchedulerObserver
 from diffuserve.serving.worker_process import EngineFactory, load_engine
 from diffuserve.serving.workers import WorkerPool
@@ -54,6 +55,10 @@ class ModelService:
             batch_wait_s=settings.batch_wait_ms / 1000,
             observer=observer,
             split_adapters=settings.lora_batching is LoraBatching.SPLIT,
+            # A worker group's ranks cannot stop mid-batch (they would leave a collective out of step).
+            rules=PriorityRules(
+                aging_s=settings.priority_aging_seconds, preempt=settings.preempt and settings.parallel <= 1
+            ),
         )
         self.fatal_error: str | None = None
         self._on_fatal = on_fatal

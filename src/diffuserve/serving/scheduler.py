@@ -1,4 +1,5 @@
-"""Dynamic batcher: groups compatible requests, dispatches to idle workers at once, backpressure and deadlines."""
+"""Dynamic batcher: groups compatible requests, serves priority classes in order, dispatches to idle workers at
+once, backpressure and deadlines."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from diffuserve.errors import GenerationFailed, QueueFull, WorkerCrashed
-from diffuserve.messages import BatchResult, PartialImages
-from diffuserve.types import BatchJob, Completed, EncodedImage, GenerationRequest
+from diffuserve.messages import BatchResult, PartialImages, StepProgress
+from diffuserve.serving.priorities import PriorityRules
+from diffuserve.types import BatchJob, Completed, EncodedImage, GenerationRequest, Priority
 
 log = logging.getLogger(__name__)
 
@@ -29,15 +31,20 @@ class WorkerSlot(Protocol):
 class SchedulerObserver(Protocol):
     """Metrics hooks; the scheduler itself knows nothing of Prometheus."""
 
-    def queue_depth(self, depth: int) -> None: ...
+    def queue_depth(self, depth: int, by_priority: dict[Priority, int]) -> None: ...
 
-    def batch_started(self, images: int, waits_s: list[float]) -> None: ...
+    def batch_started(self, images: int, waits_s: list[float], priorities: list[Priority]) -> None: ...
+
+    def preempted(self, requests: int) -> None: ...
 
     def adapters_used(self, loaded: dict[str, float], hits: list[str]) -> None: ...
 
 
 # Called with (partial_index, index of the first image in the client's request, the preview's images).
 PartialSink = Callable[[int, int, list[EncodedImage]], None]
+# Called with (step, steps) after each denoising step of the request's batch (its worker reports them only
+# when the request asked: GenerationRequest.report_progress).
+ProgressSink = Callable[[int, int], None]
 
 
 @dataclass(eq=False)
@@ -48,6 +55,13 @@ class Pending:
     arrived_while_busy: bool
     dispatched_at: float | None = None
     on_partial: PartialSink | None = None
+    on_progress: ProgressSink | None = None
+    # Its batch was stopped for an interactive request once; it is not stopped again.
+    preempted: bool = False
+
+    @property
+    def priority(self) -> Priority:
+        return self.request.priority
 
 
 @dataclass
@@ -60,6 +74,10 @@ class InFlight:
     device_released: bool = False
     # Every client of the batch has gone and the worker was asked to stop it.
     abandoned: bool = False
+    # Stopped for an interactive request: its requests are queued again; its result is used only if it
+    # finished before the stop reached it.
+    preempted: bool = False
+    step: int = 0
 
 
 @dataclass
@@ -75,6 +93,7 @@ class Scheduler:
     # Whether a batch holds one adapter set only (LORA_BATCHING=split); otherwise each image row of a batch
     # applies its own request's adapters.
     split_adapters: bool = False
+    rules: PriorityRules = field(default_factory=PriorityRules)
     queue: list[Pending] = field(default_factory=list, init=False)
     idle: dict[int, WorkerSlot] = field(default_factory=dict, init=False)
     in_flight: dict[int, InFlight] = field(default_factory=dict, init=False)
@@ -83,9 +102,14 @@ class Scheduler:
     _batch_seconds_ema: float | None = field(default=None, init=False)
 
     # ---- requests -------------------------------------------------------------------------------------
-    def submit(self, request: GenerationRequest, on_partial: PartialSink | None = None) -> Pending:
+    def submit(
+        self,
+        request: GenerationRequest,
+        on_partial: PartialSink | None = None,
+        on_progress: ProgressSink | None = None,
+    ) -> Pending:
         """Queue a request; raises QueueFull when the queue is at its bound. `on_partial` receives its
-        previews (streaming) while its batch runs."""
+        previews (streaming) while its batch runs, `on_progress` its steps."""
         if request.n > self.max_batch:
             # The service splits larger requests; a batch above MODEL_BATCH was never warmed up and may not fit.
             raise ValueError(f"a request of {request.n} images exceeds the batch limit of {self.max_batch}")
@@ -101,11 +125,28 @@ class Scheduler:
             enqueued_at=self.clock(),
             arrived_while_busy=not self.idle,
             on_partial=on_partial,
+            on_progress=on_progress,
         )
         self.queue.append(pending)
         self._report_depth()
         self._dispatch()
+        if pending in self.queue and pending.priority is Priority.INTERACTIVE:
+            self._preempt_for_interactive()
         return pending
+
+    def position(self, pending: Pending) -> int | None:
+        """How many queued requests go before this one (0: it is next), or None once it is not queued."""
+        if pending not in self.queue:
+            return None
+        order = self.rules.order(self.queue, self.clock())
+        return order.index(self.queue.index(pending))
+
+    def progress(self, pending: Pending) -> tuple[int, int] | None:
+        """(step, steps) of the running batch that holds this request, or None while it is not running."""
+        for flight in self.in_flight.values():
+            if pending in flight.pendings and not flight.preempted:
+                return flight.step, flight.job.denoising_steps
+        return None
 
     def cancel(self, pending: Pending) -> None:
         """The client left or its deadline passed: drop it if it has not started; a running batch whose every
@@ -149,6 +190,8 @@ class Scheduler:
         for batch_id, flight in list(self.in_flight.items()):
             if flight.worker_id == worker_id:
                 del self.in_flight[batch_id]
+                if flight.preempted:
+                    continue  # its requests are already queued again
                 for pending in flight.pendings:
                     _fail(pending, WorkerCrashed(f"the worker running this request stopped: {reason}"))
 
@@ -175,6 +218,16 @@ class Scheduler:
         if pending.on_partial is not None and not pending.future.done():
             pending.on_partial(message.partial_index, pending.request.first_image, message.images)
 
+    def step_progress(self, message: StepProgress) -> None:
+        """A running batch finished a denoising step: to the requests that asked to hear of it."""
+        flight = self.in_flight.get(message.batch_id)
+        if flight is None or flight.preempted:
+            return
+        flight.step = message.step
+        for pending in flight.pendings:
+            if pending.on_progress is not None and not pending.future.done():
+                pending.on_progress(message.step, message.steps)
+
     def batch_finished(self, worker: WorkerSlot, result: BatchResult) -> None:
         """A batch's images (or its error) are back. The worker is idle now unless DeviceFree already said so
         (it may be running the next batch)."""
@@ -199,6 +252,15 @@ class Scheduler:
             self.observer.adapters_used(result.adapter_loads, result.adapter_hits)
         if result.error is None and len(result.images) != len(flight.pendings):
             result.error = f"worker returned {len(result.images)} results for {len(flight.pendings)} requests"
+        if flight.preempted:
+            if result.error is not None:
+                return  # stopped as asked: its requests are queued again
+            # It finished before the stop reached it: its requests still queued take these images.
+            for pending in flight.pendings:
+                if pending in self.queue:
+                    self.queue.remove(pending)
+                    pending.dispatched_at = flight.started_at
+            self._report_depth()
         for index, pending in enumerate(flight.pendings):
             if result.error is not None:
                 _fail(pending, GenerationFailed(f"generation failed: {result.error}"))
@@ -233,8 +295,10 @@ class Scheduler:
             self._timer.cancel()
             self._timer = None
         while self.idle and self.queue:
-            head = self.queue[0]
-            group = self._compatible_group(head)
+            now = self.clock()
+            ordered = [self.queue[i] for i in self.rules.order(self.queue, now)]
+            head = ordered[0]
+            group = self._compatible_group(head, ordered[1:], now)
             images = sum(p.request.n for p in group)
             # The window only holds back requests that queued while every worker was busy: a lone request
             # on an idle worker starts at once, and the wait is measured from the first request of the group.
@@ -247,13 +311,18 @@ class Scheduler:
     def _key(self, request: GenerationRequest) -> object:
         return (request.batch_key, request.loras) if self.split_adapters else request.batch_key
 
-    def _compatible_group(self, head: Pending) -> list[Pending]:
+    def _compatible_group(self, head: Pending, after: list[Pending], now: float) -> list[Pending]:
+        """The head and the compatible requests behind it, up to the batch limit. Requests of a lower class
+        than the head's do not ride along: they would lengthen its batch."""
         key = self._key(head.request)
+        level = self.rules.level(head, now)
         group = [head]
         images = head.request.n
-        for pending in self.queue[1:]:
+        for pending in after:
             if images >= self.max_batch:
                 break
+            if self.rules.level(pending, now) < level:
+                continue
             if self._key(pending.request) == key and images + pending.request.n <= self.max_batch:
                 group.append(pending)
                 images += pending.request.n
@@ -270,16 +339,51 @@ class Scheduler:
         self.in_flight[job.batch_id] = InFlight(worker_id=worker_id, pendings=group, job=job, started_at=now)
         self._report_depth()
         if self.observer is not None:
-            self.observer.batch_started(job.num_images, [now - p.enqueued_at for p in group])
+            self.observer.batch_started(
+                job.num_images, [now - p.enqueued_at for p in group], [p.priority for p in group]
+            )
         try:
             worker.send(job)
         except (OSError, ValueError) as exc:  # the worker's pipe broke: it is dying, its reaper will follow
             log.warning("could not send batch %d to worker %d: %s", job.batch_id, worker_id, exc)
             self.worker_gone(worker_id, f"its connection broke ({exc})")
 
+    def _preempt_for_interactive(self) -> None:
+        """Every worker is busy and an interactive request waits: stop one running batch of `batch` work at its
+        next step (PriorityRules.may_preempt) and queue its requests again, so the interactive request waits
+        about one step instead of the batch's remaining steps. One batch per waiting interactive request."""
+        if self.on_abandoned is None or self.idle:
+            return
+        waiting = sum(1 for p in self.queue if p.priority is Priority.INTERACTIVE)
+        stopping = sum(1 for f in self.in_flight.values() if f.preempted)
+        if waiting <= stopping:
+            return
+        for batch_id, flight in self.in_flight.items():
+            if flight.preempted or flight.abandoned or flight.device_released:
+                continue
+            priorities = [p.priority for p in flight.pendings]
+            once = any(p.preempted for p in flight.pendings)
+            if not self.rules.may_preempt(priorities, flight.step, flight.job.denoising_steps, once):
+                continue
+            flight.preempted = True
+            for pending in flight.pendings:
+                if pending.future.done():
+                    continue
+                pending.preempted, pending.dispatched_at = True, None
+                self.queue.append(pending)
+            log.info("batch %d stopped at step %d for an interactive request", batch_id, flight.step)
+            if self.observer is not None:
+                self.observer.preempted(len(flight.pendings))
+            self._report_depth()
+            self.on_abandoned(flight.worker_id, batch_id)
+            return
+
     def _report_depth(self) -> None:
         if self.observer is not None:
-            self.observer.queue_depth(len(self.queue))
+            by_priority = dict.fromkeys(Priority, 0)
+            for pending in self.queue:
+                by_priority[pending.priority] += 1
+            self.observer.queue_depth(len(self.queue), by_priority)
 
 
 def _fail(pending: Pending, error: Exception) -> None:

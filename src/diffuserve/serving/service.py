@@ -15,9 +15,12 @@ from diffuserve.errors import DeadlineExceeded, ModelNotFound, NotReady, QueueFu
 from diffuserve.hub import DownloadCancelled, PullError
 from diffuserve.serving.adapters import AdapterResolver
 from diffuserve.serving.engine_config import served_model_name
+from diffuserve.serving.jobs.manager import JobManager, JobObserver, JobStatus
+from diffuserve.serving.jobs.store import JobRecord
+from diffuserve.serving.jobs.webhooks import check_url as check_webhook_url
 from diffuserve.serving.model_service import ModelService
 from diffuserve.serving.placement import check_fit, estimate_weight_bytes, place_models
-from diffuserve.serving.scheduler import PartialSink, Pending, SchedulerObserver
+from diffuserve.serving.scheduler import PartialSink, Pending, ProgressSink, SchedulerObserver
 from diffuserve.serving.worker_handle import WorkerState
 from diffuserve.serving.worker_process import EngineFactory, load_engine
 from diffuserve.types import Completed, GenerationRequest, LoraUse, ModelInfo
@@ -27,10 +30,17 @@ __all__ = [
     "ClientGone",
     "EngineFactory",
     "GenerationService",
+    "JobManager",
+    "JobObserver",
+    "JobRecord",
+    "JobStatus",
     "ModelService",
     "PartialSink",
+    "Pending",
+    "ProgressSink",
     "SchedulerObserver",
     "WorkerState",
+    "check_webhook_url",
     "load_engine",
 ]
 
@@ -216,7 +226,12 @@ class GenerationService:
         """Queue (QueueFull at once when there is no room), then wait: see `submit` and `wait`."""
         return await self.wait(self.submit(request, on_partial), timeout=timeout, disconnected=disconnected)
 
-    def submit(self, request: GenerationRequest, on_partial: PartialSink | None = None) -> list[Pending]:
+    def submit(
+        self,
+        request: GenerationRequest,
+        on_partial: PartialSink | None = None,
+        on_progress: ProgressSink | None = None,
+    ) -> list[Pending]:
         """Queue a request, or raise QueueFull before anything is queued. `on_partial` receives previews while
         the request's batch runs (streaming); none come after `wait` returns.
 
@@ -227,12 +242,39 @@ class GenerationService:
         pendings: list[Pending] = []
         try:
             for part in request.split(scheduler.max_batch):
-                pendings.append(scheduler.submit(part, on_partial))
+                pendings.append(scheduler.submit(part, on_partial, on_progress))
         except QueueFull:
             for pending in pendings:
                 scheduler.cancel(pending)
             raise
         return pendings
+
+    def queue_position(self, pendings: list[Pending]) -> int | None:
+        """Requests queued before the first still-queued part of a request; None once every part started."""
+        positions = [
+            position
+            for pending in pendings
+            if (position := self.models[pending.request.model].scheduler.position(pending)) is not None
+        ]
+        return min(positions) if positions else None
+
+    def progress(self, pendings: list[Pending]) -> tuple[int, int] | None:
+        """(step, steps) of the request's running part (the least advanced one), None while none runs."""
+        running = [
+            progress
+            for pending in pendings
+            if (progress := self.models[pending.request.model].scheduler.progress(pending)) is not None
+        ]
+        return min(running) if running else None
+
+    def queued(self, model: str) -> int:
+        """Requests waiting in a model's queue."""
+        return len(self.models[model].scheduler.queue)
+
+    def batch_capacity(self, model: str) -> int:
+        """Images a model's workers take at once: its batch size × its workers."""
+        service = self.models[model]
+        return service.scheduler.max_batch * max(1, len(service.pool.slots))
 
     async def wait(
         self,

@@ -19,6 +19,7 @@ from diffuserve.messages import (
     GroupRank,
     PreviewBatch,
     Shutdown,
+    StepProgress,
     WorkerFailed,
     WorkerPhase,
     WorkerReady,
@@ -161,7 +162,8 @@ def serve_batches(engine: Any, conn: Connection, worker_id: int, group: GroupRan
             continue
         batch_id = message.batch_id
         cancelled = None if group is not None else (lambda batch_id=batch_id: inbox.cancelled(batch_id))
-        computed = engine.compute(message, cancelled=cancelled, on_preview=stage.submit)
+        on_step = _step_reporter(sender, message) if message.reports_progress else None
+        computed = engine.compute(message, cancelled=cancelled, on_preview=stage.submit, on_step=on_step)
         inbox.forget(batch_id)
         if isinstance(computed, BatchResult) and group is not None:
             stage.close()
@@ -179,6 +181,11 @@ def serve_batches(engine: Any, conn: Connection, worker_id: int, group: GroupRan
             )
             stage.close()
             return
+
+
+def _step_reporter(sender: LockedSender, job: BatchJob) -> Callable[[int], None]:
+    steps = job.denoising_steps
+    return lambda step: sender.send(StepProgress(job.batch_id, min(step, steps), steps))
 
 
 def _encode(encoder: BatchEncoder, batch: Any) -> list[Any]:

@@ -23,6 +23,7 @@ from diffuserve.messages import (
     GroupRank,
     PartialImages,
     Shutdown,
+    StepProgress,
     WorkerFailed,
     WorkerPhase,
     WorkerReady,
@@ -286,6 +287,8 @@ class WorkerPool:
             self.scheduler.device_free(worker, message.batch_id)
         elif isinstance(message, PartialImages):
             self.scheduler.partial_images(message)
+        elif isinstance(message, StepProgress):
+            self.scheduler.step_progress(message)
         elif isinstance(message, BatchResult):
             flight = self.scheduler.in_flight.get(message.batch_id)
             if flight is not None and message.error is None and message.inference_ms > 0:

@@ -9,7 +9,6 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-import orjson
 from fastapi import APIRouter, Depends, Request, Response
 
 from diffuserve.api.body_budget import hold_body
@@ -25,16 +24,15 @@ from diffuserve.api.deps import (
 )
 from diffuserve.api.edit_body import read_edit_body
 from diffuserve.api.http_protocol import DELIVERED_KEY
-from diffuserve.api.image_data import image_data, reserve_room
+from diffuserve.api.image_data import answer_body, image_data, reserve_room
 from diffuserve.api.image_store import Reservation
 from diffuserve.api.middleware import FINAL_STATUS_KEY, ascii_header
 from diffuserve.api.openapi import EDITS_ROUTE_DOC, IMAGES_ROUTE_DOC
 from diffuserve.api.streaming import ImageStream
 from diffuserve.errors import ClientClosed, DiffuserveError, InvalidRequest
-from diffuserve.protocol import ImageData, ImageGenerationRequest, ImagesResponse
+from diffuserve.protocol import ImageData, ImageGenerationRequest
 from diffuserve.protocol.edits import ImageEditRequest
 from diffuserve.protocol.generation import describe_unknown_fields
-from diffuserve.protocol.usage import usage_for
 from diffuserve.serving.service import ClientGone
 from diffuserve.types import Completed, GenerationRequest, ModelInfo
 
@@ -189,7 +187,12 @@ def _stream(
         delivered=request.scope["state"].get(DELIVERED_KEY),
     )
     # Queued now, so a full queue is still a 429 answer rather than an error event.
-    pendings = service.submit(accepted.generation, stream.on_partial)
+    progress = accepted.generation.report_progress
+    pendings = service.submit(
+        accepted.generation, stream.on_partial, stream.on_progress if progress else None
+    )
+    if progress:
+        stream.position = lambda: service.queue_position(pendings)
     work = asyncio.ensure_future(
         drain.run(service.wait(pendings, timeout=timeout, disconnected=lambda: wait_for_disconnect(request)))
     )
@@ -219,16 +222,8 @@ def _response(
     metrics, generation, body = request.app.state.metrics, accepted.generation, accepted.body
     answered = time.perf_counter()
     if data is not None:
-        payload = ImagesResponse(
-            data=data,
-            model=accepted.model.name,
-            output_format=generation.output_format,
-            size=f"{generation.width}x{generation.height}",
-            quality=body.quality or "auto",
-            usage=usage_for(generation, accepted.model, done.text_tokens),
-        )
-        # orjson: a few MB of base64 serialise in about a millisecond, several times faster than json.
-        content, media_type = orjson.dumps(payload.model_dump()), "application/json"
+        content = answer_body(accepted.model, generation, body.quality, data, done.text_tokens)
+        media_type = "application/json"
     else:
         content, media_type = done.images[0].data, done.images[0].media_type
     phases = {
