@@ -5,6 +5,7 @@ painted mask gives the API's edit; no console error and no request to another or
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import os
@@ -59,8 +60,9 @@ UPDATE_SCREENSHOT_ENV = "UPDATE_PLAYGROUND_SCREENSHOT"
 ARTIFACTS_ENV = "TEST_ARTIFACTS_DIR"
 
 
-@pytest.fixture
-def browser(tmp_path: Path) -> Iterator[WebDriver]:
+@contextlib.contextmanager
+def chromium(tmp_path: Path) -> Iterator[WebDriver]:
+    """Headless Chromium with its console and network logs, saving downloads to tmp_path/downloads."""
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
     for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1180,860"):
@@ -77,6 +79,12 @@ def browser(tmp_path: Path) -> Iterator[WebDriver]:
         yield driver
     finally:
         driver.quit()
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[WebDriver]:
+    with chromium(tmp_path) as driver:
+        yield driver
 
 
 def wait_for(driver: WebDriver, condition: Any, what: str, timeout: float = WAIT_S) -> Any:
@@ -187,7 +195,7 @@ def check_result_panel(driver: WebDriver) -> None:
     caption = driver.find_element(By.CSS_SELECTOR, "#result-images figcaption").text
     assert "seed 3" in caption, caption
     link = driver.find_element(By.CSS_SELECTOR, "#result-images a[download]")
-    assert link.get_attribute("download") == "diffuserve-3.png"
+    assert link.get_attribute("download") == "diffuserve-the-digit-5-3.png"
     assert str(link.get_attribute("href")).startswith("blob:")
     timing = driver.find_element(By.ID, "timing").text
     for label in ("round trip (browser)", "x-queue-ms", "x-inference-ms", "server-timing: queue"):
@@ -548,7 +556,7 @@ def test_page_edits_a_generated_image_with_a_painted_mask(
         "strength": "1",
         "seed": "1",
     }
-    assert (image["filename"], image["type"]) == ("diffuserve-0.png", "image/png")
+    assert (image["filename"], image["type"]) == ("diffuserve-the-digit-3-0.png", "image/png")
     assert (mask["filename"], mask["type"]) == ("mask.png", "image/png")
     source = pixels(base64.b64decode(image["b64"]))
     mask_png = base64.b64decode(mask["b64"])

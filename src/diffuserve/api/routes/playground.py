@@ -12,7 +12,7 @@ from diffuserve.errors import RouteNotFound
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 PAGE = "index.html"
 # Everything the page loads besides itself; any other name is a 404, so no path reaches the filesystem.
-SCRIPTS = ("events.js", "editor.js", "timing.js", "results.js", "playground.js")
+SCRIPTS = ("events.js", "editor.js", "timing.js", "results.js", "history.js", "jobs.js", "playground.js")
 JAVASCRIPT, CSS = "text/javascript; charset=utf-8", "text/css; charset=utf-8"
 ASSETS = {name: JAVASCRIPT for name in SCRIPTS} | {"playground.css": CSS}
 # The browser may fetch nothing from another origin: the page works offline and leaks no prompt.

@@ -59,6 +59,26 @@ async function pickSource(blob, name) {
   editor.hooks.loaded();
 }
 
+// Paints back a mask the page sent before (transparent where painted), over the picture it was made for.
+async function restoreMask(blob) {
+  const bitmap = await createImageBitmap(blob);
+  const { width, height, painted } = editor;
+  if (bitmap.width !== width || bitmap.height !== height) {
+    bitmap.close();
+    throw new Error(`The kept mask is ${bitmap.width}×${bitmap.height}, the picture ${width}×${height}.`);
+  }
+  const canvas = document.createElement("canvas");
+  canvas.width = width;
+  canvas.height = height;
+  const context = canvas.getContext("2d");
+  context.drawImage(bitmap, 0, 0);
+  bitmap.close();
+  const alpha = context.getImageData(0, 0, width, height).data;
+  for (let i = 0; i < painted.length; i++) painted[i] = alpha[i * 4 + 3] < 128 ? 1 : 0;
+  renderMask();
+  editor.hooks.changed();
+}
+
 function hasMask() {
   return editor.painted !== null && editor.painted.includes(1);
 }

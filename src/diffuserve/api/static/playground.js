@@ -9,7 +9,15 @@ const SEED_PATTERN = /^\d{1,19}$/;
 const MAX_SEED = 2n ** 63n - 1n;
 // The server's strength when none is sent (README "Edits"): image-to-image, and inpainting with a mask.
 const DEFAULT_STRENGTH = { picture: 0.6, mask: 1.0 };
-const state = { card: null, lastSeed: null, controller: null, timer: null, gallery: [], mode: "generate" };
+const state = {
+  card: null,
+  lastSeed: null,
+  controller: null,
+  timer: null,
+  gallery: [],
+  mode: "generate",
+  rerunning: false,
+};
 
 function authHeaders(extra) {
   const headers = { ...extra };
@@ -68,10 +76,10 @@ async function loadModel() {
   }
   setStatus("ready", card.id);
   $("negative-box").hidden = !card.supports_negative_prompt;
-  loadAdapters(card.id);
   $("steps").placeholder = `default ${card.default_steps}`;
   $("guidance").placeholder = `default ${card.default_guidance}`;
   showDefaults();
+  await loadAdapters(card.id);
 }
 
 // The adapters (GET /v1/loras) the picked model takes; the box stays hidden on a server without any.
@@ -167,23 +175,45 @@ function formFields() {
   return { fields, seed };
 }
 
+// What the history keeps of a request: its fields but the stream's, and the model's defaults for those left
+// out; an edit adds its picture and mask.
+function newRecord(fields, seed) {
+  const { stream, partial_images, ...kept } = fields;
+  const card = state.card && state.card.id === fields.model ? state.card : {};
+  const defaults = { steps: card.default_steps ?? null, guidance: card.default_guidance ?? null };
+  return { kind: state.mode, fields: kept, seed, defaults, created: Date.now() };
+}
+
+// The body as JSON text, the seed written from its digits (past 2^53 a JavaScript number would round it).
+function jsonWithSeed(fields, seed) {
+  const body = JSON.stringify(fields);
+  return seed === undefined ? body : body.slice(0, -1) + `,"seed":${seed}}`;
+}
+
+// An edit's picture and mask (null with nothing painted), kept in its history record too.
+async function editPicture(record) {
+  if (!editor.blob) throw new FormError("Drop or choose a picture to edit first.", "source-file");
+  const mask = await maskBlob();
+  Object.assign(record, { source: editor.blob, sourceName: editor.name, mask });
+  return { source: editor.blob, name: editor.name, mask };
+}
+
 // What to post: JSON to generations, or to edits the multipart form OpenAI's SDK sends.
 async function buildRequest() {
   const { fields, seed } = formFields();
   const stream = Boolean(fields.stream);
-  const request = { prompt: fields.prompt, n: fields.n, stream, seed, partials: fields.partial_images };
+  const record = newRecord(fields, seed);
+  const { prompt, n, partial_images: partials } = fields;
+  const request = { prompt, n, stream, seed, partials, record };
   const accept = { Accept: stream ? "text/event-stream" : "application/json" };
   if (state.mode !== "edit") {
-    let body = JSON.stringify(fields);
-    if (seed !== undefined) body = body.slice(0, -1) + `,"seed":${seed}}`;
     const headers = { "Content-Type": "application/json", ...accept };
-    return { ...request, url: "v1/images/generations", body, headers };
+    return { ...request, url: "v1/images/generations", body: jsonWithSeed(fields, seed), headers };
   }
-  if (!editor.blob) throw new FormError("Drop or choose a picture to edit first.", "source-file");
+  const picture = await editPicture(record);
   const form = new FormData();
-  form.append("image", editor.blob, editor.name);
-  const mask = await maskBlob();
-  if (mask) form.append("mask", mask, "mask.png");
+  form.append("image", picture.source, picture.name);
+  if (picture.mask) form.append("mask", picture.mask, "mask.png");
   // A list (loras) travels as JSON text, which the server reads from a form.
   for (const [name, value] of Object.entries(fields)) {
     form.append(name, typeof value === "object" ? JSON.stringify(value) : String(value));
@@ -268,8 +298,77 @@ async function submit() {
   state.lastSeed = items[0].seed;
   $("seed-reuse").disabled = false;
   if (!request.stream) showResult(items); // a stream's images are in place already
-  renderTiming(timingRows(response, roundTripMs, request.firstPreviewMs), response);
+  const rows = timingRows(response, roundTripMs, request.firstPreviewMs);
+  renderTiming(rows, response);
+  const timing = timingRecord(rows, response);
+  for (const item of items) item.entry.timing = timing;
   keep(items);
+}
+
+// Puts every parameter of a history entry in the form, its model, picture and mask too, with the image's own
+// seed and n 1; false when this server no longer serves its model.
+async function fillForm(entry) {
+  const params = entry.params;
+  $("error").hidden = true;
+  const picker = $("model-select");
+  if (params.model && (!state.card || params.model !== state.card.id)) {
+    if (!Array.from(picker.options).some((option) => option.value === params.model)) {
+      showError(`This server does not serve ${params.model}, the model of that image.`);
+      return false;
+    }
+    picker.value = params.model;
+    await loadModel();
+  }
+  setMode(entry.kind);
+  $("prompt").value = params.prompt;
+  $("negative-prompt").value = params.negative_prompt || "";
+  const lora = (params.loras || [])[0];
+  const served = lora && Array.from($("lora").options).some((option) => option.value === lora.name);
+  $("lora").value = served ? lora.name : "";
+  $("lora-scale").value = lora ? lora.scale : 1;
+  const custom = params.width !== undefined;
+  $("size").value = custom ? "custom" : params.aspect_ratio || "";
+  $("width").value = custom ? params.width : "";
+  $("height").value = custom ? params.height : "";
+  $("custom-size").hidden = !custom;
+  $("steps").value = params.num_inference_steps ?? "";
+  $("guidance").value = params.guidance_scale ?? "";
+  $("seed").value = params.seed;
+  $("n").value = params.n;
+  $("format").value = params.output_format;
+  $("strength").value = params.strength ?? "";
+  if (params.strength !== undefined) $("strength-range").value = params.strength;
+  if (entry.kind === "edit") {
+    try {
+      await loadSource(entry.source, entry.source_name);
+      if (entry.mask) await restoreMask(entry.mask);
+    } catch (error) {
+      showError(error.message);
+      return false;
+    }
+  }
+  showDefaults();
+  if (lora && !served) {
+    showError(`The adapter ${lora.name} is not served here now: the form has none.`);
+    return false;
+  }
+  return true;
+}
+
+async function loadEntry(entry) {
+  await fillForm(entry);
+  $("form").scrollIntoView({ block: "nearest" });
+}
+
+// One request at a time, as with the form's own button.
+async function rerunEntry(entry) {
+  if ($("generate").disabled || state.rerunning) return;
+  state.rerunning = true;
+  try {
+    if (await fillForm(entry)) await submit();
+  } finally {
+    state.rerunning = false;
+  }
 }
 
 // The size select's first entry and the strength's default follow the mode, the model and the mask.
@@ -335,6 +434,8 @@ function init() {
   });
   $("cancel").addEventListener("click", () => state.controller && state.controller.abort());
   $("clear-gallery").addEventListener("click", clearGallery);
+  initJobs();
+  initHistory();
   loadModel();
 }
 

@@ -1,20 +1,29 @@
-// diffuserve playground: the images of an answer (JSON, or a stream's previews then images) and the gallery.
+// diffuserve playground: the images of an answer (JSON, or a stream's previews then images) and their cards;
+// history.js keeps them.
 "use strict";
 
-function makeItem(b64, format, seed, prompt) {
-  const blob = b64ToBlob(b64, `image/${format}`);
-  const url = URL.createObjectURL(blob);
-  return { url, blob, seed, prompt, filename: `diffuserve-${seed}.${format}` };
+// One image of an answer as the page keeps it: its blob and URL, and its history entry (see newEntry).
+function makeItem(b64, seed, request, index, answer) {
+  const blob = b64ToBlob(b64, `image/${answer.output_format}`);
+  return itemOf(newEntry(request.record, blob, seed, index, answer));
+}
+
+// An answer's JSON, its seeds kept as their exact digits (JSON.parse's source text), beyond 2^53 too.
+function parseAnswer(text) {
+  return JSON.parse(text, (key, value, context) =>
+    key === "seed" && context && context.source ? context.source : value,
+  );
+}
+
+// The items of a generation's or an edit's answer (a job's result is the same body).
+function answerItems(payload, request) {
+  const { model, size, quality, output_format } = payload;
+  const answer = { model, size, quality, output_format };
+  return payload.data.map((datum, i) => makeItem(datum.b64_json, String(datum.seed), request, i, answer));
 }
 
 function jsonItems(text, request) {
-  // Keep seeds as their exact digits (JSON.parse's source text), beyond 2^53 too.
-  const payload = JSON.parse(text, (key, value, context) =>
-    key === "seed" && context && context.source ? context.source : value,
-  );
-  return payload.data.map((datum) =>
-    makeItem(datum.b64_json, payload.output_format, String(datum.seed), request.prompt),
-  );
+  return answerItems(parseAnswer(text), request);
 }
 
 function previewCard(event, request) {
@@ -70,8 +79,14 @@ async function streamedItems(response, request, started) {
       place(index, previewCard(event, request));
     } else if (name.endsWith(".completed")) {
       const seed = String(BigInt(request.seed) + BigInt(index));
-      items[index] = makeItem(event.b64_json, event.output_format, seed, request.prompt);
-      place(index, imageCard(items[index], { compact: false }));
+      const answer = {
+        model: request.record.fields.model,
+        size: event.size,
+        quality: event.quality,
+        output_format: event.output_format,
+      };
+      items[index] = makeItem(event.b64_json, seed, request, index, answer);
+      place(index, imageCard(items[index]));
     }
   };
   try {
@@ -103,7 +118,8 @@ function linkButton(text, title, className, onClick) {
   return button;
 }
 
-function imageCard(item, { compact }) {
+// An image of the result panel.
+function imageCard(item) {
   const figure = document.createElement("figure");
   figure.className = "card";
   const img = document.createElement("img");
@@ -111,31 +127,31 @@ function imageCard(item, { compact }) {
   img.alt = `${item.prompt} (seed ${item.seed})`;
   img.addEventListener("load", () => img.classList.toggle("pixel", img.naturalWidth < 256));
   const caption = document.createElement("figcaption");
-  if (compact) {
-    const prompt = document.createElement("span");
-    prompt.className = "prompt";
-    prompt.textContent = item.prompt;
-    prompt.title = item.prompt;
-    caption.append(prompt);
-  }
   const seed = document.createElement("span");
   seed.className = "seed-value";
   seed.textContent = `seed ${item.seed}`;
   const reuse = linkButton("reuse", "put this seed in the form", "link", () => {
     $("seed").value = item.seed;
   });
-  const edit = linkButton("edit this", "use this image as the picture to edit", "link edit-this", () => {
+  caption.append(seed, reuse, editButton(item), downloadLink(item));
+  figure.append(img, caption);
+  return figure;
+}
+
+function editButton(item) {
+  return linkButton("edit this", "use this image as the picture to edit", "link edit-this", () => {
     setMode("edit");
     pickSource(item.blob, item.filename);
     $("edit-box").scrollIntoView({ block: "nearest" });
   });
-  const download = document.createElement("a");
-  download.href = item.url;
-  download.download = item.filename;
-  download.textContent = "download";
-  caption.append(seed, reuse, edit, download);
-  figure.append(img, caption);
-  return figure;
+}
+
+function downloadLink(item) {
+  const link = document.createElement("a");
+  link.href = item.url;
+  link.download = item.filename;
+  link.textContent = "download";
+  return link;
 }
 
 function b64ToBlob(b64, type) {
@@ -149,21 +165,5 @@ function showResult(items) {
   $("empty").hidden = true;
   $("result").hidden = false;
   $("result-images").classList.toggle("many", items.length > 1);
-  $("result-images").replaceChildren(...items.map((item) => imageCard(item, { compact: false })));
-}
-
-// Every finished image joins the session's gallery.
-function keep(items) {
-  if (!items.length) return;
-  state.gallery.unshift(...items);
-  $("gallery").prepend(...items.map((item) => imageCard(item, { compact: true })));
-  $("gallery-box").hidden = false;
-}
-
-function clearGallery() {
-  const shown = new Set(Array.from($("result-images").querySelectorAll("img"), (img) => img.src));
-  for (const item of state.gallery) if (!shown.has(item.url)) URL.revokeObjectURL(item.url);
-  state.gallery = [];
-  $("gallery").replaceChildren();
-  $("gallery-box").hidden = true;
+  $("result-images").replaceChildren(...items.map(imageCard));
 }

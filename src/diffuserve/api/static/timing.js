@@ -53,6 +53,8 @@ function timingRows(response, roundTripMs, firstPreviewMs) {
   return rows;
 }
 
+const INFO_HEADERS = ["x-batch-size", "x-model", "x-request-id"];
+
 function renderTiming(rows, response) {
   const body = $("timing").tBodies[0];
   body.replaceChildren();
@@ -71,7 +73,7 @@ function renderTiming(rows, response) {
     }
     if (row.desc) tr.title = row.desc;
   }
-  for (const name of ["x-batch-size", "x-model", "x-request-id"]) {
+  for (const name of INFO_HEADERS) {
     const value = response.headers.get(name);
     if (value === null) continue;
     const tr = body.insertRow();
@@ -81,4 +83,17 @@ function renderTiming(rows, response) {
     cell.colSpan = 2;
     cell.textContent = value;
   }
+}
+
+// The timing as the history keeps it: each row's milliseconds by its label, then the answer's info headers.
+function timingRecord(rows, response) {
+  const record = {};
+  for (const row of rows) {
+    record[row.group === "server-timing" ? `server-timing: ${row.label}` : row.label] = row.ms;
+  }
+  for (const name of INFO_HEADERS) {
+    const value = response.headers.get(name);
+    if (value !== null) record[name] = value;
+  }
+  return record;
 }
