@@ -10,6 +10,7 @@ from urllib.parse import urlsplit
 from pydantic import field_validator, model_validator
 from pydantic_settings import NoDecode
 
+from diffuserve.adapter_settings import AdapterSettings
 from diffuserve.choices import LogFormat, LogLevel, LoraBatching
 from diffuserve.engine.config import CudaGraphs, DType, ParallelAttention, Weights
 from diffuserve.envsettings import setting
@@ -40,7 +41,7 @@ def split_keys(raw: Any) -> Any:
     return [key.strip() for item in items for key in str(item).split(",") if key.strip()]
 
 
-class Settings(JobSettings):
+class Settings(JobSettings, AdapterSettings):
     """Everything the server needs to start. A new setting is one line: `name: type = setting(default, "ENV", help=…)`."""
 
     models: Annotated[list[str], NoDecode] = setting(
@@ -196,12 +197,18 @@ class Settings(JobSettings):
         list,
         "API_KEYS",
         "AUTH_TOKEN",
+        secret=True,
         help="bearer keys, comma-separated; none = no auth (the flag may repeat)",
         flags=("--api-key",),
         repr=False,
     )
     hf_token: str | None = setting(
-        None, "HF_TOKEN", "HUGGINGFACE_ACCESS_TOKEN", help="token for gated hub repos", repr=False
+        None,
+        "HF_TOKEN",
+        "HUGGINGFACE_ACCESS_TOKEN",
+        help="token for gated hub repos",
+        repr=False,
+        secret=True,
     )
     hf_home: str | None = setting(
         None,
@@ -271,35 +278,12 @@ class Settings(JobSettings):
         "(413 for one body larger than all of it)",
         ge=1,
     )
-    lora_dir: str | None = setting(
-        None,
-        "LORA_DIR",
-        help="folder of adapters (diffusers' LoRA files) requests name in `loras` (docs/loras.md)",
-    )
     loras: Annotated[list[str], NoDecode] = setting(
         list,
         "LORAS",
         help="adapters read at start, NAME=PATH or NAME=org/repo (pulled from the hub), comma-separated (the flag "
         "may repeat)",
         flag="--lora",
-    )
-    lora_max_rank: int = setting(
-        64, "LORA_MAX_RANK", help="most rank a request's adapters add up to in one layer", ge=1, le=1024
-    )
-    lora_slots: int = setting(
-        0,
-        "LORA_SLOTS",
-        help="adapter sets each worker holds ready (0 = MODEL_BATCH + 1; one stays empty)",
-        ge=0,
-    )
-    lora_cache_mb: int = setting(
-        1024, "LORA_CACHE_MB", help="most MiB of adapter weights each worker keeps on its device", ge=1
-    )
-    lora_batching: LoraBatching = setting(
-        LoraBatching.MIXED,
-        "LORA_BATCHING",
-        help="mixed: one batch runs requests of different adapters, each image with its own; split: a batch "
-        "holds one adapter set",
     )
     log_format: LogFormat = setting(LogFormat.TEXT, "LOG_FORMAT", help="json: one JSON object per line")
     log_level: LogLevel = setting(LogLevel.INFO, "LOG_LEVEL", help="least severe level logged")

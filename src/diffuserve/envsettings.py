@@ -28,11 +28,12 @@ def setting(
     flags: tuple[str, ...] = (),
     shown_default: str | None = None,
     separator: str = ",",
+    secret: bool = False,
     **constraints: Any,
 ) -> Any:
     """One setting: its default, every env var that sets it (first found wins; none given: the model's
     env_prefix + the field name), its help text, its flag (default `--field-name`) and extra spellings, and
-    pydantic constraints such as ge=1."""
+    pydantic constraints such as ge=1. A `secret` setting's value is never shown in an error."""
     extra: dict[str, Any] = {"env": list(env), "flags": list(flags)}
     if flag is not None:
         extra["flag"] = flag
@@ -40,6 +41,8 @@ def setting(
         extra["shown_default"] = shown_default
     if separator != ",":
         extra["separator"] = separator  # how a list's items are joined in its env var
+    if secret:
+        extra["secret"] = True  # its value is never echoed in an error
     factory = default if callable(default) else None
     return Field(
         **({"default_factory": factory} if factory else {"default": default}),
@@ -194,7 +197,7 @@ def describe_errors(cls: type[EnvSettings], exc: ValidationError) -> str:
         label = f"{'/'.join(env)} ({flag})"
         got = error.get("input")
         # A secret's value is never echoed into a terminal or a log, even a malformed one.
-        secret = any(word in field for word in ("secret", "token", "key"))
+        secret = _extra(cls.model_fields[field]).get("secret", False)
         shown = "" if got is None or isinstance(got, dict) or secret else f", got {got!r}"
         parts.append(f"{label}: {message}{shown}")
     return "; ".join(parts)

@@ -12,6 +12,7 @@ EXTRA_MODULES: dict[str, tuple[str, ...]] = {
     "bench": ("locust", "httpx", "matplotlib", "tqdm"),
     "digits": ("sklearn", "openai", "peft"),
     "deploy": ("modal",),
+    "jobs-postgres": ("psycopg",),
 }
 
 

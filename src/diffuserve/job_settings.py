@@ -7,6 +7,7 @@ import base64
 from pydantic import field_validator
 
 from diffuserve.envsettings import EnvSettings, setting
+from diffuserve.extras import install_command, missing_modules
 
 WEBHOOK_SECRET_PREFIX = "whsec_"
 
@@ -31,6 +32,7 @@ class JobSettings(EnvSettings):
     jobs_db: str | None = setting(
         None,
         "JOBS_DB",
+        secret=True,  # a URL may carry a password
         help="where jobs are kept across restarts: a SQLite file path, or a database URL "
         "(postgresql://…, needs the jobs-postgres extra); unset = in memory, lost on restart",
     )
@@ -46,6 +48,7 @@ class JobSettings(EnvSettings):
     webhook_secret: str | None = setting(
         None,
         "WEBHOOK_SECRET",
+        secret=True,
         help="the Standard Webhooks signing key, whsec_<base64> of 16+ bytes; a job's webhook_url is refused "
         "(400) while it is unset",
     )
@@ -76,6 +79,17 @@ class JobSettings(EnvSettings):
         help="an interactive request may stop a running batch of batch-priority work at its next step when "
         "every worker is busy (the batch runs again from the start)",
     )
+
+    @field_validator("jobs_db")
+    @classmethod
+    def _database_driver(cls, value: str | None) -> str | None:
+        """A PostgreSQL URL needs psycopg: said at start, in one line, rather than when the first job comes."""
+        scheme = (value or "").split("://", 1)[0].split("+", 1)[0]
+        if scheme in ("postgres", "postgresql") and missing_modules("jobs-postgres"):
+            raise ValueError(
+                f"a PostgreSQL URL needs the jobs-postgres extra: {install_command('jobs-postgres')}"
+            )
+        return value or None
 
     @field_validator("webhook_secret")
     @classmethod
