@@ -116,7 +116,9 @@ def main() -> int:
     )
     parser.add_argument("--model", default="digits")
     parser.add_argument("--devices", default="cpu")
-    parser.add_argument("--weights", default="pretrained", help="random: the real architecture, random weights")
+    parser.add_argument(
+        "--weights", default="pretrained", help="random: the real architecture, random weights"
+    )
     parser.add_argument("--tier", default="XL")
     parser.add_argument("--batch", type=int, default=8, help="MODEL_BATCH")
     parser.add_argument("--jobs", type=int, default=50, help="batch jobs queued at once")

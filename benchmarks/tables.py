@@ -393,6 +393,7 @@ FAMILY_RUNS = (
     "sdxl",
 )
 
+
 # Each block: the function that makes it and the raw file(s) under docs/bench/ it reads.
 def priorities(*names: str) -> str:
     """Interactive latency behind a backlog of batch jobs, per schedule, one table per run."""
