@@ -185,8 +185,13 @@ class JobManager:
         """Cancel a queued or running job: a running batch that holds only this job stops at its next step."""
         live = self._live.get(job_id)
         if live is None or live.record.owner != owner:
-            status = await self.get(job_id, owner)  # JobNotFound, or a job that already ended
-            raise JobFinished(f"job {job_id} already ended: {status.record.state}", param="job_id")
+            record = (await self.get(job_id, owner)).record  # JobNotFound for another key's
+            if record.final:
+                raise JobFinished(f"job {job_id} already ended: {record.state}", param="job_id")
+            # Stored unfinished but not running here (it ended as the cancel came): it is not run again.
+            record.state, record.finished_at = JobState.CANCELLED.value, time.time()
+            await self._call(self.store.update, job_id, state=record.state, finished_at=record.finished_at)
+            return JobStatus(record)
         live.cancelling = True
         if live.task is not None:
             live.task.cancel()
