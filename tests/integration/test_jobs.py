@@ -271,3 +271,15 @@ async def test_jobs_are_each_api_keys_own() -> None:
         envelope(await http.delete(f"{JOBS}/{job['id']}", headers=b), 404, "job_not_found")
         assert (await http.get(JOBS, headers=b)).json()["data"] == []
         envelope(await http.get(JOBS), 401, "invalid_api_key")
+
+
+async def test_an_edit_job_answers_what_the_synchronous_edit_answers(http: httpx.AsyncClient) -> None:
+    made = await http.post("/v1/images/generations", json={**BODY, "seed": 2, "response_format": "b64_json"})
+    picture = {"image_url": "data:image/png;base64," + made.json()["data"][0]["b64_json"]}
+    edit = {**BODY, "prompt": "the digit 8", "images": [picture], "strength": 0.6, "seed": 3}
+    job = (await http.post(JOBS, json={**edit, "operation": "edits"})).json()
+    assert job["operation"] == "edits", job
+    view = await finished(http, job["id"])
+    assert view["status"] == "succeeded", view
+    sync = await http.post("/v1/images/edits", json={**edit, "response_format": "b64_json"})
+    assert view["result"]["data"][0]["b64_json"] == sync.json()["data"][0]["b64_json"]

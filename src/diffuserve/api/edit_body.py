@@ -4,6 +4,7 @@ or its JSON form (`images: [{"image_url": "data:â€¦"}]`, `mask: {"image_url": â€
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,10 +16,12 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 
 from diffuserve.api.deps import read_body
+from diffuserve.config import Settings
 from diffuserve.errors import InvalidRequest, UnsupportedMediaType
 from diffuserve.protocol import decode_json
-from diffuserve.protocol.edits import MAX_EDIT_IMAGES
+from diffuserve.protocol.edits import MAX_EDIT_IMAGES, ImageEditRequest
 from diffuserve.protocol.pictures import decode_data_url
+from diffuserve.types import GenerationRequest, ModelInfo
 
 IMAGE_FIELDS = ("image", "image[]")
 # Text fields of a form are small: a prompt of 10,000 characters fits many times over.
@@ -38,6 +41,29 @@ class EditBody:
     pictures: list[tuple[str, bytes]] = field(default_factory=list)
     mask: bytes | None = None
     form: bool = False
+
+
+def fitted_edit(
+    body: ImageEditRequest,
+    received: EditBody,
+    *,
+    request_id: str,
+    model: ModelInfo,
+    settings: Settings,
+    stop: threading.Event,
+) -> GenerationRequest:
+    """The edit in the engine's units, its pictures decoded and fitted under the server's limits (blocking: run
+    it in a thread; `stop` ends the decoding early)."""
+    return body.to_edit(
+        request_id=request_id,
+        model=model,
+        max_images=settings.max_images_per_request,
+        uploads=received.pictures,
+        mask=received.mask,
+        max_pixels=settings.max_input_pixels,
+        max_cost=settings.max_request_cost,
+        stop=stop,
+    )
 
 
 async def read_edit_body(request: Request, limit: int, timeout: float) -> EditBody:

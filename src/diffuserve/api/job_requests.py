@@ -7,7 +7,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from diffuserve.api.edit_body import EditBody, edit_body_from_json
+from diffuserve.api.edit_body import EditBody, edit_body_from_json, fitted_edit
 from diffuserve.config import Settings
 from diffuserve.errors import InvalidRequest
 from diffuserve.protocol import ImageGenerationRequest
@@ -76,14 +76,12 @@ async def validate_job(
         assert isinstance(edit, ImageEditRequest)
         body, model = edit, find_model(edit.model)
         generation = await asyncio.to_thread(
-            edit.to_edit,
+            fitted_edit,
+            edit,
+            received,
             request_id=job_id,
             model=model,
-            max_images=settings.max_images_per_request,
-            uploads=received.pictures,
-            mask=received.mask,
-            max_pixels=settings.max_input_pixels,
-            max_cost=settings.max_request_cost,
+            settings=settings,
             stop=threading.Event(),
         )
     generation.loras = await service.resolve_adapters(model, body.adapters)

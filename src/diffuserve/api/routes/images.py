@@ -22,7 +22,7 @@ from diffuserve.api.deps import (
     wait_for_disconnect,
     wants_json,
 )
-from diffuserve.api.edit_body import read_edit_body
+from diffuserve.api.edit_body import fitted_edit, read_edit_body
 from diffuserve.api.http_protocol import DELIVERED_KEY
 from diffuserve.api.image_data import answer_body, image_data, reserve_room
 from diffuserve.api.image_store import Reservation
@@ -82,14 +82,12 @@ async def edit_image(request: Request) -> Response:
             model = model_for(body.model)
 
             def decode_and_fit(stop: threading.Event) -> GenerationRequest:
-                return body.to_edit(
+                return fitted_edit(
+                    body,
+                    received,
                     request_id=request.state.request_id,
                     model=model,
-                    max_images=settings.max_images_per_request,
-                    uploads=received.pictures,
-                    mask=received.mask,
-                    max_pixels=settings.max_input_pixels,
-                    max_cost=settings.max_request_cost,
+                    settings=settings,
                     stop=stop,
                 )
 
