@@ -33,6 +33,7 @@ class JobSettings(EnvSettings):
         None,
         "JOBS_DB",
         secret=True,  # a URL may carry a password
+        repr=False,
         help="where jobs are kept across restarts: a SQLite file path, or a database URL "
         "(postgresql://…, needs the jobs-postgres extra); unset = in memory, lost on restart",
     )
@@ -49,6 +50,7 @@ class JobSettings(EnvSettings):
         None,
         "WEBHOOK_SECRET",
         secret=True,
+        repr=False,
         help="the Standard Webhooks signing key, whsec_<base64> of 16+ bytes; a job's webhook_url is refused "
         "(400) while it is unset",
     )

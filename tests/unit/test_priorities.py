@@ -140,3 +140,33 @@ async def test_progress_reaches_the_requests_that_asked() -> None:
     scheduler.batch_finished(worker, result_for(worker.jobs[0]))
     await asyncio.wait_for(pending.future, 1)
     assert scheduler.progress(pending) is None
+
+
+async def test_a_stopped_batch_that_answers_anyway_stops_the_rerun_nobody_needs() -> None:
+    scheduler, first = busy_scheduler(PriorityRules(preempt=True))
+    second = FakeWorker(1)
+    batch = scheduler.submit(prioritised("batch", Priority.BATCH))
+    stopped = first.jobs[0]
+    scheduler.worker_idle(second)  # busy with nothing: the interactive request below finds it idle
+    del scheduler.idle[1]
+    urgent = scheduler.submit(prioritised("urgent", Priority.INTERACTIVE, width=64))
+    assert scheduler.cancelled_batches == [(0, stopped.batch_id)]  # type: ignore[attr-defined]
+    scheduler.worker_idle(second)  # takes the interactive request, then the batch work again
+    scheduler.batch_finished(second, result_for(second.jobs[0]))
+    rerun = second.jobs[1]
+    assert rerun.items[0].request_id == "batch"
+    scheduler.batch_finished(first, result_for(stopped))  # the stop came too late: its images are good
+    assert (await batch.future).images[0].data == b"batch" and (await urgent.future).images
+    assert (1, rerun.batch_id) in scheduler.cancelled_batches  # type: ignore[attr-defined]
+
+
+async def test_batch_work_aged_into_the_interactive_class_is_not_preempted() -> None:
+    clock = Clock()
+    scheduler, worker = busy_scheduler(PriorityRules(aging_s=10.0, preempt=True), clock)
+    scheduler.submit(prioritised("blocker", Priority.INTERACTIVE))
+    scheduler.submit(prioritised("old batch", Priority.BATCH, width=64))
+    clock.now = 25.0
+    scheduler.batch_finished(worker, result_for(worker.jobs[0]))
+    assert worker.jobs[1].items[0].request_id == "old batch"
+    scheduler.submit(prioritised("urgent", Priority.INTERACTIVE, width=96))
+    assert scheduler.cancelled_batches == [], "it would only be dispatched first again"  # type: ignore[attr-defined]

@@ -22,6 +22,13 @@ class Waiting(Protocol):
     def enqueued_at(self) -> float: ...
 
 
+class Running(Waiting, Protocol):
+    """What preemption needs of a running request: also whether it was stopped once already."""
+
+    @property
+    def preempted(self) -> bool: ...
+
+
 @dataclass(frozen=True)
 class PriorityRules:
     """`aging_s`: a request rises one class for every `aging_s` seconds it has waited (0: never), so a `batch`
@@ -48,10 +55,14 @@ class PriorityRules:
         """Indices of `queue` in serving order: highest class first, first come first within a class."""
         return sorted(range(len(queue)), key=lambda i: (-self.level(queue[i], now), queue[i].enqueued_at))
 
-    def may_preempt(self, running: Sequence[Priority], step: int, steps: int, preempted_before: bool) -> bool:
-        """Whether a running batch of these requests' classes may be stopped for an interactive request."""
-        if not self.preempt or preempted_before or not running:
+    def may_preempt(self, running: Sequence[Running], step: int, steps: int, now: float) -> bool:
+        """Whether a running batch of these requests may be stopped for an interactive request: only `batch`
+        work not stopped before, not aged into the interactive class (it would only go first again), and
+        with steps enough left to save."""
+        if not self.preempt or not running:
             return False
-        if any(priority is not Priority.BATCH for priority in running):
+        if any(r.priority is not Priority.BATCH or r.preempted for r in running):
+            return False
+        if any(self.level(r, now) >= TOP_LEVEL for r in running):
             return False
         return steps - step >= self.min_steps_left

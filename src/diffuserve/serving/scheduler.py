@@ -160,16 +160,17 @@ class Scheduler:
                 self._abandon_if_unwanted(pending)
 
     def _abandon_if_unwanted(self, pending: Pending) -> None:
+        """Stop the running batch that holds this request when nobody waits for any of its images (a request
+        stopped for an interactive one may sit in an old, stopping batch and in the one it runs in now)."""
         for batch_id, flight in self.in_flight.items():
-            if pending not in flight.pendings:
+            if pending not in flight.pendings or flight.preempted:
                 continue
             if flight.abandoned or flight.device_released:
-                return  # already stopping, or only being encoded: nothing left to save
-            if all(p.future.cancelled() for p in flight.pendings):
+                continue  # already stopping, or only being encoded: nothing left to save
+            if all(p.future.done() for p in flight.pendings):
                 flight.abandoned = True
                 if self.on_abandoned is not None:
                     self.on_abandoned(flight.worker_id, batch_id)
-            return
 
     def retry_after_seconds(self) -> int:
         """A client-facing estimate of when a slot frees: queued batches × recent batch time."""
@@ -212,7 +213,7 @@ class Scheduler:
     def partial_images(self, message: PartialImages) -> None:
         """A running batch's preview of one request's images: to that request, while it still waits."""
         flight = self.in_flight.get(message.batch_id)
-        if flight is None or not 0 <= message.item_index < len(flight.pendings):
+        if flight is None or flight.preempted or not 0 <= message.item_index < len(flight.pendings):
             return
         pending = flight.pendings[message.item_index]
         if pending.on_partial is not None and not pending.future.done():
@@ -252,10 +253,13 @@ class Scheduler:
             self.observer.adapters_used(result.adapter_loads, result.adapter_hits)
         if result.error is None and len(result.images) != len(flight.pendings):
             result.error = f"worker returned {len(result.images)} results for {len(flight.pendings)} requests"
+        again: list[Pending] = []  # requests of a stopped batch already running in a new one
         if flight.preempted:
             if result.error is not None:
                 return  # stopped as asked: its requests are queued again
-            # It finished before the stop reached it: its requests still queued take these images.
+            # It finished before the stop reached it: its requests take these images, whether they wait in
+            # the queue again or already run in a new batch (stopped below once nobody waits for it).
+            again = [p for p in flight.pendings if p not in self.queue and p.dispatched_at is not None]
             for pending in flight.pendings:
                 if pending in self.queue:
                     self.queue.remove(pending)
@@ -289,6 +293,8 @@ class Scheduler:
                         text_tokens=result.text_tokens[index] if index < len(result.text_tokens) else 0,
                     )
                 )
+        for pending in again:
+            self._abandon_if_unwanted(pending)
 
     def _dispatch(self) -> None:
         if self._timer is not None:
@@ -336,6 +342,9 @@ class Scheduler:
             self.queue.remove(pending)
             pending.dispatched_at = now
         job = BatchJob.of(next(self._batch_ids), [p.request for p in group])
+        preemptible = self.rules.preempt and all(p.priority is Priority.BATCH for p in group)
+        for item in job.items if preemptible else ():  # preemption weighs the steps left: reported
+            item.report_progress = True
         self.in_flight[job.batch_id] = InFlight(worker_id=worker_id, pendings=group, job=job, started_at=now)
         self._report_depth()
         if self.observer is not None:
@@ -361,19 +370,18 @@ class Scheduler:
         for batch_id, flight in self.in_flight.items():
             if flight.preempted or flight.abandoned or flight.device_released:
                 continue
-            priorities = [p.priority for p in flight.pendings]
-            once = any(p.preempted for p in flight.pendings)
-            if not self.rules.may_preempt(priorities, flight.step, flight.job.denoising_steps, once):
+            if not self.rules.may_preempt(
+                flight.pendings, flight.step, flight.job.denoising_steps, self.clock()
+            ):
                 continue
             flight.preempted = True
-            for pending in flight.pendings:
-                if pending.future.done():
-                    continue
+            requeued = [p for p in flight.pendings if not p.future.done()]
+            for pending in requeued:
                 pending.preempted, pending.dispatched_at = True, None
                 self.queue.append(pending)
             log.info("batch %d stopped at step %d for an interactive request", batch_id, flight.step)
             if self.observer is not None:
-                self.observer.preempted(len(flight.pendings))
+                self.observer.preempted(len(requeued))
             self._report_depth()
             self.on_abandoned(flight.worker_id, batch_id)
             return

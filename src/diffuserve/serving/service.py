@@ -15,7 +15,8 @@ from diffuserve.errors import DeadlineExceeded, ModelNotFound, NotReady, QueueFu
 from diffuserve.hub import DownloadCancelled, PullError
 from diffuserve.serving.adapters import AdapterResolver
 from diffuserve.serving.engine_config import served_model_name
-from diffuserve.serving.jobs.manager import JobManager, JobObserver, JobStatus
+from diffuserve.serving.jobs.contracts import JobObserver, JobStatus
+from diffuserve.serving.jobs.manager import JobManager
 from diffuserve.serving.jobs.store import JobRecord
 from diffuserve.serving.jobs.webhooks import check_url as check_webhook_url
 from diffuserve.serving.model_service import ModelService

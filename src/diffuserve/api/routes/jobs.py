@@ -18,7 +18,7 @@ from diffuserve.api.job_requests import job_fields, validate_job
 from diffuserve.api.job_views import JOBS_PATH, job_view, status_url
 from diffuserve.api.middleware import ascii_header
 from diffuserve.api.public_url import base_url
-from diffuserve.errors import InvalidRequest, UnsupportedMediaType
+from diffuserve.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
 from diffuserve.protocol import decode_json
 from diffuserve.protocol.generation import describe_unknown_fields
 from diffuserve.serving.service import JobManager, JobRecord, check_webhook_url
@@ -61,7 +61,12 @@ async def submit_job(request: Request) -> Response:
                     param="webhook_url",
                 )
             check_webhook_url(webhook_url, settings.webhook_allow_private)
-        fields.setdefault("priority", Priority.BATCH.value)
+        if operation == "generations" and len(raw) > settings.max_body_bytes:
+            raise PayloadTooLarge(
+                f"a generation job's body of {len(raw)} bytes exceeds the limit of {settings.max_body_bytes} bytes"
+            )
+        if fields.get("priority") is None:
+            fields["priority"] = Priority.BATCH.value
         job_id = "job_" + secrets.token_hex(12)
 
         def model_for(requested: str | None) -> Any:
@@ -72,8 +77,10 @@ async def submit_job(request: Request) -> Response:
         )
     if valid.body.model_extra:
         request.state.ignored_fields = ascii_header(describe_unknown_fields(list(valid.body.model_extra)))
-    # The seed is fixed now, so the job gives the same images if it runs again after a restart.
-    stored = {**fields, "seed": valid.generation.seed, "model": valid.model.name, "operation": operation}
+    # The seed is fixed now, so the job gives the same images if it runs again after a restart; unknown
+    # fields are not kept.
+    known = {k: v for k, v in fields.items() if k not in (valid.body.model_extra or {})}
+    stored = {**known, "seed": valid.generation.seed, "model": valid.model.name, "operation": operation}
     record = JobRecord(
         id=job_id,
         owner=owner_of(request),

@@ -9,7 +9,7 @@ import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import orjson
 
@@ -23,66 +23,21 @@ from diffuserve.errors import (
     WorkerCrashed,
 )
 from diffuserve.job_settings import JobSettings
+from diffuserve.serving.jobs.contracts import JobObserver, JobService, JobStatus, Payload, Prepare, Render
 from diffuserve.serving.jobs.gate import PriorityGate
 from diffuserve.serving.jobs.store import JobRecord, JobStore
 from diffuserve.serving.jobs.webhooks import WebhookSender, backoff_s
-from diffuserve.serving.scheduler import Pending, ProgressSink
+from diffuserve.serving.scheduler import Pending
 from diffuserve.types import Completed, GenerationRequest, JobState, Priority
 
 log = logging.getLogger(__name__)
 
 # A job whose worker died is queued once more; a second death fails it (it may be what kills workers).
-MAX_ATTEMPTS = 2
+MAX_CRASHES = 2
+# Webhook deliveries at once: each holds a thread while it waits for its receiver.
+WEBHOOK_CONCURRENCY = 8
 PURGE_EVERY_S = 60.0
 T = TypeVar("T")
-
-# Validates a stored job's body again (after a restart), the same way its route did.
-Prepare = Callable[[JobRecord], Awaitable[GenerationRequest]]
-# The answer a synchronous request would have had, as JSON bytes.
-Render = Callable[[JobRecord, GenerationRequest, Completed], Awaitable[bytes]]
-# A finished job's webhook payload (JSON bytes).
-Payload = Callable[[JobRecord], bytes]
-
-
-class JobService(Protocol):
-    """What jobs need of the generation service (serving.service.GenerationService)."""
-
-    fatal_error: str | None
-
-    @property
-    def ready(self) -> bool: ...
-
-    def submit(
-        self, request: GenerationRequest, on_partial: None = None, on_progress: ProgressSink | None = None
-    ) -> list[Pending]: ...
-
-    async def wait(self, pendings: list[Pending], *, timeout: float) -> Completed: ...
-
-    def queue_position(self, pendings: list[Pending]) -> int | None: ...
-
-    def progress(self, pendings: list[Pending]) -> tuple[int, int] | None: ...
-
-    def queued(self, model: str) -> int: ...
-
-    def batch_capacity(self, model: str) -> int: ...
-
-
-class JobObserver(Protocol):
-    """Metrics hooks: a job moved between states (None: it appeared or was forgotten); a webhook attempt."""
-
-    def job_moved(self, old: str | None, new: str | None, final: bool) -> None: ...
-
-    def webhook(self, outcome: str) -> None: ...
-
-
-@dataclass
-class JobStatus:
-    """A job as stored, and where it stands now: its queue position while queued, its step while running."""
-
-    record: JobRecord
-    position: int | None = None
-    step: int | None = None
-    steps: int | None = None
 
 
 @dataclass(eq=False)
@@ -94,6 +49,7 @@ class LiveJob:
     pendings: list[Pending] = field(default_factory=list)
     in_gate: bool = False  # admitted to its model's scheduler
     cancelling: bool = False
+    finishing: bool = False  # its outcome is being recorded: a cancel now waits for it
     side_tasks: set[asyncio.Task[Any]] = field(default_factory=set)
 
 
@@ -117,6 +73,7 @@ class JobManager:
         self._live: dict[str, LiveJob] = {}
         self._gates: dict[str, PriorityGate] = {}
         self._background: set[asyncio.Task[Any]] = set()
+        self._deliveries = asyncio.Semaphore(WEBHOOK_CONCURRENCY)
         self.sender = (
             WebhookSender(
                 settings.webhook_secret,
@@ -192,10 +149,14 @@ class JobManager:
             record.state, record.finished_at = JobState.CANCELLED.value, time.time()
             await self._call(self.store.update, job_id, state=record.state, finished_at=record.finished_at)
             return JobStatus(record)
-        live.cancelling = True
-        if live.task is not None:
-            live.task.cancel()
-            await asyncio.wait({live.task})
+        task = live.task
+        if not live.cancelling and not live.finishing and task is not None:
+            live.cancelling = True
+            task.cancel()
+        if task is not None:
+            await asyncio.wait({task})
+        if live.record.state != JobState.CANCELLED.value:  # it ended on its own before the cancel took
+            raise JobFinished(f"job {job_id} already ended: {live.record.state}", param="job_id")
         return JobStatus(live.record)
 
     # ---- one job --------------------------------------------------------------------------------------
@@ -214,27 +175,35 @@ class JobManager:
                 generation = await self._prepare(record)
             generation.report_progress = True
             generation.priority = Priority(record.priority)
-            async with self._gate(record.model).slot(live.level, live.ticket):
+            async with self._gate(record.model).slot(live.level, live.ticket, generation.n):
                 live.in_gate = True
                 done = await self._attempts(live, generation)
             answer = await self._render(record, generation, done)
-            await self._finish(live, JobState.SUCCEEDED, result=answer)
+            outcome: tuple[JobState, bytes | None, DiffuserveError | None] = (
+                JobState.SUCCEEDED,
+                answer,
+                None,
+            )
         except asyncio.CancelledError:
             if not live.cancelling:
+                self._live.pop(record.id, None)
                 raise  # the server is stopping: the job stays unfinished in the store
-            await self._finish(live, JobState.CANCELLED)
+            outcome = (JobState.CANCELLED, None, None)
         except DiffuserveError as exc:
-            await self._finish(live, JobState.FAILED, error=exc)
+            outcome = (JobState.FAILED, None, exc)
         except Exception:
             log.exception("job %s failed", record.id)
-            await self._finish(
-                live, JobState.FAILED, error=GenerationFailed("the job failed; see the server log")
-            )
+            outcome = (JobState.FAILED, None, GenerationFailed("the job failed; see the server log"))
+        # From here a cancel waits for the outcome instead of interrupting its record.
+        live.finishing = True
+        try:
+            await asyncio.shield(self._finish(live, outcome[0], result=outcome[1], error=outcome[2]))
         finally:
             self._live.pop(record.id, None)
 
     async def _attempts(self, live: LiveJob, generation: GenerationRequest) -> Completed:
         record = live.record
+        crashes = 0
         while True:
             record.attempts += 1
             await self._call(self.store.update, record.id, attempts=record.attempts)
@@ -243,7 +212,8 @@ class JobManager:
             try:
                 return await self.service.wait(live.pendings, timeout=max(0.001, remaining))
             except WorkerCrashed as exc:
-                if record.attempts >= MAX_ATTEMPTS:
+                crashes += 1
+                if crashes >= MAX_CRASHES:
                     raise
                 log.warning("job %s: %s; queued once more", record.id, exc.message)
             finally:
@@ -323,10 +293,13 @@ class JobManager:
         sender = self.sender
         body = self._payload(record)
         message_id = f"msg_{record.id}"
-        for attempt in range(record.webhook_attempts + 1, self.settings.webhook_attempts + 1):
-            delivery = await asyncio.to_thread(sender.send, record.webhook_url, message_id, body)
+        # At least one more try, even where WEBHOOK_ATTEMPTS was lowered below what a previous run spent.
+        last = max(self.settings.webhook_attempts, record.webhook_attempts + 1)
+        for attempt in range(record.webhook_attempts + 1, last + 1):
+            async with self._deliveries:
+                delivery = await asyncio.to_thread(sender.send, record.webhook_url, message_id, body)
             record.webhook_attempts = attempt
-            if delivery.delivered or not delivery.retry or attempt == self.settings.webhook_attempts:
+            if delivery.delivered or not delivery.retry or attempt == last:
                 record.webhook_state = "delivered" if delivery.delivered else "failed"
                 await self._call(
                     self.store.update, record.id, webhook_state=record.webhook_state, webhook_attempts=attempt

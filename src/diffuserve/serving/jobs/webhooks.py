@@ -21,11 +21,16 @@ from diffuserve.job_settings import webhook_key
 log = logging.getLogger(__name__)
 
 MAX_URL_CHARS = 2048
+NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 MAX_BACKOFF_S = 300.0
 
 
 class WebhookRefused(Exception):
     """The webhook's address is not one this server may call."""
+
+
+class Unresolved(Exception):
+    """The webhook's host name did not resolve (perhaps for a moment: worth another attempt)."""
 
 
 def sign(key: bytes, message_id: str, timestamp: int, body: bytes) -> str:
@@ -50,14 +55,37 @@ def check_url(url: str, allow_private: bool) -> None:
         parts.port  # noqa: B018  (raises on a malformed port)
     except ValueError:
         raise InvalidRequest("webhook_url has a malformed port", param="webhook_url") from None
-    try:
-        address = ipaddress.ip_address(parts.hostname)
-    except ValueError:
+    address = literal_address(parts.hostname)
+    if address is None:
         if not allow_private and parts.hostname.lower().rstrip(".") in ("localhost", "localhost.localdomain"):
-            raise InvalidRequest(_private_message(parts.hostname), param="webhook_url") from None
+            raise InvalidRequest(_private_message(parts.hostname), param="webhook_url")
         return  # a name: checked again, resolved, when the webhook is sent
-    if not allow_private and not address.is_global:
+    if not allow_private and not is_public(address):
         raise InvalidRequest(_private_message(parts.hostname), param="webhook_url")
+
+
+def literal_address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address a host spells, in any form the resolver takes as one (`127.1`, `0x7f.1`, `2130706433`)."""
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    try:
+        return ipaddress.IPv4Address(socket.inet_aton(host))
+    except OSError:
+        return None
+
+
+def is_public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Global, and so is any IPv4 address an IPv6 one carries (mapped, 6to4, Teredo, NAT64 64:ff9b::/96)."""
+    if not address.is_global:
+        return False
+    if isinstance(address, ipaddress.IPv6Address):
+        embedded = [address.ipv4_mapped, address.sixtofour, address.teredo[1] if address.teredo else None]
+        if address in NAT64:
+            embedded.append(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
+        return all(inner is None or inner.is_global for inner in embedded)
+    return True
 
 
 def _private_message(host: str) -> str:
@@ -73,12 +101,12 @@ def resolve_public(host: str, port: int, allow_private: bool) -> str:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except OSError as exc:
-        raise WebhookRefused(f"cannot resolve {host}: {exc}") from None
+        raise Unresolved(f"cannot resolve {host}: {exc}") from None
     addresses = [str(info[4][0]) for info in infos]
     if not addresses:
         raise WebhookRefused(f"{host} has no address")
     if not allow_private:
-        inward = [a for a in addresses if not ipaddress.ip_address(a.split("%")[0]).is_global]
+        inward = [a for a in addresses if not is_public(ipaddress.ip_address(a.split("%")[0]))]
         if inward:
             raise WebhookRefused(f"{host} resolves to a non-public address ({inward[0]})")
     return addresses[0]
@@ -142,6 +170,8 @@ class WebhookSender:
             address = resolve_public(host, port, self.allow_private)
         except WebhookRefused as exc:
             return Delivery(None, f"refused: {exc}")
+        except Unresolved as exc:
+            return Delivery(None, str(exc))
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         connection: http.client.HTTPConnection = (
             _PinnedHTTPS(host, address, port, self.timeout)
