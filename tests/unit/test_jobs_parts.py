@@ -75,3 +75,28 @@ def test_public_hosts_pass_and_a_failed_lookup_is_retried_but_a_refusal_is_not()
     assert Delivery(None, "cannot resolve example.invalid: [Errno -3]").retry
     assert not Delivery(None, "refused: example.com resolves to a non-public address").retry
     assert Delivery(503).retry and Delivery(429).retry and not Delivery(410).retry and Delivery(204).delivered
+
+
+async def test_jobs_waiting_in_the_gate_age_into_higher_classes() -> None:
+    now = [0.0]
+    gate = PriorityGate(lambda: 1, aging_s=10.0, clock=lambda: now[0])
+    order: list[str] = []
+    release = asyncio.Event()
+
+    async def job(name: str, level: int) -> None:
+        async with gate.slot(level, gate.next_ticket()):
+            order.append(name)
+            if name == "holder":
+                await release.wait()
+
+    holder = asyncio.create_task(job("holder", 2))
+    await asyncio.sleep(0)
+    old = asyncio.create_task(job("old batch", 0))
+    await asyncio.sleep(0)
+    now[0] = 25.0  # two classes up: as high as the interactive job behind it, and first come
+    new = asyncio.create_task(job("new interactive", 2))
+    await asyncio.sleep(0.01)
+    assert gate.position(2, 2) == 1
+    release.set()
+    await asyncio.wait_for(asyncio.gather(holder, old, new), 1)
+    assert order == ["holder", "old batch", "new interactive"]

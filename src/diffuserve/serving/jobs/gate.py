@@ -1,28 +1,48 @@
-"""How many of a model's jobs are in its scheduler's queue at once: the rest wait here, highest priority first,
-so a backlog of thousands never fills the queue that synchronous requests need."""
+"""How many of a model's jobs are in its scheduler's queue at once: the rest wait here, highest priority first
+(raised by their wait, as in the scheduler), so a backlog of thousands never fills the queue that synchronous
+requests need."""
 
 from __future__ import annotations
 
 import asyncio
-import heapq
 import itertools
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from diffuserve.types import Priority
+
+TOP_LEVEL = Priority.INTERACTIVE.level
+
+
+@dataclass(eq=False)
+class _Waiter:
+    level: int
+    ticket: int
+    weight: int
+    since: float
+    future: asyncio.Future[None] = field(repr=False)
 
 
 class PriorityGate:
-    """Holders weigh at most `capacity()` together (one heavier alone may enter an empty gate); waiters are let in
-    by (priority level, highest first), then arrival."""
+    """Holders weigh at most `capacity()` together (one heavier alone may enter an empty gate). Waiters are let
+    in by class, highest first, a waiter rising one class per `aging_s` seconds waited (0: never), then by
+    arrival (ticket)."""
 
-    def __init__(self, capacity: Callable[[], int]) -> None:
+    def __init__(
+        self, capacity: Callable[[], int], aging_s: float = 0.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self._capacity = capacity
+        self._aging_s = aging_s
+        self._clock = clock
         self._held = 0
         self._order = itertools.count()
-        self._waiting: list[tuple[int, int, int, asyncio.Future[None]]] = []
+        self._waiting: list[_Waiter] = []
 
     @asynccontextmanager
     async def slot(self, level: int, ticket: int, weight: int = 1) -> AsyncIterator[None]:
-        """Held while the job is in the scheduler; `ticket` (from `next_ticket`) orders it within its level;
+        """Held while the job is in the scheduler; `ticket` (from `next_ticket`) orders it within its class;
         `weight`: what it puts in the scheduler (its images)."""
         await self._acquire(level, ticket, weight)
         try:
@@ -31,12 +51,21 @@ class PriorityGate:
             self._held -= weight
             self._wake()
 
-    def position(self, level: int, ticket: int) -> int:
-        """How many waiters go before the one with this level and ticket."""
-        return sum(1 for entry in self._waiting if (entry[0], entry[1]) < (-level, ticket))
-
     def next_ticket(self) -> int:
         return next(self._order)
+
+    def position(self, level: int, ticket: int) -> int:
+        """How many waiters go before the one with this ticket (a waiter not yet in the gate: its level)."""
+        now = self._clock()
+        mine = next((w for w in self._waiting if w.ticket == ticket), None)
+        key = self._key(mine, now) if mine is not None else (-level, ticket)
+        return sum(1 for w in self._waiting if w is not mine and self._key(w, now) < key)
+
+    def _key(self, waiter: _Waiter, now: float) -> tuple[int, int]:
+        level = waiter.level
+        if self._aging_s > 0:
+            level = min(TOP_LEVEL, level + int((now - waiter.since) // self._aging_s))
+        return (-level, waiter.ticket)
 
     def _fits(self, weight: int) -> bool:
         return self._held == 0 or self._held + weight <= self._capacity()
@@ -45,28 +74,25 @@ class PriorityGate:
         if not self._waiting and self._fits(weight):
             self._held += weight
             return
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        entry = (-level, ticket, weight, future)
-        heapq.heappush(self._waiting, entry)
+        waiter = _Waiter(level, ticket, weight, self._clock(), asyncio.get_running_loop().create_future())
+        self._waiting.append(waiter)
         try:
-            await future
+            await waiter.future
         except asyncio.CancelledError:
-            if future.done() and not future.cancelled():
+            if waiter.future.done() and not waiter.future.cancelled():
                 self._held -= weight  # let in just as it was cancelled: pass the place on
                 self._wake()
-            elif entry in self._waiting:  # else _wake already dropped it as cancelled
-                self._waiting.remove(entry)
-                heapq.heapify(self._waiting)
+            elif waiter in self._waiting:  # else _wake already dropped it as cancelled
+                self._waiting.remove(waiter)
             raise
 
     def _wake(self) -> None:
+        self._waiting = [w for w in self._waiting if not w.future.done()]  # cancelled waiters
+        now = self._clock()
         while self._waiting:
-            _, _, weight, future = self._waiting[0]
-            if future.done():  # its waiter was cancelled
-                heapq.heappop(self._waiting)
-                continue
-            if not self._fits(weight):
+            first = min(self._waiting, key=lambda w: self._key(w, now))
+            if not self._fits(first.weight):
                 return
-            heapq.heappop(self._waiting)
-            self._held += weight
-            future.set_result(None)
+            self._waiting.remove(first)
+            self._held += first.weight
+            first.future.set_result(None)

@@ -50,6 +50,7 @@ class LiveJob:
     in_gate: bool = False  # admitted to its model's scheduler
     cancelling: bool = False
     finishing: bool = False  # its outcome is being recorded: a cancel now waits for it
+    last_step: tuple[int, int] | None = None  # (step, steps) its batch last reported
     side_tasks: set[asyncio.Task[Any]] = field(default_factory=set)
 
 
@@ -101,6 +102,7 @@ class JobManager:
     async def stop(self) -> None:
         """Stop every job where it is: with JOBS_DB they run again at the next start."""
         tasks = [live.task for live in self._live.values() if live.task is not None] + list(self._background)
+        tasks += [task for live in self._live.values() for task in live.side_tasks]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -223,11 +225,14 @@ class JobManager:
         """Into the scheduler; while its queue is full (synchronous requests fill it too), wait and retry."""
         while True:
             try:
-                return self.service.submit(generation, on_progress=lambda step, _steps: self._running(live))
+                return self.service.submit(
+                    generation, on_progress=lambda step, steps: self._running(live, step, steps)
+                )
             except QueueFull as exc:
                 await asyncio.sleep(min(5.0, max(0.1, exc.retry_after / 4)))
 
-    def _running(self, live: LiveJob) -> None:
+    def _running(self, live: LiveJob, step: int, steps: int) -> None:
+        live.last_step = (step, steps)
         if live.record.state != JobState.RUNNING.value:
             old, live.record.state, live.record.started_at = (
                 live.record.state,
@@ -275,11 +280,15 @@ class JobManager:
             gate = self._gates[record.model]
             ahead = self.service.queued(record.model) + gate.position(live.level, live.ticket)
             return JobStatus(record, position=ahead)
-        progress = self.service.progress(live.pendings) if live.pendings else None
+        if not live.pendings:  # between runs, or its images being stored: where it last was
+            if live.last_step is not None:
+                return JobStatus(record, step=live.last_step[0], steps=live.last_step[1])
+            return JobStatus(record, position=0)
+        progress = self.service.progress(live.pendings)
         if progress is not None:
             return JobStatus(record, step=progress[0], steps=progress[1])
-        position = self.service.queue_position(live.pendings) if live.pendings else None
-        return JobStatus(record, position=position if position is not None else 0)
+        position = self.service.queue_position(live.pendings)
+        return JobStatus(record, position=position or 0)
 
     # ---- webhooks -------------------------------------------------------------------------------------
     async def _deliver(self, record: JobRecord) -> None:
@@ -323,7 +332,9 @@ class JobManager:
         if gate is None:
             # Enough jobs in the scheduler to fill every worker's next batch, and no more: the queue stays
             # short for synchronous requests, which are refused (429) once it is full.
-            gate = self._gates[model] = PriorityGate(lambda: 2 * self.service.batch_capacity(model))
+            gate = self._gates[model] = PriorityGate(
+                lambda: 2 * self.service.batch_capacity(model), aging_s=self.settings.priority_aging_seconds
+            )
         return gate
 
     async def _until_ready(self) -> None:
