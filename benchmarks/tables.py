@@ -1,4 +1,5 @@
-"""The tables of docs/benchmarks.md, generated from the raw outputs under docs/bench/ (never retyped).
+"""The tables of docs/benchmarks.md (and of the pages PAGE_OF names), generated from the raw outputs under
+docs/bench/ (never retyped).
 
     python benchmarks/tables.py           # rewrite the generated blocks of docs/benchmarks.md
     python benchmarks/tables.py --check   # exit 1 when the page and the raw outputs disagree (`make lint`)
@@ -453,14 +454,20 @@ BLOCKS: dict[str, tuple[Callable[..., str], tuple[str, ...]]] = {
 }
 
 
-def render(page: str) -> str:
+# Blocks that live on another page than docs/benchmarks.md: beside the feature they measure.
+PAGE_OF = {"priorities": ROOT / "docs" / "jobs.md"}
+
+
+def render(path: Path, page: str) -> str:
     for name, (make, files) in BLOCKS.items():
+        if PAGE_OF.get(name, PAGE) != path:
+            continue
         pattern = re.compile(
             rf"(<!-- BEGIN generated: {re.escape(name)} -->\n).*?(<!-- END generated: {re.escape(name)} -->)",
             re.S,
         )
         if not pattern.search(page):
-            raise SystemExit(f"{PAGE}: no generated block named {name!r}")
+            raise SystemExit(f"{path}: no generated block named {name!r}")
         text = make(*files)
         page = pattern.sub(lambda m, text=text: m.group(1) + text + "\n" + m.group(2), page)
     return page
@@ -471,18 +478,22 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--check", action="store_true", help="exit 1 if the page is not what the raw outputs give"
+        "--check", action="store_true", help="exit 1 if a page is not what the raw outputs give"
     )
     args = parser.parse_args()
-    current = PAGE.read_text()
-    wanted = render(current)
-    if args.check:
-        if current != wanted:
-            print(f"{PAGE} is out of date with docs/bench/: run python benchmarks/tables.py", file=sys.stderr)
-            return 1
-        return 0
-    PAGE.write_text(wanted)
-    return 0
+    stale = []
+    for path in sorted({PAGE, *PAGE_OF.values()}):
+        current = path.read_text()
+        wanted = render(path, current)
+        if current == wanted:
+            continue
+        if args.check:
+            stale.append(path)
+        else:
+            path.write_text(wanted)
+    for path in stale:
+        print(f"{path} is out of date with docs/bench/: run python benchmarks/tables.py", file=sys.stderr)
+    return 1 if stale else 0
 
 
 if __name__ == "__main__":
