@@ -10,6 +10,10 @@ import pytest
 from diffuserve.errors import InvalidRequest
 from diffuserve.serving.jobs.gate import PriorityGate
 from diffuserve.serving.jobs.webhooks import Delivery, check_url
+from diffuserve.serving.priorities import PriorityRules
+from diffuserve.types import Priority
+
+CLASSES = {priority.level: priority for priority in Priority}
 
 
 async def test_cancelling_every_holder_and_waiter_at_once_raises_only_cancellation() -> None:
@@ -18,7 +22,7 @@ async def test_cancelling_every_holder_and_waiter_at_once_raises_only_cancellati
     gate = PriorityGate(lambda: 2)
 
     async def job(level: int) -> None:
-        async with gate.slot(level, gate.next_ticket()):
+        async with gate.slot(CLASSES[level], gate.next_ticket()):
             await asyncio.sleep(3600)
 
     tasks = [asyncio.create_task(job(level)) for level in (0, 0, 1, 0, 2)]
@@ -30,7 +34,7 @@ async def test_cancelling_every_holder_and_waiter_at_once_raises_only_cancellati
     entered = []
 
     async def probe(name: str) -> None:
-        async with gate.slot(0, gate.next_ticket()):
+        async with gate.slot(Priority.BATCH, gate.next_ticket()):
             entered.append(name)
 
     await asyncio.wait_for(asyncio.gather(probe("a"), probe("b"), probe("c")), 1)
@@ -43,7 +47,7 @@ async def test_the_gate_lets_higher_levels_in_first_and_weighs_images() -> None:
     release = asyncio.Event()
 
     async def job(name: str, level: int, weight: int) -> None:
-        async with gate.slot(level, gate.next_ticket(), weight):
+        async with gate.slot(CLASSES[level], gate.next_ticket(), weight):
             order.append(name)
             await release.wait()
 
@@ -51,7 +55,7 @@ async def test_the_gate_lets_higher_levels_in_first_and_weighs_images() -> None:
     await asyncio.sleep(0)
     waiters = [asyncio.create_task(job(n, lvl, w)) for n, lvl, w in (("b1", 0, 2), ("i", 2, 3), ("b2", 0, 1))]
     await asyncio.sleep(0.01)
-    assert [gate.position(2, 2), gate.position(0, 1)] == [0, 1]
+    assert [gate.position(Priority.INTERACTIVE, 2), gate.position(Priority.BATCH, 1)] == [0, 1]
     release.set()
     await asyncio.wait_for(asyncio.gather(holder, *waiters), 1)
     assert order == ["holder", "i", "b1", "b2"]
@@ -79,12 +83,12 @@ def test_public_hosts_pass_and_a_failed_lookup_is_retried_but_a_refusal_is_not()
 
 async def test_jobs_waiting_in_the_gate_age_into_higher_classes() -> None:
     now = [0.0]
-    gate = PriorityGate(lambda: 1, aging_s=10.0, clock=lambda: now[0])
+    gate = PriorityGate(lambda: 1, PriorityRules(aging_s=10.0), clock=lambda: now[0])
     order: list[str] = []
     release = asyncio.Event()
 
     async def job(name: str, level: int) -> None:
-        async with gate.slot(level, gate.next_ticket()):
+        async with gate.slot(CLASSES[level], gate.next_ticket()):
             order.append(name)
             if name == "holder":
                 await release.wait()
@@ -96,7 +100,7 @@ async def test_jobs_waiting_in_the_gate_age_into_higher_classes() -> None:
     now[0] = 25.0  # two classes up: as high as the interactive job behind it, and first come
     new = asyncio.create_task(job("new interactive", 2))
     await asyncio.sleep(0.01)
-    assert gate.position(2, 2) == 1
+    assert gate.position(Priority.INTERACTIVE, 2) == 1
     release.set()
     await asyncio.wait_for(asyncio.gather(holder, old, new), 1)
     assert order == ["holder", "old batch", "new interactive"]

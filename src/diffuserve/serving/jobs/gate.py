@@ -11,40 +11,42 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
+from diffuserve.serving.priorities import PriorityRules
 from diffuserve.types import Priority
-
-TOP_LEVEL = Priority.INTERACTIVE.level
 
 
 @dataclass(eq=False)
 class _Waiter:
-    level: int
+    priority: Priority
     ticket: int
     weight: int
-    since: float
+    enqueued_at: float
     future: asyncio.Future[None] = field(repr=False)
 
 
 class PriorityGate:
     """Holders weigh at most `capacity()` together (one heavier alone may enter an empty gate). Waiters are let
-    in by class, highest first, a waiter rising one class per `aging_s` seconds waited (0: never), then by
+    in by class, highest first, raised by their wait as `rules` age queued requests (none by default), then by
     arrival (ticket)."""
 
     def __init__(
-        self, capacity: Callable[[], int], aging_s: float = 0.0, clock: Callable[[], float] = time.monotonic
+        self,
+        capacity: Callable[[], int],
+        rules: PriorityRules | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._capacity = capacity
-        self._aging_s = aging_s
+        self._rules = rules or PriorityRules(aging_s=0.0)
         self._clock = clock
         self._held = 0
         self._order = itertools.count()
         self._waiting: list[_Waiter] = []
 
     @asynccontextmanager
-    async def slot(self, level: int, ticket: int, weight: int = 1) -> AsyncIterator[None]:
+    async def slot(self, priority: Priority, ticket: int, weight: int = 1) -> AsyncIterator[None]:
         """Held while the job is in the scheduler; `ticket` (from `next_ticket`) orders it within its class;
         `weight`: what it puts in the scheduler (its images)."""
-        await self._acquire(level, ticket, weight)
+        await self._acquire(priority, ticket, weight)
         try:
             yield
         finally:
@@ -54,27 +56,24 @@ class PriorityGate:
     def next_ticket(self) -> int:
         return next(self._order)
 
-    def position(self, level: int, ticket: int) -> int:
-        """How many waiters go before the one with this ticket (a waiter not yet in the gate: its level)."""
+    def position(self, priority: Priority, ticket: int) -> int:
+        """How many waiters go before the one with this ticket (a waiter not yet in the gate: its class)."""
         now = self._clock()
         mine = next((w for w in self._waiting if w.ticket == ticket), None)
-        key = self._key(mine, now) if mine is not None else (-level, ticket)
+        key = self._key(mine, now) if mine is not None else (-priority.level, ticket)
         return sum(1 for w in self._waiting if w is not mine and self._key(w, now) < key)
 
     def _key(self, waiter: _Waiter, now: float) -> tuple[int, int]:
-        level = waiter.level
-        if self._aging_s > 0:
-            level = min(TOP_LEVEL, level + int((now - waiter.since) // self._aging_s))
-        return (-level, waiter.ticket)
+        return (-self._rules.level(waiter, now), waiter.ticket)
 
     def _fits(self, weight: int) -> bool:
         return self._held == 0 or self._held + weight <= self._capacity()
 
-    async def _acquire(self, level: int, ticket: int, weight: int) -> None:
+    async def _acquire(self, priority: Priority, ticket: int, weight: int) -> None:
         if not self._waiting and self._fits(weight):
             self._held += weight
             return
-        waiter = _Waiter(level, ticket, weight, self._clock(), asyncio.get_running_loop().create_future())
+        waiter = _Waiter(priority, ticket, weight, self._clock(), asyncio.get_running_loop().create_future())
         self._waiting.append(waiter)
         try:
             await waiter.future

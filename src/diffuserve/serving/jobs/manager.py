@@ -27,6 +27,7 @@ from diffuserve.serving.jobs.contracts import JobObserver, JobService, JobStatus
 from diffuserve.serving.jobs.gate import PriorityGate
 from diffuserve.serving.jobs.store import JobRecord, JobStore
 from diffuserve.serving.jobs.webhooks import WebhookSender, backoff_s
+from diffuserve.serving.priorities import PriorityRules
 from diffuserve.serving.scheduler import Pending
 from diffuserve.types import Completed, GenerationRequest, JobState, Priority
 
@@ -43,7 +44,7 @@ T = TypeVar("T")
 @dataclass(eq=False)
 class LiveJob:
     record: JobRecord
-    level: int
+    priority: Priority
     ticket: int
     task: asyncio.Task[None] | None = None
     pendings: list[Pending] = field(default_factory=list)
@@ -164,7 +165,7 @@ class JobManager:
     # ---- one job --------------------------------------------------------------------------------------
     def _launch(self, record: JobRecord, generation: GenerationRequest | None) -> LiveJob:
         gate = self._gate(record.model)
-        live = LiveJob(record, Priority(record.priority).level, gate.next_ticket())
+        live = LiveJob(record, Priority(record.priority), gate.next_ticket())
         self._live[record.id] = live
         live.task = asyncio.create_task(self._run(live, generation), name=f"job {record.id}")
         return live
@@ -177,7 +178,7 @@ class JobManager:
                 generation = await self._prepare(record)
             generation.report_progress = True
             generation.priority = Priority(record.priority)
-            async with self._gate(record.model).slot(live.level, live.ticket, generation.n):
+            async with self._gate(record.model).slot(live.priority, live.ticket, generation.n):
                 live.in_gate = True
                 done = await self._attempts(live, generation)
             answer = await self._render(record, generation, done)
@@ -278,7 +279,7 @@ class JobManager:
         record = live.record
         if not live.in_gate:
             gate = self._gates[record.model]
-            ahead = self.service.queued(record.model) + gate.position(live.level, live.ticket)
+            ahead = self.service.queued(record.model) + gate.position(live.priority, live.ticket)
             return JobStatus(record, position=ahead)
         if not live.pendings:  # between runs, or its images being stored: where it last was
             if live.last_step is not None:
@@ -333,7 +334,8 @@ class JobManager:
             # Enough jobs in the scheduler to fill every worker's next batch, and no more: the queue stays
             # short for synchronous requests, which are refused (429) once it is full.
             gate = self._gates[model] = PriorityGate(
-                lambda: 2 * self.service.batch_capacity(model), aging_s=self.settings.priority_aging_seconds
+                lambda: 2 * self.service.batch_capacity(model),
+                PriorityRules(aging_s=self.settings.priority_aging_seconds),
             )
         return gate
 

@@ -132,11 +132,6 @@ class JobStore:
         with self.engine.connect() as db:
             return [JobRecord(**row) for row in db.execute(query).mappings().all()]
 
-    def count_unfinished(self) -> int:
-        query = sa.select(sa.func.count()).select_from(JOBS).where(JOBS.c.state.in_(UNFINISHED))
-        with self.engine.connect() as db:
-            return int(db.execute(query).scalar_one())
-
     def webhooks_pending(self) -> list[JobRecord]:
         """Finished jobs whose webhook was not delivered yet (the server stopped while it was being tried)."""
         query = JOBS.select().where(JOBS.c.webhook_state == "pending").order_by(JOBS.c.finished_at)
