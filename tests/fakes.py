@@ -10,7 +10,10 @@ process can import it). Its model repo picks how it starts:
 - `fake-flapping`: gets ready, then dies at once (and so does every replacement);
 - `fake-group-failing`: a group whose last rank cannot load; the others wait, as at a rendezvous;
 - `fake-rendezvous-race`: a group whose first start fails at the rendezvous (its port was taken), as
-  `join_group` reports it; the group started again serves (a marker under the cache dir remembers).
+  `join_group` reports it; the group started again serves (a marker under the cache dir remembers);
+- `fake-warming`: each batch size has its own code, as compiled code on a GPU: size 1 is warmed before ready,
+  each other size once a file `warm-<size>` exists in its cache dir (the test decides when a warm-up ends), and a
+  batch of a size not warmed yet is compiled in the request: its images say `compiled-in-request`.
 
 The prompt steers a batch: `hold:<path>` answers once that file exists (the test decides when the worker is free
 again) or once its clients left, `fail` answers with an error, `die` exits mid-batch without answering, `die:<r>`
@@ -45,6 +48,7 @@ class FakeEngine:
         self.rank = group.rank if group is not None else 0
         self.phases = StartupPhases()
         self.broken = False
+        self.warmed: set[int] = set()
 
     def load(self) -> ModelInfo:
         mode, group = self.config.model_repo, self.group
@@ -68,7 +72,19 @@ class FakeEngine:
         parallel = group.world_size if group is not None else 1
         return model_info(self.config, TINY_FLUX, parallel=parallel)
 
-    def warmup(self) -> DeviceBatch | None:
+    @property
+    def sizes_specialised(self) -> bool:
+        return self.config.model_repo == "fake-warming"
+
+    def warmup_sizes(self) -> list[int]:
+        top = self.config.max_batch
+        return [1, *range(top, 1, -1)] if self.sizes_specialised else [top]
+
+    def warm(self, size: int) -> DeviceBatch | None:
+        if self.sizes_specialised and size > 1:
+            _wait_for(Path(self.config.cache_dir) / f"warm-{size}", None)
+        self.phases.warmup_s[size] = 0.01
+        self.warmed.add(size)
         return None
 
     def save_compile_cache(self) -> None:
@@ -96,8 +112,11 @@ class FakeEngine:
                 return BatchResult(batch_id=job.batch_id, error="cancelled: every client of this batch left")
         if "fail" in prompts:
             return BatchResult(batch_id=job.batch_id, error="RuntimeError: the fake engine was told to fail")
+        compiled = (
+            "|compiled-in-request" if self.sizes_specialised and job.num_images not in self.warmed else ""
+        )
         described = [
-            f"{item.prompt}|seed={seed}|batch={job.num_images}".encode()
+            f"{item.prompt}|seed={seed}|batch={job.num_images}{compiled}".encode()
             for item in job.items
             for seed in item.seeds
         ]

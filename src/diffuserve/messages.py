@@ -98,6 +98,7 @@ class StartupPhases:
     load_s: float = 0.0
     tier_s: float = 0.0
     warmup_s: dict[int, float] = field(default_factory=dict)  # by batch size
+    warmup_steps: dict[int, int] = field(default_factory=dict)  # the steps each size's warm-up ran
     compile_cache_save_s: float = 0.0
 
     def named(self) -> dict[str, float]:
@@ -117,15 +118,30 @@ class WorkerReady:
     # time.monotonic() when the child's worker code began (after the interpreter started), and the phases since.
     entered_at: float = 0.0
     phases: StartupPhases = field(default_factory=StartupPhases)
+    # The batch sizes warm at ready, where the worker warms the others after it (BatchSizeWarm says each);
+    # None: every size up to the model's batch runs without compiling.
+    warm_sizes: tuple[int, ...] | None = None
+
+
+@dataclass
+class BatchSizeWarm:
+    """A ready worker warmed one more batch size (compiled, captured) between batches, in `seconds`; the
+    scheduler may now give it batches of that size."""
+
+    worker_id: int
+    size: int
+    seconds: float
 
 
 @dataclass
 class WorkerPhase:
-    """A starting worker's progress, for readiness: `loading` (weights to the device, the tier applied), then
-    `warming` (the first batches, which compile where the tier compiles)."""
+    """A starting worker's progress, for readiness: `loading` (weights to the device), `accelerating` (the
+    tier applied: fp8, compile set up, CUDA graphs), then `warming` (the first batch size, which compiles where
+    the tier compiles); `detail` says what exactly (the weights' size, the tier, the batch size)."""
 
     worker_id: int
     phase: str
+    detail: str = ""
 
 
 @dataclass

@@ -357,3 +357,47 @@ async def test_retry_after_counts_a_worker_once_while_it_encodes_and_computes() 
         scheduler.submit(request(name))
     # One worker: 2 requests queued behind the running one = 2 batches ahead of 10 s each.
     assert scheduler.retry_after_seconds() == 20
+
+
+async def test_batches_only_of_the_sizes_a_worker_has_warm() -> None:
+    """A worker still warming its batch sizes gets batches of warm sizes only: lone images that would make a
+    batch of a cold size run apart, a request whose own size is cold waits, until a companion makes a warm size
+    or its size is warmed."""
+    scheduler = Scheduler(max_batch=4, max_queue=10, batch_wait_s=0.0)
+    worker = FakeWorker(0)
+    scheduler.sizes_warm(0, frozenset({1, 4}))
+    scheduler.worker_idle(worker)
+    busy = scheduler.submit(request("busy"))  # keeps the worker busy while the queue fills
+    singles = [scheduler.submit(request(f"s{i}")) for i in range(2)]
+    for index in range(3):
+        scheduler.batch_finished(worker, result_for(worker.jobs[index]))
+    await asyncio.gather(busy.future, *(s.future for s in singles))
+    assert [job.num_images for job in worker.jobs] == [1, 1, 1], "two lone images make 2, not warm: apart"
+
+    trio = scheduler.submit(request("trio", n=3))
+    assert len(worker.jobs) == 3 and trio in scheduler.queue and 0 in scheduler.idle, "3 is not warm: held"
+    companion = scheduler.submit(request("one"))  # 3 + 1 = 4, warm: they go together
+    assert [item.request_id for item in worker.jobs[3].items] == ["trio", "one"]
+    scheduler.batch_finished(worker, result_for(worker.jobs[3]))
+    await asyncio.gather(trio.future, companion.future)
+
+    again = scheduler.submit(request("trio2", n=3))
+    assert len(worker.jobs) == 4
+    scheduler.sizes_warm(0, frozenset({1, 3, 4}))  # size 3 warmed: it starts at once
+    assert worker.jobs[-1].num_images == 3 and worker.jobs[-1].items[0].request_id == "trio2"
+    scheduler.batch_finished(worker, result_for(worker.jobs[-1]))
+    await again.future
+
+
+async def test_a_request_goes_to_the_idle_worker_that_has_its_size_warm() -> None:
+    scheduler = Scheduler(max_batch=4, max_queue=10, batch_wait_s=0.0)
+    warming, warm = FakeWorker(0), FakeWorker(1)
+    scheduler.sizes_warm(0, frozenset({1}))
+    scheduler.worker_idle(warming)
+    scheduler.worker_idle(warm)  # not listed: every size warm
+    pair = scheduler.submit(request("pair", n=2))
+    assert not warming.jobs and len(warm.jobs) == 1
+    scheduler.batch_finished(warm, result_for(warm.jobs[0]))
+    await pair.future
+    scheduler.worker_gone(0, "gone")
+    assert 0 not in scheduler.warm_sizes

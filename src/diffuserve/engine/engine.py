@@ -24,7 +24,14 @@ from diffuserve.engine.calls import (
 from diffuserve.engine.config import EngineConfig
 from diffuserve.engine.edits import edit_pipelines, keep_outside_mask, text_pipeline
 from diffuserve.engine.frames import gpu_jpeg_encoder, to_uint8
-from diffuserve.engine.loader import LoadedPipeline, check_tier, load_pipeline, model_info
+from diffuserve.engine.loader import (
+    LoadedPipeline,
+    check_tier,
+    import_pipeline_class,
+    load_pipeline,
+    model_info,
+    weights_bytes,
+)
 from diffuserve.engine.previews import PreviewTaker
 from diffuserve.messages import BatchResult, DeviceBatch, GroupRank, PreviewBatch, StartupPhases
 from diffuserve.types import BatchItem, BatchJob, ModelInfo, Task
@@ -54,12 +61,16 @@ class Engine:
         self._tokenizer: Any = None
         self._gpu_jpeg = gpu_jpeg_encoder(device)
         self._graphs: Any = None
+        # Whether the tier's step cache decides per step whether to reuse (warm-ups then run every step).
+        self._step_cache = False
         # Per-request adapters (LoRA), where the server takes them.
         self.adapters: Any = None
         # Whether a group's ranks decode each batch's latents together (see `parallel.split_decode`).
         self._joint_decode = False
         # Set after a CUDA error that leaves the device unusable: the worker then exits and is replaced.
         self.broken = False
+        # Told of each start-up phase as it begins, with its detail (the worker reports them to readiness).
+        self.on_phase: Callable[[str, str], None] = lambda phase, detail: None
 
     @property
     def pipeline(self) -> Any:
@@ -68,21 +79,32 @@ class Engine:
 
     def load(self) -> ModelInfo:
         """Join the group (a worker group's rank), load the model and accelerate it as its tier says."""
+        c = self.config
+        started = time.perf_counter()
+        self.on_phase("importing", "torch, diffusers and the pipeline's modules")
         _prepare_process(self.device)
+        # The pipeline's own modules (its text encoders' in transformers) before the weights, so the load
+        # phase times reading weights alone.
+        import_pipeline_class(c.model_path or c.model_repo)
+        self.phases.import_s += time.perf_counter() - started
         if self.group is not None:
             from diffuserve.engine.parallel.group import join_group
 
             join_group(self.group, self.device)
-        c = self.config
         started = time.perf_counter()
+        size = weights_bytes(c.model_path or c.model_repo) if c.weights != "random" else 0
+        self.on_phase("loading", f"{size / 1e9:.1f} GB of weights to {self.device}" if size else "")
         self.loaded = load_pipeline(
             c.model_repo, device=self.device, dtype_name=c.dtype, weights=c.weights, path=c.model_path
         )
         check_tier(self.loaded.family, c.tier)
         self.phases.load_s = time.perf_counter() - started
+        if size:
+            rate = size / 1e9 / max(self.phases.load_s, 1e-6)
+            log.info("weights: %.1f GB loaded in %.1f s (%.1f GB/s)", size / 1e9, self.phases.load_s, rate)
         started = time.perf_counter()
+        self.on_phase("accelerating", f"tier {c.tier}")
         parallel, pixels = self._accelerate(self.loaded)
-        self.phases.tier_s = time.perf_counter() - started
         pipeline, family = self.loaded.pipeline, self.loaded.family
         # After the tier and the group: the edit pipelines share the (compiled, quantized, split) denoiser.
         self._pipelines = {Task.GENERATE: text_pipeline(pipeline, family), **edit_pipelines(pipeline, family)}
@@ -98,6 +120,7 @@ class Engine:
         if self.adapters is not None:
             self.info.lora_max_rank = c.lora_max_rank
             self.info.lora_targets = self.adapters.targets  # those a layer hosts, as adapters name them
+        self.phases.tier_s = time.perf_counter() - started
         return self.info
 
     def _accelerate(self, loaded: LoadedPipeline) -> tuple[int, int]:
@@ -143,6 +166,7 @@ class Engine:
             self._graphs = enable_cuda_graphs(model)
         if recipe.step_modulation and family.flux_hooks:
             enable_step_modulation(pipeline)
+        self._step_cache = recipe.step_cache is not None and family.flux_hooks
         return parallel, pixels
 
     def _install_adapters(self, model: Any, targets: dict[str, tuple[int, int]]) -> None:
@@ -178,27 +202,45 @@ class Engine:
         save_compile_cache(self.config.cache_dir)
         self.phases.compile_cache_save_s = time.perf_counter() - started
 
-    def warmup(self) -> DeviceBatch | None:
-        """Run the native size before serving, so no user pays for lazy init or compilation. On a GPU every batch
-        size 1..max_batch runs (compiled code is specialised per batch size): the full batch the default steps,
-        the smaller ones one step to compile, or two where CUDA graphs are on (the second captures). Returns the
-        full batch's output (an image in every format), for the worker to encode and so load each encoder."""
+    def warmup_sizes(self) -> list[int]:
+        """The batch sizes to warm, the one readiness waits for first. On a GPU compiled code and CUDA graphs are
+        specialised per batch size: 1 first, so every request can be served once the worker is ready, then the
+        largest and on down (the worker warms those between batches). On CPU nothing is specialised per size:
+        the full batch alone loads what loads lazily."""
         assert self.info is not None
-        info, full = self.info, None
-        sizes = list(range(info.max_batch, 0, -1)) if self.device.startswith("cuda") else [info.max_batch]
+        top = self.info.max_batch
+        return [1, *range(top, 1, -1)] if self.sizes_specialised else [top]
+
+    @property
+    def sizes_specialised(self) -> bool:
+        """Whether each batch size runs its own compiled code (GPU): a size not warmed would compile in a request."""
+        return self.device.startswith("cuda")
+
+    def warm(self, size: int) -> DeviceBatch | None:
+        """One warm-up batch of `size` images at the native size, timed into `phases`. It runs as few steps as
+        prove the size: one compiles, a second captures where CUDA graphs are on; all the default steps where
+        a step cache decides per step (its reuse path must have run too) and on CPU (as a request would).
+        Returns its output (None on a group's follower)."""
+        assert self.info is not None
+        info = self.info
+        started = time.perf_counter()
+        steps = 2 if self._graphs is not None else 1
+        if not self.sizes_specialised or self._step_cache:
+            steps = max(info.default_steps, steps)
         formats = ["webp", "png", "jpeg"]
-        small = 2 if self._graphs is not None else 1
-        for size in sizes:
-            started = time.perf_counter()
-            steps = max(info.default_steps, small) if size == info.max_batch else small
-            items = [BatchItem("warmup", "warm-up", None, [i], formats[i % 3], None) for i in range(size)]
-            job = BatchJob(-1, info.native_width, info.native_height, steps, info.default_guidance, items)
-            computed = self.compute(job)
-            if isinstance(computed, BatchResult):
-                raise RuntimeError(f"warm-up at batch {size} failed: {computed.error}")
-            full = full or computed
-            self.phases.warmup_s[size] = time.perf_counter() - started
-        return None if self._follower else full
+        items = [BatchItem("warmup", "warm-up", None, [i], formats[i % 3], None) for i in range(size)]
+        job = BatchJob(-1, info.native_width, info.native_height, steps, info.default_guidance, items)
+        computed = self.compute(job)
+        if isinstance(computed, BatchResult):
+            raise RuntimeError(f"warm-up at batch {size} failed: {computed.error}")
+        self.phases.warmup_s[size] = time.perf_counter() - started
+        self.phases.warmup_steps[size] = steps
+        return None if self._follower else computed
+
+    def warmup(self) -> DeviceBatch | None:
+        """Every size of `warmup_sizes`; returns the first one's output (None on a group's follower)."""
+        outputs = [self.warm(size) for size in self.warmup_sizes()]
+        return outputs[0] if outputs else None
 
     def compute(
         self,

@@ -39,6 +39,18 @@ def looks_like_local_path(repo: str) -> bool:
     return repo.startswith(("/", "./", "../", "~")) or (os.path.sep in repo and Path(repo).exists())
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+def weights_bytes(path: str) -> int:
+    """The size of the weight files of a local pipeline folder (a hub model's snapshot in the cache too, whose
+    files link to its blobs); 0 where `path` is no folder (a built-in model, a hub id not fetched yet)."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        return 0
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.suffix in WEIGHT_SUFFIXES and f.is_file())
+
+
 def check_model_source(repo: str, weights: str = "pretrained") -> None:
     """Fail fast, before any worker starts, on a model that cannot exist (a missing local folder)."""
     if is_builtin(repo) or weights == "random":
@@ -97,9 +109,34 @@ def _build_or_load(repo: str, *, device: str, dtype: Any, weights: str, path: st
     path = path or os.path.expanduser(repo)
     refuse_non_image(_declared_class(path) or "")
     try:
+        if device.startswith("cuda"):
+            try:
+                # Each file's tensors straight onto the worker's GPU (its current device), instead of a copy
+                # of every weight in host memory first and a second pass to the device.
+                return DiffusionPipeline.from_pretrained(path, dtype=dtype, device_map="cuda")
+            except (
+                NotImplementedError
+            ):  # pipelines that connect others (Kandinsky's prior) take no device map
+                log.info("%s: loading through host memory (no device map for this pipeline)", repo)
         return DiffusionPipeline.from_pretrained(path, dtype=dtype)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"could not load model {repo!r}: {exc}") from exc
+
+
+def import_pipeline_class(repo: str) -> None:
+    """Import the pipeline class a local folder declares (diffusers imports it, and the transformers models
+    it holds, lazily on first use); nothing for built-in models, hub ids or a class diffusers lacks."""
+    if not Path(repo).expanduser().is_dir():
+        return
+    name = _declared_class(str(Path(repo).expanduser()))
+    if name is None:
+        return
+    import diffusers
+
+    try:
+        getattr(diffusers, name)
+    except (AttributeError, ImportError):  # not a diffusers class: from_pretrained says so in its own words
+        return
 
 
 def _declared_class(path: str) -> str | None:

@@ -30,6 +30,10 @@ class Inbox:
     def get(self) -> Any:
         return self._messages.get()
 
+    def waiting(self) -> bool:
+        """Whether a message waits to be taken (the worker warms its next batch size only when none does)."""
+        return not self._messages.empty()
+
     def cancelled(self, batch_id: int) -> bool:
         return batch_id in self._cancelled
 

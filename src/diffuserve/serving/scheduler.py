@@ -96,6 +96,9 @@ class Scheduler:
     rules: PriorityRules = field(default_factory=PriorityRules)
     queue: list[Pending] = field(default_factory=list, init=False)
     idle: dict[int, WorkerSlot] = field(default_factory=dict, init=False)
+    # The batch sizes each worker has warmed (compiled, captured), where it warms them after it is ready; a
+    # worker not listed runs every size as warm. A batch of another size would compile inside the request.
+    warm_sizes: dict[int, frozenset[int]] = field(default_factory=dict, init=False)
     in_flight: dict[int, InFlight] = field(default_factory=dict, init=False)
     _batch_ids: itertools.count = field(default_factory=lambda: itertools.count(1), init=False)
     _timer: asyncio.TimerHandle | None = field(default=None, init=False)
@@ -185,9 +188,20 @@ class Scheduler:
         self.idle[worker.worker_id] = worker
         self._dispatch()
 
+    def sizes_warm(self, worker_id: int, sizes: frozenset[int] | None) -> None:
+        """The batch sizes `worker_id` can run without compiling (None: every size); the queue is looked at
+        again, as a batch that waited for a size may now start."""
+        if sizes is None:
+            self.warm_sizes.pop(worker_id, None)
+        else:
+            self.warm_sizes[worker_id] = sizes
+        if worker_id in self.idle:
+            self._dispatch()
+
     def worker_gone(self, worker_id: int, reason: str) -> None:
         """A worker died: fail only the requests of the batch it held, at once."""
         self.idle.pop(worker_id, None)
+        self.warm_sizes.pop(worker_id, None)
         for batch_id, flight in list(self.in_flight.items()):
             if flight.worker_id == worker_id:
                 del self.in_flight[batch_id]
@@ -303,8 +317,11 @@ class Scheduler:
         while self.idle and self.queue:
             now = self.clock()
             ordered = [self.queue[i] for i in self.rules.order(self.queue, now)]
-            head = ordered[0]
-            group = self._compatible_group(head, ordered[1:], now)
+            chosen = self._next_batch(ordered, now)
+            if chosen is None:
+                return  # no idle worker has the size any waiting request needs warm yet: its warm-up will call
+            worker_id, group = chosen
+            head = group[0]
             images = sum(p.request.n for p in group)
             # The window only holds back requests that queued while every worker was busy: a lone request
             # on an idle worker starts at once, and the wait is measured from the first request of the group.
@@ -312,31 +329,54 @@ class Scheduler:
             if head.arrived_while_busy and images < self.max_batch and wait_left > 0:
                 self._timer = asyncio.get_running_loop().call_later(wait_left, self._dispatch)
                 return
-            self._start(group)
+            self._start(worker_id, group)
+
+    def _next_batch(self, ordered: list[Pending], now: float) -> tuple[int, list[Pending]] | None:
+        """The idle worker and the batch it runs next: the first request in priority order that an idle worker
+        has a warm size for, with the compatible requests behind it, on the worker whose warm sizes take the
+        most of them. Where every worker runs every size warm, that is the head of the queue on any worker."""
+        for index, head in enumerate(ordered):
+            best: tuple[int, list[Pending]] | None = None
+            for worker_id in self.idle:
+                warm = self.warm_sizes.get(worker_id)
+                group = self._compatible_group(head, ordered[index + 1 :], now, warm)
+                if group and (best is None or _images(group) > _images(best[1])):
+                    best = (worker_id, group)
+            if best is not None:
+                return best
+        return None
 
     def _key(self, request: GenerationRequest) -> object:
         return (request.batch_key, request.loras) if self.split_adapters else request.batch_key
 
-    def _compatible_group(self, head: Pending, after: list[Pending], now: float) -> list[Pending]:
-        """The head and the compatible requests behind it, up to the batch limit. Requests of a lower class
-        than the head's do not ride along: they would lengthen its batch."""
+    def _compatible_group(
+        self, head: Pending, after: list[Pending], now: float, warm: frozenset[int] | None = None
+    ) -> list[Pending]:
+        """The head and the compatible requests behind it, up to the batch limit, in a batch of a size the
+        worker has warm (`warm`; None: any size); empty when the head alone is not a warm size. Requests of a
+        lower class than the head's do not ride along: they would lengthen its batch."""
+        limit = self.max_batch if warm is None else max(warm, default=0)
+        if head.request.n > limit:
+            return []
         key = self._key(head.request)
         level = self.rules.level(head, now)
         group = [head]
         images = head.request.n
         for pending in after:
-            if images >= self.max_batch:
+            if images >= limit:
                 break
             if self.rules.level(pending, now) < level:
                 continue
-            if self._key(pending.request) == key and images + pending.request.n <= self.max_batch:
+            if self._key(pending.request) == key and images + pending.request.n <= limit:
                 group.append(pending)
                 images += pending.request.n
+        # Drop the last riders until the batch is a warm size (the head's own size may be the one not warm).
+        while warm is not None and group and _images(group) not in warm:
+            group.pop()
         return group
 
-    def _start(self, group: list[Pending]) -> None:
-        worker_id, worker = next(iter(self.idle.items()))
-        del self.idle[worker_id]
+    def _start(self, worker_id: int, group: list[Pending]) -> None:
+        worker = self.idle.pop(worker_id)
         now = self.clock()
         for pending in group:
             self.queue.remove(pending)
@@ -392,6 +432,10 @@ class Scheduler:
             for pending in self.queue:
                 by_priority[pending.priority] += 1
             self.observer.queue_depth(len(self.queue), by_priority)
+
+
+def _images(group: list[Pending]) -> int:
+    return sum(p.request.n for p in group)
 
 
 def _fail(pending: Pending, error: Exception) -> None:

@@ -68,9 +68,12 @@ class WorkerProcess:
     # Times this slot's worker was replaced since the server started: the readiness body's `restarts`.
     replacements: int = 0
     ready_at: float | None = None
+    # When its last batch size became warm (the one ready waited for, or a later one warmed between batches).
+    warm_at: float | None = None
     watchdog_fired: bool = False
     # While starting: `spawning` (a fresh interpreter importing torch), then the worker's own WorkerPhase.
     phase: str = "spawning"
+    phase_detail: str = ""
     # A worker group's devices, rank 0 (the leader) first; empty for a one-device worker.
     devices: tuple[str, ...] = ()
     outbox: Outbox = field(init=False, repr=False)
@@ -83,6 +86,21 @@ class WorkerProcess:
         self.outbox.put(job)
         self.state = WorkerState.BUSY
 
+    @property
+    def warm_sizes(self) -> frozenset[int] | None:
+        """The batch sizes this ready worker runs without compiling; None: every size (none is specialised)."""
+        if self.ready is None or self.ready.warm_sizes is None:
+            return None
+        return frozenset(self.ready.phases.warmup_s) | frozenset(self.ready.warm_sizes)
+
+    def cold_sizes(self) -> list[int]:
+        """The batch sizes this ready worker has still to warm, in the order it warms them."""
+        warm = self.warm_sizes
+        if self.ready is None or warm is None:
+            return []
+        top = self.ready.model.max_batch
+        return [size for size in (1, *range(top, 1, -1)) if size not in warm]
+
     def describe(self) -> dict[str, Any]:
         described: dict[str, Any] = {
             "id": self.worker_id,
@@ -93,6 +111,14 @@ class WorkerProcess:
         }
         if self.state == WorkerState.STARTING:
             described["phase"] = self.phase
+            if self.phase_detail:
+                described["phase_detail"] = self.phase_detail
+        elif cold := self.cold_sizes():
+            described["phase"] = f"warming batch size {cold[0]}"
+        if self.ready is not None:
+            warm = self.warm_sizes
+            top = self.ready.model.max_batch
+            described["warm_batch_sizes"] = sorted(warm) if warm is not None else list(range(1, top + 1))
         if isinstance(self.process, GroupProcess):
             described["devices"] = list(self.devices)
             described["pids"] = self.process.pids
@@ -108,4 +134,6 @@ class WorkerProcess:
         phases.update(self.ready.phases.named())
         if self.ready_at is not None:
             phases["total"] = self.ready_at - self.started_at
+        if self.warm_at is not None and self.warm_at != self.ready_at:
+            phases["all_warm"] = self.warm_at - self.started_at
         return {name: round(value, 2) for name, value in phases.items()}

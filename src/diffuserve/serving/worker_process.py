@@ -7,14 +7,19 @@ import multiprocessing as mp
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from diffuserve.engine.config import EngineConfig
 from diffuserve.logs import configure_logging
 from diffuserve.messages import (
     BatchResult,
+    BatchSizeWarm,
+    DeviceBatch,
     DeviceFree,
     GroupRank,
     PreviewBatch,
@@ -28,7 +33,7 @@ from diffuserve.serving.encode_stage import EncodeStage, LockedSender
 from diffuserve.serving.image_encoder import BatchEncoder
 from diffuserve.serving.inbox import Inbox
 from diffuserve.serving.parent_death import die_with_parent
-from diffuserve.types import BatchJob
+from diffuserve.types import BatchItem, BatchJob
 
 if TYPE_CHECKING:
     from diffuserve.engine.engine import Engine
@@ -62,11 +67,11 @@ def worker_main(
     configure_logging(config.log_format, config.log_level, role=role)
     # Ctrl-C in a terminal reaches the whole process group; the parent decides when workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    engine = _start_engine(worker_id, device, config, conn, entered_at, group, make_engine)
+    engine, later = _start_engine(worker_id, device, config, conn, entered_at, group, make_engine)
     if engine is None:
         return
     if group is None or group.leader:
-        serve_batches(engine, conn, worker_id, group)
+        serve_batches(engine, conn, worker_id, group, warm_next=later)
     else:
         follow_batches(engine, conn, worker_id, group)
     if engine.broken and group is not None:
@@ -83,9 +88,9 @@ def _start_engine(
     entered_at: float,
     group: GroupRank | None,
     make_engine: EngineFactory,
-) -> Any:
-    """Load and warm up; the worker (or a group's leader) then reports ready. None when it could not start,
-    after telling the server why."""
+) -> tuple[Any, list[int]]:
+    """Load and warm the first batch size; the worker (or a group's leader) then reports ready. Returns the
+    engine, None when it could not start (after telling the server why), and the batch sizes left to warm."""
     from diffuserve.engine.parallel.group import GroupJoinFailed
 
     imported_s = time.monotonic() - entered_at
@@ -93,13 +98,21 @@ def _start_engine(
         check_device(device)
         conn.send(WorkerPhase(worker_id, "loading"))
         engine = make_engine(config, device, group)
+        engine.on_phase = _phase_reporter(conn, worker_id)
         info = engine.load()
-        if config.warmup:
-            conn.send(WorkerPhase(worker_id, "warming"))
-        full_batch = engine.warmup() if config.warmup else None
-        if full_batch is not None:  # every format once, so no request waits for an encoder to load
-            BatchEncoder().encode_batch(full_batch)
-        engine.save_compile_cache()
+        engine.phases.import_s += imported_s
+        sizes = engine.warmup_sizes() if config.warmup else []
+        # A worker warms its other batch sizes between batches once it is ready; a group's ranks must run
+        # every call together, so a group warms them all first.
+        later = sizes[1:] if group is None and engine.sizes_specialised else []
+        first = []
+        for size in sizes[: len(sizes) - len(later)]:
+            engine.on_phase("warming", f"batch size {size}")
+            first.append(engine.warm(size))
+        if first and first[0] is not None:  # every format once, so no request waits for an encoder to load
+            BatchEncoder().encode_batch(every_format(first[0]))
+        if not later:
+            engine.save_compile_cache()
     except Exception as exc:
         # The server logs why, in one line, and stops; the traceback is for debugging a bug, not for operators.
         log.debug("worker %d could not start", worker_id, exc_info=True)
@@ -108,16 +121,36 @@ def _start_engine(
         # been taken before rank 0 bound it, or a peer went; the server starts the group again (a few times).
         fatal = not isinstance(exc, GroupJoinFailed)
         conn.send(WorkerFailed(worker_id, f"{where}{type(exc).__name__}: {exc}", fatal=fatal))
-        return None
-    engine.phases.import_s = imported_s
+        return None, []
     if group is None or group.leader:
         phases = engine.phases
         warmup_s = sum(phases.warmup_s.values())
         log.info(
-            "worker %d ready on %s (load %.1fs, warm-up %.1fs)", worker_id, device, phases.load_s, warmup_s
-        )
-        conn.send(WorkerReady(worker_id, os.getpid(), device, info, entered_at, phases))
-    return engine
+            "worker %d ready on %s (load %.1fs, warm-up %.1fs%s)", worker_id, device, phases.load_s, warmup_s,
+            f"; batch sizes {', '.join(map(str, later))} warm next" if later else "",
+        )  # fmt: skip
+        warm = tuple(sizes[:1]) if later else None
+        conn.send(WorkerReady(worker_id, os.getpid(), device, info, entered_at, phases, warm_sizes=warm))
+    return engine, later
+
+
+def _phase_reporter(conn: Connection, worker_id: int) -> Callable[[str, str], None]:
+    """What the engine calls as it enters each start-up phase: logged, and told to the server's readiness."""
+
+    def report(phase: str, detail: str) -> None:
+        log.info("worker %d: %s%s", worker_id, phase, f" ({detail})" if detail else "")
+        conn.send(WorkerPhase(worker_id, phase, detail))
+
+    return report
+
+
+def every_format(batch: DeviceBatch) -> DeviceBatch:
+    """The warm-up's first image once in every output format, for the encoder stage's first run."""
+    formats = ("webp", "png", "jpeg")
+    items = [BatchItem("warmup", "warm-up", None, [0], fmt, None) for fmt in formats]
+    job = replace(batch.job, items=items)
+    pixels = np.repeat(batch.pixels[:1], len(formats), axis=0)
+    return DeviceBatch(job, pixels, batch.denoise_ms, batch.decode_ms)
 
 
 class NoDevice(RuntimeError):
@@ -139,11 +172,18 @@ def check_device(device: str) -> None:
         raise NoDevice(f"{device} asked for, but only {torch.cuda.device_count()} CUDA device(s) are visible")
 
 
-def serve_batches(engine: Any, conn: Connection, worker_id: int, group: GroupRank | None = None) -> None:
+def serve_batches(
+    engine: Any,
+    conn: Connection,
+    worker_id: int,
+    group: GroupRank | None = None,
+    warm_next: Sequence[int] = (),
+) -> None:
     """The device loop: compute a batch, tell the parent the device is free, hand the batch to the encoder
     stage, take the next. Encoding never holds the device up; results may follow DeviceFree by a little.
     A batch whose clients have all gone stops at its next denoising step (CancelBatch), except in a group,
-    whose ranks must all stop at the same step.
+    whose ranks must all stop at the same step. While nothing waits, the batch sizes of `warm_next` are warmed
+    one at a time, each announced (BatchSizeWarm); the compile cache is saved after the last.
 
     A group's leader answers a failed batch by leaving instead: the batch fails with its error when the server
     tears the group down, and no other batch is handed to a group that is going away."""
@@ -151,7 +191,13 @@ def serve_batches(engine: Any, conn: Connection, worker_id: int, group: GroupRan
     encoder = BatchEncoder()
     stage: EncodeStage[Any] = EncodeStage(lambda batch: _encode(encoder, batch), sender.send)
     inbox = Inbox(conn)
+    cold = list(warm_next)
     while True:
+        if cold and not inbox.waiting():
+            if not _warm_next(engine, sender, worker_id, cold):
+                stage.close()
+                return
+            continue
         message = inbox.get()
         if message is None:
             return  # the server went away: nothing left to serve
@@ -181,6 +227,25 @@ def serve_batches(engine: Any, conn: Connection, worker_id: int, group: GroupRan
             )
             stage.close()
             return
+
+
+def _warm_next(engine: Any, sender: LockedSender, worker_id: int, cold: list[int]) -> bool:
+    """Warm the next batch size of `cold` (removed from it) and announce it; after the last, save the compile
+    cache. False when the warm-up failed: the device may be unusable, so the worker exits to be replaced."""
+    size = cold.pop(0)
+    try:
+        engine.warm(size)
+    except Exception as exc:
+        log.exception("worker %d: warm-up of batch size %d failed; exiting to be replaced", worker_id, size)
+        error = f"warm-up of batch size {size} failed: {type(exc).__name__}: {exc}"
+        sender.send(WorkerFailed(worker_id, error, fatal=False))
+        return False
+    seconds = engine.phases.warmup_s.get(size, 0.0)
+    log.info("worker %d: batch size %d warm (%.1fs)", worker_id, size, seconds)
+    sender.send(BatchSizeWarm(worker_id, size, seconds))
+    if not cold:
+        engine.save_compile_cache()
+    return True
 
 
 def _step_reporter(sender: LockedSender, job: BatchJob) -> Callable[[int], None]:
@@ -227,6 +292,9 @@ def child_entry(
 ) -> None:
     """What a spawned worker process runs first: tie its life to the server's, size torch's CPU threads, then
     `worker_main`."""
+    # A sharded checkpoint's files are read by several threads at once (diffusers reads the flag at import,
+    # which has not happened yet in this fresh process); an operator's own setting wins.
+    os.environ.setdefault("HF_ENABLE_PARALLEL_LOADING", "yes")
     parent = mp.parent_process()
     if parent is not None and parent.pid is not None:
         # First of all: a server killed outright (OOM killer, kill -9) runs no cleanup, and a worker left

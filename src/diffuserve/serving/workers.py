@@ -18,6 +18,7 @@ from diffuserve.config import SERVER_ONLY_SECRETS, Settings
 from diffuserve.engine.config import EngineConfig
 from diffuserve.messages import (
     BatchResult,
+    BatchSizeWarm,
     CancelBatch,
     DeviceFree,
     GroupRank,
@@ -264,6 +265,8 @@ class WorkerPool:
         if isinstance(message, WorkerReady):
             worker.ready = message
             worker.ready_at = time.monotonic()
+            if not worker.cold_sizes():
+                worker.warm_at = worker.ready_at
             self._learn_from_warmup(worker.worker_id, message)
             log.info(
                 "worker %d (%s) start-up phases (s): %s", worker.worker_id, self.label, worker.start_phases()
@@ -273,9 +276,12 @@ class WorkerPool:
             self.model = self.model or message.model
             self._ever_ready = True
             self._alive_changed()
+            self.scheduler.sizes_warm(worker.worker_id, worker.warm_sizes)
             self.scheduler.worker_idle(worker)
+        elif isinstance(message, BatchSizeWarm):
+            self._size_warm(worker, message)
         elif isinstance(message, WorkerPhase):
-            worker.phase = message.phase
+            worker.phase, worker.phase_detail = message.phase, message.detail
         elif isinstance(message, WorkerFailed):
             # In a group, the first rank to fail says why; its peers' errors follow from it.
             if worker.failure is None:
@@ -337,13 +343,27 @@ class WorkerPool:
             )
         return self.limits[worker_id]
 
+    def _size_warm(self, worker: WorkerProcess, message: BatchSizeWarm) -> None:
+        """A ready worker warmed one more batch size: the scheduler may give it batches of that size now."""
+        if worker.ready is None:
+            return
+        worker.ready.phases.warmup_s[message.size] = message.seconds
+        if not worker.cold_sizes():
+            worker.warm_at = time.monotonic()
+            log.info(
+                "worker %d (%s) has every batch size warm; start-up phases (s): %s",
+                worker.worker_id, self.label, worker.start_phases(),
+            )  # fmt: skip
+        self.scheduler.sizes_warm(worker.worker_id, worker.warm_sizes)
+
     def _learn_from_warmup(self, worker_id: int, ready: WorkerReady) -> None:
-        """The full warm-up batch (native size, default steps) is the first measure of a worker's speed."""
-        info = ready.model
-        seconds = ready.phases.warmup_s.get(info.max_batch)
-        if seconds:
-            items = [BatchItem("warmup", "", None, list(range(info.max_batch)), "png", None)]
-            job = BatchJob(-1, info.native_width, info.native_height, info.default_steps, 0.0, items)
+        """The warm-up batches (native size) are the first measure of a worker's speed; they include
+        compilation, so they overestimate, which errs on the side of patience."""
+        info, phases = ready.model, ready.phases
+        for size, seconds in phases.warmup_s.items():
+            steps = phases.warmup_steps.get(size, info.default_steps)
+            items = [BatchItem("warmup", "", None, list(range(size)), "png", None)]
+            job = BatchJob(-1, info.native_width, info.native_height, steps, 0.0, items)
             self._limits_of(worker_id).record(job, seconds)
 
     def _watch(self) -> None:
