@@ -251,8 +251,8 @@ class Settings(JobSettings, AdapterSettings):
     warmup: bool = setting(
         True,
         "WARMUP",
-        help="warm up before ready: a full batch, and on a GPU one step at each smaller batch size (two where "
-        "CUDA graphs are on: the second captures)",
+        help="warm up the native size: on CPU one full batch before ready; on a GPU batch size 1 before ready, "
+        "the others (one step each, two with CUDA graphs) after it between batches, each served once warm",
     )
     playground: bool = setting(
         True, "PLAYGROUND", help="serve the web playground at / and /playground; off for an API-only server"

@@ -14,6 +14,7 @@ from typing import Protocol
 
 from diffuserve.errors import GenerationFailed, QueueFull, WorkerCrashed
 from diffuserve.messages import BatchResult, PartialImages, StepProgress
+from diffuserve.serving.batching import BatchShape, next_batch
 from diffuserve.serving.priorities import PriorityRules
 from diffuserve.types import BatchJob, Completed, EncodedImage, GenerationRequest, Priority
 
@@ -317,7 +318,8 @@ class Scheduler:
         while self.idle and self.queue:
             now = self.clock()
             ordered = [self.queue[i] for i in self.rules.order(self.queue, now)]
-            chosen = self._next_batch(ordered, now)
+            shape = BatchShape(self.max_batch, self._key, self.rules)
+            chosen = next_batch(ordered, list(self.idle), self.warm_sizes, shape, now)
             if chosen is None:
                 return  # no idle worker has the size any waiting request needs warm yet: its warm-up will call
             worker_id, group = chosen
@@ -331,49 +333,8 @@ class Scheduler:
                 return
             self._start(worker_id, group)
 
-    def _next_batch(self, ordered: list[Pending], now: float) -> tuple[int, list[Pending]] | None:
-        """The idle worker and the batch it runs next: the first request in priority order that an idle worker
-        has a warm size for, with the compatible requests behind it, on the worker whose warm sizes take the
-        most of them. Where every worker runs every size warm, that is the head of the queue on any worker."""
-        for index, head in enumerate(ordered):
-            best: tuple[int, list[Pending]] | None = None
-            for worker_id in self.idle:
-                warm = self.warm_sizes.get(worker_id)
-                group = self._compatible_group(head, ordered[index + 1 :], now, warm)
-                if group and (best is None or _images(group) > _images(best[1])):
-                    best = (worker_id, group)
-            if best is not None:
-                return best
-        return None
-
     def _key(self, request: GenerationRequest) -> object:
         return (request.batch_key, request.loras) if self.split_adapters else request.batch_key
-
-    def _compatible_group(
-        self, head: Pending, after: list[Pending], now: float, warm: frozenset[int] | None = None
-    ) -> list[Pending]:
-        """The head and the compatible requests behind it, up to the batch limit, in a batch of a size the
-        worker has warm (`warm`; None: any size); empty when the head alone is not a warm size. Requests of a
-        lower class than the head's do not ride along: they would lengthen its batch."""
-        limit = self.max_batch if warm is None else max(warm, default=0)
-        if head.request.n > limit:
-            return []
-        key = self._key(head.request)
-        level = self.rules.level(head, now)
-        group = [head]
-        images = head.request.n
-        for pending in after:
-            if images >= limit:
-                break
-            if self.rules.level(pending, now) < level:
-                continue
-            if self._key(pending.request) == key and images + pending.request.n <= limit:
-                group.append(pending)
-                images += pending.request.n
-        # Drop the last riders until the batch is a warm size (the head's own size may be the one not warm).
-        while warm is not None and group and _images(group) not in warm:
-            group.pop()
-        return group
 
     def _start(self, worker_id: int, group: list[Pending]) -> None:
         worker = self.idle.pop(worker_id)
@@ -432,10 +393,6 @@ class Scheduler:
             for pending in self.queue:
                 by_priority[pending.priority] += 1
             self.observer.queue_depth(len(self.queue), by_priority)
-
-
-def _images(group: list[Pending]) -> int:
-    return sum(p.request.n for p in group)
 
 
 def _fail(pending: Pending, error: Exception) -> None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from diffuserve.types import BatchJob
+from diffuserve.messages import StartupPhases
+from diffuserve.types import BatchItem, BatchJob, ModelInfo
 
 # Before any batch finished, a worker's warm-up is the only measure of its speed; it includes compilation,
 # so it overestimates, which errs on the side of patience.
@@ -33,6 +34,14 @@ class BatchLimits:
         rate = seconds / work
         old = self._seconds_per_work
         self._seconds_per_work = rate if old is None else (1 - EMA_WEIGHT) * old + EMA_WEIGHT * rate
+
+    def record_warmups(self, model: ModelInfo, phases: StartupPhases) -> None:
+        """A worker's warm-up batches (native size) are the first measure of its speed; they include
+        compilation, so they overestimate, which errs on the side of patience."""
+        for size, seconds in phases.warmup_s.items():
+            steps = phases.warmup_steps.get(size, model.default_steps)
+            items = [BatchItem("warmup", "", None, list(range(size)), "png", None)]
+            self.record(BatchJob(-1, model.native_width, model.native_height, steps, 0.0, items), seconds)
 
     def expected_s(self, job: BatchJob) -> float | None:
         return None if self._seconds_per_work is None else self._seconds_per_work * work_of(job)

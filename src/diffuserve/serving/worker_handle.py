@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import os
+import time
 from dataclasses import dataclass, field
 from enum import Enum
 from multiprocessing.connection import Connection
@@ -92,6 +93,16 @@ class WorkerProcess:
         if self.ready is None or self.ready.warm_sizes is None:
             return None
         return frozenset(self.ready.phases.warmup_s) | frozenset(self.ready.warm_sizes)
+
+    def size_warm(self, size: int, seconds: float) -> bool:
+        """The ready worker warmed one more batch size; whether every size is warm now."""
+        if self.ready is None:
+            return False
+        self.ready.phases.warmup_s[size] = seconds
+        if self.cold_sizes():
+            return False
+        self.warm_at = time.monotonic()
+        return True
 
     def cold_sizes(self) -> list[int]:
         """The batch sizes this ready worker has still to warm, in the order it warms them."""

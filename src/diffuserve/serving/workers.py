@@ -42,7 +42,7 @@ from diffuserve.serving.worker_group import (
 )
 from diffuserve.serving.worker_handle import WorkerProcess, WorkerState
 from diffuserve.serving.worker_process import EngineFactory, child_entry, load_engine
-from diffuserve.types import BatchItem, BatchJob, ModelInfo
+from diffuserve.types import ModelInfo
 
 log = logging.getLogger(__name__)
 
@@ -267,7 +267,7 @@ class WorkerPool:
             worker.ready_at = time.monotonic()
             if not worker.cold_sizes():
                 worker.warm_at = worker.ready_at
-            self._learn_from_warmup(worker.worker_id, message)
+            self._limits_of(worker.worker_id).record_warmups(message.model, message.phases)
             log.info(
                 "worker %d (%s) start-up phases (s): %s", worker.worker_id, self.label, worker.start_phases()
             )
@@ -278,8 +278,11 @@ class WorkerPool:
             self._alive_changed()
             self.scheduler.sizes_warm(worker.worker_id, worker.warm_sizes)
             self.scheduler.worker_idle(worker)
-        elif isinstance(message, BatchSizeWarm):
-            self._size_warm(worker, message)
+        elif isinstance(message, BatchSizeWarm):  # one more batch size the scheduler may give it
+            if worker.size_warm(message.size, message.seconds):
+                log.info("worker %d (%s) has every batch size warm; start-up phases (s): %s",
+                         worker.worker_id, self.label, worker.start_phases())  # fmt: skip
+            self.scheduler.sizes_warm(worker.worker_id, worker.warm_sizes)
         elif isinstance(message, WorkerPhase):
             worker.phase, worker.phase_detail = message.phase, message.detail
         elif isinstance(message, WorkerFailed):
@@ -342,29 +345,6 @@ class WorkerPool:
                 factor=self.settings.watchdog_factor, min_s=self.settings.watchdog_min_seconds
             )
         return self.limits[worker_id]
-
-    def _size_warm(self, worker: WorkerProcess, message: BatchSizeWarm) -> None:
-        """A ready worker warmed one more batch size: the scheduler may give it batches of that size now."""
-        if worker.ready is None:
-            return
-        worker.ready.phases.warmup_s[message.size] = message.seconds
-        if not worker.cold_sizes():
-            worker.warm_at = time.monotonic()
-            log.info(
-                "worker %d (%s) has every batch size warm; start-up phases (s): %s",
-                worker.worker_id, self.label, worker.start_phases(),
-            )  # fmt: skip
-        self.scheduler.sizes_warm(worker.worker_id, worker.warm_sizes)
-
-    def _learn_from_warmup(self, worker_id: int, ready: WorkerReady) -> None:
-        """The warm-up batches (native size) are the first measure of a worker's speed; they include
-        compilation, so they overestimate, which errs on the side of patience."""
-        info, phases = ready.model, ready.phases
-        for size, seconds in phases.warmup_s.items():
-            steps = phases.warmup_steps.get(size, info.default_steps)
-            items = [BatchItem("warmup", "", None, list(range(size)), "png", None)]
-            job = BatchJob(-1, info.native_width, info.native_height, steps, 0.0, items)
-            self._limits_of(worker_id).record(job, seconds)
 
     def _watch(self) -> None:
         """Every second: a batch running far past its expected time means a hung worker (a stuck kernel, a

@@ -1,0 +1,284 @@
+"""Start-up as a deployment pays it: `diffuserve serve FOLDER` on a local diffusers folder (random weights of the
+real architecture, saved once with `save_pretrained`, so the real `from_pretrained` path runs), cold and warm.
+
+    python benchmarks/gpu_startup.py --models flux-schnell,flux-dev --tier L --batch 4 --out $OUT
+
+For each model: the folder is written once (its size and write time recorded); the disk's own read rate is
+measured with `dd` (O_DIRECT where the filesystem takes it) on the largest weight file; fresh processes time
+the imports a worker pays. Then the server starts:
+
+- `cold`: an empty cache dir (no compile artefacts) and the weights evicted from the page cache
+  (`posix_fadvise(DONTNEED)`, which needs no privileges for files this process can open);
+- `warm` (`--warm-runs` times): the cache dir the cold run filled, the weights in the page cache.
+
+Each start is timed from the moment the process is spawned: ready (`/health/ready` 200), the first image
+(one request sent at ready, batch 1, native size, a fixed seed: time to its 200), and every batch size warm
+(where the server reports warm sizes). The workers' own phases come from `/health/ready`'s `start_seconds`.
+Every run's first image is hashed: a warm start from artefacts must give the cold start's bytes.
+Raw output: `startup.json`; `benchmarks/tables.py` renders it.
+
+On CPU (a dry run of the script): `--models digits-folder --device cpu --tier XL --batch 2`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from common import PROMPT, ROOT, environment, log, out_dir, write_json
+
+MODELS = {
+    "flux-schnell": "black-forest-labs/FLUX.1-schnell",
+    "flux-dev": "black-forest-labs/FLUX.1-dev",
+    "digits-folder": "digits",
+}
+# Imports a worker pays, each timed in a fresh interpreter (the second of two runs: files in the page cache).
+IMPORTS = {
+    "torch": "import torch",
+    "diffusers": "import diffusers",
+    "diffusers FluxPipeline": "from diffusers import FluxPipeline",
+    "transformers T5EncoderModel": "from transformers import T5EncoderModel",
+    "torchao": "import torchao",
+    "diffuserve engine": "import diffuserve.engine.engine",
+    "diffuserve api": "import diffuserve.api.app",
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--models", default="flux-schnell,flux-dev", help=f"comma-separated: {', '.join(MODELS)}"
+    )
+    parser.add_argument("--tier", default="L")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--device", default="0", help="DEVICES for the server (cpu for a dry run)")
+    parser.add_argument("--root", default="/tmp/diffuserve-startup", help="where the folders and caches go")
+    parser.add_argument("--warm-runs", type=int, default=2)
+    parser.add_argument("--ready-timeout", type=float, default=400.0)
+    parser.add_argument("--keep", action="store_true", help="keep each model's folder after its runs")
+    parser.add_argument("--no-imports", action="store_true", help="skip timing the imports")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    out = out_dir(args.out)
+    root = Path(args.root)
+    root.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {
+        "environment": environment(),
+        "settings": {"tier": args.tier, "batch": args.batch, "device": args.device},
+        "imports": {} if args.no_imports else time_imports(),
+        "models": [],
+    }
+    write_json(out / "startup.json", report)
+    for name in args.models.split(","):
+        row: dict[str, Any] = {"model": name, "repo": MODELS[name]}
+        report["models"].append(row)
+        try:
+            measure_model(args, name, root, out, row)
+        except Exception as exc:  # one model failing must not lose the others' numbers
+            row["error"] = f"{type(exc).__name__}: {exc}"
+            log(f"{name} failed: {row['error']}")
+        write_json(out / "startup.json", report)
+
+
+def time_imports() -> dict[str, float]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    timed: dict[str, float] = {}
+    interpreter = "import sys"
+    for name, statement in {"python": interpreter, **IMPORTS}.items():
+        seconds = []
+        for _ in range(2):
+            started = time.perf_counter()
+            done = subprocess.run([sys.executable, "-c", statement], env=env, capture_output=True, text=True)
+            seconds.append(time.perf_counter() - started)
+            if done.returncode != 0:
+                log(f"import {name}: failed ({done.stderr.strip().splitlines()[-1:]})")
+                break
+        else:
+            timed[name] = round(seconds[-1], 2)
+            log(f"import {name}: {timed[name]:.2f} s")
+    return timed
+
+
+def measure_model(args: argparse.Namespace, name: str, root: Path, out: Path, row: dict[str, Any]) -> None:
+    # The folder's name carries the repo's, as a real download's does: FLUX.1 schnell and dev are told apart by it.
+    folder = root / MODELS[name].split("/")[-1]
+    row["folder"] = write_folder(MODELS[name], folder, args.device)
+    weights = sorted(folder.rglob("*.safetensors"), key=lambda p: p.stat().st_size, reverse=True)
+    row["disk"] = disk_rate(weights[0]) if weights else {}
+    cache = root / f"cache-{name}"
+    shutil.rmtree(cache, ignore_errors=True)
+    row["runs"] = []
+    for run in ["cold", *["warm"] * args.warm_runs]:
+        if run == "cold":
+            evicted = sum(evict(path) for path in folder.rglob("*") if path.is_file())
+            log(f"{name}: {evicted / 1e9:.1f} GB evicted from the page cache")
+        result = start_once(args, name, folder, cache, out / f"startup-{name}-{run}-{len(row['runs'])}.log")
+        result["run"] = run
+        row["runs"].append(result)
+        log(f"{name} {run}: {json.dumps({k: v for k, v in result.items() if k != 'workers'})}")
+    hashes = {r.get("image_sha256") for r in row["runs"] if r.get("image_sha256")}
+    row["same_image"] = len(hashes) == 1 if hashes else None
+    if not args.keep:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def write_folder(repo: str, folder: Path, device: str) -> dict[str, Any]:
+    """Random weights of `repo`'s architecture saved as a diffusers folder (once: an existing one is reused)."""
+    if (folder / "model_index.json").exists():
+        return {"path": str(folder), "bytes": folder_bytes(folder), "reused": True}
+    import torch
+
+    from diffuserve.models.random_weights import build_random_pipeline
+    from diffuserve.models.registry import BUILTIN_MODELS
+
+    started = time.perf_counter()
+    if repo in BUILTIN_MODELS:
+        pipeline = BUILTIN_MODELS[repo]()
+    else:
+        target = "cpu" if device == "cpu" else f"cuda:{device.split(',')[0]}"
+        pipeline = build_random_pipeline(repo, device=target, dtype=torch.bfloat16)
+    built = time.perf_counter() - started
+    shutil.rmtree(folder, ignore_errors=True)
+    started = time.perf_counter()
+    pipeline.save_pretrained(folder, safe_serialization=True)
+    os.sync()
+    written = time.perf_counter() - started
+    del pipeline
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    size = folder_bytes(folder)
+    log(f"{repo}: {size / 1e9:.1f} GB written to {folder} in {written:.1f} s (built in {built:.1f} s)")
+    return {"path": str(folder), "bytes": size, "build_s": round(built, 2), "write_s": round(written, 2)}
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+
+
+def evict(path: Path) -> int:
+    """Drop a file's pages from the page cache (they are clean: nothing is lost); returns its size."""
+    with path.open("rb") as fh:
+        os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    return path.stat().st_size
+
+
+def disk_rate(path: Path) -> dict[str, Any]:
+    """The disk's sequential read rate on `path` (GB/s): O_DIRECT where the filesystem takes it, else a read
+    after evicting the file; and the page cache's rate, read again at once."""
+    size = path.stat().st_size
+    rates: dict[str, Any] = {"file": path.name, "bytes": size}
+    direct = ["dd", f"if={path}", "of=/dev/null", "bs=16M", "iflag=direct"]
+    evict(path)
+    started = time.perf_counter()
+    done = subprocess.run(direct, capture_output=True, text=True)
+    if done.returncode != 0:
+        rates["o_direct"] = False
+        evict(path)
+        started = time.perf_counter()
+        subprocess.run(["dd", f"if={path}", "of=/dev/null", "bs=16M"], capture_output=True, check=True)
+    else:
+        rates["o_direct"] = True
+    rates["disk_gb_s"] = round(size / (time.perf_counter() - started) / 1e9, 2)
+    subprocess.run(["dd", f"if={path}", "of=/dev/null", "bs=16M"], capture_output=True, check=True)
+    started = time.perf_counter()
+    subprocess.run(["dd", f"if={path}", "of=/dev/null", "bs=16M"], capture_output=True, check=True)
+    rates["page_cache_gb_s"] = round(size / (time.perf_counter() - started) / 1e9, 2)
+    log(f"disk: {json.dumps(rates)}")
+    return rates
+
+
+def start_once(
+    args: argparse.Namespace, name: str, folder: Path, cache: Path, log_path: Path
+) -> dict[str, Any]:
+    """One server start, timed from the spawn: ready, the first image's 200, every batch size warm."""
+    import httpx
+
+    from diffuserve.bench.server import SpawnedServer
+
+    serve = [str(folder), "--tier", args.tier, "--model-batch", str(args.batch), "--devices", args.device]
+    serve += ["--cache-dir", str(cache), "--no-playground"]
+    path = os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])
+    server = SpawnedServer(
+        log_path, env={"PYTHONPATH": path}, serve_args=serve, ready_timeout=args.ready_timeout
+    )
+    result: dict[str, Any] = {}
+    started = time.perf_counter()
+    server.start()
+    try:
+        seen_phases: list[tuple[float, str]] = []
+        poll_ready(server, started, args.ready_timeout, seen_phases)
+        result["ready_s"] = round(time.perf_counter() - started, 2)
+        # No size: the model's native one, the shape warm-up ran.
+        request = {"prompt": PROMPT, "seed": 7, "output_format": "png", "response_format": "b64_json"}
+        response = httpx.post(f"{server.base_url}/v1/images/generations", json=request, timeout=300)
+        result["first_image_s"] = round(time.perf_counter() - started, 2)
+        result["first_image_status"] = response.status_code
+        if response.status_code == 200:
+            image = response.json()["data"][0]["b64_json"]
+            result["image_sha256"] = hashlib.sha256(image.encode()).hexdigest()
+        result["server_timing"] = response.headers.get("server-timing", "")
+        all_warm = wait_all_warm(server, started, args.batch, timeout=120.0)
+        if all_warm is not None:
+            result["all_warm_s"] = round(all_warm, 2)
+        final = httpx.get(server.base_url + "/health/ready", timeout=5).json()
+        result["workers"] = final.get("workers", [])
+        result["phases_seen"] = [{"at_s": round(t, 2), "phase": p} for t, p in seen_phases]
+    finally:
+        server.stop()
+    return result
+
+
+def poll_ready(server: Any, started: float, timeout: float, seen: list[tuple[float, str]]) -> dict[str, Any]:
+    """Poll /health/ready every 50 ms until 200; notes each new phase a worker reports on the way."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise RuntimeError(f"server exited with {server.process.returncode}: {server.log_tail()}")
+        with contextlib.suppress(httpx.HTTPError, ValueError):
+            response = httpx.get(server.base_url + "/health/ready", timeout=2.0)
+            body = response.json()
+            phase = ",".join(str(w.get("phase", w.get("state"))) for w in body.get("workers", []))
+            if phase != last:
+                seen.append((time.perf_counter() - started, phase))
+                last = phase
+            if response.status_code == 200:
+                return dict(body)
+        time.sleep(0.05)
+    raise RuntimeError(f"not ready after {timeout:g} s: {server.log_tail()}")
+
+
+def wait_all_warm(server: Any, started: float, batch: int, timeout: float) -> float | None:
+    """Seconds from the spawn until every worker reports every batch size 1..batch warm (None where the server
+    does not report warm sizes; then every size was warmed before ready)."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        workers = httpx.get(server.base_url + "/health/ready", timeout=2.0).json().get("workers", [])
+        sizes = [w.get("warm_batch_sizes") for w in workers]
+        if any(s is None for s in sizes):
+            return None
+        if all(set(range(1, batch + 1)) <= set(s) for s in sizes):
+            return time.perf_counter() - started
+        time.sleep(0.05)
+    return None
+
+
+if __name__ == "__main__":
+    main()
