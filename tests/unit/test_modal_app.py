@@ -1,4 +1,5 @@
-"""The Modal app without credentials: generated function specs, flag validation, and no secrets in deploy/."""
+"""The Modal app without credentials: generated class and function specs, flag validation, and no secrets in
+deploy/. The memory snapshot options and the front's start-up hooks: test_modal_snapshots.py."""
 
 from __future__ import annotations
 
@@ -45,21 +46,24 @@ IMAGE_METHODS = (
 
 
 class Recorder:
-    """Wraps App.function and the Image builder methods to see exactly what modal_app passes to Modal."""
+    """Wraps App.cls, App.function and the Image builder methods to see exactly what modal_app passes to Modal."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.classes: list[dict[str, Any]] = []
         self.functions: list[dict[str, Any]] = []
         self.image_calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
-        real_function = modal.App.function
-        recorder = self
-
-        def function(self_app: Any, *args: Any, **kwargs: Any) -> Any:
-            recorder.functions.append(kwargs)
-            return real_function(self_app, *args, **kwargs)
-
-        monkeypatch.setattr(modal.App, "function", function)
+        for name, calls in (("cls", self.classes), ("function", self.functions)):
+            monkeypatch.setattr(modal.App, name, self._record(getattr(modal.App, name), calls))
         for name in IMAGE_METHODS:
             monkeypatch.setattr(modal.Image, name, self._wrap(name, getattr(modal.Image, name)))
+
+    @staticmethod
+    def _record(real: Any, calls: list[dict[str, Any]]) -> Any:
+        def decorator(self_app: Any, *args: Any, **kwargs: Any) -> Any:
+            calls.append(kwargs)
+            return real(self_app, *args, **kwargs)
+
+        return decorator
 
     def _wrap(self, name: str, real: Any) -> Any:
         def method(self_image: Any, *args: Any, **kwargs: Any) -> Any:
@@ -76,8 +80,14 @@ class Recorder:
         return [(args, kwargs) for called, args, kwargs in self.image_calls if called == name]
 
     def kwargs_for(self, name: str) -> dict[str, Any]:
-        # modal_app declares serve first, prefetch second.
-        return self.functions[{"serve": 0, "prefetch": 1}[name]]
+        """What modal_app passed for its one class (`Server`) or its one function (`prefetch`)."""
+        (kwargs,) = self.classes if name == "Server" else self.functions
+        return kwargs
+
+
+def service_info(app: ModuleType) -> Any:
+    """The spec Modal built for the serving class (GPU, volumes, concurrency …): its service function's."""
+    return app.Server._get_class_service_function().info()
 
 
 def load_app(path: Path = APP_FILE) -> ModuleType:
@@ -118,7 +128,7 @@ def test_autoscale_plan_reaches_the_function_spec(clean_env: pytest.MonkeyPatch)
     recorder = Recorder(clean_env)
     app = load_app()
 
-    info = app.serve.info()
+    info = service_info(app)
     assert info.gpus == [("L40S", 1)]
     assert info.timeout == 1800
     assert info.startup_timeout == 900
@@ -128,11 +138,11 @@ def test_autoscale_plan_reaches_the_function_spec(clean_env: pytest.MonkeyPatch)
     assert (info.concurrency_info.target_inputs, info.concurrency_info.max_inputs) == (2, 8)
     assert set(info.volumes) == {"/cache"}
     assert info.volumes["/cache"].name == "my-cache"
-    assert info.web_info is not None  # a web endpoint
+    assert set(info.method_details) == {"serve"}  # the one web endpoint
     assert "modal.Secret.from_name('hf-token')" in info.secrets
     assert "modal.Secret.from_name('diffuserve-keys')" in info.secrets
 
-    serve_kwargs = recorder.kwargs_for("serve")
+    serve_kwargs = recorder.kwargs_for("Server")
     assert (serve_kwargs["min_containers"], serve_kwargs["max_containers"]) == (1, 8)
     assert serve_kwargs["scaledown_window"] == 120
     assert serve_kwargs["env"]["MODEL_BATCH"] == "2"
@@ -164,9 +174,9 @@ def test_scaling_modes(
     set_plan(clean_env, plan)
     recorder = Recorder(clean_env)
     app = load_app()
-    kwargs = recorder.kwargs_for("serve")
+    kwargs = recorder.kwargs_for("Server")
     assert (kwargs["min_containers"], kwargs["max_containers"], kwargs["scaledown_window"]) == expected
-    assert app.serve.info().gpus == [("H100", 1)]
+    assert service_info(app).gpus == [("H100", 1)]
 
 
 def test_written_app_carries_the_plan_without_env(clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -192,14 +202,14 @@ def test_written_app_carries_the_plan_without_env(clean_env: pytest.MonkeyPatch,
     )
     recorder = Recorder(clean_env)
     app = load_app(written)
-    assert app.serve.info().gpus == [("B200", 1)]
-    kwargs = recorder.kwargs_for("serve")
+    assert service_info(app).gpus == [("B200", 1)]
+    kwargs = recorder.kwargs_for("Server")
     assert (kwargs["min_containers"], kwargs["max_containers"]) == (3, 3)
     # Its plan no longer comes from flags, so the CLI refuses it rather than ignore them silently.
     assert cli_main(["deploy", "modal", "--app", str(written), "--dry-run"]) == 2
 
 
-def test_image_installs_front_and_package_before_entrypoint(clean_env: pytest.MonkeyPatch) -> None:
+def test_image_installs_front_package_and_start_script(clean_env: pytest.MonkeyPatch) -> None:
     recorder = Recorder(clean_env)
     app = load_app()
     order = [name for name, _, _ in recorder.image_calls]
@@ -212,14 +222,16 @@ def test_image_installs_front_and_package_before_entrypoint(clean_env: pytest.Mo
     assert any(dep.startswith("torch>=") for dep in deps) and any(dep.startswith("torchao") for dep in deps)
     local = recorder.calls("add_local_file") + recorder.calls("add_local_dir")
     assert {Path(args[0]).name for args, _ in local} == {"pyproject.toml", "README.md", "src", "start.sh"}
-    # Modal rejects build steps after a non-copied local file: every one is copied, all before the entrypoint.
+    # Modal rejects build steps after a non-copied local file: every one is copied, so `chmod` may follow.
     assert all(kwargs.get("copy") is True for _, kwargs in local)
-    last_local = max(i for i, name in enumerate(order) if name.startswith("add_local"))
-    assert order.index("entrypoint") > last_local
-    ((entry_args, _),) = recorder.calls("entrypoint")
-    assert entry_args[0] == [app.START_SCRIPT]
+    ((script_args, _),) = [(args, kwargs) for args, kwargs in local if Path(args[0]).name == "start.sh"]
+    assert script_args[1] == app.START_SCRIPT
     installs = [args[0] for args, _ in recorder.calls("run_commands")]
     assert any("pip install --no-deps /opt/diffuserve" in cmd for cmd in installs)
+    assert installs[-1] == f"chmod 0755 {app.START_SCRIPT}"
+    # No image entrypoint: the `Server` class's enter hook starts the front, so a memory snapshot can hold it
+    # (an entrypoint's processes would start before Modal's runner, with no say in what a snapshot captures).
+    assert "entrypoint" not in order
 
 
 @pytest.mark.parametrize(
@@ -352,7 +364,7 @@ def test_local_tokens_never_reach_the_image_or_function_env(clean_env: pytest.Mo
         clean_env.setenv(key, value)
     recorder = Recorder(clean_env)
     load_app()
-    seen = repr(recorder.functions) + repr(recorder.image_env)
+    seen = repr(recorder.classes) + repr(recorder.functions) + repr(recorder.image_env)
     for key, value in fake.items():
         assert value not in seen, f"{key} from the deploying shell leaked into the app"
     for env in recorder.image_env:

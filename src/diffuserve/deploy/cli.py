@@ -16,10 +16,14 @@ from typing import Any
 
 from diffuserve.deploy import DEPLOY_DIR
 from diffuserve.deploy.modal_plan import (
+    COMPILE_DIR,
     GPU_MAX_COUNT,
+    HF_HOME,
     MODES,
     SCALEDOWN_MAX,
     SCALEDOWN_MIN,
+    SNAPSHOT_DOCS,
+    VOLUME_MOUNT,
     ModalPlan,
     PlanError,
 )
@@ -83,6 +87,15 @@ def _register_modal(targets: Any) -> None:
     )
     hw.add_argument("--ephemeral-disk-gib", type=int, help="ephemeral disk per container (default: Modal's)")
     hw.add_argument("--port", type=int, default=8000, help="port nginx listens on inside the container")
+    hw.add_argument(
+        "--gpu-snapshot",
+        action="store_true",
+        help=(
+            "Modal GPU memory snapshot (alpha): the first containers of a deploy snapshot the server once every "
+            "batch size is warm, GPU memory included; later ones resume from it, skipping the imports, the "
+            "pipeline's build and the compilation. One GPU per container; `modal deploy` only"
+        ),
+    )
 
     model = p.add_argument_group("model")
     model.add_argument(
@@ -190,10 +203,11 @@ def plan_from_args(args: argparse.Namespace) -> ModalPlan:
         api_key_secret=args.api_key_secret,
         port=args.port,
         offline=args.offline,
+        gpu_snapshot=args.gpu_snapshot,
     )
 
 
-def describe(plan: ModalPlan) -> str:
+def describe(plan: ModalPlan, *, serve: bool = False) -> str:
     if plan.mode == "single":
         scaling = "1 container"
     elif plan.mode == "fixed":
@@ -212,10 +226,43 @@ def describe(plan: ModalPlan) -> str:
             f"  scaling:     {scaling}",
             f"  concurrency: target {plan.concurrency_target}, max {plan.concurrency_max} requests per container",
             f"  timeouts:    function {plan.timeout}s, startup {plan.startup_timeout}s",
-            f"  volume:      {plan.volume} at /cache (HF cache + compile cache)",
+            f"  volume:      {plan.volume} at {VOLUME_MOUNT} (weights in {HF_HOME}, compile cache below)",
+            *compile_lines(),
+            *snapshot_lines(plan, serve=serve),
             f"  secrets:     {secrets or 'none'}",
         ]
     )
+
+
+def compile_lines() -> list[str]:
+    """Where compiled artefacts live: the Volume, which Modal commits in the background and mounts, at its latest
+    commit, in every new container."""
+    return [
+        f"  compile:     {COMPILE_DIR} on the volume: torch's saved compile artefacts and the inductor and",
+        "               Triton caches; Modal commits them in the background, so later containers load them",
+        "               instead of compiling",
+    ]
+
+
+def snapshot_lines(plan: ModalPlan, *, serve: bool) -> list[str]:
+    """Which memory snapshot the app takes, and why a CPU-only one does not apply to this server."""
+    if not plan.gpu_snapshot:
+        return [
+            "  snapshot:    CPU memory: off, does not apply here: Modal takes a CPU-only snapshot without a GPU,",
+            "               and the start-up worth skipping (torch imports, weights, compilation) is in the GPU",
+            "               worker, a spawned process that needs the GPU",
+            "               GPU memory: off (--gpu-snapshot turns it on; a Modal alpha)",
+            f"               {SNAPSHOT_DOCS}",
+        ]
+    lines = [
+        "  snapshot:    CPU + GPU memory: on (a Modal alpha): once every batch size is warm, the first containers",
+        "               of a deploy snapshot the front, the server and its worker; later containers resume from",
+        "               it, skipping the imports, the pipeline's build and the compilation (the weights come",
+        "               back with the GPU memory)",
+    ]
+    if serve:
+        lines.append("               (`modal serve` makes none: Modal snapshots deployed apps only)")
+    return [*lines, f"               {SNAPSHOT_DOCS}"]
 
 
 def modal_commands(
@@ -282,7 +329,7 @@ def run_modal(args: argparse.Namespace) -> int:
             written = write_app(plan, args.write_app)
             print(f"wrote {written}; deploy it with: modal deploy {shlex.quote(str(written))}")
             return 0
-        print(describe(plan))
+        print(describe(plan, serve=args.serve))
         commands = modal_commands(
             plan, app_file, prefetch=args.prefetch, serve=args.serve, environment=args.environment
         )

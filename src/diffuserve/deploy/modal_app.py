@@ -8,32 +8,48 @@ Usually driven by `diffuserve deploy modal ...`, whose flags arrive here as DIFF
     modal serve modal_app.py                                # temporary dev endpoint (…-dev.modal.run)
     modal deploy modal_app.py                               # persistent endpoint
 
-How a container starts: the image's entrypoint (start.sh) renders the nginx/supervisord configs and starts
-supervisord, which starts the model server; nginx starts only after /v2/health/ready answers 200. Modal
-routes traffic to a container once its port accepts connections, so requests never reach a container
-whose model is still loading.
+How a container starts: the `Server` class's enter hook runs start.sh, which renders the nginx/supervisord
+configs and becomes supervisord; supervisord starts the model server, and nginx only once /v2/health/ready
+answers 200. The hooks wait for both, and Modal routes requests to a container only after its enter hooks
+have returned, so no request reaches a container whose model is still loading.
+
+Memory snapshots (https://modal.com/docs/guide/memory-snapshots): with --gpu-snapshot (a Modal alpha) the
+start hook runs before the snapshot, with the GPU, and waits until every batch size is warm; Modal then
+snapshots the whole process tree, GPU memory included, and later containers resume from it instead of
+importing, loading and compiling again. A CPU-only snapshot is not used: Modal takes it without a GPU, and
+the start-up worth skipping happens in the spawned GPU worker, which imports torch and loads the weights
+itself and needs the GPU to do so.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
+from typing import Any
 
 import modal
 
 from diffuserve.deploy import DEPLOY_DIR
-from diffuserve.deploy.modal_plan import ModalPlan
+from diffuserve.deploy.modal_plan import COMPILE_CACHE, HF_HOME, VOLUME_MOUNT, ModalPlan
 
 PLAN = ModalPlan.from_env(os.environ)
 
-CACHE_DIR = "/cache"  # the Volume's mount point
-HF_HOME = f"{CACHE_DIR}/huggingface"  # hub weights: written once by `prefetch`, read by every container
-COMPILE_CACHE = f"{CACHE_DIR}/diffuserve"  # compile/tier artefacts: later containers start warm
 IMAGE_STORE_DIR = "/tmp/diffuserve-images"
 SOURCE_DIR = "/opt/diffuserve"  # the package source inside the image
 SERVER_PORT = 8001  # the model server, loopback only; nginx owns PLAN.port
+READY_URL = f"http://127.0.0.1:{SERVER_PORT}/v2/health/ready"  # asked of the server itself, not through nginx
+POLL_S = 1.0  # between readiness checks while the front starts
 START_SCRIPT = "/usr/local/bin/diffuserve-start"
 PYTHON_VERSION = "3.11"  # the version CI tests
+# Longer than supervisord's stopwaitsecs for the model server (40 s, itself above its 30 s drain), so
+# supervisord finishes its own orderly stop; Modal may end the container sooner.
+STOP_WAIT_S = 45
 
 app = modal.App(PLAN.app_name)
 hf_cache = modal.Volume.from_name(PLAN.volume, create_if_missing=True)
@@ -63,6 +79,7 @@ def project_dependencies(root: Path, extras: tuple[str, ...] = ("gpu",)) -> list
 
 
 def build_image() -> modal.Image:
+    """Debian with nginx and supervisor, this diffuserve, and start.sh, which the `Server` class runs."""
     image = (
         modal.Image.debian_slim(python_version=PYTHON_VERSION)
         .apt_install("nginx", "supervisor")
@@ -79,28 +96,36 @@ def build_image() -> modal.Image:
             }
         )
     )
+    # Every local file is copied into the image (copy=True), so build steps may follow it.
+    return (
+        install_package(image)
+        .add_local_file(DEPLOY_DIR / "start.sh", START_SCRIPT, copy=True)
+        .run_commands(f"chmod 0755 {START_SCRIPT}")
+    )
+
+
+def install_package(image: modal.Image) -> modal.Image:
+    """This checkout's source over its dependencies, or the released version when not run from a checkout."""
     root = find_source_root()
-    if root is not None:
-        image = (
-            image.uv_pip_install(*project_dependencies(root))
-            .add_local_file(root / "pyproject.toml", f"{SOURCE_DIR}/pyproject.toml", copy=True)
-            .add_local_file(root / "README.md", f"{SOURCE_DIR}/README.md", copy=True)
-            .add_local_dir(
-                root / "src",
-                f"{SOURCE_DIR}/src",
-                copy=True,
-                ignore=["**/__pycache__", "**/*.pyc", "**/*.egg-info"],
-            )
-            .run_commands(f"python -m pip install --no-deps {SOURCE_DIR}")
-        )
-    else:
+    if root is None:
         # Installed from a wheel: install the same version (or DIFFUSERVE_MODAL_PIP, e.g. a wheel URL).
         from diffuserve import __version__
 
-        image = image.uv_pip_install(
+        return image.uv_pip_install(
             os.environ.get("DIFFUSERVE_MODAL_PIP") or f"diffuserve[gpu]=={__version__}"
         )
-    return image
+    return (
+        image.uv_pip_install(*project_dependencies(root))
+        .add_local_file(root / "pyproject.toml", f"{SOURCE_DIR}/pyproject.toml", copy=True)
+        .add_local_file(root / "README.md", f"{SOURCE_DIR}/README.md", copy=True)
+        .add_local_dir(
+            root / "src",
+            f"{SOURCE_DIR}/src",
+            copy=True,
+            ignore=["**/__pycache__", "**/*.pyc", "**/*.egg-info"],
+        )
+        .run_commands(f"python -m pip install --no-deps {SOURCE_DIR}")
+    )
 
 
 def serve_env() -> dict[str, str]:
@@ -108,6 +133,9 @@ def serve_env() -> dict[str, str]:
     the model server's settings and the front's ports."""
     env = {**PLAN.to_env(), **PLAN.server_env()}
     env.update({"FRONT_PORT": str(PLAN.port), "SERVER_PORT": str(SERVER_PORT), "FRONT_HOST": "0.0.0.0"})
+    if PLAN.gpu_snapshot:
+        # Modal: torch.compile can make GPU snapshot creation fail, and one compile thread avoids some of it.
+        env["TORCHINDUCTOR_COMPILE_THREADS"] = "1"
     return env
 
 
@@ -117,20 +145,99 @@ def secrets() -> list[modal.Secret]:
     return [modal.Secret.from_name(name) for name in (PLAN.hf_secret, PLAN.api_key_secret) if name]
 
 
+def snapshot_options() -> dict[str, Any]:
+    """The GPU half of a memory snapshot is a Modal alpha, switched on per class (--gpu-snapshot)."""
+    return {"enable_gpu_snapshot": True} if PLAN.gpu_snapshot else {}
+
+
+# -- the front's processes, as the `Server` class's hooks drive them --------------------------------------
+
+
+def start_front() -> subprocess.Popen[bytes]:
+    """start.sh renders the configs and becomes supervisord (in the foreground), the parent of everything else."""
+    return subprocess.Popen([START_SCRIPT])
+
+
+def readiness(url: str) -> tuple[int, dict[str, Any]] | None:
+    """The server's readiness status and body, or None while nothing answers there."""
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:  # 503 while loading: the body says how far it got
+        try:
+            return exc.code, json.loads(exc.read() or b"{}")
+        except ValueError:
+            return exc.code, {}
+        finally:
+            exc.close()
+    except (OSError, ValueError):
+        return None
+
+
+def every_size_warm(body: dict[str, Any]) -> bool:
+    """Ready, with no worker still loading or warming a batch size (compiled code is specialised per size, and
+    a worker may warm its smaller sizes after it first reports ready; until then its entry shows a `phase`)."""
+    workers = body.get("workers") or []
+    return body.get("status") == "ready" and bool(workers) and not any("phase" in w for w in workers)
+
+
+def port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def wait_until_serving(
+    front: subprocess.Popen[bytes],
+    *,
+    every_size: bool,
+    timeout: float,
+    url: str,
+    port: int,
+    interval: float = POLL_S,
+) -> None:
+    """Until the server at `url` is ready (with `every_size`: every batch size warm) and nginx listens on `port`.
+    Raises when supervisord exits, the server reports a failure, or `timeout` seconds pass: a clear error at
+    once rather than a port that never opens."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if front.poll() is not None:
+            raise RuntimeError(f"supervisord exited ({front.returncode}) before the model server was ready")
+        answer = readiness(url)
+        if answer is not None:
+            code, body = answer
+            if body.get("status") == "failed":
+                raise RuntimeError(f"the model server failed to start: {body.get('error')}")
+            if code == 200 and (every_size_warm(body) or not every_size) and port_open(port):
+                return
+        if time.monotonic() >= deadline:
+            state = "warm at every batch size" if every_size else "ready"
+            raise TimeoutError(f"the model server was not {state} after {timeout:.0f}s")
+        time.sleep(interval)
+
+
+def stop_front(front: subprocess.Popen[bytes] | None, timeout: float = STOP_WAIT_S) -> None:
+    """TERM to supervisord, which stops the model server with TERM (it lets running generations finish) and
+    nginx with QUIT; what still runs after `timeout` is killed."""
+    if front is None or front.poll() is not None:
+        return
+    front.terminate()
+    try:
+        front.wait(timeout)
+    except subprocess.TimeoutExpired:
+        front.kill()
+        front.wait()
+
+
 image = build_image()
-# Only the serving image gets the entrypoint: `prefetch` runs in the same image without the front.
-# Every local file above and here is copied (copy=True) before `.entrypoint`, which Modal requires.
-serve_image = (
-    image.add_local_file(DEPLOY_DIR / "start.sh", START_SCRIPT, copy=True)
-    .run_commands(f"chmod 0755 {START_SCRIPT}")
-    .entrypoint([START_SCRIPT])
-)
 
 
-@app.function(
-    image=serve_image,
+@app.cls(
+    image=image,
     gpu=PLAN.gpu,
-    volumes={CACHE_DIR: hf_cache},
+    volumes={VOLUME_MOUNT: hf_cache},
     secrets=secrets(),
     env=serve_env(),
     min_containers=PLAN.min_containers,
@@ -139,16 +246,48 @@ serve_image = (
     timeout=PLAN.timeout,
     startup_timeout=PLAN.startup_timeout,
     ephemeral_disk=PLAN.ephemeral_disk_mib,
+    enable_memory_snapshot=PLAN.gpu_snapshot,
+    experimental_options=snapshot_options(),
 )
 @modal.concurrent(max_inputs=PLAN.concurrency_max, target_inputs=PLAN.concurrency_target)
-@modal.web_server(PLAN.port, startup_timeout=PLAN.startup_timeout, label=PLAN.label)
-def serve() -> None:
-    """Nothing to start: the entrypoint already runs supervisord, and the port opens when the model is ready."""
+class Server:
+    """The front, its model server and GPU worker(s): processes this container's hooks start and stop."""
+
+    @modal.enter(snap=PLAN.gpu_snapshot)
+    def start(self) -> None:
+        """Start the front and wait until it serves. With --gpu-snapshot this runs before Modal's snapshot, with
+        the GPU, and waits until every batch size is warm, so the snapshot holds the compiled, warmed server."""
+        self.front = start_front()
+        self.wait(every_size=PLAN.gpu_snapshot)
+
+    @modal.enter(snap=False)
+    def check(self) -> None:
+        """After a restore the processes resume where the snapshot left them: make sure the server still answers
+        ready before Modal sends requests here (without a snapshot `start` has just waited: this returns)."""
+        self.wait(every_size=False)
+
+    @modal.exit()
+    def stop(self) -> None:
+        stop_front(getattr(self, "front", None))
+
+    @modal.web_server(PLAN.port, startup_timeout=PLAN.startup_timeout, label=PLAN.label)
+    def serve(self) -> None:
+        """Nothing to start: `start` did, and nginx, which holds the port, opened once the model was ready."""
+
+    def wait(self, *, every_size: bool) -> None:
+        wait_until_serving(
+            self.front,
+            every_size=every_size,
+            timeout=PLAN.startup_timeout,
+            url=READY_URL,
+            port=PLAN.port,
+            interval=POLL_S,
+        )
 
 
 @app.function(
     image=image,
-    volumes={CACHE_DIR: hf_cache},
+    volumes={VOLUME_MOUNT: hf_cache},
     secrets=secrets(),
     env={k: v for k, v in serve_env().items() if k != "HF_HUB_OFFLINE"},
     timeout=3 * 3600,

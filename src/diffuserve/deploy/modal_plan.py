@@ -45,6 +45,14 @@ TIMEOUT_MIN, TIMEOUT_MAX = 1, 24 * 3600
 # Modal's web endpoint proxy answers 303 after 150 s; generation must finish well within it.
 MODAL_HTTP_LIMIT_S = 150
 
+# Where the app mounts its Volume, and what lives there. The server's compile cache is DIFFUSERVE_CACHE; the
+# engine keeps its artefacts in `<DIFFUSERVE_CACHE>/compile` (diffuserve.engine.tiers.compile.compile_dir).
+VOLUME_MOUNT = "/cache"
+HF_HOME = f"{VOLUME_MOUNT}/huggingface"  # hub weights: written once by `prefetch`, read by every container
+COMPILE_CACHE = f"{VOLUME_MOUNT}/diffuserve"  # compile and tier artefacts: later containers start warm
+COMPILE_DIR = f"{COMPILE_CACHE}/compile"
+SNAPSHOT_DOCS = "https://modal.com/docs/guide/memory-snapshots"
+
 NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 LABEL = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 
@@ -80,6 +88,9 @@ class ModalPlan(EnvSettings):
     api_key_secret: str | None = setting(None, help="Modal secret holding API_KEYS")
     port: int = setting(8000, help="port nginx listens on inside the container (the front's FRONT_PORT)")
     offline: bool = setting(False, help="serve from the Volume only (HF_HUB_OFFLINE=1)")
+    gpu_snapshot: bool = setting(
+        False, help="Modal GPU memory snapshot (alpha) of the warmed server; made by `modal deploy` only"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> ModalPlan:
@@ -116,6 +127,11 @@ class ModalPlan(EnvSettings):
             )
         if not self.model_repo:
             raise PlanError("--model-repo must not be empty")
+        if self.gpu_snapshot and self.gpu_count > 1:
+            raise PlanError(
+                f"--gpu-snapshot needs one GPU per container, got --gpu {self.gpu}: Modal's GPU memory snapshots "
+                f"are generally incompatible with multi-GPU code ({SNAPSHOT_DOCS})"
+            )
         return self
 
     def _validate_scaling(self) -> None:
@@ -146,6 +162,12 @@ class ModalPlan(EnvSettings):
                 )
 
     # -- derived values -----------------------------------------------------------------------------------
+    @property
+    def gpu_count(self) -> int:
+        """GPUs per container: the count after ':' in --gpu, 1 without one."""
+        _, _, count = self.gpu.partition(":")
+        return int(count) if count else 1
+
     @property
     def concurrency_target(self) -> int:
         """Requests per container the autoscaler aims for: one full batch keeps the GPU busy."""
