@@ -120,6 +120,13 @@ class Settings(JobSettings, AdapterSettings):
         help="a group's ranks decode the latents together, each a band of the image's rows (DistVAE's patch "
         "parallelism, for VAEs it has an adapter for); off = the leader decodes alone",
     )
+    prompt_cache_mb: int = setting(
+        256,
+        "PROMPT_CACHE_MB",
+        help="most MiB of text-encoder outputs each worker keeps on its device, by prompt (FLUX.1): a prompt "
+        "seen again skips the text encoders; 0 = off",
+        ge=0,
+    )
     cuda_graphs: CudaGraphs = setting(
         CudaGraphs.AUTO,
         "CUDA_GRAPHS",

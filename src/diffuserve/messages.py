@@ -29,6 +29,9 @@ class BatchResult:
     # The batch's adapters: those read from their files (name → seconds) and those found in the cache.
     adapter_loads: dict[str, float] = field(default_factory=dict)
     adapter_hits: list[str] = field(default_factory=list)
+    # Its prompts' text-encoder outputs: taken from the worker's prompt cache, and encoded (PROMPT_CACHE_MB).
+    prompt_hits: int = 0
+    prompt_misses: int = 0
     error: str | None = None
 
 
@@ -174,6 +177,8 @@ class DeviceBatch:
     text_tokens: list[int] = field(default_factory=list)
     adapter_loads: dict[str, float] = field(default_factory=dict)
     adapter_hits: list[str] = field(default_factory=list)
+    prompt_hits: int = 0
+    prompt_misses: int = 0
 
     @property
     def inference_ms(self) -> float:

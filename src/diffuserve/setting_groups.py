@@ -21,6 +21,7 @@ SETTING_GROUPS: dict[str, tuple[str, ...]] = {
         "parallel_attention",
         "parallel_decode",
         "cuda_graphs",
+        "prompt_cache_mb",
     ),
     "adapters (LoRA)": ("lora_dir", "loras", "lora_max_rank", "lora_slots", "lora_cache_mb", "lora_batching"),
     "downloads and caches": ("hf_token", "hf_home", "cache_dir"),

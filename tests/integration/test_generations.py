@@ -355,3 +355,20 @@ async def test_a_batch_whose_client_left_stops_and_frees_the_worker(
     assert waited < max(2.0, remaining / 3), (waited, remaining)
     # The engine itself stopped the batch (at its next step), rather than finishing it for nobody.
     assert "cancelled: every client of this batch left" in [result.error for result in finished]
+
+
+async def test_a_prompt_asked_again_is_served_from_the_prompt_cache(client: httpx.AsyncClient) -> None:
+    def counted(metrics: str, outcome: str) -> float:
+        for line in metrics.splitlines():
+            if line.startswith("diffuserve_prompt_cache_total{") and f'outcome="{outcome}"' in line:
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    before = (await client.get("/metrics")).text
+    body = {"prompt": "the digit 8 in a prompt of its own", "seed": 11, "output_format": "png"}
+    first, second = [await client.post(URL, json=body) for _ in range(2)]
+    assert first.status_code == second.status_code == 200
+    assert first.content == second.content
+    after = (await client.get("/metrics")).text
+    assert counted(after, "miss") == counted(before, "miss") + 1
+    assert counted(after, "hit") == counted(before, "hit") + 1

@@ -196,6 +196,9 @@ async def test_observer_sees_batch_sizes_and_depth() -> None:
         def adapters_used(self, loaded: dict[str, float], hits: list[str]) -> None:
             pass
 
+        def prompts_encoded(self, hits: int, misses: int) -> None:
+            pass
+
     scheduler = Scheduler(max_batch=4, max_queue=10, batch_wait_s=0.0, observer=Observer())
     worker = FakeWorker(0)
     scheduler.worker_idle(worker)

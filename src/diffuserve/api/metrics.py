@@ -140,6 +140,12 @@ class Metrics:
             ["model", "adapter"],
             registry=r,
         )
+        self.prompt_cache = Counter(
+            "diffuserve_prompt_cache",
+            "Prompts whose text-encoder outputs a worker took from its prompt cache (hit) or encoded (miss)",
+            ["model", "outcome"],
+            registry=r,
+        )
         self.adapter_load_seconds = Histogram(
             "diffuserve_adapter_load_seconds",
             "Time to read an adapter's file into a worker's cache",
@@ -203,3 +209,7 @@ class ModelObserver:
             self.metrics.adapter_load_seconds.observe(seconds)
         for name in hits:
             self.metrics.adapter_cache_hits.labels(self.model, name).inc()
+
+    def prompts_encoded(self, hits: int, misses: int) -> None:
+        self.metrics.prompt_cache.labels(self.model, "hit").inc(hits)
+        self.metrics.prompt_cache.labels(self.model, "miss").inc(misses)

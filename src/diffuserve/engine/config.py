@@ -55,6 +55,8 @@ class EngineConfig:
     lora_slots: int = 0
     lora_cache_bytes: int = 2**30
     lora_preload: tuple[str, ...] = ()
+    # Bytes of text-encoder outputs kept on the device by prompt (0: none).
+    prompt_cache_bytes: int = 0
     # How the worker process logs: as the server does.
     log_format: str = "text"
     log_level: str = "info"

@@ -33,6 +33,7 @@ from diffuserve.engine.loader import (
     weights_bytes,
 )
 from diffuserve.engine.previews import PreviewTaker
+from diffuserve.engine.prompt_cache import CALL_PARAMETERS, PromptCache, takes_embeddings
 from diffuserve.messages import BatchResult, DeviceBatch, GroupRank, PreviewBatch, StartupPhases
 from diffuserve.types import BatchItem, BatchJob, ModelInfo, Task
 
@@ -67,6 +68,8 @@ class Engine:
         self.adapters: Any = None
         # Whether a group's ranks decode each batch's latents together (see `parallel.split_decode`).
         self._joint_decode = False
+        # FLUX.1's text-encoder outputs by prompt (PROMPT_CACHE_MB), where the model encodes that way.
+        self._prompt_cache: PromptCache | None = None
         # Set after a CUDA error that leaves the device unusable: the worker then exits and is replaced.
         self.broken = False
         # Told of each start-up phase as it begins, with its detail (the worker reports them to readiness).
@@ -112,6 +115,9 @@ class Engine:
             task: set(inspect.signature(p.__call__).parameters) for task, p in self._pipelines.items()
         }
         self._tokenizer = prompt_tokenizer(pipeline)
+        text = self._pipelines[Task.GENERATE]
+        if c.prompt_cache_bytes > 0 and takes_embeddings(text):
+            self._prompt_cache = PromptCache(text, c.prompt_cache_bytes, family.max_sequence_length)
         edits = tuple(task for task in self._pipelines if task is not Task.GENERATE)
         accepted = self._accepted_by[Task.GENERATE]
         self.info = model_info(
@@ -227,7 +233,8 @@ class Engine:
         steps = 2 if self._graphs is not None else 1
         if not self.sizes_specialised or self._step_cache:
             steps = max(info.default_steps, steps)
-        formats = ["webp", "png", "jpeg"]
+        # JPEG first: on a GPU the first warm-up (batch size 1) then loads the device's JPEG encoder too.
+        formats = ["jpeg", "webp", "png"]
         items = [BatchItem("warmup", "warm-up", None, [i], formats[i % 3], None) for i in range(size)]
         job = BatchJob(-1, info.native_width, info.native_height, steps, info.default_guidance, items)
         computed = self.compute(job)
@@ -266,6 +273,13 @@ class Engine:
             output_type = "latent" if self._follower and not self._joint_decode else "pt"
             accepted = self._accepted_by[job.task]
             kwargs = pipeline_kwargs(job, self.loaded.family, accepted, output_type)
+            cache = self._prompt_cache
+            # A negative prompt (true CFG) would need its own embeddings: such batches encode as usual.
+            prompt_counts = (0, 0)
+            if cache is not None and "negative_prompt" not in kwargs and accepted >= CALL_PARAMETERS:
+                before = (cache.hits, cache.misses)
+                kwargs.update(cache.embeddings(kwargs.pop("prompt")))
+                prompt_counts = (cache.hits - before[0], cache.misses - before[1])
             adapters = self.adapters.prepare(job) if self.adapters is not None else None
             layout = self.loaded.family.previews
             previews = (
@@ -291,6 +305,7 @@ class Engine:
             batch.text_tokens = text_tokens(self._tokenizer, job, self.loaded.family.max_sequence_length)
             if adapters is not None:
                 batch.adapter_loads, batch.adapter_hits = adapters.loaded, adapters.hits
+            batch.prompt_hits, batch.prompt_misses = prompt_counts
             if on_device is not None:
                 self._encode_on_device(batch, on_device)
             return batch

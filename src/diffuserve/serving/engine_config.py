@@ -52,6 +52,7 @@ def engine_config(settings: Settings, spec: ModelSpec | None = None) -> EngineCo
             for path in settings.lora_paths.values()
             if hub_ref(path) is None
         ),
+        prompt_cache_bytes=settings.prompt_cache_mb * 2**20,
         log_format=settings.log_format.value,
         log_level=settings.log_level.value,
     )

@@ -74,6 +74,8 @@ class BatchEncoder:
             text_tokens=batch.text_tokens,
             adapter_loads=batch.adapter_loads,
             adapter_hits=batch.adapter_hits,
+            prompt_hits=batch.prompt_hits,
+            prompt_misses=batch.prompt_misses,
         )
         cursor = 0
         for item in job.items:

@@ -17,7 +17,8 @@ from diffuserve.hub.progress import DownloadCancelled, PullProgress, log_progres
 from diffuserve.model_specs import ModelSpec
 from diffuserve.serving.engine_config import engine_config
 from diffuserve.serving.priorities import PriorityRules
-from diffuserve.serving.scheduler import Scheduler, SchedulerObserver
+from diffuserve.serving.scheduler import Scheduler
+from diffuserve.serving.scheduler_hooks import SchedulerObserver
 from diffuserve.serving.worker_process import EngineFactory, load_engine
 from diffuserve.serving.workers import WorkerPool
 from diffuserve.types import ModelInfo

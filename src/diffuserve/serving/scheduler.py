@@ -16,7 +16,8 @@ from diffuserve.errors import GenerationFailed, QueueFull, WorkerCrashed
 from diffuserve.messages import BatchResult, PartialImages, StepProgress
 from diffuserve.serving.batching import BatchShape, next_batch
 from diffuserve.serving.priorities import PriorityRules
-from diffuserve.types import BatchJob, Completed, EncodedImage, GenerationRequest, Priority
+from diffuserve.serving.scheduler_hooks import PartialSink, ProgressSink, SchedulerObserver
+from diffuserve.types import BatchJob, Completed, GenerationRequest, Priority
 
 log = logging.getLogger(__name__)
 
@@ -27,25 +28,6 @@ class WorkerSlot(Protocol):
     worker_id: int
 
     def send(self, job: BatchJob) -> None: ...
-
-
-class SchedulerObserver(Protocol):
-    """Metrics hooks; the scheduler itself knows nothing of Prometheus."""
-
-    def queue_depth(self, depth: int, by_priority: dict[Priority, int]) -> None: ...
-
-    def batch_started(self, images: int, waits_s: list[float], priorities: list[Priority]) -> None: ...
-
-    def preempted(self, requests: int) -> None: ...
-
-    def adapters_used(self, loaded: dict[str, float], hits: list[str]) -> None: ...
-
-
-# Called with (partial_index, index of the first image in the client's request, the preview's images).
-PartialSink = Callable[[int, int, list[EncodedImage]], None]
-# Called with (step, steps) after each denoising step of the request's batch (its worker reports them only
-# when the request asked: GenerationRequest.report_progress).
-ProgressSink = Callable[[int, int], None]
 
 
 @dataclass(eq=False)
@@ -266,6 +248,8 @@ class Scheduler:
     def _deliver(self, flight: InFlight, result: BatchResult) -> None:
         if self.observer is not None and (result.adapter_loads or result.adapter_hits):
             self.observer.adapters_used(result.adapter_loads, result.adapter_hits)
+        if self.observer is not None and (result.prompt_hits or result.prompt_misses):
+            self.observer.prompts_encoded(result.prompt_hits, result.prompt_misses)
         if result.error is None and len(result.images) != len(flight.pendings):
             result.error = f"worker returned {len(result.images)} results for {len(flight.pendings)} requests"
         again: list[Pending] = []  # requests of a stopped batch already running in a new one

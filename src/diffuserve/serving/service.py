@@ -21,7 +21,8 @@ from diffuserve.serving.jobs.store import JobRecord
 from diffuserve.serving.jobs.webhooks import check_url as check_webhook_url
 from diffuserve.serving.model_service import ModelService
 from diffuserve.serving.placement import check_fit, estimate_weight_bytes, place_models
-from diffuserve.serving.scheduler import PartialSink, Pending, ProgressSink, SchedulerObserver
+from diffuserve.serving.scheduler import Pending
+from diffuserve.serving.scheduler_hooks import PartialSink, ProgressSink, SchedulerObserver
 from diffuserve.serving.worker_handle import WorkerState
 from diffuserve.serving.worker_process import EngineFactory, load_engine
 from diffuserve.types import Completed, GenerationRequest, LoraUse, ModelInfo

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from diffuserve.serving.jobs.store import JobRecord
-from diffuserve.serving.scheduler import Pending, ProgressSink
+from diffuserve.serving.scheduler import Pending
+from diffuserve.serving.scheduler_hooks import ProgressSink
 from diffuserve.types import Completed, GenerationRequest
 
 # Validates a stored job's body again (after a restart), the same way its route did.
