@@ -69,6 +69,9 @@ def main() -> None:
     parser.add_argument("--ready-timeout", type=float, default=400.0)
     parser.add_argument("--keep", action="store_true", help="keep each model's folder after its runs")
     parser.add_argument("--no-imports", action="store_true", help="skip timing the imports")
+    parser.add_argument(
+        "--lone", type=int, default=5, help="lone HTTP requests timed once every size is warm"
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     out = out_dir(args.out)
@@ -233,12 +236,43 @@ def start_once(
         all_warm = wait_all_warm(server, started, args.batch, timeout=120.0)
         if all_warm is not None:
             result["all_warm_s"] = round(all_warm, 2)
+        if args.lone:
+            result["lone"] = lone_requests(server.base_url, args.lone)
         final = httpx.get(server.base_url + "/health/ready", timeout=5).json()
         result["workers"] = final.get("workers", [])
         result["phases_seen"] = [{"at_s": round(t, 2), "phase": p} for t, p in seen_phases]
     finally:
         server.stop()
     return result
+
+
+def lone_requests(base_url: str, count: int) -> dict[str, Any]:
+    """Once every size is warm: lone requests one after another over HTTP (JPEG bytes, the native size), with
+    the same prompt (its text-encoder outputs cached after the first) and with a new prompt each time."""
+    import httpx
+
+    timed: dict[str, Any] = {}
+    with httpx.Client(timeout=300) as client:
+        for name, prompt_of in (
+            ("same_prompt", lambda i: PROMPT),
+            ("new_prompt", lambda i: f"{PROMPT}, take {i}"),
+        ):
+            seconds, timings = [], []
+            for index in range(count + 1):  # the first of each kind is not counted: it fills the cache
+                body = {"prompt": prompt_of(index), "seed": index, "output_format": "jpeg"}
+                started = time.perf_counter()
+                response = client.post(
+                    f"{base_url}/v1/images/generations", json=body, headers={"Accept": "image/jpeg"}
+                )
+                elapsed = time.perf_counter() - started
+                if response.status_code != 200:
+                    raise RuntimeError(f"lone request: HTTP {response.status_code}: {response.text[:200]}")
+                if index:
+                    seconds.append(round(elapsed, 4))
+                    timings.append(response.headers.get("server-timing", ""))
+            timed[name] = {"seconds": seconds, "server_timing": timings}
+            log(f"lone requests, {name}: {seconds}")
+    return timed
 
 
 def poll_ready(server: Any, started: float, timeout: float, seen: list[tuple[float, str]]) -> dict[str, Any]:
