@@ -29,3 +29,14 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerHandle]:
         MODEL_BATCH="8", BATCH_WAIT_MS="20", LOG_FORMAT="json", IMAGE_STORE_DIR=str(store)
     ) as handle:
         yield handle
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """torch on one thread for a module's in-process engines: steadier on 2 cores, and the worker's own setting."""
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)

@@ -5,7 +5,6 @@ batch with one message naming the adapter, while the batches after it run as bef
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +23,6 @@ SIZE, STEPS, GUIDANCE = TINY_FLUX.native_size, TINY_FLUX.default_steps, TINY_FLU
 PROMPT = "the digit 3"
 
 
-@pytest.fixture(scope="module")
-def threads() -> Iterator[None]:
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 def started(tier: Tier) -> Any:
     from diffuserve.engine.engine import Engine
 
@@ -41,12 +32,12 @@ def started(tier: Tier) -> Any:
 
 
 @pytest.fixture(scope="module")
-def eager(threads: None) -> Any:
+def eager(one_torch_thread: None) -> Any:
     return started(Tier.E)
 
 
 @pytest.fixture(scope="module")
-def fused(threads: None) -> Any:
+def fused(one_torch_thread: None) -> Any:
     """Tier XL: fused QKV projections (the adapters' separate q, k, v become parts of one layer)."""
     return started(Tier.XL)
 

@@ -4,12 +4,10 @@ negative prompt, edits and models that do not encode the FLUX.1 way keep working
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pytest
-import torch
 
 from diffuserve.engine.prompt_cache import PromptCache, takes_embeddings
 from diffuserve.messages import DeviceBatch
@@ -18,14 +16,6 @@ from diffuserve.types import TINY_FLUX, BatchItem, BatchJob, Task, Tier
 from tests.helpers import engine_config
 
 SIZE, STEPS, GUIDANCE = TINY_FLUX.native_size, TINY_FLUX.default_steps, TINY_FLUX.default_guidance
-
-
-@pytest.fixture(scope="module")
-def threads() -> Iterator[None]:
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 def started(cache_bytes: int) -> Any:
@@ -37,12 +27,12 @@ def started(cache_bytes: int) -> Any:
 
 
 @pytest.fixture(scope="module")
-def cached(threads: None) -> Any:
+def cached(one_torch_thread: None) -> Any:
     return started(2**20)
 
 
 @pytest.fixture(scope="module")
-def uncached(threads: None) -> Any:
+def uncached(one_torch_thread: None) -> Any:
     return started(0)
 
 

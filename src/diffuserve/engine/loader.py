@@ -104,6 +104,7 @@ def _build_or_load(repo: str, *, device: str, dtype: Any, weights: str, path: st
             raise ModelLoadError(str(exc)) from exc
     if is_builtin(repo):
         return BUILTIN_MODELS[repo]()
+    import torch
     from diffusers import DiffusionPipeline
 
     path = path or os.path.expanduser(repo)
@@ -114,10 +115,14 @@ def _build_or_load(repo: str, *, device: str, dtype: Any, weights: str, path: st
                 # Each file's tensors straight onto the worker's GPU (its current device), instead of a copy
                 # of every weight in host memory first and a second pass to the device.
                 return DiffusionPipeline.from_pretrained(path, dtype=dtype, device_map="cuda")
-            except (
-                NotImplementedError
-            ):  # pipelines that connect others (Kandinsky's prior) take no device map
-                log.info("%s: loading through host memory (no device map for this pipeline)", repo)
+            except (OSError, torch.OutOfMemoryError):
+                raise  # the files or the room are missing: through host memory would fail the same way
+            except Exception as exc:  # a pipeline or component that takes no device map (Kandinsky's prior)
+                log.warning(
+                    "%s: loading through host memory, not straight to the GPU (%s: %s)",
+                    repo, type(exc).__name__, exc,
+                )  # fmt: skip
+                torch.cuda.empty_cache()
         return DiffusionPipeline.from_pretrained(path, dtype=dtype)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"could not load model {repo!r}: {exc}") from exc
