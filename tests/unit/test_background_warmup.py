@@ -16,6 +16,7 @@ from pathlib import Path
 from diffuserve.config import Settings
 from diffuserve.serving.scheduler import Scheduler
 from diffuserve.serving.worker_handle import WorkerState
+from diffuserve.serving.worker_process import READY_GRACE_S
 from diffuserve.serving.workers import WorkerPool
 from tests import fakes
 from tests.unit.test_worker_pool import DEVICE, request, until
@@ -47,6 +48,12 @@ async def test_ready_at_the_first_size_the_rest_warm_between_batches(tmp_path: P
         assert described["phase"] == "warming batch size 4"
         assert worker.state == WorkerState.IDLE and "all_warm" not in described["start_seconds"]
 
+        # A request that comes as the worker gets ready runs before any warm-up.
+        first = await asyncio.wait_for(pool.scheduler.submit(request("first")).future, READY_GRACE_S)
+        assert first.images[0].data == b"first|seed=7|batch=1"
+        assert worker.describe()["warm_batch_sizes"] == [1]
+
+        await asyncio.sleep(READY_GRACE_S + 0.2)  # no request for a while: the worker warms size 4
         lone = pool.scheduler.submit(request("lone"))
         await asyncio.sleep(0.3)
         # The worker is inside size 4's warm-up: the request waits for it, then runs warm code.

@@ -133,3 +133,16 @@ def test_the_engine_installs_the_tables_in_every_tier_but_the_reference() -> Non
         engine = Engine(engine_config(tier=tier, max_batch=1), "cpu")
         engine.load()
         assert (step_modulation_of(engine.pipeline.transformer) is not None) is tabled
+
+
+def test_rows_sized_for_the_largest_batch_at_once_never_grow() -> None:
+    """Warm-up runs batch size 1 before the largest: rows grown afterwards would move the buffer the compiled
+    blocks were traced with (and captured graphs read), so every size warm before would compile again."""
+    plain, tabled = flux(), flux()
+    tables = enable_step_modulation(tabled, batch=4)
+    assert tables is not None
+    buffers = [rows.current for rows in tables.rows]
+    assert all(buffer.shape[0] == 4 for buffer in buffers)
+    for prompts in (["one"], ["one", "two", "three", "four"], ["five", "six"]):
+        torch.testing.assert_close(generate(tabled, prompts), generate(plain, prompts), rtol=1e-5, atol=1e-5)
+    assert all(rows.current is buffer for rows, buffer in zip(tables.rows, buffers, strict=True))

@@ -171,7 +171,7 @@ class Engine:
             # After the group's split, so the graphs hold its collectives too.
             self._graphs = enable_cuda_graphs(model)
         if recipe.step_modulation and family.flux_hooks:
-            enable_step_modulation(pipeline)
+            enable_step_modulation(pipeline, c.max_batch)
         self._step_cache = recipe.step_cache is not None and family.flux_hooks
         return parallel, pixels
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import queue
 import threading
 from multiprocessing.connection import Connection
@@ -21,6 +22,7 @@ class Inbox:
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
         self._messages: queue.Queue[Any] = queue.Queue()
+        self._peeked: collections.deque[Any] = collections.deque()  # taken from the queue by `waiting`
         self._held: set[int] = set()
         self._cancelled: set[int] = set()
         self._lock = threading.Lock()
@@ -28,11 +30,22 @@ class Inbox:
         self._thread.start()
 
     def get(self) -> Any:
+        if self._peeked:
+            return self._peeked.popleft()
         return self._messages.get()
 
-    def waiting(self) -> bool:
-        """Whether a message waits to be taken (the worker warms its next batch size only when none does)."""
-        return not self._messages.empty()
+    def waiting(self, timeout: float = 0.0) -> bool:
+        """Whether a message waits to be taken, or arrives within `timeout` seconds (the worker warms its next
+        batch size only when none does). Only the device loop calls `get` and this."""
+        if self._peeked or not self._messages.empty():
+            return True
+        if timeout <= 0:
+            return False
+        try:
+            self._peeked.append(self._messages.get(timeout=timeout))
+        except queue.Empty:
+            return False
+        return True
 
     def cancelled(self, batch_id: int) -> bool:
         return batch_id in self._cancelled

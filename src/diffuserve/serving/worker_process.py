@@ -40,6 +40,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("diffuserve.worker")
 
+# How long a worker that just got ready waits for batches before it warms its next batch size: the requests
+# that queued while it started reach it first, instead of waiting for a warm-up (seconds; a compile without
+# artefacts, tens of seconds). Afterwards a warm-up starts whenever no batch waits.
+READY_GRACE_S = 1.0
+
 # What makes a worker's engine from its config, device and group place: `load_engine`, or a stand-in in tests.
 # It is pickled into the spawned process, so it must be a module-level function or class.
 EngineFactory = Callable[[EngineConfig, str, "GroupRank | None"], Any]
@@ -191,13 +196,15 @@ def serve_batches(
     encoder = BatchEncoder()
     stage: EncodeStage[Any] = EncodeStage(lambda batch: _encode(encoder, batch), sender.send)
     inbox = Inbox(conn)
-    cold = list(warm_next)
+    cold, grace = list(warm_next), READY_GRACE_S
     while True:
-        if cold and not inbox.waiting():
+        if cold and not inbox.waiting(grace):
+            grace = 0.0
             if not _warm_next(engine, sender, worker_id, cold):
                 stage.close()
                 return
             continue
+        grace = 0.0
         message = inbox.get()
         if message is None:
             return  # the server went away: nothing left to serve

@@ -140,7 +140,7 @@ class StepModulation(ModelHook):  # type: ignore[misc]
 
     def _fit(self, batch: int) -> None:
         """`current` holds at least `batch` rows. Growing it re-traces the compiled blocks and drops captured
-        graphs (their addresses moved): warm-up runs the largest batch first, so a server grows it once."""
+        graphs (their addresses moved): the engine sizes it for its largest batch before the first call."""
         held = self.rows[0].current.shape[0]
         if batch <= held:
             return
@@ -224,10 +224,12 @@ class StepModulation(ModelHook):  # type: ignore[misc]
         return embed(timestep.to(dtype) * 1000, guidance.to(dtype) * 1000, pooled)  # type: ignore[no-any-return]
 
 
-def enable_step_modulation(pipeline: Any) -> StepModulation | None:
-    """The tables on the pipeline's FLUX transformer (None for any other denoiser). Install it after the CUDA
-    graph hook: its work runs before each replay. Pipelines made from this one (diffusers' from_pipe) share its
-    scheduler, which the tables follow."""
+def enable_step_modulation(pipeline: Any, batch: int = 1) -> StepModulation | None:
+    """The tables on the pipeline's FLUX transformer (None for any other denoiser), their rows sized for
+    `batch` (the largest batch served) at once: warm-up runs batch size 1 first, and a buffer grown later would
+    re-trace the compiled blocks for every size already warm. Install it after the CUDA graph hook: its work
+    runs before each replay. Pipelines made from this one (diffusers' from_pipe) share its scheduler, which
+    the tables follow."""
     model, scheduler = getattr(pipeline, "transformer", None), getattr(pipeline, "scheduler", None)
     linears = norm_linears(model) if model is not None else None
     if model is None or linears is None or not hasattr(scheduler, "step_index"):
@@ -237,6 +239,7 @@ def enable_step_modulation(pipeline: Any) -> StepModulation | None:
         return existing
     rows = [StepRows(linear) for linear in linears]
     tables = StepModulation(model, rows, scheduler)
+    tables._fit(batch)
     registry.register_hook(tables, TABLES_HOOK)
     log.info("AdaLN tables: %d modulation products computed once per call, looked up per step", len(linears))
     return tables
