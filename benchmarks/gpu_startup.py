@@ -32,6 +32,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -88,7 +89,7 @@ def main() -> None:
         row: dict[str, Any] = {"model": name, "repo": MODELS[name]}
         report["models"].append(row)
         try:
-            measure_model(args, name, root, out, row)
+            measure_model(args, name, root, out, row, lambda: write_json(out / "startup.json", report))
         except Exception as exc:  # one model failing must not lose the others' numbers
             row["error"] = f"{type(exc).__name__}: {exc}"
             log(f"{name} failed: {row['error']}")
@@ -114,7 +115,11 @@ def time_imports() -> dict[str, float]:
     return timed
 
 
-def measure_model(args: argparse.Namespace, name: str, root: Path, out: Path, row: dict[str, Any]) -> None:
+def measure_model(
+    args: argparse.Namespace, name: str, root: Path, out: Path, row: dict[str, Any], save: Callable[[], None]
+) -> None:
+    """The folder, the disk's rate, then the starts; `save` writes the raw output after each (a run cut short
+    keeps what it measured)."""
     # The folder's name carries the repo's, as a real download's does: FLUX.1 schnell and dev are told apart by it.
     folder = root / MODELS[name].split("/")[-1]
     row["folder"] = write_folder(MODELS[name], folder, args.device)
@@ -130,6 +135,7 @@ def measure_model(args: argparse.Namespace, name: str, root: Path, out: Path, ro
         result = start_once(args, name, folder, cache, out / f"startup-{name}-{run}-{len(row['runs'])}.log")
         result["run"] = run
         row["runs"].append(result)
+        save()
         log(f"{name} {run}: {json.dumps({k: v for k, v in result.items() if k != 'workers'})}")
     hashes = {r.get("image_sha256") for r in row["runs"] if r.get("image_sha256")}
     row["same_image"] = len(hashes) == 1 if hashes else None
