@@ -58,6 +58,10 @@ def environment() -> dict[str, Any]:
 
 
 def _commit() -> str:
+    """`git describe` of the tree, or BENCH_COMMIT where the tree was copied without its history (a GPU
+    machine's copy of a working tree can carry an older HEAD)."""
+    if os.environ.get("BENCH_COMMIT"):
+        return os.environ["BENCH_COMMIT"]
     try:
         done = subprocess.run(
             ["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
