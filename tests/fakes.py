@@ -36,7 +36,7 @@ import numpy as np
 from diffuserve.engine.config import EngineConfig
 from diffuserve.engine.loader import model_info
 from diffuserve.engine.parallel.group import GroupJoinFailed
-from diffuserve.messages import BatchResult, DeviceBatch, GroupRank, StartupPhases
+from diffuserve.messages import BatchResult, DeviceBatch, GroupRank, StartupPhases, warm_order
 from diffuserve.types import TINY_FLUX, BatchJob, ModelInfo
 
 HOLD_LIMIT_S = 30.0  # a test that forgets to release its worker fails instead of hanging
@@ -49,9 +49,11 @@ class FakeEngine:
         self.phases = StartupPhases()
         self.broken = False
         self.warmed: set[int] = set()
+        self.on_phase: Callable[[str, str], None] = lambda phase, detail: None  # the worker sets its own
 
     def load(self) -> ModelInfo:
         mode, group = self.config.model_repo, self.group
+        self.on_phase("loading", "")
         if mode == "fake-failing":
             raise OSError("no model at /nowhere")
         if mode == "fake-crashing":
@@ -78,7 +80,7 @@ class FakeEngine:
 
     def warmup_sizes(self) -> list[int]:
         top = self.config.max_batch
-        return [1, *range(top, 1, -1)] if self.sizes_specialised else [top]
+        return warm_order(top) if self.sizes_specialised else [top]
 
     def warm(self, size: int) -> DeviceBatch | None:
         if self.sizes_specialised and size > 1:

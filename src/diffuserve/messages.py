@@ -112,6 +112,12 @@ class StartupPhases:
         return named
 
 
+def warm_order(max_batch: int) -> list[int]:
+    """The order a GPU worker warms its batch sizes in: 1 first (ready then, and every request can be served),
+    then the largest and on down."""
+    return [1, *range(max_batch, 1, -1)]
+
+
 @dataclass
 class WorkerReady:
     worker_id: int
@@ -138,9 +144,10 @@ class BatchSizeWarm:
 
 @dataclass
 class WorkerPhase:
-    """A starting worker's progress, for readiness: `loading` (weights to the device), `accelerating` (the
-    tier applied: fp8, compile set up, CUDA graphs), then `warming` (the first batch size, which compiles where
-    the tier compiles); `detail` says what exactly (the weights' size, the tier, the batch size)."""
+    """A starting worker's progress, for readiness: `importing` (torch, diffusers, the pipeline's modules),
+    `loading` (weights to the device), `accelerating` (the tier applied: fp8, compile set up, CUDA graphs), then
+    `warming` (the first batch size, which compiles where the tier compiles); `detail` says what exactly (the
+    weights' size, the tier, the batch size)."""
 
     worker_id: int
     phase: str

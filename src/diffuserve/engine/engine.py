@@ -34,7 +34,14 @@ from diffuserve.engine.loader import (
 )
 from diffuserve.engine.previews import PreviewTaker
 from diffuserve.engine.prompt_cache import CALL_PARAMETERS, PromptCache, takes_embeddings
-from diffuserve.messages import BatchResult, DeviceBatch, GroupRank, PreviewBatch, StartupPhases
+from diffuserve.messages import (
+    BatchResult,
+    DeviceBatch,
+    GroupRank,
+    PreviewBatch,
+    StartupPhases,
+    warm_order,
+)
 from diffuserve.types import BatchItem, BatchJob, ModelInfo, Task
 
 log = logging.getLogger(__name__)
@@ -215,7 +222,7 @@ class Engine:
         the full batch alone loads what loads lazily."""
         assert self.info is not None
         top = self.info.max_batch
-        return [1, *range(top, 1, -1)] if self.sizes_specialised else [top]
+        return warm_order(top) if self.sizes_specialised else [top]
 
     @property
     def sizes_specialised(self) -> bool:
@@ -277,9 +284,8 @@ class Engine:
             # A negative prompt (true CFG) would need its own embeddings: such batches encode as usual.
             prompt_counts = (0, 0)
             if cache is not None and "negative_prompt" not in kwargs and accepted >= CALL_PARAMETERS:
-                before = (cache.hits, cache.misses)
                 kwargs.update(cache.embeddings(kwargs.pop("prompt")))
-                prompt_counts = (cache.hits - before[0], cache.misses - before[1])
+                prompt_counts = cache.last
             adapters = self.adapters.prepare(job) if self.adapters is not None else None
             layout = self.loaded.family.previews
             previews = (

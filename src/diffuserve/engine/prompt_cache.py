@@ -50,6 +50,8 @@ class PromptCache:
         self.bytes = 0
         self.hits = 0
         self.misses = 0
+        # The last call's prompts taken from here and encoded (unique ones), for its batch's metrics.
+        self.last: tuple[int, int] = (0, 0)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -65,8 +67,9 @@ class PromptCache:
                 self._entries.move_to_end(prompt)
                 found[prompt] = entry
         missing = [prompt for prompt in dict.fromkeys(prompts) if prompt not in found]
-        self.hits += len(prompts) - sum(prompts.count(prompt) for prompt in missing)
-        self.misses += len(missing)
+        self.last = (len(prompts) - sum(prompts.count(prompt) for prompt in missing), len(missing))
+        self.hits += self.last[0]
+        self.misses += self.last[1]
         if missing:
             with torch.no_grad():
                 sequence, pooled, _ids = self._pipeline.encode_prompt(

@@ -10,7 +10,7 @@ from enum import Enum
 from multiprocessing.connection import Connection
 from typing import Any
 
-from diffuserve.messages import WorkerReady
+from diffuserve.messages import WorkerReady, warm_order
 from diffuserve.serving.outbox import Outbox
 from diffuserve.serving.worker_group import GroupProcess
 from diffuserve.types import BatchJob
@@ -72,7 +72,7 @@ class WorkerProcess:
     # When its last batch size became warm (the one ready waited for, or a later one warmed between batches).
     warm_at: float | None = None
     watchdog_fired: bool = False
-    # While starting: `spawning` (a fresh interpreter importing torch), then the worker's own WorkerPhase.
+    # While starting: `spawning` (a fresh interpreter), then the worker's own WorkerPhase and its detail.
     phase: str = "spawning"
     phase_detail: str = ""
     # A worker group's devices, rank 0 (the leader) first; empty for a one-device worker.
@@ -109,8 +109,7 @@ class WorkerProcess:
         warm = self.warm_sizes
         if self.ready is None or warm is None:
             return []
-        top = self.ready.model.max_batch
-        return [size for size in (1, *range(top, 1, -1)) if size not in warm]
+        return [size for size in warm_order(self.ready.model.max_batch) if size not in warm]
 
     def describe(self) -> dict[str, Any]:
         described: dict[str, Any] = {

@@ -98,11 +98,12 @@ def _start_engine(
     engine, None when it could not start (after telling the server why), and the batch sizes left to warm."""
     from diffuserve.engine.parallel.group import GroupJoinFailed
 
-    imported_s = time.monotonic() - entered_at
     try:
+        conn.send(WorkerPhase(worker_id, "importing", "the engine"))
         check_device(device)
-        conn.send(WorkerPhase(worker_id, "loading"))
         engine = make_engine(config, device, group)
+        # torch and the engine's modules, imported by the two calls above: the start of the import phase.
+        imported_s = time.monotonic() - entered_at
         engine.on_phase = _phase_reporter(conn, worker_id)
         info = engine.load()
         engine.phases.import_s += imported_s
