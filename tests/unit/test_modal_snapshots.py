@@ -165,13 +165,11 @@ class Readiness:
 
     def __init__(self, *bodies: dict[str, Any]) -> None:
         self.bodies = list(bodies)
-        self.answered: list[dict[str, Any]] = []
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 body = owner.bodies.pop(0) if len(owner.bodies) > 1 else owner.bodies[0]
-                owner.answered.append(body)
                 data = json.dumps(body).encode()
                 self.send_response(200 if body["status"] == "ready" else 503)
                 self.send_header("Content-Type", "application/json")
@@ -186,7 +184,10 @@ class Readiness:
         self.url = f"http://127.0.0.1:{self.server.server_port}/v2/health/ready"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
-    def close(self) -> None:
+    def __enter__(self) -> Readiness:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
         self.server.shutdown()
         self.server.server_close()
 
@@ -222,40 +223,30 @@ def test_every_size_warm_reads_the_readiness_body() -> None:
 
 def test_wait_for_every_size_waits_past_ready(front: subprocess.Popen[bytes], listening: int) -> None:
     app = load_app()
-    server = Readiness(LOADING, READY_WARMING, READY_WARMING, WARM)
-    try:
+    with Readiness(LOADING, READY_WARMING, READY_WARMING, WARM) as server:
         app.wait_until_serving(
             front, every_size=True, timeout=10, url=server.url, port=listening, interval=0.01
         )
         assert server.bodies == [WARM]  # it asked until the warm answer, not just until the first 200
-    finally:
-        server.close()
 
 
 def test_wait_for_ready_returns_at_the_first_ready_answer(
     front: subprocess.Popen[bytes], listening: int
 ) -> None:
     app = load_app()
-    server = Readiness(LOADING, READY_WARMING, WARM)
-    try:
+    with Readiness(LOADING, READY_WARMING, WARM) as server:
         app.wait_until_serving(
             front, every_size=False, timeout=10, url=server.url, port=listening, interval=0.01
         )
         assert server.bodies == [WARM]  # it returned at the first ready answer, before the warm one
-    finally:
-        server.close()
 
 
 def test_wait_needs_nginx_listening(front: subprocess.Popen[bytes]) -> None:
     app = load_app()
-    server = Readiness(WARM)
-    try:
-        with pytest.raises(TimeoutError, match="not ready after"):
-            app.wait_until_serving(
-                front, every_size=False, timeout=0.2, url=server.url, port=free_port(), interval=0.01
-            )
-    finally:
-        server.close()
+    with Readiness(WARM) as server, pytest.raises(TimeoutError, match="not ready after"):
+        app.wait_until_serving(
+            front, every_size=False, timeout=0.2, url=server.url, port=free_port(), interval=0.01
+        )
 
 
 def test_wait_fails_fast_on_a_failed_server_or_a_dead_front(
@@ -263,11 +254,8 @@ def test_wait_fails_fast_on_a_failed_server_or_a_dead_front(
 ) -> None:
     app = load_app()
     failed = Readiness({"status": "failed", "error": "CUDA out of memory", "workers": []})
-    try:
-        with pytest.raises(RuntimeError, match="failed to start: CUDA out of memory"):
-            app.wait_until_serving(front, every_size=True, timeout=10, url=failed.url, port=listening)
-    finally:
-        failed.close()
+    with failed, pytest.raises(RuntimeError, match="failed to start: CUDA out of memory"):
+        app.wait_until_serving(front, every_size=True, timeout=10, url=failed.url, port=listening)
     dead = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
     dead.wait()
     with pytest.raises(RuntimeError, match=r"supervisord exited \(3\)"):

@@ -299,10 +299,10 @@ class Scheduler:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        shape = BatchShape(self.max_batch, self._key, self.rules)
         while self.idle and self.queue:
             now = self.clock()
             ordered = [self.queue[i] for i in self.rules.order(self.queue, now)]
-            shape = BatchShape(self.max_batch, self._key, self.rules)
             chosen = next_batch(ordered, list(self.idle), self.warm_sizes, shape, now)
             if chosen is None:
                 return  # no idle worker has the size any waiting request needs warm yet: its warm-up will call
