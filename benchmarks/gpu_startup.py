@@ -43,14 +43,12 @@ MODELS = {
     "flux-dev": "black-forest-labs/FLUX.1-dev",
     "digits-folder": "digits",
 }
-# Imports a worker pays, each timed in a fresh interpreter (the second of two runs: files in the page cache).
+# Imports a worker pays, each timed in a fresh interpreter after one untimed run of them all (files in the
+# page cache, bytecode written). "worker" is what a FLUX worker at tier L imports before its weights load.
+WORKER_IMPORTS = "import diffuserve.engine.engine; from diffusers import FluxPipeline; import torchao"
 IMPORTS = {
     "torch": "import torch",
-    "diffusers": "import diffusers",
-    "diffusers FluxPipeline": "from diffusers import FluxPipeline",
-    "transformers T5EncoderModel": "from transformers import T5EncoderModel",
-    "torchao": "import torchao",
-    "diffuserve engine": "import diffuserve.engine.engine",
+    "worker": WORKER_IMPORTS,
     "diffuserve api": "import diffuserve.api.app",
 }
 
@@ -96,23 +94,40 @@ def main() -> None:
         write_json(out / "startup.json", report)
 
 
-def time_imports() -> dict[str, float]:
+def time_imports() -> dict[str, Any]:
+    """Seconds per import in fresh interpreters, and where a worker's import time goes (`-X importtime`: the
+    modules imported at top level that took longest, cumulative)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
-    timed: dict[str, float] = {}
-    interpreter = "import sys"
-    for name, statement in {"python": interpreter, **IMPORTS}.items():
-        seconds = []
-        for _ in range(2):
-            started = time.perf_counter()
-            done = subprocess.run([sys.executable, "-c", statement], env=env, capture_output=True, text=True)
-            seconds.append(time.perf_counter() - started)
-            if done.returncode != 0:
-                log(f"import {name}: failed ({done.stderr.strip().splitlines()[-1:]})")
-                break
-        else:
-            timed[name] = round(seconds[-1], 2)
-            log(f"import {name}: {timed[name]:.2f} s")
+    subprocess.run(
+        [sys.executable, "-c", WORKER_IMPORTS + "; import diffuserve.api.app"], env=env, capture_output=True
+    )
+    timed: dict[str, Any] = {}
+    for name, statement in {"python": "import sys", **IMPORTS}.items():
+        started = time.perf_counter()
+        done = subprocess.run([sys.executable, "-c", statement], env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            log(f"import {name}: failed ({done.stderr.strip().splitlines()[-1:]})")
+            continue
+        timed[name] = round(time.perf_counter() - started, 2)
+        log(f"import {name}: {timed[name]:.2f} s")
+    profile = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", WORKER_IMPORTS], env=env, capture_output=True, text=True
+    )
+    timed["worker_profile_s"] = top_level_imports(profile.stderr)
+    log(f"worker imports, longest: {json.dumps(timed['worker_profile_s'])}")
     return timed
+
+
+def top_level_imports(importtime: str, count: int = 15) -> dict[str, float]:
+    """The `count` longest top-level entries of `-X importtime` output (cumulative seconds; the profiler's own
+    overhead included, so they sum to more than a plain run)."""
+    entries: list[tuple[float, str]] = []
+    for line in importtime.splitlines():
+        fields = line.split("|")
+        if len(fields) == 3 and fields[2].startswith(" ") and not fields[2].startswith("  "):
+            with contextlib.suppress(ValueError):
+                entries.append((int(fields[1]) / 1e6, fields[2].strip()))
+    return {name: round(seconds, 2) for seconds, name in sorted(entries, reverse=True)[:count]}
 
 
 def measure_model(
