@@ -440,6 +440,113 @@ def priorities(*names: str) -> str:
     return "\n\n".join(parts)
 
 
+# The start-up goals (warm: to the first image, and to every batch size warm; cold: to the first image).
+STARTUP_GOALS_S = {"warm": 10.0, "warm_all": 15.0, "cold": 45.0}
+STARTUP_PHASES = ("spawn", "import", "load", "tier")
+
+
+def startup(*names: str) -> str:
+    """Cold and warm starts per model, timed from the spawn, with the worker's phases, one table per run."""
+    parts = []
+    for name in names:
+        data = load(name)
+        settings = data["settings"]
+        for model in data["models"]:
+            if "error" in model:
+                parts.append(f"{model['repo']}: failed ({model['error']})")
+                continue
+            parts.append(_startup_model(model, settings, data["environment"]))
+        parts.append(startup_imports(data))
+    return "\n\n".join(parts)
+
+
+def _startup_model(model: dict[str, Any], settings: dict[str, Any], env: dict[str, Any]) -> str:
+    folder, disk = model["folder"], model.get("disk", {})
+    gigabytes = folder["bytes"] / 1e9
+    rows = []
+    for run in model["runs"]:
+        worker = run["workers"][0] if run.get("workers") else {}
+        phases = worker.get("start_seconds", {})
+        load_s = phases.get("load", 0.0)
+        rate = f" ({gigabytes / load_s:.1f} GB/s)" if load_s else ""
+        warmups = {k.removeprefix("warmup_"): v for k, v in phases.items() if k.startswith("warmup_b")}
+        first_goal = STARTUP_GOALS_S["cold" if run["run"] == "cold" else "warm"]
+        first = run.get("first_image_s", float("nan"))
+        all_warm = run.get("all_warm_s")
+        rows.append(
+            [
+                run["run"],
+                f"{run['ready_s']:.1f}",
+                _against(first, first_goal),
+                _against(all_warm, STARTUP_GOALS_S["warm_all"])
+                if run["run"] == "warm"
+                else _seconds(all_warm),
+                *(f"{phases.get(p, 0.0):.1f}" + (rate if p == "load" else "") for p in STARTUP_PHASES),
+                ", ".join(f"{size} {s:.1f}" for size, s in warmups.items()),
+            ]
+        )
+    same = {True: "the same image (sha256) in every run", False: "**images differ between runs**", None: ""}
+    head = (
+        f"{model['repo']} (random weights saved as a {gigabytes:.1f} GB diffusers folder), tier "
+        f"{settings['tier']}, MODEL_BATCH {settings['batch']}; disk {disk.get('disk_gb_s', '?')} GB/s "
+        f"({'O_DIRECT' if disk.get('o_direct') else 'evicted, buffered'}), page cache "
+        f"{disk.get('page_cache_gb_s', '?')} GB/s; {same[model.get('same_image')]}. " + run_line(env)
+    )
+    header = [
+        "start",
+        "ready (s)",
+        "first image (s)",
+        "every size warm (s)",
+        "spawn",
+        "import",
+        "load",
+        "tier",
+    ]
+    return head + "\n\n" + table([*header, "warm-up per batch size (s)"], rows) + _lone_line(model)
+
+
+def _lone_line(model: dict[str, Any]) -> str:
+    """The lone requests over HTTP once every size was warm (the cold run's, the first that has them)."""
+    lone = next((run["lone"] for run in model["runs"] if run.get("lone")), None)
+    if not lone:
+        return ""
+    parts = []
+    for name, label in (("same_prompt", "a repeated prompt"), ("new_prompt", "a new prompt each time")):
+        seconds = lone.get(name, {}).get("seconds", [])
+        if seconds:
+            parts.append(f"{label} {median(seconds):.2f} s (median of {len(seconds)})")
+    return (
+        "\n\nLone requests over HTTP once every size was warm (JPEG, native size): " + ", ".join(parts) + "."
+    )
+
+
+def startup_imports(data: dict[str, Any]) -> str:
+    """The imports a worker pays, each in a fresh interpreter, and the longest of them."""
+    imports = data.get("imports") or {}
+    timed = [
+        f"{name} {seconds:.1f} s" for name, seconds in imports.items() if isinstance(seconds, float | int)
+    ]
+    profile = imports.get("worker_profile_s") or {}
+    longest = ", ".join(f"`{name}` {seconds:.1f}" for name, seconds in list(profile.items())[:6])
+    line = "Imports in fresh interpreters: " + ", ".join(timed) + "."
+    return line + (
+        f" A worker's longest imports (`-X importtime`, cumulative s): {longest}." if longest else ""
+    )
+
+
+def _seconds(value: float | None) -> str:
+    return "–" if value is None else f"{value:.1f}"
+
+
+def _against(value: float | None, goal: float) -> str:
+    """A time beside its goal: bold where met, else by how much it is missed."""
+    if value is None or value != value:
+        return "–"
+    if value <= goal:
+        return f"**{value:.1f}** (≤ {goal:.0f})"
+    return f"{value:.1f} ({value - goal:+.1f} over {goal:.0f})"
+
+
 BLOCKS: dict[str, tuple[Callable[..., str], tuple[str, ...]]] = {
     "cpu-digits": (cpu_digits, ("cpu-digits.json",)),
     "cpu-sweep": (cpu_sweep, ("cpu-sweep-summary.json",)),

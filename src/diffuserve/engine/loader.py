@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from diffuserve.engine.config import EngineConfig
+from diffuserve.engine.prefetch import weight_files
 from diffuserve.models.registry import BUILTIN_MODELS, is_builtin
 from diffuserve.types import FAMILIES_BY_CLASS, GENERIC, TINY_FLUX, Family, ModelInfo, Task
 
@@ -39,16 +40,10 @@ def looks_like_local_path(repo: str) -> bool:
     return repo.startswith(("/", "./", "../", "~")) or (os.path.sep in repo and Path(repo).exists())
 
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
-
-
 def weights_bytes(path: str) -> int:
     """The size of the weight files of a local pipeline folder (a hub model's snapshot in the cache too, whose
     files link to its blobs); 0 where `path` is no folder (a built-in model, a hub id not fetched yet)."""
-    folder = Path(path).expanduser()
-    if not folder.is_dir():
-        return 0
-    return sum(f.stat().st_size for f in folder.rglob("*") if f.suffix in WEIGHT_SUFFIXES and f.is_file())
+    return sum(f.stat().st_size for f in weight_files(path))
 
 
 def check_model_source(repo: str, weights: str = "pretrained") -> None:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from diffuserve.engine.config import EngineConfig
+from diffuserve.engine.prefetch import start_prefetch
 from diffuserve.logs import configure_logging
 from diffuserve.messages import (
     BatchResult,
@@ -308,6 +309,9 @@ def child_entry(
         # First of all: a server killed outright (OOM killer, kill -9) runs no cleanup, and a worker left
         # behind would keep its GPU memory from the server that replaces it.
         die_with_parent(parent.pid)
+    if config.weights != "random" and (group is None or group.leader):
+        # Before the imports: a cold start's disk reads run beside them (one reader per host is enough).
+        start_prefetch(config.model_path or config.model_repo)
     if cpu_threads is not None:
         # Idle OpenMP threads would otherwise spin for a while after each op and take the cores the API
         # process needs to answer; measured: about half the per-request overhead on 2 cores. Set before

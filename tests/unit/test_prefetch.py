@@ -1,0 +1,71 @@
+"""Weights read ahead of the load: which files, whole files from disk, cached files skipped after a sample,
+nothing read where the files would not fit in memory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from diffuserve.engine import prefetch
+from diffuserve.engine.loader import weights_bytes
+
+
+def write(path: Path, size: int) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\1" * size)
+    return path
+
+
+def test_the_safetensors_of_every_component_in_path_order(tmp_path: Path) -> None:
+    write(tmp_path / "vae" / "diffusion_pytorch_model.safetensors", 10)
+    write(tmp_path / "transformer" / "diffusion_pytorch_model-00001-of-00002.safetensors", 10)
+    write(tmp_path / "transformer" / "diffusion_pytorch_model-00002-of-00002.safetensors", 10)
+    write(tmp_path / "transformer" / "diffusion_pytorch_model.bin", 99)  # diffusers loads the safetensors
+    write(tmp_path / "tokenizer" / "vocab.json", 5)
+    names = [f.relative_to(tmp_path).as_posix() for f in prefetch.weight_files(str(tmp_path))]
+    assert names == [
+        "transformer/diffusion_pytorch_model-00001-of-00002.safetensors",
+        "transformer/diffusion_pytorch_model-00002-of-00002.safetensors",
+        "vae/diffusion_pytorch_model.safetensors",
+    ]
+    assert weights_bytes(str(tmp_path)) == 30
+    assert prefetch.weight_files("digits") == [] and prefetch.weight_files(str(tmp_path / "none")) == []
+
+
+def test_a_pickle_only_folder_reads_its_pickles(tmp_path: Path) -> None:
+    write(tmp_path / "unet" / "diffusion_pytorch_model.bin", 10)
+    assert [f.name for f in prefetch.weight_files(str(tmp_path))] == ["diffusion_pytorch_model.bin"]
+
+
+def test_files_are_read_through_and_cached_ones_skipped_after_their_sample(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(prefetch, "CHUNK", 1024)
+    monkeypatch.setattr(prefetch, "SAMPLE", 4096)
+    files = [write(tmp_path / f"{i}.safetensors", 64 * 1024 + 7) for i in range(2)]
+    monkeypatch.setattr(prefetch, "CACHED_GB_S", float("inf"))  # nothing counts as cached
+    result = prefetch.prefetch(files)
+    assert (result.files, result.read_bytes, result.cached_files) == (2, 2 * (64 * 1024 + 7), 0)
+    monkeypatch.setattr(prefetch, "CACHED_GB_S", 0.0)  # everything counts as cached: only the samples read
+    result = prefetch.prefetch(files)
+    assert (result.files, result.read_bytes, result.cached_files) == (2, 2 * 4096, 2)
+
+
+def test_an_unreadable_file_is_left_to_the_loader(tmp_path: Path) -> None:
+    result = prefetch.prefetch([tmp_path / "gone.safetensors"])
+    assert (result.files, result.read_bytes) == (1, 0)
+
+
+def test_no_reader_without_files_or_without_the_memory_for_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert prefetch.start_prefetch(str(tmp_path)) is None
+    write(tmp_path / "vae" / "diffusion_pytorch_model.safetensors", 1000)
+    monkeypatch.setattr(prefetch, "available_memory", lambda: 1000)
+    assert prefetch.start_prefetch(str(tmp_path)) is None
+    monkeypatch.setattr(prefetch, "available_memory", lambda: 10**9)
+    thread = prefetch.start_prefetch(str(tmp_path))
+    assert thread is not None
+    thread.join(10)
+    assert not thread.is_alive()
