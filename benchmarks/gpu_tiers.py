@@ -6,10 +6,16 @@ per tier through `diffuserve serve`; or each tier's quality on the trained digit
     python benchmarks/gpu_tiers.py --models all --tiers family --steps 4 --repeats 1          # every family, ≈ 9 min
     python benchmarks/gpu_tiers.py --model flux-dev --phase server --tiers L                 # over HTTP
     python benchmarks/gpu_tiers.py --model digits                                            # quality per tier
+    python benchmarks/gpu_tiers.py --model flux-dev --tiers E,torchao,cache-dit              # against the peers
 
 `--tiers family` runs E, XL and L where the family has L. Each row records the components' parameter counts,
-ms/step (median between step ends) and s/image; `--budget-s` stops starting new models once spent, so a run
-of every family ends inside one device call (the rows written so far are kept).
+ms/step (median between step ends) and s/image, and after tier E its first image's PSNR against E's (the same
+prompt and seed); `--budget-s` stops starting new models once spent, so a run of every family ends inside one
+device call (the rows written so far are kept).
+
+Peers (peers.py) are other projects' published recipes applied to tier E's plain diffusers pipeline, timed the
+same way: `torchao` (diffusers + torchao fp8 + max-autotune compile, flux-fast's recipe) and `cache-dit` (its
+DBCache and compile). A peer whose library does not import gives a row with "error" and the run goes on.
 
 A tier may name a setting after a slash, `L/CUDA_GRAPHS=off`, to measure what a technique gives. Random weights
 have the released models' architectures, so time and memory are the real models'; their images are noise.
@@ -19,9 +25,11 @@ Output (--out, else $OUT): tiers-<model>.jsonl, server-<model>.jsonl, digits-qua
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import itertools
 import json
+import math
 import os
 import time
 from dataclasses import replace
@@ -29,6 +37,7 @@ from typing import Any
 
 import torch
 
+import peers
 from common import ROOT, environment, log, out_dir, write_json
 from diffuserve.engine.config import CudaGraphs, DType, EngineConfig, Weights
 from diffuserve.models.random_weights import RELEASED_REPOS
@@ -64,9 +73,10 @@ def call_kwargs(engine: Any, batch: int, steps: int, size: int) -> dict[str, Any
     return pipeline_kwargs(job, family, engine._accepted_by[Task.GENERATE], "pt")
 
 
-def timed_call(pipe: Any, kwargs: dict[str, Any]) -> dict[str, float]:
+def timed_call(pipe: Any, kwargs: dict[str, Any], outputs: list[Any] | None = None) -> dict[str, float]:
     """Wall time of the call, the median step between step-end events, the time to the first step's end (text
-    encoders and the first step) and after the last (VAE decode), and peak memory."""
+    encoders and the first step) and after the last (VAE decode), and peak memory. The call's output is appended
+    to `outputs` where given."""
     events: list[Any] = []
 
     def on_step(_pipe: Any, _i: int, _t: Any, tensors: dict[str, Any]) -> dict[str, Any]:
@@ -80,10 +90,12 @@ def timed_call(pipe: Any, kwargs: dict[str, Any]) -> dict[str, float]:
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     wall = time.perf_counter()
     start.record()
-    pipe(**kwargs, callback_on_step_end=on_step)
+    output = pipe(**kwargs, callback_on_step_end=on_step)
     end.record()
     torch.cuda.synchronize()
     wall = time.perf_counter() - wall
+    if outputs is not None:
+        outputs.append(output)
     steps = sorted(a.elapsed_time(b) for a, b in itertools.pairwise(events))
     return {
         "s": wall,
@@ -94,42 +106,102 @@ def timed_call(pipe: Any, kwargs: dict[str, Any]) -> dict[str, float]:
     }
 
 
-def measure(args: argparse.Namespace, model: str, variant: str) -> dict[str, Any]:
+# Tier E's first image per (model, batch size), kept by E's row for the rows after it to compare with.
+Eager = dict[tuple[str, int], torch.Tensor]
+
+
+def measure(args: argparse.Namespace, model: str, variant: str, eager: Eager) -> dict[str, Any]:
+    """One tier or peer of one model: load, (a peer: its recipe on tier E's pipeline), warm up, time."""
     from diffuserve.engine.engine import Engine
     from diffuserve.models.random_weights import count_params
     from diffuserve.types import Task
 
-    row: dict[str, Any] = {"model": model, "tier": variant, "size": args.size, "runs": []}
+    peer = peers.peer_for(variant) if peers.is_peer(variant) else None
+    row: dict[str, Any] = {
+        "model": model,
+        "tier": variant,
+        **peers.describe(variant),
+        "size": args.size,
+        "runs": [],
+    }
+    why = peers.unavailable(peer) if peer is not None else None
+    if why:
+        raise RuntimeError(why)  # before loading tens of GB of weights
     started = time.perf_counter()
-    config = config_for(variant, MODELS[model], Weights.RANDOM, max(args.batches), args.cache_dir)
+    # A peer starts from the pipeline as plain diffusers runs it: tier E's.
+    config = config_for(
+        "E" if peer else variant, MODELS[model], Weights.RANDOM, max(args.batches), args.cache_dir
+    )
     engine = Engine(config, "cuda:0")
     info = engine.load()
     row["load_s"] = time.perf_counter() - started
     row["family"], row["steps"] = info.family, args.steps or info.default_steps
     pipe = engine._pipelines[Task.GENERATE]
-    # As loaded by this tier (fp8 and fused QKV change what is stored; tier E's are the released counts).
-    row["params"] = {
-        name: count_params(part)
-        for name, part in pipe.components.items()
-        if isinstance(part, torch.nn.Module)
-    }
-    for batch in sorted(args.batches, reverse=True):
-        # The server's warm-up: one short call (E), or two (the first compiles, the second captures graphs).
-        started = time.perf_counter()
-        for _ in range(1 if variant.startswith("E") else 2):
-            pipe(**call_kwargs(engine, batch, 1, args.size))
-        torch.cuda.synchronize()
-        row[f"warmup_b{batch}_s"] = time.perf_counter() - started
-    for batch in args.batches:
-        for _ in range(args.repeats):
-            run = {"batch": batch, **timed_call(pipe, call_kwargs(engine, batch, row["steps"], args.size))}
-            run["s_per_image"] = run["s"] / batch
-            row["runs"].append(run)
-            log(f"{model} {variant}: {json.dumps(run)}")
+    first: torch.Tensor | None = None
+    with contextlib.ExitStack() as stack:
+        if peer is not None:
+            # Undone on the way out, with the process-wide compile settings it changed.
+            started = time.perf_counter()
+            row["peer_notes"] = stack.enter_context(peers.applied(peer, pipe))
+            row["peer_setup_s"] = time.perf_counter() - started
+        # As loaded by this tier (fp8 and fused QKV change what is stored; tier E's are the released counts).
+        row["params"] = {
+            name: count_params(part)
+            for name, part in pipe.components.items()
+            if isinstance(part, torch.nn.Module)
+        }
+        for batch in sorted(args.batches, reverse=True):
+            # The server's warm-up: one short call (E), or two (the first compiles, the second captures graphs);
+            # a peer's own (peers.py).
+            calls, steps = (1 if variant.startswith("E") else 2), 1
+            if peer is not None:
+                calls, steps = peer.warmup_calls, peer.warmup_steps or row["steps"]
+            started = time.perf_counter()
+            for _ in range(calls):
+                pipe(**call_kwargs(engine, batch, steps, args.size))
+            torch.cuda.synchronize()
+            row[f"warmup_b{batch}_s"] = time.perf_counter() - started
+        for batch in args.batches:
+            for _ in range(args.repeats):
+                outputs: list[Any] = []
+                timed = timed_call(pipe, call_kwargs(engine, batch, row["steps"], args.size), outputs)
+                run = {"batch": batch, **timed, "s_per_image": timed["s"] / batch}
+                if first is None:
+                    first = first_image(outputs[0])
+                row["runs"].append(run)
+                log(f"{model} {variant}: {json.dumps(run)}")
+        if peer is not None:
+            try:
+                row.update(peer.stats(pipe))
+            except Exception as exc:  # statistics are extra: never lose the timings for them
+                row["stats_error"] = f"{type(exc).__name__}: {exc}"
+    compare_with_eager(row, variant, first, eager, (model, args.batches[0]))
     graphs = engine._graphs
     row["graph_replays"] = graphs.replays if graphs is not None else 0
     engine.close()
     return row
+
+
+def first_image(output: Any) -> torch.Tensor | None:
+    """The call's first image as float32 on the CPU (a copy: compiled graphs may reuse the output's memory)."""
+    images = getattr(output, "images", None)
+    if not isinstance(images, torch.Tensor):
+        return None
+    return images[0].detach().float().cpu()
+
+
+def compare_with_eager(
+    row: dict[str, Any], variant: str, image: torch.Tensor | None, eager: Eager, key: tuple[str, int]
+) -> None:
+    """Tier E keeps its first image; a later row of the same model and batch size records its PSNR against it."""
+    if image is None:
+        return
+    if variant == "E":
+        eager[key] = image
+    elif key in eager and eager[key].shape == image.shape:
+        psnr = peers.psnr_db(image, eager[key])
+        # null: the same image (infinite PSNR, which JSON cannot write).
+        row["psnr_vs_eager_db"] = psnr if math.isfinite(psnr) else None
 
 
 def free_gpu() -> None:
@@ -139,19 +211,21 @@ def free_gpu() -> None:
 
 
 def tiers_of(model: str, wanted: list[str]) -> list[str]:
-    """`family`: E, XL, and L where the family has it; else the tiers asked for."""
+    """The tiers (and peers) asked for, `family` standing for E, XL, and L where the family has it."""
     from diffuserve.engine.loader import detect_family
     from diffuserve.models.random_weights import arch_for_repo
     from diffuserve.types import FAMILIES
 
-    if wanted != ["family"]:
+    if "family" not in wanted:
         return wanted
     family = FAMILIES.get(arch_for_repo(MODELS[model])) or detect_family("", MODELS[model])
-    return [tier for tier in ("E", "XL", "L") if tier in family.tiers]
+    own = [tier for tier in ("E", "XL", "L") if tier in family.tiers]
+    return [tier for name in wanted for tier in (own if name == "family" else [name])]
 
 
 def run_pipelines(args: argparse.Namespace) -> None:
     started = time.perf_counter()
+    eager: Eager = {}
     for model in args.models:
         path = args.out / f"tiers-{model}.jsonl"
         for variant in tiers_of(model, args.tiers):
@@ -160,9 +234,10 @@ def run_pipelines(args: argparse.Namespace) -> None:
                 continue
             free_gpu()
             try:
-                row = measure(args, model, variant)
+                row = measure(args, model, variant, eager)
             except Exception as exc:  # one tier failing must not lose the others' numbers
-                row = {"model": model, "tier": variant, "error": f"{type(exc).__name__}: {exc}"}
+                error = f"{type(exc).__name__}: {exc}"
+                row = {"model": model, "tier": variant, **peers.describe(variant), "error": error}
                 log(f"{model} {variant} failed: {row['error']}")
             row["environment"] = args.environment
             with path.open("a") as fh:
@@ -282,7 +357,8 @@ def main() -> int:
     parser.add_argument(
         "--tiers",
         default="E,XL,L",
-        help="tiers, each maybe with /CUDA_GRAPHS=off; `family`: E, XL (+ L where it has L)",
+        help="tiers, each maybe with /CUDA_GRAPHS=off; `family`: E, XL (+ L where it has L); "
+        f"peers (pipeline phase): {','.join(peers.PEERS)}",
     )
     parser.add_argument("--batches", default="1", help="batch sizes, e.g. 1,4")
     parser.add_argument("--size", type=int, default=1024)
@@ -304,6 +380,8 @@ def main() -> int:
         raise SystemExit("needs a CUDA GPU")
     args.out = out_dir(args.out)
     args.tiers = [t for t in args.tiers.split(",") if t]
+    if args.phase == "server" and any(peers.is_peer(t) for t in args.tiers):
+        parser.error("peers run in the pipeline phase only (the server runs its own tiers)")
     args.batches = [int(b) for b in args.batches.split(",")]
     args.environment = environment()
     log(f"environment: {json.dumps(args.environment)}")

@@ -131,12 +131,19 @@ def tiers(*names: str) -> str:
         eager = {r["batch"]: r for r in _medians(results, "E")}
         rows = []
         order = ["E", "XL", "L", "M", "S"]
-        named = sorted({r["tier"] for r in results}, key=lambda t: (order.index(t.split("/")[0]), t))
-        for result in [[r for r in results if r["tier"] == tier][-1] for tier in named]:
+        # The tiers in their order, then the peers (other projects' recipes measured in the same run).
+        rank = {tier: index for index, tier in enumerate(order)}
+        named = sorted(
+            {r["tier"] for r in results if "runs" in r},
+            key=lambda t: (rank.get(t.split("/")[0], len(order)), t),
+        )
+        for result in [[r for r in results if r["tier"] == tier and "runs" in r][-1] for tier in named]:
             for run in _medians(results, result["tier"]):
                 base = eager.get(run["batch"])
                 speed = f"{base['s'] / run['s']:.2f}×" if base and result["tier"] != "E" else "-"
                 label = "E (plain diffusers, eager)" if result["tier"] == "E" else result["tier"]
+                if result.get("peer"):
+                    label = f"peer: {result['peer']} {result.get('peer_version', '')}".rstrip()
                 rows.append(
                     [
                         label,
