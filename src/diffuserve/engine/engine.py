@@ -32,6 +32,7 @@ from diffuserve.engine.loader import (
     model_info,
     weights_bytes,
 )
+from diffuserve.engine.preimport import start_preimport, tier_modules
 from diffuserve.engine.previews import PreviewTaker
 from diffuserve.engine.prompt_cache import CALL_PARAMETERS, PromptCache, takes_embeddings
 from diffuserve.messages import (
@@ -104,6 +105,7 @@ class Engine:
         started = time.perf_counter()
         size = weights_bytes(c.model_path or c.model_repo) if c.weights != "random" else 0
         self.on_phase("loading", f"{size / 1e9:.1f} GB of weights to {self.device}" if size else "")
+        tier_imports = start_preimport(tier_modules(c.tier, self.device))
         self.loaded = load_pipeline(
             c.model_repo, device=self.device, dtype_name=c.dtype, weights=c.weights, path=c.model_path
         )
@@ -114,6 +116,8 @@ class Engine:
             log.info("weights: %.1f GB loaded in %.1f s (%.1f GB/s)", size / 1e9, self.phases.load_s, rate)
         started = time.perf_counter()
         self.on_phase("accelerating", f"tier {c.tier}")
+        if tier_imports is not None:  # what the load did not hide is the tier's time
+            tier_imports.join()
         parallel, pixels = self._accelerate(self.loaded)
         pipeline, family = self.loaded.pipeline, self.loaded.family
         # After the tier and the group: the edit pipelines share the (compiled, quantized, split) denoiser.
