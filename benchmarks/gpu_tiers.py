@@ -1,12 +1,14 @@
 """The acceleration tiers as the server runs them (the engine's own set-up: recipe, CUDA graphs) against plain
 diffusers eager (tier E), on the random-weight real architecture of any served family; then one lone request
-per tier through `diffuserve serve`; or each tier's quality on the trained digits model.
+per tier through `diffuserve serve`; or one profiled call per tier; or each tier's quality on the trained digits
+model.
 
     python benchmarks/gpu_tiers.py --model flux-dev --tiers E,XL,L --batches 1 --repeats 3   # pipeline calls
     python benchmarks/gpu_tiers.py --models all --tiers family --steps 4 --repeats 1          # every family, ≈ 9 min
     python benchmarks/gpu_tiers.py --model flux-dev --phase server --tiers L                 # over HTTP
     python benchmarks/gpu_tiers.py --model digits                                            # quality per tier
     python benchmarks/gpu_tiers.py --model flux-dev --tiers E,torchao,cache-dit              # against the peers
+    python benchmarks/gpu_tiers.py --model flux-dev --phase profile --tiers E,XL,L           # where time goes
 
 `--tiers family` runs E, XL and L where the family has L. Each row records the components' parameter counts,
 ms/step (median between step ends) and s/image, and after tier E its first image's PSNR against E's (the same
@@ -19,7 +21,15 @@ DBCache and compile). A peer whose library does not import gives a row with "err
 
 A tier may name a setting after a slash, `L/CUDA_GRAPHS=off`, to measure what a technique gives. Random weights
 have the released models' architectures, so time and memory are the real models'; their images are noise.
-Output (--out, else $OUT): tiers-<model>.jsonl, server-<model>.jsonl, digits-quality.json.
+
+`--phase profile` sets each tier (or peer) up and warms it up as the pipeline phase does, times one plain call,
+then runs one call under torch.profiler (CPU and CUDA activity, no shapes or stacks) with a marker kernel at each
+step end; step_profile.py sorts the GPU kernels into matmul, attention, norm/elementwise and memcpy/memset, and
+measures busy time and the gaps between kernels, for the whole call and for the denoising steps alone. `--trace`
+also writes each profiled call's chrome trace, gzip-compressed (tens to hundreds of MB each).
+
+Output (--out, else $OUT): tiers-<model>.jsonl, server-<model>.jsonl, profile-<model>.jsonl (with --trace,
+profile-<model>-<tier>-b<batch>.json.gz), digits-quality.json.
 """
 
 from __future__ import annotations
@@ -31,13 +41,17 @@ import itertools
 import json
 import math
 import os
+import re
 import time
+from collections.abc import Iterator
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import torch
 
 import peers
+import step_profile
 from common import ROOT, environment, log, out_dir, write_json
 from diffuserve.engine.config import CudaGraphs, DType, EngineConfig, Weights
 from diffuserve.models.random_weights import RELEASED_REPOS
@@ -110,8 +124,13 @@ def timed_call(pipe: Any, kwargs: dict[str, Any], outputs: list[Any] | None = No
 Eager = dict[tuple[str, int], torch.Tensor]
 
 
-def measure(args: argparse.Namespace, model: str, variant: str, eager: Eager) -> dict[str, Any]:
-    """One tier or peer of one model: load, (a peer: its recipe on tier E's pipeline), warm up, time."""
+@contextlib.contextmanager
+def warmed_up(
+    args: argparse.Namespace, model: str, variant: str
+) -> Iterator[tuple[Any, Any, dict[str, Any]]]:
+    """One tier or peer of one model loaded (a peer: its recipe on tier E's pipeline) and warmed up for every
+    batch size as the server does: (engine, pipeline, the row so far). The pipeline and profile phases share it,
+    so both measure the same set-up. A peer's recipe is undone on the way out; the engine is left to the caller."""
     from diffuserve.engine.engine import Engine
     from diffuserve.models.random_weights import count_params
     from diffuserve.types import Task
@@ -137,7 +156,6 @@ def measure(args: argparse.Namespace, model: str, variant: str, eager: Eager) ->
     row["load_s"] = time.perf_counter() - started
     row["family"], row["steps"] = info.family, args.steps or info.default_steps
     pipe = engine._pipelines[Task.GENERATE]
-    first: torch.Tensor | None = None
     with contextlib.ExitStack() as stack:
         if peer is not None:
             # Undone on the way out, with the process-wide compile settings it changed.
@@ -161,6 +179,13 @@ def measure(args: argparse.Namespace, model: str, variant: str, eager: Eager) ->
                 pipe(**call_kwargs(engine, batch, steps, args.size))
             torch.cuda.synchronize()
             row[f"warmup_b{batch}_s"] = time.perf_counter() - started
+        yield engine, pipe, row
+
+
+def measure(args: argparse.Namespace, model: str, variant: str, eager: Eager) -> dict[str, Any]:
+    """One tier or peer of one model: load, (a peer: its recipe on tier E's pipeline), warm up, time."""
+    first: torch.Tensor | None = None
+    with warmed_up(args, model, variant) as (engine, pipe, row):
         for batch in args.batches:
             for _ in range(args.repeats):
                 outputs: list[Any] = []
@@ -170,9 +195,9 @@ def measure(args: argparse.Namespace, model: str, variant: str, eager: Eager) ->
                     first = first_image(outputs[0])
                 row["runs"].append(run)
                 log(f"{model} {variant}: {json.dumps(run)}")
-        if peer is not None:
+        if peers.is_peer(variant):
             try:
-                row.update(peer.stats(pipe))
+                row.update(peers.peer_for(variant).stats(pipe))
             except Exception as exc:  # statistics are extra: never lose the timings for them
                 row["stats_error"] = f"{type(exc).__name__}: {exc}"
     compare_with_eager(row, variant, first, eager, (model, args.batches[0]))
@@ -242,6 +267,97 @@ def run_pipelines(args: argparse.Namespace) -> None:
             row["environment"] = args.environment
             with path.open("a") as fh:
                 fh.write(json.dumps(row) + "\n")
+
+
+def profiled_call(
+    pipe: Any, kwargs: dict[str, Any], trace: Path | None
+) -> tuple[list[step_profile.Kernel], float]:
+    """One call under torch.profiler, CPU and CUDA activity, without shapes, stacks or memory (the least overhead),
+    with a marker kernel at each step end: the device work it recorded and the call's wall ms. Writes the chrome
+    trace to `trace` (gzip-compressed: the name ends in .gz) where given."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def on_step(_pipe: Any, _i: int, _t: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+        # A one-cycle spin_kernel (step_profile.STEP_MARKER): its end is this step's end on the GPU's clock.
+        torch.cuda._sleep(1)
+        return tensors
+
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
+    torch.cuda.synchronize()
+    with profile(activities=activities, record_shapes=False, with_stack=False, profile_memory=False) as prof:
+        started = time.perf_counter()
+        pipe(**kwargs, callback_on_step_end=on_step)
+        torch.cuda.synchronize()
+        call_ms = (time.perf_counter() - started) * 1000
+    kernels = step_profile.kernels_from_profiler(prof)
+    if trace is not None:
+        started = time.perf_counter()
+        prof.export_chrome_trace(str(trace))
+        log(f"wrote {trace} ({trace.stat().st_size / 2**20:.0f} MiB, {time.perf_counter() - started:.0f} s)")
+    return kernels, call_ms
+
+
+def profile_rows(args: argparse.Namespace, model: str, variant: str) -> Iterator[dict[str, Any]]:
+    """Per batch size, after the pipeline phase's set-up and warm-up: one plain timed call (the reference without
+    the profiler's overhead), then one profiled call, summarised by step_profile."""
+    with warmed_up(args, model, variant) as (engine, pipe, row):
+        del row["runs"]
+        for batch in args.batches:
+            steps = row["steps"]
+            unprofiled = timed_call(pipe, call_kwargs(engine, batch, steps, args.size))
+            name = re.sub(r"[^A-Za-z0-9._-]+", "_", f"profile-{model}-{variant}-b{batch}") + ".json.gz"
+            trace = args.out / name if args.trace else None
+            replays = engine._graphs.replays if engine._graphs is not None else 0
+            kernels, call_ms = profiled_call(pipe, call_kwargs(engine, batch, steps, args.size), trace)
+            out: dict[str, Any] = {
+                **row,
+                "batch": batch,
+                "unprofiled": unprofiled,
+                "profiled_call_ms": round(call_ms, 2),
+                # CUDA graph replays in the profiled call: a graph tier that fell back to eager shows 0.
+                "graph_replays": (engine._graphs.replays if engine._graphs is not None else 0) - replays,
+                **step_profile.summarise_call(kernels, steps),
+                "trace": trace.name if trace is not None else None,
+            }
+            if not kernels:
+                out["note"] = "the profiler recorded no CUDA kernels (CUPTI unavailable?)"
+            if peers.is_peer(variant):
+                with contextlib.suppress(Exception):  # statistics are extra
+                    out.update(peers.peer_for(variant).stats(pipe))
+            del kernels
+            yield out
+    engine.close()
+
+
+def run_profiles(args: argparse.Namespace) -> None:
+    """Each tier (or peer) profiled; rows appended to profile-<model>.jsonl as each is done, so a run cut short
+    keeps the rows it wrote."""
+    started = time.perf_counter()
+    for model in args.models:
+        path = args.out / f"profile-{model}.jsonl"
+        for variant in tiers_of(model, args.tiers):
+            if time.perf_counter() - started > args.budget_s:
+                log(f"budget of {args.budget_s:.0f} s spent: {model} {variant} not profiled")
+                continue
+            free_gpu()
+            try:
+                for row in profile_rows(args, model, variant):
+                    summary = row["denoise"] or row["call"]
+                    log(f"{model} {variant} b{row['batch']}: {json.dumps(summary['per_step'])}")
+                    append_row(path, row, args.environment)
+            except Exception as exc:  # one tier failing must not lose the others' rows
+                error = f"{type(exc).__name__}: {exc}"
+                log(f"{model} {variant} profile failed: {error}")
+                append_row(
+                    path,
+                    {"model": model, "tier": variant, **peers.describe(variant), "error": error},
+                    args.environment,
+                )
+
+
+def append_row(path: Path, row: dict[str, Any], environment: dict[str, Any]) -> None:
+    with path.open("a") as fh:
+        fh.write(json.dumps({**row, "environment": environment}) + "\n")
 
 
 def run_server(args: argparse.Namespace) -> None:
@@ -350,15 +466,22 @@ def main() -> int:
     )
     parser.add_argument("--model", choices=[*MODELS, "digits"], help="one model (server and digits phases)")
     parser.add_argument(
-        "--models", default=None, help=f"pipeline phase: comma-separated, or all ({','.join(MODELS)})"
+        "--models",
+        default=None,
+        help=f"pipeline and profile phases: comma-separated, or all ({','.join(MODELS)})",
     )
     parser.add_argument("--budget-s", type=float, default=540.0, help="no new model/tier starts after this")
-    parser.add_argument("--phase", choices=["pipeline", "server"], default="pipeline")
+    parser.add_argument("--phase", choices=["pipeline", "server", "profile"], default="pipeline")
+    parser.add_argument(
+        "--trace",
+        action="store_true",
+        help="profile phase: also write each call's chrome trace (.json.gz, big)",
+    )
     parser.add_argument(
         "--tiers",
         default="E,XL,L",
         help="tiers, each maybe with /CUDA_GRAPHS=off; `family`: E, XL (+ L where it has L); "
-        f"peers (pipeline phase): {','.join(peers.PEERS)}",
+        f"peers (pipeline and profile phases): {','.join(peers.PEERS)}",
     )
     parser.add_argument("--batches", default="1", help="batch sizes, e.g. 1,4")
     parser.add_argument("--size", type=int, default=1024)
@@ -382,6 +505,8 @@ def main() -> int:
     args.tiers = [t for t in args.tiers.split(",") if t]
     if args.phase == "server" and any(peers.is_peer(t) for t in args.tiers):
         parser.error("peers run in the pipeline phase only (the server runs its own tiers)")
+    if args.phase == "profile" and "digits" in args.models:
+        parser.error("the profile phase runs the random-weight models, not digits")
     args.batches = [int(b) for b in args.batches.split(",")]
     args.environment = environment()
     log(f"environment: {json.dumps(args.environment)}")
@@ -389,6 +514,8 @@ def main() -> int:
         run_digits(args)
     elif args.phase == "server":
         run_server(args)
+    elif args.phase == "profile":
+        run_profiles(args)
     else:
         run_pipelines(args)
     return 0
