@@ -62,6 +62,8 @@ def test_no_reader_without_files_or_without_the_memory_for_them(
 ) -> None:
     assert prefetch.start_prefetch(str(tmp_path)) is None
     write(tmp_path / "vae" / "diffusion_pytorch_model.safetensors", 1000)
+    assert prefetch.start_prefetch(str(tmp_path)) is None  # no model_index.json: not a pipeline folder
+    write(tmp_path / "model_index.json", 2)
     monkeypatch.setattr(prefetch, "available_memory", lambda: 1000)
     assert prefetch.start_prefetch(str(tmp_path)) is None
     monkeypatch.setattr(prefetch, "available_memory", lambda: 10**9)

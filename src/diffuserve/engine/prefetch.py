@@ -57,7 +57,8 @@ def available_memory() -> int | None:
 def start_prefetch(path: str) -> threading.Thread | None:
     """Start reading `path`'s weight files on a daemon thread (reads release the GIL: imports go on beside it);
     None where there is nothing to read or the files would not fit in memory together."""
-    files = weight_files(path)
+    # A pipeline folder only: a built-in model's name may also name some folder in the working directory.
+    files = weight_files(path) if (Path(path).expanduser() / "model_index.json").is_file() else []
     total = sum(f.stat().st_size for f in files)
     if not total:
         return None
