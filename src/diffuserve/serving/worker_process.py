@@ -71,6 +71,9 @@ def worker_main(
     entered_at = time.monotonic()
     role = f"worker-{worker_id}" if group is None else f"worker-{worker_id}.{group.rank}"
     configure_logging(config.log_format, config.log_level, role=role)
+    if config.weights != "random" and (group is None or group.leader):
+        # Before the imports: a cold start's disk reads run beside them (one reader per host is enough).
+        start_prefetch(config.model_path or config.model_repo)
     # Ctrl-C in a terminal reaches the whole process group; the parent decides when workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     engine, later = _start_engine(worker_id, device, config, conn, entered_at, group, make_engine)
@@ -309,9 +312,6 @@ def child_entry(
         # First of all: a server killed outright (OOM killer, kill -9) runs no cleanup, and a worker left
         # behind would keep its GPU memory from the server that replaces it.
         die_with_parent(parent.pid)
-    if config.weights != "random" and (group is None or group.leader):
-        # Before the imports: a cold start's disk reads run beside them (one reader per host is enough).
-        start_prefetch(config.model_path or config.model_repo)
     if cpu_threads is not None:
         # Idle OpenMP threads would otherwise spin for a while after each op and take the cores the API
         # process needs to answer; measured: about half the per-request overhead on 2 cores. Set before
