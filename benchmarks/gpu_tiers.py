@@ -248,25 +248,30 @@ def tiers_of(model: str, wanted: list[str]) -> list[str]:
     return [tier for name in wanted for tier in (own if name == "family" else [name])]
 
 
-def run_pipelines(args: argparse.Namespace) -> None:
+def tier_runs(args: argparse.Namespace, output: str) -> Iterator[tuple[str, str, Path]]:
+    """(model, tier, its raw file `output-<model>.jsonl`) for each tier of each model while --budget-s lasts,
+    the GPU freed before each."""
     started = time.perf_counter()
-    eager: Eager = {}
     for model in args.models:
-        path = args.out / f"tiers-{model}.jsonl"
+        path = args.out / f"{output}-{model}.jsonl"
         for variant in tiers_of(model, args.tiers):
             if time.perf_counter() - started > args.budget_s:
                 log(f"budget of {args.budget_s:.0f} s spent: {model} {variant} not run")
                 continue
             free_gpu()
-            try:
-                row = measure(args, model, variant, eager)
-            except Exception as exc:  # one tier failing must not lose the others' numbers
-                error = f"{type(exc).__name__}: {exc}"
-                row = {"model": model, "tier": variant, **peers.describe(variant), "error": error}
-                log(f"{model} {variant} failed: {row['error']}")
-            row["environment"] = args.environment
-            with path.open("a") as fh:
-                fh.write(json.dumps(row) + "\n")
+            yield model, variant, path
+
+
+def run_pipelines(args: argparse.Namespace) -> None:
+    eager: Eager = {}
+    for model, variant, path in tier_runs(args, "tiers"):
+        try:
+            row = measure(args, model, variant, eager)
+        except Exception as exc:  # one tier failing must not lose the others' numbers
+            error = f"{type(exc).__name__}: {exc}"
+            row = {"model": model, "tier": variant, **peers.describe(variant), "error": error}
+            log(f"{model} {variant} failed: {row['error']}")
+        append_row(path, row, args.environment)
 
 
 def profiled_call(
@@ -332,27 +337,20 @@ def profile_rows(args: argparse.Namespace, model: str, variant: str) -> Iterator
 def run_profiles(args: argparse.Namespace) -> None:
     """Each tier (or peer) profiled; rows appended to profile-<model>.jsonl as each is done, so a run cut short
     keeps the rows it wrote."""
-    started = time.perf_counter()
-    for model in args.models:
-        path = args.out / f"profile-{model}.jsonl"
-        for variant in tiers_of(model, args.tiers):
-            if time.perf_counter() - started > args.budget_s:
-                log(f"budget of {args.budget_s:.0f} s spent: {model} {variant} not profiled")
-                continue
-            free_gpu()
-            try:
-                for row in profile_rows(args, model, variant):
-                    summary = row["denoise"] or row["call"]
-                    log(f"{model} {variant} b{row['batch']}: {json.dumps(summary['per_step'])}")
-                    append_row(path, row, args.environment)
-            except Exception as exc:  # one tier failing must not lose the others' rows
-                error = f"{type(exc).__name__}: {exc}"
-                log(f"{model} {variant} profile failed: {error}")
-                append_row(
-                    path,
-                    {"model": model, "tier": variant, **peers.describe(variant), "error": error},
-                    args.environment,
-                )
+    for model, variant, path in tier_runs(args, "profile"):
+        try:
+            for row in profile_rows(args, model, variant):
+                summary = row["denoise"] or row["call"]
+                log(f"{model} {variant} b{row['batch']}: {json.dumps(summary['per_step'])}")
+                append_row(path, row, args.environment)
+        except Exception as exc:  # one tier failing must not lose the others' rows
+            error = f"{type(exc).__name__}: {exc}"
+            log(f"{model} {variant} profile failed: {error}")
+            append_row(
+                path,
+                {"model": model, "tier": variant, **peers.describe(variant), "error": error},
+                args.environment,
+            )
 
 
 def append_row(path: Path, row: dict[str, Any], environment: dict[str, Any]) -> None:
