@@ -1,8 +1,9 @@
-"""Weights read ahead of the load: which files, whole files from disk, cached files skipped after a sample,
+"""Weights read ahead of the load: which files, whole files from disk, files in the page cache skipped,
 nothing read where the files would not fit in memory."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -38,18 +39,22 @@ def test_a_pickle_only_folder_reads_its_pickles(tmp_path: Path) -> None:
     assert [f.name for f in prefetch.weight_files(str(tmp_path))] == ["diffusion_pytorch_model.bin"]
 
 
-def test_files_are_read_through_and_cached_ones_skipped_after_their_sample(
+def test_files_are_read_through_but_those_in_the_page_cache(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(prefetch, "CHUNK", 1024)
-    monkeypatch.setattr(prefetch, "SAMPLE", 4096)
-    files = [write(tmp_path / f"{i}.safetensors", 64 * 1024 + 7) for i in range(2)]
-    monkeypatch.setattr(prefetch, "CACHED_GB_S", float("inf"))  # nothing counts as cached
+    files = [write(tmp_path / f"{i}.safetensors", 64 * 1024 + 7) for i in range(3)]
+    shares = {files[0]: 0.0, files[1]: 1.0, files[2]: None}  # on disk, cached, no mincore: read
+    monkeypatch.setattr(prefetch, "resident_share", shares.__getitem__)
     result = prefetch.prefetch(files)
-    assert (result.files, result.read_bytes, result.cached_files) == (2, 2 * (64 * 1024 + 7), 0)
-    monkeypatch.setattr(prefetch, "CACHED_GB_S", 0.0)  # everything counts as cached: only the samples read
-    result = prefetch.prefetch(files)
-    assert (result.files, result.read_bytes, result.cached_files) == (2, 2 * 4096, 2)
+    assert (result.files, result.read_bytes, result.cached_files) == (3, 2 * (64 * 1024 + 7), 1)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mincore(2) as Linux has it")
+def test_a_file_just_written_is_in_the_page_cache(tmp_path: Path) -> None:
+    share = prefetch.resident_share(write(tmp_path / "w.safetensors", 3 * 4096 + 5))
+    assert share is not None and share >= prefetch.CACHED_SHARE
+    assert prefetch.resident_share(write(tmp_path / "empty.safetensors", 0)) == 1.0
 
 
 def test_an_unreadable_file_is_left_to_the_loader(tmp_path: Path) -> None:
