@@ -203,36 +203,3 @@ def _is_device_work(activity: Any, device: Any, annotation: bool) -> bool:
     if activity is not None:
         return str(activity).rsplit(".", 1)[-1].lower() in DEVICE_ACTIVITIES
     return bool(device == DeviceType.CUDA and not annotation)
-
-
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    # tables.py's table(), copied: importing tables from here would tie two scripts' import paths together.
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
-
-
-def step_profile_table(rows: list[dict[str, Any]]) -> str:
-    """One line per profiled tier: ms per denoising step (the call's per step where the markers are missing),
-    split into categories, gaps and the busy share."""
-    header = ["tier", "ms/step", "matmul", "attention", "norm/elementwise", "memcpy", "gaps", "busy %"]
-    lines = []
-    for row in rows:
-        label = str(row.get("tier", "?"))
-        if row.get("batch", 1) != 1:
-            label += f" (batch {row['batch']})"
-        summary = row.get("denoise") or row.get("call")
-        if not summary:
-            lines.append([label, "failed", *["-"] * (len(header) - 2)])
-            continue
-        cats, per = summary["categories"], summary["per_step"]
-        busy = summary.get("busy_share")
-        lines.append(
-            [
-                label,
-                f"{per['wall_ms']:.1f}",
-                *(f"{cats[name]['ms_per_step']:.1f}" for name in CATEGORIES),
-                f"{per['gaps_ms']:.1f}",
-                f"{100 * busy:.0f} %" if busy is not None else "-",
-            ]
-        )
-    return _table(header, lines)

@@ -554,6 +554,38 @@ def _against(value: float | None, goal: float) -> str:
     return f"{value:.1f} ({value - goal:+.1f} over {goal:.0f})"
 
 
+# step_profile.py's categories, in its order (tables.py runs as a script and is imported by the tests, so it
+# names them rather than importing that module).
+PROFILE_CATEGORIES = ("matmul", "attention", "norm/elementwise", "memcpy/memset")
+
+
+def step_profile_table(rows: list[dict[str, Any]]) -> str:
+    """One line per profiled tier: ms per denoising step (the call's per step where the markers are missing),
+    split into categories, gaps and the busy share."""
+    header = ["tier", "ms/step", "matmul", "attention", "norm/elementwise", "memcpy", "gaps", "busy %"]
+    lines = []
+    for row in rows:
+        label = str(row.get("tier", "?"))
+        if row.get("batch", 1) != 1:
+            label += f" (batch {row['batch']})"
+        summary = row.get("denoise") or row.get("call")
+        if not summary:
+            lines.append([label, "failed", *["-"] * (len(header) - 2)])
+            continue
+        cats, per = summary["categories"], summary["per_step"]
+        busy = summary.get("busy_share")
+        lines.append(
+            [
+                label,
+                f"{per['wall_ms']:.1f}",
+                *(f"{cats[name]['ms_per_step']:.1f}" for name in PROFILE_CATEGORIES),
+                f"{per['gaps_ms']:.1f}",
+                f"{100 * busy:.0f} %" if busy is not None else "-",
+            ]
+        )
+    return table(header, lines)
+
+
 BLOCKS: dict[str, tuple[Callable[..., str], tuple[str, ...]]] = {
     "cpu-digits": (cpu_digits, ("cpu-digits.json",)),
     "cpu-sweep": (cpu_sweep, ("cpu-sweep-summary.json",)),

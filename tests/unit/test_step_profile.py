@@ -1,4 +1,5 @@
-"""benchmarks/step_profile.py: kernel names to categories, busy time and gaps, the summary, the table, the adapter."""
+"""benchmarks/step_profile.py: kernel names to categories, busy time and gaps, the summary, the adapter; and the
+table tables.py renders from its rows."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import pytest
 import torch
 from benchmarks import step_profile
 from benchmarks.step_profile import ATTENTION, ELEMENTWISE, MATMUL, MEMORY, Kernel
+from benchmarks.tables import PROFILE_CATEGORIES, step_profile_table
 
 MS = 1_000_000  # ns
 
@@ -144,13 +146,14 @@ def test_the_table_has_a_line_per_tier_from_the_denoising_steps() -> None:
     wide = {"tier": "XL", "batch": 4, **step_profile.summarise_call(synthetic_call(), steps=3)}
     plain = {"tier": "E", "batch": 1, "call": step_profile.summarise(synthetic_call(), 3), "denoise": None}
     failed = {"tier": "torchao", "error": "RuntimeError: no"}
-    lines = step_profile.step_profile_table([plain, row, wide, failed]).splitlines()
+    lines = step_profile_table([plain, row, wide, failed]).splitlines()
     assert lines[0] == "| tier | ms/step | matmul | attention | norm/elementwise | memcpy | gaps | busy % |"
     assert lines[1] == "|---|---|---|---|---|---|---|---|"
     assert lines[2] == "| E | 10.0 | 4.0 | 3.0 | 1.7 | 0.3 | 1.3 | 87 % |"  # the whole call, per step
     assert lines[3] == "| L | 10.0 | 4.0 | 3.0 | 1.0 | 0.5 | 2.0 | 80 % |"  # the denoising steps
     assert lines[4].startswith("| XL (batch 4) | 10.0 |")
     assert lines[5] == "| torchao | failed | - | - | - | - | - | - |"
+    assert PROFILE_CATEGORIES == step_profile.CATEGORIES
 
 
 # The adapter ------------------------------------------------------------------------------------------------------
