@@ -12,7 +12,7 @@ from pydantic_settings import NoDecode
 
 from diffuserve.adapter_settings import AdapterSettings
 from diffuserve.choices import LogFormat, LogLevel, LoraBatching
-from diffuserve.engine.config import CudaGraphs, DType, ParallelAttention, Weights
+from diffuserve.engine.config import CudaGraphs, DType, Fp8Rounding, ParallelAttention, Weights
 from diffuserve.envsettings import setting
 from diffuserve.job_settings import JobSettings
 from diffuserve.model_specs import ModelSpec, parse_model_devices, parse_models, parse_named_paths
@@ -132,6 +132,9 @@ class Settings(JobSettings, AdapterSettings):
         "CUDA_GRAPHS",
         help="replay the denoiser's calls as captured CUDA graphs: auto = in tiers XL and L on CUDA (the step "
         "cache of M and S decides on the CPU at every step); off = never",
+    )
+    fp8_rounding: Fp8Rounding = setting(
+        Fp8Rounding.NEAREST, "FP8_ROUNDING", help="fp8 weights (L/M/S): nearest or calibrated (GPTQ, cached)"
     )
     max_queue: int = setting(
         256, "MAX_QUEUE", help="most requests waiting for each model; beyond it the server answers 429", ge=1

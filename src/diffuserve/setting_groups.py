@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 SETTING_GROUPS: dict[str, tuple[str, ...]] = {
-    "model": ("models", "model_name", "model_size", "weights", "dtype", "warmup"),
+    "model": ("models", "model_name", "model_size", "weights", "dtype", "fp8_rounding", "warmup"),
     "server": ("host", "port", "public_url", "forwarded_allow_ips", "playground", "api_keys"),
     "batching and queues": (
         "model_batch",

@@ -12,6 +12,14 @@ from diffuserve.enums import Priority as Priority
 from diffuserve.enums import StrChoice as StrChoice
 from diffuserve.enums import Tier as Tier
 
+# Varied subjects and styles, for FP8_ROUNDING=calibrated on the families that take any prompt.
+CALIBRATION_PROMPTS = (
+    "a photo of a red fox in a snowy forest at dawn, shallow depth of field",
+    "a watercolor painting of a harbour town with sailing boats",
+    "a close-up portrait of an old fisherman, dramatic lighting",
+    "a neon sign that says OPEN on a brick wall at night",
+)
+
 
 @dataclass(frozen=True)
 class Family:
@@ -52,6 +60,8 @@ class Family:
     # Latent layout for previews: "latents" (B×C×h×w), "packed" (FLUX.1's 2×2 tokens), "packed-frames" (Qwen:
     # packed, a frame axis), "patchified" (FLUX.2: 2×2 patches in channels, batch-normed); "auto"; None: none.
     previews: str | None = "auto"
+    # FP8_ROUNDING=calibrated: the calls whose layer inputs weigh the rounding (at the native size, default steps).
+    calibration_prompts: tuple[str, ...] = CALIBRATION_PROMPTS
 
 
 _FLUX = {"pipeline": "FluxPipeline", "flux_hooks": True, "previews": "packed"}
@@ -82,7 +92,7 @@ Z_IMAGE_TURBO = Family("z-image-turbo", 8, 0.0, 512, False, 1024, 16, 256, 2048,
 FLUX2_KLEIN = Family("flux2-klein", 4, 1.0, 512, False, 1024, 16, 256, 2048, pipeline="Flux2KleinPipeline", cuda_graphs=False, previews="patchified", **_NEW)  # type: ignore[arg-type]  # fmt: skip
 GENERIC = Family("generic", 30, 7.5, None, True, 512, 8, 64, 2048)
 # The built-in models: 32×32 digits, small enough for a laptop CPU.
-TINY_FLUX = Family("tiny-flux", 4, 0.0, 16, False, 32, 16, 16, 256, **_FLUX)  # type: ignore[arg-type]
+TINY_FLUX = Family("tiny-flux", 4, 0.0, 16, False, 32, 16, 16, 256, **_FLUX, calibration_prompts=tuple(f"a handwritten digit {n}" for n in range(10)))  # type: ignore[arg-type]  # fmt: skip
 
 FAMILIES = {
     f.name: f

@@ -25,7 +25,6 @@ from diffuserve.engine.tiers import (
 from diffuserve.engine.tiers import compile as compile_module
 from diffuserve.engine.tiers.cache import disable_step_cache, enable_step_cache
 from diffuserve.engine.tiers.compile import configure_compile_cache
-from diffuserve.engine.tiers.quantize import quantize_fp8
 from diffuserve.models.tiny_flux import build_tiny_flux
 from tests.helpers import dynamo_config_restored
 
@@ -128,9 +127,8 @@ def test_xl_on_cpu_matches_eager() -> None:
 
 
 def test_fp8_is_skipped_without_cuda() -> None:
-    notes: list[str] = []
-    assert quantize_fp8(build_tiny_flux().transformer, "cpu", notes) is False
-    assert "no fp8 matmul kernel on cpu" in notes[0]
+    notes = apply_recipe(build_tiny_flux(), recipe_for(Tier.L), device="cpu", cache_dir="/nonexistent-unused")
+    assert "fp8: skipped, no fp8 matmul kernel on cpu" in notes
 
 
 # Step cache on FLUX -------------------------------------------------------------------------------------------------

@@ -4,13 +4,15 @@ step), its text tokens as the model reads them (for `usage`) and its errors in w
 from __future__ import annotations
 
 import contextlib
+import inspect
 import time
 from collections.abc import Callable
 from typing import Any
 
 from diffuserve.engine.edits import edit_kwargs
 from diffuserve.engine.previews import PreviewTaker
-from diffuserve.types import BatchJob, Family
+from diffuserve.engine.tiers.calibrate import Calibration
+from diffuserve.types import BatchItem, BatchJob, Family
 
 
 class BatchCancelled(Exception):
@@ -46,6 +48,21 @@ def pipeline_kwargs(job: BatchJob, family: Family, accepted: set[str], output_ty
         empty = family.empty_negative or ""
         kwargs["negative_prompt"] = [item.negative_prompt or empty for item in job.items for _ in item.seeds]
     return kwargs
+
+
+def calibration_calls(pipeline: Any, family: Family) -> Calibration:
+    """FP8_ROUNDING=calibrated's calls: the family's calibration prompts in one text-to-image batch at its native
+    size and default steps and guidance (seeds 0, 1, …), latents out (no decode)."""
+    size, steps, guidance = family.native_size, family.default_steps, family.default_guidance
+    prompts = family.calibration_prompts
+    items = [
+        BatchItem("calibration", prompt, None, [seed], "png", None) for seed, prompt in enumerate(prompts)
+    ]
+    accepted = set(inspect.signature(pipeline.__call__).parameters)
+    job = BatchJob(0, size, size, steps, guidance, items)
+    context = f"{family.name}: {list(prompts)!r}, {size}x{size}, {steps} steps, guidance {guidance}"
+    # New generators for each run: every group of layers sees the same calls.
+    return Calibration(lambda: pipeline(**pipeline_kwargs(job, family, accepted, "latent")), context)
 
 
 class StepMarks:

@@ -24,6 +24,13 @@ class CudaGraphs(StrChoice):
     OFF = "off"
 
 
+class Fp8Rounding(StrChoice):
+    """How tier L rounds weights to fp8: each to its nearest value, or by GPTQ on calibration calls (cached)."""
+
+    NEAREST = "nearest"
+    CALIBRATED = "calibrated"
+
+
 class ParallelAttention(StrChoice):
     AUTO = "auto"
     DIFFUSERS = "diffusers"
@@ -47,6 +54,7 @@ class EngineConfig:
     cache_dir: str = "~/.cache/diffuserve"
     warmup: bool = True
     cuda_graphs: CudaGraphs = CudaGraphs.AUTO
+    fp8_rounding: Fp8Rounding = Fp8Rounding.NEAREST
     parallel_attention: ParallelAttention = ParallelAttention.AUTO
     parallel_decode: bool = True
     # Adapters (LoRA): the most rank per layer (0: none), the slots per layer (0: MODEL_BATCH + 1), the bytes of

@@ -13,6 +13,7 @@ import numpy as np
 from diffuserve.engine.calls import (
     BatchCancelled,
     StepMarks,
+    calibration_calls,
     describe_failure,
     pipeline_kwargs,
     poisons_device,
@@ -21,7 +22,7 @@ from diffuserve.engine.calls import (
     step_callback,
     text_tokens,
 )
-from diffuserve.engine.config import EngineConfig
+from diffuserve.engine.config import EngineConfig, Fp8Rounding
 from diffuserve.engine.edits import edit_pipelines, keep_outside_mask, text_pipeline
 from diffuserve.engine.frames import gpu_jpeg_encoder, to_uint8
 from diffuserve.engine.loader import (
@@ -158,7 +159,16 @@ class Engine:
             from diffuserve.engine.lora import lora_targets
 
             targets = lora_targets(model, family.blocks)
-        apply_recipe(pipeline, recipe, device=self.device, cache_dir=c.cache_dir, family=family)
+        calibrated = recipe.fp8 and c.fp8_rounding == Fp8Rounding.CALIBRATED
+        calibration = calibration_calls(text_pipeline(pipeline, family), family) if calibrated else None
+        apply_recipe(
+            pipeline,
+            recipe,
+            device=self.device,
+            cache_dir=c.cache_dir,
+            family=family,
+            calibration=calibration,
+        )
         if targets:
             self._install_adapters(model, targets)
         graphs, why = graphs_wanted(c.cuda_graphs, device=self.device, recipe=recipe, family=family)

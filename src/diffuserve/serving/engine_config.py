@@ -41,6 +41,7 @@ def engine_config(settings: Settings, spec: ModelSpec | None = None) -> EngineCo
         cache_dir=settings.resolved_cache_dir,
         warmup=settings.warmup,
         cuda_graphs=settings.cuda_graphs,
+        fp8_rounding=settings.fp8_rounding,
         parallel_attention=settings.parallel_attention,
         parallel_decode=settings.parallel_decode,
         lora_max_rank=settings.lora_max_rank if adapters_enabled(settings) else 0,

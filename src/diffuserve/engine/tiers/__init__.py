@@ -7,7 +7,10 @@ import logging
 from dataclasses import replace
 from typing import Any
 
+from torch import nn
+
 from diffuserve.engine.tiers.cache import denoiser_of, enable_step_cache, step_cache_of
+from diffuserve.engine.tiers.calibrate import Calibration, calibrate_fp8
 from diffuserve.engine.tiers.compile import (
     artifact_key,
     compile_available,
@@ -16,7 +19,8 @@ from diffuserve.engine.tiers.compile import (
     save_compile_cache,
 )
 from diffuserve.engine.tiers.kernels import fuse_qkv
-from diffuserve.engine.tiers.quantize import quantize_fp8
+from diffuserve.engine.tiers.modulation import norm_linears
+from diffuserve.engine.tiers.quantize import fp8_available, quantizable_linears, quantize_fp8
 from diffuserve.engine.tiers.recipes import RECIPES, Recipe, StepCacheOptions, Tier, recipe_for
 from diffuserve.types import Family
 
@@ -24,6 +28,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "RECIPES",
+    "Calibration",
     "Recipe",
     "StepCacheOptions",
     "Tier",
@@ -36,11 +41,18 @@ __all__ = [
 
 
 def apply_recipe(
-    pipeline: Any, recipe: Recipe, *, device: str, cache_dir: str, family: Family | None = None
+    pipeline: Any,
+    recipe: Recipe,
+    *,
+    device: str,
+    cache_dir: str,
+    family: Family | None = None,
+    calibration: Calibration | None = None,
 ) -> list[str]:
     """Apply a recipe in place, only what fits the family (fused QKV where verified, the step cache on FLUX.1
-    alone); techniques without a kernel on `device` are skipped and say so, never fail. Returns
-    human-readable notes of what was (and was not) applied, also logged."""
+    alone); techniques without a kernel on `device` are skipped and say so, never fail. `calibration`: round
+    the fp8 weights by GPTQ on these calls (FP8_ROUNDING=calibrated). Returns human-readable notes of what was
+    (and was not) applied, also logged."""
     model = denoiser_of(pipeline)
     if model is None:
         notes = [recipe.describe(), f"{type(pipeline).__name__} has no transformer or UNet: nothing applied"]
@@ -51,7 +63,7 @@ def apply_recipe(
             if family.blocks and not getattr(model, "_repeated_blocks", None):
                 # What compile and fp8 work on, where the model class declares no repeated blocks (SD3).
                 model._repeated_blocks = list(family.blocks)
-        _apply(pipeline, model, recipe, device, cache_dir, notes, family)
+        _apply(pipeline, model, recipe, device, cache_dir, notes, family, calibration)
     for note in notes:
         log.info(note)
     return notes
@@ -75,6 +87,7 @@ def _apply(
     cache_dir: str,
     notes: list[str],
     family: Family | None,
+    calibration: Calibration | None,
 ) -> None:
     if recipe.fuse_qkv:
         fuse_qkv(model, notes)
@@ -86,7 +99,7 @@ def _apply(
             "fp8: skipped for UNet models (slower than bf16 at batch 1 on H100, see docs/design/tiers.md)"
         )
     elif recipe.fp8:
-        quantize_fp8(model, device, notes, family.fp8_skip if family else ())
+        _fp8(model, recipe, device, cache_dir, notes, family, calibration)
     if recipe.compile:
         ok, why = compile_available(device)
         if ok:
@@ -106,3 +119,27 @@ def _apply(
         f"step cache: threshold {opts.threshold}, first {opts.warmup_steps} step(s) always computed, "
         f"at most {opts.max_consecutive} reused in a row"
     )
+
+
+def _fp8(
+    model: nn.Module,
+    recipe: Recipe,
+    device: str,
+    cache_dir: str,
+    notes: list[str],
+    family: Family | None,
+    calibration: Calibration | None,
+) -> None:
+    ok, why = fp8_available(device)
+    if not ok:
+        notes.append(f"fp8: skipped, {why}")
+        return
+    keep: tuple[nn.Module, ...] = ()
+    if recipe.step_modulation and family is not None and family.flux_hooks:
+        # FLUX's AdaLN products run once per call for all its steps (tiers.modulation), so in bf16 they cost
+        # little, and their rounding is a tenth to a fifth of tier L's change from E (benchmarks/cpu_fp8_error.py).
+        keep = tuple(norm_linears(model) or ())
+    layers = quantizable_linears(model, family.fp8_skip if family else (), keep)
+    if calibration is not None:
+        calibrate_fp8(layers, calibration.run, cache_dir=cache_dir, context=calibration.context, notes=notes)
+    quantize_fp8(model, layers, notes)

@@ -28,46 +28,45 @@ def fp8_available(device: str) -> tuple[bool, str]:
     return True, ""
 
 
-def _quantizable_linears(model: nn.Module, skip: tuple[str, ...] = ()) -> set[int]:
-    """Linear layers inside the repeated blocks: they hold nearly all FLOPs; embedders and the output
+def quantizable_linears(
+    model: nn.Module, skip: tuple[str, ...] = (), keep: tuple[nn.Module, ...] = ()
+) -> dict[str, nn.Linear]:
+    """Linear layers inside the repeated blocks, by name: they hold nearly all FLOPs; embedders and the output
     projection keep the pipeline's dtype (small, and the most sensitive to rounding). Names containing a part
-    of `skip` are left out too."""
+    of `skip`, and the modules in `keep`, are left out too."""
     names = set(getattr(model, "_repeated_blocks", None) or [])
-    chosen: set[int] = set()
-    for module in model.modules():
+    kept = {id(module) for module in keep}
+    chosen: dict[str, nn.Linear] = {}
+    for block_name, module in model.named_modules():
         if type(module).__name__ not in names:
             continue
         for name, child in module.named_modules():
             if (
                 isinstance(child, nn.Linear)
+                and id(child) not in kept
                 and not any(part in name for part in skip)
                 and child.weight.numel() > 0
                 # _scaled_mm wants both matrix sides in multiples of 16.
                 and child.in_features % 16 == 0
                 and child.out_features % 16 == 0
             ):
-                chosen.add(id(child))
+                chosen[f"{block_name}.{name}"] = child
     return chosen
 
 
-def quantize_fp8(model: nn.Module, device: str, notes: list[str], skip: tuple[str, ...] = ()) -> bool:
-    """Dynamic fp8 (e4m3) row-wise quantization in place. Only pays off when compiled: torchao's eager path
-    quantizes activations in separate kernels (measured 403 ms/step eager vs 110 compiled on FLUX.1-dev)."""
-    ok, why = fp8_available(device)
-    if not ok:
-        notes.append(f"fp8: skipped, {why}")
-        return False
+def quantize_fp8(model: nn.Module, layers: dict[str, nn.Linear], notes: list[str]) -> bool:
+    """Dynamic fp8 (e4m3) row-wise quantization of `layers` in place (`fp8_available` said yes). Only pays off
+    when compiled: torchao's eager path quantizes activations in separate kernels (measured 403 ms/step eager
+    vs 110 compiled on FLUX.1-dev)."""
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 
-    chosen = _quantizable_linears(model, skip)
-    if not chosen:
+    if not layers:
         notes.append(
             f"fp8: skipped, no quantizable linear layers in {type(model).__name__}'s repeated blocks"
         )
         return False
-    params = sum(
-        int(m.weight.numel()) for m in model.modules() if isinstance(m, nn.Linear) and id(m) in chosen
-    )
+    chosen = {id(layer) for layer in layers.values()}
+    params = sum(int(layer.weight.numel()) for layer in layers.values())
     quantize_(
         model,
         # set_inductor_config=False: torchao's recommended settings turn on coordinate-descent tuning, which
