@@ -26,7 +26,6 @@ from diffuserve.engine.calls import calibration_calls
 from diffuserve.engine.config import DType, EngineConfig, Weights
 from diffuserve.engine.engine import Engine
 from diffuserve.engine.tiers.calibrate import calibrate_fp8
-from diffuserve.engine.tiers.modulation import norm_linears
 from diffuserve.engine.tiers.quantize import quantizable_linears
 from diffuserve.models.digits.prompts import eval_prompt
 from diffuserve.types import TINY_FLUX, Tier
@@ -101,8 +100,7 @@ def main() -> None:
     engine.load()
     pipeline = engine.pipeline
     denoiser = pipeline.transformer
-    every = quantizable_linears(denoiser)  # every linear of the blocks, the AdaLN products too
-    tier_l = quantizable_linears(denoiser, keep=tuple(norm_linears(denoiser) or ()))  # what tier L rounds
+    tier_l = quantizable_linears(denoiser)  # what tier L rounds
     prompts = [eval_prompt(d, i) for i, d in enumerate(d for d in range(10) for _ in range(args.per_class))]
 
     def images(steps: int) -> torch.Tensor:
@@ -129,10 +127,9 @@ def main() -> None:
         ("tier L, weights only (nearest)", tier_l, lambda _: True, True, False),
         ("tier L, activations only", tier_l, lambda _: True, False, True),
         ("tier L, no rounding (kernel change only)", tier_l, lambda _: True, False, False),
-        ("every block linear, AdaLN products too (nearest)", every, lambda _: True, True, True),
     ]
-    kinds = sorted({layer_kind(name) for name in every})
-    variants += [(kind, every, lambda n, kind=kind: layer_kind(n) == kind, True, True) for kind in kinds]
+    kinds = sorted({layer_kind(name) for name in tier_l})
+    variants += [(kind, tier_l, lambda n, kind=kind: layer_kind(n) == kind, True, True) for kind in kinds]
     rows = []
     for steps in (int(s) for s in args.steps.split(",")):
         reference = images(steps)

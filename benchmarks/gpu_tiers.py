@@ -53,7 +53,7 @@ import torch
 import peers
 import step_profile
 from common import ROOT, environment, log, out_dir, write_json
-from diffuserve.engine.config import CudaGraphs, DType, EngineConfig, Weights
+from diffuserve.engine.config import CudaGraphs, DType, EngineConfig, Fp8Rounding, Weights
 from diffuserve.models.random_weights import RELEASED_REPOS
 from diffuserve.types import Tier
 
@@ -62,7 +62,7 @@ PROMPTS = ["a photo of a red fox in the snow", "an astronaut riding a horse on t
 
 
 def config_for(variant: str, repo: str, weights: Weights, max_batch: int, cache_dir: str) -> EngineConfig:
-    """`L` or `L/CUDA_GRAPHS=off`: the tier and any setting the server would read."""
+    """`L`, `L/CUDA_GRAPHS=off` or `L/FP8_ROUNDING=calibrated`: the tier and any setting the server would read."""
     tier, _, setting = variant.partition("/")
     config = EngineConfig(
         model_repo=repo, model_name=repo, tier=Tier.parse(tier), max_batch=max_batch, weights=weights,
@@ -70,8 +70,10 @@ def config_for(variant: str, repo: str, weights: Weights, max_batch: int, cache_
     )  # fmt: skip
     if setting == "CUDA_GRAPHS=off":
         config = replace(config, cuda_graphs=CudaGraphs.OFF)
+    elif setting == "FP8_ROUNDING=calibrated":
+        config = replace(config, fp8_rounding=Fp8Rounding.CALIBRATED)
     elif setting:
-        raise SystemExit(f"unknown setting {setting!r} (known: CUDA_GRAPHS=off)")
+        raise SystemExit(f"unknown setting {setting!r} (known: CUDA_GRAPHS=off, FP8_ROUNDING=calibrated)")
     return config
 
 
@@ -414,11 +416,18 @@ def run_digits(args: argparse.Namespace) -> None:
     prompts = [eval_prompt(d, i) for i, d in enumerate(digits)]
     images: dict[tuple[str, int], torch.Tensor] = {}
     rows = []
-    for variant in ["E/float32", "E", "XL", "L", "M", "S"]:
-        tier, _, dtype = variant.partition("/")
+    for variant in ["E/float32", "E", "XL", "L", "L/FP8_ROUNDING=calibrated", "M", "S"]:
+        setting = variant.partition("/")[2]
+        dtype = DType.FLOAT32 if setting == "float32" else DType.BFLOAT16
         config = replace(
-            config_for(tier, "digits", Weights.PRETRAINED, len(prompts), args.cache_dir),
-            dtype=DType(dtype or "bfloat16"),
+            config_for(
+                variant if dtype is DType.BFLOAT16 else "E",
+                "digits",
+                Weights.PRETRAINED,
+                len(prompts),
+                args.cache_dir,
+            ),
+            dtype=dtype,
         )
         free_gpu()
         engine = Engine(config, "cuda:0")

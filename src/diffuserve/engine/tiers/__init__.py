@@ -19,7 +19,6 @@ from diffuserve.engine.tiers.compile import (
     save_compile_cache,
 )
 from diffuserve.engine.tiers.kernels import fuse_qkv
-from diffuserve.engine.tiers.modulation import norm_linears
 from diffuserve.engine.tiers.quantize import fp8_available, quantizable_linears, quantize_fp8
 from diffuserve.engine.tiers.recipes import RECIPES, Recipe, StepCacheOptions, Tier, recipe_for
 from diffuserve.types import Family
@@ -99,7 +98,7 @@ def _apply(
             "fp8: skipped for UNet models (slower than bf16 at batch 1 on H100, see docs/design/tiers.md)"
         )
     elif recipe.fp8:
-        _fp8(model, recipe, device, cache_dir, notes, family, calibration)
+        _fp8(model, device, cache_dir, notes, family, calibration)
     if recipe.compile:
         ok, why = compile_available(device)
         if ok:
@@ -123,7 +122,6 @@ def _apply(
 
 def _fp8(
     model: nn.Module,
-    recipe: Recipe,
     device: str,
     cache_dir: str,
     notes: list[str],
@@ -134,12 +132,7 @@ def _fp8(
     if not ok:
         notes.append(f"fp8: skipped, {why}")
         return
-    keep: tuple[nn.Module, ...] = ()
-    if recipe.step_modulation and family is not None and family.flux_hooks:
-        # FLUX's AdaLN products run once per call for all its steps (tiers.modulation), so in bf16 they cost
-        # little, and their rounding is a tenth to a fifth of tier L's change from E (benchmarks/cpu_fp8_error.py).
-        keep = tuple(norm_linears(model) or ())
-    layers = quantizable_linears(model, family.fp8_skip if family else (), keep)
+    layers = quantizable_linears(model, family.fp8_skip if family else ())
     if calibration is not None:
         calibrate_fp8(layers, calibration.run, cache_dir=cache_dir, context=calibration.context, notes=notes)
     quantize_fp8(model, layers, notes)

@@ -28,14 +28,11 @@ def fp8_available(device: str) -> tuple[bool, str]:
     return True, ""
 
 
-def quantizable_linears(
-    model: nn.Module, skip: tuple[str, ...] = (), keep: tuple[nn.Module, ...] = ()
-) -> dict[str, nn.Linear]:
+def quantizable_linears(model: nn.Module, skip: tuple[str, ...] = ()) -> dict[str, nn.Linear]:
     """Linear layers inside the repeated blocks, by name: they hold nearly all FLOPs; embedders and the output
     projection keep the pipeline's dtype (small, and the most sensitive to rounding). Names containing a part
-    of `skip`, and the modules in `keep`, are left out too."""
+    of `skip` are left out too."""
     names = set(getattr(model, "_repeated_blocks", None) or [])
-    kept = {id(module) for module in keep}
     chosen: dict[str, nn.Linear] = {}
     for block_name, module in model.named_modules():
         if type(module).__name__ not in names:
@@ -43,7 +40,6 @@ def quantizable_linears(
         for name, child in module.named_modules():
             if (
                 isinstance(child, nn.Linear)
-                and id(child) not in kept
                 and not any(part in name for part in skip)
                 and child.weight.numel() > 0
                 # _scaled_mm wants both matrix sides in multiples of 16.
