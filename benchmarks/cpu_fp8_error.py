@@ -58,7 +58,8 @@ class EmulatedFp8Linear(nn.Module):
 
 
 def layer_kind(name: str) -> str:
-    return re.sub(r"\.\d+\.", ".N.", name)
+    """The name with its block's index as N."""
+    return re.sub(r"^(\w+)\.\d+\.", r"\1.N.", name)
 
 
 def swapped(
@@ -125,6 +126,7 @@ def main() -> None:
         ("tier L (FP8_ROUNDING=nearest)", tier_l, lambda _: True, True, True),
         ("tier L (FP8_ROUNDING=calibrated)", tier_l, lambda _: True, True, True),
         ("tier L, weights only (nearest)", tier_l, lambda _: True, True, False),
+        ("tier L, weights only (calibrated)", tier_l, lambda _: True, True, False),
         ("tier L, activations only", tier_l, lambda _: True, False, True),
         ("tier L, no rounding (kernel change only)", tier_l, lambda _: True, False, False),
     ]

@@ -259,6 +259,26 @@ def digits_quality(name: str) -> str:
     return run_line(data["environment"]) + "\n\n" + table(header, rows)
 
 
+def fp8_error(name: str) -> str:
+    """cpu_fp8_error.py: distance from bf16 eager per group of emulated fp8 linears, one column per step count."""
+    data = load(name)
+    steps = sorted({row["steps"] for row in data["rows"]})
+    by_variant: dict[str, dict[int, dict[str, Any]]] = {}
+    for row in data["rows"]:
+        by_variant.setdefault(row["variant"], {})[row["steps"]] = row
+    rows = [
+        [
+            variant,
+            str(next(iter(cells.values()))["layers"]),
+            *(percent(cells[s]["rel_err_vs_E"]) if s in cells else "–" for s in steps),
+        ]
+        for variant, cells in by_variant.items()
+    ]
+    header = ["fp8 rounding in", "layers", *(f"error vs E bf16, {s} steps" for s in steps)]
+    intro = f"{data['prompts']} prompts, the same seeds; {run_line(data['environment'])}"
+    return intro + "\n\n" + table(header, rows)
+
+
 def encoders(name: str) -> str:
     data = load(name)
     labels = {
@@ -592,6 +612,7 @@ BLOCKS: dict[str, tuple[Callable[..., str], tuple[str, ...]]] = {
     "tiers": (tiers, ("h100-tiers-flux-dev.jsonl", "h100-tiers-flux-schnell.jsonl")),
     "families": (families, tuple(f"h100-tiers-{name}.jsonl" for name in FAMILY_RUNS)),
     "digits-quality": (digits_quality, ("h100-digits-quality.json",)),
+    "fp8-error": (fp8_error, ("cpu-fp8-error.json",)),
     "encoders": (encoders, ("h200-profile.json",)),
     "parallel-group": (parallel_group, ("h200x2-parallel-tables.json",)),
     "split-decode": (split_decode, ("h200x2-split-decode.json",)),
