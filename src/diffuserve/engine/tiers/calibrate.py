@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -176,10 +177,11 @@ def calibrate_fp8(
                 weight.copy_(rounded_weight(code, scale, weight.dtype))
             codes[f"{name}.codes"] = code.to(torch.float8_e4m3fn).cpu()
             codes[f"{name}.scale"] = scale.cpu()
-    _save(path, codes, {"method": METHOD, "context": context})
+    saved = _save(path, codes, {"method": METHOD, "context": context})
     notes.append(
         f"fp8 rounding: calibrated (GPTQ), {len(codes) // 2} of {len(layers)} layers from {runs} calibration "
-        f"run(s) in {time.perf_counter() - started:.1f} s, cached in {path}"
+        f"run(s) in {time.perf_counter() - started:.1f} s, "
+        + (f"cached in {path}" if saved else "not cached")
     )
 
 
@@ -205,11 +207,18 @@ def _load(path: Path, layers: dict[str, nn.Linear]) -> bool:
     return True
 
 
-def _save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Written beside and renamed into place: a reader never sees half a file."""
+def _save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bool:
+    """Written beside and renamed into place: a reader never sees half a file. One temporary file per process:
+    the workers of a model (and a group's ranks) calibrate the same weights at the same time."""
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial")
-    save_file(tensors, str(partial), metadata={k: json.dumps(v) for k, v in metadata.items()})
-    partial.replace(path)
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    try:
+        save_file(tensors, str(partial), metadata={k: json.dumps(v) for k, v in metadata.items()})
+        partial.replace(path)
+    except OSError as exc:  # the cache only saves the next start's calibration
+        log.warning("fp8 rounding: not cached in %s (%s: %s)", path, type(exc).__name__, exc)
+        partial.unlink(missing_ok=True)
+        return False
+    return True
