@@ -116,7 +116,7 @@ def main() -> None:
     originals = {name: layer.weight.detach().clone() for name, layer in tier_l.items()}
     notes: list[str] = []
     with tempfile.TemporaryDirectory() as cache_dir:
-        calibration = calibration_calls(pipeline, TINY_FLUX)
+        calibration = calibration_calls(pipeline, TINY_FLUX, 10)
         calibrate_fp8(tier_l, calibration.run, cache_dir=cache_dir, context=calibration.context, notes=notes)
     log(notes[-1])
     calibrated = {name: layer.weight.detach().clone() for name, layer in tier_l.items()}

@@ -28,7 +28,7 @@ def test_torchao_quantizes_calibrated_weights_to_exactly_the_cached_codes(tmp_pa
     pipe.set_progress_bar_config(disable=True)
     model = pipe.transformer
     layers = quantizable_linears(model)
-    calibration = calibration_calls(pipe, TINY_FLUX)
+    calibration = calibration_calls(pipe, TINY_FLUX, 4)
     key = fingerprint(layers, calibration.context)
     notes: list[str] = []
     calibrate_fp8(layers, calibration.run, cache_dir=str(tmp_path), context=calibration.context, notes=notes)

@@ -46,16 +46,25 @@ def nearest(w: torch.Tensor) -> torch.Tensor:
     return e4m3_codes(w.float() / scale) * scale
 
 
+def torchao_rowwise(w: torch.Tensor) -> torch.Tensor:
+    """torchao 0.17's row-wise fp8 of a weight (`_choose_scale_float8`, `_quantize_affine_float8`): the row's
+    largest magnitude divided by 448 in the weight's own dtype, then the float32 weight over that scale,
+    clamped and cast to e4m3."""
+    scale = (w.abs().amax(dim=1, keepdim=True) / E4M3_MAX).float()
+    return (w.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).float()
+
+
 def test_rounded_weights_round_back_to_exactly_gptq_codes() -> None:
-    """What torchao's row-wise quantization does next (scale from the row's largest magnitude, nearest e4m3
-    value) finds GPTQ's codes in the weights written back in bf16."""
+    """What torchao's row-wise quantization does next finds GPTQ's codes in the weights written back in bf16."""
     w = weight()
     x = correlated_inputs(512, w.shape[1])
-    codes, scale = gptq_round(w, x.T @ x)
+    rounded = gptq_round(w, x.T @ x)
+    assert rounded is not None
+    codes, scale = rounded
     written = rounded_weight(codes, scale, torch.bfloat16)
-    again = row_scales(written)
-    assert torch.allclose(again, scale, rtol=2**-8)
-    assert torch.equal(e4m3_codes(written.float() / again), codes)
+    assert torch.allclose(row_scales(written), scale, rtol=2**-8)
+    assert torch.equal(torchao_rowwise(written), codes)
+    assert torch.equal(e4m3_codes(written.float() / row_scales(written)), codes)
     assert torch.equal(codes.abs().amax(dim=1), torch.full((w.shape[0],), E4M3_MAX))
     assert torch.equal(codes.to(torch.float8_e4m3fn).float(), codes)  # e4m3 values, nothing between
 
@@ -64,7 +73,9 @@ def test_gptq_moves_the_outputs_less_than_nearest_rounding() -> None:
     w = weight()
     x = correlated_inputs(512, w.shape[1], seed=1)
     held_out = correlated_inputs(256, w.shape[1], seed=7)  # the same distribution, other samples
-    codes, scale = gptq_round(w, x.T @ x)
+    rounded = gptq_round(w, x.T @ x)
+    assert rounded is not None
+    codes, scale = rounded
     exact = held_out @ w.float().T
     gptq_error = (held_out @ (codes * scale).T - exact).norm()
     nearest_error = (held_out @ nearest(w).T - exact).norm()
@@ -75,8 +86,18 @@ def test_inputs_that_are_always_zero_do_not_break_the_rounding() -> None:
     w = weight()
     x = correlated_inputs(256, w.shape[1])
     x[:, :4] = 0
-    codes, scale = gptq_round(w, x.T @ x)
+    rounded = gptq_round(w, x.T @ x)
+    assert rounded is not None
+    codes, scale = rounded
     assert torch.isfinite(codes).all() and torch.isfinite(scale).all()
+    assert torch.equal(codes[:, :4], e4m3_codes(w[:, :4].float() / scale))  # nothing to weigh: nearest
+
+
+def test_statistics_that_are_not_finite_give_no_rounding() -> None:
+    w = weight()
+    h = torch.eye(w.shape[1])
+    h[2, 2] = float("nan")
+    assert gptq_round(w, h) is None
 
 
 def test_groups_of_second_moments_fit_the_budget() -> None:
@@ -108,7 +129,7 @@ def test_calibration_is_cached_and_read_back(tmp_path: Path) -> None:
     originals = {name: layer.weight.detach().clone() for name, layer in layers.items()}
     calls, notes = Calls(model), []
     calibrate_fp8(layers, calls, cache_dir=str(tmp_path), context="test", notes=notes)
-    assert calls.count == 1 and "2 of 2 layers from 1 calibration run(s)" in notes[-1]
+    assert calls.count == 1 and "2 of 2 layers (the rest nearest) from 1 calibration run(s)" in notes[-1]
     calibrated = {name: layer.weight.detach().clone() for name, layer in layers.items()}
     assert not torch.equal(calibrated["0"], originals["0"])
     with torch.no_grad():
@@ -136,6 +157,37 @@ def test_other_weights_or_calls_get_another_cache_key() -> None:
     assert fingerprint(layers, "a") != key
 
 
+def test_layers_seen_on_fewer_rows_than_features_keep_the_nearest_rounding(tmp_path: Path) -> None:
+    model, layers = two_layers()
+    originals = {name: layer.weight.detach().clone() for name, layer in layers.items()}
+    calls, notes = Calls(model), []
+    calls.x = calls.x[:16]  # 16 rows: fewer than either layer's 32 and 64 inputs
+    calibrate_fp8(layers, calls, cache_dir=str(tmp_path), context="few", notes=notes)
+    assert "0 of 2 layers (the rest nearest)" in notes[-1]
+    for name, layer in layers.items():
+        assert torch.equal(layer.weight, originals[name])
+
+
+def test_a_cache_that_cannot_be_written_is_said_and_not_fatal(tmp_path: Path) -> None:
+    model, layers = two_layers()
+    (tmp_path / "fp8-rounding").write_text("a file where the folder should be")
+    notes: list[str] = []
+    calibrate_fp8(layers, Calls(model), cache_dir=str(tmp_path), context="test", notes=notes)
+    assert notes[-1].endswith("not cached")
+
+
+def test_a_cache_file_for_other_layers_is_calibrated_again(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    model, layers = two_layers()
+    path = tmp_path / "fp8-rounding" / f"{fingerprint(layers, 'test')}.safetensors"
+    path.parent.mkdir(parents=True)
+    save_file({"9.codes": torch.zeros(4, 4), "9.scale": torch.ones(4, 1)}, str(path))
+    calls, notes = Calls(model), []
+    calibrate_fp8(layers, calls, cache_dir=str(tmp_path), context="test", notes=notes)
+    assert calls.count == 1 and "2 of 2 layers" in notes[-1]
+
+
 def test_a_torn_cache_file_is_calibrated_again(tmp_path: Path) -> None:
     model, layers = two_layers()
     calls = Calls(model)
@@ -148,27 +200,32 @@ def test_a_torn_cache_file_is_calibrated_again(tmp_path: Path) -> None:
     assert path.stat().st_size > 100
 
 
-def test_calibration_calls_run_the_family_prompts_to_latents() -> None:
+def test_calibration_calls_run_the_family_prompts_in_batches_of_model_batch() -> None:
     pipe = build_tiny_flux()
     pipe.set_progress_bar_config(disable=True)
     seen: list[Any] = []
     pipe.transformer.register_forward_pre_hook(lambda _m, args, kwargs: seen.append(kwargs), with_kwargs=True)
-    calibration = calibration_calls(pipe, TINY_FLUX)
+    calibration = calibration_calls(pipe, TINY_FLUX, 4)
     with torch.no_grad():
         calibration.run()
-    assert len(seen) == TINY_FLUX.default_steps
-    assert seen[0]["hidden_states"].shape[0] == len(TINY_FLUX.calibration_prompts)
+    batches = [call["hidden_states"].shape[0] for call in seen[:: TINY_FLUX.default_steps]]
+    assert len(seen) == 3 * TINY_FLUX.default_steps and batches == [4, 4, 2]  # 10 prompts
     assert "a handwritten digit 7" in calibration.context
 
 
 def test_tier_l_calibrates_the_layers_it_quantizes(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """The wiring, with fp8 said available and torchao's step recorded (no fp8 kernel on CPU)."""
-    quantized: list[dict[str, nn.Linear]] = []
+    quantized: list[dict[str, torch.Tensor]] = []  # the weights as quantization finds them
     monkeypatch.setattr(tiers, "fp8_available", lambda device: (True, ""))
-    monkeypatch.setattr(tiers, "quantize_fp8", lambda model, layers, notes: quantized.append(layers))
+    monkeypatch.setattr(
+        tiers,
+        "quantize_fp8",
+        lambda model, layers, notes: quantized.append({n: m.weight.clone() for n, m in layers.items()}),
+    )
     pipe = build_tiny_flux()
     pipe.set_progress_bar_config(disable=True)
-    calibration = calibration_calls(pipe, TINY_FLUX)
+    before = {n: m.weight.clone() for n, m in quantizable_linears(pipe.transformer).items()}
+    calibration = calibration_calls(pipe, TINY_FLUX, 4)
     runs: list[int] = []
     counted = Calibration(lambda: (runs.append(1), calibration.run())[0], calibration.context)
     recipe = recipe_for(Tier.L).__class__(**{**recipe_for(Tier.L).__dict__, "compile": False})
@@ -178,4 +235,7 @@ def test_tier_l_calibrates_the_layers_it_quantizes(monkeypatch: pytest.MonkeyPat
         )
     assert runs == [1] and any("calibrated (GPTQ)" in note for note in notes)
     assert quantized and set(quantized[0]) == set(quantizable_linears(pipe.transformer))
+    kept = set(before) & set(quantized[0])  # the layers fused QKV left as they were
+    changed = [name for name in kept if not torch.equal(quantized[0][name], before[name])]
+    assert changed  # quantization sees the calibrated weights: calibration ran first
     assert list((tmp_path / "fp8-rounding").glob("*.safetensors"))

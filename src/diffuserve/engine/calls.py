@@ -50,19 +50,27 @@ def pipeline_kwargs(job: BatchJob, family: Family, accepted: set[str], output_ty
     return kwargs
 
 
-def calibration_calls(pipeline: Any, family: Family) -> Calibration:
-    """FP8_ROUNDING=calibrated's calls: the family's calibration prompts in one text-to-image batch at its native
-    size and default steps and guidance (seeds 0, 1, …), latents out (no decode)."""
+def calibration_calls(pipeline: Any, family: Family, max_batch: int) -> Calibration:
+    """FP8_ROUNDING=calibrated's calls: the family's calibration prompts as text-to-image batches of at most
+    `max_batch` at its native size and default steps and guidance (seeds 0, 1, …), latents out (no decode)."""
     size, steps, guidance = family.native_size, family.default_steps, family.default_guidance
     prompts = family.calibration_prompts
     items = [
         BatchItem("calibration", prompt, None, [seed], "png", None) for seed, prompt in enumerate(prompts)
     ]
+    per_call = max(1, max_batch)
+    jobs = [
+        BatchJob(0, size, size, steps, guidance, items[start : start + per_call])
+        for start in range(0, len(items), per_call)
+    ]
     accepted = set(inspect.signature(pipeline.__call__).parameters)
-    job = BatchJob(0, size, size, steps, guidance, items)
     context = f"{family.name}: {list(prompts)!r}, {size}x{size}, {steps} steps, guidance {guidance}"
-    # New generators for each run: every group of layers sees the same calls.
-    return Calibration(lambda: pipeline(**pipeline_kwargs(job, family, accepted, "latent")), context)
+
+    def run() -> None:
+        for job in jobs:  # new generators for each run: every group of layers sees the same calls
+            pipeline(**pipeline_kwargs(job, family, accepted, "latent"))
+
+    return Calibration(run, context)
 
 
 class StepMarks:

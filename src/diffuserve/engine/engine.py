@@ -160,7 +160,9 @@ class Engine:
 
             targets = lora_targets(model, family.blocks)
         calibrated = recipe.fp8 and c.fp8_rounding == Fp8Rounding.CALIBRATED
-        calibration = calibration_calls(text_pipeline(pipeline, family), family) if calibrated else None
+        calibration = (
+            calibration_calls(text_pipeline(pipeline, family), family, c.max_batch) if calibrated else None
+        )
         apply_recipe(
             pipeline,
             recipe,

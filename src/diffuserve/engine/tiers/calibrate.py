@@ -15,6 +15,7 @@ scale, which bf16 holds to 2⁻⁹ while neighbouring codes lie 2⁻³ apart.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -54,24 +55,30 @@ def e4m3_codes(values: torch.Tensor) -> torch.Tensor:
 
 def gptq_round(
     weight: torch.Tensor, hessian: torch.Tensor, *, damp: float = 0.01, block: int = 128
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor] | None:
     """GPTQ's e4m3 codes (float32) and row scales for `weight` (out × in), given the inputs' second moments
-    `hessian` (in × in). Columns are taken in order of falling input energy (GPTQ's act-order); `damp` times
-    the mean diagonal is added to H; `block` columns share one lazy update of the rest."""
+    `hessian` (in × in, float32; consumed). Columns are taken in order of falling input energy (GPTQ's
+    act-order); `damp` times the mean diagonal is added to H (ten times more, twice, where H is not positive
+    definite); `block` columns share one lazy update of the rest. None where H is not finite or stays
+    singular: the caller keeps the nearest rounding."""
+    if not torch.isfinite(hessian).all() or not torch.isfinite(weight).all():
+        return None
     w = weight.float().clone()
     rows, columns = w.shape
     scale = row_scales(w)
     # Each row's largest weight becomes ±448 exactly, so the scale derived again from the rounded row is this one.
     pinned = w.abs().argmax(dim=1)
     pinned_value = torch.sign(w[torch.arange(rows, device=w.device), pinned]) * E4M3_MAX
-    h = hessian.float().clone()
-    dead = torch.diag(h) == 0  # inputs that were always zero: nothing to weigh their columns by
-    h[dead, dead] = 1.0
-    order = torch.argsort(torch.diag(h), descending=True)
-    w, h = w[:, order], h[order][:, order]
+    diagonal = torch.diagonal(hessian)
+    diagonal[diagonal == 0] = 1.0  # inputs that were always zero: nothing to weigh their columns by
+    order = torch.argsort(diagonal, descending=True, stable=True)
+    w, h = w[:, order], hessian[order][:, order]  # one permuted copy of H; the caller's is dropped
+    del hessian
     position = torch.argsort(order)[pinned]  # each row's pinned column in the new order
-    h += damp * torch.mean(torch.diag(h)) * torch.eye(columns, device=h.device)
-    inverse = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    inverse = _upper_inverse_cholesky(h, damp)
+    del h
+    if inverse is None:
+        return None
     codes = torch.zeros_like(w)
     for start in range(0, columns, block):
         end = min(start + block, columns)
@@ -85,6 +92,22 @@ def gptq_round(
             codes[:, start + i], errors[:, i] = code, error
         w[:, end:] -= errors @ inverse[start:end, end:]
     return codes[:, torch.argsort(order)], scale
+
+
+def _upper_inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor | None:
+    """GPTQ's upper Cholesky factor of H⁻¹ (H damped in place), or None where H stays singular."""
+    diagonal = torch.diagonal(h)
+    mean = float(diagonal.mean())
+    added = 0.0
+    for factor in (1.0, 10.0, 100.0):
+        diagonal += damp * factor * mean - added
+        added = damp * factor * mean
+        lower, info = torch.linalg.cholesky_ex(h)
+        if int(info) == 0:
+            inverse, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+            if int(info) == 0 and torch.isfinite(inverse).all():
+                return inverse
+    return None
 
 
 def rounded_weight(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -109,14 +132,16 @@ def hessian_groups(layers: dict[str, nn.Linear], budget_bytes: int) -> Iterator[
 
 def collect_hessians(
     layers: dict[str, nn.Linear], names: list[str], run: Callable[[], None]
-) -> dict[str, torch.Tensor]:
-    """Σ xᵀx of each named layer's inputs over one `run()` of the calibration calls (float32, on its device)."""
-    sums: dict[str, torch.Tensor] = {}
+) -> dict[str, tuple[torch.Tensor, int]]:
+    """Σ xᵀx of each named layer's inputs over one `run()` of the calibration calls (float32, on its device),
+    and the count of input rows it sums."""
+    sums: dict[str, tuple[torch.Tensor, int]] = {}
 
     def hook_for(name: str) -> Callable[..., None]:
         def add(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
             x = args[0].reshape(-1, args[0].shape[-1]).float()
-            sums[name] = sums[name] + x.T @ x if name in sums else x.T @ x
+            total, count = sums.get(name, (None, 0))
+            sums[name] = (x.T @ x if total is None else total.addmm_(x.T, x), count + x.shape[0])
 
         return add
 
@@ -131,13 +156,13 @@ def collect_hessians(
 
 
 def fingerprint(layers: dict[str, nn.Linear], context: str) -> str:
-    """A key for the calibrated codes of these weights: names, shapes, dtype and a strided sample of each
-    weight's values (cheap on any device; other weights give another key), the method and `context` (the
-    calibration calls)."""
+    """A key for the calibrated codes of these weights: names, shapes, dtype and a strided sample of 65,536 of
+    each weight's values (cheap on any device: a fine-tune that changes none of the sampled values would get
+    the base weights' codes), the method and `context` (the calibration calls)."""
     digest = hashlib.sha256(f"{METHOD}\n{context}\n".encode())
     for name, layer in layers.items():
         weight = layer.weight.detach()
-        sample = weight.flatten()[:: max(1, weight.numel() // 4096)].float().cpu()
+        sample = weight.flatten()[:: max(1, weight.numel() // 65536)].float().cpu()
         digest.update(f"{name} {tuple(weight.shape)} {weight.dtype}\n".encode())
         digest.update(sample.numpy().tobytes())
     return digest.hexdigest()[:24]
@@ -153,58 +178,83 @@ def calibrate_fp8(
     budget_bytes: int = 8 * 2**30,
 ) -> None:
     """Round `layers`' weights in place by GPTQ, from the cache where these weights were calibrated before,
-    else from `run()` (the calibration calls: once per group of layers whose statistics fit `budget_bytes`),
-    then cached."""
+    else from `run()` (the calibration calls: once per group of layers whose statistics fit `budget_bytes`, or
+    a quarter of the device's free memory), then cached. Groups are rounded in turn, so later groups' inputs
+    come through the earlier groups' rounded weights (GPTQ's sequential order). A layer whose inputs had fewer
+    rows than features (FLUX's AdaLN products see one row per image and step) keeps its nearest rounding:
+    fitted to so few samples, GPTQ moves outputs elsewhere more than nearest rounding does."""
     if not layers:
         return
     key = fingerprint(layers, context)
     path = Path(cache_dir).expanduser() / "fp8-rounding" / f"{key}.safetensors"
     started = time.perf_counter()
-    if _load(path, layers):
-        notes.append(f"fp8 rounding: calibrated (GPTQ), {len(layers)} layers read from {path}")
+    loaded = _load(path, layers)
+    if loaded is not None:
+        notes.append(
+            f"fp8 rounding: calibrated (GPTQ) codes of {loaded} of {len(layers)} layers read from {path}"
+        )
         return
+    device = next(iter(layers.values())).weight.device
+    if device.type == "cuda":
+        budget_bytes = min(budget_bytes, torch.cuda.mem_get_info(device)[0] // 4)
     codes: dict[str, torch.Tensor] = {}
     runs = 0
     for names in hessian_groups(layers, budget_bytes):
         hessians = collect_hessians(layers, names, run)
         runs += 1
         for name in names:
+            hessian, rows = hessians.pop(name, (None, 0))
             weight = layers[name].weight
-            if name not in hessians:  # the calibration calls never reached it: its nearest rounding stays
+            if hessian is None or rows < weight.shape[1]:
+                continue  # unreached by the calibration calls, or too few samples: nearest rounding
+            rounded = gptq_round(weight.detach(), hessian)
+            del hessian
+            if rounded is None:
+                log.warning(
+                    "fp8 rounding: %s keeps its nearest rounding (its input statistics are singular)", name
+                )
                 continue
-            code, scale = gptq_round(weight.detach(), hessians.pop(name))
             with torch.no_grad():
-                weight.copy_(rounded_weight(code, scale, weight.dtype))
-            codes[f"{name}.codes"] = code.to(torch.float8_e4m3fn).cpu()
-            codes[f"{name}.scale"] = scale.cpu()
+                weight.copy_(rounded_weight(*rounded, weight.dtype))
+            codes[f"{name}.codes"] = rounded[0].to(torch.float8_e4m3fn).cpu()
+            codes[f"{name}.scale"] = rounded[1].cpu()
     saved = _save(path, codes, {"method": METHOD, "context": context})
     notes.append(
-        f"fp8 rounding: calibrated (GPTQ), {len(codes) // 2} of {len(layers)} layers from {runs} calibration "
-        f"run(s) in {time.perf_counter() - started:.1f} s, "
+        f"fp8 rounding: calibrated (GPTQ), {len(codes) // 2} of {len(layers)} layers (the rest nearest) from "
+        f"{runs} calibration run(s) in {time.perf_counter() - started:.1f} s, "
         + (f"cached in {path}" if saved else "not cached")
     )
 
 
-def _load(path: Path, layers: dict[str, nn.Linear]) -> bool:
+def _load(path: Path, layers: dict[str, nn.Linear]) -> int | None:
+    """Writes the cached codes into the layers; returns how many layers had codes, or None where the file is
+    missing, unreadable or does not fit these layers (then nothing was written)."""
     if not path.is_file():
-        return False
+        return None
     from safetensors.torch import load_file
 
     try:
         stored = load_file(str(path))
+        named = {key.rsplit(".", 1)[0] for key in stored}
+        fits = all(
+            name in layers
+            and stored[f"{name}.codes"].shape == layers[name].weight.shape
+            and stored[f"{name}.scale"].shape == (layers[name].weight.shape[0], 1)
+            and torch.isfinite(stored[f"{name}.scale"]).all()
+            for name in named
+        )
     except Exception as exc:  # a torn or foreign file: calibrate again, and overwrite it
         log.warning("fp8 rounding cache %s unreadable (%s): calibrating again", path, exc)
-        return False
+        return None
+    if not fits:
+        log.warning("fp8 rounding cache %s does not fit these layers: calibrating again", path)
+        return None
     with torch.no_grad():
-        for name, layer in layers.items():
-            if f"{name}.codes" in stored:
-                weight = layer.weight
-                code, scale = (
-                    stored[f"{name}.codes"].to(weight.device),
-                    stored[f"{name}.scale"].to(weight.device),
-                )
-                weight.copy_(rounded_weight(code, scale, weight.dtype))
-    return True
+        for name in named:
+            weight = layers[name].weight
+            code, scale = stored[f"{name}.codes"], stored[f"{name}.scale"]
+            weight.copy_(rounded_weight(code.to(weight.device), scale.to(weight.device), weight.dtype))
+    return len(named)
 
 
 def _save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bool:
@@ -212,13 +262,16 @@ def _save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
     the workers of a model (and a group's ranks) calibrate the same weights at the same time."""
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(partial), metadata={k: json.dumps(v) for k, v in metadata.items()})
         partial.replace(path)
-    except OSError as exc:  # the cache only saves the next start's calibration
+    except (
+        Exception
+    ) as exc:  # the cache only saves the next start's calibration (safetensors' own errors too)
         log.warning("fp8 rounding: not cached in %s (%s: %s)", path, type(exc).__name__, exc)
-        partial.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            partial.unlink(missing_ok=True)
         return False
     return True
