@@ -8,7 +8,7 @@ import json
 import os
 import shutil
 from collections.abc import Callable
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -199,8 +199,11 @@ def _download_all(job: _Pull, names: list[str]) -> None:
     if not names:
         return
     pool = ThreadPoolExecutor(max_workers=min(PARALLEL_DOWNLOADS, len(names)), thread_name_prefix="pull")
-    futures = [pool.submit(_download_one, job, name) for name in names]
+    futures: list[Future[None]] = []
     try:
+        # Submitted inside the try: the first file downloads while the rest are submitted, and an interrupt
+        # that lands meanwhile must stop it too.
+        futures.extend(pool.submit(_download_one, job, name) for name in names)
         # In short waits: a Ctrl-C that lands in a download thread is handled by the main thread only when it
         # runs again, which an untimed wait would put off until a whole file is done.
         pending = set(futures)
