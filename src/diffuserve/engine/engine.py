@@ -116,7 +116,11 @@ class Engine:
             rate = size / 1e9 / max(self.phases.load_s, 1e-6)
             log.info("weights: %.1f GB loaded in %.1f s (%.1f GB/s)", size / 1e9, self.phases.load_s, rate)
         started = time.perf_counter()
-        self.on_phase("accelerating", f"tier {c.tier}")
+        from diffuserve.engine.tiers.recipes import recipe_for
+
+        calibrating = c.fp8_rounding == Fp8Rounding.CALIBRATED and recipe_for(c.tier).fp8
+        # A first start with calibrated fp8 rounding spends minutes here on a large model: say why.
+        self.on_phase("accelerating", f"tier {c.tier}" + (", fp8 rounding calibrated" if calibrating else ""))
         if tier_imports is not None:  # what the load did not hide is the tier's time
             tier_imports.join()
         parallel, pixels = self._accelerate(self.loaded)
