@@ -119,7 +119,7 @@ class Engine:
         from diffuserve.engine.tiers.recipes import recipe_for
 
         calibrating = c.fp8_rounding == Fp8Rounding.CALIBRATED and recipe_for(c.tier).fp8
-        # A first start with calibrated fp8 rounding spends minutes here on a large model: say why.
+        # A first start with calibrated fp8 rounding runs the calibration calls here: say why it takes longer.
         self.on_phase("accelerating", f"tier {c.tier}" + (", fp8 rounding calibrated" if calibrating else ""))
         if tier_imports is not None:  # what the load did not hide is the tier's time
             tier_imports.join()
