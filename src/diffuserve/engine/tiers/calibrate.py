@@ -61,7 +61,7 @@ def gptq_round(
     weight: torch.Tensor, hessian: torch.Tensor, *, damp: float = 0.01, block: int = 128
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """GPTQ's e4m3 codes (float32) and row scales for `weight` (out × in), given the inputs' second moments
-    `hessian` (in × in, float32; consumed). Columns are taken in order of falling input energy (GPTQ's
+    `hessian` (in × in, float32; its zero diagonal entries are set to 1 in place). Columns are taken in order of falling input energy (GPTQ's
     act-order); `damp` times the mean diagonal is added to H (ten times more, twice, where H is not positive
     definite); `block` columns share one lazy update of the rest. None where H is not finite or stays
     singular: the caller keeps the nearest rounding."""
@@ -76,8 +76,7 @@ def gptq_round(
     diagonal = torch.diagonal(hessian)
     diagonal[diagonal == 0] = 1.0  # inputs that were always zero: nothing to weigh their columns by
     order = torch.argsort(diagonal, descending=True, stable=True)
-    w, h = w[:, order], hessian[order][:, order]  # one permuted copy of H; the caller's is dropped
-    del hessian
+    w, h = w[:, order], hessian[order][:, order]
     position = torch.argsort(order)[pinned]  # each row's pinned column in the new order
     inverse = _upper_inverse_cholesky(h, damp)
     del h
