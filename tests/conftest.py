@@ -3,8 +3,6 @@ tutorial's curl and SDK calls, the playground in a browser)."""
 
 from __future__ import annotations
 
-import signal
-import warnings
 from collections.abc import Iterator
 
 import pytest
@@ -20,18 +18,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
-
-
-@pytest.fixture(autouse=True)
-def _sigint_handler_kept(request: pytest.FixtureRequest) -> Iterator[None]:
-    """A test that changes SIGINT's handler in this process (code meant for a child process, run in-process)
-    gets it put back, with a warning naming it: a later test that sends itself a Ctrl-C needs Python's own."""
-    before = signal.getsignal(signal.SIGINT)
-    yield
-    after = signal.getsignal(signal.SIGINT)
-    if after is not before:
-        signal.signal(signal.SIGINT, before)
-        warnings.warn(f"{request.node.nodeid} left SIGINT's handler as {after!r}; put back", stacklevel=1)
 
 
 @pytest.fixture(scope="session")
