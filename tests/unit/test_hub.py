@@ -255,8 +255,14 @@ def test_an_interrupted_pull_resumes_its_partial_file(
             os.kill(os.getpid(), signal.SIGINT)
             assert trackers[0].cancelled.wait(10)
 
-    with pytest.raises(KeyboardInterrupt):
-        pull(REPO, progress=ctrl_c_mid_vae)
+    # Python's own Ctrl-C handler, as in a terminal: a process started in the background of a shell (`cmd &`)
+    # inherits SIGINT ignored, and Python then installs none.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            pull(REPO, progress=ctrl_c_mid_vae)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     sha = hub_env.repos[REPO].files[VAE].sha256
     part = hub.cache_dir() / "models--tiny--flux" / "blobs" / f"{sha}.incomplete"
     kept = part.stat().st_size
