@@ -7,8 +7,6 @@ import logging
 from dataclasses import replace
 from typing import Any
 
-from torch import nn
-
 from diffuserve.engine.tiers.cache import denoiser_of, enable_step_cache, step_cache_of
 from diffuserve.engine.tiers.calibrate import Calibration, calibrate_fp8
 from diffuserve.engine.tiers.compile import (
@@ -98,7 +96,16 @@ def _apply(
             "fp8: skipped for UNet models (slower than bf16 at batch 1 on H100, see docs/design/tiers.md)"
         )
     elif recipe.fp8:
-        _fp8(model, device, cache_dir, notes, family, calibration)
+        ok, why = fp8_available(device)
+        if ok:
+            layers = quantizable_linears(model, family.fp8_skip if family else ())
+            if calibration is not None:
+                calibrate_fp8(
+                    layers, calibration.run, cache_dir=cache_dir, context=calibration.context, notes=notes
+                )
+            quantize_fp8(model, layers, notes)
+        else:
+            notes.append(f"fp8: skipped, {why}")
     if recipe.compile:
         ok, why = compile_available(device)
         if ok:
@@ -118,21 +125,3 @@ def _apply(
         f"step cache: threshold {opts.threshold}, first {opts.warmup_steps} step(s) always computed, "
         f"at most {opts.max_consecutive} reused in a row"
     )
-
-
-def _fp8(
-    model: nn.Module,
-    device: str,
-    cache_dir: str,
-    notes: list[str],
-    family: Family | None,
-    calibration: Calibration | None,
-) -> None:
-    ok, why = fp8_available(device)
-    if not ok:
-        notes.append(f"fp8: skipped, {why}")
-        return
-    layers = quantizable_linears(model, family.fp8_skip if family else ())
-    if calibration is not None:
-        calibrate_fp8(layers, calibration.run, cache_dir=cache_dir, context=calibration.context, notes=notes)
-    quantize_fp8(model, layers, notes)
