@@ -142,7 +142,7 @@ class Settings(JobSettings, AdapterSettings):
     batch_wait_ms: float = setting(
         5.0,
         "BATCH_WAIT_MS",
-        help="extra wait to fill a batch, only for requests that queued while every worker was busy",
+        help="extra wait to fill a batch, only for non-interactive requests that queued while every worker was busy",
         ge=0,
     )
     watchdog_factor: float = setting(

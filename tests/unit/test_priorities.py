@@ -71,6 +71,20 @@ async def test_a_lower_class_never_rides_in_a_higher_class_batch() -> None:
     assert [item.request_id for item in worker.jobs[2].items] == ["b0", "b1", "b2"]
 
 
+async def test_an_interactive_request_is_not_held_by_the_batching_window() -> None:
+    scheduler = Scheduler(max_batch=4, max_queue=10, batch_wait_s=10.0, rules=PriorityRules(preempt=False))
+    worker = FakeWorker(0)
+    scheduler.worker_idle(worker)
+    scheduler.submit(prioritised("running", Priority.BATCH))
+    interactive = scheduler.submit(prioritised("i", Priority.INTERACTIVE))
+    assert interactive.arrived_while_busy
+    scheduler.batch_finished(worker, result_for(worker.jobs[0]))
+    assert [item.request_id for item in worker.jobs[1].items] == ["i"], "it starts once the worker is free"
+    default = scheduler.submit(prioritised("d", Priority.DEFAULT))
+    scheduler.batch_finished(worker, result_for(worker.jobs[1]))
+    assert len(worker.jobs) == 2 and default in scheduler.queue, "a default request still waits for company"
+
+
 async def test_waiting_requests_age_into_higher_classes_so_none_starves() -> None:
     clock = Clock()
     scheduler, worker = busy_scheduler(PriorityRules(aging_s=10.0, preempt=False), clock)

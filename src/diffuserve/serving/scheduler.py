@@ -311,8 +311,11 @@ class Scheduler:
             images = sum(p.request.n for p in group)
             # The window only holds back requests that queued while every worker was busy: a lone request
             # on an idle worker starts at once, and the wait is measured from the first request of the group.
+            # An interactive head is never held: its class asks for latency over company, and a request that
+            # stopped a batch job for its turn would otherwise wait out the window after the stop.
             wait_left = head.enqueued_at + self.batch_wait_s - self.clock()
-            if head.arrived_while_busy and images < self.max_batch and wait_left > 0:
+            held = head.arrived_while_busy and head.priority is not Priority.INTERACTIVE
+            if held and images < self.max_batch and wait_left > 0:
                 self._timer = asyncio.get_running_loop().call_later(wait_left, self._dispatch)
                 return
             self._start(worker_id, group)
