@@ -257,6 +257,10 @@ def start_once(
         all_warm = wait_all_warm(server, started, args.batch, timeout=120.0)
         if all_warm is not None:
             result["all_warm_s"] = round(all_warm, 2)
+        # The next start's artefacts: saved after the last size warmed, lost if the server stopped first.
+        saved = wait_compile_cache(server, started, timeout=120.0)
+        if saved is not None:
+            result["compile_cache_saved_s"] = round(saved, 2)
         if args.lone:
             result["lone"] = lone_requests(server.base_url, args.lone)
         final = httpx.get(server.base_url + "/health/ready", timeout=5).json()
@@ -330,6 +334,20 @@ def wait_all_warm(server: Any, started: float, batch: int, timeout: float) -> fl
         if any(s is None for s in sizes):
             return None
         if all(set(range(1, batch + 1)) <= set(s) for s in sizes):
+            return time.perf_counter() - started
+        time.sleep(0.05)
+    return None
+
+
+def wait_compile_cache(server: Any, started: float, timeout: float) -> float | None:
+    """Seconds from the spawn until every worker reports its compile artefacts saved, or that it has none to
+    save (CPU); None: not within `timeout`."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        workers = httpx.get(server.base_url + "/health/ready", timeout=2.0).json().get("workers", [])
+        if workers and all("compile_cache" in w for w in workers):
             return time.perf_counter() - started
         time.sleep(0.05)
     return None

@@ -143,6 +143,17 @@ class BatchSizeWarm:
 
 
 @dataclass
+class CompileCacheSaved:
+    """The worker saved its compile artefacts once its last batch size was warm, in `seconds`: to `path`, which
+    a start from the same cache dir loads instead of generating its kernels; None where nothing was compiled
+    (CPU) or the write failed (the worker's log says why)."""
+
+    worker_id: int
+    path: str | None
+    seconds: float
+
+
+@dataclass
 class WorkerPhase:
     """A starting worker's progress, for readiness: `importing` (torch, diffusers, the pipeline's modules),
     `loading` (weights to the device), `accelerating` (the tier applied: fp8, compile set up, CUDA graphs), then

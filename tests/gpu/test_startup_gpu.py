@@ -21,7 +21,8 @@ pytestmark = [
 
 def start_and_generate(cache_dir: Path, log_path: Path) -> tuple[bytes, dict[str, object]]:
     """One server start on the digits model at tier L (fp8, compiled, CUDA graphs), batch 4: the image of a
-    fixed seed, and the worker as readiness describes it once every batch size is warm."""
+    fixed seed, and the worker as readiness describes it once every batch size is warm and the compile
+    artefacts are saved (stopped before, the worker would take them with it)."""
     serve = ["digits", "--tier", "L", "--model-batch", "4", "--devices", "0", "--cache-dir", str(cache_dir)]
     with SpawnedServer(log_path, serve_args=[*serve, "--no-playground"], ready_timeout=600) as server:
         body = {"prompt": "a handwritten digit 7", "seed": 1234, "response_format": "b64_json"}
@@ -32,7 +33,8 @@ def start_and_generate(cache_dir: Path, log_path: Path) -> tuple[bytes, dict[str
         deadline = time.monotonic() + 300
         while True:
             worker = httpx.get(f"{server.base_url}/health/ready", timeout=5).json()["workers"][0]
-            if worker["warm_batch_sizes"] == [1, 2, 3, 4] or time.monotonic() > deadline:
+            all_warm = worker["warm_batch_sizes"] == [1, 2, 3, 4]
+            if (all_warm and worker.get("compile_cache")) or time.monotonic() > deadline:
                 return image, worker
             time.sleep(0.2)
 
@@ -41,7 +43,7 @@ def test_a_warm_start_from_artefacts_gives_the_cold_starts_image(tmp_path: Path)
     cold_image, cold = start_and_generate(tmp_path / "cache", tmp_path / "cold.log")
     assert cold["warm_batch_sizes"] == [1, 2, 3, 4]
     saved = list((tmp_path / "cache" / "compile").glob("*.bin"))
-    assert saved, "the cold start saved no compile artefacts"
+    assert saved and cold.get("compile_cache") == str(saved[0]), "the cold start saved no compile artefacts"
 
     warm_image, warm = start_and_generate(tmp_path / "cache", tmp_path / "warm.log")
     assert warm_image == cold_image

@@ -47,6 +47,7 @@ async def test_ready_at_the_first_size_the_rest_warm_between_batches(tmp_path: P
         assert described["warm_batch_sizes"] == [1]
         assert described["phase"] == "warming batch size 4"
         assert worker.state == WorkerState.IDLE and "all_warm" not in described["start_seconds"]
+        assert "compile_cache" not in described, "the artefacts are saved once every size is warm"
 
         # A request that comes as the worker gets ready runs before any warm-up.
         first = await asyncio.wait_for(pool.scheduler.submit(request("first")).future, READY_GRACE_S)
@@ -70,6 +71,14 @@ async def test_ready_at_the_first_size_the_rest_warm_between_batches(tmp_path: P
         phases = described["start_seconds"]
         assert phases["all_warm"] >= phases["total"]
         assert {f"warmup_b{size}" for size in (1, 2, 3, 4)} <= set(phases)
+
+        # Then the compile artefacts, saved after the last size, all of them in: readiness says where.
+        saved = tmp_path / "compile" / "fake.bin"
+        await until(lambda: "compile_cache" in worker.describe())
+        described = worker.describe()
+        assert described["compile_cache"] == str(saved)
+        assert saved.read_bytes() == b"sizes [1, 2, 3, 4]"
+        assert described["start_seconds"]["compile_cache_save"] == 0.02
 
 
 async def test_a_size_not_yet_warm_waits_for_its_warm_up_and_is_never_compiled_in_a_request(

@@ -33,7 +33,13 @@ from modal._partial_function import (  # noqa: E402  (after the importorskip abo
 
 clean_env = base.clean_env  # the same fixture: no plan variables or Modal credentials from the shell
 
-WARM = {"status": "ready", "workers": [{"id": 0, "state": "ready", "warm_batch_sizes": [1, 2, 3, 4]}]}
+SAVED = "/vol/diffuserve/compile/key.bin"
+WARM = {
+    "status": "ready",
+    "workers": [{"id": 0, "state": "ready", "warm_batch_sizes": [1, 2, 3, 4], "compile_cache": SAVED}],
+}
+# Every size warm, the compile artefacts still being written.
+WARM_SAVING = {"status": "ready", "workers": [{"id": 0, "state": "ready", "warm_batch_sizes": [1, 2, 3, 4]}]}
 # Ready after its largest batch size; the smaller ones still to warm (compiled code is per batch size).
 READY_WARMING = {
     "status": "ready",
@@ -216,6 +222,8 @@ def front() -> Iterator[subprocess.Popen[bytes]]:
 def test_every_size_warm_reads_the_readiness_body() -> None:
     app = load_app()
     assert app.every_size_warm(WARM)
+    assert not app.every_size_warm(WARM_SAVING)
+    assert app.every_size_warm({**WARM, "workers": [{**WARM_SAVING["workers"][0], "compile_cache": None}]})
     assert not app.every_size_warm(READY_WARMING)
     assert not app.every_size_warm(LOADING)
     assert not app.every_size_warm({"status": "ready", "workers": []})
@@ -223,7 +231,7 @@ def test_every_size_warm_reads_the_readiness_body() -> None:
 
 def test_wait_for_every_size_waits_past_ready(front: subprocess.Popen[bytes], listening: int) -> None:
     app = load_app()
-    with Readiness(LOADING, READY_WARMING, READY_WARMING, WARM) as server:
+    with Readiness(LOADING, READY_WARMING, READY_WARMING, WARM_SAVING, WARM) as server:
         app.wait_until_serving(
             front, every_size=True, timeout=10, url=server.url, port=listening, interval=0.01
         )

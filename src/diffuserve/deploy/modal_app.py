@@ -176,9 +176,12 @@ def readiness(url: str) -> tuple[int, dict[str, Any]] | None:
 
 def every_size_warm(body: dict[str, Any]) -> bool:
     """Ready, with no worker still loading or warming a batch size (compiled code is specialised per size, and
-    a worker may warm its smaller sizes after it first reports ready; until then its entry shows a `phase`)."""
+    a worker may warm its smaller sizes after it first reports ready; until then its entry shows a `phase`),
+    and every worker's compile artefacts saved (`compile_cache` present), so the snapshot and the Volume hold
+    them rather than a save cut short."""
     workers = body.get("workers") or []
-    return body.get("status") == "ready" and bool(workers) and not any("phase" in w for w in workers)
+    settled = all("phase" not in w and "compile_cache" in w for w in workers)
+    return body.get("status") == "ready" and bool(workers) and settled
 
 
 def port_open(port: int) -> bool:

@@ -227,13 +227,15 @@ class Engine:
 
             leave_group()
 
-    def save_compile_cache(self) -> None:
-        """Persist what warm-up compiled (nothing on CPU); a failed write is logged there, never fatal."""
+    def save_compile_cache(self) -> str | None:
+        """Persist what warm-up compiled; returns the file, or None where nothing was compiled (CPU) or the
+        write failed (logged there, never fatal)."""
         from diffuserve.engine.tiers import save_compile_cache
 
         started = time.perf_counter()
-        save_compile_cache(self.config.cache_dir)
+        path = save_compile_cache(self.config.cache_dir)
         self.phases.compile_cache_save_s = time.perf_counter() - started
+        return path
 
     def warmup_sizes(self) -> list[int]:
         """The batch sizes to warm, the one readiness waits for first. On a GPU compiled code and CUDA graphs are

@@ -20,6 +20,7 @@ from diffuserve.logs import configure_logging
 from diffuserve.messages import (
     BatchResult,
     BatchSizeWarm,
+    CompileCacheSaved,
     DeviceBatch,
     DeviceFree,
     GroupRank,
@@ -122,7 +123,7 @@ def _start_engine(
         if first and first[0] is not None:  # every format once, so no request waits for an encoder to load
             BatchEncoder().encode_batch(every_format(first[0]))
         if not later:
-            engine.save_compile_cache()
+            _save_compile_cache(engine, conn.send if group is None or group.leader else None, worker_id)
     except Exception as exc:
         # The server logs why, in one line, and stops; the traceback is for debugging a bug, not for operators.
         log.debug("worker %d could not start", worker_id, exc_info=True)
@@ -256,8 +257,16 @@ def _warm_next(engine: Any, sender: LockedSender, worker_id: int, cold: list[int
     log.info("worker %d: batch size %d warm (%.1fs)", worker_id, size, seconds)
     sender.send(BatchSizeWarm(worker_id, size, seconds))
     if not cold:
-        engine.save_compile_cache()
+        _save_compile_cache(engine, sender.send, worker_id)
     return True
+
+
+def _save_compile_cache(engine: Any, send: Callable[[Any], None] | None, worker_id: int) -> None:
+    """Save what warm-up compiled and tell the server where (`send`: None on a group's follower), so readiness
+    can say that a start from this cache dir will load the artefacts."""
+    path = engine.save_compile_cache()
+    if send is not None:
+        send(CompileCacheSaved(worker_id, path, engine.phases.compile_cache_save_s))
 
 
 def _step_reporter(sender: LockedSender, job: BatchJob) -> Callable[[int], None]:
