@@ -284,11 +284,8 @@ class WorkerPool:
                 log.info("worker %d (%s) has every batch size warm; start-up phases (s): %s",
                          worker.worker_id, self.label, worker.start_phases())  # fmt: skip
             self.scheduler.sizes_warm(worker.worker_id, worker.warm_sizes)
-        elif isinstance(message, CompileCacheSaved):
+        elif isinstance(message, CompileCacheSaved):  # the worker's own log says where, or why not
             worker.compile_cache_saved(message.path, message.seconds)
-            if message.path is not None:
-                log.info("worker %d (%s) saved its compile artefacts to %s in %.1f s",
-                         worker.worker_id, self.label, message.path, message.seconds)  # fmt: skip
         elif isinstance(message, WorkerPhase):
             worker.phase, worker.phase_detail = message.phase, message.detail
         elif isinstance(message, WorkerFailed):
