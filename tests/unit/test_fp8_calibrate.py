@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,7 @@ from diffuserve.engine.tiers import Calibration, apply_recipe, recipe_for
 from diffuserve.engine.tiers.calibrate import (
     E4M3_MAX,
     FEW_ROWS_DAMP,
+    STALE_PARTIAL_S,
     calibrate_fp8,
     e4m3_codes,
     fingerprint,
@@ -204,6 +207,51 @@ def test_a_torn_cache_file_is_calibrated_again(tmp_path: Path) -> None:
     assert path.stat().st_size > 100
 
 
+def test_a_stopped_writers_temporary_file_is_removed_and_a_fresh_one_kept(tmp_path: Path) -> None:
+    model, layers = two_layers()
+    folder = tmp_path / "fp8-rounding"
+    folder.mkdir()
+    stale, fresh = folder / "old.safetensors.1.partial", folder / "new.safetensors.2.partial"
+    for partial in (stale, fresh):
+        partial.write_bytes(b"half a file")
+    hour_ago = time.time() - STALE_PARTIAL_S - 1
+    os.utime(stale, (hour_ago, hour_ago))
+    calibrate_fp8(layers, Calls(model), cache_dir=str(tmp_path), context="test", notes=[])
+    assert not stale.exists() and fresh.exists()  # another process may still be writing the fresh one
+    assert [p.suffix for p in folder.iterdir() if p != fresh] == [".safetensors"]
+
+
+def test_float16_or_float32_weights_keep_the_nearest_rounding(tmp_path: Path) -> None:
+    model, layers = two_layers()
+    model.to(torch.float16)
+    before = {name: layer.weight.detach().clone() for name, layer in layers.items()}
+    calls, notes = Calls(model), []
+    calibrate_fp8(layers, calls, cache_dir=str(tmp_path), context="test", notes=notes)
+    assert calls.count == 0 and "needs bfloat16 weights, these are float16" in notes[-1]
+    assert all(torch.equal(layer.weight, before[name]) for name, layer in layers.items())
+
+
+def test_a_failed_calibration_leaves_tier_l_on_the_nearest_rounding(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    quantized: list[int] = []
+    monkeypatch.setattr(tiers, "fp8_available", lambda device: (True, ""))
+    monkeypatch.setattr(tiers, "quantize_fp8", lambda model, layers, notes: quantized.append(len(layers)))
+    pipe = build_tiny_flux().to(torch.bfloat16)
+
+    def out_of_memory() -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 12.00 GiB")
+
+    recipe = recipe_for(Tier.L).__class__(**{**recipe_for(Tier.L).__dict__, "compile": False})
+    notes = apply_recipe(
+        pipe, recipe, device="cpu", cache_dir=str(tmp_path), family=TINY_FLUX,
+        calibration=Calibration(out_of_memory, "test"),
+    )  # fmt: skip
+    assert any("calibration failed (OutOfMemoryError" in note for note in notes)
+    assert quantized == [len(quantizable_linears(pipe.transformer))]  # fp8 still applied, nearest rounding
+    assert not list(tmp_path.glob("fp8-rounding/*.safetensors"))
+
+
 def test_calibration_calls_run_the_family_prompts_in_batches_of_model_batch() -> None:
     pipe = build_tiny_flux()
     pipe.set_progress_bar_config(disable=True)
@@ -226,7 +274,7 @@ def test_tier_l_calibrates_the_layers_it_quantizes(monkeypatch: pytest.MonkeyPat
         "quantize_fp8",
         lambda model, layers, notes: quantized.append({n: m.weight.clone() for n, m in layers.items()}),
     )
-    pipe = build_tiny_flux()
+    pipe = build_tiny_flux().to(torch.bfloat16)  # as served on a GPU: calibrated rounding needs bf16 weights
     pipe.set_progress_bar_config(disable=True)
     before = {n: m.weight.clone() for n, m in quantizable_linears(pipe.transformer).items()}
     calibration = calibration_calls(pipe, TINY_FLUX, 4)

@@ -211,8 +211,11 @@ def _download_all(job: _Pull, names: list[str]) -> None:
             done, pending = wait(pending, timeout=0.5, return_when=FIRST_EXCEPTION)
             if any(f.exception() is not None for f in done):
                 break
+    except BaseException:  # an interrupt: stop every download, even one submitted but not yet listed
+        job.tracker.cancelled.set()
+        raise
     finally:
-        if not all(f.done() for f in futures):  # a failure or an interrupt: stop the rest, keep their parts
+        if not all(f.done() for f in futures):  # a failure: stop the rest, keep their parts
             job.tracker.cancelled.set()
         pool.shutdown(wait=True, cancel_futures=True)
     for future in futures:

@@ -7,6 +7,8 @@ import logging
 from dataclasses import replace
 from typing import Any
 
+import torch
+
 from diffuserve.engine.tiers.cache import denoiser_of, enable_step_cache, step_cache_of
 from diffuserve.engine.tiers.calibrate import Calibration, calibrate_fp8
 from diffuserve.engine.tiers.compile import (
@@ -100,9 +102,18 @@ def _apply(
         if ok:
             layers = quantizable_linears(model, family.fp8_skip if family else ())
             if calibration is not None:
-                calibrate_fp8(
-                    layers, calibration.run, cache_dir=cache_dir, context=calibration.context, notes=notes
-                )
+                try:
+                    calibrate_fp8(
+                        layers, calibration.run, cache_dir=cache_dir, context=calibration.context, notes=notes
+                    )
+                except Exception as exc:  # an optional refinement: nearest rounding still serves
+                    log.warning("fp8 rounding: calibration failed", exc_info=True)
+                    notes.append(
+                        f"fp8 rounding: calibration failed ({type(exc).__name__}: {exc}); the layers it had not "
+                        "rounded yet keep the nearest rounding, and nothing was cached"
+                    )
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
             quantize_fp8(model, layers, notes)
         else:
             notes.append(f"fp8: skipped, {why}")

@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -31,12 +32,20 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 E4M3_MAX = float(torch.finfo(torch.float8_e4m3fn).max)
-# Bumped when the rounding changes, so that caches of an older rounding are not read.
-METHOD = "gptq-e4m3-rowwise-v1"
 # GPTQ's damping (a share of H's mean diagonal added to it), and that of layers seen on fewer input rows than
 # features. Measured on the trained digits model (benchmarks/cpu_fp8_error.py, tier L, 4/28 steps): 0.01
 # everywhere 1.09/0.71 %, nearest rounding for the few-row layers 1.23/1.03 %, 1.0 for them 1.06/0.75 %.
 DAMP, FEW_ROWS_DAMP = 0.01, 1.0
+BLOCK = 128  # columns per lazy update
+# The float32 statistics held at once. Fixed, not sized to free memory: the groups decide which inputs each
+# layer is calibrated on, so every worker must form the same ones to hold the same codes (where they do not
+# fit, the calibration fails and the nearest rounding serves).
+BUDGET_BYTES = 8 * 2**30
+# Everything the codes depend on besides the weights and the calibration calls: part of the cache key, so a
+# change to any of it is never served an older rounding's codes.
+METHOD = f"gptq-e4m3-rowwise damp {DAMP} few-rows damp {FEW_ROWS_DAMP} block {BLOCK}"
+# A temporary file older than this was left by a process stopped mid-write: removed at the next save.
+STALE_PARTIAL_S = 3600.0
 
 
 @dataclass(frozen=True)
@@ -58,7 +67,7 @@ def e4m3_codes(values: torch.Tensor) -> torch.Tensor:
 
 
 def gptq_round(
-    weight: torch.Tensor, hessian: torch.Tensor, *, damp: float = 0.01, block: int = 128
+    weight: torch.Tensor, hessian: torch.Tensor, *, damp: float = DAMP, block: int = BLOCK
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """GPTQ's e4m3 codes (float32) and row scales for `weight` (out × in), given the inputs' second moments
     `hessian` (in × in, float32; its zero diagonal entries are set to 1 in place). Columns are taken in order of falling input energy (GPTQ's
@@ -158,11 +167,12 @@ def collect_hessians(
     return sums
 
 
-def fingerprint(layers: dict[str, nn.Linear], context: str) -> str:
+def fingerprint(layers: dict[str, nn.Linear], context: str, budget_bytes: int = BUDGET_BYTES) -> str:
     """A key for the calibrated codes of these weights: names, shapes, dtype and a strided sample of 65,536 of
     each weight's values (cheap on any device: a fine-tune that changes none of the sampled values would get
-    the base weights' codes), the method and `context` (the calibration calls)."""
-    digest = hashlib.sha256(f"{METHOD}\n{context}\n".encode())
+    the base weights' codes), the method, `context` (the calibration calls) and the statistics' budget (which
+    groups the layers)."""
+    digest = hashlib.sha256(f"{METHOD}\n{context}\ngroups of {budget_bytes} bytes\n".encode())
     for name, layer in layers.items():
         weight = layer.weight.detach()
         sample = weight.flatten()[:: max(1, weight.numel() // 65536)].float().cpu()
@@ -178,17 +188,23 @@ def calibrate_fp8(
     cache_dir: str,
     context: str,
     notes: list[str],
-    budget_bytes: int = 8 * 2**30,
+    budget_bytes: int = BUDGET_BYTES,
 ) -> None:
     """Round `layers`' weights in place by GPTQ, from the cache where these weights were calibrated before,
-    else from `run()` (the calibration calls: once per group of layers whose statistics fit `budget_bytes`, or
-    a quarter of the device's free memory), then cached. Groups are rounded in turn, so later groups' inputs
-    come through the earlier groups' rounded weights (GPTQ's sequential order). A layer whose inputs had fewer
-    rows than features (FLUX's AdaLN products see one row per image and step) is damped a hundred times more,
-    so that in the directions its samples never took, its rounding stays near the nearest one."""
+    else from `run()` (the calibration calls: once per group of layers whose statistics fit `budget_bytes`),
+    then cached. Groups are rounded in turn, so later groups' inputs come through the earlier groups' rounded
+    weights (GPTQ's sequential order). A layer whose inputs had fewer rows than features (FLUX's AdaLN products
+    see one row per image and step) is damped a hundred times more, so that in the directions its samples
+    never took, its rounding stays near the nearest one. Only bfloat16 weights: float16 cannot hold a small
+    row's codes times its scale exactly, so torchao would not find the same codes again."""
     if not layers:
         return
-    key = fingerprint(layers, context)
+    dtypes = {layer.weight.dtype for layer in layers.values()}
+    if dtypes != {torch.bfloat16}:
+        found = ", ".join(sorted(str(dtype).removeprefix("torch.") for dtype in dtypes))
+        notes.append(f"fp8 rounding: nearest (calibrated rounding needs bfloat16 weights, these are {found})")
+        return
+    key = fingerprint(layers, context, budget_bytes)
     path = Path(cache_dir).expanduser() / "fp8-rounding" / f"{key}.safetensors"
     started = time.perf_counter()
     loaded = _load(path, layers)
@@ -197,9 +213,6 @@ def calibrate_fp8(
             f"fp8 rounding: calibrated (GPTQ) codes of {loaded} of {len(layers)} layers read from {path}"
         )
         return
-    device = next(iter(layers.values())).weight.device
-    if device.type == "cuda":
-        budget_bytes = min(budget_bytes, torch.cuda.mem_get_info(device)[0] // 4)
     codes: dict[str, torch.Tensor] = {}
     runs = 0
     for names in hessian_groups(layers, budget_bytes):
@@ -262,20 +275,32 @@ def _load(path: Path, layers: dict[str, nn.Linear]) -> int | None:
 
 
 def _save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bool:
-    """Written beside and renamed into place: a reader never sees half a file. One temporary file per process:
-    the workers of a model (and a group's ranks) calibrate the same weights at the same time."""
+    """Written beside and renamed into place: a reader never sees half a file. A temporary file of its own
+    name per call: the workers of a model (and a group's ranks, and containers sharing a volume) calibrate
+    the same weights at the same time. Temporary files that a stopped process left are removed."""
     from safetensors.torch import save_file
 
-    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    partial: Path | None = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_partials(path.parent)
+        handle, name = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.", suffix=".partial")
+        os.close(handle)
+        partial = Path(name)
         save_file(tensors, str(partial), metadata={k: json.dumps(v) for k, v in metadata.items()})
         partial.replace(path)
-    except (
-        Exception
-    ) as exc:  # the cache only saves the next start's calibration (safetensors' own errors too)
+    except Exception as exc:  # the cache only saves the next start's calibration (safetensors' errors too)
         log.warning("fp8 rounding: not cached in %s (%s: %s)", path, type(exc).__name__, exc)
-        with contextlib.suppress(OSError):
-            partial.unlink(missing_ok=True)
+        if partial is not None:
+            with contextlib.suppress(OSError):
+                partial.unlink(missing_ok=True)
         return False
     return True
+
+
+def _remove_stale_partials(folder: Path) -> None:
+    cutoff = time.time() - STALE_PARTIAL_S
+    for stale in folder.glob("*.partial"):
+        with contextlib.suppress(OSError):
+            if stale.stat().st_mtime < cutoff:
+                stale.unlink()

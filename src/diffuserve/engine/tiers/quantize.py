@@ -34,12 +34,14 @@ def quantizable_linears(model: nn.Module, skip: tuple[str, ...] = ()) -> dict[st
     of `skip` are left out too."""
     names = set(getattr(model, "_repeated_blocks", None) or [])
     chosen: dict[str, nn.Linear] = {}
+    seen: set[int] = set()  # a block nested in another repeated block lists its layers once
     for block_name, module in model.named_modules():
         if type(module).__name__ not in names:
             continue
         for name, child in module.named_modules():
             if (
                 isinstance(child, nn.Linear)
+                and id(child) not in seen
                 and not any(part in name for part in skip)
                 and child.weight.numel() > 0
                 # _scaled_mm wants both matrix sides in multiples of 16.
@@ -47,6 +49,7 @@ def quantizable_linears(model: nn.Module, skip: tuple[str, ...] = ()) -> dict[st
                 and child.out_features % 16 == 0
             ):
                 chosen[f"{block_name}.{name}"] = child
+                seen.add(id(child))
     return chosen
 
 
