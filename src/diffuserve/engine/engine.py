@@ -119,7 +119,9 @@ class Engine:
         from diffuserve.engine.tiers.recipes import recipe_for
 
         # fp8 (and so its calibration) applies to a transformer on a GPU only (tiers.apply_recipe says why).
-        fp8_here = self.device.startswith("cuda") and hasattr(self.loaded.pipeline, "transformer")
+        fp8_here = (
+            self.device.startswith("cuda") and getattr(self.loaded.pipeline, "transformer", None) is not None
+        )
         calibrating = c.fp8_rounding == Fp8Rounding.CALIBRATED and recipe_for(c.tier).fp8 and fp8_here
         # A first start with calibrated fp8 rounding runs the calibration calls here: say why it takes longer.
         self.on_phase("accelerating", f"tier {c.tier}" + (", fp8 rounding calibrated" if calibrating else ""))
