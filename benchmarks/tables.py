@@ -260,12 +260,25 @@ def digits_quality(name: str) -> str:
 
 
 def fp8_error(name: str) -> str:
-    """cpu_fp8_error.py: distance from bf16 eager per group of emulated fp8 linears, one column per step count."""
+    """cpu_fp8_error.py, tier L's rows: every layer rounded, by rounding, weights or activations alone."""
+    return fp8_error_table(name, lambda variant: variant.startswith("tier L"), "fp8 rounding in")
+
+
+def fp8_error_layers(name: str) -> str:
+    """cpu_fp8_error.py, one kind of layer rounded at a time (its name with the block index as N)."""
+    return fp8_error_table(
+        name, lambda variant: not variant.startswith("tier L"), "only these layers rounded"
+    )
+
+
+def fp8_error_table(name: str, wanted: Callable[[str], bool], first: str) -> str:
+    """Distance from bf16 eager per group of emulated fp8 linears, one column per step count."""
     data = load(name)
     steps = sorted({row["steps"] for row in data["rows"]})
     by_variant: dict[str, dict[int, dict[str, Any]]] = {}
     for row in data["rows"]:
-        by_variant.setdefault(row["variant"], {})[row["steps"]] = row
+        if wanted(row["variant"]):
+            by_variant.setdefault(row["variant"], {})[row["steps"]] = row
     rows = [
         [
             variant,
@@ -274,7 +287,7 @@ def fp8_error(name: str) -> str:
         ]
         for variant, cells in by_variant.items()
     ]
-    header = ["fp8 rounding in", "layers", *(f"error vs E bf16, {s} steps" for s in steps)]
+    header = [first, "layers", *(f"error vs E bf16, {s} steps" for s in steps)]
     intro = f"{data['prompts']} prompts, the same seeds; {run_line(data['environment'])}"
     return intro + "\n\n" + table(header, rows)
 
@@ -613,6 +626,7 @@ BLOCKS: dict[str, tuple[Callable[..., str], tuple[str, ...]]] = {
     "families": (families, tuple(f"h100-tiers-{name}.jsonl" for name in FAMILY_RUNS)),
     "digits-quality": (digits_quality, ("h100-digits-quality.json",)),
     "fp8-error": (fp8_error, ("cpu-fp8-error.json",)),
+    "fp8-error-layers": (fp8_error_layers, ("cpu-fp8-error.json",)),
     "encoders": (encoders, ("h200-profile.json",)),
     "parallel-group": (parallel_group, ("h200x2-parallel-tables.json",)),
     "split-decode": (split_decode, ("h200x2-split-decode.json",)),
@@ -622,7 +636,11 @@ BLOCKS: dict[str, tuple[Callable[..., str], tuple[str, ...]]] = {
 
 
 # Blocks that live on another page than docs/benchmarks.md: beside the feature they measure.
-PAGE_OF = {"priorities": ROOT / "docs" / "jobs.md"}
+PAGE_OF = {
+    "priorities": ROOT / "docs" / "jobs.md",
+    "fp8-error": ROOT / "docs" / "tiers.md",
+    "fp8-error-layers": ROOT / "docs" / "design" / "tiers.md",
+}
 
 
 def render(path: Path, page: str) -> str:
