@@ -10,7 +10,7 @@ from enum import Enum
 from multiprocessing.connection import Connection
 from typing import Any
 
-from diffuserve.messages import WorkerReady, warm_order
+from diffuserve.messages import CompileCacheSaved, WorkerReady, warm_order
 from diffuserve.serving.outbox import Outbox
 from diffuserve.serving.worker_group import GroupProcess
 from diffuserve.types import BatchJob
@@ -72,10 +72,8 @@ class WorkerProcess:
     # When its last batch size became warm (the one ready waited for, or a later one warmed between batches).
     warm_at: float | None = None
     watchdog_fired: bool = False
-    # The compile artefacts it saved once every batch size was warm (a start from them skips generating
-    # kernels): their file, or None where nothing was compiled or the write failed; unset until the save.
-    compile_cache: str | None = field(default=None, init=False)
-    compile_cache_save_s: float | None = field(default=None, init=False)
+    # Its report of the compile artefacts it saved once every batch size was warm; None until the save.
+    compile_cache: CompileCacheSaved | None = field(default=None, init=False)
     # While starting: `spawning` (a fresh interpreter), then the worker's own WorkerPhase and its detail.
     phase: str = "spawning"
     phase_detail: str = ""
@@ -108,9 +106,6 @@ class WorkerProcess:
         self.warm_at = time.monotonic()
         return True
 
-    def compile_cache_saved(self, path: str | None, seconds: float) -> None:
-        self.compile_cache, self.compile_cache_save_s = path, seconds
-
     def cold_sizes(self) -> list[int]:
         """The batch sizes this ready worker has still to warm, in the order it warms them."""
         warm = self.warm_sizes
@@ -141,8 +136,8 @@ class WorkerProcess:
             described["pids"] = self.process.pids
         if self.ready is not None:
             described["start_seconds"] = self.start_phases()
-        if self.compile_cache_save_s is not None:  # absent: not saved yet; null: nothing saved
-            described["compile_cache"] = self.compile_cache
+        if self.compile_cache is not None:  # absent: not saved yet; null: nothing saved
+            described["compile_cache"] = self.compile_cache.path
         return described
 
     def start_phases(self) -> dict[str, float]:
@@ -151,8 +146,8 @@ class WorkerProcess:
         assert self.ready is not None
         phases = {"spawn": self.ready.entered_at - self.started_at} if self.ready.entered_at else {}
         phases.update(self.ready.phases.named())
-        if self.compile_cache_save_s is not None:  # saved after ready where sizes warm after it
-            phases["compile_cache_save"] = self.compile_cache_save_s
+        if self.compile_cache is not None:  # saved after ready where sizes warm after it
+            phases["compile_cache_save"] = self.compile_cache.seconds
         if self.ready_at is not None:
             phases["total"] = self.ready_at - self.started_at
         if self.warm_at is not None and self.warm_at != self.ready_at:

@@ -285,7 +285,7 @@ class WorkerPool:
                          worker.worker_id, self.label, worker.start_phases())  # fmt: skip
             self.scheduler.sizes_warm(worker.worker_id, worker.warm_sizes)
         elif isinstance(message, CompileCacheSaved):  # the worker's own log says where, or why not
-            worker.compile_cache_saved(message.path, message.seconds)
+            worker.compile_cache = message
         elif isinstance(message, WorkerPhase):
             worker.phase, worker.phase_detail = message.phase, message.detail
         elif isinstance(message, WorkerFailed):
