@@ -287,6 +287,7 @@ def _save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
         handle, name = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.", suffix=".partial")
         os.close(handle)
         partial = Path(name)
+        partial.chmod(0o644)  # mkstemp's 0600 would keep the cache from another user sharing the volume
         save_file(tensors, str(partial), metadata={k: json.dumps(v) for k, v in metadata.items()})
         partial.replace(path)
     except Exception as exc:  # the cache only saves the next start's calibration (safetensors' errors too)
