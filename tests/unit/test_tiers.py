@@ -304,17 +304,18 @@ def test_compile_cache_handles_missing_and_corrupt_files(tmp_path: Path) -> None
 
 
 @pytest.mark.usefixtures("compile_globals")
-def test_compile_cache_save_is_atomic_per_process_and_never_fatal(
+def test_compile_cache_save_is_atomic_beside_other_writers_and_never_fatal(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setattr(compile_module, "_ARTIFACT_KEY", "key")
     monkeypatch.setattr(torch.compiler, "save_cache_artifacts", lambda: (b"artefacts", None))
-    # Another worker's half-written file does not collide with this process's.
+    # Another writer's half-written file (another worker, or a process of another container) is left alone.
     (tmp_path / "compile").mkdir()
     (tmp_path / "compile" / "key.bin.1.tmp").write_bytes(b"someone else's")
     path = save_compile_cache(str(tmp_path))
     assert path == str(tmp_path / "compile" / "key.bin")
     assert Path(path).read_bytes() == b"artefacts"
+    assert Path(path).stat().st_mode & 0o777 == 0o644  # readable by another user sharing the volume
     assert sorted(p.name for p in (tmp_path / "compile").iterdir()) == ["key.bin", "key.bin.1.tmp"]
     # A write that fails is logged, not raised: the cache only saves start-up time.
     blocked = tmp_path / "blocked"
