@@ -325,29 +325,38 @@ def poll_ready(server: Any, started: float, timeout: float, seen: list[tuple[flo
 def wait_all_warm(server: Any, started: float, batch: int, timeout: float) -> float | None:
     """Seconds from the spawn until every worker reports every batch size 1..batch warm (None where the server
     does not report warm sizes; then every size was warmed before ready)."""
-    import httpx
 
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        workers = httpx.get(server.base_url + "/health/ready", timeout=2.0).json().get("workers", [])
+    def all_warm(workers: list[dict[str, Any]]) -> bool | None:
         sizes = [w.get("warm_batch_sizes") for w in workers]
         if any(s is None for s in sizes):
             return None
-        if all(set(range(1, batch + 1)) <= set(s) for s in sizes):
-            return time.perf_counter() - started
-        time.sleep(0.05)
-    return None
+        return all(set(range(1, batch + 1)) <= set(s) for s in sizes)
+
+    return wait_for_workers(server, started, timeout, all_warm)
 
 
 def wait_compile_cache(server: Any, started: float, timeout: float) -> float | None:
     """Seconds from the spawn until every worker reports its compile artefacts saved, or that it has none to
     save (CPU); None: not within `timeout`."""
+    return wait_for_workers(
+        server, started, timeout, lambda workers: bool(workers) and all("compile_cache" in w for w in workers)
+    )
+
+
+def wait_for_workers(
+    server: Any, started: float, timeout: float, done: Callable[[list[dict[str, Any]]], bool | None]
+) -> float | None:
+    """Polls the readiness body's workers every 50 ms: seconds from the spawn once `done` says True; None once
+    it says None (it will never be true) or after `timeout`."""
     import httpx
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         workers = httpx.get(server.base_url + "/health/ready", timeout=2.0).json().get("workers", [])
-        if workers and all("compile_cache" in w for w in workers):
+        state = done(workers)
+        if state is None:
+            return None
+        if state:
             return time.perf_counter() - started
         time.sleep(0.05)
     return None

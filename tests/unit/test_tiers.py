@@ -24,6 +24,7 @@ from diffuserve.engine.tiers import (
 )
 from diffuserve.engine.tiers import compile as compile_module
 from diffuserve.engine.tiers.cache import disable_step_cache, enable_step_cache
+from diffuserve.engine.tiers.cache_files import write_atomically
 from diffuserve.engine.tiers.compile import configure_compile_cache
 from diffuserve.models.tiny_flux import build_tiny_flux
 from tests.helpers import dynamo_config_restored
@@ -358,3 +359,17 @@ def test_random_weights_refuse_unknown_repos() -> None:
     assert arch_for_repo("black-forest-labs/FLUX.1-schnell") == "flux-schnell"
     with pytest.raises(ValueError, match=r"FLUX\.1-dev"):
         arch_for_repo("some/other-model")
+
+
+def test_a_cache_write_that_fails_leaves_the_old_file_and_no_temporary_one(tmp_path: Path) -> None:
+    path = tmp_path / "key.bin"
+    path.write_bytes(b"the last start's")
+
+    def torn(temporary: Path) -> None:
+        temporary.write_bytes(b"half")
+        raise OSError("No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        write_atomically(path, torn, ".tmp")
+    assert [p.name for p in tmp_path.iterdir()] == ["key.bin"]
+    assert path.read_bytes() == b"the last start's"

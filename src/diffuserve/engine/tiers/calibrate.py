@@ -19,8 +19,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -28,6 +26,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from diffuserve.engine.tiers.cache_files import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -275,26 +275,18 @@ def _load(path: Path, layers: dict[str, nn.Linear]) -> int | None:
 
 
 def _save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bool:
-    """Written beside and renamed into place: a reader never sees half a file. A temporary file of its own
-    name per call: the workers of a model (and a group's ranks, and containers sharing a volume) calibrate
-    the same weights at the same time. Temporary files that a stopped process left are removed."""
+    """Written beside and renamed into place (the workers of a model, and a group's ranks, calibrate the same
+    weights at the same time); temporary files that a stopped process left are removed first."""
     from safetensors.torch import save_file
 
-    partial: Path | None = None
+    encoded = {k: json.dumps(v) for k, v in metadata.items()}
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_partials(path.parent)
-        handle, name = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.", suffix=".partial")
-        os.close(handle)
-        partial = Path(name)
-        partial.chmod(0o644)  # mkstemp's 0600 would keep the cache from another user sharing the volume
-        save_file(tensors, str(partial), metadata={k: json.dumps(v) for k, v in metadata.items()})
-        partial.replace(path)
+        _remove_stale_partials(path.parent)  # a folder not made yet holds none
+        write_atomically(
+            path, lambda temporary: save_file(tensors, str(temporary), metadata=encoded), ".partial"
+        )
     except Exception as exc:  # the cache only saves the next start's calibration (safetensors' errors too)
         log.warning("fp8 rounding: not cached in %s (%s: %s)", path, type(exc).__name__, exc)
-        if partial is not None:
-            with contextlib.suppress(OSError):
-                partial.unlink(missing_ok=True)
         return False
     return True
 

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from diffuserve.engine.tiers.cache_files import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -92,22 +92,12 @@ def save_compile_cache(cache_dir: str) -> str | None:
         return None
     data, _info = saved
     path = compile_dir(cache_dir) / f"{_ARTIFACT_KEY}.bin"
-    # A temporary file of its own name: the GPU workers all save the same key at about the same time, and so
-    # do containers sharing a volume, whose processes may have the same pid.
-    tmp: Path | None = None
+    # The GPU workers all save the same key at about the same time; a crash mid-write must never leave a
+    # truncated cache for the next start.
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, name = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.", suffix=".tmp")
-        os.close(handle)
-        tmp = Path(name)
-        tmp.chmod(0o644)  # mkstemp's 0600 would keep the cache from another user sharing the volume
-        tmp.write_bytes(data)
-        tmp.replace(path)  # atomic: a crash mid-write never leaves a truncated cache for the next start
+        write_atomically(path, lambda temporary: temporary.write_bytes(data), ".tmp")
     except OSError as exc:
         log.warning("compile cache: not saved to %s (%s: %s)", path, type(exc).__name__, exc)
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
         return None
     log.info("compile cache: saved %.1f MB to %s", len(data) / 1e6, path)
     return str(path)
