@@ -291,3 +291,15 @@ def test_tier_l_calibrates_the_layers_it_quantizes(monkeypatch: pytest.MonkeyPat
     changed = [name for name in kept if not torch.equal(quantized[0][name], before[name])]
     assert changed  # quantization sees the calibrated weights: calibration ran first
     assert list((tmp_path / "fp8-rounding").glob("*.safetensors"))
+
+
+def test_the_calibration_is_announced_only_where_fp8_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Readiness says "fp8 rounding calibrated" while the calibration runs; it runs only where fp8 does: a
+    transformer at an fp8 tier on a device with fp8 kernels and torchao."""
+    transformer, unet = type("P", (), {"transformer": nn.Linear(2, 2)})(), type("U", (), {"unet": None})()
+    monkeypatch.setattr(tiers, "fp8_available", lambda device: (True, ""))
+    assert tiers.fp8_applies(transformer, Tier.L, "cuda:0")
+    assert not tiers.fp8_applies(transformer, Tier.XL, "cuda:0")
+    assert not tiers.fp8_applies(unet, Tier.L, "cuda:0")
+    monkeypatch.setattr(tiers, "fp8_available", lambda device: (False, "compute capability (8, 0)"))
+    assert not tiers.fp8_applies(transformer, Tier.L, "cuda:0")

@@ -116,13 +116,12 @@ class Engine:
             rate = size / 1e9 / max(self.phases.load_s, 1e-6)
             log.info("weights: %.1f GB loaded in %.1f s (%.1f GB/s)", size / 1e9, self.phases.load_s, rate)
         started = time.perf_counter()
-        from diffuserve.engine.tiers.recipes import recipe_for
+        from diffuserve.engine.tiers import fp8_applies
 
-        # fp8 (and so its calibration) applies to a transformer on a GPU only (tiers.apply_recipe says why).
-        fp8_here = (
-            self.device.startswith("cuda") and getattr(self.loaded.pipeline, "transformer", None) is not None
+        # The label must not promise a calibration that will not run (no fp8 here: no calibration).
+        calibrating = c.fp8_rounding == Fp8Rounding.CALIBRATED and fp8_applies(
+            self.loaded.pipeline, c.tier, self.device
         )
-        calibrating = c.fp8_rounding == Fp8Rounding.CALIBRATED and recipe_for(c.tier).fp8 and fp8_here
         # A first start with calibrated fp8 rounding runs the calibration calls here: say why it takes longer.
         self.on_phase("accelerating", f"tier {c.tier}" + (", fp8 rounding calibrated" if calibrating else ""))
         if tier_imports is not None:  # what the load did not hide is the tier's time

@@ -68,6 +68,16 @@ def apply_recipe(
     return notes
 
 
+def fp8_applies(pipeline: Any, tier: Tier, device: str) -> bool:
+    """Whether `tier`'s fp8 matmuls (and so a calibration of their rounding) will run: a transformer (not a
+    UNet), on a device with fp8 kernels and torchao."""
+    return (
+        recipe_for(tier).fp8
+        and getattr(pipeline, "transformer", None) is not None
+        and fp8_available(device)[0]
+    )
+
+
 def _fitted(recipe: Recipe, family: Family, notes: list[str]) -> Recipe:
     if recipe.fuse_qkv and not family.fused_qkv:
         notes.append(f"fused QKV: skipped, not verified for {family.name}")
