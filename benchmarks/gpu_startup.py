@@ -14,7 +14,11 @@ the imports a worker pays. Then the server starts:
 Each start is timed from the moment the process is spawned: ready (`/health/ready` 200), the first image
 (one request sent at ready, batch 1, native size, a fixed seed: time to its 200), and every batch size warm
 (where the server reports warm sizes). The workers' own phases come from `/health/ready`'s `start_seconds`.
-Every run's first image is hashed: a warm start from artefacts must give the cold start's bytes.
+Every run's first image is hashed: a warm start from artefacts must give the cold start's bytes (where it
+does not, `image_vs_first` says by how much: largest pixel difference, share of pixels, PSNR). Before any
+timing, the packages a worker imports get their bytecode compiled (`compileall`, which skips what is up to
+date), as an image built by pip or by Modal's `uv_pip_install` has it: an install without bytecode would make
+every start's import phase compile the sources again.
 Raw output: `startup.json`; `benchmarks/tables.py` renders it.
 
 On CPU (a dry run of the script): `--models digits-folder --device cpu --tier XL --batch 2`.
@@ -82,6 +86,7 @@ def main() -> None:
         "imports": {} if args.no_imports else time_imports(),
         "models": [],
     }
+    report["bytecode"] = compile_bytecode()
     write_json(out / "startup.json", report)
     for name in args.models.split(","):
         row: dict[str, Any] = {"model": name, "repo": MODELS[name]}
@@ -92,6 +97,35 @@ def main() -> None:
             row["error"] = f"{type(exc).__name__}: {exc}"
             log(f"{name} failed: {row['error']}")
         write_json(out / "startup.json", report)
+
+
+# The packages a worker and the server import. Images built by pip (the Dockerfile) or by Modal's
+# `uv_pip_install` hold their bytecode; an install without it (`pip --no-compile`, uv's default) makes every fresh
+# process compile their sources again, which the import phase would then count.
+BYTECODE_PACKAGES = (
+    "torch", "transformers", "diffusers", "torchao", "accelerate", "safetensors", "huggingface_hub",
+    "fastapi", "starlette", "pydantic", "uvicorn", "diffuserve",
+)  # fmt: skip
+
+
+def compile_bytecode() -> dict[str, Any]:
+    """Bytecode for the imported packages, as a deployment's image has it (compileall skips what is up to date);
+    the seconds it took, and the packages it could not write to."""
+    import importlib.util
+
+    folders = []
+    for name in BYTECODE_PACKAGES:
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.submodule_search_locations:
+            folders += list(spec.submodule_search_locations)
+    started = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-m", "compileall", "-q", "-j", "0", *folders], capture_output=True, text=True
+    )
+    seconds = round(time.perf_counter() - started, 2)
+    unwritable = sorted({f for f in folders if not os.access(f, os.W_OK)})
+    log(f"bytecode: compiled in {seconds:.1f} s ({len(folders)} packages, exit {done.returncode})")
+    return {"seconds": seconds, "packages": len(folders), "exit": done.returncode, "unwritable": unwritable}
 
 
 def time_imports() -> dict[str, Any]:
@@ -143,12 +177,18 @@ def measure_model(
     cache = root / f"cache-{name}"
     shutil.rmtree(cache, ignore_errors=True)
     row["runs"] = []
+    first_pixels: list[Any] = []  # the cold start's first image, to say how far a later one is from it
     for run in ["cold", *["warm"] * args.warm_runs]:
         if run == "cold":
             evicted = sum(evict(path) for path in folder.rglob("*") if path.is_file())
             log(f"{name}: {evicted / 1e9:.1f} GB evicted from the page cache")
         result = start_once(args, name, folder, cache, out / f"startup-{name}-{run}-{len(row['runs'])}.log")
         result["run"] = run
+        pixels = result.pop("pixels", None)
+        if pixels is not None and not first_pixels:
+            first_pixels.append(pixels)
+        elif pixels is not None:
+            result["image_vs_first"] = image_difference(first_pixels[0], pixels)
         row["runs"].append(result)
         save()
         log(f"{name} {run}: {json.dumps({k: v for k, v in result.items() if k != 'workers'})}")
@@ -253,6 +293,7 @@ def start_once(
         if response.status_code == 200:
             image = response.json()["data"][0]["b64_json"]
             result["image_sha256"] = hashlib.sha256(image.encode()).hexdigest()
+            result["pixels"] = decoded(image)
         result["server_timing"] = response.headers.get("server-timing", "")
         all_warm = wait_all_warm(server, started, args.batch, timeout=120.0)
         if all_warm is not None:
@@ -269,6 +310,33 @@ def start_once(
     finally:
         server.stop()
     return result
+
+
+def decoded(b64_png: str) -> Any:
+    """The image's pixels (uint8 array) from its base64 PNG."""
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64_png))).convert("RGB"))
+
+
+def image_difference(first: Any, other: Any) -> dict[str, Any]:
+    """How far `other` is from `first` (same seed, same request): the largest pixel difference (of 255), the
+    share of pixels that differ, and the PSNR (dB; None where identical)."""
+    import numpy as np
+
+    if first.shape != other.shape:
+        return {"shape": [list(first.shape), list(other.shape)]}
+    diff = np.abs(first.astype(np.int16) - other.astype(np.int16))
+    mse = float((diff.astype(np.float64) ** 2).mean())
+    return {
+        "max_abs": int(diff.max()),
+        "share_differing": round(float((diff.max(axis=-1) > 0).mean()), 6),
+        "psnr_db": round(10 * float(np.log10(255**2 / mse)), 2) if mse else None,
+    }
 
 
 def lone_requests(base_url: str, count: int) -> dict[str, Any]:

@@ -496,7 +496,7 @@ def startup(*names: str) -> str:
                 parts.append(f"{model['repo']}: failed ({model['error']})")
                 continue
             parts.append(_startup_model(model, settings, data["environment"]))
-        parts.append(startup_imports(data))
+        parts += [line for line in (startup_imports(data), startup_bytecode(data)) if line]
     return "\n\n".join(parts)
 
 
@@ -526,6 +526,12 @@ def _startup_model(model: dict[str, Any], settings: dict[str, Any], env: dict[st
             ]
         )
     same = {True: "the same image (sha256) in every run", False: "**images differ between runs**", None: ""}
+    differences = [run["image_vs_first"] for run in model["runs"] if run.get("image_vs_first")]
+    if model.get("same_image") is False and differences:
+        worst = min(differences, key=lambda d: d.get("psnr_db") or float("inf"))
+        same[False] += (
+            f" (largest pixel difference {worst.get('max_abs')} of 255, PSNR {worst.get('psnr_db')} dB)"
+        )
     head = (
         f"{model['repo']} (random weights saved as a {gigabytes:.1f} GB diffusers folder), tier "
         f"{settings['tier']}, MODEL_BATCH {settings['batch']}; disk {disk.get('disk_gb_s', '?')} GB/s "
@@ -560,9 +566,22 @@ def _lone_line(model: dict[str, Any]) -> str:
     )
 
 
+def startup_bytecode(data: dict[str, Any]) -> str:
+    """Whether the imports were timed with the packages' bytecode in place, as a deployment's image has it."""
+    bytecode = data.get("bytecode")
+    if bytecode is None:
+        return (
+            "The script did not compile the packages' bytecode before this run: where the environment had "
+            "none, every start's import phase includes compiling their sources."
+        )
+    return f"The packages' bytecode was compiled before any start ({bytecode['seconds']:.1f} s)."
+
+
 def startup_imports(data: dict[str, Any]) -> str:
     """The imports a worker pays, each in a fresh interpreter, and the longest of them."""
     imports = data.get("imports") or {}
+    if not imports:
+        return ""
     timed = [
         f"{name} {seconds:.1f} s" for name, seconds in imports.items() if isinstance(seconds, float | int)
     ]
@@ -632,12 +651,14 @@ BLOCKS: dict[str, tuple[Callable[..., str], tuple[str, ...]]] = {
     "split-decode": (split_decode, ("h200x2-split-decode.json",)),
     "loras": (loras, ("h100-lora-flux-dev.jsonl",)),
     "priorities": (priorities, ("cpu-priorities-digits.json",)),
+    "startup": (startup, ("h100-startup.json",)),
 }
 
 
 # Blocks that live on another page than docs/benchmarks.md: beside the feature they measure.
 PAGE_OF = {
     "priorities": ROOT / "docs" / "jobs.md",
+    "startup": ROOT / "docs" / "startup.md",
     "fp8-error": ROOT / "docs" / "tiers.md",
     "fp8-error-layers": ROOT / "docs" / "design" / "tiers.md",
 }
