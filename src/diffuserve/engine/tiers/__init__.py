@@ -68,14 +68,20 @@ def apply_recipe(
     return notes
 
 
+def fp8_skipped(pipeline: Any, device: str) -> str | None:
+    """Why an fp8 tier's matmuls do not run for `pipeline` on `device` (the tier's note), or None where they
+    run: a transformer (not a UNet), on a device with fp8 kernels and torchao."""
+    if getattr(pipeline, "transformer", None) is None:
+        # Measured on the H100 (SDXL, 1024², batch 1): the UNet's matmuls are too small for dynamic fp8 to pay
+        # (67 ms/step vs 42 bf16 compiled), and its output went non-finite; FLUX's large matmuls gain 25 %.
+        return "skipped for UNet models (slower than bf16 at batch 1 on H100, see docs/design/tiers.md)"
+    ok, why = fp8_available(device)
+    return None if ok else f"skipped, {why}"
+
+
 def fp8_applies(pipeline: Any, tier: Tier, device: str) -> bool:
-    """Whether `tier`'s fp8 matmuls (and so a calibration of their rounding) will run: a transformer (not a
-    UNet), on a device with fp8 kernels and torchao."""
-    return (
-        recipe_for(tier).fp8
-        and getattr(pipeline, "transformer", None) is not None
-        and fp8_available(device)[0]
-    )
+    """Whether `tier`'s fp8 matmuls (and so a calibration of their rounding) will run."""
+    return recipe_for(tier).fp8 and fp8_skipped(pipeline, device) is None
 
 
 def _fitted(recipe: Recipe, family: Family, notes: list[str]) -> Recipe:
@@ -101,32 +107,25 @@ def _apply(
     if recipe.fuse_qkv:
         fuse_qkv(model, notes)
     # Quantize before compiling, so the compiled graphs see the fp8 weights.
-    if recipe.fp8 and getattr(pipeline, "transformer", None) is None:
-        # Measured on the H100 (SDXL, 1024², batch 1): the UNet's matmuls are too small for dynamic fp8 to pay
-        # (67 ms/step vs 42 bf16 compiled), and its output went non-finite; FLUX's large matmuls gain 25 %.
-        notes.append(
-            "fp8: skipped for UNet models (slower than bf16 at batch 1 on H100, see docs/design/tiers.md)"
-        )
+    skipped = fp8_skipped(pipeline, device) if recipe.fp8 else None
+    if skipped is not None:
+        notes.append(f"fp8: {skipped}")
     elif recipe.fp8:
-        ok, why = fp8_available(device)
-        if ok:
-            layers = quantizable_linears(model, family.fp8_skip if family else ())
-            if calibration is not None:
-                try:
-                    calibrate_fp8(
-                        layers, calibration.run, cache_dir=cache_dir, context=calibration.context, notes=notes
-                    )
-                except Exception as exc:  # an optional refinement: nearest rounding still serves
-                    log.warning("fp8 rounding: calibration failed", exc_info=True)
-                    notes.append(
-                        f"fp8 rounding: calibration failed ({type(exc).__name__}: {exc}); the layers it had not "
-                        "rounded yet keep the nearest rounding, and nothing was cached"
-                    )
-                    if torch.cuda.is_available():
-                        torch.cuda.empty_cache()
-            quantize_fp8(model, layers, notes)
-        else:
-            notes.append(f"fp8: skipped, {why}")
+        layers = quantizable_linears(model, family.fp8_skip if family else ())
+        if calibration is not None:
+            try:
+                calibrate_fp8(
+                    layers, calibration.run, cache_dir=cache_dir, context=calibration.context, notes=notes
+                )
+            except Exception as exc:  # an optional refinement: nearest rounding still serves
+                log.warning("fp8 rounding: calibration failed", exc_info=True)
+                notes.append(
+                    f"fp8 rounding: calibration failed ({type(exc).__name__}: {exc}); the layers it had not "
+                    "rounded yet keep the nearest rounding, and nothing was cached"
+                )
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+        quantize_fp8(model, layers, notes)
     if recipe.compile:
         ok, why = compile_available(device)
         if ok:
