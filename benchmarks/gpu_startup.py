@@ -177,7 +177,7 @@ def measure_model(
     cache = root / f"cache-{name}"
     shutil.rmtree(cache, ignore_errors=True)
     row["runs"] = []
-    first_pixels: list[Any] = []  # the cold start's first image, to say how far a later one is from it
+    first_pixels: Any = None  # the cold start's first image, to say how far a later one is from it
     for run in ["cold", *["warm"] * args.warm_runs]:
         if run == "cold":
             evicted = sum(evict(path) for path in folder.rglob("*") if path.is_file())
@@ -185,10 +185,10 @@ def measure_model(
         result = start_once(args, name, folder, cache, out / f"startup-{name}-{run}-{len(row['runs'])}.log")
         result["run"] = run
         pixels = result.pop("pixels", None)
-        if pixels is not None and not first_pixels:
-            first_pixels.append(pixels)
+        if first_pixels is None:
+            first_pixels = pixels
         elif pixels is not None:
-            result["image_vs_first"] = image_difference(first_pixels[0], pixels)
+            result["image_vs_first"] = image_difference(first_pixels, pixels)
         row["runs"].append(result)
         save()
         log(f"{name} {run}: {json.dumps({k: v for k, v in result.items() if k != 'workers'})}")

@@ -3,17 +3,29 @@ and the bytecode step that makes the import phase what a deployment's image pays
 
 from __future__ import annotations
 
+import importlib
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))  # the script imports its siblings plainly
-import gpu_startup
+
+@pytest.fixture
+def gpu_startup(monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
+    """The script as it runs: it imports its siblings by their plain names, so benchmarks/ goes on the path for
+    this test only, and the plain names leave sys.modules after it."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[2] / "benchmarks"))
+    imported_before = set(sys.modules)
+    yield importlib.import_module("gpu_startup")
+    for name in ("gpu_startup", "common"):
+        if name not in imported_before:
+            sys.modules.pop(name, None)
 
 
-def test_identical_images_have_no_difference() -> None:
+def test_identical_images_have_no_difference(gpu_startup: ModuleType) -> None:
     pixels = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
     assert gpu_startup.image_difference(pixels, pixels.copy()) == {
         "max_abs": 0,
@@ -22,7 +34,7 @@ def test_identical_images_have_no_difference() -> None:
     }
 
 
-def test_a_differing_image_says_by_how_much() -> None:
+def test_a_differing_image_says_by_how_much(gpu_startup: ModuleType) -> None:
     first = np.zeros((4, 4, 3), dtype=np.uint8)
     other = first.copy()
     other[0, 0, 1] = 2  # one channel of one pixel of 16, off by 2
@@ -32,7 +44,7 @@ def test_a_differing_image_says_by_how_much() -> None:
     assert difference["psnr_db"] == pytest.approx(10 * np.log10(255**2 / (4 / 48)), abs=0.01)
 
 
-def test_bytecode_is_compiled_for_the_packages_found() -> None:
+def test_bytecode_is_compiled_for_the_packages_found(gpu_startup: ModuleType) -> None:
     compiled = gpu_startup.compile_bytecode()
     assert compiled["packages"] >= 3  # torch, diffusers and diffuserve at least, in the test environment
     assert compiled["seconds"] >= 0
