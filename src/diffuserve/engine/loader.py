@@ -109,7 +109,8 @@ def _build_or_load(repo: str, *, device: str, dtype: Any, weights: str, path: st
             try:
                 # Each file's tensors straight onto the worker's GPU (its current device), instead of a copy
                 # of every weight in host memory first and a second pass to the device.
-                return DiffusionPipeline.from_pretrained(path, dtype=dtype, device_map="cuda")
+                models = _read_directly(repo, path, dtype)
+                return DiffusionPipeline.from_pretrained(path, dtype=dtype, device_map="cuda", **models)
             except (OSError, torch.OutOfMemoryError):
                 raise  # the files or the room are missing: through host memory would fail the same way
             except Exception as exc:  # a pipeline or component that takes no device map (Kandinsky's prior)
@@ -121,6 +122,23 @@ def _build_or_load(repo: str, *, device: str, dtype: Any, weights: str, path: st
         return DiffusionPipeline.from_pretrained(path, dtype=dtype)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"could not load model {repo!r}: {exc}") from exc
+
+
+def _read_directly(repo: str, path: str, dtype: Any) -> dict[str, Any]:
+    """The folder's diffusers models (the transformer, the VAE) read straight onto the GPU by many threads
+    (engine.direct_load); any it cannot fill exactly, or all where it fails, are left to from_pretrained."""
+    import torch
+
+    from diffuserve.engine.direct_load import load_models
+
+    try:
+        return load_models(Path(path), dtype, "cuda")
+    except (OSError, torch.OutOfMemoryError):
+        raise  # the files or the room are missing: from_pretrained would fail the same way
+    except Exception as exc:
+        log.warning("%s: weights left to from_pretrained (%s: %s)", repo, type(exc).__name__, exc)
+        torch.cuda.empty_cache()
+        return {}
 
 
 def import_pipeline_class(repo: str) -> None:
