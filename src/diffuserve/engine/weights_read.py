@@ -8,13 +8,14 @@ import json
 import os
 import struct
 import threading
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from diffuserve.engine.grouping import grouped_by_size
 
 # safetensors' dtype names (its format's specification).
 DTYPES: dict[str, torch.dtype] = {
@@ -87,29 +88,17 @@ def read_tensors(
             if entry.name in tensors:
                 raise WeightsFormatError(f"{entry.name} is in more than one file")
             tensors[entry.name] = torch.empty(entry.shape, dtype=entry.dtype, device=device)
-        pieces += [(path, chunk) for chunk in _chunks([(tensors[e.name], e) for e in listed])]
+        items = [(tensors[e.name], e) for e in listed]
+        # Consecutive tensors read together, about CHUNK bytes a read (a larger tensor alone, split by the copy).
+        pieces += [
+            (path, group) for group in grouped_by_size(items, lambda item: item[1].end - item[1].start, CHUNK)
+        ]
     if device.type == "cuda":
         _copy_through_pinned(pieces, device, threads)
     else:
         with ThreadPoolExecutor(threads) as pool:
             list(pool.map(lambda piece: _read_into_host(*piece), pieces))
     return tensors
-
-
-def _chunks(items: list[tuple[torch.Tensor, Entry]]) -> Iterator[list[tuple[torch.Tensor, Entry]]]:
-    """Consecutive tensors grouped into reads of about CHUNK bytes (a larger tensor is a read of its own, which
-    the copy splits)."""
-    group: list[tuple[torch.Tensor, Entry]] = []
-    size = 0
-    for item in items:
-        length = item[1].end - item[1].start
-        if group and size + length > CHUNK:
-            yield group
-            group, size = [], 0
-        group.append(item)
-        size += length
-    if group:
-        yield group
 
 
 def _as_bytes(tensor: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from diffuserve.engine.grouping import grouped_by_size
 from diffuserve.engine.tiers.cache_files import write_atomically
 
 log = logging.getLogger(__name__)
@@ -129,17 +130,7 @@ def rounded_weight(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype)
 def hessian_groups(layers: dict[str, nn.Linear], budget_bytes: int) -> Iterator[list[str]]:
     """The layers in their order, in groups whose float32 second-moment matrices fit `budget_bytes` (a layer
     over the budget alone)."""
-    group: list[str] = []
-    used = 0
-    for name, layer in layers.items():
-        size = 4 * layer.in_features**2
-        if group and used + size > budget_bytes:
-            yield group
-            group, used = [], 0
-        group.append(name)
-        used += size
-    if group:
-        yield group
+    return grouped_by_size(layers, lambda name: 4 * layers[name].in_features ** 2, budget_bytes)
 
 
 def collect_hessians(
