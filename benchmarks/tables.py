@@ -490,6 +490,9 @@ def startup(*names: str) -> str:
     parts = []
     for name in names:
         data = load(name)
+        if "pipeline_diffuserve_load" in data:
+            parts.append(weights_read(data))
+            continue
         settings = data["settings"]
         for model in data["models"]:
             if "error" in model:
@@ -563,6 +566,33 @@ def _lone_line(model: dict[str, Any]) -> str:
             parts.append(f"{label} {median(seconds):.2f} s (median of {len(seconds)})")
     return (
         "\n\nLone requests over HTTP once every size was warm (JPEG, native size): " + ", ".join(parts) + "."
+    )
+
+
+def weights_read(data: dict[str, Any]) -> str:
+    """`gpu_weights_read.py`: one folder's weights from the page cache to the GPU in one process, several ways."""
+
+    def rate(key: str) -> str:
+        return f"{data[key]['s']:.1f} s ({data[key]['gbps']:.1f} GB/s)"
+
+    threads = [k.rsplit("_", 1)[1] for k in data if k.startswith("transformer_read_tensors_")]
+    env = data.get("environment")
+    where = (
+        run_line(env)
+        if env
+        else "No environment recorded (the script's first version): the machine and software of the start-up "
+        "run just before it."
+    )
+    return (
+        "The same folder's weights from the page cache, in one process (`benchmarks/gpu_weights_read.py`): "
+        f"the whole pipeline through diffusers' `from_pretrained` {rate('pipeline_diffusers_from_pretrained')}, "
+        f"through the engine's loader {rate('pipeline_diffuserve_load')}. The transformer's "
+        f"{sum(b for f, b in data['files'] if f.startswith('transformer/')) / 1e9:.1f} GB: safetensors' "
+        f"`load_file` to CUDA {rate('transformer_load_file_seq')}; the engine's reader "
+        + ", ".join(f"{n} threads {rate(f'transformer_read_tensors_{n}')}" for n in threads)
+        + f" (every tensor equal to safetensors': {'yes' if data.get('read_tensors_equal') else 'no'}). "
+        f"The T5 encoder alone through transformers {data.get('transformers', '')}: "
+        f"{rate('t5_from_pretrained')}. " + where
     )
 
 
@@ -651,7 +681,10 @@ BLOCKS: dict[str, tuple[Callable[..., str], tuple[str, ...]]] = {
     "split-decode": (split_decode, ("h200x2-split-decode.json",)),
     "loras": (loras, ("h100-lora-flux-dev.jsonl",)),
     "priorities": (priorities, ("cpu-priorities-digits.json",)),
-    "startup": (startup, ("h100-startup.json",)),
+    "startup": (
+        startup,
+        ("h100-startup-flux-schnell.json", "h100-weights-read.json", "h100-startup-flux-dev.json"),
+    ),
 }
 
 
