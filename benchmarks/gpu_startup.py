@@ -8,8 +8,9 @@ measured with `dd` (O_DIRECT where the filesystem takes it) on the largest weigh
 the imports a worker pays. Then the server starts:
 
 - `cold`: an empty cache dir (no compile artefacts) and the weights evicted from the page cache
-  (`posix_fadvise(DONTNEED)`, which needs no privileges for files this process can open);
-- `warm` (`--warm-runs` times): the cache dir the cold run filled, the weights in the page cache.
+  (`posix_fadvise(DONTNEED)`, which needs no privileges for files this process can open), `--cold-runs`
+  times;
+- `warm` (`--warm-runs` times): the cache dir the last cold run filled, the weights in the page cache.
 
 Each start is timed from the moment the process is spawned: ready (`/health/ready` 200), the first image
 (one request sent at ready, batch 1, native size, a fixed seed: time to its 200), and every batch size warm
@@ -68,6 +69,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--device", default="0", help="DEVICES for the server (cpu for a dry run)")
     parser.add_argument("--root", default="/tmp/diffuserve-startup", help="where the folders and caches go")
+    parser.add_argument(
+        "--cold-runs",
+        type=int,
+        default=1,
+        help="cold starts, each from an empty cache dir (a second one says whether two compiles give one image)",
+    )
     parser.add_argument("--warm-runs", type=int, default=2)
     parser.add_argument("--ready-timeout", type=float, default=400.0)
     parser.add_argument("--keep", action="store_true", help="keep each model's folder after its runs")
@@ -176,11 +183,11 @@ def measure_model(
     weights = sorted(folder.rglob("*.safetensors"), key=lambda p: p.stat().st_size, reverse=True)
     row["disk"] = disk_rate(weights[0]) if weights else {}
     cache = root / f"cache-{name}"
-    shutil.rmtree(cache, ignore_errors=True)
     row["runs"] = []
     first_pixels: Any = None  # the cold start's first image, to say how far a later one is from it
-    for run in ["cold", *["warm"] * args.warm_runs]:
+    for run in ["cold"] * args.cold_runs + ["warm"] * args.warm_runs:
         if run == "cold":
+            shutil.rmtree(cache, ignore_errors=True)
             evicted = sum(evict(path) for path in folder.rglob("*") if path.is_file())
             log(f"{name}: {evicted / 1e9:.1f} GB evicted from the page cache")
         result = start_once(args, name, folder, cache, out / f"startup-{name}-{run}-{len(row['runs'])}.log")
