@@ -31,3 +31,28 @@ def test_pinned_reads_give_safetensors_tensors(tmp_path: Path, monkeypatch: pyte
     for path in paths:
         for name, tensor in load_file(str(path)).items():
             assert got[name].device.type == "cuda" and torch.equal(got[name].cpu(), tensor), name
+
+
+def test_a_folder_loads_onto_the_gpu_as_from_pretrained_gives_it(tmp_path: Path) -> None:
+    """The engine's loader (diffusers models read directly) against diffusers' own load of one folder: the same
+    tensors, and the same image for the same seed."""
+    from diffusers import DiffusionPipeline
+
+    from diffuserve.engine.loader import load_pipeline
+    from diffuserve.models.tiny_flux import build_tiny_flux
+
+    folder = tmp_path / "pipeline"
+    build_tiny_flux(seed=0).to(torch.bfloat16).save_pretrained(folder)
+    ours = load_pipeline(str(folder), device="cuda", dtype_name="bfloat16", weights="pretrained").pipeline
+    theirs = DiffusionPipeline.from_pretrained(folder, dtype=torch.bfloat16).to("cuda")
+    for name in ("transformer", "vae", "text_encoder", "text_encoder_2"):
+        mine, reference = getattr(ours, name).state_dict(), getattr(theirs, name).state_dict()
+        assert mine.keys() == reference.keys(), name
+        assert all(torch.equal(mine[key], reference[key]) for key in mine), name
+        assert all(t.device.type == "cuda" for t in mine.values()), name
+
+    def image(pipeline: object) -> torch.Tensor:
+        generator = torch.Generator("cuda").manual_seed(0)
+        return pipeline("a digit 3", num_inference_steps=2, generator=generator, output_type="pt").images  # type: ignore[operator]
+
+    assert torch.equal(image(ours), image(theirs))

@@ -84,9 +84,9 @@ def test_the_folders_diffusers_models_are_those_from_pretrained_gives(folder: Pa
         assert not model.training
 
 
-def test_weights_stored_in_another_dtype_are_cast(folder: Path) -> None:
-    models = load_models(folder, torch.bfloat16, "cpu")
-    assert {p.dtype for model in models.values() for p in model.parameters()} == {torch.bfloat16}
+def test_weights_stored_in_another_dtype_are_left_to_from_pretrained(folder: Path) -> None:
+    # The tiny folder holds float32: read whole and cast after, a model would be on the device twice.
+    assert load_models(folder, torch.bfloat16, "cpu") == {}
 
 
 def test_a_model_the_files_do_not_fill_exactly_is_left_to_from_pretrained(

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from diffuserve.engine.weights_read import WeightsFormatError, read_tensors, tensor_bytes
+from diffuserve.engine.weights_read import WeightsFormatError, entries, read_tensors, tensor_bytes
 
 log = logging.getLogger(__name__)
 
@@ -83,10 +83,15 @@ def load_models(folder: Path, dtype: torch.dtype, device: str) -> dict[str, Any]
 
 def build_filled(cls: Any, subfolder: Path, files: list[Path], dtype: torch.dtype, device: str) -> Any:
     """The model built on the meta device from its config, then given the files' tensors as its own (`assign`):
-    every parameter and buffer must come from the files, the file's names must be the model's exactly, and the
-    class must keep no module in float32."""
+    every parameter and buffer must come from the files, the file's names must be the model's exactly, the
+    files must hold the served dtype, and the class must keep no module in float32."""
     if getattr(cls, "_keep_in_fp32_modules", None):
         raise ValueError(f"{cls.__name__} keeps modules in float32")
+    stored = {e.dtype for path in files for e in entries(path) if e.dtype.is_floating_point} - {dtype}
+    if stored:
+        # Cast after a whole read, a float32 model would need its float32 and its served copy on the GPU at
+        # once; from_pretrained casts tensor by tensor.
+        raise ValueError(f"stored in {', '.join(sorted(map(str, stored)))}, served in {dtype}")
     config = cls.load_config(str(subfolder))
     with torch.device("meta"):
         model = cls.from_config(config)
@@ -95,9 +100,6 @@ def build_filled(cls: Any, subfolder: Path, files: list[Path], dtype: torch.dtyp
     if set(state) != expected:
         missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
         raise KeyError(f"names differ from the model's: missing {missing[:3]}, unexpected {extra[:3]}")
-    for key, tensor in state.items():
-        if tensor.is_floating_point() and tensor.dtype != dtype:
-            state[key] = tensor.to(dtype)
     model.load_state_dict(state, strict=True, assign=True)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
