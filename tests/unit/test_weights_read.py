@@ -62,6 +62,16 @@ def test_a_truncated_or_foreign_file_is_a_format_error(tmp_path: Path) -> None:
     path.write_bytes(path.read_bytes()[:-100])
     with pytest.raises(WeightsFormatError, match="ends before"):
         read_tensors([path], "cpu")
+    lying = tmp_path / "lying.safetensors"
+    header = b'{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,8]}}'
+    lying.write_bytes(len(header).to_bytes(8, "little") + header + bytes(16))
+    with pytest.raises(WeightsFormatError, match="not what its shape holds"):
+        read_tensors([lying], "cpu")
+    gaps = tmp_path / "gaps.safetensors"
+    header = b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"b":{"dtype":"F32","shape":[1],"data_offsets":[8,12]}}'
+    gaps.write_bytes(len(header).to_bytes(8, "little") + header + bytes(12))
+    with pytest.raises(WeightsFormatError, match="does not start where"):
+        read_tensors([gaps], "cpu")
     foreign = tmp_path / "foreign.safetensors"
     foreign.write_bytes((12).to_bytes(8, "little") + b"not json at all")
     with pytest.raises(WeightsFormatError, match="not JSON"):

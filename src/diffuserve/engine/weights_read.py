@@ -5,6 +5,7 @@ memory map reaches a fraction of the page cache's and the bus's rates."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import threading
@@ -70,8 +71,16 @@ def entries(path: Path) -> list[Entry]:
         if info.get("dtype") not in DTYPES:
             raise WeightsFormatError(f"{path}: {name} has dtype {info.get('dtype')}, unknown here")
         start, end = info["data_offsets"]
-        found.append(Entry(name, DTYPES[info["dtype"]], tuple(info["shape"]), base + start, base + end))
-    return sorted(found, key=lambda entry: entry.start)
+        dtype, shape = DTYPES[info["dtype"]], tuple(info["shape"])
+        if end - start != math.prod(shape) * dtype.itemsize or start < 0:
+            raise WeightsFormatError(f"{path}: {name} spans {end - start} bytes, not what its shape holds")
+        found.append(Entry(name, dtype, shape, base + start, base + end))
+    found.sort(key=lambda entry: entry.start)
+    # As safetensors itself demands: the tensors' bytes follow one another from the header on, no gap or overlap.
+    for before, after in zip([None, *found], found, strict=False):
+        if after.start != (before.end if before else base):
+            raise WeightsFormatError(f"{path}: {after.name} does not start where the bytes before it end")
+    return found
 
 
 def read_tensors(
@@ -200,14 +209,17 @@ def _copy_queue(
                         )
                     copies_done(index)
                 continue
-            (tensor, entry) = group[0]  # a tensor larger than a buffer, alone in its group
-            target = _as_bytes(tensor)
-            for offset in range(0, entry.end - entry.start, CHUNK):
-                length = min(CHUNK, entry.end - entry.start - offset)
-                index = fill(fd, path, entry.start + offset, length)
-                with torch.cuda.stream(stream):
-                    target[offset : offset + length].copy_(buffers[index][:length], non_blocking=True)
-                    copies_done(index)
+            for (
+                tensor,
+                entry,
+            ) in group:  # a tensor larger than a buffer (or a group with gaps): piece by piece
+                target = _as_bytes(tensor)
+                for offset in range(0, entry.end - entry.start, CHUNK):
+                    length = min(CHUNK, entry.end - entry.start - offset)
+                    index = fill(fd, path, entry.start + offset, length)
+                    with torch.cuda.stream(stream):
+                        target[offset : offset + length].copy_(buffers[index][:length], non_blocking=True)
+                        copies_done(index)
         finally:
             os.close(fd)
     stream.synchronize()
