@@ -64,9 +64,10 @@ def load_models(folder: Path, dtype: torch.dtype, device: str) -> dict[str, Any]
         started = time.perf_counter()
         try:
             model = build_filled(cls, folder / name, files, dtype, device)
+        except torch.OutOfMemoryError:
+            raise  # from_pretrained would not fit either: the loader reports what the model needs
         except (WeightsFormatError, RuntimeError, ValueError, KeyError) as exc:
             log.info("%s: left to from_pretrained (%s: %s)", name, type(exc).__name__, exc)
-            torch.cuda.empty_cache() if torch.cuda.is_available() else None
             continue
         seconds = time.perf_counter() - started
         size = sum(f.stat().st_size for f in files)
