@@ -56,3 +56,18 @@ def test_a_folder_loads_onto_the_gpu_as_from_pretrained_gives_it(tmp_path: Path)
         return pipeline("a digit 3", num_inference_steps=2, generator=generator, output_type="pt").images  # type: ignore[operator]
 
     assert torch.equal(image(ours), image(theirs))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_the_callers_current_device_is_where_the_tensors_go(tmp_path: Path) -> None:
+    """A worker on its GPU (set_device) reads "cuda" onto that GPU, though the reading threads start on GPU 0."""
+    path = tmp_path / "one.safetensors"
+    save_file({"a": torch.randn(1000)}, str(path))
+    previous = torch.cuda.current_device()
+    torch.cuda.set_device(1)
+    try:
+        got = weights_read.read_tensors([path], "cuda")
+    finally:
+        torch.cuda.set_device(previous)
+    assert got["a"].device == torch.device("cuda", 1)
+    assert torch.equal(got["a"].cpu(), load_file(str(path))["a"])

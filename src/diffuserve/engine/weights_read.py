@@ -89,6 +89,9 @@ def read_tensors(
     """Every tensor of `paths` on `device`, each its own allocation (so a later replacement of one frees it).
     On CUDA the bytes go through pinned buffers; on CPU they are read straight into the tensors."""
     device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        # The caller's current device (a worker's, set with set_device): the reading threads start on device 0.
+        device = torch.device("cuda", torch.cuda.current_device())
     tensors: dict[str, torch.Tensor] = {}
     pieces: list[tuple[Path, list[tuple[torch.Tensor, Entry]]]] = []
     for path in paths:
