@@ -243,6 +243,16 @@ def percent(value: float | None) -> str:
 
 
 def digits_quality(name: str) -> str:
+    """The tiers as they ship (their default settings), against eager in bf16 and float32."""
+    return _digits_quality(name, lambda tier: "FP8_ROUNDING" not in tier)
+
+
+def digits_quality_rounding(name: str) -> str:
+    """Tier L with each FP8_ROUNDING, from the same run (the page that explains the setting shows it)."""
+    return _digits_quality(name, lambda tier: tier.startswith("L"))
+
+
+def _digits_quality(name: str, wanted: Callable[[str], bool]) -> str:
     data = load(name)
     rows = [
         [
@@ -254,6 +264,7 @@ def digits_quality(name: str) -> str:
             percent(row.get("rel_err_vs_E")),
         ]
         for row in sorted(data["rows"], key=lambda r: r["steps"])
+        if wanted(row["tier"])
     ]
     header = ["tier", "steps", "accuracy", "reused steps/image", "error vs E fp32", "error vs E bf16"]
     return run_line(data["environment"]) + "\n\n" + table(header, rows)
@@ -674,6 +685,7 @@ BLOCKS: dict[str, tuple[Callable[..., str], tuple[str, ...]]] = {
     "tiers": (tiers, ("h100-tiers-flux-dev.jsonl", "h100-tiers-flux-schnell.jsonl")),
     "families": (families, tuple(f"h100-tiers-{name}.jsonl" for name in FAMILY_RUNS)),
     "digits-quality": (digits_quality, ("h100-digits-quality.json",)),
+    "digits-quality-rounding": (digits_quality_rounding, ("h100-digits-quality.json",)),
     "fp8-error": (fp8_error, ("cpu-fp8-error.json",)),
     "fp8-error-layers": (fp8_error_layers, ("cpu-fp8-error.json",)),
     "encoders": (encoders, ("h200-profile.json",)),
@@ -693,6 +705,7 @@ PAGE_OF = {
     "priorities": ROOT / "docs" / "jobs.md",
     "startup": ROOT / "docs" / "startup.md",
     "fp8-error": ROOT / "docs" / "tiers.md",
+    "digits-quality-rounding": ROOT / "docs" / "tiers.md",
     "fp8-error-layers": ROOT / "docs" / "design" / "tiers.md",
 }
 
