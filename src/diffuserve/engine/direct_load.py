@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from diffuserve.engine.weights_read import WeightsFormatError, entries, read_tensors, tensor_bytes
+from diffuserve.engine.weights_read import WeightsFormatError, entries, read_tensors
 
 log = logging.getLogger(__name__)
 
@@ -107,5 +107,4 @@ def build_filled(cls: Any, subfolder: Path, files: list[Path], dtype: torch.dtyp
         raise ValueError(f"not in the files: {left[:3]}")
     model.eval()
     model.register_to_config(_name_or_path=str(subfolder))  # as from_pretrained names it
-    log.debug("%s: %d tensors, %.1f GB", cls.__name__, len(state), tensor_bytes(state) / 1e9)
     return model
