@@ -99,14 +99,21 @@ class StartupPhases:
 
     import_s: float = 0.0
     load_s: float = 0.0
+    # The seconds a GPU worker read its diffusers models' weights beside the imports (engine.early_read): not a
+    # phase of its own, it overlaps `import` (and `load`, where the load waited for it).
+    early_read_s: float = 0.0
     tier_s: float = 0.0
     warmup_s: dict[int, float] = field(default_factory=dict)  # by batch size
     warmup_steps: dict[int, int] = field(default_factory=dict)  # the steps each size's warm-up ran
     compile_cache_save_s: float = 0.0
 
     def named(self) -> dict[str, float]:
-        """`import`, `load`, `tier`, `warmup_b<N>` (largest batch first), `compile_cache_save`."""
-        named = {"import": self.import_s, "load": self.load_s, "tier": self.tier_s}
+        """`import`, `load`, `early_read` (where a read ran beside the imports), `tier`, `warmup_b<N>` (largest
+        batch first), `compile_cache_save`."""
+        named = {"import": self.import_s, "load": self.load_s}
+        if self.early_read_s:
+            named["early_read"] = self.early_read_s
+        named["tier"] = self.tier_s
         named.update({f"warmup_b{size}": s for size, s in sorted(self.warmup_s.items(), reverse=True)})
         named["compile_cache_save"] = self.compile_cache_save_s
         return named

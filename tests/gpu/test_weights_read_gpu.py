@@ -1,5 +1,6 @@
 """safetensors read onto a CUDA GPU through pinned buffers (engine.weights_read): the tensors safetensors gives,
-with reads split and grouped across threads and buffers reused."""
+with reads split and grouped across threads and buffers reused; a folder through the loader, directly or from
+the read started beside the imports (engine.early_read), as diffusers loads it."""
 
 from __future__ import annotations
 
@@ -56,6 +57,29 @@ def test_a_folder_loads_onto_the_gpu_as_from_pretrained_gives_it(tmp_path: Path)
         return pipeline("a digit 3", num_inference_steps=2, generator=generator, output_type="pt").images  # type: ignore[operator]
 
     assert torch.equal(image(ours), image(theirs))
+
+
+def test_the_load_takes_what_was_read_beside_the_imports(tmp_path: Path) -> None:
+    """A worker's early read (engine.early_read, started before the imports) is what the loader builds the
+    diffusers models from: the tensors of diffusers' own load, on the worker's GPU."""
+    from diffusers import DiffusionPipeline
+
+    from diffuserve.engine.early_read import start_early_read
+    from diffuserve.engine.loader import load_pipeline
+    from diffuserve.models.tiny_flux import build_tiny_flux
+
+    folder = tmp_path / "pipeline"
+    build_tiny_flux(seed=0).to(torch.bfloat16).save_pretrained(folder)
+    device = f"cuda:{torch.cuda.current_device()}"
+    assert start_early_read(str(folder), device, torch.bfloat16) is not None
+    loaded = load_pipeline(str(folder), device="cuda", dtype_name="bfloat16", weights="pretrained")
+    assert loaded.early_read is not None and loaded.early_read.gigabytes > 0
+    theirs = DiffusionPipeline.from_pretrained(folder, dtype=torch.bfloat16).to("cuda")
+    for name in ("transformer", "vae"):
+        mine, reference = getattr(loaded.pipeline, name).state_dict(), getattr(theirs, name).state_dict()
+        assert mine.keys() == reference.keys(), name
+        assert all(torch.equal(mine[key], reference[key]) for key in mine), name
+        assert all(t.device == torch.device(device) for t in mine.values()), name
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")

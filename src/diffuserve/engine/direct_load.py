@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,9 +51,15 @@ def diffusers_models(folder: Path) -> dict[str, str]:
     }
 
 
-def load_models(folder: Path, dtype: torch.dtype, device: str) -> dict[str, Any]:
-    """Each diffusers model of the folder on `device` in `dtype`; those that cannot be filled exactly are left
-    out (logged), for `from_pretrained` to load."""
+# A component's tensors read already (engine.early_read's EarlyRead.take), or None: the load reads them.
+ReadAlready = Callable[[str], dict[str, torch.Tensor] | None]
+
+
+def load_models(
+    folder: Path, dtype: torch.dtype, device: str, read_already: ReadAlready | None = None
+) -> dict[str, Any]:
+    """Each diffusers model of the folder on `device` in `dtype`, its tensors from `read_already` where it has
+    them; those that cannot be filled exactly are left out (logged), for `from_pretrained` to load."""
     import diffusers
 
     loaded: dict[str, Any] = {}
@@ -62,8 +69,9 @@ def load_models(folder: Path, dtype: torch.dtype, device: str) -> dict[str, Any]
         if cls is None or not hasattr(cls, "from_config") or files is None:
             continue
         started = time.perf_counter()
+        state = read_already(name) if read_already is not None else None
         try:
-            model = build_filled(cls, folder / name, files, dtype, device)
+            model = build_filled(cls, folder / name, files, dtype, device, state)
         except torch.OutOfMemoryError:
             raise  # from_pretrained would not fit either: the loader reports what the model needs
         except (WeightsFormatError, RuntimeError, ValueError, KeyError) as exc:
@@ -71,10 +79,12 @@ def load_models(folder: Path, dtype: torch.dtype, device: str) -> dict[str, Any]
             continue
         seconds = time.perf_counter() - started
         size = sum(f.stat().st_size for f in files)
+        how = "read beside the imports, built" if state is not None else "read"
         log.info(
-            "%s: %.1f GB read in %.1f s (%.1f GB/s)",
+            "%s: %.1f GB %s in %.1f s (%.1f GB/s)",
             name,
             size / 1e9,
+            how,
             seconds,
             size / 1e9 / max(seconds, 1e-9),
         )
@@ -82,13 +92,26 @@ def load_models(folder: Path, dtype: torch.dtype, device: str) -> dict[str, Any]
     return loaded
 
 
-def build_filled(cls: Any, subfolder: Path, files: list[Path], dtype: torch.dtype, device: str) -> Any:
-    """The model built on the meta device from its config, then given the files' tensors as its own (`assign`):
-    every parameter and buffer must come from the files, the file's names must be the model's exactly, the
-    files must hold the served dtype, and the class must keep no module in float32."""
+def stored_dtypes(files: list[Path]) -> set[torch.dtype]:
+    """The floating-point dtypes the files store their tensors in (from their headers)."""
+    return {e.dtype for path in files for e in entries(path) if e.dtype.is_floating_point}
+
+
+def build_filled(
+    cls: Any,
+    subfolder: Path,
+    files: list[Path],
+    dtype: torch.dtype,
+    device: str,
+    state: dict[str, torch.Tensor] | None = None,
+) -> Any:
+    """The model built on the meta device from its config, then given the files' tensors as its own (`assign`;
+    `state` where they were read already): every parameter and buffer must come from the files, the file's
+    names must be the model's exactly, the files must hold the served dtype, and the class must keep no module
+    in float32."""
     if getattr(cls, "_keep_in_fp32_modules", None):
         raise ValueError(f"{cls.__name__} keeps modules in float32")
-    stored = {e.dtype for path in files for e in entries(path) if e.dtype.is_floating_point} - {dtype}
+    stored = stored_dtypes(files) - {dtype}
     if stored:
         # Cast after a whole read, a float32 model would need its float32 and its served copy on the GPU at
         # once; from_pretrained casts tensor by tensor.
@@ -96,7 +119,8 @@ def build_filled(cls: Any, subfolder: Path, files: list[Path], dtype: torch.dtyp
     config = cls.load_config(str(subfolder))
     with torch.device("meta"):
         model = cls.from_config(config)
-    state = read_tensors(files, device)
+    if state is None:
+        state = read_tensors(files, device)
     expected = set(model.state_dict())
     if set(state) != expected:
         missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)

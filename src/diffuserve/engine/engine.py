@@ -112,7 +112,15 @@ class Engine:
         )
         check_tier(self.loaded.family, c.tier)
         self.phases.load_s = time.perf_counter() - started
-        if size:
+        early = self.loaded.early_read
+        if early is not None:
+            self.phases.early_read_s = early.seconds
+            log.info(
+                "weights: %.1f GB loaded in %.1f s, of which %.1f GB read beside the imports (%.1f s; the load "
+                "waited %.1f s for it)",
+                size / 1e9, self.phases.load_s, early.gigabytes, early.seconds, early.waited_s,
+            )  # fmt: skip
+        elif size:
             rate = size / 1e9 / max(self.phases.load_s, 1e-6)
             log.info("weights: %.1f GB loaded in %.1f s (%.1f GB/s)", size / 1e9, self.phases.load_s, rate)
         started = time.perf_counter()

@@ -9,12 +9,15 @@ import os
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from diffuserve.engine.config import EngineConfig
 from diffuserve.engine.prefetch import weight_files
 from diffuserve.models.registry import BUILTIN_MODELS, is_builtin
 from diffuserve.types import FAMILIES_BY_CLASS, GENERIC, TINY_FLUX, Family, ModelInfo, Task
+
+if TYPE_CHECKING:
+    from diffuserve.engine.early_read import EarlyRead, EarlyReadDone
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +37,8 @@ class LoadedPipeline:
     family: Family
     device: str
     dtype: Any
+    # What the read started beside the imports brought (engine.early_read), where one ran.
+    early_read: EarlyReadDone | None = None
 
 
 def looks_like_local_path(repo: str) -> bool:
@@ -74,22 +79,29 @@ def load_pipeline(
     reads itself."""
     import torch
 
+    from diffuserve.engine.early_read import take_early_read
+
     dtype = resolve_dtype(dtype_name, device)
     check_model_source(repo, weights)
+    early = take_early_read(path or repo, device, dtype) if weights != "random" else None
     try:
-        pipeline = _build_or_load(repo, device=device, dtype=dtype, weights=weights, path=path)
+        pipeline = _build_or_load(repo, device=device, dtype=dtype, weights=weights, path=path, early=early)
         if getattr(pipeline, "dtype", dtype) != dtype:
             pipeline.to(dtype=dtype)
         pipeline.to(device)
     except torch.OutOfMemoryError as exc:
         raise ModelLoadError(_out_of_memory(repo, device, dtype, weights)) from exc
+    finally:
+        done = early.discard() if early is not None else None  # what the load did not take is freed
     pipeline.set_progress_bar_config(disable=True)
     family = _family_of(pipeline, repo)
     torch.set_grad_enabled(False)
-    return LoadedPipeline(pipeline=pipeline, family=family, device=device, dtype=dtype)
+    return LoadedPipeline(pipeline=pipeline, family=family, device=device, dtype=dtype, early_read=done)
 
 
-def _build_or_load(repo: str, *, device: str, dtype: Any, weights: str, path: str | None) -> Any:
+def _build_or_load(
+    repo: str, *, device: str, dtype: Any, weights: str, path: str | None, early: EarlyRead | None = None
+) -> Any:
     if weights == "random" and not is_builtin(repo):
         from diffuserve.models.random_weights import build_random_pipeline
 
@@ -109,7 +121,7 @@ def _build_or_load(repo: str, *, device: str, dtype: Any, weights: str, path: st
             try:
                 # Each file's tensors straight onto the worker's GPU (its current device), instead of a copy
                 # of every weight in host memory first and a second pass to the device.
-                models = _read_directly(repo, path, dtype)
+                models = _read_directly(repo, path, dtype, early)
                 return DiffusionPipeline.from_pretrained(path, dtype=dtype, device_map="cuda", **models)
             except (OSError, torch.OutOfMemoryError):
                 raise  # the files or the room are missing: through host memory would fail the same way
@@ -124,15 +136,16 @@ def _build_or_load(repo: str, *, device: str, dtype: Any, weights: str, path: st
         raise ModelLoadError(f"could not load model {repo!r}: {exc}") from exc
 
 
-def _read_directly(repo: str, path: str, dtype: Any) -> dict[str, Any]:
+def _read_directly(repo: str, path: str, dtype: Any, early: EarlyRead | None) -> dict[str, Any]:
     """The folder's diffusers models (the transformer, the VAE) read straight onto the GPU by many threads
-    (engine.direct_load); any it cannot fill exactly, or all where it fails, are left to from_pretrained."""
+    (engine.direct_load), or taken from the read that ran beside the imports; any it cannot fill exactly, or
+    all where it fails, are left to from_pretrained."""
     import torch
 
     from diffuserve.engine.direct_load import load_models
 
     try:
-        return load_models(Path(path), dtype, "cuda")
+        return load_models(Path(path), dtype, "cuda", early.take if early is not None else None)
     except (OSError, torch.OutOfMemoryError):
         raise  # the files or the room are missing: from_pretrained would fail the same way
     except Exception as exc:

@@ -106,6 +106,7 @@ def _start_engine(
     try:
         conn.send(WorkerPhase(worker_id, "importing", "the engine"))
         check_device(device)
+        read_weights_early(config, device)
         engine = make_engine(config, device, group)
         # torch and the engine's modules, imported by the two calls above: the start of the import phase.
         imported_s = time.monotonic() - entered_at
@@ -162,6 +163,17 @@ def every_format(batch: DeviceBatch) -> DeviceBatch:
     job = replace(batch.job, items=items)
     pixels = np.repeat(batch.pixels[:1], len(formats), axis=0)
     return DeviceBatch(job, pixels, batch.denoise_ms, batch.decode_ms)
+
+
+def read_weights_early(config: EngineConfig, device: str) -> None:
+    """On a GPU, start reading a local folder's diffusers models onto it now that torch is imported, so the read
+    runs beside the engine's imports (diffusers, transformers: seconds) and the load takes the tensors read."""
+    if not device.startswith("cuda") or config.weights == "random":
+        return
+    from diffuserve.engine.early_read import start_early_read
+    from diffuserve.engine.loader import resolve_dtype
+
+    start_early_read(config.model_path or config.model_repo, device, resolve_dtype(config.dtype, device))
 
 
 class NoDevice(RuntimeError):
