@@ -98,7 +98,8 @@ _pending: EarlyRead | None = None
 def start_early_read(path: str, device: str, dtype: torch.dtype) -> EarlyRead | None:
     """Start reading the diffusers models of the pipeline folder at `path` onto `device` in the background,
     those the direct load can fill (stored in `dtype`, the files diffusers would load); None where there is
-    nothing such (not a pipeline folder, every model stored in another dtype)."""
+    nothing such (not a pipeline folder, every model stored in another dtype). A CUDA `device` becomes this
+    process's current device."""
     global _pending
     folder = Path(path).expanduser()
     if not (folder / "model_index.json").is_file():
@@ -115,8 +116,9 @@ def start_early_read(path: str, device: str, dtype: torch.dtype) -> EarlyRead | 
         return None
     target = _resolved(device)
     if target.type == "cuda":
-        # CUDA's lazy initialisation on this thread, before the read's threads touch it beside the imports.
-        torch.cuda.init()
+        # This process's GPU, as the worker sets it later anyway: CUDA initialises here, on the caller's thread,
+        # not in a reading thread beside the imports, and nothing it creates lands on another GPU.
+        torch.cuda.set_device(target)
     _pending = EarlyRead(folder.resolve(), target, dtype, files).start()
     return _pending
 
