@@ -108,7 +108,7 @@ def _start_engine(
         check_device(device)
         read_weights_early(config, device)
         engine = make_engine(config, device, group)
-        # torch and the engine's modules, imported by the two calls above: the start of the import phase.
+        # torch and the engine's modules, imported by the calls above: the start of the import phase.
         imported_s = time.monotonic() - entered_at
         engine.on_phase = _phase_reporter(conn, worker_id)
         info = engine.load()
