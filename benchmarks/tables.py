@@ -682,7 +682,52 @@ def step_profile_table(rows: list[dict[str, Any]]) -> str:
     return table(header, lines)
 
 
+def attention(name: str) -> str:
+    """`gpu_attention.py`: each kernel's time at each shape, against the first (torch's default choice, cuDNN)."""
+    data = load(name)
+    versions = ", ".join(f"{k} {v}" for k, v in data.get("versions", {}).items())
+    parts = [run_line(data["environment"]) + (f" {versions}." if versions else "")]
+    rows = []
+    for shape_name, shape in data["shapes"].items():
+        batch, heads, tokens, dim = shape["shape"]
+        base = next((r["ms"] for r in shape["rows"] if "ms" in r), None)
+        for row in shape["rows"]:
+            if "ms" not in row:
+                rows.append(
+                    [
+                        shape_name,
+                        f"{batch}×{heads}×{tokens}×{dim}",
+                        row["kernel"],
+                        "–",
+                        "–",
+                        "–",
+                        row["error"],
+                    ]
+                )
+                continue
+            ratio = f"{base / row['ms']:.2f}×" if base else "–"
+            error = f"{100 * row['rel_err_vs_fp32']:.2f} %"
+            rows.append(
+                [
+                    shape_name,
+                    f"{batch}×{heads}×{tokens}×{dim}",
+                    row["kernel"],
+                    f"{row['ms']:.3f}",
+                    f"{row['tflops']:.0f}",
+                    ratio,
+                    error,
+                ]
+            )
+    header = ["shape", "B×H×L×D", "kernel", "ms", "TFLOP/s", "speed vs the first", "error vs float32"]
+    parts.append(table(header, rows))
+    missing = data.get("missing") or {}
+    if missing:
+        parts.append("Not measured: " + "; ".join(f"{k} ({v})" for k, v in missing.items()) + ".")
+    return "\n\n".join(parts)
+
+
 BLOCKS: dict[str, tuple[Callable[..., str], tuple[str, ...]]] = {
+    "attention": (attention, ("h100-attention.json",)),
     "cpu-digits": (cpu_digits, ("cpu-digits.json",)),
     "cpu-sweep": (cpu_sweep, ("cpu-sweep-summary.json",)),
     "tiers": (tiers, ("h100-tiers-flux-dev.jsonl", "h100-tiers-flux-schnell.jsonl")),
@@ -710,6 +755,7 @@ PAGE_OF = {
     "fp8-error": ROOT / "docs" / "tiers.md",
     "digits-quality-rounding": ROOT / "docs" / "tiers.md",
     "fp8-error-layers": ROOT / "docs" / "design" / "tiers.md",
+    "attention": ROOT / "docs" / "design" / "tiers.md",
 }
 
 
