@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from diffuserve.engine.direct_load import diffusers_models, model_files, stored_dtypes
-from diffuserve.engine.weights_read import read_tensors
+from diffuserve.engine.weights_read import read_tensors, resolved_device
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +34,9 @@ class EarlyRead:
 
     def __init__(self, folder: Path, device: torch.device, dtype: torch.dtype, files: dict[str, list[Path]]):
         self.folder, self.device, self.dtype = folder, device, dtype
-        self.files = dict(sorted(files.items(), key=lambda item: -sum(f.stat().st_size for f in item[1])))
-        self.bytes = sum(f.stat().st_size for paths in files.values() for f in paths)
+        self.sizes = {name: sum(f.stat().st_size for f in paths) for name, paths in files.items()}
+        self.files = dict(sorted(files.items(), key=lambda item: -self.sizes[item[0]]))
+        self.bytes = sum(self.sizes.values())
         self.seconds = 0.0
         self.waited_s = 0.0
         self.taken: list[str] = []
@@ -87,7 +88,7 @@ class EarlyRead:
         self._results.clear()
         if not self.taken:
             return None
-        taken = sum(f.stat().st_size for name in self.taken for f in self.files[name])
+        taken = sum(self.sizes[name] for name in self.taken)
         return EarlyReadDone(taken / 1e9, self.seconds, self.waited_s)
 
 
@@ -114,7 +115,7 @@ def start_early_read(path: str, device: str, dtype: torch.dtype) -> EarlyRead | 
             log.debug("%s: not read early (%s)", name, exc)
     if not files:
         return None
-    target = _resolved(device)
+    target = resolved_device(device)
     if target.type == "cuda":
         # This process's GPU, as the worker sets it later anyway: CUDA initialises here, on the caller's thread,
         # not in a reading thread beside the imports, and nothing it creates lands on another GPU.
@@ -132,17 +133,9 @@ def take_early_read(path: str, device: str, dtype: torch.dtype) -> EarlyRead | N
         return None
     if (early.folder, early.device, early.dtype) != (
         Path(path).expanduser().resolve(),
-        _resolved(device),
+        resolved_device(device),
         dtype,
     ):
         early.discard()
         return None
     return early
-
-
-def _resolved(device: str) -> torch.device:
-    """`cuda` as the current CUDA device (a worker's, once it called set_device), so two spellings compare."""
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and resolved.index is None:
-        return torch.device("cuda", torch.cuda.current_device())
-    return resolved

@@ -82,15 +82,22 @@ def entries(path: Path) -> list[Entry]:
     return found
 
 
+def resolved_device(device: str | torch.device) -> torch.device:
+    """`cuda` as the caller's current CUDA device (a worker's, set with set_device), so every spelling of one
+    device compares equal and a thread started later still reads onto it."""
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and resolved.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return resolved
+
+
 def read_tensors(
     paths: list[Path], device: str | torch.device, threads: int = THREADS
 ) -> dict[str, torch.Tensor]:
     """Every tensor of `paths` on `device`, each its own allocation (so a later replacement of one frees it).
     On CUDA the bytes go through pinned buffers; on CPU they are read straight into the tensors."""
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        # The caller's current device (a worker's, set with set_device): the reading threads start on device 0.
-        device = torch.device("cuda", torch.cuda.current_device())
+    # The caller's current device, resolved here: the reading threads start on device 0.
+    device = resolved_device(device)
     tensors: dict[str, torch.Tensor] = {}
     pieces: list[tuple[Path, list[tuple[torch.Tensor, Entry]]]] = []
     for path in paths:
@@ -211,10 +218,8 @@ def _copy_queue(
                         )
                     copies_done(index)
                 continue
-            for (
-                tensor,
-                entry,
-            ) in group:  # a tensor larger than a buffer (or a group with gaps): piece by piece
+            # A tensor larger than a buffer (or a group with gaps): piece by piece.
+            for tensor, entry in group:
                 target = _as_bytes(tensor)
                 for offset in range(0, entry.end - entry.start, CHUNK):
                     length = min(CHUNK, entry.end - entry.start - offset)
