@@ -155,6 +155,7 @@ def tiers(*names: str) -> str:
                         f"{run['decode_ms']:.0f}",
                         f"{run['peak_gib']:.1f}",
                         f"{result.get(warmup_key(run['batch']), float('nan')):.1f}",
+                        psnr_vs_eager(result),
                     ]
                 )
         first = results[0]
@@ -169,8 +170,17 @@ def tiers(*names: str) -> str:
             "decode ms",
             "peak GiB",
         ]
-        out.append(head + "\n\n" + table([*header, "warm-up s (2 short calls)"], rows))
+        out.append(head + "\n\n" + table([*header, "warm-up s (2 short calls)", "PSNR vs E"], rows))
     return "\n\n".join(out)
+
+
+def psnr_vs_eager(result: dict[str, Any]) -> str:
+    """The first image's PSNR against tier E's (same prompt and seed), where the run recorded it: null is the
+    same image."""
+    if result["tier"] == "E" or "psnr_vs_eager_db" not in result:
+        return "-"
+    psnr = result["psnr_vs_eager_db"]
+    return "identical" if psnr is None else f"{psnr:.1f} dB"
 
 
 def families(*names: str) -> str:
@@ -680,6 +690,15 @@ def step_profile_table(rows: list[dict[str, Any]]) -> str:
             ]
         )
     return table(header, lines)
+
+
+def tier_profile(name: str) -> str:
+    """`gpu_tiers.py --phase profile`: where each tier's (and peer's) denoising step goes, from one profiled call."""
+    rows = load(name)
+    first = rows[0]
+    head = f"**{first['model']}, {first.get('steps', '?')} steps, {first.get('size', '?')}²**: {run_line(first['environment'])}"
+    labelled = [{**row, "tier": f"peer: {row['peer']}" if row.get("peer") else row["tier"]} for row in rows]
+    return head + "\n\n" + step_profile_table(labelled)
 
 
 def attention(name: str) -> str:

@@ -1,0 +1,165 @@
+"""The VAE decode at the served sizes, one GPU: eager as diffusers runs it against the ways it could run faster, each
+variant's time and how far its image is from eager's.
+
+    python benchmarks/gpu_vae.py --out $OUT          # writes vae.json (~3 minutes on an H100: four compiles)
+
+The VAE is FLUX.1's (16 latent channels, the released config; also SD3's and Qwen-Image's shape of decoder), with
+random weights in bf16, decoding random latents of a 1024² image at batch 1 and 4. Variants: eager (the
+reference); eager with cuDNN's algorithm search (`cudnn.benchmark`); channels-last, eager; `torch.compile` of the
+decode (static shapes) in the default mode, and in `max-autotune-no-cudagraphs`, each also channels-last. Each:
+median of `--iters` decodes between CUDA events after `--warmup` decodes; the first call's seconds (compile or
+algorithm search included); how far its pixels (0-255) are from eager's (largest difference, share of pixels
+that differ, PSNR); and whether its last call gives its first call's pixels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from common import environment, log, out_dir, write_json
+
+SHAPES = {"1024-b1": (1, 1024), "1024-b4": (4, 1024)}  # name: (batch, image side)
+Decode = Callable[[torch.Tensor], torch.Tensor]
+
+
+def build_vae() -> Any:
+    from diffuserve.models.architectures import FLUX_VAE, build_vae
+
+    torch.manual_seed(0)
+    return build_vae(FLUX_VAE).to("cuda", torch.bfloat16)
+
+
+def pixels(image: torch.Tensor) -> torch.Tensor:
+    """The decode's output as the pipeline post-processes it: [-1, 1] to uint8."""
+    return ((image.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def time_ms(decode: Decode, latents: torch.Tensor, warmup: int, iters: int) -> float:
+    for _ in range(warmup):
+        decode(latents)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        decode(latents)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def variants(vae: Any) -> dict[str, Callable[[], Decode]]:
+    """Each variant's set-up, run just before it is measured (they change the module or process settings; the
+    set-up after it undoes what the one before changed)."""
+
+    def plain(channels_last: bool = False, search: bool = False) -> Callable[[], Decode]:
+        def setup() -> Decode:
+            torch.backends.cudnn.benchmark = search
+            vae.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+            return lambda z: vae.decode(z, return_dict=False)[0]
+
+        return setup
+
+    def compiled(mode: str | None, channels_last: bool = False) -> Callable[[], Decode]:
+        def setup() -> Decode:
+            torch.backends.cudnn.benchmark = False
+            vae.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+            torch._dynamo.reset()
+            run = torch.compile(lambda z: vae.decode(z, return_dict=False)[0], mode=mode, dynamic=False)
+            return run  # type: ignore[no-any-return]
+
+        return setup
+
+    return {
+        "eager": plain(),
+        "eager cudnn-benchmark": plain(search=True),
+        "eager channels-last": plain(channels_last=True),
+        "compiled": compiled(None),
+        "compiled channels-last": compiled(None, channels_last=True),
+        "compiled max-autotune-no-cudagraphs": compiled("max-autotune-no-cudagraphs"),
+        "compiled max-autotune-no-cudagraphs channels-last": compiled(
+            "max-autotune-no-cudagraphs", channels_last=True
+        ),
+    }
+
+
+def difference(got: torch.Tensor, reference: torch.Tensor) -> dict[str, Any]:
+    delta = (got.int() - reference.int()).abs()
+    mse = float((delta.float() ** 2).mean())
+    return {
+        "max_abs": int(delta.max()),
+        "share_differing": round(float((delta > 0).float().mean()), 4),
+        "psnr_db": None if mse == 0 else round(10 * math.log10(255**2 / mse), 2),
+    }
+
+
+def measure(vae: Any, name: str, setup: Callable[[], Decode], args: argparse.Namespace,
+            eager: dict[str, torch.Tensor]) -> dict[str, Any]:  # fmt: skip
+    row: dict[str, Any] = {"variant": name, "shapes": {}}
+    try:
+        decode = setup()
+        for shape, (batch, side) in SHAPES.items():
+            generator = torch.Generator("cuda").manual_seed(0)
+            channels = vae.config.latent_channels
+            latents = torch.randn(batch, channels, side // 8, side // 8, device="cuda", generator=generator)
+            latents = latents.to(torch.bfloat16)
+            started = time.perf_counter()
+            with torch.inference_mode():
+                first = pixels(decode(latents))
+                torch.cuda.synchronize()
+                first_s = time.perf_counter() - started
+                ms = time_ms(decode, latents, args.warmup, args.iters)
+                again = pixels(decode(latents))
+            result: dict[str, Any] = {
+                "ms": round(ms, 2),
+                "ms_per_image": round(ms / batch, 2),
+                "first_call_s": round(first_s, 2),
+                "repeatable": bool(torch.equal(first, again)),
+            }
+            if name == "eager":
+                eager[shape] = first
+            elif shape in eager:
+                result["vs_eager"] = difference(first, eager[shape])
+            row["shapes"][shape] = result
+            log(f"{name} {shape}: {result}")
+    except Exception as exc:  # one variant failing (a compile error, out of memory) must not lose the others
+        row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+        log(f"{name}: {row['error']}")
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--variants", default=None, help="comma-separated names (default: all)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("gpu_vae.py needs a CUDA GPU")
+    out = out_dir(args.out)
+    vae = build_vae()
+    found = variants(vae)
+    names = args.variants.split(",") if args.variants else list(found)
+    unknown = [name for name in names if name not in found]
+    if unknown:
+        parser.error(f"unknown variants {unknown}; known: {', '.join(found)}")
+    report: dict[str, Any] = {"environment": environment(), "shapes": SHAPES, "rows": []}
+    eager: dict[str, torch.Tensor] = {}
+    for name in ["eager", *(n for n in names if n != "eager")]:
+        report["rows"].append(measure(vae, name, found[name], args, eager))
+        write_json(out / "vae.json", report)
+
+
+if __name__ == "__main__":
+    main()
