@@ -290,8 +290,13 @@ def compile_globals(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))
     monkeypatch.setattr(compile_module, "_ARTIFACT_KEY", compile_module._ARTIFACT_KEY)
-    with dynamo_config_restored():
-        yield
+    inductor_config: Any = torch._inductor.config
+    deterministic = inductor_config.deterministic
+    try:
+        with dynamo_config_restored():
+            yield
+    finally:
+        inductor_config.deterministic = deterministic
 
 
 @pytest.mark.usefixtures("compile_globals")
@@ -302,6 +307,23 @@ def test_compile_cache_handles_missing_and_corrupt_files(tmp_path: Path) -> None
     (tmp_path / "compile" / "key.bin").write_bytes(b"not a cache")
     configure_compile_cache(str(tmp_path), "key", notes)
     assert "not loaded" in notes[-1]  # a corrupt file never stops a start
+
+
+@pytest.mark.usefixtures("compile_globals")
+def test_compiled_tiers_pick_their_kernels_without_timing_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Inductor's deterministic mode, so a start from artefacts computes what a compiling start did; an
+    operator's own TORCHINDUCTOR_DETERMINISTIC is left alone."""
+    inductor_config: Any = torch._inductor.config
+    inductor_config.deterministic = False
+    monkeypatch.delenv("TORCHINDUCTOR_DETERMINISTIC", raising=False)
+    configure_compile_cache(str(tmp_path), "key", [])
+    assert inductor_config.deterministic is True
+    inductor_config.deterministic = False
+    monkeypatch.setenv("TORCHINDUCTOR_DETERMINISTIC", "0")
+    configure_compile_cache(str(tmp_path), "key", [])
+    assert inductor_config.deterministic is False
 
 
 @pytest.mark.usefixtures("compile_globals")
