@@ -170,7 +170,7 @@ def tiers(*names: str) -> str:
             "decode ms",
             "peak GiB",
         ]
-        out.append(head + "\n\n" + table([*header, "warm-up s (2 short calls)", "PSNR vs E"], rows))
+        out.append(head + "\n\n" + table([*header, "warm-up s", "PSNR vs E"], rows))
     return "\n\n".join(out)
 
 
@@ -692,13 +692,36 @@ def step_profile_table(rows: list[dict[str, Any]]) -> str:
     return table(header, lines)
 
 
-def tier_profile(name: str) -> str:
-    """`gpu_tiers.py --phase profile`: where each tier's (and peer's) denoising step goes, from one profiled call."""
-    rows = load(name)
-    first = rows[0]
-    head = f"**{first['model']}, {first.get('steps', '?')} steps, {first.get('size', '?')}²**: {run_line(first['environment'])}"
-    labelled = [{**row, "tier": f"peer: {row['peer']}" if row.get("peer") else row["tier"]} for row in rows]
-    return head + "\n\n" + step_profile_table(labelled)
+def vae(name: str) -> str:
+    """`gpu_vae.py`: each decode variant's time per shape against eager's, its first call and its pixels' distance
+    from eager's."""
+    data = load(name)
+    rows = []
+    eager = {shape: r["ms"] for shape, r in data["rows"][0]["shapes"].items()}
+    for row in data["rows"]:
+        if "error" in row:
+            rows.append([row["variant"], "failed: " + row["error"], "", "", ""])
+            continue
+        cells = [row["variant"]]
+        for shape, result in row["shapes"].items():
+            speed = "" if row["variant"] == "eager" else f" ({eager[shape] / result['ms']:.2f}×)"
+            cells.append(f"{result['ms']:.1f}{speed}")
+        firsts = ", ".join(f"{r['first_call_s']:.1f}" for r in row["shapes"].values())
+        cells.append(firsts)
+        differences = [r["vs_eager"] for r in row["shapes"].values() if "vs_eager" in r]
+        if not differences:
+            cells.append("-")
+        elif all(d["max_abs"] == 0 for d in differences):
+            cells.append("identical")
+        else:
+            worst = min(differences, key=lambda d: d["psnr_db"] or float("inf"))
+            cells.append(
+                f"{worst['psnr_db']:.1f} dB, largest {max(d['max_abs'] for d in differences)} of 255"
+            )
+        rows.append(cells)
+    shapes = list(data["shapes"])
+    header = ["decode", *(f"{shape} ms" for shape in shapes), "first call s", "pixels vs eager"]
+    return run_line(data["environment"]) + "\n\n" + table(header, rows)
 
 
 def attention(name: str) -> str:
@@ -750,6 +773,8 @@ BLOCKS: dict[str, tuple[Callable[..., str], tuple[str, ...]]] = {
     "cpu-digits": (cpu_digits, ("cpu-digits.json",)),
     "cpu-sweep": (cpu_sweep, ("cpu-sweep-summary.json",)),
     "tiers": (tiers, ("h100-tiers-flux-dev.jsonl", "h100-tiers-flux-schnell.jsonl")),
+    "peers": (tiers, ("h100-tiers-flux-dev-peers.jsonl",)),
+    "vae": (vae, ("h100-vae.json",)),
     "families": (families, tuple(f"h100-tiers-{name}.jsonl" for name in FAMILY_RUNS)),
     "digits-quality": (digits_quality, ("h100-digits-quality.json",)),
     "digits-quality-rounding": (digits_quality_rounding, ("h100-digits-quality.json",)),
@@ -775,6 +800,7 @@ PAGE_OF = {
     "digits-quality-rounding": ROOT / "docs" / "tiers.md",
     "fp8-error-layers": ROOT / "docs" / "design" / "tiers.md",
     "attention": ROOT / "docs" / "design" / "tiers.md",
+    "vae": ROOT / "docs" / "design" / "serving.md",
 }
 
 
