@@ -13,14 +13,14 @@ Each: median of `--iters` calls between CUDA events after `--warmup` calls; TFLO
 from __future__ import annotations
 
 import argparse
-import statistics
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from common import environment, log, out_dir, write_json
+from common import environment, log, median_cuda_ms, out_dir, write_json
 
 SHAPES = {  # name: (batch, heads, tokens, head dim)
     "flux-1024-b1": (1, 24, 4096 + 512, 128),
@@ -61,23 +61,6 @@ def candidates() -> tuple[dict[str, Attention], dict[str, str]]:
     return found, missing
 
 
-def time_ms(
-    run: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, warmup: int, iters: int
-) -> float:
-    for _ in range(warmup):
-        run(q, k, v)
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        run(q, k, v)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def relative_error(got: torch.Tensor, reference: torch.Tensor) -> float:
     return float((got.float() - reference).norm() / reference.norm())
 
@@ -101,7 +84,7 @@ def measure(
     for name, run in found.items():
         row: dict[str, Any] = {"kernel": name}
         try:
-            row["ms"] = round(time_ms(run, q, k, v, args.warmup, args.iters), 4)
+            row["ms"] = round(median_cuda_ms(partial(run, q, k, v), args.warmup, args.iters), 4)
             row["tflops"] = round(flops / row["ms"] / 1e9, 1)
             row["rel_err_vs_fp32"] = relative_error(run(q, k, v), reference)
         except Exception as exc:  # a backend that does not take this shape or card

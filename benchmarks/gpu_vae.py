@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
 
-from common import environment, log, out_dir, write_json
+from common import environment, log, median_cuda_ms, out_dir, write_json
 
 SHAPES = {"1024-b1": (1, 1024), "1024-b4": (4, 1024)}  # name: (batch, image side)
 Decode = Callable[[torch.Tensor], torch.Tensor]
@@ -39,21 +39,6 @@ def build_vae() -> Any:
 def pixels(image: torch.Tensor) -> torch.Tensor:
     """The decode's output as the pipeline post-processes it: [-1, 1] to uint8."""
     return ((image.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
-
-
-def time_ms(decode: Decode, latents: torch.Tensor, warmup: int, iters: int) -> float:
-    for _ in range(warmup):
-        decode(latents)
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        decode(latents)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def variants(vae: Any) -> dict[str, Callable[[], Decode]]:
@@ -112,7 +97,7 @@ def measure(vae: Any, name: str, setup: Callable[[], Decode], args: argparse.Nam
                 first = pixels(decode(latents))
                 torch.cuda.synchronize()
                 first_s = time.perf_counter() - started
-                ms = time_ms(decode, latents, args.warmup, args.iters)
+                ms = median_cuda_ms(partial(decode, latents), args.warmup, args.iters)
                 again = pixels(decode(latents))
             result: dict[str, Any] = {
                 "ms": round(ms, 2),
