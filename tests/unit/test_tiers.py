@@ -318,12 +318,16 @@ def test_compiled_tiers_pick_their_kernels_without_timing_them(
     inductor_config: Any = torch._inductor.config
     inductor_config.deterministic = False
     monkeypatch.delenv("TORCHINDUCTOR_DETERMINISTIC", raising=False)
-    configure_compile_cache(str(tmp_path), "key", [])
+    notes: list[str] = []
+    configure_compile_cache(str(tmp_path), "key", notes)
     assert inductor_config.deterministic is True
+    assert notes[0].startswith("inductor: deterministic mode (")  # the worker's start-up log says so
     inductor_config.deterministic = False
     monkeypatch.setenv("TORCHINDUCTOR_DETERMINISTIC", "0")
-    configure_compile_cache(str(tmp_path), "key", [])
+    notes.clear()
+    configure_compile_cache(str(tmp_path), "key", notes)
     assert inductor_config.deterministic is False
+    assert notes[0].startswith("inductor: deterministic mode off")
 
 
 @pytest.mark.usefixtures("compile_globals")

@@ -74,6 +74,12 @@ def configure_compile_cache(cache_dir: str, key: str, notes: list[str]) -> None:
     inductor_config: Any = torch._inductor.config
     if "TORCHINDUCTOR_DETERMINISTIC" not in os.environ and hasattr(inductor_config, "deterministic"):
         inductor_config.deterministic = True
+    if getattr(inductor_config, "deterministic", False):
+        notes.append("inductor: deterministic mode (one config per reduction kernel: one seed, one image)")
+    else:
+        notes.append(
+            "inductor: deterministic mode off (TORCHINDUCTOR_DETERMINISTIC=0 or this torch lacks it)"
+        )
     _ARTIFACT_KEY = key
     path = root / f"{key}.bin"
     if not path.exists():
