@@ -227,8 +227,11 @@ def compare_with_eager(
         eager[key] = image
     elif key in eager and eager[key].shape == image.shape:
         psnr = peers.psnr_db(image, eager[key])
-        # null: the same image (infinite PSNR, which JSON cannot write).
-        row["psnr_vs_eager_db"] = psnr if math.isfinite(psnr) else None
+        # null: the same image (infinite PSNR, which JSON cannot write); a text where the image is not finite.
+        if psnr == math.inf:
+            row["psnr_vs_eager_db"] = None
+        else:
+            row["psnr_vs_eager_db"] = psnr if math.isfinite(psnr) else "not finite"
 
 
 def free_gpu() -> None:

@@ -3,13 +3,14 @@ variant's time and how far its image is from eager's.
 
     python benchmarks/gpu_vae.py --iters 8 --out $OUT     # writes vae.json (~2 minutes on an H100: four compiles)
 
-The VAE is FLUX.1's (16 latent channels, the released config; also SD3's and Qwen-Image's shape of decoder), with
+The VAE is FLUX.1's (16 latent channels, the released config; SD3 and Z-Image have the same architecture), with
 random weights in bf16, decoding random latents of a 1024² image at batch 1 and 4. Variants: eager (the
 reference); eager with cuDNN's algorithm search (`cudnn.benchmark`); channels-last, eager; `torch.compile` of the
-decode (static shapes, the default mode), also channels-last. Each:
-median of `--iters` decodes between CUDA events after `--warmup` decodes; the first call's seconds (compile or
-algorithm search included); how far its pixels (0-255) are from eager's (largest difference, share of pixels
-that differ, PSNR); and whether its last call gives its first call's pixels.
+decode (static shapes, the default mode), also channels-last. Each: median of `--iters` decodes between CUDA
+events after `--warmup` decodes; the first call's seconds (compile or algorithm search included); how far its
+pixels (0-255) are from eager's (largest difference, share of pixels that differ, PSNR); and whether its last
+call gives its first call's pixels. Each variant sets the memory format and `cudnn.benchmark` it needs; the
+script leaves the last variant's settings behind.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ SHAPES = {"1024-b1": (1, 1024), "1024-b4": (4, 1024)}  # name: (batch, image sid
 Decode = Callable[[torch.Tensor], torch.Tensor]
 
 
-def build_vae() -> Any:
+def random_flux_vae() -> Any:
     from diffuserve.models.architectures import FLUX_VAE, build_vae
 
     torch.manual_seed(0)
@@ -82,8 +83,9 @@ def difference(got: torch.Tensor, reference: torch.Tensor) -> dict[str, Any]:
     }
 
 
-def measure(vae: Any, name: str, setup: Callable[[], Decode], args: argparse.Namespace,
-            eager: dict[str, torch.Tensor]) -> dict[str, Any]:  # fmt: skip
+def measure(
+    vae: Any, name: str, setup: Callable[[], Decode], args: argparse.Namespace, eager: dict[str, torch.Tensor]
+) -> dict[str, Any]:
     row: dict[str, Any] = {"variant": name, "shapes": {}}
     try:
         decode = setup()
@@ -129,7 +131,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("gpu_vae.py needs a CUDA GPU")
     out = out_dir(args.out)
-    vae = build_vae()
+    vae = random_flux_vae()
     found = variants(vae)
     names = args.variants.split(",") if args.variants else list(found)
     unknown = [name for name in names if name not in found]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import math
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -233,10 +234,23 @@ def compile_settings_restored() -> Iterator[None]:
         torch.set_float32_matmul_precision(precision)
 
 
+def engine_settings_undone() -> None:
+    """The process-wide settings the engine's compiled tiers make (engine/tiers/compile.py: inductor's
+    deterministic mode, static shapes) back to torch's defaults, so a peer measured after a tier in the same
+    process runs its own recipe and not the engine's."""
+    inductor: Any = torch._inductor.config
+    if hasattr(inductor, "deterministic"):
+        inductor.deterministic = os.environ.get("TORCHINDUCTOR_DETERMINISTIC") == "1"
+    dynamo: Any = torch._dynamo.config
+    dynamo.automatic_dynamic_shapes = True
+
+
 @contextmanager
 def applied(peer: Peer, pipe: Any, compile: bool = True) -> Iterator[list[str]]:
-    """The peer's recipe on `pipe` for the block's length: its notes inside, then its undo and the settings back."""
+    """The peer's recipe on `pipe` for the block's length, from torch's default compile settings: its notes
+    inside, then its undo and the settings back."""
     with compile_settings_restored():
+        engine_settings_undone()
         try:
             yield peer.setup(pipe, compile)
         finally:  # also after a set-up that failed half-way

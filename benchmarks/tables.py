@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import statistics
 import sys
@@ -180,6 +181,8 @@ def psnr_vs_eager(result: dict[str, Any]) -> str:
     if result["tier"] == "E" or "psnr_vs_eager_db" not in result:
         return "-"
     psnr = result["psnr_vs_eager_db"]
+    if isinstance(psnr, str):  # the image was not finite
+        return psnr
     return "identical" if psnr is None else f"{psnr:.1f} dB"
 
 
@@ -696,32 +699,40 @@ def vae(name: str) -> str:
     """`gpu_vae.py`: each decode variant's time per shape against eager's, its first call and its pixels' distance
     from eager's."""
     data = load(name)
-    rows = []
-    eager = {shape: r["ms"] for shape, r in data["rows"][0]["shapes"].items()}
-    for row in data["rows"]:
-        if "error" in row:
-            rows.append([row["variant"], "failed: " + row["error"], "", "", ""])
-            continue
-        cells = [row["variant"]]
-        for shape, result in row["shapes"].items():
-            speed = "" if row["variant"] == "eager" else f" ({eager[shape] / result['ms']:.2f}×)"
-            cells.append(f"{result['ms']:.1f}{speed}")
-        firsts = ", ".join(f"{r['first_call_s']:.1f}" for r in row["shapes"].values())
-        cells.append(firsts)
-        differences = [r["vs_eager"] for r in row["shapes"].values() if "vs_eager" in r]
-        if not differences:
-            cells.append("-")
-        elif all(d["max_abs"] == 0 for d in differences):
-            cells.append("identical")
-        else:
-            worst = min(differences, key=lambda d: d["psnr_db"] or float("inf"))
-            cells.append(
-                f"{worst['psnr_db']:.1f} dB, largest {max(d['max_abs'] for d in differences)} of 255"
-            )
-        rows.append(cells)
     shapes = list(data["shapes"])
+    eager_row: dict[str, Any] = next((r for r in data["rows"] if r["variant"] == "eager"), {"shapes": {}})
+    eager = {shape: result["ms"] for shape, result in eager_row["shapes"].items()}
+    rows = []
+    for row in data["rows"]:
+        measured = row.get("shapes", {})
+        cells = [row["variant"]]
+        for shape in shapes:
+            result = measured.get(shape)
+            if result is None:
+                cells.append("-")
+                continue
+            base = eager.get(shape)
+            speed = f" ({base / result['ms']:.2f}×)" if base and row is not eager_row else ""
+            cells.append(f"{result['ms']:.1f}{speed}")
+        cells.append(", ".join(f"{r['first_call_s']:.1f}" for r in measured.values()) or "-")
+        differences = [r["vs_eager"] for r in measured.values() if "vs_eager" in r]
+        if "error" in row:
+            cells.append("failed: " + row["error"].replace("|", "\\|"))
+        elif not differences:
+            cells.append("-")
+        else:
+            cells.append(_worst_difference(differences))
+        rows.append(cells)
     header = ["decode", *(f"{shape} ms" for shape in shapes), "first call s", "pixels vs eager"]
     return run_line(data["environment"]) + "\n\n" + table(header, rows)
+
+
+def _worst_difference(differences: list[dict[str, Any]]) -> str:
+    """The largest of several image differences (`max_abs` of 255, `psnr_db`, None where equal)."""
+    if all(d["max_abs"] == 0 for d in differences):
+        return "identical"
+    worst = min(differences, key=lambda d: math.inf if d["psnr_db"] is None else d["psnr_db"])
+    return f"PSNR {worst['psnr_db']:.1f} dB, largest {max(d['max_abs'] for d in differences)} of 255"
 
 
 def attention(name: str) -> str:

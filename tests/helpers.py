@@ -81,23 +81,33 @@ def decode_image(data: bytes) -> Image.Image:
     return image
 
 
-# Process-wide torch._dynamo settings that `configure_compile_cache` changes.
+# Process-wide torch._dynamo and inductor settings that `configure_compile_cache` changes.
 DYNAMO_GLOBALS = ("automatic_dynamic_shapes", "recompile_limit", "accumulated_recompile_limit")
+INDUCTOR_GLOBALS = ("deterministic",)
 
 
 @contextlib.contextmanager
 def dynamo_config_restored() -> Iterator[None]:
-    """Restore torch._dynamo's config afterwards. Plain assignment, not monkeypatch: its config module serves
-    these names through __getattr__, and monkeypatch's undo left them deleted (later compiles then failed)."""
+    """Restore the torch._dynamo and inductor settings that `configure_compile_cache` changes. Plain
+    assignment, not monkeypatch: their config modules serve these names through __getattr__, and monkeypatch's
+    undo left them deleted (later compiles then failed)."""
     import torch._dynamo
+    import torch._inductor.config
 
-    config: Any = torch._dynamo.config
-    saved = {name: getattr(config, name) for name in DYNAMO_GLOBALS if hasattr(config, name)}
+    configs: list[tuple[Any, tuple[str, ...]]] = [
+        (torch._dynamo.config, DYNAMO_GLOBALS),
+        (torch._inductor.config, INDUCTOR_GLOBALS),
+    ]
+    saved = [
+        (config, {name: getattr(config, name) for name in names if hasattr(config, name)})
+        for config, names in configs
+    ]
     try:
         yield
     finally:
-        for name, value in saved.items():
-            setattr(config, name, value)
+        for config, values in saved:
+            for name, value in values.items():
+                setattr(config, name, value)
 
 
 def process_alive(pid: int) -> bool:

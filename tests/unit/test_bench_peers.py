@@ -94,6 +94,30 @@ def test_compile_settings_come_back_after_a_peer() -> None:
     assert torch._dynamo.config.recompile_limit < 1000
 
 
+def test_a_peer_starts_from_torch_defaults_not_the_engine_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A compiled tier measured earlier in the process turned on inductor's deterministic mode and static
+    shapes; a peer runs its own recipe without them, and the tiers after it get them back."""
+    monkeypatch.delenv("TORCHINDUCTOR_DETERMINISTIC", raising=False)
+    inductor: Any = torch._inductor.config
+    dynamo: Any = torch._dynamo.config
+    before = (inductor.deterministic, dynamo.automatic_dynamic_shapes)
+    try:
+        inductor.deterministic, dynamo.automatic_dynamic_shapes = True, False
+        seen: list[tuple[bool, bool]] = []
+
+        def setup(pipe: Any, compile: bool) -> list[str]:
+            seen.append((inductor.deterministic, dynamo.automatic_dynamic_shapes))
+            return []
+
+        peer = peers.Peer("probe", "probe", "probe", "", "", {}, setup)
+        with peers.applied(peer, object()):
+            pass
+        assert seen == [(False, True)]
+        assert (inductor.deterministic, dynamo.automatic_dynamic_shapes) == (True, False)
+    finally:
+        inductor.deterministic, dynamo.automatic_dynamic_shapes = before
+
+
 def fake_torchao(monkeypatch: pytest.MonkeyPatch, with_class: bool) -> list[tuple[str, str]]:
     """torchao.quantization as far as the recipe uses it (the real one needs an fp8 GPU); records quantize_."""
     quantized: list[tuple[str, str]] = []

@@ -290,13 +290,8 @@ def compile_globals(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))
     monkeypatch.setattr(compile_module, "_ARTIFACT_KEY", compile_module._ARTIFACT_KEY)
-    inductor_config: Any = torch._inductor.config
-    deterministic = inductor_config.deterministic
-    try:
-        with dynamo_config_restored():
-            yield
-    finally:
-        inductor_config.deterministic = deterministic
+    with dynamo_config_restored():
+        yield
 
 
 @pytest.mark.usefixtures("compile_globals")

@@ -69,8 +69,8 @@ def configure_compile_cache(cache_dir: str, key: str, notes: list[str]) -> None:
     # Otherwise inductor times several configs of each reduction kernel on the device when it first runs and
     # keeps the fastest, a choice that changes how the sums round and that another start can make differently:
     # FLUX.1's warm start differed from its cold start by up to 6 of 255 without this mode, and gave the same
-    # bytes with it, as fast (docs/startup.md). An operator's TORCHINDUCTOR_DETERMINISTIC (read when torch
-    # imports) wins.
+    # bytes with it, with no slowdown seen (docs/startup.md). An operator's TORCHINDUCTOR_DETERMINISTIC (read
+    # when inductor's config is imported: "1" on, anything else off) wins.
     inductor_config: Any = torch._inductor.config
     if "TORCHINDUCTOR_DETERMINISTIC" not in os.environ and hasattr(inductor_config, "deterministic"):
         inductor_config.deterministic = True
@@ -78,7 +78,7 @@ def configure_compile_cache(cache_dir: str, key: str, notes: list[str]) -> None:
         notes.append("inductor: deterministic mode (one config per reduction kernel: one seed, one image)")
     else:
         notes.append(
-            "inductor: deterministic mode off (TORCHINDUCTOR_DETERMINISTIC=0 or this torch lacks it)"
+            "inductor: deterministic mode off (TORCHINDUCTOR_DETERMINISTIC is not 1, or torch lacks the mode)"
         )
     _ARTIFACT_KEY = key
     path = root / f"{key}.bin"
