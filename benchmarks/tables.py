@@ -171,7 +171,13 @@ def tiers(*names: str) -> str:
             "decode ms",
             "peak GiB",
         ]
-        out.append(head + "\n\n" + table([*header, "warm-up s", "PSNR vs E"], rows))
+        header.append("warm-up s")
+        # Runs from before the PSNR was recorded get no column of dashes.
+        if any("psnr_vs_eager_db" in r for r in results):
+            header.append("PSNR vs E")
+        else:
+            rows = [row[:-1] for row in rows]
+        out.append(head + "\n\n" + table(header, rows))
     return "\n\n".join(out)
 
 
@@ -558,7 +564,7 @@ def _startup_model(model: dict[str, Any], settings: dict[str, Any], env: dict[st
     same = {True: "the same image (sha256) in every run", False: "**images differ between runs**", None: ""}
     differences = [run["image_vs_first"] for run in model["runs"] if run.get("image_vs_first")]
     if model.get("same_image") is False and differences:
-        worst = min(differences, key=lambda d: d.get("psnr_db") or float("inf"))
+        worst = lowest_psnr(differences)
         same[False] += (
             f" (largest pixel difference {worst.get('max_abs')} of 255, PSNR {worst.get('psnr_db')} dB)"
         )
@@ -727,11 +733,16 @@ def vae(name: str) -> str:
     return run_line(data["environment"]) + "\n\n" + table(header, rows)
 
 
+def lowest_psnr(differences: list[dict[str, Any]]) -> dict[str, Any]:
+    """The image difference with the lowest PSNR (`psnr_db` None: the same image)."""
+    return min(differences, key=lambda d: math.inf if d.get("psnr_db") is None else d["psnr_db"])
+
+
 def _worst_difference(differences: list[dict[str, Any]]) -> str:
     """The largest of several image differences (`max_abs` of 255, `psnr_db`, None where equal)."""
     if all(d["max_abs"] == 0 for d in differences):
         return "identical"
-    worst = min(differences, key=lambda d: math.inf if d["psnr_db"] is None else d["psnr_db"])
+    worst = lowest_psnr(differences)
     return f"PSNR {worst['psnr_db']:.1f} dB, largest {max(d['max_abs'] for d in differences)} of 255"
 
 
@@ -812,6 +823,7 @@ PAGE_OF = {
     "fp8-error-layers": ROOT / "docs" / "design" / "tiers.md",
     "attention": ROOT / "docs" / "design" / "tiers.md",
     "vae": ROOT / "docs" / "design" / "serving.md",
+    "peers": ROOT / "docs" / "design" / "tiers.md",
 }
 
 
