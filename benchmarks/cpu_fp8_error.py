@@ -5,8 +5,8 @@ groups, and each group's images are compared with bf16 eager's (the same prompts
 
     python benchmarks/cpu_fp8_error.py --out docs/bench      # writes cpu-fp8-error.json (~1 minute on 2 cores)
 
-Rows: every quantized linear (what tier L runs), weights alone rounded, activations alone, each kind of layer
-alone (its name with the block index as N), and the same swap with no rounding at all (float32 sums in bf16:
+Rows: every quantized linear (what tier L runs), the same without the AdaLN products, weights alone rounded,
+activations alone, each kind of layer alone (its name with the block index as N), and the same swap with no rounding at all (float32 sums in bf16:
 the floor any change of kernel gives).
 """
 
@@ -31,6 +31,9 @@ from diffuserve.models.digits.prompts import eval_prompt
 from diffuserve.types import TINY_FLUX, Tier
 
 E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max
+# The AdaLN modulation products (shift, scale and gate of each block's norms): the engine computes them once per
+# call for all its steps (tiers.modulation), so keeping them in bf16 would cost one read of their weights a call.
+ADALN = ("norm1.linear", "norm1_context.linear", "norm.linear")
 
 
 def round_rows(values: torch.Tensor) -> torch.Tensor:
@@ -127,6 +130,7 @@ def main() -> None:
         ("tier L (FP8_ROUNDING=calibrated)", tier_l, lambda _: True, True, True),
         ("tier L, weights only (nearest)", tier_l, lambda _: True, True, False),
         ("tier L, weights only (calibrated)", tier_l, lambda _: True, True, False),
+        ("tier L (calibrated), AdaLN products in bf16", tier_l, lambda n: not n.endswith(ADALN), True, True),
         ("tier L, activations only", tier_l, lambda _: True, False, True),
         ("tier L, no rounding (kernel change only)", tier_l, lambda _: True, False, False),
     ]
