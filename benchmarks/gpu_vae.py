@@ -1,15 +1,17 @@
 """The VAE decode at the served sizes, one GPU: eager as diffusers runs it against the ways it could run faster, each
 variant's time and how far its image is from eager's.
 
-    python benchmarks/gpu_vae.py --iters 8 --out $OUT     # writes vae.json (~2 minutes on an H100: four compiles)
+    python benchmarks/gpu_vae.py --iters 8 --out $OUT     # writes vae.json (its first five variants: ~2 min on an H100)
 
 The VAE is FLUX.1's (16 latent channels, the released config; SD3 and Z-Image have the same architecture), with
 random weights in bf16, decoding random latents of a 1024² image at batch 1 and 4. Variants: eager (the
 reference); eager with cuDNN's algorithm search (`cudnn.benchmark`); channels-last, eager; `torch.compile` of the
-decode (static shapes, the default mode), also channels-last. Each: median of `--iters` decodes between CUDA
-events after `--warmup` decodes; the first call's seconds (compile or algorithm search included); how far its
-pixels (0-255) are from eager's (largest difference, share of pixels that differ, PSNR); and whether its last
-call gives its first call's pixels. Each variant sets the memory format and `cudnn.benchmark` it needs; the
+decode (static shapes, the default mode), also channels-last; and regional compiles with dynamic shapes, the rest
+of the decode eager, their graphs shared between batch sizes above 1 (dynamo specialises a size of 1): the
+GroupNorms alone, and each resnet block (GroupNorm, SiLU, the two convolutions), also channels-last. Each: median of `--iters` decodes between CUDA events after `--warmup` decodes; the first
+call's seconds (compile or algorithm search included); how far its pixels (0-255) are from eager's (largest
+difference, share of pixels that differ, PSNR); and whether its last call gives its first call's pixels. Each
+variant sets the memory format and `cudnn.benchmark` it needs and undoes an earlier variant's compiles; the
 script leaves the last variant's settings behind.
 """
 
@@ -49,6 +51,7 @@ def variants(vae: Any) -> dict[str, Callable[[], Decode]]:
     def plain(channels_last: bool = False, search: bool = False) -> Callable[[], Decode]:
         def setup() -> Decode:
             torch.backends.cudnn.benchmark = search
+            uncompile(vae)
             vae.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
             return lambda z: vae.decode(z, return_dict=False)[0]
 
@@ -58,9 +61,31 @@ def variants(vae: Any) -> dict[str, Callable[[], Decode]]:
         def setup() -> Decode:
             torch.backends.cudnn.benchmark = False
             vae.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-            torch._dynamo.reset()
+            uncompile(vae)
             run = torch.compile(lambda z: vae.decode(z, return_dict=False)[0], dynamic=False)
             return run  # type: ignore[no-any-return]
+
+        return setup
+
+    def regional(kind: str, channels_last: bool = False) -> Callable[[], Decode]:
+        def setup() -> Decode:
+            torch.backends.cudnn.benchmark = False
+            vae.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+            uncompile(vae)
+            # One graph for each block shape and input layout the decoder has (more than dynamo's default 8),
+            # as the engine's own limit allows.
+            dynamo_config: Any = torch._dynamo.config
+            dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
+            for module in vae.decoder.modules():
+                if type(module).__name__ != kind:
+                    continue
+                if isinstance(module, torch.nn.GroupNorm):
+                    # dynamo does not trace a torch.nn module compiled on its own (its code is in torch's skip
+                    # list): the norm goes through a compiled function of this file instead.
+                    module.forward = partial(compiled_group_norm, module)  # type: ignore[method-assign]
+                else:
+                    module.compile(dynamic=True)
+            return lambda z: vae.decode(z, return_dict=False)[0]
 
         return setup
 
@@ -70,7 +95,26 @@ def variants(vae: Any) -> dict[str, Callable[[], Decode]]:
         "eager channels-last": plain(channels_last=True),
         "compiled": compiled(),
         "compiled channels-last": compiled(channels_last=True),
+        "GroupNorms compiled": regional("GroupNorm"),
+        "resnet blocks compiled": regional("ResnetBlock2D"),
+        "resnet blocks compiled channels-last": regional("ResnetBlock2D", channels_last=True),
     }
+
+
+@torch.compile(dynamic=True)
+def compiled_group_norm(norm: torch.nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
+
+
+def uncompile(vae: Any) -> None:
+    """Undo the regional compiles of an earlier variant (`nn.Module.compile` keeps the compiled call in
+    `_compiled_call_impl`, and torch has no public way back; the norms' own `forward` set on the instance) and
+    forget dynamo's graphs."""
+    for module in vae.modules():
+        if getattr(module, "_compiled_call_impl", None) is not None:
+            module._compiled_call_impl = None
+        module.__dict__.pop("forward", None)
+    torch._dynamo.reset()
 
 
 def difference(got: torch.Tensor, reference: torch.Tensor) -> dict[str, Any]:
