@@ -6,8 +6,8 @@ groups, and each group's images are compared with bf16 eager's (the same prompts
     python benchmarks/cpu_fp8_error.py --out docs/bench      # writes cpu-fp8-error.json (~1 minute on 2 cores)
 
 Rows: every quantized linear (what tier L runs), the same without the AdaLN products, weights alone rounded,
-activations alone, each kind of layer alone (its name with the block index as N), and the same swap with no rounding at all (float32 sums in bf16:
-the floor any change of kernel gives).
+activations alone, each kind of layer alone (its name with the block index as N), and the same swap with no
+rounding at all (float32 sums in bf16: the floor any change of kernel gives).
 """
 
 from __future__ import annotations

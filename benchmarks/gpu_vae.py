@@ -8,11 +8,12 @@ random weights in bf16, decoding random latents of a 1024² image at batch 1 and
 reference); eager with cuDNN's algorithm search (`cudnn.benchmark`); channels-last, eager; `torch.compile` of the
 decode (static shapes, the default mode), also channels-last; and regional compiles with dynamic shapes, the rest
 of the decode eager, their graphs shared between batch sizes above 1 (dynamo specialises a size of 1): the
-GroupNorms alone, and each resnet block (GroupNorm, SiLU, the two convolutions), also channels-last. Each: median of `--iters` decodes between CUDA events after `--warmup` decodes; the first
-call's seconds (compile or algorithm search included); how far its pixels (0-255) are from eager's (largest
-difference, share of pixels that differ, PSNR); and whether its last call gives its first call's pixels. Each
-variant sets the memory format and `cudnn.benchmark` it needs and undoes an earlier variant's compiles; the
-script leaves the last variant's settings behind.
+GroupNorms alone, and each resnet block (GroupNorm, SiLU, the two convolutions), also channels-last. Each: median
+of `--iters` decodes between CUDA events after `--warmup` decodes; the first call's seconds (compile or algorithm
+search included); how far its pixels (0-255) are from eager's (largest difference, share of pixels that differ,
+PSNR); and whether its last call gives its first call's pixels. Each variant sets the memory format and
+`cudnn.benchmark` it needs and undoes an earlier variant's compiles; the script leaves the last variant's
+settings behind.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Any
 import torch
 
 from common import environment, log, median_cuda_ms, out_dir, write_json
+from diffuserve.engine.tiers.compile import RECOMPILE_LIMIT
 
 SHAPES = {"1024-b1": (1, 1024), "1024-b4": (4, 1024)}  # name: (batch, image side)
 Decode = Callable[[torch.Tensor], torch.Tensor]
@@ -72,10 +74,10 @@ def variants(vae: Any) -> dict[str, Callable[[], Decode]]:
             torch.backends.cudnn.benchmark = False
             vae.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
             uncompile(vae)
-            # One graph for each block shape and input layout the decoder has (more than dynamo's default 8),
-            # as the engine's own limit allows.
+            # One graph for each block shape and input layout the decoder has (more than dynamo's default 8):
+            # the engine's own limit.
             dynamo_config: Any = torch._dynamo.config
-            dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
+            dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
             for module in vae.decoder.modules():
                 if type(module).__name__ != kind:
                     continue
