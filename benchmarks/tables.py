@@ -701,10 +701,14 @@ def step_profile_table(rows: list[dict[str, Any]]) -> str:
     return table(header, lines)
 
 
-def vae(name: str) -> str:
-    """`gpu_vae.py`: each decode variant's time per shape against eager's, its first call and its pixels' distance
-    from eager's."""
-    data = load(name)
+def vae(*names: str) -> str:
+    """`gpu_vae.py`: per run, each decode variant's time per shape against that run's eager, its first call and
+    its pixels' distance from eager's."""
+    return "\n\n".join(vae_run(load(name)) for name in names)
+
+
+def vae_run(data: dict[str, Any]) -> str:
+    """One `gpu_vae.py` run's table under its card, software and date."""
     shapes = list(data["shapes"])
     eager_row: dict[str, Any] = next((r for r in data["rows"] if r["variant"] == "eager"), {"shapes": {}})
     eager = {shape: result["ms"] for shape, result in eager_row["shapes"].items()}
@@ -796,7 +800,7 @@ BLOCKS: dict[str, tuple[Callable[..., str], tuple[str, ...]]] = {
     "cpu-sweep": (cpu_sweep, ("cpu-sweep-summary.json",)),
     "tiers": (tiers, ("h100-tiers-flux-dev.jsonl", "h100-tiers-flux-schnell.jsonl")),
     "peers": (tiers, ("h100-tiers-flux-dev-peers.jsonl",)),
-    "vae": (vae, ("h100-vae.json",)),
+    "vae": (vae, ("h100-vae.json", "h100-vae-resnet-blocks.json")),
     "families": (families, tuple(f"h100-tiers-{name}.jsonl" for name in FAMILY_RUNS)),
     "digits-quality": (digits_quality, ("h100-digits-quality.json",)),
     "digits-quality-rounding": (digits_quality_rounding, ("h100-digits-quality.json",)),

@@ -68,9 +68,10 @@ def configure_compile_cache(cache_dir: str, key: str, notes: list[str]) -> None:
     # The same seed gives the same image whether this process compiled its kernels or loaded them as artefacts.
     # Otherwise inductor times several configs of each reduction kernel on the device when it first runs and
     # keeps the fastest, a choice that changes how the sums round and that another start can make differently:
-    # FLUX.1's warm start differed from its cold start by up to 6 of 255 without this mode, and gave the same
-    # bytes with it, with no slowdown seen (docs/startup.md). An operator's TORCHINDUCTOR_DETERMINISTIC (read
-    # when inductor's config is imported: "1" on, anything else off) wins.
+    # FLUX.1-schnell's warm start differed from its cold start by up to 6 of 255 without this mode, and gave the
+    # same bytes with it, with no slowdown seen; FLUX.1-dev's still differs, cause not found (docs/startup.md).
+    # An operator's TORCHINDUCTOR_DETERMINISTIC (read when inductor's config is imported: "1" on, anything
+    # else off) wins.
     inductor_config: Any = torch._inductor.config
     if "TORCHINDUCTOR_DETERMINISTIC" not in os.environ and hasattr(inductor_config, "deterministic"):
         inductor_config.deterministic = True
