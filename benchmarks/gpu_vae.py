@@ -1,14 +1,16 @@
 """The VAE decode at the served sizes, one GPU: eager as diffusers runs it against the ways it could run faster, each
 variant's time and how far its image is from eager's.
 
-    python benchmarks/gpu_vae.py --iters 8 --out $OUT     # writes vae.json (its first five variants: ~2 min on an H100)
+    python benchmarks/gpu_vae.py --iters 8 --out $OUT     # writes vae.json (all nine variants: ~6 min on an H100)
 
 The VAE is FLUX.1's (16 latent channels, the released config; SD3 and Z-Image have the same architecture), with
 random weights in bf16, decoding random latents of a 1024² image at batch 1 and 4. Variants: eager (the
 reference); eager with cuDNN's algorithm search (`cudnn.benchmark`); channels-last, eager; `torch.compile` of the
 decode (static shapes, the default mode), also channels-last; and regional compiles with dynamic shapes, the rest
 of the decode eager, their graphs shared between batch sizes above 1 (dynamo specialises a size of 1): the
-GroupNorms alone, and each resnet block (GroupNorm, SiLU, the two convolutions), also channels-last. Each: median
+GroupNorms alone, and each resnet block (GroupNorm, SiLU, the two convolutions), also channels-last; and the
+GroupNorms through a Triton kernel that spreads each group's statistics over many programs
+(`triton_group_norm.py`, no compile), the rest eager. Each: median
 of `--iters` decodes between CUDA events after `--warmup` decodes; the first call's seconds (compile or algorithm
 search included); how far its pixels (0-255) are from eager's (largest difference, share of pixels that differ,
 PSNR); and whether its last call gives its first call's pixels. Each variant sets the memory format and
@@ -91,6 +93,15 @@ def variants(vae: Any) -> dict[str, Callable[[], Decode]]:
 
         return setup
 
+    def triton_norms() -> Decode:
+        decode = plain()()
+        from triton_group_norm import group_norm_forward
+
+        for module in vae.decoder.modules():
+            if isinstance(module, torch.nn.GroupNorm):
+                module.forward = partial(group_norm_forward, module)  # type: ignore[method-assign]
+        return decode
+
     return {
         "eager": plain(),
         "eager cudnn-benchmark": plain(search=True),
@@ -100,6 +111,7 @@ def variants(vae: Any) -> dict[str, Callable[[], Decode]]:
         "GroupNorms compiled": regional("GroupNorm"),
         "resnet blocks compiled": regional("ResnetBlock2D"),
         "resnet blocks compiled channels-last": regional("ResnetBlock2D", channels_last=True),
+        "GroupNorms Triton kernel": triton_norms,
     }
 
 
