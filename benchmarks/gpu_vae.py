@@ -1,7 +1,7 @@
 """The VAE decode at the served sizes, one GPU: eager as diffusers runs it against the ways it could run faster, each
 variant's time and how far its image is from eager's.
 
-    python benchmarks/gpu_vae.py --iters 8 --out $OUT     # writes vae.json (all nine variants: ~6 min on an H100)
+    python benchmarks/gpu_vae.py --iters 8 --out $OUT     # writes vae.json (all ten variants: ~6 min on an H100)
 
 The VAE is FLUX.1's (16 latent channels, the released config; SD3 and Z-Image have the same architecture), with
 random weights in bf16, decoding random latents of a 1024² image at batch 1 and 4. Variants: eager (the
@@ -10,7 +10,7 @@ decode (static shapes, the default mode), also channels-last; and regional compi
 of the decode eager, their graphs shared between batch sizes above 1 (dynamo specialises a size of 1): the
 GroupNorms alone, and each resnet block (GroupNorm, SiLU, the two convolutions), also channels-last; and the
 GroupNorms through a Triton kernel that spreads each group's statistics over many programs
-(`triton_group_norm.py`, no compile), the rest eager. Each: median
+(`triton_group_norm.py`, no compile), the rest eager, also with the SiLU after a norm fused into it. Each: median
 of `--iters` decodes between CUDA events after `--warmup` decodes; the first call's seconds (compile or algorithm
 search included); how far its pixels (0-255) are from eager's (largest difference, share of pixels that differ,
 PSNR); and whether its last call gives its first call's pixels. Each variant sets the memory format and
@@ -93,14 +93,29 @@ def variants(vae: Any) -> dict[str, Callable[[], Decode]]:
 
         return setup
 
-    def triton_norms() -> Decode:
-        decode = plain()()
-        from triton_group_norm import group_norm_forward
+    def triton_norms(fuse_silu: bool = False) -> Callable[[], Decode]:
+        def setup() -> Decode:
+            decode = plain()()
+            from triton_group_norm import group_norm_forward
 
-        for module in vae.decoder.modules():
-            if isinstance(module, torch.nn.GroupNorm):
-                module.forward = partial(group_norm_forward, module)  # type: ignore[method-assign]
-        return decode
+            decoder = vae.decoder
+            # The norms whose output goes straight into SiLU: each resnet block's two (a VAE's blocks have no
+            # time embedding, the activation's only other use) and the one before the output convolution.
+            followed = [
+                (block, (block.norm1, block.norm2)) for block in decoder.modules() if hasattr(block, "norm2")
+            ]
+            followed.append((decoder, (decoder.conv_norm_out,)))
+            fused = {id(norm) for _, norms in followed for norm in norms} if fuse_silu else set()
+            for module in decoder.modules():
+                if isinstance(module, torch.nn.GroupNorm):
+                    silu = id(module) in fused
+                    module.forward = partial(group_norm_forward, module, silu=silu)  # type: ignore[method-assign]
+            if fuse_silu:
+                for owner, _ in followed:
+                    swap(owner, "conv_act" if owner is decoder else "nonlinearity", torch.nn.Identity())
+            return decode
+
+        return setup
 
     return {
         "eager": plain(),
@@ -111,7 +126,8 @@ def variants(vae: Any) -> dict[str, Callable[[], Decode]]:
         "GroupNorms compiled": regional("GroupNorm"),
         "resnet blocks compiled": regional("ResnetBlock2D"),
         "resnet blocks compiled channels-last": regional("ResnetBlock2D", channels_last=True),
-        "GroupNorms Triton kernel": triton_norms,
+        "GroupNorms Triton kernel": triton_norms(),
+        "GroupNorms + SiLU Triton kernel": triton_norms(fuse_silu=True),
     }
 
 
@@ -120,10 +136,22 @@ def compiled_group_norm(norm: torch.nn.GroupNorm, x: torch.Tensor) -> torch.Tens
     return torch.nn.functional.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
 
 
+# (module, attribute, its own value) of every submodule a variant replaced, restored by `uncompile`.
+SWAPPED: list[tuple[torch.nn.Module, str, Any]] = []
+
+
+def swap(module: torch.nn.Module, name: str, replacement: Any) -> None:
+    SWAPPED.append((module, name, getattr(module, name)))
+    setattr(module, name, replacement)
+
+
 def uncompile(vae: Any) -> None:
     """Undo the regional compiles of an earlier variant (`nn.Module.compile` keeps the compiled call in
-    `_compiled_call_impl`, and torch has no public way back; the norms' own `forward` set on the instance) and
-    forget dynamo's graphs."""
+    `_compiled_call_impl`, and torch has no public way back; the norms' own `forward` set on the instance; the
+    submodules it swapped) and forget dynamo's graphs."""
+    while SWAPPED:
+        module, name, original = SWAPPED.pop()
+        setattr(module, name, original)
     for module in vae.modules():
         if getattr(module, "_compiled_call_impl", None) is not None:
             module._compiled_call_impl = None

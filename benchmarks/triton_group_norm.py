@@ -64,9 +64,11 @@ def _normalise(  # type: ignore[no-untyped-def]
     channels,
     per_group,
     groups,
+    SILU: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """Program (n·C + c, b): block b of channel c of image n, normalised with its group's statistics."""
+    """Program (n·C + c, b): block b of channel c of image n, normalised with its group's statistics (and
+    through SiLU where asked: the activation that follows most of a VAE's GroupNorms, without a second pass)."""
     plane = tl.program_id(0)
     block = tl.program_id(1)
     channel = plane % channels
@@ -79,13 +81,17 @@ def _normalise(  # type: ignore[no-untyped-def]
     valid = index < size
     base = plane.to(tl.int64) * size
     values = tl.load(x_ptr + base + index, mask=valid, other=0.0).to(tl.float32)
-    tl.store(y_ptr + base + index, (values * scale + shift).to(y_ptr.dtype.element_ty), mask=valid)
+    out = values * scale + shift
+    if SILU:
+        out = out * tl.sigmoid(out)
+    tl.store(y_ptr + base + index, out.to(y_ptr.dtype.element_ty), mask=valid)
 
 
 def group_norm(
-    x: torch.Tensor, groups: int, weight: torch.Tensor, bias: torch.Tensor, eps: float
+    x: torch.Tensor, groups: int, weight: torch.Tensor, bias: torch.Tensor, eps: float, silu: bool = False
 ) -> torch.Tensor:
-    """`torch.nn.functional.group_norm` for a contiguous N×C×… tensor with an affine weight and bias."""
+    """`torch.nn.functional.group_norm` for a contiguous N×C×… tensor with an affine weight and bias (then
+    `torch.nn.functional.silu` where `silu`)."""
     n, channels = x.shape[0], x.shape[1]
     size = x[0, 0].numel()
     span = channels // groups * size
@@ -101,14 +107,16 @@ def group_norm(
     rstd = torch.rsqrt(variance + eps)
     y = torch.empty_like(x)
     grid = (n * channels, triton.cdiv(size, BLOCK))
-    _normalise[grid](x, y, mean, rstd, weight, bias, size, channels, channels // groups, groups, BLOCK=BLOCK)
+    _normalise[grid](
+        x, y, mean, rstd, weight, bias, size, channels, channels // groups, groups, SILU=silu, BLOCK=BLOCK
+    )
     return y
 
 
-def group_norm_forward(module: torch.nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
-    """A GroupNorm module's forward through the kernel where it applies (a contiguous CUDA tensor with an affine
-    weight), through torch's otherwise."""
-    fits = x.is_cuda and x.is_contiguous() and module.affine and x.dim() >= 3
-    if not fits:
-        return torch.nn.functional.group_norm(x, module.num_groups, module.weight, module.bias, module.eps)
-    return group_norm(x, module.num_groups, module.weight, module.bias, module.eps)
+def group_norm_forward(module: torch.nn.GroupNorm, x: torch.Tensor, silu: bool = False) -> torch.Tensor:
+    """A GroupNorm module's forward (then SiLU where `silu`) through the kernel where it applies (a contiguous
+    CUDA tensor with an affine weight), through torch's otherwise."""
+    if x.is_cuda and x.is_contiguous() and module.affine and x.dim() >= 3:
+        return group_norm(x, module.num_groups, module.weight, module.bias, module.eps, silu)
+    y = torch.nn.functional.group_norm(x, module.num_groups, module.weight, module.bias, module.eps)
+    return torch.nn.functional.silu(y) if silu else y
