@@ -1,18 +1,23 @@
-"""Test helpers: a real `diffuserve serve` process on a free loopback port (the bench's SpawnedServer)."""
+"""Test helpers: a real `diffuserve serve` process on a free loopback port (the bench's SpawnedServer), and
+what other tests share (benchmark scripts imported as they run, engines, pixels)."""
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import importlib
 import io
 import os
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import httpx
 import numpy as np
+import pytest
 from PIL import Image
 
 from diffuserve.bench.server import SpawnedServer
@@ -193,3 +198,21 @@ def run_engine(engine: Any, job: BatchJob) -> BatchResult:
 
     computed = engine.compute(job)
     return computed if isinstance(computed, BatchResult) else BatchEncoder().encode_batch(computed)
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@contextlib.contextmanager
+def bench_script(monkeypatch: pytest.MonkeyPatch, name: str) -> Iterator[ModuleType]:
+    """A script of benchmarks/ as it runs: it imports its siblings by their plain names (`common`), so
+    benchmarks/ goes on the path for the test only, and the benchmark modules it brought in leave sys.modules
+    after it."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    imported_before = set(sys.modules)
+    try:
+        yield importlib.import_module(name)
+    finally:
+        for added in set(sys.modules) - imported_before:
+            if Path(getattr(sys.modules[added], "__file__", None) or "/").parent == BENCHMARKS:
+                sys.modules.pop(added, None)

@@ -3,28 +3,21 @@ the largest difference, and the images' distance."""
 
 from __future__ import annotations
 
-import importlib
 import math
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 from types import ModuleType
 
 import numpy as np
 import pytest
 import torch
 
+from tests.helpers import bench_script
+
 
 @pytest.fixture
 def repeatability(monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
-    """The script as it runs: it imports its siblings by their plain names, so benchmarks/ goes on the path for
-    this test only, and the plain names leave sys.modules after it."""
-    monkeypatch.syspath_prepend(str(Path(__file__).parents[2] / "benchmarks"))
-    imported_before = set(sys.modules)
-    yield importlib.import_module("gpu_repeatability")
-    for name in ("gpu_repeatability", "gpu_startup", "common"):
-        if name not in imported_before:
-            sys.modules.pop(name, None)
+    with bench_script(monkeypatch, "gpu_repeatability") as module:
+        yield module
 
 
 def start(outputs: list[float], pixel: int) -> dict[str, object]:

@@ -12,17 +12,13 @@ from types import ModuleType
 import numpy as np
 import pytest
 
+from tests.helpers import bench_script
+
 
 @pytest.fixture
 def gpu_startup(monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
-    """The script as it runs: it imports its siblings by their plain names, so benchmarks/ goes on the path for
-    this test only, and the plain names leave sys.modules after it."""
-    monkeypatch.syspath_prepend(str(Path(__file__).parents[2] / "benchmarks"))
-    imported_before = set(sys.modules)
-    yield importlib.import_module("gpu_startup")
-    for name in ("gpu_startup", "common"):
-        if name not in imported_before:
-            sys.modules.pop(name, None)
+    with bench_script(monkeypatch, "gpu_startup") as module:
+        yield module
 
 
 def test_identical_images_have_no_difference(gpu_startup: ModuleType) -> None:
