@@ -3,8 +3,9 @@
     python benchmarks/gpu_repeatability.py --model flux-dev --tiers E,L,L/CUDA_GRAPHS=off --out $OUT
 
 For each tier, three fresh processes set the engine up as a worker does (random weights of the released
-architecture, the tier, every batch size up to `--batch` warmed in the worker's order, the compile artefacts
-saved) and make one image of a fixed prompt and seed at the native size and default steps, twice:
+architecture, the tier; batch size 1 warmed, then one image of a fixed prompt and seed at the native size and
+default steps made twice, as a server's first request is served once its first size is warm; then the other
+batch sizes up to `--batch` warmed and the compile artefacts saved):
 
 - `compiled`: an empty cache dir, so warm-up compiles;
 - `compiled again`: another empty cache dir, so warm-up compiles again;
@@ -13,10 +14,10 @@ saved) and make one image of a fixed prompt and seed at the native size and defa
 Each process keeps the denoiser's inputs (latents, text embeddings, pooled embedding, timestep, guidance) and
 output at every step of its first image, by a forward hook on the denoiser (it fires around a CUDA graph's
 replay too). Per pair of processes the output says, for each of those tensors, the first step where they
-differ and the largest difference; and the images' sha256, largest pixel difference and PSNR. Each process also says whether its second
-image equals its first (the same request again in one process). Tier E compiles nothing: its pairs are the
-control. Where the text embeddings already differ, the encoders part the starts; where step 0's inputs agree
-and its output does not, the denoiser's kernels do.
+differ and the largest difference; and the images' sha256, largest pixel difference and PSNR. Each process
+also says whether its second image equals its first (the same request again in one process). Tier E compiles
+nothing: its pairs are the control. Where the text embeddings already differ, the encoders part the starts;
+where step 0's inputs agree and its output does not, the denoiser's kernels do.
 
 Output (--out, else $OUT): repeatability-<model>.json.
 On CPU (a dry run of the script): `--model digits --device cpu --tiers E,XL --batch 2`.
@@ -55,7 +56,8 @@ def repo_of(model: str) -> tuple[str, str]:
 
 
 def child(args: argparse.Namespace) -> None:
-    """One start: set up, warm up, save the artefacts, two images; the steps' tensors and both images to --dump."""
+    """One start: set up, warm the first size, two images, warm the rest, save the artefacts; the steps'
+    tensors and both images to --dump."""
     import logging
 
     import torch
@@ -82,8 +84,10 @@ def child(args: argparse.Namespace) -> None:
         config = replace(config, dtype=DType.AUTO)
     engine = Engine(config, "cpu" if args.device == "cpu" else "cuda:0")
     info = engine.load()
-    engine.warmup()
-    saved = engine.save_compile_cache()
+    # A worker's order: the first batch size warm, then requests (the image here), while the other sizes warm
+    # between batches; the artefacts saved once every size is warm.
+    first, *rest = engine.warmup_sizes()
+    engine.warm(first)
 
     steps: list[dict[str, torch.Tensor]] = []
     keep = {"on": True}
@@ -113,6 +117,9 @@ def child(args: argparse.Namespace) -> None:
         images.append(computed.pixels[0].copy())
         keep["on"] = False
     handle.remove()
+    for size in rest:
+        engine.warm(size)
+    saved = engine.save_compile_cache()
     torch.save(
         {
             "steps": steps,
@@ -134,7 +141,8 @@ def difference(a: Any, b: Any) -> float:
 
 
 def compare(first: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
-    """Per tensor kept: the first step where the two starts differ and the largest difference over the steps."""
+    """Per tensor kept: the first step where the two starts differ, and the largest difference over the
+    steps."""
     tensors: dict[str, Any] = {}
     for name in [*INPUTS, "output"]:
         # Not strict: a tier with a step cache keeps only the steps it computed; the shorter start decides.
@@ -164,8 +172,8 @@ def start(args: argparse.Namespace, tier: str, cache_dir: Path, dump: Path) -> d
     import torch
 
     command = [
-        sys.executable, __file__, "--child", "--model", args.model, "--tier", tier, "--batch", str(args.batch),
-        "--device", args.device, "--cache-dir", str(cache_dir), "--dump", str(dump),
+        sys.executable, __file__, "--child", "--model", args.model, "--tier", tier,
+        "--batch", str(args.batch), "--device", args.device, "--cache-dir", str(cache_dir), "--dump", str(dump),
     ]  # fmt: skip
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, timeout=args.start_timeout)

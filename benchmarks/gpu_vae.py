@@ -108,8 +108,8 @@ def variants(vae: Any) -> dict[str, Callable[[], Decode]]:
             fused = {id(norm) for _, norms in followed for norm in norms} if fuse_silu else set()
             for module in decoder.modules():
                 if isinstance(module, torch.nn.GroupNorm):
-                    silu = id(module) in fused
-                    module.forward = partial(group_norm_forward, module, silu=silu)  # type: ignore[method-assign]
+                    fused_forward = partial(group_norm_forward, module, silu=id(module) in fused)
+                    module.forward = fused_forward  # type: ignore[method-assign]
             if fuse_silu:
                 for owner, _ in followed:
                     swap(owner, "conv_act" if owner is decoder else "nonlinearity", torch.nn.Identity())

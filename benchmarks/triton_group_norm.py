@@ -1,13 +1,14 @@
 """A GroupNorm in Triton that spreads each group's statistics over many programs, for gpu_vae.py to measure
 against torch's kernel and inductor's.
 
-torch's CUDA GroupNorm reduces each (image, group) in one thread block: a VAE decode at batch 1 has 32 groups,
-so 32 blocks reduce tens of MB each while most of the GPU's SMs wait. Inductor splits such reductions, which is
-a guess at why compiling the GroupNorms alone cut FLUX.1's 1024² decode from 91 to 54 ms (docs/design/serving.md).
-This kernel splits them without a compile: each group's span (its channels are adjacent in NCHW, so the span
-is contiguous) is cut into chunks; each chunk's count, mean and sum of squared deviations are merged with Chan's
-formula (exact in float32, no E[x²] - E[x]² cancellation); a second kernel normalises, scales and shifts.
-Triton builds each kernel once per block size and dtype, in about a second, not once per shape.
+torch's CUDA GroupNorm reduces each (image, group) in one thread block: a VAE decode at batch 1 has 32
+groups, so 32 blocks reduce tens of MB each while most of the GPU's SMs wait. Inductor splits such
+reductions, which is a guess at why compiling the GroupNorms alone cut FLUX.1's 1024² decode from 91 to 54 ms
+(docs/design/serving.md). This kernel splits them without a compile: each group's span (its channels are
+adjacent in NCHW, so the span is contiguous) is cut into chunks; each chunk's count, mean and sum of squared
+deviations are merged with Chan's formula (exact in float32, no E[x²] - E[x]² cancellation); a second kernel
+normalises, scales and shifts. Triton builds each kernel once per block size and dtype, in about a second,
+not once per shape.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def _normalise(  # type: ignore[no-untyped-def]
     BLOCK: tl.constexpr,
 ):
     """Program (n·C + c, b): block b of channel c of image n, normalised with its group's statistics (and
-    through SiLU where asked: the activation that follows most of a VAE's GroupNorms, without a second pass)."""
+    through SiLU where asked: the activation after most of a VAE's GroupNorms, without a second pass)."""
     plane = tl.program_id(0)
     block = tl.program_id(1)
     channel = plane % channels
