@@ -176,7 +176,10 @@ def start(args: argparse.Namespace, tier: str, cache_dir: Path, dump: Path) -> d
         "--batch", str(args.batch), "--device", args.device, "--cache-dir", str(cache_dir), "--dump", str(dump),
     ]  # fmt: skip
     started = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, timeout=args.start_timeout)
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=args.start_timeout)
+    except subprocess.TimeoutExpired:  # the other starts and tiers still run
+        return {"error": f"no image within --start-timeout {args.start_timeout:g} s"}
     seconds = round(time.perf_counter() - started, 1)
     if done.returncode != 0:
         tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
