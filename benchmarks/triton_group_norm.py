@@ -7,8 +7,8 @@ reductions, which is a guess at why compiling the GroupNorms alone cut FLUX.1's 
 (docs/design/serving.md). This kernel splits them without a compile: each group's span (its channels are
 adjacent in NCHW, so the span is contiguous) is cut into chunks; each chunk's count, mean and sum of squared
 deviations are merged with Chan's formula (exact in float32, no E[x²] - E[x]² cancellation); a second kernel
-normalises, scales and shifts. Triton builds each kernel once per block size and dtype, in about a second,
-not once per shape.
+normalises, scales and shifts. Triton builds each kernel per dtype and per divisibility of its integer
+arguments, not per shape; the benchmark's first call per shape shows what the builds cost.
 """
 
 from __future__ import annotations
