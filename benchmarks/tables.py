@@ -794,7 +794,38 @@ def attention(name: str) -> str:
     return "\n\n".join(parts)
 
 
+# What each table on another page sets its figures against, measured in the same run.
+BASELINES = {
+    "priorities": "the same interactive requests on an idle server; priorities without preemption",
+    "startup": "the cold start (no compile artefacts, weights evicted) against the warm; the disk's own read rate",
+    "fp8-error": "tier E in bf16, the same prompts and seeds",
+    "digits-quality-rounding": "tier E in fp32 and in bf16, the same prompts and seeds",
+    "fp8-error-layers": "tier E in bf16, the same prompts and seeds",
+    "attention": "torch's default SDPA kernel (cuDNN) and a float32 reference, the same inputs",
+    "vae": "the eager decode, the same latents",
+    "peers": "plain diffusers eager (tier E), the same weights, prompt and seed",
+}
+
+
+def run_of(name: str) -> str:
+    """The card, software, date and code of one raw output (a `.jsonl` run: its first row's)."""
+    data = load(name)
+    env = (data[0] if isinstance(data, list) else data).get("environment")
+    return run_line(env) if env else "no environment recorded"
+
+
+def elsewhere() -> str:
+    """The tables that stand beside the feature they measure, each with its raw outputs' runs and baseline."""
+    rows = []
+    for name, page in PAGE_OF.items():
+        link = f"[{name}]({page.relative_to(PAGE.parent).as_posix()})"
+        runs = "<br>".join(f"`{file}`: {run_of(file)}" for file in BLOCKS[name][1])
+        rows.append([link, runs, BASELINES[name]])
+    return table(["table", "raw output: card, software, date, code", "baseline in the same run"], rows)
+
+
 BLOCKS: dict[str, tuple[Callable[..., str], tuple[str, ...]]] = {
+    "elsewhere": (elsewhere, ()),
     "attention": (attention, ("h100-attention.json",)),
     "cpu-digits": (cpu_digits, ("cpu-digits.json",)),
     "cpu-sweep": (cpu_sweep, ("cpu-sweep-summary.json",)),
