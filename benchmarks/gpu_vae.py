@@ -52,20 +52,22 @@ def variants(vae: Any) -> dict[str, Callable[[], Decode]]:
     """Each variant's set-up, run just before it is measured (they change the module or process settings; the
     set-up after it undoes what the one before changed)."""
 
+    def reset(channels_last: bool, search: bool = False) -> None:
+        """The decoder as loaded (an earlier variant's changes undone), in the memory format asked for."""
+        torch.backends.cudnn.benchmark = search
+        uncompile(vae)
+        vae.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
     def plain(channels_last: bool = False, search: bool = False) -> Callable[[], Decode]:
         def setup() -> Decode:
-            torch.backends.cudnn.benchmark = search
-            uncompile(vae)
-            vae.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+            reset(channels_last, search)
             return lambda z: vae.decode(z, return_dict=False)[0]
 
         return setup
 
     def compiled(channels_last: bool = False) -> Callable[[], Decode]:
         def setup() -> Decode:
-            torch.backends.cudnn.benchmark = False
-            vae.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-            uncompile(vae)
+            reset(channels_last)
             run = torch.compile(lambda z: vae.decode(z, return_dict=False)[0], dynamic=False)
             return run  # type: ignore[no-any-return]
 
@@ -73,9 +75,7 @@ def variants(vae: Any) -> dict[str, Callable[[], Decode]]:
 
     def regional(kind: str, channels_last: bool = False) -> Callable[[], Decode]:
         def setup() -> Decode:
-            torch.backends.cudnn.benchmark = False
-            vae.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-            uncompile(vae)
+            reset(channels_last)
             # One graph for each block shape and input layout the decoder has (more than dynamo's default 8):
             # the engine's own limit.
             dynamo_config: Any = torch._dynamo.config
@@ -108,8 +108,8 @@ def variants(vae: Any) -> dict[str, Callable[[], Decode]]:
             fused = {id(norm) for _, norms in followed for norm in norms} if fuse_silu else set()
             for module in decoder.modules():
                 if isinstance(module, torch.nn.GroupNorm):
-                    fused_forward = partial(group_norm_forward, module, silu=id(module) in fused)
-                    module.forward = fused_forward  # type: ignore[method-assign]
+                    forward = partial(group_norm_forward, module, silu=id(module) in fused)
+                    module.forward = forward  # type: ignore[method-assign]
             if fuse_silu:
                 for owner, _ in followed:
                     swap(owner, "conv_act" if owner is decoder else "nonlinearity", torch.nn.Identity())
